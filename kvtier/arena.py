@@ -1,0 +1,147 @@
+"""The shared-memory arena: one file on tmpfs (or hugetlbfs) mapped by the
+daemon and by same-node clients.
+
+Layout (all integers little-endian):
+
+    offset 0     header page (4096 bytes)
+                   0  8s   magic  b"KVTARENA"
+                   8  u32  format version (1)
+                  12  u32  reserved (0)
+                  16  u64  generation: random per arena creation, never 0
+                  24  u64  total size in bytes
+                  32  u64  data_offset: first byte of the slot region
+    data_offset  slots, allocated by kvtier.alloc in 4 KiB multiples
+
+The daemon creates the file (mode 0660), sizes it, maps it shared and tries
+to ``mlock`` it so the kernel never swaps or migrates it; a client maps the
+same file and checks the generation it got from ``Attach`` against the header,
+so it can never read a stale or foreign arena. The file holds only block
+bytes; what is committed where lives in the daemon's index, so a crash loses
+the RAM tier's index but never corrupts other tiers.
+
+Locking is best effort: when RLIMIT_MEMLOCK forbids it the daemon runs anyway
+and says so in its log and in Stats (``locked``, ``lock_detail``).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import pathlib
+import secrets
+import struct
+
+HEADER = struct.Struct("<8sIIQQQ")
+MAGIC = b"KVTARENA"
+VERSION = 1
+DATA_OFFSET = 4096
+HUGEPAGE = 2 << 20
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+
+
+def backing_of(path: str) -> str:
+    """'tmpfs', 'hugetlbfs' or 'file' for the filesystem holding path."""
+    p = os.path.realpath(path)
+    best, fstype = "", "file"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, fstype = mnt, parts[2]
+    except OSError:
+        pass
+    return fstype if fstype in ("tmpfs", "hugetlbfs") else "file"
+
+
+def _address(mm: mmap.mmap) -> int:
+    buf = ctypes.c_char.from_buffer(mm)
+    try:
+        return ctypes.addressof(buf)
+    finally:
+        del buf
+
+
+class Arena:
+    """The daemon's side: create, map and lock the arena file."""
+
+    def __init__(self, path: str, size: int, lock: bool = True):
+        self.path = os.path.abspath(path)
+        self.backing = backing_of(os.path.dirname(self.path) or ".")
+        align = HUGEPAGE if self.backing == "hugetlbfs" else 4096
+        self.size = size // align * align
+        if self.size <= DATA_OFFSET + 4096:
+            raise ValueError(f"arena of {size} bytes is too small")
+        self.data_offset = DATA_OFFSET
+        self.generation = secrets.randbits(63) | 1
+        pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o660)
+        try:
+            os.fchmod(fd, 0o660)
+            os.ftruncate(fd, self.size)
+            self.mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.mm[:HEADER.size] = HEADER.pack(MAGIC, VERSION, 0, self.generation, self.size, self.data_offset)
+        self.view = memoryview(self.mm)
+        self.locked, self.lock_detail = False, "mlock disabled in config"
+        if lock:
+            self._lock()
+
+    def _lock(self) -> None:
+        addr = _address(self.mm)
+        if _libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(self.size)) == 0:
+            self.locked, self.lock_detail = True, ""
+        else:
+            err = ctypes.get_errno()
+            import resource
+            soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+            lim = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+            self.lock_detail = (f"mlock failed: {os.strerror(err)} (RLIMIT_MEMLOCK is {lim}; "
+                                f"set LimitMEMLOCK=infinity in the unit or run as root); running unlocked")
+
+    def close(self, unlink: bool = True) -> None:
+        self.view.release()
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # a slice is still exported (a connection mid-send); the mapping goes with the process
+        if unlink:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class ArenaMapping:
+    """A client's view of the daemon's arena: map the file, check its generation."""
+
+    def __init__(self, path: str, size: int, generation: int):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            st = os.fstat(fd)
+            if st.st_size != size:
+                raise OSError(f"arena {path} is {st.st_size} bytes, the daemon says {size}")
+            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        magic, version, _, gen, hsize, _ = HEADER.unpack_from(self.mm, 0)
+        if magic != MAGIC or version != VERSION or gen != generation or hsize != size:
+            self.mm.close()
+            raise OSError(f"arena {path} is not the daemon's (generation {gen}, expected {generation})")
+        self.path, self.size, self.generation = path, size, generation
+        self.view = memoryview(self.mm)
+
+    def close(self) -> None:
+        self.view.release()
+        try:
+            self.mm.close()
+        except BufferError:
+            pass

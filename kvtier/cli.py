@@ -1,0 +1,208 @@
+"""The ``kvtier`` command.
+
+    kvtier serve [--config FILE]        run the daemon (foreground; systemd runs this)
+    kvtier stats [--json]               tiers, capacity, hit rates, namespaces
+    kvtier put NAMESPACE KEY FILE       store a file as one block (debugging)
+    kvtier get NAMESPACE KEY FILE       fetch one block into a file (debugging)
+    kvtier config check FILE            validate a configuration file
+
+KEY is 32 or 64 hex digits (a 16- or 32-byte key), or ``name:TEXT`` to use
+the first 16 bytes of SHA-256(TEXT). Every client command takes --address
+(default: $KVTIER_ADDRESS or the default socket). Exit codes: 0 ok, 1 not
+found, 2 bad usage or input, 3 daemon unreachable, 4 other daemon error.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+
+from . import __version__, errors
+from .config import default_address, load
+
+EXIT_OK, EXIT_MISSING, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_ERROR = 0, 1, 2, 3, 4
+
+
+def parse_key(text: str) -> bytes:
+    if text.startswith("name:"):
+        return hashlib.sha256(text[5:].encode()).digest()[:16]
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"key {text!r} is not hex (or use name:TEXT)") from None
+    if len(key) not in (16, 32):
+        raise argparse.ArgumentTypeError(f"key must be 16 or 32 bytes (32 or 64 hex digits), got {len(key)} bytes")
+    return key
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(a) -> int:
+    from .server import run
+    cfg = load(a.config)
+    _setup_logging(cfg.server.log_level)
+    run(cfg)
+    return EXIT_OK
+
+
+def cmd_config_check(a) -> int:
+    cfg = load(a.file)
+    print(f"{a.file}: ok (socket {cfg.socket_path}, arena {cfg.arena_path}, "
+          f"{_size(cfg.ram.capacity) if cfg.ram.capacity else 'auto-sized'} RAM, policy {cfg.ram.policy})")
+    return EXIT_OK
+
+
+def _client(a):
+    from .client import Client
+    return Client(a.address)
+
+
+def stats_dict(s) -> dict:
+    from google.protobuf.json_format import MessageToDict
+    return MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def cmd_stats(a) -> int:
+    with _client(a) as c:
+        s = c.stats(a.namespace or "")
+    if a.json:
+        print(json.dumps(stats_dict(s), indent=2))
+        return EXIT_OK
+    print(f"kvtier {s.version}  up {s.uptime_s:.0f}s  arena {s.arena_path}  "
+          f"leases {s.leases}  reservations {s.reservations}")
+    print()
+    print(f"{'tier':<8}{'policy':<8}{'blocks':>10}{'used':>12}{'capacity':>12}{'use%':>7}"
+          f"{'evictions':>11}{'pinned':>8}{'leased':>8}  locked")
+    for t in s.tiers:
+        pct = 100 * t.used_bytes / t.capacity_bytes if t.capacity_bytes else 0
+        locked = "yes" if t.locked else f"no ({t.lock_detail})" if t.lock_detail else "no"
+        print(f"{t.name:<8}{t.policy:<8}{t.blocks:>10}{_size(t.used_bytes):>12}{_size(t.capacity_bytes):>12}"
+              f"{pct:>6.1f}%{t.evictions:>11}{t.pinned_blocks:>8}{t.leased_blocks:>8}  {locked}")
+    print()
+    if not s.namespaces:
+        print("no namespaces yet")
+        return EXIT_OK
+    print(f"{'namespace':<24}{'blocks':>10}{'bytes':>12}{'hits':>10}{'misses':>10}{'hit%':>7}"
+          f"{'puts':>10}{'evictions':>11}")
+    for n in sorted(s.namespaces, key=lambda n: -n.bytes):
+        total = n.hits + n.misses
+        hr = f"{100 * n.hits / total:.1f}%" if total else "-"
+        print(f"{n.name:<24}{n.blocks:>10}{_size(n.bytes):>12}{n.hits:>10}{n.misses:>10}{hr:>7}"
+              f"{n.puts:>10}{n.evictions:>11}")
+    return EXIT_OK
+
+
+def cmd_put(a) -> int:
+    with open(a.file, "rb") as f:
+        data = f.read()
+    if not data:
+        print(f"{a.file} is empty; blocks hold at least one byte", file=sys.stderr)
+        return EXIT_USAGE
+    with _client(a) as c:
+        stored = c.put(a.namespace, a.key, data, overwrite=a.overwrite)
+        print(f"{'stored' if stored else 'already present'}: {a.namespace}/{a.key.hex()} "
+              f"({len(data)} bytes, via {c.path})")
+    return EXIT_OK
+
+
+def cmd_get(a) -> int:
+    with _client(a) as c:
+        data = c.get(a.namespace, a.key)
+    if data is None:
+        print(f"not found: {a.namespace}/{a.key.hex()}", file=sys.stderr)
+        return EXIT_MISSING
+    if a.file == "-":
+        sys.stdout.buffer.write(data)
+    else:
+        with open(a.file, "wb") as f:
+            f.write(data)
+        print(f"wrote {len(data)} bytes to {a.file}", file=sys.stderr)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvtier", description="Tiered KV-cache store for LLM serving.",
+                                epilog="Run 'kvtier COMMAND --help' for a command's options.")
+    p.add_argument("--version", action="version", version=f"kvtier {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the daemon in the foreground",
+                       description="Run the kvtier daemon until SIGTERM/SIGINT. Without --config it runs on "
+                                   "embedded defaults (configs/kvtier.toml documents every setting).")
+    s.add_argument("--config", "-c", metavar="FILE", help="TOML configuration file")
+    s.set_defaults(fn=cmd_serve)
+
+    def client_args(sp):
+        sp.add_argument("--address", "-a", default=default_address(),
+                        help="daemon address: unix:///path or host:port (default: %(default)s)")
+
+    s = sub.add_parser("stats", help="show tiers, capacity and namespaces",
+                       description="Show the daemon's tiers, capacity, hit rates and namespaces.")
+    client_args(s)
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--namespace", "-n", help="only this namespace")
+    s.set_defaults(fn=cmd_stats)
+
+    key_help = "32/64 hex digits, or name:TEXT (first 16 bytes of SHA-256 of TEXT)"
+    s = sub.add_parser("put", help="store a file as one block", description="Store FILE as one block.")
+    client_args(s)
+    s.add_argument("namespace")
+    s.add_argument("key", type=parse_key, help=key_help)
+    s.add_argument("file", help="file to read")
+    s.add_argument("--overwrite", action="store_true", help="replace the block if present")
+    s.set_defaults(fn=cmd_put)
+
+    s = sub.add_parser("get", help="fetch one block into a file", description="Fetch one block into FILE.")
+    client_args(s)
+    s.add_argument("namespace")
+    s.add_argument("key", type=parse_key, help=key_help)
+    s.add_argument("file", help="file to write, or - for standard output")
+    s.set_defaults(fn=cmd_get)
+
+    s = sub.add_parser("config", help="configuration tools", description="Configuration tools.")
+    csub = s.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")
+    c = csub.add_parser("check", help="validate a configuration file",
+                        description="Validate FILE: unknown keys, wrong types and bad values are errors.")
+    c.add_argument("file")
+    c.set_defaults(fn=cmd_config_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except errors.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except errors.Unavailable as e:
+        print(f"daemon unreachable at {getattr(args, 'address', '?')}: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (errors.InvalidArgument, errors.BadNamespace) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except errors.KvtierError as e:
+        print(f"error ({e.code.name}): {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

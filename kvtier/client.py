@@ -1,0 +1,582 @@
+"""Client library: ``Client`` (blocking) and ``AsyncClient`` (asyncio), same API.
+
+    with Client() as c:                      # $KVTIER_ADDRESS or the default socket
+        c.put_many("team-a", [(key, data), ...])
+        blocks = c.get_many("team-a", keys)  # bytes or None per key
+        tiers, prefix = c.lookup("team-a", keys)
+
+Three data paths, chosen once per client at first use:
+
+* ``arena``: the daemon's arena file is mappable (same node): Reserve, copy
+  into the slots, Commit; Acquire, copy out, Release. Memory speed.
+* ``data``: the framed data channel (docs/PROTOCOL.md), socket speed.
+* ``grpc``: chunked Put/Get streams, for when nothing else is reachable.
+
+``client.path`` says which. Every read is verified against its xxh3-128
+checksum (``verify=True``); a mismatch is counted in ``client.checksum_failures``
+and returned as a miss, never as data. Batches longer than the daemon's
+``max_batch`` are split. Errors are ``kvtier.errors`` types; ``Unavailable``
+means the daemon is unreachable and the next call tries again (gRPC
+reconnects by itself; data-channel connections are reopened).
+
+Both clients run the same operation code: each operation is a generator
+that yields the calls it needs (``("unary", rpc, request)``, ...) and gets
+their answers back, so the blocking and the asyncio driver differ only in how
+they perform a call.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Generator, Iterable, Sequence
+
+import grpc
+import xxhash
+
+from . import errors
+from .arena import ArenaMapping
+from .config import default_address
+from .datachannel import DataConnection
+from .keys import CHECKSUM_SIZE, ZERO_CHECKSUM, check_namespace, pack_keys
+from .v1 import kvtier_pb2 as pb
+from .v1 import kvtier_pb2_grpc as pb_grpc
+
+PUT_CHUNK = 1 << 20
+_MAX_MSG = 256 << 20
+
+
+def grpc_target(address: str) -> str:
+    """'unix:///p', 'unix:/p', 'tcp://h:p' or 'h:p' -> a gRPC target."""
+    if address.startswith("tcp://"):
+        return address[len("tcp://"):]
+    return address
+
+
+@dataclass
+class Reservation:
+    """Slots to write (zero-copy put). ``views[i]`` is None for keys that need no write."""
+    id: int
+    status: bytes
+    offsets: list[int]
+    sizes: list[int]
+    views: list[memoryview | None] = field(default_factory=list)
+
+
+@dataclass
+class Lease:
+    """Blocks to read (zero-copy get). ``views[i]`` is None for missing keys."""
+    id: int
+    tiers: bytes
+    offsets: list[int]
+    lengths: list[int]
+    checksums: list[bytes]
+    views: list[memoryview | None] = field(default_factory=list)
+
+
+class _Ops:
+    """The operations, written once as generators (see module docstring)."""
+
+    def __init__(self, address: str | None, attach: bool, data_channel: bool, verify: bool):
+        self.address = address or default_address()
+        self.want_arena, self.want_data, self.verify = attach, data_channel, verify
+        self.info: pb.AttachResponse | None = None
+        self.arena: ArenaMapping | None = None
+        self.path = ""
+        self.checksum_failures = 0
+        self._pool: list[DataConnection] = []
+        self._pool_lock = threading.Lock()
+
+    # ---- attach and batching ------------------------------------------------------------
+
+    def _attach(self, force: bool = False):
+        if self.info is not None and not force:
+            return self.info
+        info = yield ("unary", "Attach", pb.AttachRequest())
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+        if self.want_arena:
+            try:
+                self.arena = ArenaMapping(info.arena_path, info.arena_size, info.generation)
+            except OSError:
+                self.arena = None
+        self.info = info
+        if self.arena is not None:
+            self.path = "arena"
+        elif self.want_data and info.data_address:
+            try:
+                self._pool.append(DataConnection(info.data_address))
+                self.path = "data"
+            except OSError:
+                self.path = "grpc"
+        else:
+            self.path = "grpc"
+        return info
+
+    def _batches(self, keys: Sequence[bytes]) -> Iterable[tuple[int, list[bytes]]]:
+        step = self.info.max_batch or 1024
+        for i in range(0, len(keys), step):
+            yield i, list(keys[i:i + step])
+
+    def _gen(self) -> int:
+        return self.arena.generation if self.arena is not None else 0
+
+    def _data_conn(self) -> DataConnection:
+        with self._pool_lock:
+            if self._pool:
+                return self._pool.pop()
+        try:
+            return DataConnection(self.info.data_address)
+        except OSError as e:
+            raise errors.Unavailable(f"data channel {self.info.data_address}: {e}") from None
+
+    def _data(self, fn):
+        """Run fn(conn) on a pooled data connection; a broken connection is dropped."""
+        def call():
+            conn = self._data_conn()
+            try:
+                out = fn(conn)
+            except (OSError, ConnectionError) as e:
+                conn.close()
+                raise errors.Unavailable(f"data channel: {e}") from None
+            except BaseException:
+                conn.close()
+                raise
+            with self._pool_lock:
+                self._pool.append(conn)
+            return out
+        return call
+
+    def _stale_retry(self, op, *args):
+        """Run a sub-operation; if the daemon restarted (new arena), attach again and retry once."""
+        try:
+            return (yield from op(*args))
+        except errors.StaleArena:
+            yield from self._attach(force=True)
+            return (yield from op(*args))
+
+    def _check(self, data: memoryview, digest: bytes) -> bool:
+        if not self.verify or digest == ZERO_CHECKSUM:
+            return True
+        if xxhash.xxh3_128_digest(data) == digest:
+            return True
+        self.checksum_failures += 1
+        return False
+
+    # ---- operations -----------------------------------------------------------------------
+
+    def op_attach(self):
+        return (yield from self._attach(force=True))
+
+    def op_lookup(self, ns: str, keys: Sequence[bytes]):
+        yield from self._attach()
+        check_namespace(ns)
+        tiers = bytearray()
+        for _, batch in self._batches(keys):
+            packed, ks = pack_keys(batch)
+            r = yield ("unary", "Lookup", pb.LookupRequest(namespace=ns, key_size=ks, keys=packed))
+            tiers += r.tiers
+        p = tiers.find(0)
+        return list(tiers), (len(tiers) if p < 0 else p)
+
+    def op_reserve(self, ns: str, keys: Sequence[bytes], sizes: Sequence[int], ttl_ms: int = 0,
+                   overwrite: bool = False):
+        yield from self._attach()
+        if self.arena is None:
+            raise errors.FailedPrecondition("the arena is not mapped (not on the daemon's node)")
+        packed, ks = pack_keys(keys)
+        r = yield ("unary", "Reserve", pb.ReserveRequest(
+            namespace=ns, key_size=ks, keys=packed, sizes=list(sizes), ttl_ms=ttl_ms, overwrite=overwrite,
+            generation=self._gen()))
+        view = self.arena.view
+        views = [view[o:o + n] if s == 0 else None for s, o, n in zip(r.status, r.offsets, sizes)]
+        return Reservation(r.reservation_id, r.status, list(r.offsets), list(sizes), views)
+
+    def op_commit(self, res: Reservation, checksums: Sequence[bytes] | None = None):
+        if not res.id:
+            return []
+        r = yield ("unary", "Commit", pb.CommitRequest(
+            reservation_id=res.id, checksums=b"".join(checksums) if checksums else b""))
+        c = r.checksums
+        return [c[i:i + CHECKSUM_SIZE] for i in range(0, len(c), CHECKSUM_SIZE)]
+
+    def op_abort(self, res: Reservation):
+        if res.id:
+            yield ("unary", "Abort", pb.AbortRequest(reservation_id=res.id))
+
+    def op_acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False):
+        yield from self._attach()
+        if self.arena is None:
+            raise errors.FailedPrecondition("the arena is not mapped (not on the daemon's node)")
+        packed, ks = pack_keys(keys)
+        r = yield ("unary", "Acquire", pb.AcquireRequest(
+            namespace=ns, key_size=ks, keys=packed, lease_ms=lease_ms, prefix_only=prefix_only,
+            generation=self._gen()))
+        view = self.arena.view
+        c = r.checksums
+        sums = [c[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] for i in range(len(keys))]
+        views = [view[o:o + n] if t else None for t, o, n in zip(r.tiers, r.offsets, r.lengths)]
+        return Lease(r.lease_id, r.tiers, list(r.offsets), list(r.lengths), sums, views)
+
+    def op_release(self, lease: Lease):
+        if lease.id:
+            yield ("unary", "Release", pb.ReleaseRequest(lease_id=lease.id))
+
+    def _arena_put(self, ns, keys, datas, overwrite):
+        res = yield from self.op_reserve(ns, keys, [len(d) for d in datas], 0, overwrite)
+        try:
+            for v, d in zip(res.views, datas):
+                if v is not None:
+                    v[:] = d
+        except BaseException:
+            yield from self.op_abort(res)
+            raise
+        yield from self.op_commit(res)
+        return [s == 0 for s in res.status]
+
+    def op_put_many(self, ns: str, items: Sequence[tuple[bytes, Any]], overwrite: bool = False):
+        yield from self._attach()
+        check_namespace(ns)
+        keys = [k for k, _ in items]
+        datas = [memoryview(d).cast("B") for _, d in items]
+        if self.path == "arena":
+            out: list[bool] = []
+            for i, batch in self._batches(keys):
+                out += yield from self._stale_retry(self._arena_put, ns, batch, datas[i:i + len(batch)], overwrite)
+            return out
+        if self.path == "data":
+            res = yield ("call", self._data(lambda c: c.put_many(ns, list(zip(keys, datas)), overwrite)))
+            for r in res:
+                if isinstance(r, errors.KvtierError):
+                    raise r
+            return [r.status == 0 for r in res]
+        r = yield ("client_stream", "Put", _put_chunks(ns, keys, datas, overwrite))
+        # the stream reports how many were newly stored, not which; present ones were skipped
+        return [True] * r.stored + [False] * (len(keys) - r.stored)
+
+    def _arena_get(self, ns, keys, into):
+        lease = yield from self.op_acquire(ns, keys)
+        out: list = []
+        try:
+            for i, v in enumerate(lease.views):
+                if v is None:
+                    out.append(None)
+                    continue
+                if into is not None:
+                    dst = memoryview(into[i]).cast("B")
+                    if len(dst) < len(v):
+                        raise errors.InvalidArgument(f"buffer {i} holds {len(dst)} bytes, block has {len(v)}")
+                    dst[:len(v)] = v
+                    dst = dst[:len(v)]
+                else:
+                    dst = bytes(v)
+                out.append(dst if self._check(memoryview(dst), lease.checksums[i]) else None)
+        finally:
+            try:
+                yield from self.op_release(lease)
+            except errors.UnknownLease:
+                pass  # expired while copying: the checksums above already vouched for each block
+        return out
+
+    def op_get_many(self, ns: str, keys: Sequence[bytes], into: Sequence[Any] | None = None):
+        """Blocks as bytes (or, with ``into``, views of the given buffers), None when missing."""
+        yield from self._attach()
+        check_namespace(ns)
+        if self.path == "arena":
+            out: list = []
+            for i, batch in self._batches(keys):
+                sub = into[i:i + len(batch)] if into is not None else None
+                out += yield from self._stale_retry(self._arena_get, ns, batch, sub)
+            return out
+        if self.path == "data":
+            res = yield ("call", self._data(lambda c: c.get_many(ns, list(keys), into)))
+            out = []
+            for r in res:
+                if r is None:
+                    out.append(None)
+                    continue
+                data, digest = r
+                if not self._check(data, digest):
+                    out.append(None)
+                else:
+                    out.append(data if into is not None else bytes(data))
+            return out
+        out = []
+        for i, batch in self._batches(keys):
+            packed, ks = pack_keys(batch)
+            chunks = yield ("server_stream", "Get", pb.GetRequest(namespace=ns, key_size=ks, keys=packed))
+            out += self._assemble(chunks, len(batch), into[i:i + len(batch)] if into is not None else None)
+        return out
+
+    def _assemble(self, chunks, n, into):
+        out: list = [None] * n
+        bufs: dict[int, bytearray] = {}
+        heads: dict[int, pb.GetHeader] = {}
+        cur = -1
+        for ch in chunks:
+            if ch.HasField("header"):
+                cur = ch.header.index
+                heads[cur] = ch.header
+                bufs[cur] = bytearray()
+            if ch.data:
+                bufs[cur] += ch.data
+        for i, h in heads.items():
+            if h.tier == 0:
+                continue
+            data = bufs[i]
+            if len(data) != h.length or not self._check(memoryview(data), h.checksum):
+                if len(data) != h.length:
+                    self.checksum_failures += 1
+                continue
+            if into is not None:
+                dst = memoryview(into[i]).cast("B")
+                dst[:len(data)] = data
+                out[i] = dst[:len(data)]
+            else:
+                out[i] = bytes(data)
+        return out
+
+    def op_delete(self, ns: str, keys: Sequence[bytes]):
+        yield from self._attach()
+        n = 0
+        for _, batch in self._batches(keys):
+            packed, ks = pack_keys(batch)
+            r = yield ("unary", "Delete", pb.DeleteRequest(namespace=ns, key_size=ks, keys=packed))
+            n += r.deleted
+        return n
+
+    def op_pin(self, ns: str, keys: Sequence[bytes], ttl_s: int = 0):
+        yield from self._attach()
+        out = bytearray()
+        for _, batch in self._batches(keys):
+            packed, ks = pack_keys(batch)
+            r = yield ("unary", "Pin", pb.PinRequest(namespace=ns, key_size=ks, keys=packed, ttl_s=ttl_s))
+            out += r.pinned
+        return [bool(x) for x in out]
+
+    def op_unpin(self, ns: str, keys: Sequence[bytes]):
+        yield from self._attach()
+        n = 0
+        for _, batch in self._batches(keys):
+            packed, ks = pack_keys(batch)
+            r = yield ("unary", "Unpin", pb.UnpinRequest(namespace=ns, key_size=ks, keys=packed))
+            n += r.unpinned
+        return n
+
+    def op_stats(self, ns: str = ""):
+        return (yield ("unary", "Stats", pb.StatsRequest(namespace=ns)))
+
+    def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, []
+        for c in pool:
+            c.close()
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+
+
+def _put_chunks(ns, keys, datas, overwrite):
+    for k, d in zip(keys, datas):
+        first = True
+        n = len(d)
+        for p in range(0, max(n, 1), PUT_CHUNK):
+            data = bytes(d[p:p + PUT_CHUNK])
+            if first:
+                yield pb.PutChunk(header=pb.PutHeader(namespace=ns, key=k, length=n, overwrite=overwrite), data=data)
+                first = False
+            else:
+                yield pb.PutChunk(data=data)
+
+
+_OPS = ("attach", "lookup", "reserve", "commit", "abort", "acquire", "release", "put_many", "get_many",
+        "delete", "pin", "unpin", "stats")
+
+
+class Client:
+    """Blocking client. Thread-safe for concurrent calls."""
+
+    def __init__(self, address: str | None = None, *, attach: bool = True, data_channel: bool = True,
+                 verify: bool = True, timeout: float | None = 30.0):
+        self._ops = _Ops(address, attach, data_channel, verify)
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(grpc_target(self._ops.address), options=[
+            ("grpc.max_receive_message_length", _MAX_MSG), ("grpc.max_send_message_length", _MAX_MSG)])
+        self._stub = pb_grpc.KVTierStub(self._channel)
+        self._attach_lock = threading.Lock()
+
+    def _call(self, req):
+        kind = req[0]
+        try:
+            if kind == "call":
+                return req[1]()
+            rpc = getattr(self._stub, req[1])
+            if kind == "server_stream":
+                return list(rpc(req[2], timeout=self.timeout))
+            return rpc(req[2], timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise errors.from_rpc_error(e) from None
+
+    def _drive(self, gen: Generator):
+        try:
+            req = next(gen)
+            while True:
+                try:
+                    resp = self._call(req)
+                except errors.KvtierError as e:
+                    req = gen.throw(e)
+                else:
+                    req = gen.send(resp)
+        except StopIteration as stop:
+            return stop.value
+
+    @property
+    def path(self) -> str:
+        """'arena', 'data' or 'grpc' (empty before the first call)."""
+        return self._ops.path
+
+    @property
+    def checksum_failures(self) -> int:
+        return self._ops.checksum_failures
+
+    @property
+    def info(self) -> pb.AttachResponse:
+        if self._ops.info is None:
+            self.attach()
+        return self._ops.info
+
+    def attach(self) -> pb.AttachResponse:
+        with self._attach_lock:
+            return self._drive(self._ops.op_attach())
+
+    def lookup(self, ns: str, keys: Sequence[bytes]) -> tuple[list[int], int]:
+        """(tier per key, longest present prefix). Tier: 0 missing, 1 RAM, 2 NVMe, 3 cluster."""
+        return self._drive(self._ops.op_lookup(ns, keys))
+
+    def reserve(self, ns: str, keys: Sequence[bytes], sizes: Sequence[int], ttl_ms: int = 0,
+                overwrite: bool = False) -> Reservation:
+        return self._drive(self._ops.op_reserve(ns, keys, sizes, ttl_ms, overwrite))
+
+    def commit(self, res: Reservation, checksums: Sequence[bytes] | None = None) -> list[bytes]:
+        return self._drive(self._ops.op_commit(res, checksums))
+
+    def abort(self, res: Reservation) -> None:
+        return self._drive(self._ops.op_abort(res))
+
+    def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False) -> Lease:
+        return self._drive(self._ops.op_acquire(ns, keys, lease_ms, prefix_only))
+
+    def release(self, lease: Lease) -> None:
+        return self._drive(self._ops.op_release(lease))
+
+    def put_many(self, ns: str, items: Sequence[tuple[bytes, Any]], overwrite: bool = False) -> list[bool]:
+        """Store blocks; True per block newly stored, False if it was already present."""
+        return self._drive(self._ops.op_put_many(ns, items, overwrite))
+
+    def put(self, ns: str, key: bytes, data: Any, overwrite: bool = False) -> bool:
+        return self.put_many(ns, [(key, data)], overwrite)[0]
+
+    def get_many(self, ns: str, keys: Sequence[bytes], into: Sequence[Any] | None = None) -> list:
+        return self._drive(self._ops.op_get_many(ns, keys, into))
+
+    def get(self, ns: str, key: bytes) -> bytes | None:
+        return self.get_many(ns, [key])[0]
+
+    def delete(self, ns: str, keys: Sequence[bytes]) -> int:
+        return self._drive(self._ops.op_delete(ns, keys))
+
+    def pin(self, ns: str, keys: Sequence[bytes], ttl_s: int = 0) -> list[bool]:
+        return self._drive(self._ops.op_pin(ns, keys, ttl_s))
+
+    def unpin(self, ns: str, keys: Sequence[bytes]) -> int:
+        return self._drive(self._ops.op_unpin(ns, keys))
+
+    def stats(self, ns: str = "") -> pb.StatsResponse:
+        return self._drive(self._ops.op_stats(ns))
+
+    def close(self) -> None:
+        self._ops.close()
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client with the same methods as ``Client`` (awaitable)."""
+
+    def __init__(self, address: str | None = None, *, attach: bool = True, data_channel: bool = True,
+                 verify: bool = True, timeout: float | None = 30.0):
+        self._ops = _Ops(address, attach, data_channel, verify)
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(grpc_target(self._ops.address), options=[
+            ("grpc.max_receive_message_length", _MAX_MSG), ("grpc.max_send_message_length", _MAX_MSG)])
+        self._stub = pb_grpc.KVTierStub(self._channel)
+
+    async def _call(self, req):
+        kind = req[0]
+        try:
+            if kind == "call":
+                return await asyncio.to_thread(req[1])
+            rpc = getattr(self._stub, req[1])
+            if kind == "server_stream":
+                return [c async for c in rpc(req[2], timeout=self.timeout)]
+            return await rpc(req[2], timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise errors.from_rpc_error(e) from None
+
+    async def _drive(self, gen: Generator):
+        try:
+            req = next(gen)
+            while True:
+                try:
+                    resp = await self._call(req)
+                except errors.KvtierError as e:
+                    req = gen.throw(e)
+                else:
+                    req = gen.send(resp)
+        except StopIteration as stop:
+            return stop.value
+
+    path = Client.path
+    checksum_failures = Client.checksum_failures
+
+    async def close(self) -> None:
+        self._ops.close()
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def _async_method(name: str):
+    op = getattr(_Ops, f"op_{name}")
+    sync = getattr(Client, name)
+
+    async def method(self, *args, **kwargs):
+        return await self._drive(op(self._ops, *args, **kwargs))
+    method.__name__ = name
+    method.__doc__ = sync.__doc__
+    return method
+
+
+for _name in _OPS:
+    setattr(AsyncClient, _name, _async_method(_name))
+
+
+async def _aput(self, ns, key, data, overwrite=False):
+    return (await self.put_many(ns, [(key, data)], overwrite))[0]
+
+
+async def _aget(self, ns, key):
+    return (await self.get_many(ns, [key]))[0]
+
+AsyncClient.put = _aput
+AsyncClient.get = _aget

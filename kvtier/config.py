@@ -1,0 +1,231 @@
+"""Configuration: TOML parsed once into frozen dataclasses.
+
+Every field is optional; ``configs/kvtier.toml`` documents each default and
+unit. With no file the daemon runs on embedded defaults that fit the machine:
+a RAM arena of a quarter of physical memory (capped by the free space of its
+tmpfs) and a Unix socket in a user-writable directory. A bad value is a
+``ConfigError`` naming the field, never silently clamped; unknown keys are
+errors too (a typo must not turn into a default).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": KiB, "m": 1000**2, "mb": 1000**2, "mib": MiB,
+          "g": 1000**3, "gb": 1000**3, "gib": GiB, "t": 1000**4, "tb": 1000**4, "tib": TiB}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(value: Any, name: str) -> int:
+    """Bytes from an int or a string such as "64MiB", "2 GiB", "1.5GB"."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise ConfigError(f"{name}: cannot read size {value!r} (use bytes or e.g. '64MiB', '2GiB')")
+        n = int(float(m.group(1)) * _UNITS[unit])
+    else:
+        raise ConfigError(f"{name}: expected a size, got {type(value).__name__}")
+    if n < 0:
+        raise ConfigError(f"{name}: size must be >= 0, got {n}")
+    return n
+
+
+def runtime_dir() -> pathlib.Path:
+    """Where the daemon's socket lives by default: $XDG_RUNTIME_DIR/kvtier or /tmp/kvtier-<uid>."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base) and os.access(base, os.W_OK):
+        return pathlib.Path(base) / "kvtier"
+    return pathlib.Path(f"/tmp/kvtier-{os.getuid()}")
+
+
+def default_socket() -> str:
+    return str(runtime_dir() / "kvtier.sock")
+
+
+def default_arena_path() -> str:
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return f"/dev/shm/kvtier-{os.getuid()}/arena"
+    return str(runtime_dir() / "arena")
+
+
+def default_address() -> str:
+    """The address clients use when given none: $KVTIER_ADDRESS or the default socket."""
+    return os.environ.get("KVTIER_ADDRESS") or f"unix://{default_socket()}"
+
+
+def auto_capacity(arena_path: str) -> int:
+    """A quarter of physical RAM, capped by 90% of the free space where the arena lives."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cap = total // 4
+    d = pathlib.Path(arena_path).parent
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    try:
+        st = os.statvfs(d)
+        cap = min(cap, int(st.f_bavail * st.f_frsize * 0.9))
+    except OSError:
+        pass
+    return max(MiB * 64, cap // MiB * MiB)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # Unix socket of the gRPC control plane; "" = $XDG_RUNTIME_DIR/kvtier/kvtier.sock or /tmp/kvtier-<uid>/kvtier.sock.
+    socket: str = ""
+    # Permission bits of the socket files (octal string).
+    socket_mode: str = "0660"
+    # TCP "host:port" for gRPC; "" = no TCP (Unix socket only).
+    listen: str = ""
+    # TCP "host:port" of the framed data channel; "" = none over TCP. The Unix data socket is always <socket>.data.
+    data_listen: str = ""
+    # Serve the framed data channel (fast inline bytes) beside gRPC.
+    data_channel: bool = True
+    # Largest gRPC message accepted or sent, bytes.
+    max_message_bytes: int = 64 * MiB
+    # Most keys in one batch call.
+    max_batch: int = 4096
+    # Seconds SIGTERM waits for in-flight calls before exiting.
+    drain_timeout_s: float = 10.0
+    # "debug", "info", "warning", "error".
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class RamConfig:
+    # Arena file on tmpfs or hugetlbfs; "" = /dev/shm/kvtier-<uid>/arena.
+    arena_path: str = ""
+    # Arena size in bytes; 0 = auto (a quarter of RAM, capped by the filesystem's free space).
+    capacity: int = 0
+    # Lock the arena in RAM (mlock). Failure is logged and reported in Stats; the daemon runs on.
+    mlock: bool = True
+    # Eviction policy: "lru" or "s3fifo".
+    policy: str = "s3fifo"
+    # Largest block accepted, bytes (also capped by the arena).
+    max_block_bytes: int = 256 * MiB
+    # Lease lifetime when a request gives none, milliseconds.
+    lease_ms: int = 30_000
+    # Reservation lifetime when a request gives none, milliseconds.
+    reservation_ms: int = 30_000
+    # Longest lease or reservation a client may ask for, milliseconds.
+    max_ttl_ms: int = 600_000
+    # Recompute each block's xxh3-128 from the arena at commit (client checksums are then verified).
+    verify_on_commit: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    ram: RamConfig = field(default_factory=RamConfig)
+
+    # Resolved values (defaults that depend on the machine).
+    @property
+    def socket_path(self) -> str:
+        return self.server.socket or default_socket()
+
+    @property
+    def arena_path(self) -> str:
+        return self.ram.arena_path or default_arena_path()
+
+    @property
+    def arena_capacity(self) -> int:
+        return self.ram.capacity or auto_capacity(self.arena_path)
+
+
+_SIZE_FIELDS = {("server", "max_message_bytes"), ("ram", "capacity"), ("ram", "max_block_bytes")}
+_SECTIONS = {"server": ServerConfig, "ram": RamConfig}
+
+
+def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
+    name = f"{section}.{f.name}"
+    if (section, f.name) in _SIZE_FIELDS:
+        return parse_size(value, name)
+    want = f.type if isinstance(f.type, type) else {"str": str, "int": int, "bool": bool, "float": float}[f.type]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ConfigError(f"{name}: expected {want.__name__}, got {value!r}")
+    return value
+
+
+def _validate(cfg: Config) -> None:
+    s, r = cfg.server, cfg.ram
+    from .policy import POLICIES  # late: policy imports nothing from here
+    if r.policy not in POLICIES:
+        raise ConfigError(f"ram.policy: unknown policy {r.policy!r} (choose from {', '.join(sorted(POLICIES))})")
+    if s.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"server.log_level: {s.log_level!r} is not one of debug, info, warning, error")
+    try:
+        int(s.socket_mode, 8)
+    except ValueError:
+        raise ConfigError(f"server.socket_mode: {s.socket_mode!r} is not an octal mode such as '0660'") from None
+    for name, val in (("server.listen", s.listen), ("server.data_listen", s.data_listen)):
+        if val and not re.fullmatch(r"\[?[\w.:\-]*\]?:\d{1,5}", val):
+            raise ConfigError(f"{name}: expected 'host:port', got {val!r}")
+    if r.capacity and r.capacity < 4 * MiB:
+        raise ConfigError(f"ram.capacity: at least 4MiB, got {r.capacity}")
+    for name, val in (("ram.lease_ms", r.lease_ms), ("ram.reservation_ms", r.reservation_ms),
+                      ("ram.max_ttl_ms", r.max_ttl_ms), ("server.max_batch", s.max_batch),
+                      ("ram.max_block_bytes", r.max_block_bytes), ("server.max_message_bytes", s.max_message_bytes)):
+        if val <= 0:
+            raise ConfigError(f"{name}: must be > 0, got {val}")
+    if s.drain_timeout_s < 0:
+        raise ConfigError(f"server.drain_timeout_s: must be >= 0, got {s.drain_timeout_s}")
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    parts: dict[str, Any] = {}
+    for section, value in data.items():
+        cls = _SECTIONS.get(section)
+        if cls is None:
+            raise ConfigError(f"unknown section [{section}] (known: {', '.join(_SECTIONS)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kw = {}
+        for k, v in value.items():
+            if k not in fields:
+                raise ConfigError(f"{section}.{k}: unknown setting (known: {', '.join(fields)})")
+            kw[k] = _coerce(section, fields[k], v)
+        parts[section] = cls(**kw)
+    cfg = Config(**parts)
+    _validate(cfg)
+    return cfg
+
+
+def load(path: str | os.PathLike | None) -> Config:
+    """Read a TOML file (None: embedded defaults)."""
+    if path is None:
+        return from_dict({})
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A copy with some fields changed, e.g. replace(cfg, ram={"capacity": 64*MiB})."""
+    new = {name: dataclasses.replace(getattr(cfg, name), **vals) for name, vals in sections.items()}
+    out = dataclasses.replace(cfg, **new)
+    _validate(out)
+    return out

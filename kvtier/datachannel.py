@@ -1,0 +1,375 @@
+"""The framed data channel: block bytes inline at socket speed, beside gRPC.
+
+Python gRPC moves a 2 MiB message at a fraction of what the socket can carry,
+so bulk bytes for clients that cannot map the arena travel on this plain
+framed protocol (docs/PROTOCOL.md has the frames). The server receives a PUT's
+payload straight into its reserved arena slot with ``recv_into`` and sends a
+GET's payload straight from the leased slot with ``sendmsg``: no copy in
+Python on either side. Reservations, commits and leases are the hot tier's,
+exactly as for the zero-copy path, so both paths share one set of rules.
+
+Request  (24 bytes + ns + key [+ 16-byte checksum] [+ payload]):
+    <4s B B B B Q Q   magic b"KVD1", op, flags, ns_len, key_len, length, req_id
+Response (40 bytes + message + payload):
+    <4s B B H Q Q 16s magic b"KVR1", status, info, msg_len, length, req_id, checksum
+
+op: 1 PUT, 2 GET, 3 PING. flags: bit0 overwrite, bit1 checksum follows.
+status: the gRPC status code number (0 OK). info: PUT: 0 stored, 1 already
+present, 2 pending elsewhere; GET: the tier (0 missing, 1 RAM).
+
+A request that breaks framing (bad magic, unknown op, a PUT longer than the
+largest block) gets an error response and the connection is closed; any
+other error drains the PUT payload and the connection stays usable.
+
+Server: one thread per connection with blocking sockets (the copies release
+the GIL); it never runs on the gRPC event loop.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+
+from . import errors
+from .hot import HotTier, checksum
+from .keys import CHECKSUM_SIZE, check_key, check_namespace
+
+log = logging.getLogger("kvtier.data")
+
+REQ = struct.Struct("<4sBBBBQQ")
+RESP = struct.Struct("<4sBBHQQ16s")
+REQ_MAGIC, RESP_MAGIC = b"KVD1", b"KVR1"
+OP_PUT, OP_GET, OP_PING = 1, 2, 3
+F_OVERWRITE, F_CHECKSUM = 1, 2
+SOCK_BUF = 4 << 20
+_ZERO = bytes(CHECKSUM_SIZE)
+
+
+class ProtocolError(Exception):
+    """Framing is lost; the connection must close."""
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill view from sock (blocking); ConnectionError on EOF."""
+    got, n = 0, len(view)
+    while got < n:
+        r = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+        if r == 0:
+            raise ConnectionError("peer closed the connection")
+        got += r
+
+
+def tune(sock: socket.socket) -> None:
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+        except OSError:
+            pass
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def parse_address(addr: str) -> tuple[int, object]:
+    """'unix:///p' or 'tcp://h:p' -> (family, sockaddr)."""
+    if addr.startswith("unix://"):
+        return socket.AF_UNIX, addr[len("unix://"):]
+    if addr.startswith("tcp://"):
+        host, _, port = addr[len("tcp://"):].rpartition(":")
+        host = host.strip("[]")
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return fam, (host, int(port))
+    raise ValueError(f"bad data-channel address {addr!r}")
+
+
+class DataServer:
+    """Accepts data-channel connections on a Unix and/or TCP socket."""
+
+    def __init__(self, hot: HotTier, view: memoryview, verify: bool, unix_path: str | None = None,
+                 tcp: tuple[str, int] | None = None, socket_mode: int = 0o660,
+                 authorize: Callable[[str], None] | None = None):
+        self.hot, self.view, self.verify = hot, view, verify
+        self.authorize = authorize
+        self._socks: list[socket.socket] = []
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.addresses: list[str] = []
+        if unix_path:
+            try:
+                os.unlink(unix_path)
+            except FileNotFoundError:
+                pass
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(unix_path)
+            os.chmod(unix_path, socket_mode)
+            self._socks.append(s)
+            self.addresses.append(f"unix://{unix_path}")
+        if tcp:
+            host, port = tcp
+            fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+            self._socks.append(s)
+            h, p = s.getsockname()[:2]
+            self.addresses.append(f"tcp://{'[' + h + ']' if ':' in h else h}:{p}")
+        for s in self._socks:
+            s.listen(128)
+            threading.Thread(target=self._accept_loop, args=(s,), daemon=True, name="kvtier-data-accept").start()
+
+    def _accept_loop(self, lsock: socket.socket) -> None:
+        while not self._closed:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return
+            tune(conn)
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True, name="kvtier-data-conn").start()
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            socks = list(self._socks) + list(self._conns)
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        for a in self.addresses:
+            if a.startswith("unix://"):
+                try:
+                    os.unlink(a[7:])
+                except FileNotFoundError:
+                    pass
+
+    # ---- one connection -------------------------------------------------------------------
+
+    def _serve(self, conn: socket.socket) -> None:
+        hdr = bytearray(REQ.size + 255 + 255 + CHECKSUM_SIZE)
+        hview = memoryview(hdr)
+        scratch = memoryview(bytearray(1 << 20))
+        try:
+            while True:
+                try:
+                    recv_exact(conn, hview[:REQ.size])
+                except ConnectionError:
+                    return
+                magic, op, flags, ns_len, key_len, length, req_id = REQ.unpack_from(hdr)
+                if magic != REQ_MAGIC or op not in (OP_PUT, OP_GET, OP_PING):
+                    self._reply(conn, req_id, grpc.StatusCode.INVALID_ARGUMENT, "bad frame: unknown magic or op")
+                    return
+                extra = ns_len + key_len + (CHECKSUM_SIZE if flags & F_CHECKSUM else 0)
+                recv_exact(conn, hview[REQ.size:REQ.size + extra])
+                p = REQ.size
+                ns = bytes(hview[p:p + ns_len]).decode("utf-8", "replace")
+                key = bytes(hview[p + ns_len:p + ns_len + key_len])
+                given = bytes(hview[p + ns_len + key_len:p + extra]) if flags & F_CHECKSUM else b""
+                if op == OP_PING:
+                    self._reply(conn, req_id, grpc.StatusCode.OK, "")
+                elif op == OP_PUT:
+                    if length > self.hot.max_block_bytes:
+                        self._reply(conn, req_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"block of {length} bytes exceeds the largest accepted "
+                                    f"({self.hot.max_block_bytes} bytes)")
+                        return
+                    self._put(conn, req_id, ns, key, length, bool(flags & F_OVERWRITE), given, scratch)
+                else:
+                    self._get(conn, req_id, ns, key)
+        except (ConnectionError, OSError):
+            return
+        except Exception:  # a bug must not kill the daemon; the connection is lost
+            log.exception("data channel connection failed")
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _reply(self, conn, req_id, code, msg, info=0, length=0, digest=_ZERO, payload=None) -> None:
+        m = msg.encode()[:65535]
+        head = RESP.pack(RESP_MAGIC, code.value[0], info, len(m), length, req_id, digest) + m
+        conn.sendall(head)
+        if payload is not None:
+            conn.sendall(payload)
+
+    def _drain(self, conn, n: int, scratch: memoryview) -> None:
+        while n:
+            k = min(n, len(scratch))
+            recv_exact(conn, scratch[:k])
+            n -= k
+
+    def _put(self, conn, req_id, ns, key, length, overwrite, given, scratch) -> None:
+        try:
+            check_namespace(ns)
+            check_key(key)
+            if self.authorize:
+                self.authorize(ns)
+            if length == 0:
+                raise errors.InvalidArgument("block size must be >= 1 byte")
+            r = self.hot.reserve(ns, [key], [length], overwrite=overwrite)
+        except errors.KvtierError as e:
+            self._drain(conn, length, scratch)
+            self._reply(conn, req_id, e.code, str(e))
+            return
+        if r.reservation_id == 0:  # present or pending: nothing to write
+            self._drain(conn, length, scratch)
+            self._reply(conn, req_id, grpc.StatusCode.OK, "", info=r.status[0])
+            return
+        off = r.offsets[0]
+        try:
+            recv_exact(conn, self.view[off:off + length])
+        except BaseException:
+            self.hot.discard(r.reservation_id)
+            raise
+        try:
+            self.hot.begin_commit(r.reservation_id)
+            computed = [checksum(self.view[off:off + length])] if (self.verify or not given) else None
+            digest = self.hot.finish_commit(r.reservation_id, computed, given)
+        except errors.KvtierError as e:
+            self.hot.discard(r.reservation_id)
+            self._reply(conn, req_id, e.code, str(e))
+            return
+        self._reply(conn, req_id, grpc.StatusCode.OK, "", info=0, digest=digest)
+
+    def _get(self, conn, req_id, ns, key) -> None:
+        try:
+            check_namespace(ns)
+            check_key(key)
+            if self.authorize:
+                self.authorize(ns)
+            a = self.hot.acquire(ns, [key])
+        except errors.KvtierError as e:
+            self._reply(conn, req_id, e.code, str(e))
+            return
+        if not a.lease_id:
+            self._reply(conn, req_id, grpc.StatusCode.OK, "", info=0)
+            return
+        off, n = a.offsets[0], a.lengths[0]
+        try:
+            self._reply(conn, req_id, grpc.StatusCode.OK, "", info=1, length=n, digest=a.checksums,
+                        payload=self.view[off:off + n])
+        finally:
+            try:
+                self.hot.release(a.lease_id)
+            except errors.KvtierError:
+                pass
+
+
+# ---- client side ------------------------------------------------------------------------
+
+@dataclass
+class PutResult:
+    status: int        # 0 stored, 1 already present, 2 pending elsewhere
+    checksum: bytes
+
+
+class DataConnection:
+    """One blocking client connection. Not thread-safe: use one per thread."""
+
+    def __init__(self, address: str, timeout: float | None = 30.0):
+        fam, sa = parse_address(address)
+        self.sock = socket.socket(fam, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        tune(self.sock)
+        self.sock.connect(sa)
+        self._hdr = bytearray(RESP.size)
+        self._next = 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _request(self, op: int, ns: str, key: bytes, length: int = 0, flags: int = 0,
+                 given: bytes = b"") -> tuple[bytes, int]:
+        req_id = self._next
+        self._next += 1
+        nsb = ns.encode()
+        if len(nsb) > 255 or len(key) > 255:
+            raise errors.InvalidArgument("namespace or key longer than 255 bytes")
+        if given:
+            flags |= F_CHECKSUM
+        return REQ.pack(REQ_MAGIC, op, flags, len(nsb), len(key), length, req_id) + nsb + key + given, req_id
+
+    def _response(self, req_id: int) -> tuple[int, int, bytes]:
+        """Read one response header (+ message); raise on error status. Returns (info, length, digest)."""
+        recv_exact(self.sock, memoryview(self._hdr))
+        magic, status, info, msg_len, length, rid, digest = RESP.unpack(self._hdr)
+        if magic != RESP_MAGIC or rid != req_id:
+            raise errors.Internal(f"data channel out of sync (got request {rid}, expected {req_id})")
+        msg = b""
+        if msg_len:
+            msg = bytearray(msg_len)
+            recv_exact(self.sock, memoryview(msg))
+        if status:
+            code = next((c for c in grpc.StatusCode if c.value[0] == status), grpc.StatusCode.UNKNOWN)
+            exc = errors.CODE_TO_ERROR.get(code, errors.KvtierError)(bytes(msg).decode("utf-8", "replace"))
+            raise exc
+        return info, length, digest
+
+    def put_many(self, ns: str, items, overwrite: bool = False, checksums=None) -> list[PutResult | errors.KvtierError]:
+        """Pipelined puts: send every block, then read every answer (errors returned per block)."""
+        ids = []
+        for i, (key, data) in enumerate(items):
+            mv = memoryview(data).cast("B")
+            head, rid = self._request(OP_PUT, ns, key, len(mv), F_OVERWRITE if overwrite else 0,
+                                      checksums[i] if checksums else b"")
+            self.sock.sendall(head)
+            self.sock.sendall(mv)
+            ids.append(rid)
+        out: list = []
+        for rid in ids:
+            try:
+                info, _, digest = self._response(rid)
+                out.append(PutResult(info, digest))
+            except errors.KvtierError as e:
+                out.append(e)
+        return out
+
+    def get_many(self, ns: str, keys, into: list | None = None) -> list[tuple[memoryview | bytes, bytes] | None]:
+        """Pipelined gets. Returns per key (data, checksum) or None; with ``into``, data lands in
+        the given writable buffers (each at least as long as the block) and a view of them is returned."""
+        ids = []
+        for key in keys:
+            head, rid = self._request(OP_GET, ns, key)
+            self.sock.sendall(head)
+            ids.append(rid)
+        out: list = []
+        err = None
+        for i, rid in enumerate(ids):
+            try:
+                info, length, digest = self._response(rid)
+            except errors.KvtierError as e:
+                err = err or e
+                out.append(None)
+                continue
+            if not info:
+                out.append(None)
+                continue
+            if into is not None:
+                dst = memoryview(into[i]).cast("B")
+                if len(dst) < length:
+                    self.close()  # the rest of the pipeline is unread: this connection is done
+                    raise errors.InvalidArgument(f"buffer {i} holds {len(dst)} bytes, block has {length}")
+                dst = dst[:length]
+            else:
+                dst = memoryview(bytearray(length))
+            recv_exact(self.sock, dst)
+            out.append((dst, digest))
+        if err is not None:
+            raise err
+        return out
+
+    def ping(self) -> None:
+        head, rid = self._request(OP_PING, "", b"")
+        self.sock.sendall(head)
+        self._response(rid)

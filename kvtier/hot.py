@@ -1,0 +1,517 @@
+"""The hot tier: block index, reservations, leases and pins over the arena.
+
+What it stores: committed blocks, each a slot of the shared-memory arena
+(``kvtier.arena``) allocated by ``kvtier.alloc`` and described by an index
+entry (namespace, key, offset, length, xxh3-128 checksum). What survives a
+crash: nothing here (the index is in process memory); other tiers keep their
+own copies.
+
+Lifecycle of a block:
+
+    reserve ──▶ RESERVED ──commit──▶ COMMITTED ──evict/delete──▶ freed
+                   │ abort / TTL                   │ delete while leased
+                   ▼                               ▼
+                 freed                          DOOMED ──last release──▶ freed
+
+* A reserved block is invisible until commit; an uncommitted reservation
+  expires after its TTL and frees its slots (a dead client leaks nothing).
+* Commit hashes the slot bytes outside the lock (``begin_commit`` /
+  ``finish_commit``), so a long hash never blocks other calls; a reservation
+  being committed cannot expire or be aborted meanwhile.
+* A lease pins blocks against eviction and slot reuse until released or
+  expired. An expired lease is unknown to ``release`` (NOT_FOUND): the client
+  learns that the bytes it read may have been overwritten.
+* Only blocks that are neither pinned nor leased are known to the eviction
+  policy, so eviction never has to skip anything; a full arena whose blocks
+  are all pinned, leased or reserved is ``ArenaFull`` and changes nothing.
+
+Thread-safe: every public method takes ``self.lock``; the gRPC loop and the
+data-channel threads call straight in. Nothing under the lock touches block
+bytes.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import xxhash
+
+from .alloc import ExtentAllocator
+from .errors import (ArenaFull, DataLoss, FailedPrecondition, InvalidArgument, TooLarge,
+                     UnknownLease, UnknownReservation)
+from .keys import CHECKSUM_SIZE, ZERO_CHECKSUM
+from .policy import POLICIES
+
+RESERVED, COMMITTING, COMMITTED, DOOMED = range(4)
+RESERVE_OK, RESERVE_PRESENT, RESERVE_PENDING = 0, 1, 2
+TIER_MISSING, TIER_RAM = 0, 1
+FOREVER = float("inf")
+
+
+def checksum(buf) -> bytes:
+    """xxh3-128 digest, 16 bytes, canonical (big-endian) form."""
+    return xxhash.xxh3_128_digest(buf)
+
+
+@dataclass(slots=True, eq=False)
+class Block:
+    ns: str
+    key: bytes
+    offset: int
+    length: int
+    state: int = RESERVED
+    checksum: bytes = ZERO_CHECKSUM
+    created: float = 0.0
+    leases: int = 0
+    pin_until: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class Reservation:
+    id: int
+    ns: str
+    blocks: list[Block]
+    expires: float
+    overwrite: bool
+    state: int = RESERVED
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    id: int
+    blocks: list[Block]
+    expires: float
+
+
+@dataclass(slots=True)
+class NsStats:
+    blocks: int = 0
+    bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    put_bytes: int = 0
+    get_bytes: int = 0
+    evictions: int = 0
+    lookups: int = 0
+
+
+@dataclass
+class Acquired:
+    lease_id: int
+    tiers: bytes
+    offsets: list[int]
+    lengths: list[int]
+    checksums: bytes
+    lease_ms: int
+
+
+@dataclass
+class Reserved:
+    reservation_id: int
+    status: bytes
+    offsets: list[int]
+    lengths: list[int]
+    ttl_ms: int
+
+
+class HotTier:
+    def __init__(self, *, start: int, end: int, policy: str = "s3fifo", max_block_bytes: int,
+                 lease_ms: int = 30_000, reservation_ms: int = 30_000, max_ttl_ms: int = 600_000,
+                 clock: Callable[[], float] = time.monotonic):
+        self.alloc = ExtentAllocator(start, end)
+        self.policy = POLICIES[policy]()
+        self.max_block_bytes = min(max_block_bytes, self.alloc.capacity)
+        self.lease_ms, self.reservation_ms, self.max_ttl_ms = lease_ms, reservation_ms, max_ttl_ms
+        self.clock = clock
+        self.lock = threading.Lock()
+        self._index: dict[tuple[str, bytes], Block] = {}
+        self._pending: dict[tuple[str, bytes], Reservation] = {}
+        self._reservations: dict[int, Reservation] = {}
+        self._leases: dict[int, Lease] = {}
+        self._deadlines: list[tuple[float, int, int]] = []  # (expires, kind, id); kind 0 res, 1 lease
+        self._pins: list[tuple[float, int, Block]] = []      # (pin_until, seq, block)
+        self._seq = itertools.count()
+        self._ids = itertools.count(secrets.randbits(40) << 20 | 1)
+        self.ns_stats: dict[str, NsStats] = {}
+        self.evictable_bytes = 0
+        self.reserved_bytes = 0
+        self.used_bytes = 0
+        self.evictions = 0
+        self.expired_leases = 0
+        self.expired_reservations = 0
+        self.pinned_blocks = 0
+        self.leased_blocks = 0
+
+    # ---- bookkeeping helpers (lock held) -------------------------------------------------
+
+    def _ns(self, ns: str) -> NsStats:
+        s = self.ns_stats.get(ns)
+        if s is None:
+            s = self.ns_stats[ns] = NsStats()
+        return s
+
+    def _evictable(self, b: Block) -> bool:
+        return b.state == COMMITTED and b.leases == 0 and b.pin_until == 0.0
+
+    def _policy_add(self, b: Block, touched: bool = False) -> None:
+        k = (b.ns, b.key)
+        self.policy.insert(k, self.alloc.round(b.length))
+        if touched:
+            self.policy.touch(k)
+        self.evictable_bytes += self.alloc.round(b.length)
+
+    def _policy_drop(self, b: Block) -> None:
+        k = (b.ns, b.key)
+        if k in self.policy:
+            self.policy.remove(k)
+            self.evictable_bytes -= self.alloc.round(b.length)
+
+    def _free(self, b: Block) -> None:
+        self.alloc.free(b.offset, b.length)
+        self.used_bytes -= self.alloc.round(b.length)
+
+    def _unindex(self, b: Block) -> None:
+        """Take a committed block out of the index (caller frees or dooms it)."""
+        del self._index[(b.ns, b.key)]
+        self._policy_drop(b)
+        if b.pin_until:
+            self.pinned_blocks -= 1
+            b.pin_until = 0.0
+        s = self._ns(b.ns)
+        s.blocks -= 1
+        s.bytes -= b.length
+
+    def _drop(self, b: Block) -> None:
+        """Remove a committed block now, or when its last lease ends."""
+        self._unindex(b)
+        if b.leases:
+            b.state = DOOMED
+        else:
+            self._free(b)
+
+    def _evict_one(self) -> bool:
+        k = self.policy.victim()
+        if k is None:
+            return False
+        b = self._index[k]
+        self.evictable_bytes -= self.alloc.round(b.length)
+        self._unindex(b)
+        self._free(b)
+        self.evictions += 1
+        self._ns(b.ns).evictions += 1
+        return True
+
+    def _alloc(self, n: int) -> int:
+        need = self.alloc.round(n)
+        expired = False
+        while True:
+            off = self.alloc.alloc(n)
+            if off is not None:
+                self.used_bytes += need
+                return off
+            if not expired:  # reclaim what dead clients left before evicting anything
+                expired = True
+                self._expire(self.clock())
+                continue
+            if self.alloc.free_bytes + self.evictable_bytes < need or not self._evict_one():
+                raise ArenaFull(
+                    f"no room for a {n}-byte block: {self.alloc.free_bytes} bytes free "
+                    f"(largest extent {self.alloc.largest_free()}), {self.evictable_bytes} evictable; "
+                    f"the rest is pinned, leased or reserved")
+
+    def _ttl(self, ms: int, default: int, what: str) -> int:
+        if ms == 0:
+            return default
+        if ms < 0 or ms > self.max_ttl_ms:
+            raise InvalidArgument(f"{what} must be 1..{self.max_ttl_ms} ms (0 = default), got {ms}")
+        return ms
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, kind, id_ = heapq.heappop(self._deadlines)
+            if kind == 0:
+                r = self._reservations.get(id_)
+                if r is not None and r.state == RESERVED and r.expires <= now:
+                    self._end_reservation(r)
+                    self.expired_reservations += 1
+            else:
+                lease = self._leases.get(id_)
+                if lease is not None and lease.expires <= now:
+                    self._end_lease(lease)
+                    self.expired_leases += 1
+        while self._pins and self._pins[0][0] <= now:
+            until, _, b = heapq.heappop(self._pins)
+            if b.pin_until == until and b.state == COMMITTED:
+                self._unpin(b)
+
+    def _end_reservation(self, r: Reservation) -> None:
+        del self._reservations[r.id]
+        r.state = DOOMED
+        for b in r.blocks:
+            self._pending.pop((b.ns, b.key), None)
+            self._free(b)
+            self.reserved_bytes -= self.alloc.round(b.length)
+
+    def _end_lease(self, lease: Lease) -> None:
+        del self._leases[lease.id]
+        for b in lease.blocks:
+            b.leases -= 1
+            if b.leases:
+                continue
+            self.leased_blocks -= 1
+            if b.state == DOOMED:
+                self._free(b)
+            elif self._evictable(b):
+                self._policy_add(b, touched=True)
+
+    def _unpin(self, b: Block) -> None:
+        b.pin_until = 0.0
+        self.pinned_blocks -= 1
+        if self._evictable(b):
+            self._policy_add(b)
+
+    # ---- public API ---------------------------------------------------------------------
+
+    def expire(self) -> None:
+        """Expire leases, reservations and pins whose time has come (called periodically)."""
+        with self.lock:
+            self._expire(self.clock())
+
+    def lookup(self, ns: str, keys: Sequence[bytes]) -> tuple[bytes, int]:
+        with self.lock:
+            idx = self._index
+            tiers = bytes(TIER_RAM if (ns, k) in idx else TIER_MISSING for k in keys)
+            self._ns(ns).lookups += len(keys)
+        prefix = tiers.find(TIER_MISSING)
+        return tiers, (len(keys) if prefix < 0 else prefix)
+
+    def reserve(self, ns: str, keys: Sequence[bytes], sizes: Sequence[int], ttl_ms: int = 0,
+                overwrite: bool = False) -> Reserved:
+        if len(sizes) != len(keys):
+            raise InvalidArgument(f"{len(keys)} keys but {len(sizes)} sizes")
+        for n in sizes:
+            if n <= 0:
+                raise InvalidArgument(f"block size must be >= 1 byte, got {n}")
+            if n > self.max_block_bytes:
+                raise TooLarge(f"block of {n} bytes exceeds the largest accepted ({self.max_block_bytes} bytes)")
+        ttl = self._ttl(ttl_ms, self.reservation_ms, "ttl_ms")
+        with self.lock:
+            now = self.clock()
+            status = bytearray(len(keys))
+            offsets = [0] * len(keys)
+            r = Reservation(next(self._ids), ns, [], now + ttl / 1000, overwrite)
+            try:
+                for i, (k, n) in enumerate(zip(keys, sizes)):
+                    kk = (ns, k)
+                    if kk in self._pending:
+                        status[i] = RESERVE_PENDING
+                        continue
+                    if not overwrite and kk in self._index:
+                        status[i] = RESERVE_PRESENT
+                        continue
+                    b = Block(ns, k, self._alloc(n), n)
+                    r.blocks.append(b)
+                    self._pending[kk] = r
+                    self.reserved_bytes += self.alloc.round(n)
+                    offsets[i] = b.offset
+            except BaseException:
+                self._end_reservation_unregistered(r)
+                raise
+            if r.blocks:
+                self._reservations[r.id] = r
+                heapq.heappush(self._deadlines, (r.expires, 0, r.id))
+            return Reserved(r.id if r.blocks else 0, bytes(status), offsets, list(sizes), ttl)
+
+    def _end_reservation_unregistered(self, r: Reservation) -> None:
+        for b in r.blocks:
+            self._pending.pop((b.ns, b.key), None)
+            self._free(b)
+            self.reserved_bytes -= self.alloc.round(b.length)
+
+    def _get_reservation(self, rid: int, now: float) -> Reservation:
+        r = self._reservations.get(rid)
+        if r is None:
+            raise UnknownReservation(f"reservation {rid} is unknown or expired")
+        if r.state != RESERVED:
+            raise FailedPrecondition(f"reservation {rid} is already being committed")
+        if r.expires <= now:
+            self._end_reservation(r)
+            self.expired_reservations += 1
+            raise UnknownReservation(f"reservation {rid} expired")
+        return r
+
+    def begin_commit(self, rid: int) -> list[tuple[int, int]]:
+        """Freeze a reservation for commit; returns its slots (offset, length) to hash."""
+        with self.lock:
+            r = self._get_reservation(rid, self.clock())
+            r.state = COMMITTING
+            return [(b.offset, b.length) for b in r.blocks]
+
+    def finish_commit(self, rid: int, computed: Sequence[bytes] | None, given: bytes = b"") -> bytes:
+        """Make a frozen reservation visible. ``computed``: digests of the slot bytes (None: trust
+        ``given``). A mismatch with ``given`` aborts the reservation and raises DataLoss."""
+        with self.lock:
+            r = self._reservations.get(rid)
+            if r is None or r.state != COMMITTING:
+                raise FailedPrecondition(f"reservation {rid} is not being committed")
+            n = len(r.blocks)
+            if given and len(given) != n * CHECKSUM_SIZE:
+                r.state = RESERVED
+                raise InvalidArgument(f"checksums must be {n} x {CHECKSUM_SIZE} bytes, got {len(given)}")
+            given_l = [given[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] for i in range(n)] if given else None
+            if computed is None:
+                if given_l is None:
+                    r.state = RESERVED
+                    raise InvalidArgument("checksums are required when the daemon does not compute them")
+                computed = given_l
+            elif given_l is not None:
+                bad = [i for i in range(n) if given_l[i] != computed[i]]
+                if bad:
+                    self._end_reservation(r)
+                    raise DataLoss(f"checksum mismatch for {len(bad)} of {n} blocks (first at position {bad[0]}); "
+                                   f"nothing committed")
+            del self._reservations[r.id]
+            r.state = COMMITTED
+            now = time.time()
+            for b, c in zip(r.blocks, computed):
+                kk = (b.ns, b.key)
+                del self._pending[kk]
+                self.reserved_bytes -= self.alloc.round(b.length)
+                old = self._index.get(kk)
+                if old is not None:
+                    self._drop(old)
+                b.checksum, b.state, b.created = c, COMMITTED, now
+                self._index[kk] = b
+                self._policy_add(b)
+                s = self._ns(b.ns)
+                s.blocks += 1
+                s.bytes += b.length
+                s.puts += 1
+                s.put_bytes += b.length
+            return b"".join(computed)
+
+    def abort(self, rid: int) -> None:
+        with self.lock:
+            r = self._get_reservation(rid, self.clock())
+            self._end_reservation(r)
+
+    def discard(self, rid: int) -> None:
+        """End a reservation in any state short of committed; unknown ids are ignored."""
+        with self.lock:
+            r = self._reservations.get(rid)
+            if r is not None:
+                self._end_reservation(r)
+
+    def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False) -> Acquired:
+        ttl = self._ttl(lease_ms, self.lease_ms, "lease_ms")
+        with self.lock:
+            now = self.clock()
+            n = len(keys)
+            tiers = bytearray(n)
+            offsets, lengths, sums = [0] * n, [0] * n, [ZERO_CHECKSUM] * n
+            blocks: list[Block] = []
+            s = self._ns(ns)
+            for i, k in enumerate(keys):
+                b = self._index.get((ns, k))
+                if b is None:
+                    s.misses += 1
+                    if prefix_only:
+                        break
+                    continue
+                if b.leases == 0:
+                    self._policy_drop(b)
+                    self.leased_blocks += 1
+                self.policy.touch((ns, k))
+                b.leases += 1
+                blocks.append(b)
+                tiers[i] = TIER_RAM
+                offsets[i], lengths[i], sums[i] = b.offset, b.length, b.checksum
+                s.hits += 1
+                s.get_bytes += b.length
+            lease_id = 0
+            if blocks:
+                lease = Lease(next(self._ids), blocks, now + ttl / 1000)
+                self._leases[lease.id] = lease
+                heapq.heappush(self._deadlines, (lease.expires, 1, lease.id))
+                lease_id = lease.id
+            return Acquired(lease_id, bytes(tiers), offsets, lengths, b"".join(sums), ttl)
+
+    def release(self, lease_id: int) -> None:
+        with self.lock:
+            lease = self._leases.get(lease_id)
+            if lease is None:
+                raise UnknownLease(f"lease {lease_id} is unknown or expired")
+            if lease.expires <= self.clock():
+                self._end_lease(lease)
+                self.expired_leases += 1
+                raise UnknownLease(f"lease {lease_id} expired before release")
+            self._end_lease(lease)
+
+    def delete(self, ns: str, keys: Iterable[bytes]) -> int:
+        with self.lock:
+            n = 0
+            for k in keys:
+                b = self._index.get((ns, k))
+                if b is not None:
+                    self._drop(b)
+                    n += 1
+            return n
+
+    def pin(self, ns: str, keys: Sequence[bytes], ttl_s: int = 0) -> bytes:
+        if ttl_s < 0:
+            raise InvalidArgument(f"ttl_s must be >= 0, got {ttl_s}")
+        with self.lock:
+            until = FOREVER if ttl_s == 0 else self.clock() + ttl_s
+            out = bytearray(len(keys))
+            for i, k in enumerate(keys):
+                b = self._index.get((ns, k))
+                if b is None:
+                    continue
+                if b.pin_until == 0.0:
+                    self._policy_drop(b)
+                    self.pinned_blocks += 1
+                    b.pin_until = until
+                else:
+                    b.pin_until = max(b.pin_until, until) if b.pin_until != FOREVER else FOREVER
+                if b.pin_until != FOREVER:
+                    heapq.heappush(self._pins, (b.pin_until, next(self._seq), b))
+                out[i] = 1
+            return bytes(out)
+
+    def unpin(self, ns: str, keys: Iterable[bytes]) -> int:
+        with self.lock:
+            n = 0
+            for k in keys:
+                b = self._index.get((ns, k))
+                if b is not None and b.pin_until:
+                    self._unpin(b)
+                    n += 1
+            return n
+
+    def snapshot(self) -> dict:
+        """Counters for Stats, copied under the lock."""
+        with self.lock:
+            return {
+                "capacity_bytes": self.alloc.capacity,
+                "used_bytes": self.used_bytes,
+                "blocks": len(self._index),
+                "evictions": self.evictions,
+                "policy": self.policy.name,
+                "largest_free_bytes": self.alloc.largest_free(),
+                "reserved_bytes": self.reserved_bytes,
+                "pinned_blocks": self.pinned_blocks,
+                "leased_blocks": self.leased_blocks,
+                "leases": len(self._leases),
+                "reservations": len(self._reservations),
+                "expired_leases": self.expired_leases,
+                "expired_reservations": self.expired_reservations,
+                "namespaces": {ns: NsStats(**{f: getattr(s, f) for f in s.__slots__})
+                               for ns, s in self.ns_stats.items()},
+            }
+

@@ -1,0 +1,135 @@
+"""Eviction policies, chosen by name from ``POLICIES``.
+
+A policy only orders candidates; the hot tier decides what is evictable. It
+tracks exactly the blocks that may be evicted now: a block leaves the policy
+while it is pinned or leased and comes back afterwards, so ``victim()`` never
+returns something the tier must skip (races become no-ops, not loops).
+
+Interface (all O(1) amortised):
+    insert(key, size)   a block became evictable (new, or unpinned/released)
+    touch(key)          the block was read
+    remove(key)         the block is no longer evictable (pinned, leased, deleted)
+    victim() -> key     remove and return the next block to evict, or None
+    __len__, __contains__
+
+``lru``: least recently used first. Simple; a scan of one-off blocks flushes it.
+``s3fifo``: S3-FIFO (Yang et al., SOSP'23): new blocks enter a small FIFO
+(10% of bytes); those read again before they leave it move to the main FIFO,
+the rest are evicted and remembered in a ghost FIFO, so a block seen again soon
+goes straight to main. Scan-resistant: one-off prefixes (a long document read
+once) leave without pushing out the shared system prompts that are read often.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Hashable
+
+
+class LRU:
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._od: OrderedDict[Hashable, int] = OrderedDict()
+
+    def insert(self, key: Hashable, size: int) -> None:
+        self._od[key] = size
+        self._od.move_to_end(key)
+
+    def touch(self, key: Hashable) -> None:
+        if key in self._od:
+            self._od.move_to_end(key)
+
+    def remove(self, key: Hashable) -> None:
+        self._od.pop(key, None)
+
+    def victim(self) -> Hashable | None:
+        if not self._od:
+            return None
+        key, _ = self._od.popitem(last=False)
+        return key
+
+    def __len__(self) -> int:
+        return len(self._od)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._od
+
+
+class S3FIFO:
+    name = "s3fifo"
+    SMALL_FRACTION = 0.10
+    MAX_FREQ = 3
+
+    def __init__(self) -> None:
+        self._small: OrderedDict[Hashable, int] = OrderedDict()  # key -> size
+        self._main: OrderedDict[Hashable, int] = OrderedDict()
+        self._freq: dict[Hashable, int] = {}
+        self._ghost: OrderedDict[Hashable, None] = OrderedDict()
+        self._small_bytes = 0
+        self._main_bytes = 0
+
+    def insert(self, key: Hashable, size: int) -> None:
+        self.remove(key)
+        self._freq[key] = 0
+        if key in self._ghost:
+            del self._ghost[key]
+            self._main[key] = size
+            self._main_bytes += size
+        else:
+            self._small[key] = size
+            self._small_bytes += size
+
+    def touch(self, key: Hashable) -> None:
+        f = self._freq.get(key)
+        if f is not None and f < self.MAX_FREQ:
+            self._freq[key] = f + 1
+
+    def remove(self, key: Hashable) -> None:
+        if key in self._small:
+            self._small_bytes -= self._small.pop(key)
+        elif key in self._main:
+            self._main_bytes -= self._main.pop(key)
+        else:
+            return
+        self._freq.pop(key, None)
+
+    def _remember(self, key: Hashable) -> None:
+        self._ghost[key] = None
+        # ghost holds about as many keys as main does blocks
+        while len(self._ghost) > max(64, len(self._main) + len(self._small)):
+            self._ghost.popitem(last=False)
+
+    def victim(self) -> Hashable | None:
+        while self._small or self._main:
+            total = self._small_bytes + self._main_bytes
+            if self._small and (self._small_bytes >= self.SMALL_FRACTION * total or not self._main):
+                key, size = self._small.popitem(last=False)
+                self._small_bytes -= size
+                if self._freq[key] > 0:
+                    self._freq[key] = 0
+                    self._main[key] = size
+                    self._main_bytes += size
+                    continue
+                del self._freq[key]
+                self._remember(key)
+                return key
+            key, size = self._main.popitem(last=False)
+            self._main_bytes -= size
+            f = self._freq[key]
+            if f > 0:
+                self._freq[key] = f - 1
+                self._main[key] = size
+                self._main_bytes += size
+                continue
+            del self._freq[key]
+            return key
+        return None
+
+    def __len__(self) -> int:
+        return len(self._small) + len(self._main)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._freq
+
+
+POLICIES = {cls.name: cls for cls in (LRU, S3FIFO)}

@@ -1,0 +1,242 @@
+"""The daemon's lifecycle: ``startup()``, ``main_loop()``, ``shutdown()``.
+
+startup   create and lock the arena, build the hot tier, bind the gRPC server
+          (Unix socket, plus TCP when configured) with the health and
+          reflection services, start the data channel and the expiry reaper,
+          then report SERVING.
+main_loop wait for SIGTERM/SIGINT (or ``stop()``), expiring leases,
+          reservations and pins every 100 ms.
+shutdown  report NOT_SERVING, stop accepting, give in-flight calls up to
+          ``server.drain_timeout_s``, close the data channel, unmap and remove
+          the arena and the sockets.
+
+A second daemon on the same socket refuses to start instead of stealing it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pathlib
+import signal
+import socket
+import threading
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .arena import Arena
+from .config import Config
+from .datachannel import DataServer
+from .errors import ConfigError
+from .hot import HotTier
+from .service import KVTierService
+from .v1 import kvtier_pb2 as pb
+from .v1 import kvtier_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kvtier.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVTier"].full_name
+
+
+class AllowAll:
+    """Access control when no tenants are configured: every namespace is allowed."""
+
+    def authorize(self, ns: str) -> None:
+        pass
+
+    def allowed(self, ns: str) -> bool:
+        return True
+
+
+def _socket_in_use(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(0.5)
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _split_hostport(v: str) -> tuple[str, int]:
+    host, _, port = v.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Daemon:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.access = AllowAll()
+        self.arena: Arena | None = None
+        self.hot: HotTier | None = None
+        self.data: DataServer | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health: health.HealthServicer | None = None
+        self.address = ""       # gRPC address clients dial ("unix:///..." or "host:port")
+        self.tcp_port = 0
+        self.data_address = ""  # advertised in Attach
+        self.started = time.monotonic()
+        self._stop = asyncio.Event()
+        self.ready = threading.Event()
+
+    def authorize(self, ns: str) -> None:
+        self.access.authorize(ns)
+
+    def allowed(self, ns: str) -> bool:
+        return self.access.allowed(ns)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def startup(self) -> None:
+        cfg = self.cfg
+        sock = cfg.socket_path
+        pathlib.Path(sock).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if os.path.exists(sock):
+            if _socket_in_use(sock):
+                raise ConfigError(f"another daemon is listening on {sock}; stop it or set server.socket")
+            os.unlink(sock)
+        self.arena = Arena(cfg.arena_path, cfg.arena_capacity, cfg.ram.mlock)
+        a = self.arena
+        if a.locked:
+            log.info("arena %s: %d bytes on %s, locked in RAM", a.path, a.size, a.backing)
+        else:
+            log.warning("arena %s: %d bytes on %s, NOT locked: %s", a.path, a.size, a.backing, a.lock_detail)
+        r = cfg.ram
+        self.hot = HotTier(start=a.data_offset, end=a.size, policy=r.policy, max_block_bytes=r.max_block_bytes,
+                           lease_ms=r.lease_ms, reservation_ms=r.reservation_ms, max_ttl_ms=r.max_ttl_ms)
+        mm = cfg.server.max_message_bytes
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", mm),
+            ("grpc.max_send_message_length", mm),
+            ("grpc.so_reuseport", 0),
+        ])
+        pb_grpc.add_KVTierServicer_to_server(KVTierService(self), self.server)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.server.add_insecure_port(f"unix://{sock}")
+        self.address = f"unix://{sock}"
+        if cfg.server.listen:
+            host, port = _split_hostport(cfg.server.listen)
+            self.tcp_port = self.server.add_insecure_port(f"{host}:{port}")
+            if not self.tcp_port:
+                raise ConfigError(f"server.listen: cannot bind {cfg.server.listen}")
+        await self.server.start()
+        mode = int(cfg.server.socket_mode, 8)
+        os.chmod(sock, mode)
+        if cfg.server.data_channel:
+            tcp = _split_hostport(cfg.server.data_listen) if cfg.server.data_listen else None
+            self.data = DataServer(self.hot, a.view, cfg.ram.verify_on_commit, unix_path=sock + ".data", tcp=tcp,
+                                   socket_mode=mode, authorize=self.authorize)
+            # same-node clients prefer the Unix socket; remote ones use the TCP address via Attach
+            tcp_addrs = [x for x in self.data.addresses if x.startswith("tcp://")]
+            self.data_address = (tcp_addrs or self.data.addresses)[0] if cfg.server.listen else self.data.addresses[0]
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.started = time.monotonic()
+        log.info("serving on %s%s; data channel %s; policy %s", self.address,
+                 f" and tcp port {self.tcp_port}" if self.tcp_port else "", self.data_address or "off", r.policy)
+        self.ready.set()
+
+    async def main_loop(self) -> None:
+        while not self._stop.is_set():
+            self.hot.expire()
+            try:
+                await asyncio.wait_for(self._stop.wait(), 0.1)
+            except asyncio.TimeoutError:
+                pass
+
+    async def shutdown(self) -> None:
+        log.info("stopping: draining for up to %.1fs", self.cfg.server.drain_timeout_s)
+        if self.health is not None:
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(self.cfg.server.drain_timeout_s)
+        if self.data is not None:
+            self.data.close()
+        if self.arena is not None:
+            self.arena.close(unlink=True)
+        try:
+            os.unlink(self.cfg.socket_path)
+        except FileNotFoundError:
+            pass
+        log.info("stopped")
+
+    async def serve(self, install_signals: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        try:
+            await self.startup()
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+
+def run(cfg: Config) -> None:
+    """Run the daemon until SIGTERM/SIGINT (``kvtier serve``)."""
+    asyncio.run(Daemon(cfg).serve())
+
+
+class DaemonThread:
+    """A daemon on its own event loop in a background thread (tests, benchmarks, embedding).
+
+        with DaemonThread(cfg) as d:
+            Client(d.address)...
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.daemon = Daemon(cfg)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="kvtier-daemon")
+
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._loop.run_until_complete(self._main())
+        except BaseException as e:  # reported to start()
+            self._error = e
+            self.daemon.ready.set()
+        finally:
+            self._loop.close()
+
+    async def _main(self) -> None:
+        self.daemon._stop = asyncio.Event()
+        await self.daemon.serve(install_signals=False)
+
+    def start(self, timeout: float = 30) -> "DaemonThread":
+        self._thread.start()
+        if not self.daemon.ready.wait(timeout):
+            raise TimeoutError("daemon did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        if self._loop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self.daemon.stop)
+        self._thread.join(timeout)
+
+    @property
+    def address(self) -> str:
+        return self.daemon.address
+
+    @property
+    def tcp_address(self) -> str:
+        return f"127.0.0.1:{self.daemon.tcp_port}"
+
+    def __enter__(self) -> "DaemonThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

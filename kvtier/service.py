@@ -1,0 +1,266 @@
+"""The gRPC service: proto messages in, hot-tier calls, proto messages out.
+
+Owns no state and no policy: every rule lives in ``kvtier.hot``. Each handler
+validates its request (namespace, key sizes, batch limits), calls the tier,
+and maps a ``KvtierError`` to its status code; any other exception is logged
+and becomes INTERNAL, so no request can kill the daemon. Hashing of block
+bytes runs in worker threads, never on the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+import grpc
+import xxhash
+
+from . import __version__, errors
+from .hot import HotTier, checksum
+from .keys import CHECKSUM_SIZE, KEY_SIZES, check_key, check_namespace, unpack_keys
+from .v1 import kvtier_pb2 as pb
+from .v1 import kvtier_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kvtier.service")
+GET_CHUNK = 1 << 20
+
+
+def _handler(fn):
+    """Map KvtierError to its status; anything else to INTERNAL (logged)."""
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        try:
+            return await fn(self, request, context)
+        except errors.KvtierError as e:
+            await context.abort(e.code, str(e))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if isinstance(e, grpc.aio.AbortError):
+                raise
+            log.exception("%s failed", fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}: {type(e).__name__}")
+    return wrapper
+
+
+def _stream_handler(fn):
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except errors.KvtierError as e:
+            await context.abort(e.code, str(e))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if isinstance(e, grpc.aio.AbortError):
+                raise
+            log.exception("%s failed", fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}: {type(e).__name__}")
+    return wrapper
+
+
+class KVTierService(pb_grpc.KVTierServicer):
+    def __init__(self, daemon):
+        self.d = daemon
+        self.hot: HotTier = daemon.hot
+        self.view: memoryview = daemon.arena.view
+        self.cfg = daemon.cfg
+        self.max_batch = daemon.cfg.server.max_batch
+
+    def _keys(self, req) -> tuple[str, list[bytes]]:
+        ns = check_namespace(req.namespace)
+        self.d.authorize(ns)
+        return ns, unpack_keys(req.keys, req.key_size, self.max_batch)
+
+    async def _hash(self, slots: list[tuple[int, int]]) -> list[bytes]:
+        view = self.view
+        if sum(n for _, n in slots) < (256 << 10):
+            return [checksum(view[o:o + n]) for o, n in slots]
+        return await asyncio.to_thread(lambda: [checksum(view[o:o + n]) for o, n in slots])
+
+    async def _commit(self, rid: int, given: bytes) -> bytes:
+        slots = self.hot.begin_commit(rid)
+        try:
+            computed = await self._hash(slots) if (self.cfg.ram.verify_on_commit or not given) else None
+        except BaseException:
+            self.hot.discard(rid)
+            raise
+        return self.hot.finish_commit(rid, computed, given)
+
+    # ---- RPCs -----------------------------------------------------------------------------
+
+    @_handler
+    async def Attach(self, request, context):
+        a = self.d.arena
+        return pb.AttachResponse(
+            arena_path=a.path, arena_size=a.size, generation=a.generation, data_offset=a.data_offset,
+            data_address=self.d.data_address, max_block_bytes=self.hot.max_block_bytes,
+            max_batch=self.max_batch, key_sizes=list(KEY_SIZES),
+            max_message_bytes=self.cfg.server.max_message_bytes, version=__version__,
+            default_lease_ms=self.hot.lease_ms, default_reservation_ms=self.hot.reservation_ms)
+
+    @_handler
+    async def Lookup(self, request, context):
+        ns, keys = self._keys(request)
+        tiers, prefix = self.hot.lookup(ns, keys)
+        return pb.LookupResponse(tiers=tiers, prefix_len=prefix)
+
+    def _check_generation(self, gen: int) -> None:
+        if gen and gen != self.d.arena.generation:
+            raise errors.StaleArena(f"arena generation {gen} is gone (now {self.d.arena.generation}); attach again")
+
+    @_handler
+    async def Reserve(self, request, context):
+        self._check_generation(request.generation)
+        ns, keys = self._keys(request)
+        r = self.hot.reserve(ns, keys, list(request.sizes), request.ttl_ms, request.overwrite)
+        return pb.ReserveResponse(reservation_id=r.reservation_id, status=r.status, offsets=r.offsets,
+                                  ttl_ms=r.ttl_ms)
+
+    @_handler
+    async def Commit(self, request, context):
+        digests = await self._commit(request.reservation_id, request.checksums)
+        return pb.CommitResponse(committed=len(digests) // CHECKSUM_SIZE, checksums=digests)
+
+    @_handler
+    async def Abort(self, request, context):
+        self.hot.abort(request.reservation_id)
+        return pb.AbortResponse()
+
+    @_handler
+    async def Acquire(self, request, context):
+        self._check_generation(request.generation)
+        ns, keys = self._keys(request)
+        a = self.hot.acquire(ns, keys, request.lease_ms, request.prefix_only)
+        return pb.AcquireResponse(lease_id=a.lease_id, tiers=a.tiers, offsets=a.offsets, lengths=a.lengths,
+                                  checksums=a.checksums, lease_ms=a.lease_ms)
+
+    @_handler
+    async def Release(self, request, context):
+        self.hot.release(request.lease_id)
+        return pb.ReleaseResponse()
+
+    @_handler
+    async def Put(self, request_iterator, context):
+        sums: list[bytes] = []
+        stored = 0
+        cur = None  # [rid or 0, offset, length, written, hasher, given]
+        try:
+            async for chunk in request_iterator:
+                if chunk.HasField("header"):
+                    if cur is not None:
+                        raise errors.InvalidArgument(f"block {len(sums)} ended after {cur[3]} of {cur[2]} bytes")
+                    h = chunk.header
+                    ns = check_namespace(h.namespace)
+                    self.d.authorize(ns)
+                    key = check_key(h.key)
+                    if h.checksum and len(h.checksum) != CHECKSUM_SIZE:
+                        raise errors.InvalidArgument(f"checksum must be {CHECKSUM_SIZE} bytes")
+                    if h.length == 0:
+                        raise errors.InvalidArgument("block size must be >= 1 byte")
+                    r = self.hot.reserve(ns, [key], [h.length], overwrite=h.overwrite)
+                    cur = [r.reservation_id, r.offsets[0], h.length, 0, xxhash.xxh3_128(), h.checksum]
+                elif cur is None:
+                    raise errors.InvalidArgument("data before the first header")
+                data = chunk.data
+                if data:
+                    if cur is None:
+                        raise errors.InvalidArgument("data after a complete block without a new header")
+                    rid, off, length, written, hasher, _ = cur
+                    if written + len(data) > length:
+                        raise errors.InvalidArgument(f"block {len(sums)} is longer than its header's {length} bytes")
+                    if rid:
+                        self.view[off + written:off + written + len(data)] = data
+                    hasher.update(data)
+                    cur[3] = written + len(data)
+                if cur is not None and cur[3] == cur[2]:
+                    rid, _, _, _, hasher, given = cur
+                    digest = hasher.digest()
+                    if given and given != digest:
+                        if rid:
+                            self.hot.discard(rid)
+                        cur = None
+                        raise errors.DataLoss(f"checksum mismatch for block {len(sums)}; not stored")
+                    if rid:
+                        self.hot.begin_commit(rid)
+                        # the digest was computed over exactly the bytes written to the slot
+                        self.hot.finish_commit(rid, [digest], given)
+                        stored += 1
+                    sums.append(digest)
+                    cur = None
+            if cur is not None:
+                raise errors.InvalidArgument(f"stream ended after {cur[3]} of {cur[2]} bytes of block {len(sums)}")
+        finally:
+            if cur is not None and cur[0]:
+                self.hot.discard(cur[0])
+        return pb.PutResponse(checksums=b"".join(sums), stored=stored)
+
+    @_stream_handler
+    async def Get(self, request, context):
+        ns, keys = self._keys(request)
+        chunk = request.chunk_bytes or GET_CHUNK
+        chunk = min(chunk, max(1 << 16, self.cfg.server.max_message_bytes - 1024))
+        a = self.hot.acquire(ns, keys)
+        try:
+            for i in range(len(keys)):
+                tier, off, n = a.tiers[i], a.offsets[i], a.lengths[i]
+                head = pb.GetHeader(index=i, tier=tier, length=n,
+                                    checksum=a.checksums[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] if tier else b"")
+                if not tier:
+                    yield pb.GetChunk(header=head)
+                    continue
+                first = True
+                for p in range(0, n, chunk):
+                    data = bytes(self.view[off + p:off + min(n, p + chunk)])
+                    yield pb.GetChunk(header=head, data=data) if first else pb.GetChunk(data=data)
+                    first = False
+        finally:
+            if a.lease_id:
+                try:
+                    self.hot.release(a.lease_id)
+                except errors.UnknownLease:
+                    log.warning("lease of a Get stream expired before it finished; the client verifies checksums")
+
+    @_handler
+    async def Delete(self, request, context):
+        ns, keys = self._keys(request)
+        return pb.DeleteResponse(deleted=self.hot.delete(ns, keys))
+
+    @_handler
+    async def Pin(self, request, context):
+        ns, keys = self._keys(request)
+        return pb.PinResponse(pinned=self.hot.pin(ns, keys, request.ttl_s))
+
+    @_handler
+    async def Unpin(self, request, context):
+        ns, keys = self._keys(request)
+        return pb.UnpinResponse(unpinned=self.hot.unpin(ns, keys))
+
+    @_handler
+    async def Stats(self, request, context):
+        if request.namespace:
+            check_namespace(request.namespace)
+            self.d.authorize(request.namespace)
+        s = self.hot.snapshot()
+        a = self.d.arena
+        ram = pb.TierStats(
+            name="ram", capacity_bytes=s["capacity_bytes"], used_bytes=s["used_bytes"], blocks=s["blocks"],
+            evictions=s["evictions"], policy=s["policy"], largest_free_bytes=s["largest_free_bytes"],
+            reserved_bytes=s["reserved_bytes"], pinned_blocks=s["pinned_blocks"],
+            leased_blocks=s["leased_blocks"], locked=a.locked, lock_detail=a.lock_detail, backing=a.backing)
+        nss = []
+        for name, n in sorted(s["namespaces"].items()):
+            if request.namespace and name != request.namespace:
+                continue
+            if not self.d.allowed(name):
+                continue
+            nss.append(pb.NamespaceStats(
+                name=name, blocks=n.blocks, bytes=n.bytes, hits=n.hits, misses=n.misses, puts=n.puts,
+                put_bytes=n.put_bytes, get_bytes=n.get_bytes, evictions=n.evictions, lookups=n.lookups))
+        return pb.StatsResponse(
+            version=__version__, uptime_s=time.monotonic() - self.d.started, generation=a.generation,
+            arena_path=a.path, leases=s["leases"], reservations=s["reservations"], tiers=[ram],
+            namespaces=nss, expired_leases=s["expired_leases"], expired_reservations=s["expired_reservations"])

@@ -1,0 +1,127 @@
+"""Shared fixtures: real daemons on loopback, each with its own socket and arena.
+
+``daemon``: an in-process daemon (64 MiB arena) on its own event loop thread.
+``make_daemon(**sections)``: the same with settings, e.g.
+``make_daemon(ram={"capacity": "8MiB", "policy": "lru"})``.
+``daemon_process``: ``kvtier serve`` as a real subprocess (for kill tests).
+Every daemon is stopped and its files removed at the end of the test.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from kvtier import config
+from kvtier.server import DaemonThread
+
+
+def _dirs():
+    tag = uuid.uuid4().hex[:10]
+    sock_dir = tempfile.mkdtemp(prefix=f"kvt-{tag}-")  # short: AF_UNIX paths are limited to 107 bytes
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    arena_dir = os.path.join(shm, f"kvtier-test-{tag}")
+    return sock_dir, arena_dir
+
+
+def make_config(sock_dir: str, arena_dir: str, **sections) -> config.Config:
+    data = {"server": {"socket": os.path.join(sock_dir, "kvtier.sock"), "drain_timeout_s": 1.0},
+            "ram": {"arena_path": os.path.join(arena_dir, "arena"), "capacity": "64MiB"}}
+    for name, vals in sections.items():
+        data.setdefault(name, {}).update(vals)
+    return config.from_dict(data)
+
+
+@pytest.fixture
+def make_daemon():
+    started: list[DaemonThread] = []
+    dirs: list[str] = []
+
+    def factory(**sections) -> DaemonThread:
+        sock_dir, arena_dir = _dirs()
+        dirs.extend([sock_dir, arena_dir])
+        d = DaemonThread(make_config(sock_dir, arena_dir, **sections)).start()
+        started.append(d)
+        return d
+
+    yield factory
+    for d in started:
+        d.stop()
+    for p in dirs:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(make_daemon) -> DaemonThread:
+    return make_daemon()
+
+
+class DaemonProcess:
+    """``kvtier serve --config FILE`` in a subprocess."""
+
+    def __init__(self, cfg_text: str, sock_path: str, workdir: str):
+        self.cfg_path = os.path.join(workdir, "kvtier.toml")
+        with open(self.cfg_path, "w") as f:
+            f.write(cfg_text)
+        self.sock_path = sock_path
+        self.address = f"unix://{sock_path}"
+        self.log_path = os.path.join(workdir, "daemon.log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> "DaemonProcess":
+        from kvtier.client import Client
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "serve", "--config", self.cfg_path],
+                                     stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{open(self.log_path).read()}")
+            if os.path.exists(self.sock_path):
+                try:
+                    with Client(self.address, timeout=2) as c:
+                        c.stats()
+                    return self
+                except Exception:
+                    pass
+            time.sleep(0.05)
+        raise TimeoutError(f"daemon did not start:\n{open(self.log_path).read()}")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            return self.proc.wait(timeout)
+        return self.proc.returncode if self.proc else 0
+
+
+@pytest.fixture
+def daemon_process():
+    """Factory: daemon_process(extra_toml="") -> a started DaemonProcess."""
+    made: list[tuple[DaemonProcess, str, str]] = []
+
+    def factory(extra_toml: str = "", capacity: str = "64MiB") -> DaemonProcess:
+        sock_dir, arena_dir = _dirs()
+        sock = os.path.join(sock_dir, "kvtier.sock")
+        text = (f'[server]\nsocket = "{sock}"\ndrain_timeout_s = 1.0\n'
+                f'[ram]\narena_path = "{arena_dir}/arena"\ncapacity = "{capacity}"\n') + extra_toml
+        d = DaemonProcess(text, sock, sock_dir)
+        made.append((d, sock_dir, arena_dir))
+        return d.start()
+
+    yield factory
+    for d, sock_dir, arena_dir in made:
+        d.kill()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+        shutil.rmtree(arena_dir, ignore_errors=True)
