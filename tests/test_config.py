@@ -1,0 +1,75 @@
+"""Configuration: the documented file equals the embedded defaults; bad values are clear errors."""
+import dataclasses
+import pathlib
+import tomllib
+
+import pytest
+
+from kvtier import config
+from kvtier.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOC = ROOT / "configs" / "kvtier.toml"
+
+
+def test_documented_defaults_equal_embedded_defaults():
+    assert config.load(DOC) == config.Config()
+
+
+def test_every_setting_is_documented_with_a_comment():
+    text = DOC.read_text().splitlines()
+    data = tomllib.loads(DOC.read_text())
+    for section, cls in config._SECTIONS.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert set(data[section]) == names, f"[{section}] documents {set(data[section]) ^ names} differently"
+        for name in names:
+            i = next(i for i, line in enumerate(text) if line.startswith(f"{name} ="))
+            assert text[i - 1].startswith("#"), f"{section}.{name} has no comment above it"
+
+
+@pytest.mark.parametrize("value,expected", [
+    (4096, 4096), ("64MiB", 64 << 20), ("2 GiB", 2 << 30), ("1.5GB", 1_500_000_000), ("10kb", 10_000), ("7", 7),
+])
+def test_parse_size(value, expected):
+    assert config.parse_size(value, "x") == expected
+
+
+@pytest.mark.parametrize("value", ["lots", "12 parsecs", -1, True, 1.5, "-3MiB"])
+def test_parse_size_rejects(value):
+    with pytest.raises(ConfigError, match="x"):
+        config.parse_size(value, "x")
+
+
+@pytest.mark.parametrize("data,field", [
+    ({"ram": {"capacity": "big"}}, "ram.capacity"),
+    ({"ram": {"policy": "random"}}, "ram.policy"),
+    ({"ram": {"colour": 1}}, "ram.colour"),
+    ({"nvme": {}}, "nvme"),
+    ({"server": {"max_batch": "10"}}, "server.max_batch"),
+    ({"server": {"max_batch": 0}}, "server.max_batch"),
+    ({"server": {"socket_mode": "rw"}}, "server.socket_mode"),
+    ({"server": {"listen": "nowhere"}}, "server.listen"),
+    ({"server": {"log_level": "loud"}}, "server.log_level"),
+    ({"ram": {"capacity": "1MiB"}}, "ram.capacity"),
+    ({"ram": {"mlock": "yes"}}, "ram.mlock"),
+    ({"ram": {"lease_ms": -5}}, "ram.lease_ms"),
+])
+def test_bad_values_name_the_field(data, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        config.from_dict(data)
+
+
+def test_load_reports_file_and_syntax(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[ram\ncapacity = 1\n")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        config.load(p)
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(tmp_path / "missing.toml")
+
+
+def test_auto_capacity_fits_the_machine():
+    cfg = config.Config()
+    cap = cfg.arena_capacity
+    total = config.os.sysconf("SC_PAGE_SIZE") * config.os.sysconf("SC_PHYS_PAGES")
+    assert 64 << 20 <= cap <= max(64 << 20, total // 4)
