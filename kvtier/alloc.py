@@ -3,7 +3,8 @@
 The arena's slot region [start, end) is carved into extents aligned to
 ``align`` bytes (4 KiB: page-aligned slots suit O_DIRECT and DMA). Free extents
 are indexed twice: by (size, offset) in a sorted list for best-fit, and by both
-ends in dicts so a freed extent merges with its free neighbours in O(log n).
+ends (the start index kept sorted) so a freed extent merges with its free
+neighbours, and a free overlapping free space is refused, in O(log n).
 
 Best-fit with immediate coalescing keeps fragmentation low under mixed block
 sizes: a workload of uniform blocks (the common case: one model, one block
@@ -15,7 +16,7 @@ Not thread-safe: the hot tier calls it under its lock.
 """
 from __future__ import annotations
 
-from sortedcontainers import SortedList
+from sortedcontainers import SortedDict, SortedList
 
 
 class ExtentAllocator:
@@ -28,7 +29,7 @@ class ExtentAllocator:
             raise ValueError("region too small")
         self.start, self.end, self.align = start, end, align
         self._by_size = SortedList()          # (size, offset)
-        self._by_start: dict[int, int] = {}   # offset -> size
+        self._by_start = SortedDict()         # offset -> size
         self._by_end: dict[int, int] = {}     # offset+size -> offset
         self.free_bytes = 0
         self._insert(start, end - start)
@@ -70,8 +71,12 @@ class ExtentAllocator:
         size = self.round(n)
         if off < self.start or off + size > self.end or off % self.align:
             raise ValueError(f"free of a slot outside the region: {off}+{size}")
-        if off in self._by_start or (off + size) in self._by_end:
-            raise ValueError(f"double free at {off}")
+        # a double free overlaps free space: check the last free extent starting before this slot ends
+        i = self._by_start.bisect_left(off + size)
+        if i:
+            foff, fsize = self._by_start.peekitem(i - 1)
+            if foff + fsize > off:
+                raise ValueError(f"double free at {off}")
         # merge with the free extent ending where this one starts, and the one starting where it ends
         left = self._by_end.get(off)
         if left is not None:

@@ -127,9 +127,34 @@ class RamConfig:
 
 
 @dataclass(frozen=True)
+class NvmeConfig:
+    # Directories for block files, typically one per drive; empty = no NVMe tier.
+    dirs: tuple = ()
+    # Capacity of EACH directory in bytes; 0 = auto (90% of the filesystem's free space at start).
+    capacity: int = 0
+    # When blocks go to NVMe: "commit" (write-behind right after each commit) or "evict" (only when RAM evicts them).
+    write_policy: str = "commit"
+    # "none": survives a process crash; "data": fdatasync each file; "full": also fsync the directory.
+    durability: str = "none"
+    # O_DIRECT: "auto" (probe each directory), "on" (required), "off".
+    direct_io: str = "auto"
+    # Payload codec: "none", "lz4", "shuffle-lz4" (byte planes of 16-bit words, then lz4; kept only when it saves >= 10%).
+    codec: str = "none"
+    # Promote a block from NVMe into RAM on its "first" read, or only on its "second" read (a first read is served from a transient slot).
+    promote: str = "first"
+    # Bytes of blocks waiting to be written; beyond this new writes are dropped and counted.
+    queue_bytes: int = 1 * GiB
+    # Threads doing NVMe I/O.
+    io_threads: int = 4
+    # Seconds a directory that failed with ENOSPC or an I/O error is skipped before it is tried again.
+    retry_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     ram: RamConfig = field(default_factory=RamConfig)
+    nvme: NvmeConfig = field(default_factory=NvmeConfig)
 
     # Resolved values (defaults that depend on the machine).
     @property
@@ -145,15 +170,30 @@ class Config:
         return self.ram.capacity or auto_capacity(self.arena_path)
 
 
-_SIZE_FIELDS = {("server", "max_message_bytes"), ("ram", "capacity"), ("ram", "max_block_bytes")}
-_SECTIONS = {"server": ServerConfig, "ram": RamConfig}
+_SIZE_FIELDS = {("server", "max_message_bytes"), ("ram", "capacity"), ("ram", "max_block_bytes"),
+                ("nvme", "capacity"), ("nvme", "queue_bytes")}
+_SECTIONS = {"server": ServerConfig, "ram": RamConfig, "nvme": NvmeConfig}
+_CHOICES = {
+    ("ram", "policy"): None,  # filled from kvtier.policy.POLICIES at validation
+    ("server", "log_level"): ("debug", "info", "warning", "error"),
+    ("nvme", "write_policy"): ("commit", "evict"),
+    ("nvme", "durability"): ("none", "data", "full"),
+    ("nvme", "direct_io"): ("auto", "on", "off"),
+    ("nvme", "codec"): ("none", "lz4", "shuffle-lz4"),
+    ("nvme", "promote"): ("first", "second"),
+}
 
 
 def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     name = f"{section}.{f.name}"
     if (section, f.name) in _SIZE_FIELDS:
         return parse_size(value, name)
-    want = f.type if isinstance(f.type, type) else {"str": str, "int": int, "bool": bool, "float": float}[f.type]
+    want = f.type if isinstance(f.type, type) else \
+        {"str": str, "int": int, "bool": bool, "float": float, "tuple": tuple}[f.type]
+    if want is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{name}: expected a list of paths, got {value!r}")
+        return tuple(value)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
@@ -162,12 +202,19 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
 
 
 def _validate(cfg: Config) -> None:
-    s, r = cfg.server, cfg.ram
+    s, r, n = cfg.server, cfg.ram, cfg.nvme
     from .policy import POLICIES  # late: policy imports nothing from here
-    if r.policy not in POLICIES:
-        raise ConfigError(f"ram.policy: unknown policy {r.policy!r} (choose from {', '.join(sorted(POLICIES))})")
-    if s.log_level not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"server.log_level: {s.log_level!r} is not one of debug, info, warning, error")
+    for (section, name), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), name)
+        choices = choices or tuple(sorted(POLICIES))
+        if value not in choices:
+            raise ConfigError(f"{section}.{name}: {value!r} is not one of {', '.join(choices)}")
+    if n.io_threads <= 0:
+        raise ConfigError(f"nvme.io_threads: must be > 0, got {n.io_threads}")
+    if n.retry_s < 0:
+        raise ConfigError(f"nvme.retry_s: must be >= 0, got {n.retry_s}")
+    if len(set(n.dirs)) != len(n.dirs):
+        raise ConfigError("nvme.dirs: a directory is listed twice")
     try:
         int(s.socket_mode, 8)
     except ValueError:

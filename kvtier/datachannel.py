@@ -37,7 +37,7 @@ from typing import Callable
 import grpc
 
 from . import errors
-from .hot import HotTier, checksum
+from .hot import checksum
 from .keys import CHECKSUM_SIZE, check_key, check_namespace
 
 log = logging.getLogger("kvtier.data")
@@ -90,7 +90,7 @@ def parse_address(addr: str) -> tuple[int, object]:
 class DataServer:
     """Accepts data-channel connections on a Unix and/or TCP socket."""
 
-    def __init__(self, hot: HotTier, view: memoryview, verify: bool, unix_path: str | None = None,
+    def __init__(self, hot, view: memoryview, verify: bool, unix_path: str | None = None,
                  tcp: tuple[str, int] | None = None, socket_mode: int = 0o660,
                  authorize: Callable[[str], None] | None = None):
         self.hot, self.view, self.verify = hot, view, verify
@@ -248,6 +248,12 @@ class DataServer:
             check_key(key)
             if self.authorize:
                 self.authorize(ns)
+            inline = self.hot.read_inline(ns, key)
+            if inline is not None:
+                tier, data, digest = inline
+                self._reply(conn, req_id, grpc.StatusCode.OK, "", info=tier, length=len(data), digest=digest,
+                            payload=data)
+                return
             a = self.hot.acquire(ns, [key])
         except errors.KvtierError as e:
             self._reply(conn, req_id, e.code, str(e))
@@ -257,7 +263,7 @@ class DataServer:
             return
         off, n = a.offsets[0], a.lengths[0]
         try:
-            self._reply(conn, req_id, grpc.StatusCode.OK, "", info=1, length=n, digest=a.checksums,
+            self._reply(conn, req_id, grpc.StatusCode.OK, "", info=a.tiers[0], length=n, digest=a.checksums,
                         payload=self.view[off:off + n])
         finally:
             try:

@@ -69,6 +69,7 @@ class Block:
     created: float = 0.0
     leases: int = 0
     pin_until: float = 0.0
+    replaced: bool = False  # committed over an older block of the same key
 
 
 @dataclass(slots=True, eq=False)
@@ -147,6 +148,12 @@ class HotTier:
         self.expired_reservations = 0
         self.pinned_blocks = 0
         self.leased_blocks = 0
+        # Hooks for the tiers below, called with the lock held (must be quick, must not call back in):
+        # on_commit(blocks) after blocks became visible, returns the blocks to hold (kept from
+        # eviction until unhold(), e.g. while they are written out); on_evict(block) before an
+        # evicted block's slot is freed (its bytes are still intact).
+        self.on_commit: Callable[[list[Block]], list[Block]] = lambda blocks: []
+        self.on_evict: Callable[[Block], None] = lambda block: None
 
     # ---- bookkeeping helpers (lock held) -------------------------------------------------
 
@@ -201,6 +208,7 @@ class HotTier:
             return False
         b = self._index[k]
         self.evictable_bytes -= self.alloc.round(b.length)
+        self.on_evict(b)
         self._unindex(b)
         self._free(b)
         self.evictions += 1
@@ -261,14 +269,32 @@ class HotTier:
     def _end_lease(self, lease: Lease) -> None:
         del self._leases[lease.id]
         for b in lease.blocks:
-            b.leases -= 1
-            if b.leases:
-                continue
-            self.leased_blocks -= 1
-            if b.state == DOOMED:
-                self._free(b)
-            elif self._evictable(b):
-                self._policy_add(b, touched=True)
+            self._unhold(b)
+
+    def _hold(self, b: Block) -> None:
+        """Keep b from eviction and slot reuse (a lease, or a write to a lower tier)."""
+        if b.leases == 0:
+            self._policy_drop(b)
+            self.leased_blocks += 1
+        b.leases += 1
+
+    def _unhold(self, b: Block) -> None:
+        b.leases -= 1
+        if b.leases:
+            return
+        self.leased_blocks -= 1
+        if b.state == DOOMED:
+            self._free(b)
+        elif self._evictable(b):
+            self._policy_add(b, touched=True)
+
+    def hold(self, b: Block) -> None:
+        with self.lock:
+            self._hold(b)
+
+    def unhold(self, b: Block) -> None:
+        with self.lock:
+            self._unhold(b)
 
     def _unpin(self, b: Block) -> None:
         b.pin_until = 0.0
@@ -282,6 +308,9 @@ class HotTier:
         """Expire leases, reservations and pins whose time has come (called periodically)."""
         with self.lock:
             self._expire(self.clock())
+
+    def contains(self, ns: str, key: bytes) -> bool:
+        return (ns, key) in self._index
 
     def lookup(self, ns: str, keys: Sequence[bytes]) -> tuple[bytes, int]:
         with self.lock:
@@ -386,6 +415,7 @@ class HotTier:
                 old = self._index.get(kk)
                 if old is not None:
                     self._drop(old)
+                    b.replaced = True
                 b.checksum, b.state, b.created = c, COMMITTED, now
                 self._index[kk] = b
                 self._policy_add(b)
@@ -394,6 +424,8 @@ class HotTier:
                 s.bytes += b.length
                 s.puts += 1
                 s.put_bytes += b.length
+            for b in self.on_commit(r.blocks):
+                self._hold(b)
             return b"".join(computed)
 
     def abort(self, rid: int) -> None:
@@ -408,7 +440,9 @@ class HotTier:
             if r is not None:
                 self._end_reservation(r)
 
-    def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False) -> Acquired:
+    def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False,
+                lease_id: int = 0) -> Acquired:
+        """Lease the keys present. With ``lease_id`` of a live lease, add the blocks to it."""
         ttl = self._ttl(lease_ms, self.lease_ms, "lease_ms")
         with self.lock:
             now = self.clock()
@@ -424,18 +458,19 @@ class HotTier:
                     if prefix_only:
                         break
                     continue
-                if b.leases == 0:
-                    self._policy_drop(b)
-                    self.leased_blocks += 1
+                self._hold(b)
                 self.policy.touch((ns, k))
-                b.leases += 1
                 blocks.append(b)
                 tiers[i] = TIER_RAM
                 offsets[i], lengths[i], sums[i] = b.offset, b.length, b.checksum
                 s.hits += 1
                 s.get_bytes += b.length
+            existing = self._leases.get(lease_id) if lease_id else None
             lease_id = 0
-            if blocks:
+            if existing is not None:
+                existing.blocks.extend(blocks)
+                lease_id = existing.id
+            elif blocks:
                 lease = Lease(next(self._ids), blocks, now + ttl / 1000)
                 self._leases[lease.id] = lease
                 heapq.heappush(self._deadlines, (lease.expires, 1, lease.id))

@@ -33,6 +33,7 @@ from .datachannel import DataServer
 from .errors import ConfigError
 from .hot import HotTier
 from .service import KVTierService
+from .store import Store
 from .v1 import kvtier_pb2 as pb
 from .v1 import kvtier_pb2_grpc as pb_grpc
 
@@ -73,6 +74,7 @@ class Daemon:
         self.access = AllowAll()
         self.arena: Arena | None = None
         self.hot: HotTier | None = None
+        self.store: Store | None = None
         self.data: DataServer | None = None
         self.server: grpc.aio.Server | None = None
         self.health: health.HealthServicer | None = None
@@ -109,6 +111,12 @@ class Daemon:
         r = cfg.ram
         self.hot = HotTier(start=a.data_offset, end=a.size, policy=r.policy, max_block_bytes=r.max_block_bytes,
                            lease_ms=r.lease_ms, reservation_ms=r.reservation_ms, max_ttl_ms=r.max_ttl_ms)
+        self.store = Store(cfg, self.hot, a.view)
+        t0 = time.monotonic()
+        n = await asyncio.to_thread(self.store.start)
+        if cfg.nvme.dirs:
+            log.info("nvme: %d blocks indexed from %d directories in %.2fs", n, len(cfg.nvme.dirs),
+                     time.monotonic() - t0)
         mm = cfg.server.max_message_bytes
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", mm),
@@ -132,7 +140,7 @@ class Daemon:
         os.chmod(sock, mode)
         if cfg.server.data_channel:
             tcp = _split_hostport(cfg.server.data_listen) if cfg.server.data_listen else None
-            self.data = DataServer(self.hot, a.view, cfg.ram.verify_on_commit, unix_path=sock + ".data", tcp=tcp,
+            self.data = DataServer(self.store, a.view, cfg.ram.verify_on_commit, unix_path=sock + ".data", tcp=tcp,
                                    socket_mode=mode, authorize=self.authorize)
             # same-node clients prefer the Unix socket; remote ones use the TCP address via Attach
             tcp_addrs = [x for x in self.data.addresses if x.startswith("tcp://")]
@@ -161,6 +169,8 @@ class Daemon:
             await self.server.stop(self.cfg.server.drain_timeout_s)
         if self.data is not None:
             self.data.close()
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close, self.cfg.server.drain_timeout_s)
         if self.arena is not None:
             self.arena.close(unlink=True)
         try:

@@ -17,7 +17,7 @@ import grpc
 import xxhash
 
 from . import __version__, errors
-from .hot import HotTier, checksum
+from .hot import checksum
 from .keys import CHECKSUM_SIZE, KEY_SIZES, check_key, check_namespace, unpack_keys
 from .v1 import kvtier_pb2 as pb
 from .v1 import kvtier_pb2_grpc as pb_grpc
@@ -65,7 +65,7 @@ def _stream_handler(fn):
 class KVTierService(pb_grpc.KVTierServicer):
     def __init__(self, daemon):
         self.d = daemon
-        self.hot: HotTier = daemon.hot
+        self.hot = daemon.store  # the tiered store; hot-tier calls pass through it
         self.view: memoryview = daemon.arena.view
         self.cfg = daemon.cfg
         self.max_batch = daemon.cfg.server.max_batch
@@ -89,6 +89,11 @@ class KVTierService(pb_grpc.KVTierServicer):
             self.hot.discard(rid)
             raise
         return self.hot.finish_commit(rid, computed, given)
+
+    async def _acquire(self, ns, keys, lease_ms=0, prefix_only=False):
+        if self.hot.needs_io(ns, keys):  # some blocks come up from NVMe: off the event loop
+            return await asyncio.to_thread(self.hot.acquire, ns, keys, lease_ms, prefix_only)
+        return self.hot.acquire(ns, keys, lease_ms, prefix_only)
 
     # ---- RPCs -----------------------------------------------------------------------------
 
@@ -134,7 +139,7 @@ class KVTierService(pb_grpc.KVTierServicer):
     async def Acquire(self, request, context):
         self._check_generation(request.generation)
         ns, keys = self._keys(request)
-        a = self.hot.acquire(ns, keys, request.lease_ms, request.prefix_only)
+        a = await self._acquire(ns, keys, request.lease_ms, request.prefix_only)
         return pb.AcquireResponse(lease_id=a.lease_id, tiers=a.tiers, offsets=a.offsets, lengths=a.lengths,
                                   checksums=a.checksums, lease_ms=a.lease_ms)
 
@@ -203,7 +208,7 @@ class KVTierService(pb_grpc.KVTierServicer):
         ns, keys = self._keys(request)
         chunk = request.chunk_bytes or GET_CHUNK
         chunk = min(chunk, max(1 << 16, self.cfg.server.max_message_bytes - 1024))
-        a = self.hot.acquire(ns, keys)
+        a = await self._acquire(ns, keys)
         try:
             for i in range(len(keys)):
                 tier, off, n = a.tiers[i], a.offsets[i], a.lengths[i]
@@ -227,7 +232,7 @@ class KVTierService(pb_grpc.KVTierServicer):
     @_handler
     async def Delete(self, request, context):
         ns, keys = self._keys(request)
-        return pb.DeleteResponse(deleted=self.hot.delete(ns, keys))
+        return pb.DeleteResponse(deleted=await asyncio.to_thread(self.hot.delete, ns, keys))
 
     @_handler
     async def Pin(self, request, context):
@@ -251,6 +256,17 @@ class KVTierService(pb_grpc.KVTierServicer):
             evictions=s["evictions"], policy=s["policy"], largest_free_bytes=s["largest_free_bytes"],
             reserved_bytes=s["reserved_bytes"], pinned_blocks=s["pinned_blocks"],
             leased_blocks=s["leased_blocks"], locked=a.locked, lock_detail=a.lock_detail, backing=a.backing)
+        tiers = [ram]
+        c = s["nvme"]
+        if c is not None:
+            tiers.append(pb.TierStats(
+                name="nvme", capacity_bytes=c["capacity_bytes"], used_bytes=c["used_bytes"], blocks=c["blocks"],
+                evictions=c["evictions"], hits=c["hits"], misses=c["misses"],
+                checksum_failures=c["checksum_failures"], io_errors=c["io_errors"],
+                dropped_writes=c["dropped_writes"] + c["queue_dropped"], queued_bytes=c["queued_bytes"],
+                promotions=c["promotions"], demotions=c["demotions"],
+                degraded=[d["path"] for d in c["dirs"] if d["degraded"]],
+                direct_io=all(d["direct_io"] for d in c["dirs"])))
         nss = []
         for name, n in sorted(s["namespaces"].items()):
             if request.namespace and name != request.namespace:
@@ -262,5 +278,5 @@ class KVTierService(pb_grpc.KVTierServicer):
                 put_bytes=n.put_bytes, get_bytes=n.get_bytes, evictions=n.evictions, lookups=n.lookups))
         return pb.StatsResponse(
             version=__version__, uptime_s=time.monotonic() - self.d.started, generation=a.generation,
-            arena_path=a.path, leases=s["leases"], reservations=s["reservations"], tiers=[ram],
+            arena_path=a.path, leases=s["leases"], reservations=s["reservations"], tiers=tiers,
             namespaces=nss, expired_leases=s["expired_leases"], expired_reservations=s["expired_reservations"])

@@ -1,0 +1,313 @@
+"""The tiered store: the hot tier (RAM arena) over the cold tier (NVMe files).
+
+Movement:
+* commit -> RAM, visible at once; then, with ``nvme.write_policy = "commit"``,
+  written behind to NVMe by the I/O threads (the block is held in RAM, not
+  evictable, until its file is written);
+* RAM eviction -> demotion: a block not yet on NVMe is copied out of its slot
+  (under the hot tier's lock, before the slot is reused) and queued for
+  writing; with ``write_policy = "evict"`` this is the only way to NVMe;
+* lookup sees both tiers; Acquire of a block on NVMe first reads it into a
+  fresh arena slot (O_DIRECT straight into the slot), verifies it, commits it,
+  then leases it; inline reads do the same, or with ``promote = "second"``
+  serve the first read from a transient buffer and promote on the second.
+
+Writes that cannot be queued (``queue_bytes`` reached) are dropped and counted:
+a put never waits for the disk. Loss is allowed, corruption never: every NVMe
+read is verified, and a block deleted or replaced while its write was in
+flight is removed from NVMe again.
+
+A disabled NVMe tier is ``NullTier``: it holds nothing, so the store never
+asks whether NVMe is configured.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+from . import errors
+from .cold import ColdTier
+from .config import Config
+from .hot import DOOMED, TIER_MISSING, TIER_RAM, Acquired, Block, HotTier
+
+log = logging.getLogger("kvtier.store")
+TIER_NVME = 2
+
+
+class NullTier:
+    """A tier that holds nothing (NVMe not configured)."""
+    name = "nvme"
+
+    def scan(self) -> int:
+        return 0
+
+    def contains(self, ns, key) -> bool:
+        return False
+
+    def contains_many(self, ns, keys) -> list[bool]:
+        return [False] * len(keys)
+
+    def read(self, ns, key, dest):
+        return None
+
+    def write(self, *a, **k) -> bool:
+        return False
+
+    def delete(self, ns, key) -> bool:
+        return False
+
+    def snapshot(self) -> None:
+        return None
+
+
+class _Present(Exception):
+    pass
+
+
+class Store:
+    def __init__(self, cfg: Config, hot: HotTier, view: memoryview):
+        self.cfg, self.hot, self.view = cfg, hot, view
+        n = cfg.nvme
+        if n.dirs:
+            cap = n.capacity
+            dirs = []
+            for d in n.dirs:
+                os.makedirs(d, exist_ok=True)
+                if not cap:
+                    st = os.statvfs(d)
+                    dirs.append((d, int(st.f_bavail * st.f_frsize * 0.9)))
+                else:
+                    dirs.append((d, cap))
+            self.cold = ColdTier(dirs, durability=n.durability, direct_io=n.direct_io, codec=n.codec,
+                                 retry_s=n.retry_s)
+            self.io = ThreadPoolExecutor(n.io_threads, thread_name_prefix="kvtier-nvme")
+        else:
+            self.cold = NullTier()
+            self.io = None
+        self.write_at_commit = bool(n.dirs) and n.write_policy == "commit"
+        self.promote_first = n.promote == "first"
+        self.queue_limit = n.queue_bytes
+        self.queued_bytes = 0
+        self._queued: set[tuple[str, bytes]] = set()
+        self._seen_once: dict[tuple[str, bytes], None] = {}
+        self._qlock = threading.Lock()
+        self.demotions = 0
+        self.promotions = 0
+        self.dropped_writes = 0
+        if n.dirs:
+            hot.on_commit = self._on_commit
+            hot.on_evict = self._on_evict
+
+    # Everything not defined here (reserve, commit, release, pin, ...) is the hot tier's.
+    def __getattr__(self, name):
+        return getattr(self.hot, name)
+
+    def start(self) -> int:
+        """Rebuild the NVMe index from disk (blocking; run in a thread)."""
+        return self.cold.scan()
+
+    def close(self, timeout: float) -> bool:
+        """Wait up to timeout seconds for queued writes; True if they all finished."""
+        if self.io is None:
+            return True
+        done = threading.Event()
+        threading.Thread(target=lambda: (self.io.shutdown(wait=True), done.set()), daemon=True).start()
+        ok = done.wait(timeout)
+        if not ok:
+            log.warning("%d bytes of NVMe writes still queued at exit; they are lost (the RAM copies too)",
+                        self.queued_bytes)
+        return ok
+
+    # ---- write-behind ---------------------------------------------------------------------
+
+    def _admit(self, k, n: int) -> bool:
+        """Account a queued write of n bytes (queue lock held by caller)."""
+        if k in self._queued or self.cold.contains(*k):
+            return False
+        if self.queued_bytes + n > self.queue_limit:
+            self.dropped_writes += 1
+            return False
+        self._queued.add(k)
+        self.queued_bytes += n
+        return True
+
+    def _on_commit(self, blocks: list[Block]) -> list[Block]:  # hot lock held
+        for b in blocks:
+            if b.replaced:  # the NVMe copy is the old content now
+                self.cold.delete(b.ns, b.key)
+        if not self.write_at_commit:
+            return []
+        held = []
+        with self._qlock:
+            for b in blocks:
+                if self._admit((b.ns, b.key), b.length):
+                    held.append(b)
+        for b in held:
+            self.io.submit(self._write_held, b)
+        return held
+
+    def _write_held(self, b: Block) -> None:
+        k = (b.ns, b.key)
+        try:
+            if b.state != DOOMED:
+                slot = self.view[b.offset:b.offset + self.hot.alloc.round(b.length)]
+                self.cold.write(b.ns, b.key, slot, b.length, b.checksum)
+                if b.state == DOOMED:  # deleted or replaced while we wrote: do not resurrect it
+                    self.cold.delete(b.ns, b.key)
+        except Exception:
+            log.exception("write-behind of a block failed")
+        finally:
+            with self._qlock:
+                self._queued.discard(k)
+                self.queued_bytes -= b.length
+            self.hot.unhold(b)
+
+    def _on_evict(self, b: Block) -> None:  # hot lock held: copy out before the slot is reused
+        k = (b.ns, b.key)
+        with self._qlock:
+            if not self._admit(k, b.length):
+                return
+        data = mmap.mmap(-1, self.hot.alloc.round(b.length))  # page-aligned: O_DIRECT writes it as is
+        data[:b.length] = self.view[b.offset:b.offset + b.length]
+        self.demotions += 1
+        self.io.submit(self._write_copy, b.ns, b.key, data, b.length, b.checksum)
+
+    def _write_copy(self, ns: str, key: bytes, data: mmap.mmap, length: int, digest: bytes) -> None:
+        try:
+            with memoryview(data) as mv:
+                self.cold.write(ns, key, mv, length, digest)
+        except Exception:
+            log.exception("demotion of a block failed")
+        finally:
+            data.close()
+            with self._qlock:
+                self._queued.discard((ns, key))
+                self.queued_bytes -= length
+
+    # ---- reads ------------------------------------------------------------------------------
+
+    def lookup(self, ns: str, keys: Sequence[bytes]) -> tuple[bytes, int]:
+        tiers, _ = self.hot.lookup(ns, keys)
+        if TIER_MISSING in tiers:
+            t = bytearray(tiers)
+            for i, k in enumerate(keys):
+                if not t[i] and self.cold.contains(ns, k):
+                    t[i] = TIER_NVME
+            tiers = bytes(t)
+        p = tiers.find(TIER_MISSING)
+        return tiers, (len(keys) if p < 0 else p)
+
+    def needs_io(self, ns: str, keys: Sequence[bytes]) -> bool:
+        """Would acquire() touch NVMe for these keys? (The service then runs it in a thread.)"""
+        hot, cold = self.hot, self.cold
+        return any(not hot.contains(ns, k) and cold.contains(ns, k) for k in keys)
+
+    def promote(self, ns: str, key: bytes) -> bool:
+        """Bring a block from NVMe into the arena (blocking). True if it is in RAM now."""
+        holder: dict = {}
+
+        def dest(n: int) -> memoryview:
+            r = self.hot.reserve(ns, [key], [n])
+            if not r.reservation_id:
+                raise _Present()
+            holder["r"] = r.reservation_id
+            off = r.offsets[0]
+            return self.view[off:off + self.hot.alloc.round(n)]
+
+        try:
+            meta = self.cold.read(ns, key, dest)
+        except _Present:
+            return True
+        except errors.ResourceExhausted:
+            return False
+        except BaseException:
+            if "r" in holder:
+                self.hot.discard(holder["r"])
+            raise
+        rid = holder.get("r")
+        if meta is None:
+            if rid:
+                self.hot.discard(rid)
+            return False
+        self.hot.begin_commit(rid)
+        self.hot.finish_commit(rid, [meta.checksum])  # verified against the record by cold.read
+        self.promotions += 1
+        return True
+
+    def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False) -> Acquired:
+        """Lease blocks in the arena, promoting those found on NVMe first (blocking when it
+        promotes). Each promoted block joins the lease at once, so a batch larger than free RAM
+        cannot evict its own earlier blocks before they are read."""
+        if not self.needs_io(ns, keys):
+            return self.hot.acquire(ns, keys, lease_ms, prefix_only)
+        a = self.hot.acquire(ns, keys, lease_ms)
+        tiers = bytearray(a.tiers)
+        sums = bytearray(a.checksums)
+        for i, k in enumerate(keys):
+            if tiers[i]:
+                continue
+            if self.cold.contains(ns, k) and self.promote(ns, k):
+                b = self.hot.acquire(ns, [k], lease_ms, lease_id=a.lease_id)
+                if b.tiers[0]:
+                    a.lease_id = a.lease_id or b.lease_id
+                    tiers[i] = TIER_NVME
+                    a.offsets[i], a.lengths[i] = b.offsets[0], b.lengths[0]
+                    sums[i * 16:(i + 1) * 16] = b.checksums
+                    continue
+            if prefix_only:  # report nothing past the first gap (those blocks stay leased until release)
+                for j in range(i, len(keys)):
+                    tiers[j], a.offsets[j], a.lengths[j] = TIER_MISSING, 0, 0
+                    sums[j * 16:(j + 1) * 16] = bytes(16)
+                break
+        a.tiers, a.checksums = bytes(tiers), bytes(sums)
+        return a
+
+    def read_inline(self, ns: str, key: bytes) -> tuple[int, bytes, bytes] | None:
+        """For inline gets of a block that is only on NVMe, under ``promote = "second"``: serve the
+        first read from a transient buffer. Returns (tier, data, checksum) or None when the caller
+        should promote (or the block is absent)."""
+        if self.promote_first or self.hot.contains(ns, key) or not self.cold.contains(ns, key):
+            return None
+        k = (ns, key)
+        with self._qlock:
+            if k in self._seen_once:
+                del self._seen_once[k]
+                return None
+            self._seen_once[k] = None
+            while len(self._seen_once) > 100_000:
+                self._seen_once.pop(next(iter(self._seen_once)))
+        buf: dict = {}
+
+        def dest(n: int) -> memoryview:
+            buf["b"] = bytearray(-(-n // 4096) * 4096)
+            return memoryview(buf["b"])
+
+        meta = self.cold.read(ns, key, dest)
+        if meta is None:
+            return None
+        return TIER_NVME, bytes(memoryview(buf["b"])[:meta.raw_len]), meta.checksum
+
+    # ---- removal and stats -------------------------------------------------------------------
+
+    def delete(self, ns: str, keys: Sequence[bytes]) -> int:
+        n = self.hot.delete(ns, keys)
+        for k in keys:
+            if self.cold.delete(ns, k) and not self.hot.contains(ns, k):
+                n += 1
+        return n
+
+    def snapshot(self) -> dict:
+        s = self.hot.snapshot()
+        c = self.cold.snapshot()
+        if c is not None:
+            with self._qlock:
+                c["queued_bytes"] = self.queued_bytes
+                c["queue_dropped"] = self.dropped_writes
+            c["demotions"] = self.demotions
+            c["promotions"] = self.promotions
+        s["nvme"] = c
+        return s
