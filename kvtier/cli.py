@@ -4,6 +4,7 @@
     kvtier stats [--json]               tiers, capacity, hit rates, namespaces
     kvtier put NAMESPACE KEY FILE       store a file as one block (debugging)
     kvtier get NAMESPACE KEY FILE       fetch one block into a file (debugging)
+    kvtier check [--config F] [--repair] verify NVMe block files, remove bad ones on request
     kvtier config check FILE            validate a configuration file
 
 KEY is 32 or 64 hex digits (a 16- or 32-byte key), or ``name:TEXT`` to use
@@ -63,6 +64,27 @@ def cmd_config_check(a) -> int:
     print(f"{a.file}: ok (socket {cfg.socket_path}, arena {cfg.arena_path}, "
           f"{_size(cfg.ram.capacity) if cfg.ram.capacity else 'auto-sized'} RAM, policy {cfg.ram.policy})")
     return EXIT_OK
+
+
+def cmd_check(a) -> int:
+    from .cold import check_dir
+    dirs = list(a.dir or [])
+    if a.config or not dirs:
+        dirs += list(load(a.config).nvme.dirs)
+    if not dirs:
+        print("no NVMe directories: give --config FILE (with [nvme] dirs) or --dir DIR", file=sys.stderr)
+        return EXIT_USAGE
+    bad = 0
+    for d in dirs:
+        rep = check_dir(d, repair=a.repair)
+        print(f"{d}: {rep.files} block files, {rep.ok} ok ({_size(rep.bytes)}), {len(rep.corrupt)} corrupt, "
+              f"{len(rep.orphans)} orphan temp files" + (f", {rep.removed} removed" if a.repair else ""))
+        for p, why in rep.corrupt:
+            print(f"  corrupt: {p}: {why}")
+        bad += len(rep.corrupt) + len(rep.orphans)
+    if bad and not a.repair:
+        print("run with --repair to remove them (the daemon treats them as misses meanwhile)")
+    return EXIT_OK if (not bad or a.repair) else EXIT_MISSING
 
 
 def _client(a):
@@ -171,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("key", type=parse_key, help=key_help)
     s.add_argument("file", help="file to write, or - for standard output")
     s.set_defaults(fn=cmd_get)
+
+    s = sub.add_parser("check", help="verify NVMe block files",
+                       description="Read every block file of the NVMe directories and verify its header and "
+                                   "checksum. Exit 0 when all are sound (or were repaired), 1 when some are not.")
+    s.add_argument("--config", "-c", metavar="FILE", help="take the directories from this configuration")
+    s.add_argument("--dir", action="append", metavar="DIR", help="a directory to check (repeatable)")
+    s.add_argument("--repair", action="store_true", help="remove corrupt files and orphan temp files")
+    s.set_defaults(fn=cmd_check)
 
     s = sub.add_parser("config", help="configuration tools", description="Configuration tools.")
     csub = s.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")

@@ -375,6 +375,11 @@ class HotTier:
             raise UnknownReservation(f"reservation {rid} expired")
         return r
 
+    def _reopen(self, r: Reservation) -> None:
+        """A refused commit leaves the reservation as it was, deadline included."""
+        r.state = RESERVED
+        heapq.heappush(self._deadlines, (r.expires, 0, r.id))
+
     def begin_commit(self, rid: int) -> list[tuple[int, int]]:
         """Freeze a reservation for commit; returns its slots (offset, length) to hash."""
         with self.lock:
@@ -391,12 +396,12 @@ class HotTier:
                 raise FailedPrecondition(f"reservation {rid} is not being committed")
             n = len(r.blocks)
             if given and len(given) != n * CHECKSUM_SIZE:
-                r.state = RESERVED
+                self._reopen(r)
                 raise InvalidArgument(f"checksums must be {n} x {CHECKSUM_SIZE} bytes, got {len(given)}")
             given_l = [given[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] for i in range(n)] if given else None
             if computed is None:
                 if given_l is None:
-                    r.state = RESERVED
+                    self._reopen(r)
                     raise InvalidArgument("checksums are required when the daemon does not compute them")
                 computed = given_l
             elif given_l is not None:
