@@ -55,7 +55,7 @@ def cmd_serve(a) -> int:
     from .server import run
     cfg = load(a.config)
     _setup_logging(cfg.server.log_level)
-    run(cfg)
+    run(cfg, a.config)
     return EXIT_OK
 
 

@@ -5,10 +5,13 @@ startup   create and lock the arena, build the hot tier, bind the gRPC server
           reflection services, start the data channel and the expiry reaper,
           then report SERVING.
 main_loop wait for SIGTERM/SIGINT (or ``stop()``), expiring leases,
-          reservations and pins every 100 ms.
-shutdown  report NOT_SERVING, stop accepting, give in-flight calls up to
-          ``server.drain_timeout_s``, close the data channel, unmap and remove
-          the arena and the sockets.
+          reservations and pins every 100 ms, pinging the systemd watchdog;
+          SIGHUP re-reads the config file and applies what can change live
+          (log level), naming the settings that need a restart.
+shutdown  report NOT_SERVING and STOPPING=1, stop accepting, give in-flight
+          calls up to ``server.drain_timeout_s``, close the data channel, wait
+          (same budget) for queued NVMe writes, unmap and remove the arena and
+          the sockets; exit 0.
 
 A second daemon on the same socket refuses to start instead of stealing it.
 """
@@ -28,10 +31,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .arena import Arena
+from . import config as config_mod
 from .config import Config
 from .datachannel import DataServer
 from .errors import ConfigError
 from .hot import HotTier
+from .notify import Notifier
 from .service import KVTierService
 from .store import Store
 from .v1 import kvtier_pb2 as pb
@@ -69,8 +74,10 @@ def _split_hostport(v: str) -> tuple[str, int]:
 
 
 class Daemon:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, config_path: str | None = None):
         self.cfg = cfg
+        self.config_path = config_path
+        self.notify = Notifier()
         self.access = AllowAll()
         self.arena: Arena | None = None
         self.hot: HotTier | None = None
@@ -83,6 +90,7 @@ class Daemon:
         self.data_address = ""  # advertised in Attach
         self.started = time.monotonic()
         self._stop = asyncio.Event()
+        self._reload = threading.Event()
         self.ready = threading.Event()
 
     def authorize(self, ns: str) -> None:
@@ -153,15 +161,49 @@ class Daemon:
         self.ready.set()
 
     async def main_loop(self) -> None:
+        next_ping = 0.0
         while not self._stop.is_set():
             self.hot.expire()
+            if self.notify.watchdog_interval and time.monotonic() >= next_ping:
+                self.notify.watchdog()
+                next_ping = time.monotonic() + self.notify.watchdog_interval
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
             try:
                 await asyncio.wait_for(self._stop.wait(), 0.1)
             except asyncio.TimeoutError:
                 pass
 
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def reload(self) -> None:
+        """Apply a changed config file: live settings now, the rest named for a restart."""
+        self.notify.reloading()
+        try:
+            new = config_mod.load(self.config_path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            self.notify.ready("serving (reload refused: bad config)")
+            return
+        if new.server.log_level != self.cfg.server.log_level:
+            logging.getLogger().setLevel(new.server.log_level.upper())
+            log.info("log level now %s", new.server.log_level)
+        restart = [f"{sec}.{f}" for sec in ("server", "ram", "nvme")
+                   for f in getattr(new, sec).__dataclass_fields__
+                   if (sec, f) != ("server", "log_level")
+                   and getattr(getattr(new, sec), f) != getattr(getattr(self.cfg, sec), f)]
+        if restart:
+            log.warning("reloaded; these changes need a restart to apply: %s", ", ".join(restart))
+        else:
+            log.info("reloaded")
+        self.cfg = config_mod.replace(self.cfg, server={"log_level": new.server.log_level})
+        self.notify.ready()
+
     async def shutdown(self) -> None:
         log.info("stopping: draining for up to %.1fs", self.cfg.server.drain_timeout_s)
+        self.notify.stopping()
         if self.health is not None:
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -184,16 +226,18 @@ class Daemon:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
             await self.startup()
+            self.notify.ready(f"serving on {self.address}")
             await self.main_loop()
         finally:
             await self.shutdown()
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config, config_path: str | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT (``kvtier serve``)."""
-    asyncio.run(Daemon(cfg).serve())
+    asyncio.run(Daemon(cfg, config_path).serve())
 
 
 class DaemonThread:
