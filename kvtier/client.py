@@ -119,6 +119,19 @@ class _Ops:
         for i in range(0, len(keys), step):
             yield i, list(keys[i:i + step])
 
+    def _put_batches(self, datas) -> Iterable[tuple[int, int]]:
+        """[i, j) ranges of at most max_batch blocks and a quarter of the arena's bytes, so one
+        reservation never needs more room than eviction can make."""
+        limit = max(1, self.info.arena_size // 4)
+        i, n = 0, len(datas)
+        while i < n:
+            j, size = i, 0
+            while j < n and j - i < (self.info.max_batch or 1024) and (j == i or size + len(datas[j]) <= limit):
+                size += len(datas[j])
+                j += 1
+            yield i, j
+            i = j
+
     def _gen(self) -> int:
         return self.arena.generation if self.arena is not None else 0
 
@@ -242,8 +255,8 @@ class _Ops:
         datas = [memoryview(d).cast("B") for _, d in items]
         if self.path == "arena":
             out: list[bool] = []
-            for i, batch in self._batches(keys):
-                out += yield from self._stale_retry(self._arena_put, ns, batch, datas[i:i + len(batch)], overwrite)
+            for i, j in self._put_batches(datas):
+                out += yield from self._stale_retry(self._arena_put, ns, keys[i:j], datas[i:j], overwrite)
             return out
         if self.path == "data":
             res = yield ("call", self._data(lambda c: c.put_many(ns, list(zip(keys, datas)), overwrite)))

@@ -151,10 +151,17 @@ class NvmeConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # Prometheus endpoint "host:port" (http://host:port/metrics); keep it on loopback. "" = off.
+    listen: str = "127.0.0.1:9464"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     ram: RamConfig = field(default_factory=RamConfig)
     nvme: NvmeConfig = field(default_factory=NvmeConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     # Resolved values (defaults that depend on the machine).
     @property
@@ -172,7 +179,7 @@ class Config:
 
 _SIZE_FIELDS = {("server", "max_message_bytes"), ("ram", "capacity"), ("ram", "max_block_bytes"),
                 ("nvme", "capacity"), ("nvme", "queue_bytes")}
-_SECTIONS = {"server": ServerConfig, "ram": RamConfig, "nvme": NvmeConfig}
+_SECTIONS = {"server": ServerConfig, "ram": RamConfig, "nvme": NvmeConfig, "metrics": MetricsConfig}
 _CHOICES = {
     ("ram", "policy"): None,  # filled from kvtier.policy.POLICIES at validation
     ("server", "log_level"): ("debug", "info", "warning", "error"),
@@ -219,7 +226,8 @@ def _validate(cfg: Config) -> None:
         int(s.socket_mode, 8)
     except ValueError:
         raise ConfigError(f"server.socket_mode: {s.socket_mode!r} is not an octal mode such as '0660'") from None
-    for name, val in (("server.listen", s.listen), ("server.data_listen", s.data_listen)):
+    for name, val in (("server.listen", s.listen), ("server.data_listen", s.data_listen),
+                      ("metrics.listen", cfg.metrics.listen)):
         if val and not re.fullmatch(r"\[?[\w.:\-]*\]?:\d{1,5}", val):
             raise ConfigError(f"{name}: expected 'host:port', got {val!r}")
     if r.capacity and r.capacity < 4 * MiB:

@@ -387,9 +387,11 @@ class HotTier:
             r.state = COMMITTING
             return [(b.offset, b.length) for b in r.blocks]
 
-    def finish_commit(self, rid: int, computed: Sequence[bytes] | None, given: bytes = b"") -> bytes:
+    def finish_commit(self, rid: int, computed: Sequence[bytes] | None, given: bytes = b"",
+                      promoted: bool = False) -> bytes:
         """Make a frozen reservation visible. ``computed``: digests of the slot bytes (None: trust
-        ``given``). A mismatch with ``given`` aborts the reservation and raises DataLoss."""
+        ``given``). A mismatch with ``given`` aborts the reservation and raises DataLoss.
+        ``promoted``: the blocks come up from a lower tier (not counted as puts)."""
         with self.lock:
             r = self._reservations.get(rid)
             if r is None or r.state != COMMITTING:
@@ -427,8 +429,9 @@ class HotTier:
                 s = self._ns(b.ns)
                 s.blocks += 1
                 s.bytes += b.length
-                s.puts += 1
-                s.put_bytes += b.length
+                if not promoted:  # a block brought up from a lower tier is not a client's put
+                    s.puts += 1
+                    s.put_bytes += b.length
             for b in self.on_commit(r.blocks):
                 self._hold(b)
             return b"".join(computed)
@@ -446,8 +449,9 @@ class HotTier:
                 self._end_reservation(r)
 
     def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False,
-                lease_id: int = 0) -> Acquired:
-        """Lease the keys present. With ``lease_id`` of a live lease, add the blocks to it."""
+                lease_id: int = 0, count_misses: bool = True) -> Acquired:
+        """Lease the keys present. With ``lease_id`` of a live lease, add the blocks to it.
+        ``count_misses=False``: the caller looks further down and counts the misses itself."""
         ttl = self._ttl(lease_ms, self.lease_ms, "lease_ms")
         with self.lock:
             now = self.clock()
@@ -459,7 +463,7 @@ class HotTier:
             for i, k in enumerate(keys):
                 b = self._index.get((ns, k))
                 if b is None:
-                    s.misses += 1
+                    s.misses += count_misses
                     if prefix_only:
                         break
                     continue
@@ -481,6 +485,10 @@ class HotTier:
                 heapq.heappush(self._deadlines, (lease.expires, 1, lease.id))
                 lease_id = lease.id
             return Acquired(lease_id, bytes(tiers), offsets, lengths, b"".join(sums), ttl)
+
+    def count_misses(self, ns: str, n: int) -> None:
+        with self.lock:
+            self._ns(ns).misses += n
 
     def release(self, lease_id: int) -> None:
         with self.lock:

@@ -36,6 +36,7 @@ from .config import Config
 from .datachannel import DataServer
 from .errors import ConfigError
 from .hot import HotTier
+from .metrics import Metrics, NullMetrics
 from .notify import Notifier
 from .service import KVTierService
 from .store import Store
@@ -78,6 +79,7 @@ class Daemon:
         self.cfg = cfg
         self.config_path = config_path
         self.notify = Notifier()
+        self.metrics = NullMetrics()
         self.access = AllowAll()
         self.arena: Arena | None = None
         self.hot: HotTier | None = None
@@ -153,6 +155,11 @@ class Daemon:
             # same-node clients prefer the Unix socket; remote ones use the TCP address via Attach
             tcp_addrs = [x for x in self.data.addresses if x.startswith("tcp://")]
             self.data_address = (tcp_addrs or self.data.addresses)[0] if cfg.server.listen else self.data.addresses[0]
+        if cfg.metrics.listen:
+            try:
+                self.metrics = Metrics(self, cfg.metrics.listen)
+            except OSError as e:
+                log.error("metrics: cannot listen on %s (%s); running without metrics", cfg.metrics.listen, e)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.started = time.monotonic()
@@ -211,6 +218,7 @@ class Daemon:
             await self.server.stop(self.cfg.server.drain_timeout_s)
         if self.data is not None:
             self.data.close()
+        self.metrics.close()
         if self.store is not None:
             await asyncio.to_thread(self.store.close, self.cfg.server.drain_timeout_s)
         if self.arena is not None:

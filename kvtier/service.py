@@ -30,35 +30,47 @@ def _handler(fn):
     """Map KvtierError to its status; anything else to INTERNAL (logged)."""
     @functools.wraps(fn)
     async def wrapper(self, request, context):
+        t0, code = time.perf_counter(), "OK"
         try:
             return await fn(self, request, context)
         except errors.KvtierError as e:
+            code = e.code.name
             await context.abort(e.code, str(e))
         except asyncio.CancelledError:
+            code = "CANCELLED"
             raise
         except Exception as e:
             if isinstance(e, grpc.aio.AbortError):
                 raise
+            code = "INTERNAL"
             log.exception("%s failed", fn.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}: {type(e).__name__}")
+        finally:
+            self.d.metrics.observe(fn.__name__, code, time.perf_counter() - t0)
     return wrapper
 
 
 def _stream_handler(fn):
     @functools.wraps(fn)
     async def wrapper(self, request, context):
+        t0, code = time.perf_counter(), "OK"
         try:
             async for item in fn(self, request, context):
                 yield item
         except errors.KvtierError as e:
+            code = e.code.name
             await context.abort(e.code, str(e))
         except asyncio.CancelledError:
+            code = "CANCELLED"
             raise
         except Exception as e:
             if isinstance(e, grpc.aio.AbortError):
                 raise
+            code = "INTERNAL"
             log.exception("%s failed", fn.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}: {type(e).__name__}")
+        finally:
+            self.d.metrics.observe(fn.__name__, code, time.perf_counter() - t0)
     return wrapper
 
 

@@ -97,6 +97,7 @@ class Store:
         self._qlock = threading.Lock()
         self.demotions = 0
         self.promotions = 0
+        self.nvme_hits: dict[str, int] = {}  # per namespace: reads served by promoting from NVMe
         self.dropped_writes = 0
         if n.dirs:
             hot.on_commit = self._on_commit
@@ -234,7 +235,7 @@ class Store:
                 self.hot.discard(rid)
             return False
         self.hot.begin_commit(rid)
-        self.hot.finish_commit(rid, [meta.checksum])  # verified against the record by cold.read
+        self.hot.finish_commit(rid, [meta.checksum], promoted=True)  # verified against the record by cold.read
         self.promotions += 1
         return True
 
@@ -244,7 +245,7 @@ class Store:
         cannot evict its own earlier blocks before they are read."""
         if not self.needs_io(ns, keys):
             return self.hot.acquire(ns, keys, lease_ms, prefix_only)
-        a = self.hot.acquire(ns, keys, lease_ms)
+        a = self.hot.acquire(ns, keys, lease_ms, count_misses=False)
         tiers = bytearray(a.tiers)
         sums = bytearray(a.checksums)
         for i, k in enumerate(keys):
@@ -255,6 +256,7 @@ class Store:
                 if b.tiers[0]:
                     a.lease_id = a.lease_id or b.lease_id
                     tiers[i] = TIER_NVME
+                    self.nvme_hits[ns] = self.nvme_hits.get(ns, 0) + 1
                     a.offsets[i], a.lengths[i] = b.offsets[0], b.lengths[0]
                     sums[i * 16:(i + 1) * 16] = b.checksums
                     continue
@@ -264,6 +266,7 @@ class Store:
                     sums[j * 16:(j + 1) * 16] = bytes(16)
                 break
         a.tiers, a.checksums = bytes(tiers), bytes(sums)
+        self.hot.count_misses(ns, tiers.count(TIER_MISSING))
         return a
 
     def read_inline(self, ns: str, key: bytes) -> tuple[int, bytes, bytes] | None:
@@ -310,4 +313,5 @@ class Store:
             c["demotions"] = self.demotions
             c["promotions"] = self.promotions
         s["nvme"] = c
+        s["nvme_hits_by_namespace"] = dict(self.nvme_hits)
         return s

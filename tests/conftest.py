@@ -33,6 +33,7 @@ def _dirs():
 
 def make_config(sock_dir: str, arena_dir: str, **sections) -> config.Config:
     data = {"server": {"socket": os.path.join(sock_dir, "kvtier.sock"), "drain_timeout_s": 1.0},
+            "metrics": {"listen": ""},
             "ram": {"arena_path": os.path.join(arena_dir, "arena"), "capacity": "64MiB"}}
     for name, vals in sections.items():
         data.setdefault(name, {}).update(vals)
@@ -115,7 +116,10 @@ def daemon_process():
         sock_dir, arena_dir = _dirs()
         sock = os.path.join(sock_dir, "kvtier.sock")
         text = (f'[server]\nsocket = "{sock}"\ndrain_timeout_s = 1.0\n'
-                f'[ram]\narena_path = "{arena_dir}/arena"\ncapacity = "{capacity}"\n') + extra_toml
+                f'[ram]\narena_path = "{arena_dir}/arena"\ncapacity = "{capacity}"\n')
+        if "[metrics]" not in extra_toml:
+            text += '[metrics]\nlisten = ""\n'
+        text += extra_toml
         d = DaemonProcess(text, sock, sock_dir)
         made.append((d, sock_dir, arena_dir))
         return d.start()

@@ -1,0 +1,160 @@
+"""Prometheus metrics on a loopback HTTP port (``[metrics] listen``).
+
+Counters are not kept twice: a collector reads the store's own counters at
+scrape time (``Store.snapshot()``), so a scrape costs one snapshot and the
+request path pays nothing for metrics except the RPC latency histogram. With
+no listen address the daemon uses ``NullMetrics`` (observe is a no-op).
+
+Exposed families (all prefixed ``kvtier_``): tier capacity/used/blocks and
+evictions per tier; per namespace blocks, bytes, hits by tier, misses, hit
+ratio, lookups, puts and bytes moved, evictions; NVMe promotions, demotions,
+queue depth, dropped writes, checksum failures, I/O errors, degraded
+directories; open leases and reservations; arena lock state; and the RPC
+latency histogram ``kvtier_rpc_duration_seconds{method,code}``.
+"""
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from . import __version__
+
+log = logging.getLogger("kvtier.metrics")
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class NullMetrics:
+    address = ""
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _StoreCollector:
+    def __init__(self, daemon):
+        self.d = daemon
+
+    def collect(self):
+        s = self.d.store.snapshot()
+        a = self.d.arena
+
+        def gauge(name, doc, labels=()):
+            return GaugeMetricFamily(f"kvtier_{name}", doc, labels=list(labels))
+
+        def counter(name, doc, labels=()):
+            return CounterMetricFamily(f"kvtier_{name}", doc, labels=list(labels))
+
+        info = gauge("info", "Daemon version.", ["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        locked = gauge("arena_locked", "1 if the arena is locked in RAM (mlock).")
+        locked.add_metric([], 1 if a.locked else 0)
+        yield locked
+
+        cap, used, blocks = (gauge("tier_capacity_bytes", "Capacity per tier.", ["tier"]),
+                             gauge("tier_used_bytes", "Bytes used per tier.", ["tier"]),
+                             gauge("tier_blocks", "Blocks per tier.", ["tier"]))
+        ev = counter("tier_evictions", "Blocks evicted per tier.", ["tier"])
+        cap.add_metric(["ram"], s["capacity_bytes"])
+        used.add_metric(["ram"], s["used_bytes"])
+        blocks.add_metric(["ram"], s["blocks"])
+        ev.add_metric(["ram"], s["evictions"])
+        n = s["nvme"]
+        if n is not None:
+            cap.add_metric(["nvme"], n["capacity_bytes"])
+            used.add_metric(["nvme"], n["used_bytes"])
+            blocks.add_metric(["nvme"], n["blocks"])
+            ev.add_metric(["nvme"], n["evictions"])
+        yield from (cap, used, blocks, ev)
+
+        for name, key, doc in (("leases", "leases", "Open leases."),
+                               ("reservations", "reservations", "Open reservations."),
+                               ("reserved_bytes", "reserved_bytes", "Bytes in open reservations."),
+                               ("pinned_blocks", "pinned_blocks", "Pinned blocks in RAM."),
+                               ("leased_blocks", "leased_blocks", "Leased blocks in RAM.")):
+            g = gauge(name, doc)
+            g.add_metric([], s[key])
+            yield g
+        for name, key, doc in (("expired_leases", "expired_leases", "Leases that expired before release."),
+                               ("expired_reservations", "expired_reservations",
+                                "Reservations that expired before commit.")):
+            c = counter(name, doc)
+            c.add_metric([], s[key])
+            yield c
+
+        nvme_hits = s.get("nvme_hits_by_namespace", {})
+        fam = {
+            "blocks": gauge("namespace_blocks", "Blocks in RAM per namespace.", ["namespace"]),
+            "bytes": gauge("namespace_bytes", "Payload bytes in RAM per namespace.", ["namespace"]),
+            "hits": counter("hits", "Blocks found by reads, per namespace and tier.", ["namespace", "tier"]),
+            "misses": counter("misses", "Blocks not found by reads, per namespace.", ["namespace"]),
+            "ratio": gauge("hit_ratio", "hits / (hits + misses) per namespace.", ["namespace"]),
+            "lookups": counter("lookups", "Keys asked by Lookup, per namespace.", ["namespace"]),
+            "puts": counter("put_blocks", "Blocks committed, per namespace.", ["namespace"]),
+            "put_bytes": counter("put_bytes", "Bytes committed, per namespace.", ["namespace"]),
+            "get_bytes": counter("get_bytes", "Bytes read, per namespace.", ["namespace"]),
+            "evictions": counter("namespace_evictions", "Blocks evicted from RAM, per namespace.", ["namespace"]),
+        }
+        for ns, st in sorted(s["namespaces"].items()):
+            nh = nvme_hits.get(ns, 0)
+            fam["blocks"].add_metric([ns], st.blocks)
+            fam["bytes"].add_metric([ns], st.bytes)
+            fam["hits"].add_metric([ns, "ram"], max(0, st.hits - nh))
+            fam["hits"].add_metric([ns, "nvme"], nh)
+            fam["misses"].add_metric([ns], st.misses)
+            total = st.hits + st.misses
+            fam["ratio"].add_metric([ns], st.hits / total if total else 0.0)
+            fam["lookups"].add_metric([ns], st.lookups)
+            fam["puts"].add_metric([ns], st.puts)
+            fam["put_bytes"].add_metric([ns], st.put_bytes)
+            fam["get_bytes"].add_metric([ns], st.get_bytes)
+            fam["evictions"].add_metric([ns], st.evictions)
+        yield from fam.values()
+
+        if n is not None:
+            for name, key, doc in (("nvme_promotions", "promotions", "Blocks read up from NVMe into RAM."),
+                                   ("nvme_demotions", "demotions", "Blocks copied down to NVMe on RAM eviction."),
+                                   ("nvme_writes", "writes", "Block files written."),
+                                   ("nvme_write_bytes", "write_bytes", "Block bytes written to NVMe."),
+                                   ("nvme_read_bytes", "read_bytes", "Block bytes read from NVMe."),
+                                   ("nvme_checksum_failures", "checksum_failures",
+                                    "NVMe records that failed verification (removed, served as misses)."),
+                                   ("nvme_io_errors", "io_errors", "NVMe I/O errors."),
+                                   ("nvme_dropped_writes", "dropped_writes", "Writes not done: no directory with room."),
+                                   ("nvme_queue_dropped", "queue_dropped", "Writes dropped: write queue full.")):
+                c = counter(name, doc)
+                c.add_metric([], n[key])
+                yield c
+            q = gauge("nvme_queue_bytes", "Bytes waiting to be written to NVMe.")
+            q.add_metric([], n["queued_bytes"])
+            yield q
+            deg = gauge("nvme_dir_degraded", "1 while a directory is skipped after ENOSPC or I/O errors.", ["dir"])
+            for d in n["dirs"]:
+                deg.add_metric([d["path"]], 1 if d["degraded"] else 0)
+            yield deg
+
+
+class Metrics:
+    def __init__(self, daemon, listen: str):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.rpc = Histogram("kvtier_rpc_duration_seconds", "RPC handling time.", ["method", "code"],
+                             buckets=BUCKETS, registry=self.registry)
+        self.registry.register(_StoreCollector(daemon))
+        host, _, port = listen.rpartition(":")
+        self._server, self._thread = start_http_server(int(port), host.strip("[]") or "127.0.0.1",
+                                                       registry=self.registry)
+        h, p = self._server.server_address[:2]
+        self.address = f"{h}:{p}"
+        log.info("metrics on http://%s/metrics", self.address)
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        self.rpc.labels(method, code).observe(seconds)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite: the README's test command and CI's.
+#
+# System tools some tests use (installed here when running as root with apt;
+# otherwise those tests skip and say why): systemd-analyze (unit checks) and
+# promtool (metrics exposition, Debian package "prometheus").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v promtool >/dev/null || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing ${need[*]} for the tests that use them"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}") \
+    >/dev/null 2>&1 || echo "could not install ${need[*]}; the tests that need them will skip"
+  # the prometheus package starts a server we do not want
+  (command -v systemctl >/dev/null && systemctl disable --now prometheus) >/dev/null 2>&1 || true
+  pkill -x prometheus >/dev/null 2>&1 || true
+fi
+python3 -m venv .venv
+.venv/bin/pip install -q -e '.[test]'
+exec .venv/bin/python -m pytest "$@"
