@@ -6,6 +6,7 @@
     kvtier get NAMESPACE KEY FILE       fetch one block into a file (debugging)
     kvtier check [--config F] [--repair] verify NVMe block files, remove bad ones on request
     kvtier config check FILE            validate a configuration file
+    kvtier token                        a new bearer token and its tenants-file line
 
 KEY is 32 or 64 hex digits (a 16- or 32-byte key), or ``name:TEXT`` to use
 the first 16 bytes of SHA-256(TEXT). Every client command takes --address
@@ -87,9 +88,18 @@ def cmd_check(a) -> int:
     return EXIT_OK if (not bad or a.repair) else EXIT_MISSING
 
 
+def cmd_token(a) -> int:
+    from .auth import new_token
+    tok, digest = new_token()
+    print(f"token (give it to the client; KVTIER_TOKEN or --token): {tok}")
+    print(f'tenants file line: token_sha256 = ["{digest}"]')
+    return EXIT_OK
+
+
 def _client(a):
-    from .client import Client
-    return Client(a.address)
+    from .client import TLS, Client
+    tls = TLS(a.tls_ca, a.tls_cert, a.tls_key) if getattr(a, "tls_ca", None) else None
+    return Client(a.address, token=getattr(a, "token", None), tls=tls)
 
 
 def stats_dict(s) -> dict:
@@ -170,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     def client_args(sp):
         sp.add_argument("--address", "-a", default=default_address(),
                         help="daemon address: unix:///path or host:port (default: %(default)s)")
+        sp.add_argument("--token", help="bearer token when the daemon has tenants (default: $KVTIER_TOKEN)")
+        sp.add_argument("--tls-ca", metavar="PEM", help="CA of the daemon's TLS certificate (TCP addresses)")
+        sp.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
+        sp.add_argument("--tls-key", metavar="PEM", help="key of --tls-cert")
 
     s = sub.add_parser("stats", help="show tiers, capacity and namespaces",
                        description="Show the daemon's tiers, capacity, hit rates and namespaces.")
@@ -201,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", action="append", metavar="DIR", help="a directory to check (repeatable)")
     s.add_argument("--repair", action="store_true", help="remove corrupt files and orphan temp files")
     s.set_defaults(fn=cmd_check)
+
+    s = sub.add_parser("token", help="make a new bearer token for the tenants file",
+                       description="Print a new random token and the token_sha256 line for the tenants file.")
+    s.set_defaults(fn=cmd_token)
 
     s = sub.add_parser("config", help="configuration tools", description="Configuration tools.")
     csub = s.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")

@@ -27,6 +27,7 @@ they perform a call.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Generator, Iterable, Sequence
@@ -44,6 +45,40 @@ from .v1 import kvtier_pb2_grpc as pb_grpc
 
 PUT_CHUNK = 1 << 20
 _MAX_MSG = 256 << 20
+
+
+@dataclass(frozen=True)
+class TLS:
+    """TLS for TCP addresses: the CA that signed the daemon's certificate, and for mutual TLS
+    the client's own certificate and key (PEM file paths)."""
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None  # name to check in the daemon's certificate; default: the host
+
+    def grpc_credentials(self) -> grpc.ChannelCredentials:
+        def read(p):
+            with open(p, "rb") as f:
+                return f.read()
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key) if self.key else None,
+                                            read(self.cert) if self.cert else None)
+
+    def ssl_context(self):
+        import ssl
+        ctx = ssl.create_default_context(cafile=self.ca)
+        if self.cert:
+            ctx.load_cert_chain(self.cert, self.key)
+        return ctx
+
+
+def _channel(module, address: str, tls: TLS | None):
+    target = grpc_target(address)
+    opts = [("grpc.max_receive_message_length", _MAX_MSG), ("grpc.max_send_message_length", _MAX_MSG)]
+    if tls is not None and not target.startswith("unix:"):
+        if tls.server_name:
+            opts.append(("grpc.ssl_target_name_override", tls.server_name))
+        return module.secure_channel(target, tls.grpc_credentials(), options=opts)
+    return module.insecure_channel(target, options=opts)
 
 
 def grpc_target(address: str) -> str:
@@ -77,9 +112,13 @@ class Lease:
 class _Ops:
     """The operations, written once as generators (see module docstring)."""
 
-    def __init__(self, address: str | None, attach: bool, data_channel: bool, verify: bool):
+    def __init__(self, address: str | None, attach: bool, data_channel: bool, verify: bool,
+                 token: str | None = None, tls: "TLS | None" = None):
         self.address = address or default_address()
         self.want_arena, self.want_data, self.verify = attach, data_channel, verify
+        self.token = token if token is not None else os.environ.get("KVTIER_TOKEN") or None
+        self.tls = tls
+        self.metadata = (("authorization", f"Bearer {self.token}"),) if self.token else None
         self.info: pb.AttachResponse | None = None
         self.arena: ArenaMapping | None = None
         self.path = ""
@@ -106,9 +145,9 @@ class _Ops:
             self.path = "arena"
         elif self.want_data and info.data_address:
             try:
-                self._pool.append(DataConnection(info.data_address))
+                self._pool.append(self._connect_data(info.data_address))
                 self.path = "data"
-            except OSError:
+            except (OSError, errors.KvtierError):
                 self.path = "grpc"
         else:
             self.path = "grpc"
@@ -140,9 +179,13 @@ class _Ops:
             if self._pool:
                 return self._pool.pop()
         try:
-            return DataConnection(self.info.data_address)
+            return self._connect_data(self.info.data_address)
         except OSError as e:
             raise errors.Unavailable(f"data channel {self.info.data_address}: {e}") from None
+
+    def _connect_data(self, address: str) -> DataConnection:
+        return DataConnection(address, token=self.token, tls=self.tls.ssl_context() if self.tls else None,
+                              server_hostname=self.tls.server_name if self.tls else None)
 
     def _data(self, fn):
         """Run fn(conn) on a pooled data connection; a broken connection is dropped."""
@@ -411,11 +454,11 @@ class Client:
     """Blocking client. Thread-safe for concurrent calls."""
 
     def __init__(self, address: str | None = None, *, attach: bool = True, data_channel: bool = True,
-                 verify: bool = True, timeout: float | None = 30.0):
-        self._ops = _Ops(address, attach, data_channel, verify)
+                 verify: bool = True, timeout: float | None = 30.0, token: str | None = None,
+                 tls: TLS | None = None):
+        self._ops = _Ops(address, attach, data_channel, verify, token, tls)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(grpc_target(self._ops.address), options=[
-            ("grpc.max_receive_message_length", _MAX_MSG), ("grpc.max_send_message_length", _MAX_MSG)])
+        self._channel = _channel(grpc, self._ops.address, tls)
         self._stub = pb_grpc.KVTierStub(self._channel)
         self._attach_lock = threading.Lock()
 
@@ -425,9 +468,10 @@ class Client:
             if kind == "call":
                 return req[1]()
             rpc = getattr(self._stub, req[1])
+            md = self._ops.metadata
             if kind == "server_stream":
-                return list(rpc(req[2], timeout=self.timeout))
-            return rpc(req[2], timeout=self.timeout)
+                return list(rpc(req[2], timeout=self.timeout, metadata=md))
+            return rpc(req[2], timeout=self.timeout, metadata=md)
         except grpc.RpcError as e:
             raise errors.from_rpc_error(e) from None
 
@@ -523,11 +567,11 @@ class AsyncClient:
     """asyncio client with the same methods as ``Client`` (awaitable)."""
 
     def __init__(self, address: str | None = None, *, attach: bool = True, data_channel: bool = True,
-                 verify: bool = True, timeout: float | None = 30.0):
-        self._ops = _Ops(address, attach, data_channel, verify)
+                 verify: bool = True, timeout: float | None = 30.0, token: str | None = None,
+                 tls: TLS | None = None):
+        self._ops = _Ops(address, attach, data_channel, verify, token, tls)
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(grpc_target(self._ops.address), options=[
-            ("grpc.max_receive_message_length", _MAX_MSG), ("grpc.max_send_message_length", _MAX_MSG)])
+        self._channel = _channel(grpc.aio, self._ops.address, tls)
         self._stub = pb_grpc.KVTierStub(self._channel)
 
     async def _call(self, req):
@@ -536,9 +580,10 @@ class AsyncClient:
             if kind == "call":
                 return await asyncio.to_thread(req[1])
             rpc = getattr(self._stub, req[1])
+            md = self._ops.metadata
             if kind == "server_stream":
-                return [c async for c in rpc(req[2], timeout=self.timeout)]
-            return await rpc(req[2], timeout=self.timeout)
+                return [c async for c in rpc(req[2], timeout=self.timeout, metadata=md)]
+            return await rpc(req[2], timeout=self.timeout, metadata=md)
         except grpc.RpcError as e:
             raise errors.from_rpc_error(e) from None
 

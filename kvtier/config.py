@@ -102,6 +102,13 @@ class ServerConfig:
     drain_timeout_s: float = 10.0
     # "debug", "info", "warning", "error".
     log_level: str = "info"
+    # TLS for the TCP listeners (gRPC and data channel): PEM certificate chain and key.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # PEM CA bundle: when set, TCP clients must present a certificate it signed (mutual TLS).
+    tls_client_ca: str = ""
+    # Allow TCP listeners without TLS (loopback benchmarks, trusted networks only).
+    insecure_tcp: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,12 @@ class NvmeConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    # Tenants file mapping bearer tokens to namespaces and quotas (docs in kvtier/auth.py); "" = single tenant, no tokens.
+    tenants_file: str = ""
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     # Prometheus endpoint "host:port" (http://host:port/metrics); keep it on loopback. "" = off.
     listen: str = "127.0.0.1:9464"
@@ -162,6 +175,7 @@ class Config:
     ram: RamConfig = field(default_factory=RamConfig)
     nvme: NvmeConfig = field(default_factory=NvmeConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     # Resolved values (defaults that depend on the machine).
     @property
@@ -179,7 +193,8 @@ class Config:
 
 _SIZE_FIELDS = {("server", "max_message_bytes"), ("ram", "capacity"), ("ram", "max_block_bytes"),
                 ("nvme", "capacity"), ("nvme", "queue_bytes")}
-_SECTIONS = {"server": ServerConfig, "ram": RamConfig, "nvme": NvmeConfig, "metrics": MetricsConfig}
+_SECTIONS = {"server": ServerConfig, "ram": RamConfig, "nvme": NvmeConfig, "metrics": MetricsConfig,
+             "auth": AuthConfig}
 _CHOICES = {
     ("ram", "policy"): None,  # filled from kvtier.policy.POLICIES at validation
     ("server", "log_level"): ("debug", "info", "warning", "error"),
@@ -216,6 +231,13 @@ def _validate(cfg: Config) -> None:
         choices = choices or tuple(sorted(POLICIES))
         if value not in choices:
             raise ConfigError(f"{section}.{name}: {value!r} is not one of {', '.join(choices)}")
+    if (s.listen or s.data_listen) and not s.tls_cert and not s.insecure_tcp:
+        raise ConfigError("server.listen: TCP needs TLS (server.tls_cert and server.tls_key), "
+                          "or server.insecure_tcp = true for a trusted network")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise ConfigError("server.tls_cert and server.tls_key go together")
+    if s.tls_client_ca and not s.tls_cert:
+        raise ConfigError("server.tls_client_ca needs server.tls_cert and server.tls_key")
     if n.io_threads <= 0:
         raise ConfigError(f"nvme.io_threads: must be > 0, got {n.io_threads}")
     if n.retry_s < 0:

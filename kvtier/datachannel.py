@@ -13,7 +13,8 @@ Request  (24 bytes + ns + key [+ 16-byte checksum] [+ payload]):
 Response (40 bytes + message + payload):
     <4s B B H Q Q 16s magic b"KVR1", status, info, msg_len, length, req_id, checksum
 
-op: 1 PUT, 2 GET, 3 PING. flags: bit0 overwrite, bit1 checksum follows.
+op: 1 PUT, 2 GET, 3 PING, 4 HELLO (payload: bearer token; required first when
+the daemon has tenants). flags: bit0 overwrite, bit1 checksum follows.
 status: the gRPC status code number (0 OK). info: PUT: 0 stored, 1 already
 present, 2 pending elsewhere; GET: the tier (0 missing, 1 RAM).
 
@@ -29,10 +30,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Callable
 
 import grpc
 
@@ -45,7 +46,8 @@ log = logging.getLogger("kvtier.data")
 REQ = struct.Struct("<4sBBBBQQ")
 RESP = struct.Struct("<4sBBHQQ16s")
 REQ_MAGIC, RESP_MAGIC = b"KVD1", b"KVR1"
-OP_PUT, OP_GET, OP_PING = 1, 2, 3
+OP_PUT, OP_GET, OP_PING, OP_HELLO = 1, 2, 3, 4
+MAX_TOKEN = 4096
 F_OVERWRITE, F_CHECKSUM = 1, 2
 SOCK_BUF = 4 << 20
 _ZERO = bytes(CHECKSUM_SIZE)
@@ -58,8 +60,9 @@ class ProtocolError(Exception):
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
     """Fill view from sock (blocking); ConnectionError on EOF."""
     got, n = 0, len(view)
+    flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
     while got < n:
-        r = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+        r = sock.recv_into(view[got:], n - got, flags)
         if r == 0:
             raise ConnectionError("peer closed the connection")
         got += r
@@ -91,10 +94,11 @@ class DataServer:
     """Accepts data-channel connections on a Unix and/or TCP socket."""
 
     def __init__(self, hot, view: memoryview, verify: bool, unix_path: str | None = None,
-                 tcp: tuple[str, int] | None = None, socket_mode: int = 0o660,
-                 authorize: Callable[[str], None] | None = None):
+                 tcp: tuple[str, int] | None = None, socket_mode: int = 0o660, access=None, tls=None):
+        from .auth import AllowAll
         self.hot, self.view, self.verify = hot, view, verify
-        self.authorize = authorize
+        self.access = access or AllowAll()
+        self.tls = tls  # ssl.SSLContext for TCP connections, or None
         self._socks: list[socket.socket] = []
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -123,6 +127,14 @@ class DataServer:
             s.listen(128)
             threading.Thread(target=self._accept_loop, args=(s,), daemon=True, name="kvtier-data-accept").start()
 
+    def _wrap(self, conn: socket.socket) -> socket.socket:
+        if self.tls is None or conn.family == socket.AF_UNIX:
+            return conn
+        conn.settimeout(10)
+        tconn = self.tls.wrap_socket(conn, server_side=True)  # handshake; raises on a bad client cert
+        tconn.settimeout(None)
+        return tconn
+
     def _accept_loop(self, lsock: socket.socket) -> None:
         while not self._closed:
             try:
@@ -134,8 +146,20 @@ class DataServer:
                 if self._closed:
                     conn.close()
                     return
-                self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True, name="kvtier-data-conn").start()
+            threading.Thread(target=self._serve_wrapped, args=(conn,), daemon=True, name="kvtier-data-conn").start()
+
+    def _serve_wrapped(self, conn: socket.socket) -> None:
+        try:
+            conn = self._wrap(conn)
+        except (OSError, ValueError) as e:
+            log.warning("data channel: TLS handshake failed: %s", e)
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+            return
+        with self._lock:
+            self._conns.add(conn)
+        self._serve(conn)
 
     def close(self) -> None:
         self._closed = True
@@ -157,6 +181,7 @@ class DataServer:
     # ---- one connection -------------------------------------------------------------------
 
     def _serve(self, conn: socket.socket) -> None:
+        tenant = None
         hdr = bytearray(REQ.size + 255 + 255 + CHECKSUM_SIZE)
         hview = memoryview(hdr)
         scratch = memoryview(bytearray(1 << 20))
@@ -167,8 +192,25 @@ class DataServer:
                 except ConnectionError:
                     return
                 magic, op, flags, ns_len, key_len, length, req_id = REQ.unpack_from(hdr)
-                if magic != REQ_MAGIC or op not in (OP_PUT, OP_GET, OP_PING):
+                if magic != REQ_MAGIC or op not in (OP_PUT, OP_GET, OP_PING, OP_HELLO):
                     self._reply(conn, req_id, grpc.StatusCode.INVALID_ARGUMENT, "bad frame: unknown magic or op")
+                    return
+                if op == OP_HELLO:
+                    if length > MAX_TOKEN:
+                        self._reply(conn, req_id, grpc.StatusCode.INVALID_ARGUMENT, "token too long")
+                        return
+                    tok = bytearray(length)
+                    recv_exact(conn, memoryview(tok))
+                    try:
+                        tenant = self.access.identify(tok.decode("utf-8", "replace"))
+                    except errors.KvtierError as e:
+                        self._reply(conn, req_id, e.code, str(e))
+                        return
+                    self._reply(conn, req_id, grpc.StatusCode.OK, "")
+                    continue
+                if self.access.enabled and tenant is None:
+                    self._reply(conn, req_id, grpc.StatusCode.UNAUTHENTICATED,
+                                "send HELLO with a bearer token first")
                     return
                 extra = ns_len + key_len + (CHECKSUM_SIZE if flags & F_CHECKSUM else 0)
                 recv_exact(conn, hview[REQ.size:REQ.size + extra])
@@ -184,9 +226,9 @@ class DataServer:
                                     f"block of {length} bytes exceeds the largest accepted "
                                     f"({self.hot.max_block_bytes} bytes)")
                         return
-                    self._put(conn, req_id, ns, key, length, bool(flags & F_OVERWRITE), given, scratch)
+                    self._put(conn, req_id, ns, key, length, bool(flags & F_OVERWRITE), given, scratch, tenant)
                 else:
-                    self._get(conn, req_id, ns, key)
+                    self._get(conn, req_id, ns, key, tenant)
         except (ConnectionError, OSError):
             return
         except Exception:  # a bug must not kill the daemon; the connection is lost
@@ -209,12 +251,11 @@ class DataServer:
             recv_exact(conn, scratch[:k])
             n -= k
 
-    def _put(self, conn, req_id, ns, key, length, overwrite, given, scratch) -> None:
+    def _put(self, conn, req_id, ns, key, length, overwrite, given, scratch, tenant) -> None:
         try:
             check_namespace(ns)
             check_key(key)
-            if self.authorize:
-                self.authorize(ns)
+            self.access.authorize(tenant, ns)
             if length == 0:
                 raise errors.InvalidArgument("block size must be >= 1 byte")
             r = self.hot.reserve(ns, [key], [length], overwrite=overwrite)
@@ -242,12 +283,11 @@ class DataServer:
             return
         self._reply(conn, req_id, grpc.StatusCode.OK, "", info=0, digest=digest)
 
-    def _get(self, conn, req_id, ns, key) -> None:
+    def _get(self, conn, req_id, ns, key, tenant) -> None:
         try:
             check_namespace(ns)
             check_key(key)
-            if self.authorize:
-                self.authorize(ns)
+            self.access.authorize(tenant, ns)
             inline = self.hot.read_inline(ns, key)
             if inline is not None:
                 tier, data, digest = inline
@@ -283,14 +323,22 @@ class PutResult:
 class DataConnection:
     """One blocking client connection. Not thread-safe: use one per thread."""
 
-    def __init__(self, address: str, timeout: float | None = 30.0):
+    def __init__(self, address: str, timeout: float | None = 30.0, token: str | None = None, tls=None,
+                 server_hostname: str | None = None):
         fam, sa = parse_address(address)
         self.sock = socket.socket(fam, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         tune(self.sock)
         self.sock.connect(sa)
+        if tls is not None and fam != socket.AF_UNIX:
+            self.sock = tls.wrap_socket(self.sock, server_hostname=server_hostname or sa[0])
         self._hdr = bytearray(RESP.size)
         self._next = 1
+        if token:
+            tok = token.encode()
+            head, rid = self._request(OP_HELLO, "", b"", len(tok))
+            self.sock.sendall(head + tok)
+            self._response(rid)
 
     def close(self) -> None:
         self.sock.close()

@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .arena import Arena
+from .auth import AllowAll, Tenants
 from . import config as config_mod
 from .config import Config
 from .datachannel import DataServer
@@ -45,16 +46,6 @@ from .v1 import kvtier_pb2_grpc as pb_grpc
 
 log = logging.getLogger("kvtier.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVTier"].full_name
-
-
-class AllowAll:
-    """Access control when no tenants are configured: every namespace is allowed."""
-
-    def authorize(self, ns: str) -> None:
-        pass
-
-    def allowed(self, ns: str) -> bool:
-        return True
 
 
 def _socket_in_use(path: str) -> bool:
@@ -80,7 +71,7 @@ class Daemon:
         self.config_path = config_path
         self.notify = Notifier()
         self.metrics = NullMetrics()
-        self.access = AllowAll()
+        self.access = Tenants.load(cfg.auth.tenants_file) if cfg.auth.tenants_file else AllowAll()
         self.arena: Arena | None = None
         self.hot: HotTier | None = None
         self.store: Store | None = None
@@ -95,14 +86,36 @@ class Daemon:
         self._reload = threading.Event()
         self.ready = threading.Event()
 
-    def authorize(self, ns: str) -> None:
-        self.access.authorize(ns)
-
-    def allowed(self, ns: str) -> bool:
-        return self.access.allowed(ns)
-
     def stop(self) -> None:
         self._stop.set()
+
+    def _read(self, path: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+
+    def _tls_credentials(self):
+        s = self.cfg.server
+        if not s.tls_cert:
+            return None
+        ca = self._read(s.tls_client_ca) if s.tls_client_ca else None
+        return grpc.ssl_server_credentials([(self._read(s.tls_key), self._read(s.tls_cert))],
+                                           root_certificates=ca, require_client_auth=ca is not None)
+
+    def _tls_context(self):
+        import ssl
+        s = self.cfg.server
+        if not s.tls_cert:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(s.tls_cert, s.tls_key)
+        if s.tls_client_ca:
+            ctx.load_verify_locations(s.tls_client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
 
     async def startup(self) -> None:
         cfg = self.cfg
@@ -140,9 +153,11 @@ class Daemon:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.server.add_insecure_port(f"unix://{sock}")
         self.address = f"unix://{sock}"
+        creds = self._tls_credentials()
         if cfg.server.listen:
             host, port = _split_hostport(cfg.server.listen)
-            self.tcp_port = self.server.add_insecure_port(f"{host}:{port}")
+            self.tcp_port = (self.server.add_secure_port(f"{host}:{port}", creds) if creds
+                             else self.server.add_insecure_port(f"{host}:{port}"))
             if not self.tcp_port:
                 raise ConfigError(f"server.listen: cannot bind {cfg.server.listen}")
         await self.server.start()
@@ -151,7 +166,7 @@ class Daemon:
         if cfg.server.data_channel:
             tcp = _split_hostport(cfg.server.data_listen) if cfg.server.data_listen else None
             self.data = DataServer(self.store, a.view, cfg.ram.verify_on_commit, unix_path=sock + ".data", tcp=tcp,
-                                   socket_mode=mode, authorize=self.authorize)
+                                   socket_mode=mode, access=self.access, tls=self._tls_context())
             # same-node clients prefer the Unix socket; remote ones use the TCP address via Attach
             tcp_addrs = [x for x in self.data.addresses if x.startswith("tcp://")]
             self.data_address = (tcp_addrs or self.data.addresses)[0] if cfg.server.listen else self.data.addresses[0]

@@ -18,6 +18,7 @@ import xxhash
 
 from . import __version__, errors
 from .hot import checksum
+from .auth import token_from_metadata
 from .keys import CHECKSUM_SIZE, KEY_SIZES, check_key, check_namespace, unpack_keys
 from .v1 import kvtier_pb2 as pb
 from .v1 import kvtier_pb2_grpc as pb_grpc
@@ -82,9 +83,17 @@ class KVTierService(pb_grpc.KVTierServicer):
         self.cfg = daemon.cfg
         self.max_batch = daemon.cfg.server.max_batch
 
-    def _keys(self, req) -> tuple[str, list[bytes]]:
-        ns = check_namespace(req.namespace)
-        self.d.authorize(ns)
+    def _tenant(self, ctx):
+        """The caller's tenant (None when single-tenant); UNAUTHENTICATED without a valid token."""
+        return self.d.access.identify(token_from_metadata(ctx.invocation_metadata()))
+
+    def _ns(self, ns: str, ctx) -> str:
+        check_namespace(ns)
+        self.d.access.authorize(self._tenant(ctx), ns)
+        return ns
+
+    def _keys(self, req, ctx) -> tuple[str, list[bytes]]:
+        ns = self._ns(req.namespace, ctx)
         return ns, unpack_keys(req.keys, req.key_size, self.max_batch)
 
     async def _hash(self, slots: list[tuple[int, int]]) -> list[bytes]:
@@ -111,6 +120,7 @@ class KVTierService(pb_grpc.KVTierServicer):
 
     @_handler
     async def Attach(self, request, context):
+        self._tenant(context)
         a = self.d.arena
         return pb.AttachResponse(
             arena_path=a.path, arena_size=a.size, generation=a.generation, data_offset=a.data_offset,
@@ -121,7 +131,7 @@ class KVTierService(pb_grpc.KVTierServicer):
 
     @_handler
     async def Lookup(self, request, context):
-        ns, keys = self._keys(request)
+        ns, keys = self._keys(request, context)
         tiers, prefix = self.hot.lookup(ns, keys)
         return pb.LookupResponse(tiers=tiers, prefix_len=prefix)
 
@@ -132,31 +142,34 @@ class KVTierService(pb_grpc.KVTierServicer):
     @_handler
     async def Reserve(self, request, context):
         self._check_generation(request.generation)
-        ns, keys = self._keys(request)
+        ns, keys = self._keys(request, context)
         r = self.hot.reserve(ns, keys, list(request.sizes), request.ttl_ms, request.overwrite)
         return pb.ReserveResponse(reservation_id=r.reservation_id, status=r.status, offsets=r.offsets,
                                   ttl_ms=r.ttl_ms)
 
     @_handler
     async def Commit(self, request, context):
+        self._tenant(context)
         digests = await self._commit(request.reservation_id, request.checksums)
         return pb.CommitResponse(committed=len(digests) // CHECKSUM_SIZE, checksums=digests)
 
     @_handler
     async def Abort(self, request, context):
+        self._tenant(context)
         self.hot.abort(request.reservation_id)
         return pb.AbortResponse()
 
     @_handler
     async def Acquire(self, request, context):
         self._check_generation(request.generation)
-        ns, keys = self._keys(request)
+        ns, keys = self._keys(request, context)
         a = await self._acquire(ns, keys, request.lease_ms, request.prefix_only)
         return pb.AcquireResponse(lease_id=a.lease_id, tiers=a.tiers, offsets=a.offsets, lengths=a.lengths,
                                   checksums=a.checksums, lease_ms=a.lease_ms)
 
     @_handler
     async def Release(self, request, context):
+        self._tenant(context)
         self.hot.release(request.lease_id)
         return pb.ReleaseResponse()
 
@@ -171,8 +184,7 @@ class KVTierService(pb_grpc.KVTierServicer):
                     if cur is not None:
                         raise errors.InvalidArgument(f"block {len(sums)} ended after {cur[3]} of {cur[2]} bytes")
                     h = chunk.header
-                    ns = check_namespace(h.namespace)
-                    self.d.authorize(ns)
+                    ns = self._ns(h.namespace, context)
                     key = check_key(h.key)
                     if h.checksum and len(h.checksum) != CHECKSUM_SIZE:
                         raise errors.InvalidArgument(f"checksum must be {CHECKSUM_SIZE} bytes")
@@ -217,7 +229,7 @@ class KVTierService(pb_grpc.KVTierServicer):
 
     @_stream_handler
     async def Get(self, request, context):
-        ns, keys = self._keys(request)
+        ns, keys = self._keys(request, context)
         chunk = request.chunk_bytes or GET_CHUNK
         chunk = min(chunk, max(1 << 16, self.cfg.server.max_message_bytes - 1024))
         a = await self._acquire(ns, keys)
@@ -243,24 +255,24 @@ class KVTierService(pb_grpc.KVTierServicer):
 
     @_handler
     async def Delete(self, request, context):
-        ns, keys = self._keys(request)
+        ns, keys = self._keys(request, context)
         return pb.DeleteResponse(deleted=await asyncio.to_thread(self.hot.delete, ns, keys))
 
     @_handler
     async def Pin(self, request, context):
-        ns, keys = self._keys(request)
+        ns, keys = self._keys(request, context)
         return pb.PinResponse(pinned=self.hot.pin(ns, keys, request.ttl_s))
 
     @_handler
     async def Unpin(self, request, context):
-        ns, keys = self._keys(request)
+        ns, keys = self._keys(request, context)
         return pb.UnpinResponse(unpinned=self.hot.unpin(ns, keys))
 
     @_handler
     async def Stats(self, request, context):
+        tenant = self._tenant(context)
         if request.namespace:
-            check_namespace(request.namespace)
-            self.d.authorize(request.namespace)
+            self._ns(request.namespace, context)
         s = self.hot.snapshot()
         a = self.d.arena
         ram = pb.TierStats(
@@ -283,7 +295,7 @@ class KVTierService(pb_grpc.KVTierServicer):
         for name, n in sorted(s["namespaces"].items()):
             if request.namespace and name != request.namespace:
                 continue
-            if not self.d.allowed(name):
+            if not self.d.access.allowed(tenant, name):
                 continue
             nss.append(pb.NamespaceStats(
                 name=name, blocks=n.blocks, bytes=n.bytes, hits=n.hits, misses=n.misses, puts=n.puts,

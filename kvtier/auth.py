@@ -1,0 +1,170 @@
+"""Tenants, bearer tokens and namespace access.
+
+With no tenants file the daemon is single-tenant (``AllowAll``): the Unix
+socket's permissions are the boundary. With ``[auth] tenants_file`` every
+call, on every transport, must carry a bearer token (gRPC metadata
+``authorization: Bearer <token>``; on the data channel a HELLO frame) that
+maps to a tenant; a tenant sees only namespaces matching its patterns:
+Lookup, Reserve, Acquire, Get, Put, Delete, Pin, Unpin on another
+namespace are PERMISSION_DENIED, and Stats lists only its own namespaces.
+Reservation and lease ids are random 63-bit numbers, so one tenant cannot
+guess another's.
+
+Tenants file (TOML)::
+
+    [tenants.acme]
+    # SHA-256 (hex) of each accepted token: the file never holds a token itself.
+    token_sha256 = ["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"]
+    namespaces = ["acme", "acme-*"]     # fnmatch patterns
+    ram_quota = "200GiB"                # 0 or absent: no quota
+    nvme_quota = "2TiB"
+    redis_quota = "500GiB"
+
+    [tenants.ops]
+    token_sha256 = ["..."]
+    namespaces = ["*"]
+
+``kvtier token`` prints a new random token and the line to put in the file.
+Tokens never appear in logs: only the tenant's name does.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import tomllib
+from dataclasses import dataclass, field
+
+from .config import parse_size
+from .errors import ConfigError, PermissionDenied, Unauthenticated
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    token_hashes: tuple[str, ...]
+    patterns: tuple[str, ...]
+    ram_quota: int = 0
+    nvme_quota: int = 0
+    redis_quota: int = 0
+
+    def allows(self, ns: str) -> bool:
+        return any(fnmatch.fnmatchcase(ns, p) for p in self.patterns)
+
+
+class AllowAll:
+    """No tenants configured: every caller may use every namespace."""
+    enabled = False
+    tenants: dict = {}
+
+    def identify(self, token: str | None) -> Tenant | None:
+        return None
+
+    def authorize(self, tenant: Tenant | None, ns: str) -> None:
+        pass
+
+    def allowed(self, tenant: Tenant | None, ns: str) -> bool:
+        return True
+
+    def group_of(self, ns: str) -> str:
+        return ""
+
+
+@dataclass
+class Tenants:
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+    enabled = True
+
+    def __post_init__(self) -> None:
+        self._by_hash = {h: t for t in self.tenants.values() for h in t.token_hashes}
+        self._group_cache: dict[str, str] = {}
+
+    @classmethod
+    def load(cls, path: str) -> "Tenants":
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read tenants file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "tenants") -> "Tenants":
+        unknown = set(data) - {"tenants"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}; use [tenants.NAME]")
+        out: dict[str, Tenant] = {}
+        seen: dict[str, str] = {}
+        for name, t in (data.get("tenants") or {}).items():
+            at = f"{where}: tenants.{name}"
+            if not isinstance(t, dict):
+                raise ConfigError(f"{at} must be a table")
+            extra = set(t) - {"token_sha256", "namespaces", "ram_quota", "nvme_quota", "redis_quota"}
+            if extra:
+                raise ConfigError(f"{at}.{sorted(extra)[0]}: unknown setting")
+            hashes = t.get("token_sha256", [])
+            if isinstance(hashes, str):
+                hashes = [hashes]
+            if not hashes or not all(isinstance(h, str) and len(h) == 64 and _is_hex(h) for h in hashes):
+                raise ConfigError(f"{at}.token_sha256: a list of 64-hex-digit SHA-256 digests is required")
+            for h in hashes:
+                if h.lower() in seen:
+                    raise ConfigError(f"{at}.token_sha256: the same token also belongs to {seen[h.lower()]}")
+                seen[h.lower()] = name
+            pats = t.get("namespaces", [])
+            if not pats or not all(isinstance(p, str) and p for p in pats):
+                raise ConfigError(f"{at}.namespaces: a non-empty list of namespace patterns is required")
+            out[name] = Tenant(name, tuple(h.lower() for h in hashes), tuple(pats),
+                               *(parse_size(t.get(q, 0), f"{at}.{q}") for q in ("ram_quota", "nvme_quota",
+                                                                                 "redis_quota")))
+        if not out:
+            raise ConfigError(f"{where}: no [tenants.NAME] defined")
+        return cls(out)
+
+    def identify(self, token: str | None) -> Tenant:
+        if not token:
+            raise Unauthenticated("a bearer token is required (authorization: Bearer <token>)")
+        t = self._by_hash.get(hashlib.sha256(token.encode()).hexdigest())
+        if t is None:
+            raise Unauthenticated("unknown token")
+        return t
+
+    def authorize(self, tenant: Tenant, ns: str) -> None:
+        if not tenant.allows(ns):
+            raise PermissionDenied(f"tenant {tenant.name} may not use namespace {ns!r}")
+
+    def allowed(self, tenant: Tenant | None, ns: str) -> bool:
+        return tenant is not None and tenant.allows(ns)
+
+    def group_of(self, ns: str) -> str:
+        """The tenant owning a namespace (the first whose patterns match), for quotas."""
+        g = self._group_cache.get(ns)
+        if g is None:
+            g = next((t.name for t in self.tenants.values() if t.allows(ns)), "")
+            if len(self._group_cache) < 100_000:
+                self._group_cache[ns] = g
+        return g
+
+
+def _is_hex(s: str) -> bool:
+    try:
+        bytes.fromhex(s)
+        return True
+    except ValueError:
+        return False
+
+
+def token_from_metadata(metadata) -> str | None:
+    for k, v in metadata or ():
+        if k == "authorization":
+            v = v.decode() if isinstance(v, bytes) else v
+            return v[7:].strip() if v[:7].lower() == "bearer " else None
+    return None
+
+
+def new_token() -> tuple[str, str]:
+    """A random token and its SHA-256 for the tenants file."""
+    import secrets
+    tok = secrets.token_urlsafe(32)
+    return tok, hashlib.sha256(tok.encode()).hexdigest()

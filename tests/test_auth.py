@@ -1,0 +1,196 @@
+"""Tenants, tokens and TLS: isolation for every RPC, on every transport."""
+import hashlib
+import os
+import subprocess
+
+import grpc
+import pytest
+
+from kvtier import errors
+from kvtier.client import TLS, Client
+from kvtier.v1 import kvtier_pb2 as pb
+from kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+
+TOKEN_A, TOKEN_B = "token-of-a-" + "x" * 20, "token-of-b-" + "y" * 20
+
+
+def _sha(t):
+    return hashlib.sha256(t.encode()).hexdigest()
+
+
+@pytest.fixture
+def tenants_file(tmp_path):
+    p = tmp_path / "tenants.toml"
+    p.write_text(f'[tenants.a]\ntoken_sha256 = ["{_sha(TOKEN_A)}"]\nnamespaces = ["a-*"]\n'
+                 f'[tenants.b]\ntoken_sha256 = ["{_sha(TOKEN_B)}"]\nnamespaces = ["b-*", "shared"]\n')
+    return str(p)
+
+
+@pytest.fixture
+def secured(make_daemon, tenants_file):
+    return make_daemon(auth={"tenants_file": tenants_file})
+
+
+KEY = bytes(range(16))
+
+
+def _calls(stub, ns):
+    """One call of every namespaced RPC, for the namespace ns."""
+    packed = dict(namespace=ns, key_size=16, keys=KEY)
+    return {
+        "Lookup": lambda md: stub.Lookup(pb.LookupRequest(**packed), metadata=md),
+        "Reserve": lambda md: stub.Reserve(pb.ReserveRequest(sizes=[10], **packed), metadata=md),
+        "Acquire": lambda md: stub.Acquire(pb.AcquireRequest(**packed), metadata=md),
+        "Get": lambda md: list(stub.Get(pb.GetRequest(**packed), metadata=md)),
+        "Put": lambda md: stub.Put(iter([pb.PutChunk(header=pb.PutHeader(namespace=ns, key=KEY, length=3),
+                                                     data=b"abc")]), metadata=md),
+        "Delete": lambda md: stub.Delete(pb.DeleteRequest(**packed), metadata=md),
+        "Pin": lambda md: stub.Pin(pb.PinRequest(**packed), metadata=md),
+        "Unpin": lambda md: stub.Unpin(pb.UnpinRequest(**packed), metadata=md),
+        "Stats": lambda md: stub.Stats(pb.StatsRequest(namespace=ns), metadata=md),
+    }
+
+
+def _md(tok):
+    return (("authorization", f"Bearer {tok}"),)
+
+
+def test_every_rpc_is_isolated(secured):
+    with Client(secured.address, token=TOKEN_B) as b:
+        b.put("b-one", KEY, b"secret of b")
+    ch = grpc.insecure_channel(secured.address)
+    stub = pb_grpc.KVTierStub(ch)
+    for name, call in _calls(stub, "b-one").items():
+        with pytest.raises(grpc.RpcError) as e:
+            call(_md(TOKEN_A))
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+        with pytest.raises(grpc.RpcError) as e:
+            call(None)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+        with pytest.raises(grpc.RpcError) as e:
+            call(_md("not-a-token"))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+    for name in ("Attach", "Stats"):
+        with pytest.raises(grpc.RpcError) as e:
+            getattr(stub, name)(getattr(pb, f"{name}Request")())
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    ch.close()
+    with Client(secured.address, token=TOKEN_B) as b:  # nothing of b's changed
+        assert b.get("b-one", KEY) == b"secret of b"
+
+
+def test_stats_lists_only_own_namespaces(secured):
+    with Client(secured.address, token=TOKEN_A) as a, Client(secured.address, token=TOKEN_B) as b:
+        a.put("a-x", KEY, b"1")
+        b.put("b-y", KEY, b"2")
+        assert [n.name for n in a.stats().namespaces] == ["a-x"]
+        assert [n.name for n in b.stats().namespaces] == ["b-y"]
+
+
+@pytest.mark.parametrize("kw", [{}, {"attach": False}, {"attach": False, "data_channel": False}],
+                         ids=["arena", "data", "grpc"])
+def test_paths_with_tokens(secured, kw):
+    with Client(secured.address, token=TOKEN_A, **kw) as a:
+        a.put("a-p", KEY, b"hello")
+        assert a.get("a-p", KEY) == b"hello"
+        with pytest.raises(errors.PermissionDenied):
+            a.put("b-p", KEY, b"nope")
+        with pytest.raises(errors.PermissionDenied):
+            a.get_many("b-p", [KEY])
+    with pytest.raises(errors.Unauthenticated):
+        Client(secured.address, **kw).put("a-p", KEY, b"x")
+
+
+def test_data_channel_requires_hello(secured):
+    from kvtier.datachannel import DataConnection
+    with Client(secured.address, token=TOKEN_A) as a:
+        addr = a.info.data_address
+    c = DataConnection(addr)
+    res = c.put_many("a-p", [(KEY, b"abc")])
+    assert isinstance(res[0], errors.Unauthenticated) or res == []
+    with pytest.raises(errors.Unauthenticated):
+        DataConnection(addr, token="wrong")
+    ok = DataConnection(addr, token=TOKEN_A)
+    assert ok.put_many("a-p", [(KEY, b"abc")])[0].status in (0, 1)
+    assert isinstance(ok.put_many("b-p", [(KEY, b"abc")])[0], errors.PermissionDenied)
+
+
+def test_tenants_file_errors(tmp_path):
+    from kvtier.auth import Tenants
+    bad = {"tenants": {"x": {"token_sha256": ["nothex"], "namespaces": ["x"]}}}
+    with pytest.raises(errors.ConfigError, match="token_sha256"):
+        Tenants.from_dict(bad)
+    with pytest.raises(errors.ConfigError, match="namespaces"):
+        Tenants.from_dict({"tenants": {"x": {"token_sha256": [_sha("t")]}}})
+    with pytest.raises(errors.ConfigError, match="also belongs"):
+        Tenants.from_dict({"tenants": {"x": {"token_sha256": [_sha("t")], "namespaces": ["x"]},
+                                       "y": {"token_sha256": [_sha("t")], "namespaces": ["y"]}}})
+    with pytest.raises(errors.ConfigError, match="ram_quota"):
+        Tenants.from_dict({"tenants": {"x": {"token_sha256": [_sha("t")], "namespaces": ["x"], "ram_quota": "lots"}}})
+
+
+def test_tcp_requires_tls_or_explicit_insecure():
+    from kvtier import config
+    with pytest.raises(errors.ConfigError, match="TLS"):
+        config.from_dict({"server": {"listen": "127.0.0.1:7000"}})
+    config.from_dict({"server": {"listen": "127.0.0.1:7000", "insecure_tcp": True}})
+
+
+# ---- TLS --------------------------------------------------------------------------------------
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=kvtier-test-ca",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
+    (d / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "2", "-extfile", "san.cnf", "-out", f"{name}.pem", cwd=d)
+    return d
+
+
+def _tls_daemon(make_daemon, pki, mutual):
+    server = {"listen": "127.0.0.1:0", "data_listen": "127.0.0.1:0",
+              "tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key")}
+    if mutual:
+        server["tls_client_ca"] = str(pki / "ca.pem")
+    return make_daemon(server=server)
+
+
+@pytest.mark.parametrize("data_channel", [True, False], ids=["data", "grpc"])
+def test_tls(make_daemon, pki, data_channel):
+    d = _tls_daemon(make_daemon, pki, mutual=False)
+    tls = TLS(ca=str(pki / "ca.pem"))
+    with Client(d.tcp_address, tls=tls, attach=False, data_channel=data_channel, timeout=5) as c:
+        c.put("t", KEY, b"over tls" * 1000)
+        assert c.get("t", KEY) == b"over tls" * 1000
+        assert c.path == ("data" if data_channel else "grpc")
+    with pytest.raises(errors.KvtierError):  # plaintext to a TLS port fails
+        Client(d.tcp_address, attach=False, timeout=2).stats()
+
+
+def test_mutual_tls(make_daemon, pki):
+    d = _tls_daemon(make_daemon, pki, mutual=True)
+    good = TLS(ca=str(pki / "ca.pem"), cert=str(pki / "client.pem"), key=str(pki / "client.key"))
+    with Client(d.tcp_address, tls=good, attach=False, timeout=5) as c:
+        c.put("t", KEY, b"mutual")
+        assert c.get("t", KEY) == b"mutual" and c.path == "data"
+    with pytest.raises(errors.KvtierError):
+        Client(d.tcp_address, tls=TLS(ca=str(pki / "ca.pem")), attach=False, timeout=2).stats()
+
+
+def test_example_tenants_file_loads():
+    import pathlib
+    from kvtier.auth import Tenants
+    t = Tenants.load(str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "tenants.example.toml"))
+    assert set(t.tenants) == {"acme", "globex", "ops"}
+    assert t.tenants["acme"].ram_quota == 400 << 30
+    assert t.group_of("acme-eu") == "acme" and t.group_of("globex-1") == "globex"
+    assert t.identify("test").name == "acme"  # sha256("test") is acme's example digest
