@@ -188,20 +188,24 @@ class _Ops:
                               server_hostname=self.tls.server_name if self.tls else None)
 
     def _data(self, fn):
-        """Run fn(conn) on a pooled data connection; a broken connection is dropped."""
+        """Run fn(conn) on a pooled data connection; a broken connection is dropped, and the
+        call is tried once more on a fresh one (puts and gets are idempotent)."""
         def call():
-            conn = self._data_conn()
-            try:
-                out = fn(conn)
-            except (OSError, ConnectionError) as e:
-                conn.close()
-                raise errors.Unavailable(f"data channel: {e}") from None
-            except BaseException:
-                conn.close()
-                raise
-            with self._pool_lock:
-                self._pool.append(conn)
-            return out
+            for attempt in (0, 1):
+                conn = self._data_conn()
+                try:
+                    out = fn(conn)
+                except (OSError, ConnectionError) as e:
+                    conn.close()
+                    if attempt:
+                        raise errors.Unavailable(f"data channel: {e}") from None
+                    continue
+                except BaseException:
+                    conn.close()
+                    raise
+                with self._pool_lock:
+                    self._pool.append(conn)
+                return out
         return call
 
     def _stale_retry(self, op, *args):
@@ -302,14 +306,18 @@ class _Ops:
                 out += yield from self._stale_retry(self._arena_put, ns, keys[i:j], datas[i:j], overwrite)
             return out
         if self.path == "data":
+            limit = self.info.max_block_bytes
+            for d in datas:  # the server would refuse and close the connection mid-send
+                if limit and len(d) > limit:
+                    raise errors.TooLarge(f"block of {len(d)} bytes exceeds the largest accepted ({limit} bytes)")
             res = yield ("call", self._data(lambda c: c.put_many(ns, list(zip(keys, datas)), overwrite)))
             for r in res:
                 if isinstance(r, errors.KvtierError):
                     raise r
             return [r.status == 0 for r in res]
-        r = yield ("client_stream", "Put", _put_chunks(ns, keys, datas, overwrite))
-        # the stream reports how many were newly stored, not which; present ones were skipped
-        return [True] * r.stored + [False] * (len(keys) - r.stored)
+        chunk = max(4096, min(PUT_CHUNK, (self.info.max_message_bytes or PUT_CHUNK) - 4096))
+        r = yield ("client_stream", "Put", _put_chunks(ns, keys, datas, overwrite, chunk))
+        return [s == 0 for s in r.status]
 
     def _arena_get(self, ns, keys, into):
         lease = yield from self.op_acquire(ns, keys)
@@ -433,12 +441,12 @@ class _Ops:
             self.arena = None
 
 
-def _put_chunks(ns, keys, datas, overwrite):
+def _put_chunks(ns, keys, datas, overwrite, chunk=PUT_CHUNK):
     for k, d in zip(keys, datas):
         first = True
         n = len(d)
-        for p in range(0, max(n, 1), PUT_CHUNK):
-            data = bytes(d[p:p + PUT_CHUNK])
+        for p in range(0, max(n, 1), chunk):
+            data = bytes(d[p:p + chunk])
             if first:
                 yield pb.PutChunk(header=pb.PutHeader(namespace=ns, key=k, length=n, overwrite=overwrite), data=data)
                 first = False

@@ -120,7 +120,8 @@ class Dir:
     path: str
     capacity: int
     direct: bool = False
-    used: int = 0
+    used: int = 0        # bytes of files, written or being written
+    inflight: int = 0    # of which: bytes of writes not finished yet
     lru: OrderedDict = field(default_factory=OrderedDict)  # (ns, key) -> bytes on disk
     degraded_until: float = 0.0
     degraded_reason: str = ""
@@ -184,7 +185,7 @@ class ColdTier:
                             continue
                         try:
                             meta, size, mtime = self._read_header(e.path)
-                        except (CorruptRecord, OSError):
+                        except (CorruptRecord, OSError, ValueError):
                             self._unlink(e.path)
                             self.stats.corrupt_removed += 1
                             continue
@@ -211,7 +212,7 @@ class ColdTier:
             head = os.pread(fd, 512, 0)
         finally:
             os.close(fd)
-        meta = record.with_header_size(record.decode_header(head), aligned=True)
+        meta = record.decode_header(head)
         if st.st_size != meta.total_len:
             raise CorruptRecord(f"file is {st.st_size} bytes, header says {meta.total_len}")
         return meta, st.st_size, st.st_mtime
@@ -273,8 +274,12 @@ class ColdTier:
                 self.stats.dropped_writes += 1
                 return False
             d = self.dirs[di]
+            if d.inflight + size > d.capacity:  # the room is taken by writes in flight
+                self.stats.dropped_writes += 1
+                return False
             doomed = self._make_room(d, size)
-            d.used += size  # reserved now so concurrent writers respect the bound
+            d.used += size  # counted now so concurrent writers respect the bound
+            d.inflight += size
             self._writing.add(k)
         for p in doomed:
             self._unlink(p)
@@ -296,6 +301,7 @@ class ColdTier:
         finally:
             with self.lock:
                 self._writing.discard(k)
+                d.inflight -= size
                 if ok:
                     self._index[k] = di
                     d.lru[k] = size
@@ -379,7 +385,9 @@ class ColdTier:
         try:
             head = self._scratch.header()
             got = os.preadv(fd, [memoryview(head)[:PAGE]], 0)
-            meta = record.with_header_size(record.decode_header(memoryview(head)[:got]), aligned=True)
+            meta = record.decode_header(memoryview(head)[:got])
+            if meta.header_size % PAGE and d.direct:
+                raise CorruptRecord(f"header size {meta.header_size} is not page-aligned")
             if (meta.ns, meta.key) != k:
                 raise CorruptRecord("header names another block")
             if meta.expires_ms and meta.expires_ms < time.time() * 1000:
@@ -406,7 +414,7 @@ class ColdTier:
                     raise CorruptRecord(f"truncated: {got} of {meta.stored_len} bytes")
                 out[:meta.raw_len] = record.decompress(meta.codec, memoryview(tmp)[:meta.stored_len], meta.raw_len)
             record.verify(meta, out[:meta.raw_len])
-        except CorruptRecord as e:
+        except (CorruptRecord, ValueError) as e:
             log.warning("nvme %s: %s; removed", path, e)
             self.stats.checksum_failures += 1
             self._drop(k, path, corrupt=True)
@@ -513,7 +521,7 @@ def verify_file(path: str) -> Meta:
     with open(path, "rb") as f:
         data = f.read()
     meta = record.decode_header(data)
-    hs = record.header_size(meta.ns, meta.key, aligned=True)
+    hs = meta.header_size
     if len(data) != hs + meta.stored_len:
         raise CorruptRecord(f"file is {len(data)} bytes, header says {hs + meta.stored_len}")
     if parse_name(os.path.basename(path)) != (meta.ns, meta.key):
@@ -541,7 +549,7 @@ def check_dir(path: str, repair: bool = False) -> CheckReport:
                     meta = verify_file(p)
                     rep.ok += 1
                     rep.bytes += meta.raw_len
-                except (CorruptRecord, OSError) as e:
+                except (CorruptRecord, OSError, ValueError) as e:
                     rep.corrupt.append((p, str(e)))
     if repair:
         for p in rep.orphans + [p for p, _ in rep.corrupt]:

@@ -50,6 +50,7 @@ OP_PUT, OP_GET, OP_PING, OP_HELLO = 1, 2, 3, 4
 MAX_TOKEN = 4096
 F_OVERWRITE, F_CHECKSUM = 1, 2
 SOCK_BUF = 4 << 20
+PAYLOAD_TIMEOUT_S = 60.0
 _ZERO = bytes(CHECKSUM_SIZE)
 
 
@@ -258,7 +259,7 @@ class DataServer:
             self.access.authorize(tenant, ns)
             if length == 0:
                 raise errors.InvalidArgument("block size must be >= 1 byte")
-            r = self.hot.reserve(ns, [key], [length], overwrite=overwrite)
+            r = self.hot.reserve(ns, [key], [length], overwrite=overwrite, expires=False)
         except errors.KvtierError as e:
             self._drain(conn, length, scratch)
             self._reply(conn, req_id, e.code, str(e))
@@ -269,7 +270,9 @@ class DataServer:
             return
         off = r.offsets[0]
         try:
+            conn.settimeout(PAYLOAD_TIMEOUT_S)  # a client stalled mid-payload must not hold the slot forever
             recv_exact(conn, self.view[off:off + length])
+            conn.settimeout(None)
         except BaseException:
             self.hot.discard(r.reservation_id)
             raise

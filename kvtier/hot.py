@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import OrderedDict
 import secrets
 import threading
 import time
@@ -53,6 +54,13 @@ TIER_MISSING, TIER_RAM = 0, 1
 FOREVER = float("inf")
 
 
+class _RandomIds:
+    """Random non-zero 63-bit ids: another client (or tenant) cannot guess a live one."""
+
+    def __next__(self) -> int:
+        return secrets.randbits(63) | 1
+
+
 def checksum(buf) -> bytes:
     """xxh3-128 digest, 16 bytes, canonical (big-endian) form."""
     return xxhash.xxh3_128_digest(buf)
@@ -69,7 +77,7 @@ class Block:
     created: float = 0.0
     leases: int = 0
     pin_until: float = 0.0
-    replaced: bool = False  # committed over an older block of the same key
+    overwrite: bool = False  # committed by an overwrite: copies in lower tiers are stale
 
 
 @dataclass(slots=True, eq=False)
@@ -79,6 +87,7 @@ class Reservation:
     blocks: list[Block]
     expires: float
     overwrite: bool
+    ttl: float = 0.0  # seconds; also how long its slots stay quarantined if it expires
     state: int = RESERVED
 
 
@@ -137,8 +146,12 @@ class HotTier:
         self._leases: dict[int, Lease] = {}
         self._deadlines: list[tuple[float, int, int]] = []  # (expires, kind, id); kind 0 res, 1 lease
         self._pins: list[tuple[float, int, Block]] = []      # (pin_until, seq, block)
+        # Slots of expired reservations are not reused at once: a writer that is merely slow must
+        # not land its bytes in another block's slot. They are freed after another TTL.
+        self._quarantine: list[tuple[float, int, Block]] = []
+        self._ended: OrderedDict[int, str] = OrderedDict()  # recent reservation id -> how it ended
         self._seq = itertools.count()
-        self._ids = itertools.count(secrets.randbits(40) << 20 | 1)
+        self._ids = _RandomIds()
         self.ns_stats: dict[str, NsStats] = {}
         self.evictable_bytes = 0
         self.reserved_bytes = 0
@@ -246,25 +259,39 @@ class HotTier:
             if kind == 0:
                 r = self._reservations.get(id_)
                 if r is not None and r.state == RESERVED and r.expires <= now:
-                    self._end_reservation(r)
+                    self._end_reservation(r, "expired", now)
                     self.expired_reservations += 1
             else:
                 lease = self._leases.get(id_)
                 if lease is not None and lease.expires <= now:
                     self._end_lease(lease)
                     self.expired_leases += 1
+        while self._quarantine and self._quarantine[0][0] <= now:
+            _, _, b = heapq.heappop(self._quarantine)
+            self._free(b)
+            self.reserved_bytes -= self.alloc.round(b.length)
         while self._pins and self._pins[0][0] <= now:
             until, _, b = heapq.heappop(self._pins)
             if b.pin_until == until and b.state == COMMITTED:
                 self._unpin(b)
 
-    def _end_reservation(self, r: Reservation) -> None:
+    def _end_reservation(self, r: Reservation, how: str, now: float | None = None) -> None:
+        """End an uncommitted reservation ("aborted", or "expired" at now: slots quarantined)."""
         del self._reservations[r.id]
+        self._remember(r.id, how)
         r.state = DOOMED
         for b in r.blocks:
             self._pending.pop((b.ns, b.key), None)
-            self._free(b)
-            self.reserved_bytes -= self.alloc.round(b.length)
+            if now is None:
+                self._free(b)
+                self.reserved_bytes -= self.alloc.round(b.length)
+            else:
+                heapq.heappush(self._quarantine, (now + r.ttl, next(self._seq), b))
+
+    def _remember(self, rid: int, how: str) -> None:
+        self._ended[rid] = how
+        if len(self._ended) > 65536:
+            self._ended.popitem(last=False)
 
     def _end_lease(self, lease: Lease) -> None:
         del self._leases[lease.id]
@@ -321,7 +348,11 @@ class HotTier:
         return tiers, (len(keys) if prefix < 0 else prefix)
 
     def reserve(self, ns: str, keys: Sequence[bytes], sizes: Sequence[int], ttl_ms: int = 0,
-                overwrite: bool = False) -> Reserved:
+                overwrite: bool = False, present: Callable[[str, bytes], bool] | None = None,
+                expires: bool = True) -> Reserved:
+        """Slots for the keys that need writing. ``present(ns, key)``: also report keys held by a
+        lower tier as RESERVE_PRESENT (unless overwrite). ``expires=False``: the daemon itself
+        writes the slots (inline puts) and always ends the reservation; it never times out."""
         if len(sizes) != len(keys):
             raise InvalidArgument(f"{len(keys)} keys but {len(sizes)} sizes")
         for n in sizes:
@@ -334,14 +365,21 @@ class HotTier:
             now = self.clock()
             status = bytearray(len(keys))
             offsets = [0] * len(keys)
-            r = Reservation(next(self._ids), ns, [], now + ttl / 1000, overwrite)
+            need = sum(self.alloc.round(n) for k, n in zip(keys, sizes)
+                       if (ns, k) not in self._pending and (overwrite or (ns, k) not in self._index))
+            if need > self.alloc.free_bytes + self.evictable_bytes:
+                self._expire(now)
+                if need > self.alloc.free_bytes + self.evictable_bytes:  # evict nothing for a batch that cannot fit
+                    raise ArenaFull(f"no room for {need} bytes: {self.alloc.free_bytes} free, "
+                                    f"{self.evictable_bytes} evictable; the rest is pinned, leased or reserved")
+            r = Reservation(next(self._ids), ns, [], now + ttl / 1000 if expires else FOREVER, overwrite, ttl / 1000)
             try:
                 for i, (k, n) in enumerate(zip(keys, sizes)):
                     kk = (ns, k)
                     if kk in self._pending:
                         status[i] = RESERVE_PENDING
                         continue
-                    if not overwrite and kk in self._index:
+                    if not overwrite and (kk in self._index or (present is not None and present(ns, k))):
                         status[i] = RESERVE_PRESENT
                         continue
                     b = Block(ns, k, self._alloc(n), n)
@@ -354,7 +392,8 @@ class HotTier:
                 raise
             if r.blocks:
                 self._reservations[r.id] = r
-                heapq.heappush(self._deadlines, (r.expires, 0, r.id))
+                if expires:
+                    heapq.heappush(self._deadlines, (r.expires, 0, r.id))
             return Reserved(r.id if r.blocks else 0, bytes(status), offsets, list(sizes), ttl)
 
     def _end_reservation_unregistered(self, r: Reservation) -> None:
@@ -366,11 +405,14 @@ class HotTier:
     def _get_reservation(self, rid: int, now: float) -> Reservation:
         r = self._reservations.get(rid)
         if r is None:
+            how = self._ended.get(rid)
+            if how in ("committed", "aborted"):
+                raise FailedPrecondition(f"reservation {rid} was already {how}")
             raise UnknownReservation(f"reservation {rid} is unknown or expired")
         if r.state != RESERVED:
             raise FailedPrecondition(f"reservation {rid} is already being committed")
         if r.expires <= now:
-            self._end_reservation(r)
+            self._end_reservation(r, "expired", now)
             self.expired_reservations += 1
             raise UnknownReservation(f"reservation {rid} expired")
         return r
@@ -409,10 +451,11 @@ class HotTier:
             elif given_l is not None:
                 bad = [i for i in range(n) if given_l[i] != computed[i]]
                 if bad:
-                    self._end_reservation(r)
+                    self._end_reservation(r, "aborted")
                     raise DataLoss(f"checksum mismatch for {len(bad)} of {n} blocks (first at position {bad[0]}); "
                                    f"nothing committed")
             del self._reservations[r.id]
+            self._remember(r.id, "committed")
             r.state = COMMITTED
             now = time.time()
             for b, c in zip(r.blocks, computed):
@@ -422,7 +465,7 @@ class HotTier:
                 old = self._index.get(kk)
                 if old is not None:
                     self._drop(old)
-                    b.replaced = True
+                b.overwrite = r.overwrite
                 b.checksum, b.state, b.created = c, COMMITTED, now
                 self._index[kk] = b
                 self._policy_add(b)
@@ -439,14 +482,14 @@ class HotTier:
     def abort(self, rid: int) -> None:
         with self.lock:
             r = self._get_reservation(rid, self.clock())
-            self._end_reservation(r)
+            self._end_reservation(r, "aborted")
 
     def discard(self, rid: int) -> None:
         """End a reservation in any state short of committed; unknown ids are ignored."""
         with self.lock:
             r = self._reservations.get(rid)
             if r is not None:
-                self._end_reservation(r)
+                self._end_reservation(r, "aborted")
 
     def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False,
                 lease_id: int = 0, count_misses: bool = True) -> Acquired:
@@ -467,14 +510,17 @@ class HotTier:
                     if prefix_only:
                         break
                     continue
-                self._hold(b)
-                self.policy.touch((ns, k))
+                self._hold(b)  # out of the policy while leased; counted as an access when it returns
                 blocks.append(b)
                 tiers[i] = TIER_RAM
                 offsets[i], lengths[i], sums[i] = b.offset, b.length, b.checksum
                 s.hits += 1
                 s.get_bytes += b.length
             existing = self._leases.get(lease_id) if lease_id else None
+            if lease_id and (existing is None or existing.expires <= now):
+                for b in blocks:  # the lease to join is gone: take nothing
+                    self._unhold(b)
+                raise UnknownLease(f"lease {lease_id} is unknown or expired")
             lease_id = 0
             if existing is not None:
                 existing.blocks.extend(blocks)

@@ -12,7 +12,8 @@
     40     8     created, unix milliseconds
     48     8     expires, unix milliseconds (0: never)
     56     1     pin class (0: none)
-    57     3     reserved (0)
+    57     1     reserved (0)
+    58     2     header size: bytes before the payload, padding included
     60     4     xxh32 of bytes 0..59 and the namespace and key (header check)
     64     N     namespace (UTF-8)
     64+N   K     key
@@ -35,7 +36,7 @@ import xxhash
 
 MAGIC = b"KVTB"
 VERSION = 1
-FIXED = struct.Struct("<4sBBBBQQ16sQQB3x")
+FIXED = struct.Struct("<4sBBBBQQ16sQQBxH")
 HEADER_CHECK = struct.Struct("<I")
 FIXED_SIZE = FIXED.size + HEADER_CHECK.size  # 64
 CODEC_RAW, CODEC_LZ4, CODEC_SHUFFLE_LZ4 = 0, 1, 2
@@ -72,11 +73,11 @@ def header_size(ns: str, key: bytes, aligned: bool) -> int:
 
 def encode_header(meta: Meta, aligned: bool) -> bytes:
     nsb = meta.ns.encode()
+    size = header_size(meta.ns, meta.key, aligned)
     fixed = FIXED.pack(MAGIC, VERSION, meta.codec, len(nsb), len(meta.key), meta.raw_len, meta.stored_len,
-                       meta.checksum, meta.created_ms, meta.expires_ms, meta.pin_class)
+                       meta.checksum, meta.created_ms, meta.expires_ms, meta.pin_class, size)
     check = xxhash.xxh32_intdigest(fixed + nsb + meta.key)
     head = fixed + HEADER_CHECK.pack(check) + nsb + meta.key
-    size = header_size(meta.ns, meta.key, aligned)
     return head + bytes(size - len(head))
 
 
@@ -85,7 +86,7 @@ def decode_header(buf) -> Meta:
     mv = memoryview(buf)
     if len(mv) < FIXED_SIZE:
         raise CorruptRecord("truncated header")
-    magic, version, codec, n, k, raw_len, stored_len, digest, created, expires, pin = FIXED.unpack_from(mv, 0)
+    magic, version, codec, n, k, raw_len, stored_len, digest, created, expires, pin, hs = FIXED.unpack_from(mv, 0)
     if magic != MAGIC or version != VERSION:
         raise CorruptRecord("bad magic or version")
     if len(mv) < FIXED_SIZE + n + k:
@@ -100,7 +101,8 @@ def decode_header(buf) -> Meta:
         ns = names[:n].decode()
     except UnicodeDecodeError:
         raise CorruptRecord("namespace is not UTF-8") from None
-    hs = FIXED_SIZE + n + k
+    if hs < FIXED_SIZE + n + k:
+        raise CorruptRecord(f"header size {hs} is too small")
     return Meta(ns, names[n:], raw_len, stored_len, digest, codec, created, expires, pin, hs)
 
 
@@ -137,14 +139,15 @@ def compress(codec: int, data) -> bytes:
 
 
 def decompress(codec: int, payload, raw_len: int) -> bytes:
+    if codec not in (CODEC_LZ4, CODEC_SHUFFLE_LZ4):
+        raise CorruptRecord(f"codec {codec} does not decompress")
     try:
-        if codec == CODEC_LZ4:
-            return lz4.block.decompress(payload, uncompressed_size=raw_len)
-        if codec == CODEC_SHUFFLE_LZ4:
-            return unshuffle2(lz4.block.decompress(payload, uncompressed_size=raw_len), raw_len)
-    except lz4.block.LZ4BlockError as e:
+        out = lz4.block.decompress(payload, uncompressed_size=raw_len)
+    except Exception as e:  # a damaged stream may fail in many ways: all are corruption
         raise CorruptRecord(f"payload does not decompress: {e}") from None
-    raise CorruptRecord(f"codec {codec} does not decompress")
+    if len(out) != raw_len:
+        raise CorruptRecord(f"payload decompresses to {len(out)} bytes, header says {raw_len}")
+    return unshuffle2(out, raw_len) if codec == CODEC_SHUFFLE_LZ4 else out
 
 
 def choose_payload(codec: int, data, min_saving: float = 0.1) -> tuple[int, object]:

@@ -176,6 +176,7 @@ class KVTierService(pb_grpc.KVTierServicer):
     @_handler
     async def Put(self, request_iterator, context):
         sums: list[bytes] = []
+        status = bytearray()
         stored = 0
         cur = None  # [rid or 0, offset, length, written, hasher, given]
         try:
@@ -190,7 +191,8 @@ class KVTierService(pb_grpc.KVTierServicer):
                         raise errors.InvalidArgument(f"checksum must be {CHECKSUM_SIZE} bytes")
                     if h.length == 0:
                         raise errors.InvalidArgument("block size must be >= 1 byte")
-                    r = self.hot.reserve(ns, [key], [h.length], overwrite=h.overwrite)
+                    r = self.hot.reserve(ns, [key], [h.length], overwrite=h.overwrite, expires=False)
+                    status.append(r.status[0])
                     cur = [r.reservation_id, r.offsets[0], h.length, 0, xxhash.xxh3_128(), h.checksum]
                 elif cur is None:
                     raise errors.InvalidArgument("data before the first header")
@@ -225,7 +227,7 @@ class KVTierService(pb_grpc.KVTierServicer):
         finally:
             if cur is not None and cur[0]:
                 self.hot.discard(cur[0])
-        return pb.PutResponse(checksums=b"".join(sums), stored=stored)
+        return pb.PutResponse(checksums=b"".join(sums), stored=stored, status=bytes(status))
 
     @_stream_handler
     async def Get(self, request, context):

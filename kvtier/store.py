@@ -90,9 +90,10 @@ class Store:
             self.io = None
         self.write_at_commit = bool(n.dirs) and n.write_policy == "commit"
         self.promote_first = n.promote == "first"
-        self.queue_limit = n.queue_bytes
+        # a stuck disk must not hold most of RAM: at most half the arena waits for writing
+        self.queue_limit = min(n.queue_bytes, hot.alloc.capacity // 2)
         self.queued_bytes = 0
-        self._queued: set[tuple[str, bytes]] = set()
+        self._queued: dict[tuple[str, bytes], bool] = {}  # key -> cancelled (deleted/overwritten meanwhile)
         self._seen_once: dict[tuple[str, bytes], None] = {}
         self._qlock = threading.Lock()
         self.demotions = 0
@@ -132,14 +133,27 @@ class Store:
         if self.queued_bytes + n > self.queue_limit:
             self.dropped_writes += 1
             return False
-        self._queued.add(k)
+        self._queued[k] = False
         self.queued_bytes += n
         return True
 
+    def _finish(self, k, n: int) -> bool:
+        """A queued write is done; True if the key was deleted or overwritten meanwhile."""
+        with self._qlock:
+            self.queued_bytes -= n
+            return self._queued.pop(k, False)
+
+    def _forget_lower(self, ns: str, key: bytes) -> bool:
+        """Drop the NVMe copy and cancel a queued write of it (delete, overwrite)."""
+        with self._qlock:
+            if (ns, key) in self._queued:
+                self._queued[(ns, key)] = True
+        return self.cold.delete(ns, key)
+
     def _on_commit(self, blocks: list[Block]) -> list[Block]:  # hot lock held
         for b in blocks:
-            if b.replaced:  # the NVMe copy is the old content now
-                self.cold.delete(b.ns, b.key)
+            if b.overwrite:  # the NVMe copy, if any, is the old content now
+                self._forget_lower(b.ns, b.key)
         if not self.write_at_commit:
             return []
         held = []
@@ -154,17 +168,13 @@ class Store:
     def _write_held(self, b: Block) -> None:
         k = (b.ns, b.key)
         try:
-            if b.state != DOOMED:
-                slot = self.view[b.offset:b.offset + self.hot.alloc.round(b.length)]
-                self.cold.write(b.ns, b.key, slot, b.length, b.checksum)
-                if b.state == DOOMED:  # deleted or replaced while we wrote: do not resurrect it
-                    self.cold.delete(b.ns, b.key)
+            slot = self.view[b.offset:b.offset + self.hot.alloc.round(b.length)]
+            self.cold.write(b.ns, b.key, slot, b.length, b.checksum)
         except Exception:
             log.exception("write-behind of a block failed")
         finally:
-            with self._qlock:
-                self._queued.discard(k)
-                self.queued_bytes -= b.length
+            if self._finish(k, b.length):  # deleted or replaced while we wrote: do not resurrect it
+                self.cold.delete(b.ns, b.key)
             self.hot.unhold(b)
 
     def _on_evict(self, b: Block) -> None:  # hot lock held: copy out before the slot is reused
@@ -185,9 +195,13 @@ class Store:
             log.exception("demotion of a block failed")
         finally:
             data.close()
-            with self._qlock:
-                self._queued.discard((ns, key))
-                self.queued_bytes -= length
+            if self._finish((ns, key), length):
+                self.cold.delete(ns, key)
+
+    def reserve(self, ns: str, keys: Sequence[bytes], sizes: Sequence[int], ttl_ms: int = 0,
+                overwrite: bool = False, expires: bool = True):
+        """The hot tier's reserve; keys already on NVMe count as present."""
+        return self.hot.reserve(ns, keys, sizes, ttl_ms, overwrite, present=self.cold.contains, expires=expires)
 
     # ---- reads ------------------------------------------------------------------------------
 
@@ -252,8 +266,11 @@ class Store:
             if tiers[i]:
                 continue
             if self.cold.contains(ns, k) and self.promote(ns, k):
-                b = self.hot.acquire(ns, [k], lease_ms, lease_id=a.lease_id)
-                if b.tiers[0]:
+                try:
+                    b = self.hot.acquire(ns, [k], lease_ms, lease_id=a.lease_id)
+                except errors.UnknownLease:  # the lease ran out while we promoted: a miss
+                    b = None
+                if b is not None and b.tiers[0]:
                     a.lease_id = a.lease_id or b.lease_id
                     tiers[i] = TIER_NVME
                     self.nvme_hits[ns] = self.nvme_hits.get(ns, 0) + 1
@@ -297,10 +314,12 @@ class Store:
     # ---- removal and stats -------------------------------------------------------------------
 
     def delete(self, ns: str, keys: Sequence[bytes]) -> int:
-        n = self.hot.delete(ns, keys)
+        """Remove keys from every tier; returns how many keys were present in any."""
+        n = 0
         for k in keys:
-            if self.cold.delete(ns, k) and not self.hot.contains(ns, k):
-                n += 1
+            in_ram = self.hot.delete(ns, [k])
+            on_disk = self._forget_lower(ns, k)
+            n += bool(in_ram or on_disk)
         return n
 
     def snapshot(self) -> dict:

@@ -198,12 +198,14 @@ class PutChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[PutHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PutResponse(_message.Message):
-    __slots__ = ("checksums", "stored")
+    __slots__ = ("checksums", "stored", "status")
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     checksums: bytes
     stored: int
-    def __init__(self, checksums: _Optional[bytes] = ..., stored: _Optional[int] = ...) -> None: ...
+    status: bytes
+    def __init__(self, checksums: _Optional[bytes] = ..., stored: _Optional[int] = ..., status: _Optional[bytes] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("namespace", "key_size", "keys", "chunk_bytes")

@@ -1,0 +1,508 @@
+"""RAM and NVMe together, through real daemons (``make_daemon``) and the real client.
+
+Each daemon has a small arena (8 MiB unless the test needs room) and its NVMe directories
+under tmp_path. Blocks move down by write-behind at commit or by demotion at eviction, and
+back up on Acquire or get; a restart rebuilds the NVMe index from the files. Damage is done
+to the files on disk while the daemon is stopped. The daemon runs in this process, so a test
+can slow the NVMe writes down (monkeypatch) to hold them in flight.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import subprocess
+import threading
+import time
+
+import pytest
+import xxhash
+
+from kvtier import cold as C
+from kvtier.client import Client
+from kvtier.server import DaemonThread
+
+KiB, MiB = 1024, 1024 * 1024
+NS = "tier-test"
+BLOCK = 512 * KiB
+
+
+def key(i: int) -> bytes:
+    return random.Random(f"key-{i}").randbytes(16)
+
+
+def blob(n: int, seed) -> bytes:
+    return random.Random(repr(seed)).randbytes(n)
+
+
+def nvme(c: Client):
+    (t,) = [t for t in c.stats().tiers if t.name == "nvme"]
+    return t
+
+
+def ram(c: Client):
+    (t,) = [t for t in c.stats().tiers if t.name == "ram"]
+    return t
+
+
+def wait_for(cond, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def files(d) -> list[str]:
+    return sorted(glob.glob(os.path.join(str(d), "??", "*" + C.SUFFIX)))
+
+
+def temp_files(d) -> list[str]:
+    out = []
+    for root, _, names in os.walk(str(d)):
+        out += [os.path.join(root, n) for n in names if n.endswith(".tmp")]
+    return out
+
+
+def file_of(d, k: bytes, ns: str = NS) -> str:
+    sub, name = C.file_name(ns, k)
+    return os.path.join(str(d), sub, name)
+
+
+def settings(tmp_path, ram_cap: str = "8MiB", dirs=None, **nvme_kw) -> dict:
+    nv = {"dirs": [str(p) for p in (dirs or [tmp_path / "nvme0"])], "capacity": "64MiB", "io_threads": 2,
+          "write_policy": "commit"}
+    nv.update(nvme_kw)
+    return {"ram": {"capacity": ram_cap, "policy": "lru"}, "nvme": nv}
+
+
+@pytest.fixture
+def restart():
+    """restart(d): stop daemon d and start a new one with the same configuration."""
+    started: list[DaemonThread] = []
+
+    def do(d: DaemonThread) -> DaemonThread:
+        d.stop()
+        nd = DaemonThread(d.cfg).start()
+        started.append(nd)
+        return nd
+
+    yield do
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 3 MiB tmpfs under tmp_path; skipped where mounting is not permitted."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to run out of space for real "
+                    f"(needs root or CAP_SYS_ADMIN): {r.stderr.strip() or r.returncode}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill_until_evicted(c: Client, target: bytes, start: int = 1000, limit: int = 64) -> int:
+    """Put filler blocks until target has left RAM for NVMe (tier 2); returns the fillers used."""
+    for i in range(limit):
+        c.put(NS, key(start + i), blob(BLOCK, start + i))
+        if c.lookup(NS, [target])[0] == [2]:
+            return i + 1
+    wait_for(lambda: c.lookup(NS, [target])[0] == [2], what="demotion of the target")
+    return limit
+
+
+# ---- movement down ---------------------------------------------------------------------------
+
+def test_demotion_on_eviction(make_daemon, tmp_path):
+    d = make_daemon(**settings(tmp_path, write_policy="evict"))
+    n = 24  # 12 MiB into an 8 MiB arena
+    with Client(d.address) as c:
+        for i in range(n):
+            assert c.put(NS, key(i), blob(BLOCK, i))
+        assert c.path == "arena"
+        ev = ram(c).evictions
+        assert ev >= n - 16
+        wait_for(lambda: nvme(c).blocks == ev and nvme(c).queued_bytes == 0, what="demotions written")
+        t = nvme(c)
+        assert t.demotions == ev and t.dropped_writes == 0 and t.io_errors == 0
+        assert len(files(tmp_path / "nvme0")) == ev
+        tiers, prefix = c.lookup(NS, [key(i) for i in range(n)])
+        assert tiers == [2] * ev + [1] * (n - ev)  # LRU: the oldest went down first
+        assert prefix == n
+        for i in range(ev):  # only evicted blocks are on NVMe under write_policy "evict"
+            assert os.path.exists(file_of(tmp_path / "nvme0", key(i)))
+        for i in range(ev, n):
+            assert not os.path.exists(file_of(tmp_path / "nvme0", key(i)))
+        for i in range(n):  # one at a time: a batch larger than the arena cannot be leased at once
+            assert c.get(NS, key(i)) == blob(BLOCK, i)
+        assert nvme(c).checksum_failures == 0 and c.checksum_failures == 0
+
+
+def test_write_behind_at_commit(make_daemon, tmp_path):
+    d = make_daemon(**settings(tmp_path, ram_cap="32MiB", write_policy="commit"))
+    sizes = [1, 4095, 4096, 4097, BLOCK, 3 * MiB + 5]
+    with Client(d.address) as c:
+        c.put_many(NS, [(key(i), blob(n, i)) for i, n in enumerate(sizes)])
+        wait_for(lambda: nvme(c).blocks == len(sizes), timeout=10, what="write-behind")
+        assert ram(c).evictions == 0
+        assert len(files(tmp_path / "nvme0")) == len(sizes)
+        t = nvme(c)
+        assert t.demotions == 0 and t.queued_bytes == 0 and t.dropped_writes == 0
+        assert t.used_bytes == sum(os.path.getsize(p) for p in files(tmp_path / "nvme0"))
+        assert c.lookup(NS, [key(i) for i in range(len(sizes))])[0] == [1] * len(sizes)  # RAM answers first
+        assert c.get_many(NS, [key(i) for i in range(len(sizes))]) == [blob(n, i) for i, n in enumerate(sizes)]
+
+
+def test_write_behind_holds_blocks_in_ram_until_written(make_daemon, tmp_path, monkeypatch):
+    d = make_daemon(**settings(tmp_path, write_policy="commit", queue_bytes="2MiB"))
+    gate = threading.Event()
+    real = C.ColdTier._write_file
+
+    def slow(self, *a, **kw):
+        gate.wait(10)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(C.ColdTier, "_write_file", slow)
+    held = [key(i) for i in range(4)]
+    try:
+        with Client(d.address) as c:
+            for i, k in enumerate(held):  # 2 MiB: exactly the queue
+                assert c.put(NS, k, blob(BLOCK, i))
+            assert ram(c).leased_blocks == 4
+            for i in range(100, 120):  # 10 MiB more through an 8 MiB arena: the queue is full, so dropped
+                assert c.put(NS, key(i), blob(BLOCK, i))
+            assert ram(c).evictions >= 8
+            assert nvme(c).dropped_writes == 20 + ram(c).evictions
+            # the oldest blocks, but held for their writes: never evicted
+            assert c.lookup(NS, held)[0] == [1, 1, 1, 1]
+            gate.set()
+            wait_for(lambda: nvme(c).queued_bytes == 0 and ram(c).leased_blocks == 0, what="queue drained")
+            assert nvme(c).blocks == 4
+            assert sorted(files(tmp_path / "nvme0")) == sorted(file_of(tmp_path / "nvme0", k) for k in held)
+            assert c.get_many(NS, held) == [blob(BLOCK, i) for i in range(4)]
+    finally:
+        gate.set()
+
+
+# ---- movement up ------------------------------------------------------------------------------
+
+def test_acquire_promotes_from_nvme(make_daemon, tmp_path):
+    d = make_daemon(**settings(tmp_path, write_policy="evict"))
+    target = key(0)
+    data = blob(BLOCK + 123, "target")
+    with Client(d.address) as c:
+        assert c.put(NS, target, data)
+        used = fill_until_evicted(c, target)
+        hot = key(1000 + used - 1)  # the latest filler, still in RAM
+        wait_for(lambda: nvme(c).blocks >= 1 and nvme(c).queued_bytes == 0, what="demotion written")
+        assert c.lookup(NS, [hot, target, key(99_999)])[0] == [1, 2, 0]
+        lease = c.acquire(NS, [hot, target, key(99_999)])
+        try:
+            assert list(lease.tiers) == [1, 2, 0]
+            assert lease.lengths[1] == len(data)
+            assert bytes(lease.views[1]) == data
+            assert lease.checksums[1] == xxhash.xxh3_128_digest(data)
+            assert lease.views[2] is None
+        finally:
+            c.release(lease)
+        assert c.lookup(NS, [target])[0] == [1]
+        t = nvme(c)
+        assert t.promotions == 1 and t.hits == 1 and t.checksum_failures == 0
+        assert c.get(NS, target) == data
+
+
+def test_promote_second_on_the_data_channel(make_daemon, tmp_path):
+    d = make_daemon(**settings(tmp_path, write_policy="evict", promote="second"))
+    target = key(0)
+    data = blob(BLOCK, "target")
+    with Client(d.address) as c:
+        assert c.put(NS, target, data)
+        fill_until_evicted(c, target)
+        wait_for(lambda: nvme(c).queued_bytes == 0 and nvme(c).blocks >= 1, what="demotion written")
+        with Client(d.address, attach=False) as dc:
+            assert dc.get(NS, target) == data
+            assert dc.path == "data"
+            assert c.lookup(NS, [target])[0] == [2]  # served from a transient buffer
+            assert nvme(c).promotions == 0 and nvme(c).hits == 1
+            assert dc.get(NS, target) == data
+            assert c.lookup(NS, [target])[0] == [1]
+            assert nvme(c).promotions == 1
+            assert dc.get(NS, target) == data  # now from RAM
+            assert nvme(c).hits == 2 and dc.checksum_failures == 0
+
+
+def test_promote_first_on_the_data_channel(make_daemon, tmp_path):
+    d = make_daemon(**settings(tmp_path, write_policy="evict", promote="first"))
+    target = key(0)
+    with Client(d.address) as c:
+        assert c.put(NS, target, blob(BLOCK, "t"))
+        fill_until_evicted(c, target)
+        wait_for(lambda: nvme(c).queued_bytes == 0 and nvme(c).blocks >= 1, what="demotion written")
+        with Client(d.address, attach=False) as dc:
+            assert dc.get(NS, target) == blob(BLOCK, "t")
+        assert c.lookup(NS, [target])[0] == [1] and nvme(c).promotions == 1
+
+
+# ---- restart ----------------------------------------------------------------------------------
+
+SIZES = [1, 17, 4095, 4096, 4097, 65537, BLOCK, MiB + 3]
+
+
+@pytest.mark.parametrize("codec", ["none", "shuffle-lz4"])
+def test_restart_serves_nvme_blocks_byte_identical(make_daemon, restart, tmp_path, codec):
+    dirs = [tmp_path / "nvme0", tmp_path / "nvme1"]
+    d = make_daemon(**settings(tmp_path, ram_cap="16MiB", dirs=dirs, codec=codec))
+    expect = {key(i): (blob(n, i) if i % 2 else bytes(n // 2) + blob(n - n // 2, i)) for i, n in enumerate(SIZES)}
+    with Client(d.address) as c:
+        c.put_many(NS, list(expect.items()))
+        wait_for(lambda: nvme(c).blocks == len(expect), what="write-behind")
+    assert len(files(dirs[0])) + len(files(dirs[1])) == len(expect)
+    assert files(dirs[0]) and files(dirs[1])
+
+    d2 = restart(d)
+    with Client(d2.address) as c:
+        t = nvme(c)
+        assert t.blocks == len(expect) and ram(c).blocks == 0
+        assert c.lookup(NS, list(expect))[0] == [2] * len(expect)
+        for k, data in expect.items():
+            assert c.get(NS, k) == data
+        assert c.lookup(NS, list(expect))[0] == [1] * len(expect)
+        t = nvme(c)
+        assert t.promotions == len(expect) and t.checksum_failures == 0
+    with Client(d2.address, attach=False) as dc:  # and over the data channel
+        assert dc.get_many(NS, list(expect)) == list(expect.values())
+
+
+def test_bit_flip_on_disk_is_a_miss_never_wrong_bytes(make_daemon, restart, tmp_path):
+    d = make_daemon(**settings(tmp_path))
+    n = 6
+    with Client(d.address) as c:
+        c.put_many(NS, [(key(i), blob(BLOCK, i)) for i in range(n)])
+        wait_for(lambda: nvme(c).blocks == n, what="write-behind")
+    victim = file_of(tmp_path / "nvme0", key(2))
+    with open(victim, "r+b") as f:  # one bit, in the middle of the payload
+        f.seek(4096 + BLOCK // 2)
+        b = f.read(1)
+        f.seek(4096 + BLOCK // 2)
+        f.write(bytes([b[0] ^ 0x08]))
+
+    d2 = restart(d)
+    with Client(d2.address) as c:
+        assert nvme(c).blocks == n  # the header is intact: indexed at start
+        assert c.lookup(NS, [key(2)])[0] == [2]
+        got = [c.get(NS, key(i)) for i in range(n)]
+        assert got[2] is None
+        for i in range(n):
+            if i != 2:
+                assert got[i] == blob(BLOCK, i)
+        t = nvme(c)
+        assert t.checksum_failures == 1
+        assert c.checksum_failures == 0  # the daemon caught it; the client never saw the bytes
+        assert not os.path.exists(victim)
+        assert c.lookup(NS, [key(2)])[0] == [0]
+        assert c.get(NS, key(2)) is None and nvme(c).checksum_failures == 1
+    with Client(d2.address, attach=False, data_channel=False) as gc:
+        assert gc.get(NS, key(2)) is None
+        assert gc.get(NS, key(3)) == blob(BLOCK, 3)
+
+
+def test_bit_flip_read_over_the_data_channel_with_promote_second(make_daemon, restart, tmp_path):
+    d = make_daemon(**settings(tmp_path, promote="second"))
+    with Client(d.address) as c:
+        c.put_many(NS, [(key(i), blob(BLOCK, i)) for i in range(2)])
+        wait_for(lambda: nvme(c).blocks == 2, what="write-behind")
+    victim = file_of(tmp_path / "nvme0", key(0))
+    with open(victim, "r+b") as f:
+        f.seek(4096 + 7)
+        b = f.read(1)
+        f.seek(4096 + 7)
+        f.write(bytes([b[0] ^ 0x80]))
+    d2 = restart(d)
+    with Client(d2.address, attach=False) as dc, Client(d2.address) as c:
+        assert dc.get(NS, key(0)) is None
+        assert dc.get(NS, key(1)) == blob(BLOCK, 1)
+        assert nvme(c).checksum_failures == 1 and not os.path.exists(victim)
+        assert dc.checksum_failures == 0
+
+
+# ---- delete and overwrite -----------------------------------------------------------------------
+
+def test_delete_removes_the_nvme_copy(make_daemon, restart, tmp_path):
+    d = make_daemon(**settings(tmp_path))
+    with Client(d.address) as c:
+        c.put_many(NS, [(key(i), blob(64 * KiB, i)) for i in range(3)])
+        wait_for(lambda: nvme(c).blocks == 3, what="write-behind")
+        path0 = file_of(tmp_path / "nvme0", key(0))
+        assert os.path.exists(path0)
+        assert c.delete(NS, [key(0)]) >= 1
+        assert not os.path.exists(path0)
+        assert c.lookup(NS, [key(0)])[0] == [0] and c.get(NS, key(0)) is None
+        assert nvme(c).blocks == 2
+    d2 = restart(d)
+    with Client(d2.address) as c:  # blocks only on NVMe now: delete counts one and removes its file
+        assert c.lookup(NS, [key(0), key(1), key(2)])[0] == [0, 2, 2]
+        assert c.delete(NS, [key(1)]) == 1
+        assert not os.path.exists(file_of(tmp_path / "nvme0", key(1)))
+        assert c.get(NS, key(1)) is None and c.get(NS, key(0)) is None
+        assert c.get(NS, key(2)) == blob(64 * KiB, 2)
+
+
+def test_delete_counts_a_block_in_both_tiers_once(make_daemon, tmp_path):
+    d = make_daemon(**settings(tmp_path))
+    with Client(d.address) as c:
+        assert c.put(NS, key(0), blob(4096, 0))
+        wait_for(lambda: nvme(c).blocks == 1, what="write-behind")
+        assert c.lookup(NS, [key(0)])[0] == [1]
+        assert c.delete(NS, [key(0)]) == 1
+
+
+def test_delete_during_an_inflight_demotion_does_not_resurrect(make_daemon, tmp_path, monkeypatch):
+    d = make_daemon(**settings(tmp_path, write_policy="evict"))
+    gate, entered = threading.Event(), threading.Event()
+    real = C.ColdTier._write_file
+    target = key(0)
+
+    def slow(self, d, path, *a, **kw):
+        if os.path.basename(path).startswith(target.hex()):
+            entered.set()
+            gate.wait(10)
+        return real(self, d, path, *a, **kw)
+
+    monkeypatch.setattr(C.ColdTier, "_write_file", slow)
+    try:
+        with Client(d.address) as c:
+            assert c.put(NS, target, blob(BLOCK, "v1"))
+            for i in range(40):
+                c.put(NS, key(1000 + i), blob(BLOCK, 1000 + i))
+                if entered.is_set():
+                    break
+            assert entered.wait(5), "the target was not demoted"
+            c.delete(NS, [target])
+            gate.set()
+            wait_for(lambda: nvme(c).queued_bytes == 0, what="queue drained")
+            assert c.lookup(NS, [target])[0] == [0]
+            assert c.get(NS, target) is None
+    finally:
+        gate.set()
+
+
+def test_overwrite_of_a_block_only_on_nvme_replaces_it(make_daemon, tmp_path):
+    d = make_daemon(**settings(tmp_path, write_policy="evict"))
+    target = key(0)
+    with Client(d.address) as c:
+        assert c.put(NS, target, blob(BLOCK, "v1"))
+        fill_until_evicted(c, target, start=1000)
+        wait_for(lambda: nvme(c).queued_bytes == 0, what="demotion written")
+        c.put(NS, target, blob(BLOCK, "v2"), overwrite=True)
+        assert c.get(NS, target) == blob(BLOCK, "v2")
+        fill_until_evicted(c, target, start=2000)
+        wait_for(lambda: nvme(c).queued_bytes == 0, what="demotion written")
+        assert c.get(NS, target) == blob(BLOCK, "v2")
+
+
+# ---- full disk and queue bound --------------------------------------------------------------------
+
+def test_enospc_through_the_daemon_degrades_to_ram(make_daemon, tmp_path, small_tmpfs):
+    d = make_daemon(**settings(tmp_path, ram_cap="16MiB", dirs=[small_tmpfs], write_policy="commit",
+                               retry_s=60.0))
+    n = 12  # 6 MiB of blocks onto a 3 MiB filesystem that claims 64 MiB of capacity
+    with Client(d.address) as c:
+        for i in range(n):
+            assert c.put(NS, key(i), blob(BLOCK, i))
+        wait_for(lambda: nvme(c).queued_bytes == 0 and ram(c).leased_blocks == 0, what="write-behind settled")
+        t = nvme(c)
+        assert list(t.degraded) == [os.path.abspath(str(small_tmpfs))]
+        assert t.io_errors >= 1
+        assert 1 <= t.blocks < n
+        assert t.blocks == len(files(small_tmpfs))
+        assert temp_files(small_tmpfs) == []
+        assert t.used_bytes == sum(os.path.getsize(p) for p in files(small_tmpfs))
+        for i in range(n, n + 4):  # puts keep working
+            assert c.put(NS, key(i), blob(BLOCK, i))
+        assert c.get_many(NS, [key(i) for i in range(n + 4)]) == [blob(BLOCK, i) for i in range(n + 4)]
+        assert c.lookup(NS, [key(i) for i in range(n + 4)])[0] == [1] * (n + 4)
+        assert nvme(c).degraded and ram(c).blocks == n + 4
+    assert d._thread.is_alive()
+
+
+def test_queue_bound_drops_writes_instead_of_blocking(make_daemon, tmp_path):
+    d = make_daemon(**settings(tmp_path, ram_cap="16MiB", write_policy="commit", queue_bytes="1KiB"))
+    n = 10
+    with Client(d.address) as c:
+        for i in range(n):
+            assert c.put(NS, key(i), blob(64 * KiB, i))
+        t = nvme(c)
+        assert t.dropped_writes == n and t.blocks == 0 and t.queued_bytes == 0
+        assert files(tmp_path / "nvme0") == []
+        assert c.get_many(NS, [key(i) for i in range(n)]) == [blob(64 * KiB, i) for i in range(n)]
+        assert ram(c).leased_blocks == 0  # nothing held for a write that never happens
+
+
+def test_puts_do_not_wait_for_a_stuck_disk(make_daemon, tmp_path, monkeypatch):
+    d = make_daemon(**settings(tmp_path, ram_cap="16MiB", write_policy="commit", queue_bytes="64KiB"))
+    gate = threading.Event()
+    real = C.ColdTier._write_file
+
+    def stuck(self, *a, **kw):
+        gate.wait(20)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(C.ColdTier, "_write_file", stuck)
+    n = 10
+    try:
+        with Client(d.address) as c:
+            t0 = time.monotonic()
+            for i in range(n):
+                s = time.monotonic()
+                assert c.put(NS, key(i), blob(64 * KiB, i))
+                assert time.monotonic() - s < 2.0
+            assert time.monotonic() - t0 < 5.0
+            t = nvme(c)
+            assert t.queued_bytes == 64 * KiB  # the first block, stuck
+            assert t.dropped_writes == n - 1
+            gate.set()
+            wait_for(lambda: nvme(c).blocks == 1 and nvme(c).queued_bytes == 0, what="stuck write finished")
+            assert files(tmp_path / "nvme0") == [file_of(tmp_path / "nvme0", key(0))]
+            assert c.get_many(NS, [key(i) for i in range(n)]) == [blob(64 * KiB, i) for i in range(n)]
+    finally:
+        gate.set()
+
+
+def test_demotions_past_the_queue_bound_are_dropped_and_counted(make_daemon, tmp_path, monkeypatch):
+    d = make_daemon(**settings(tmp_path, write_policy="evict", queue_bytes="512KiB"))
+    gate = threading.Event()
+    real = C.ColdTier._write_file
+
+    def stuck(self, *a, **kw):
+        gate.wait(20)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(C.ColdTier, "_write_file", stuck)
+    n = 24
+    try:
+        with Client(d.address) as c:
+            t0 = time.monotonic()
+            for i in range(n):
+                assert c.put(NS, key(i), blob(BLOCK, i))
+            assert time.monotonic() - t0 < 10.0
+            ev = ram(c).evictions
+            assert ev >= n - 16
+            t = nvme(c)
+            assert t.demotions == 1 and t.dropped_writes == ev - 1
+            gate.set()
+            wait_for(lambda: nvme(c).blocks == 1 and nvme(c).queued_bytes == 0, what="demotion finished")
+            assert c.get(NS, key(0)) == blob(BLOCK, 0)  # the one admitted
+            got = [c.get(NS, key(i)) for i in range(1, ev)]
+            assert got == [None] * (ev - 1)  # lost, never wrong
+    finally:
+        gate.set()
