@@ -66,6 +66,25 @@ class ExtentAllocator:
             self._insert(off + size, fsize - size)
         return off
 
+    def alloc_at(self, off: int, n: int) -> bool:
+        """Take the slot [off, off + round(n)) if it lies inside one free extent (restoring a
+        slot recorded before a restart). False if any of it is already taken."""
+        size = self.round(n)
+        if off % self.align or off < self.start or off + size > self.end:
+            return False
+        i = self._by_start.bisect_right(off) - 1
+        if i < 0:
+            return False
+        fstart, fsize = self._by_start.peekitem(i)
+        if fstart + fsize < off + size:
+            return False
+        self._remove(fstart, fsize)
+        if off > fstart:
+            self._insert(fstart, off - fstart)
+        if fstart + fsize > off + size:
+            self._insert(off + size, fstart + fsize - off - size)
+        return True
+
     def free(self, off: int, n: int) -> None:
         """Return the slot allocated at off for a block of n bytes."""
         size = self.round(n)

@@ -12,12 +12,13 @@ Layout (all integers little-endian):
                   32  u64  data_offset: first byte of the slot region
     data_offset  slots, allocated by kvtier.alloc in 4 KiB multiples
 
-The daemon creates the file (mode 0660), sizes it, maps it shared and tries
+The daemon creates the file (mode 0660), or re-attaches the one a previous
+run left (``ram.persist``; see kvtier.slots), sizes it, maps it shared and tries
 to ``mlock`` it so the kernel never swaps or migrates it; a client maps the
 same file and checks the generation it got from ``Attach`` against the header,
-so it can never read a stale or foreign arena. The file holds only block
-bytes; what is committed where lives in the daemon's index, so a crash loses
-the RAM tier's index but never corrupts other tiers.
+so it can never read a stale or foreign arena. Every start writes a new
+generation, so clients of the previous run re-attach. The file holds only
+block bytes; what is committed where is recorded in the slot table beside it.
 
 Locking is best effort: when RLIMIT_MEMLOCK forbids it the daemon runs anyway
 and says so in its log and in Stats (``locked``, ``lock_detail``).
@@ -72,7 +73,9 @@ def _address(mm: mmap.mmap) -> int:
 class Arena:
     """The daemon's side: create, map and lock the arena file."""
 
-    def __init__(self, path: str, size: int, lock: bool = True):
+    def __init__(self, path: str, size: int, lock: bool = True, reattach: bool = False):
+        """Create the arena, or with ``reattach`` reuse an existing arena file of the same size
+        (its bytes kept, a new generation written) so a restarted daemon keeps its RAM tier."""
         self.path = os.path.abspath(path)
         self.backing = backing_of(os.path.dirname(self.path) or ".")
         align = HUGEPAGE if self.backing == "hugetlbfs" else 4096
@@ -82,10 +85,12 @@ class Arena:
         self.data_offset = DATA_OFFSET
         self.generation = secrets.randbits(63) | 1
         pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o660)
+        self.reattached = reattach and self._reusable()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | (0 if self.reattached else os.O_TRUNC), 0o660)
         try:
             os.fchmod(fd, 0o660)
-            os.ftruncate(fd, self.size)
+            if not self.reattached:
+                os.ftruncate(fd, self.size)
             self.mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
@@ -94,6 +99,16 @@ class Arena:
         self.locked, self.lock_detail = False, "mlock disabled in config"
         if lock:
             self._lock()
+
+    def _reusable(self) -> bool:
+        try:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size != self.size:
+                    return False
+                magic, version, _, gen, size, data_offset = HEADER.unpack(f.read(HEADER.size))
+        except (OSError, struct.error):
+            return False
+        return magic == MAGIC and version == VERSION and size == self.size and data_offset == DATA_OFFSET
 
     def _lock(self) -> None:
         addr = _address(self.mm)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .keys import NAMESPACE_RE
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": KiB, "m": 1000**2, "mb": 1000**2, "mib": MiB,
@@ -131,6 +132,10 @@ class RamConfig:
     max_ttl_ms: int = 600_000
     # Recompute each block's xxh3-128 from the arena at commit (client checksums are then verified).
     verify_on_commit: bool = True
+    # Keep the RAM tier across daemon restarts: re-attach the arena file and rebuild the index from its slot table.
+    persist: bool = True
+    # On such a restart, re-hash every block and drop those whose bytes no longer match.
+    verify_on_restart: bool = True
 
 
 @dataclass(frozen=True)
@@ -170,10 +175,56 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    # Redis/Valkey to share blocks through: redis://, rediss:// (TLS), valkey:// or valkeys://, with optional
+    # user:password@ and /db. "" = no cluster tier.
+    url: str = ""
+    # Redis Cluster / Valkey Cluster mode: url (and seeds) are seed nodes; the slot map is discovered.
+    cluster: bool = False
+    # More seed nodes for Cluster mode, "host:port" each.
+    seeds: tuple = ()
+    # When blocks are written: "commit" (write-through, asynchronous), "evict" (when RAM evicts them) or "off".
+    write_policy: str = "commit"
+    # Expiry of written blocks, seconds; 0 = no expiry.
+    ttl_s: int = 0
+    # Per-namespace expiry overriding ttl_s, seconds (table namespace -> seconds; 0 = no expiry).
+    namespace_ttl_s: tuple = ()
+    # Payload codec: "none", "lz4", "shuffle-lz4" (kept only when it saves >= 10%, as on NVMe).
+    codec: str = "none"
+    # Prefix of every key, so several deployments can share one server.
+    prefix: str = "kvt"
+    # Bytes of blocks waiting to be written; beyond this new writes are dropped and counted.
+    queue_bytes: int = 256 * MiB
+    # Connections per server (per master in Cluster mode).
+    connections: int = 4
+    # Values larger than this are split into parts of this size, bytes; 0 = whole values.
+    part_bytes: int = 512 * KiB
+    # Longest one call may take (a batch on one server), milliseconds; past it the call is a miss.
+    timeout_ms: int = 2000
+    # Longest a connection attempt may take, milliseconds.
+    connect_timeout_ms: int = 1000
+    # Longest wait between reconnection attempts to a failed server (backoff from 0.1 s doubles up to it), seconds.
+    reconnect_max_s: float = 5.0
+    # ACL user name; "" = the url's, or none.
+    username: str = ""
+    # Password; "" = the url's, or none.
+    password: str = ""
+    # CA bundle that signs the servers' certificates (rediss://, valkeys://); "" = the system's.
+    tls_ca: str = ""
+    # Client certificate (PEM) for mutual TLS; "" = none.
+    tls_cert: str = ""
+    # Private key of tls_cert (PEM); "" = in tls_cert's file.
+    tls_key: str = ""
+    # Name the servers' certificates must carry; "" = the host name or address connected to.
+    tls_server_name: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     ram: RamConfig = field(default_factory=RamConfig)
     nvme: NvmeConfig = field(default_factory=NvmeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
@@ -192,9 +243,10 @@ class Config:
 
 
 _SIZE_FIELDS = {("server", "max_message_bytes"), ("ram", "capacity"), ("ram", "max_block_bytes"),
-                ("nvme", "capacity"), ("nvme", "queue_bytes")}
+                ("nvme", "capacity"), ("nvme", "queue_bytes"), ("cluster", "queue_bytes"), ("cluster", "part_bytes")}
+_TABLE_FIELDS = {("cluster", "namespace_ttl_s")}
 _SECTIONS = {"server": ServerConfig, "ram": RamConfig, "nvme": NvmeConfig, "metrics": MetricsConfig,
-             "auth": AuthConfig}
+             "auth": AuthConfig, "cluster": ClusterConfig}
 _CHOICES = {
     ("ram", "policy"): None,  # filled from kvtier.policy.POLICIES at validation
     ("server", "log_level"): ("debug", "info", "warning", "error"),
@@ -203,13 +255,21 @@ _CHOICES = {
     ("nvme", "direct_io"): ("auto", "on", "off"),
     ("nvme", "codec"): ("none", "lz4", "shuffle-lz4"),
     ("nvme", "promote"): ("first", "second"),
+    ("cluster", "write_policy"): ("commit", "evict", "off"),
+    ("cluster", "codec"): ("none", "lz4", "shuffle-lz4"),
 }
+CLUSTER_SCHEMES = ("redis", "rediss", "valkey", "valkeys")
 
 
 def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     name = f"{section}.{f.name}"
     if (section, f.name) in _SIZE_FIELDS:
         return parse_size(value, name)
+    if (section, f.name) in _TABLE_FIELDS:
+        if not isinstance(value, dict) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                  for v in value.values()):
+            raise ConfigError(f"{name}: expected a table of name = integer, got {value!r}")
+        return tuple(sorted(value.items()))
     want = f.type if isinstance(f.type, type) else \
         {"str": str, "int": int, "bool": bool, "float": float, "tuple": tuple}[f.type]
     if want is tuple:
@@ -261,6 +321,41 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{name}: must be > 0, got {val}")
     if s.drain_timeout_s < 0:
         raise ConfigError(f"server.drain_timeout_s: must be >= 0, got {s.drain_timeout_s}")
+    _validate_cluster(cfg.cluster)
+
+
+def _validate_cluster(c: ClusterConfig) -> None:
+    if c.url:
+        scheme = c.url.partition("://")[0].lower() if "://" in c.url else ""
+        if scheme not in CLUSTER_SCHEMES:
+            raise ConfigError(f"cluster.url: {c.url!r} must start with one of "
+                              f"{', '.join(s + '://' for s in CLUSTER_SCHEMES)}")
+    elif c.cluster or c.seeds:
+        raise ConfigError("cluster.url: required when cluster.cluster or cluster.seeds is set")
+    for seed in c.seeds:
+        if not re.fullmatch(r"\[?[\w.:\-]+\]?:\d{1,5}", seed):
+            raise ConfigError(f"cluster.seeds: expected 'host:port', got {seed!r}")
+    if c.seeds and not c.cluster:
+        raise ConfigError("cluster.seeds: only used in Cluster mode (cluster.cluster = true)")
+    if c.ttl_s < 0:
+        raise ConfigError(f"cluster.ttl_s: must be >= 0, got {c.ttl_s}")
+    for ns, ttl in c.namespace_ttl_s:
+        if NAMESPACE_RE.fullmatch(ns) is None:
+            raise ConfigError(f"cluster.namespace_ttl_s: {ns!r} is not a valid namespace")
+        if ttl < 0:
+            raise ConfigError(f"cluster.namespace_ttl_s: {ns} must be >= 0, got {ttl}")
+    if not re.fullmatch(r"[\w.\-]{1,32}", c.prefix):
+        raise ConfigError(f"cluster.prefix: 1-32 characters of [A-Za-z0-9_.-], got {c.prefix!r}")
+    if not 1 <= c.connections <= 64:
+        raise ConfigError(f"cluster.connections: must be 1..64, got {c.connections}")
+    if c.part_bytes and c.part_bytes < 64 * KiB:
+        raise ConfigError(f"cluster.part_bytes: 0 (whole values) or at least 64KiB, got {c.part_bytes}")
+    for name, val in (("cluster.timeout_ms", c.timeout_ms), ("cluster.connect_timeout_ms", c.connect_timeout_ms),
+                      ("cluster.reconnect_max_s", c.reconnect_max_s), ("cluster.queue_bytes", c.queue_bytes)):
+        if val <= 0:
+            raise ConfigError(f"{name}: must be > 0, got {val}")
+    if c.tls_key and not c.tls_cert:
+        raise ConfigError("cluster.tls_key: given without cluster.tls_cert")
 
 
 def from_dict(data: dict[str, Any]) -> Config:

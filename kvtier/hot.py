@@ -47,6 +47,7 @@ from .errors import (ArenaFull, DataLoss, FailedPrecondition, InvalidArgument, T
                      UnknownLease, UnknownReservation)
 from .keys import CHECKSUM_SIZE, ZERO_CHECKSUM
 from .policy import POLICIES
+from .slots import NullSlots
 
 RESERVED, COMMITTING, COMMITTED, DOOMED = range(4)
 RESERVE_OK, RESERVE_PRESENT, RESERVE_PENDING = 0, 1, 2
@@ -78,6 +79,7 @@ class Block:
     leases: int = 0
     pin_until: float = 0.0
     overwrite: bool = False  # committed by an overwrite: copies in lower tiers are stale
+    entry: int = -1          # its slot-table entry (kvtier.slots), -1 if none
 
 
 @dataclass(slots=True, eq=False)
@@ -167,6 +169,7 @@ class HotTier:
         # evicted block's slot is freed (its bytes are still intact).
         self.on_commit: Callable[[list[Block]], list[Block]] = lambda blocks: []
         self.on_evict: Callable[[Block], None] = lambda block: None
+        self.slots = NullSlots()  # per-slot headers for restarts (kvtier.slots)
 
     # ---- bookkeeping helpers (lock held) -------------------------------------------------
 
@@ -199,6 +202,9 @@ class HotTier:
     def _unindex(self, b: Block) -> None:
         """Take a committed block out of the index (caller frees or dooms it)."""
         del self._index[(b.ns, b.key)]
+        if b.entry >= 0:  # before the slot can be reused: a restart must not bring it back
+            self.slots.release(b.entry)
+            b.entry = -1
         self._policy_drop(b)
         if b.pin_until:
             self.pinned_blocks -= 1
@@ -467,6 +473,7 @@ class HotTier:
                     self._drop(old)
                 b.overwrite = r.overwrite
                 b.checksum, b.state, b.created = c, COMMITTED, now
+                b.entry = self.slots.put(b.ns, b.key, b.offset, b.length, c, now)
                 self._index[kk] = b
                 self._policy_add(b)
                 s = self._ns(b.ns)
@@ -587,6 +594,36 @@ class HotTier:
                     self._unpin(b)
                     n += 1
             return n
+
+    def restore(self, table, view: memoryview, verify: bool = True) -> tuple[int, int]:
+        """Rebuild the index from a slot table left by a previous run over the same arena.
+        Entries out of bounds, overlapping another, duplicated or (with verify) whose bytes
+        no longer match their checksum are dropped. Returns (kept, dropped)."""
+        from .keys import KEY_SIZES, NAMESPACE_RE
+        kept: set[int] = set()
+        dropped = 0
+        with self.lock:
+            for i, ns, key, off, length, digest, created in table.entries():
+                ok = (NAMESPACE_RE.fullmatch(ns) is not None and len(key) in KEY_SIZES
+                      and 0 < length <= self.max_block_bytes and (ns, key) not in self._index
+                      and self.alloc.alloc_at(off, length))
+                if ok and verify and checksum(view[off:off + length]) != digest:
+                    self.alloc.free(off, length)
+                    ok = False
+                if not ok:
+                    dropped += 1
+                    continue
+                b = Block(ns, key, off, length, COMMITTED, digest, created, entry=i)
+                self._index[(ns, key)] = b
+                self.used_bytes += self.alloc.round(length)
+                self._policy_add(b)
+                st = self._ns(ns)
+                st.blocks += 1
+                st.bytes += length
+                kept.add(i)
+            table.adopt(kept)
+            self.slots = table
+        return len(kept), dropped
 
     def snapshot(self) -> dict:
         """Counters for Stats, copied under the lock."""

@@ -40,6 +40,7 @@ from .hot import HotTier
 from .metrics import Metrics, NullMetrics
 from .notify import Notifier
 from .service import KVTierService
+from .slots import SlotTable
 from .store import Store
 from .v1 import kvtier_pb2 as pb
 from .v1 import kvtier_pb2_grpc as pb_grpc
@@ -125,7 +126,7 @@ class Daemon:
             if _socket_in_use(sock):
                 raise ConfigError(f"another daemon is listening on {sock}; stop it or set server.socket")
             os.unlink(sock)
-        self.arena = Arena(cfg.arena_path, cfg.arena_capacity, cfg.ram.mlock)
+        self.arena = Arena(cfg.arena_path, cfg.arena_capacity, cfg.ram.mlock, reattach=cfg.ram.persist)
         a = self.arena
         if a.locked:
             log.info("arena %s: %d bytes on %s, locked in RAM", a.path, a.size, a.backing)
@@ -134,6 +135,15 @@ class Daemon:
         r = cfg.ram
         self.hot = HotTier(start=a.data_offset, end=a.size, policy=r.policy, max_block_bytes=r.max_block_bytes,
                            lease_ms=r.lease_ms, reservation_ms=r.reservation_ms, max_ttl_ms=r.max_ttl_ms)
+        if cfg.ram.persist:
+            table = SlotTable(a.path + ".slots", fresh=not a.reattached)
+            if a.reattached:
+                t0 = time.monotonic()
+                kept, dropped = await asyncio.to_thread(self.hot.restore, table, a.view, r.verify_on_restart)
+                log.info("arena re-attached: %d blocks kept, %d dropped, in %.2fs", kept, dropped,
+                         time.monotonic() - t0)
+            else:
+                self.hot.slots = table
         self.store = Store(cfg, self.hot, a.view)
         t0 = time.monotonic()
         n = await asyncio.to_thread(self.store.start)
@@ -236,8 +246,11 @@ class Daemon:
         self.metrics.close()
         if self.store is not None:
             await asyncio.to_thread(self.store.close, self.cfg.server.drain_timeout_s)
+        keep = self.cfg.ram.persist  # the arena and its slot table outlive us, for the next start
+        if self.hot is not None:
+            self.hot.slots.close(unlink=not keep)
         if self.arena is not None:
-            self.arena.close(unlink=True)
+            self.arena.close(unlink=not keep)
         try:
             os.unlink(self.cfg.socket_path)
         except FileNotFoundError:

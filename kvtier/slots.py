@@ -1,0 +1,156 @@
+"""Per-slot headers of the RAM tier, kept beside the arena so a restart keeps RAM.
+
+The arena file holds block bytes only; this file (``<arena_path>.slots``, on
+the same tmpfs) holds one fixed-size entry per committed block, so a daemon
+that restarts (crash, upgrade, ``systemctl restart``) can re-attach the arena
+and rebuild its index instead of starting cold.
+
+    header (64 bytes): magic b"KVTSLOTS", version u32, entry size u32, capacity u64 (entries)
+    entry i at 64 + i * 160:
+         0  u32  magic 0x53545645 ("EVTS") when in use, 0 when free
+         4  u8   namespace length N      5  u8  key length K     6  u16 reserved
+         8  u64  arena offset           16  u64 block length
+        24  16s  xxh3-128 of the block  40  f64 created (unix seconds)
+        48  64s  namespace (N bytes)   112  32s key (K bytes)
+       144  u32  xxh32 of bytes 0..143 (entry check)   148  12 bytes reserved
+
+Write order makes every crash safe: an entry is written only after its
+block's bytes are final (at commit, after the checksum), and cleared before
+its slot is freed; a torn entry fails its check and is ignored. On restart
+each surviving entry is bounds-checked, checked for overlap with the others,
+and (``ram.verify_on_restart``) its block re-hashed; anything doubtful is
+dropped. Process crashes lose nothing here (tmpfs pages belong to the kernel);
+a reboot empties tmpfs and the RAM tier starts cold, as it should.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from typing import Iterator
+
+import xxhash
+
+HEADER = struct.Struct("<8sII Q")
+MAGIC = b"KVTSLOTS"
+VERSION = 1
+ENTRY = 160
+ENTRY_FIXED = struct.Struct("<IBBHQQ16sd64s32s")  # 144 bytes
+ENTRY_MAGIC = 0x53545645
+BASE = 64
+_CHECK = struct.Struct("<I")
+
+
+class SlotTable:
+    def __init__(self, path: str, fresh: bool):
+        self.path = path
+        flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if fresh else 0)
+        self.fd = os.open(path, flags, 0o600)
+        size = os.fstat(self.fd).st_size
+        if fresh or size < BASE + ENTRY or not self._header_ok():
+            self._format(1024)
+        else:
+            self.mm = mmap.mmap(self.fd, size)
+            self.capacity = (size - BASE) // ENTRY
+        self._free: list[int] = []
+        self._top = 0  # entries below are in use or in _free
+
+    def _header_ok(self) -> bool:
+        head = os.pread(self.fd, HEADER.size, 0)
+        if len(head) < HEADER.size:
+            return False
+        magic, version, esize, _ = HEADER.unpack(head)
+        return magic == MAGIC and version == VERSION and esize == ENTRY
+
+    def _format(self, capacity: int) -> None:
+        os.ftruncate(self.fd, 0)
+        os.ftruncate(self.fd, BASE + capacity * ENTRY)
+        self.mm = mmap.mmap(self.fd, BASE + capacity * ENTRY)
+        self.mm[:HEADER.size] = HEADER.pack(MAGIC, VERSION, ENTRY, capacity)
+        self.capacity = capacity
+
+    def _grow(self) -> None:
+        cap = self.capacity * 2
+        os.ftruncate(self.fd, BASE + cap * ENTRY)
+        self.mm.resize(BASE + cap * ENTRY)
+        self.mm[:HEADER.size] = HEADER.pack(MAGIC, VERSION, ENTRY, cap)
+        self.capacity = cap
+
+    # ---- reading back (restart) ---------------------------------------------------------
+
+    def entries(self) -> Iterator[tuple[int, str, bytes, int, int, bytes, float]]:
+        """(index, ns, key, offset, length, checksum, created) of every intact entry."""
+        mm = self.mm
+        for i in range(self.capacity):
+            p = BASE + i * ENTRY
+            if mm[p:p + 4] != b"EVTS":
+                continue
+            raw = mm[p:p + ENTRY_FIXED.size]
+            (check,) = _CHECK.unpack_from(mm, p + ENTRY_FIXED.size)
+            if xxhash.xxh32_intdigest(raw) != check:
+                continue
+            _, n, k, _, off, length, digest, created, nsb, keyb = ENTRY_FIXED.unpack(raw)
+            try:
+                ns = nsb[:n].decode()
+            except UnicodeDecodeError:
+                continue
+            yield i, ns, keyb[:k], off, length, digest, created
+
+    def adopt(self, used: set[int]) -> None:
+        """After a restart: entries in ``used`` stay, every other one is cleared and reusable."""
+        for i in range(self.capacity):
+            if i not in used:
+                self.clear(i)
+        self._top = self.capacity
+        self._free = sorted(set(range(self.capacity)) - used, reverse=True)
+
+    # ---- writing ------------------------------------------------------------------------
+
+    def put(self, ns: str, key: bytes, offset: int, length: int, digest: bytes, created: float) -> int:
+        if self._free:
+            i = self._free.pop()
+        else:
+            if self._top >= self.capacity:
+                self._grow()
+            i = self._top
+            self._top += 1
+        nsb = ns.encode()
+        raw = ENTRY_FIXED.pack(ENTRY_MAGIC, len(nsb), len(key), 0, offset, length, digest, created, nsb, key)
+        p = BASE + i * ENTRY
+        self.mm[p:p + ENTRY_FIXED.size] = raw
+        self.mm[p + ENTRY_FIXED.size:p + ENTRY_FIXED.size + 4] = _CHECK.pack(xxhash.xxh32_intdigest(raw))
+        return i
+
+    def clear(self, i: int) -> None:
+        p = BASE + i * ENTRY
+        self.mm[p:p + 4] = b"\0\0\0\0"
+
+    def release(self, i: int) -> None:
+        """Clear entry i and make it reusable."""
+        self.clear(i)
+        self._free.append(i)
+
+    def close(self, unlink: bool = False) -> None:
+        try:
+            self.mm.close()
+        except BufferError:
+            pass
+        os.close(self.fd)
+        if unlink:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class NullSlots:
+    """RAM persistence off: nothing is recorded."""
+
+    def put(self, *a) -> int:
+        return -1
+
+    def release(self, i: int) -> None:
+        pass
+
+    def close(self, unlink: bool = False) -> None:
+        pass
