@@ -392,7 +392,32 @@ def load(path: str | os.PathLike | None) -> Config:
     try:
         return from_dict(data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        line = _locate(path, str(e))
+        raise ConfigError(f"{path}:{line}: {e}" if line else f"{path}: {e}") from None
+
+
+def _locate(path, message: str) -> int | None:
+    """Line number of the setting a message names ("section.key: ..." or "[section]")."""
+    m = re.match(r"(?:unknown section \[)?(\w+)(?:\.(\w+))?", message)
+    if not m:
+        return None
+    section, key = m.group(1), m.group(2)
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError:
+        return None
+    head = re.compile(rf"\s*\[\s*{re.escape(section)}\s*\]\s*(#.*)?$")
+    for i, line in enumerate(lines):
+        if head.match(line):
+            if key is None:
+                return i + 1
+            for j in range(i + 1, len(lines)):
+                if re.match(r"\s*\[", lines[j]):
+                    break
+                if re.match(rf"\s*{re.escape(key)}\s*=", lines[j]):
+                    return j + 1
+            return i + 1
+    return None
 
 
 def replace(cfg: Config, **sections: dict[str, Any]) -> Config:

@@ -76,3 +76,17 @@ def test_auto_capacity_fits_the_machine():
     cap = cfg.arena_capacity
     total = config.os.sysconf("SC_PAGE_SIZE") * config.os.sysconf("SC_PHYS_PAGES")
     assert 64 << 20 <= cap <= max(64 << 20, total // 4)
+
+
+@pytest.mark.parametrize("text,line,field", [
+    ('[server]\nlog_level = "info"\n\n[ram]\ncapacity = "lots"\n', 5, "ram.capacity"),
+    ('[ram]\npolicy = "lru"\n[disk]\nx = 1\n', 3, "disk"),
+    ('[server]\n# comment\nmax_batch = 0\n', 3, "server.max_batch"),
+    ('[ram]\nmlock = true\npolicy = "fifo"\n', 3, "ram.policy"),
+])
+def test_errors_name_the_line(tmp_path, text, line, field):
+    p = tmp_path / "k.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    assert str(e.value).startswith(f"{p}:{line}: ") and field in str(e.value)
