@@ -90,3 +90,9 @@ def test_errors_name_the_line(tmp_path, text, line, field):
     with pytest.raises(ConfigError) as e:
         config.load(p)
     assert str(e.value).startswith(f"{p}:{line}: ") and field in str(e.value)
+
+
+def test_example_node_config_is_valid():
+    cfg = config.load(ROOT / "configs" / "h200-node.toml")
+    assert cfg.ram.capacity == 1200 << 30 and len(cfg.nvme.dirs) == 4 and cfg.cluster.cluster
+    assert cfg.server.tls_cert and cfg.auth.tenants_file
