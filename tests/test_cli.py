@@ -1,0 +1,367 @@
+"""The real ``kvtier`` command, run as a subprocess against real daemons."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from kvtier.client import Client
+
+MiB = 1 << 20
+NS = "cli-test"
+KEY16 = "00112233445566778899aabbccddeeff"
+KEY32 = "ff" * 32
+
+
+def _kvtier() -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "kvtier")
+    if os.access(exe, os.X_OK):
+        return [exe]
+    found = shutil.which("kvtier")
+    return [found] if found else [sys.executable, "-m", "kvtier.cli"]
+
+
+KVTIER = _kvtier()
+
+
+def run(*args, input: bytes | None = None, env_extra: dict | None = None, timeout: float = 30):
+    env = {k: v for k, v in os.environ.items() if k != "KVTIER_ADDRESS"}
+    env.update(env_extra or {})
+    return subprocess.run([*KVTIER, *map(str, args)], input=input, capture_output=True, timeout=timeout, env=env)
+
+
+def text(p) -> str:
+    return p.stdout.decode(errors="replace") + p.stderr.decode(errors="replace")
+
+
+# ---- put / get ---------------------------------------------------------------------------------------
+
+def test_put_then_get_to_file_and_stdout(daemon, tmp_path):
+    data = os.urandom(3 * MiB + 77)  # more than one gRPC chunk
+    src = tmp_path / "block.bin"
+    src.write_bytes(data)
+    p = run("put", "--address", daemon.address, NS, KEY16, src)
+    assert p.returncode == 0, text(p)
+    assert b"stored" in p.stdout and str(len(data)).encode() in p.stdout
+
+    out = tmp_path / "out.bin"
+    p = run("get", "--address", daemon.address, NS, KEY16, out)
+    assert p.returncode == 0, text(p)
+    assert out.read_bytes() == data
+
+    p = run("get", "--address", daemon.address, NS, KEY16, "-")
+    assert p.returncode == 0, text(p)
+    assert p.stdout == data
+
+    # the daemon really holds it, under the parsed key
+    with Client(daemon.address) as c:
+        assert c.get(NS, bytes.fromhex(KEY16)) == data
+
+    # a second put of the same key says so; --overwrite replaces it
+    p = run("put", "--address", daemon.address, NS, KEY16, src)
+    assert p.returncode == 0 and b"already present" in p.stdout, text(p)
+    src.write_bytes(b"replaced")
+    p = run("put", "--address", daemon.address, "--overwrite", NS, KEY16, src)
+    assert p.returncode == 0, text(p)
+    assert run("get", "--address", daemon.address, NS, KEY16, "-").stdout == b"replaced"
+
+
+def test_keys_32_bytes_and_name_form(daemon, tmp_path):
+    src = tmp_path / "a"
+    src.write_bytes(b"thirty-two")
+    assert run("put", "-a", daemon.address, NS, KEY32, src).returncode == 0
+    assert run("get", "-a", daemon.address, NS, KEY32, "-").stdout == b"thirty-two"
+    src.write_bytes(b"by name")
+    assert run("put", "-a", daemon.address, NS, "name:system-prompt", src).returncode == 0
+    assert run("get", "-a", daemon.address, NS, "name:system-prompt", "-").stdout == b"by name"
+
+
+def test_default_address_from_environment(daemon, tmp_path):
+    src = tmp_path / "a"
+    src.write_bytes(b"env")
+    env = {"KVTIER_ADDRESS": daemon.address}
+    assert run("put", NS, KEY16, src, env_extra=env).returncode == 0
+    p = run("get", NS, KEY16, "-", env_extra=env)
+    assert p.returncode == 0 and p.stdout == b"env", text(p)
+
+
+def test_get_missing_key_exits_1(daemon, tmp_path):
+    out = tmp_path / "missing.bin"
+    p = run("get", "--address", daemon.address, NS, KEY16, out)
+    assert p.returncode == 1, text(p)
+    assert b"not found" in p.stderr
+    assert not out.exists()
+    p = run("get", "--address", daemon.address, NS, KEY16, "-")
+    assert p.returncode == 1 and p.stdout == b""
+
+
+@pytest.mark.parametrize("bad,expect", [
+    ("xyz", "not hex"),
+    ("0011zz", "not hex"),
+    ("abcd", "16 or 32 bytes"),
+    ("00" * 20, "16 or 32 bytes"),
+])
+def test_bad_key_exits_2(daemon, tmp_path, bad, expect):
+    src = tmp_path / "a"
+    src.write_bytes(b"x")
+    for args in (("put", "--address", daemon.address, NS, bad, src),
+                 ("get", "--address", daemon.address, NS, bad, "-")):
+        p = run(*args)
+        assert p.returncode == 2, text(p)
+        err = p.stderr.decode()
+        assert expect in err and "key" in err
+    with Client(daemon.address) as c:
+        assert list(c.stats().namespaces) == []  # nothing reached the daemon
+
+
+def test_bad_namespace_and_empty_file_exit_2(daemon, tmp_path):
+    src = tmp_path / "a"
+    src.write_bytes(b"x")
+    p = run("put", "--address", daemon.address, "Bad/NS", KEY16, src)
+    assert p.returncode == 2 and b"namespace" in p.stderr, text(p)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    p = run("put", "--address", daemon.address, NS, KEY16, empty)
+    assert p.returncode == 2 and b"empty" in p.stderr, text(p)
+    p = run("put", "--address", daemon.address, NS, KEY16, tmp_path / "no-such-file")
+    assert p.returncode == 2, text(p)
+
+
+# ---- stats ------------------------------------------------------------------------------------------
+
+def test_stats_table_and_json(daemon):
+    with Client(daemon.address) as c:
+        c.put_many(NS, [(bytes([i]) * 16, b"v" * 5000) for i in range(3)])
+        c.get_many(NS, [bytes([0]) * 16, bytes([9]) * 16])  # one hit, one miss
+        c.put("second-ns", b"k" * 16, b"w")
+
+    p = run("stats", "--address", daemon.address)
+    assert p.returncode == 0, text(p)
+    out = p.stdout.decode()
+    lines = out.splitlines()
+    assert any(line.startswith("tier") and "policy" in line and "capacity" in line for line in lines)
+    ram = [line for line in lines if line.startswith("ram")]
+    assert ram and "s3fifo" in ram[0] and "64.0 MiB" in ram[0]
+    assert any(line.startswith("namespace") and "hit%" in line for line in lines)
+    row = [line.split() for line in lines if line.startswith(NS + " ")]
+    assert row, out
+    assert row[0][1] == "3"  # blocks
+    assert "50.0%" in row[0]  # one hit of two
+    assert any(line.startswith("second-ns") for line in lines)
+
+    p = run("stats", "--address", daemon.address, "--json")
+    assert p.returncode == 0, text(p)
+    s = json.loads(p.stdout)
+    for field in ("version", "uptime_s", "generation", "arena_path", "leases", "reservations", "tiers",
+                  "namespaces", "expired_leases", "expired_reservations"):
+        assert field in s, field
+    (tier,) = s["tiers"]
+    assert tier["name"] == "ram" and tier["policy"] == "s3fifo"
+    assert int(tier["capacity_bytes"]) > 0 and int(tier["blocks"]) == 4
+    ns = {n["name"]: n for n in s["namespaces"]}
+    assert set(ns) == {NS, "second-ns"}
+    assert int(ns[NS]["blocks"]) == 3 and int(ns[NS]["hits"]) == 1 and int(ns[NS]["misses"]) == 1
+    assert int(ns[NS]["puts"]) == 3 and int(ns[NS]["put_bytes"]) == 15000
+
+    p = run("stats", "--address", daemon.address, "--json", "--namespace", "second-ns")
+    assert p.returncode == 0
+    assert [n["name"] for n in json.loads(p.stdout)["namespaces"]] == ["second-ns"]
+
+
+def test_stats_of_empty_daemon(daemon):
+    p = run("stats", "--address", daemon.address)
+    assert p.returncode == 0, text(p)
+    assert b"no namespaces yet" in p.stdout
+
+
+# ---- help -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cmd", [[], ["serve"], ["stats"], ["put"], ["get"], ["check"], ["config"],
+                                 ["config", "check"]])
+def test_help(cmd):
+    p = run(*cmd, "--help")
+    assert p.returncode == 0, text(p)
+    out = p.stdout.decode()
+    assert out.startswith("usage: kvtier" + "".join(" " + c for c in cmd))
+    assert "--help" in out
+
+
+def test_version_and_no_command():
+    p = run("--version")
+    assert p.returncode == 0 and p.stdout.decode().startswith("kvtier ")
+    p = run()
+    assert p.returncode == 2 and b"usage" in p.stderr
+
+
+# ---- config check ---------------------------------------------------------------------------------
+
+VALID = """\
+# settings as configs/kvtier.toml documents them
+[server]
+socket = "/run/kvtier/kvtier.sock"
+socket_mode = "0660"
+listen = ""
+data_listen = ""
+data_channel = true
+max_message_bytes = "64MiB"
+max_batch = 4096
+drain_timeout_s = 10
+log_level = "info"
+
+[ram]
+arena_path = "/dev/shm/kvtier/arena"
+capacity = "2GiB"
+mlock = true
+policy = "lru"
+max_block_bytes = "256MiB"
+lease_ms = 30000
+reservation_ms = 30000
+max_ttl_ms = 600000
+verify_on_commit = true
+"""
+
+
+def test_config_check_accepts_valid(tmp_path):
+    f = tmp_path / "kvtier.toml"
+    f.write_text(VALID)
+    p = run("config", "check", f)
+    assert p.returncode == 0, text(p)
+    out = p.stdout.decode()
+    assert "ok" in out and "policy lru" in out and "2.0 GiB" in out and "/run/kvtier/kvtier.sock" in out
+    minimal = tmp_path / "minimal.toml"
+    minimal.write_text('[ram]\ncapacity = "64MiB"\n')
+    p = run("config", "check", minimal)
+    assert p.returncode == 0 and "policy s3fifo" in p.stdout.decode(), text(p)
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert run("config", "check", empty).returncode == 0
+
+
+@pytest.mark.parametrize("replace,field", [
+    (('mlock = true', 'mlock = true\nbogus = 1'), "ram.bogus"),
+    (('log_level = "info"', 'log_level = "info"\nmax_conections = 5'), "server.max_conections"),
+    (('capacity = "2GiB"', 'capacity = "12 parsecs"'), "ram.capacity"),
+    (('capacity = "2GiB"', 'capacity = "1MiB"'), "ram.capacity"),
+    (('max_block_bytes = "256MiB"', 'max_block_bytes = "-1"'), "ram.max_block_bytes"),
+    (('max_message_bytes = "64MiB"', 'max_message_bytes = "lots"'), "server.max_message_bytes"),
+    (('policy = "lru"', 'policy = "mru"'), "ram.policy"),
+    (('max_batch = 4096', 'max_batch = "many"'), "server.max_batch"),
+    (('max_batch = 4096', 'max_batch = 0'), "server.max_batch"),
+    (('log_level = "info"', 'log_level = "loud"'), "server.log_level"),
+    (('socket_mode = "0660"', 'socket_mode = "rw"'), "server.socket_mode"),
+    (('mlock = true', 'mlock = "yes"'), "ram.mlock"),
+])
+def test_config_check_rejects_bad_values(tmp_path, replace, field):
+    old, new = replace
+    assert old in VALID
+    f = tmp_path / "bad.toml"
+    f.write_text(VALID.replace(old, new, 1))
+    p = run("config", "check", f)
+    assert p.returncode == 2, text(p)
+    err = p.stderr.decode()
+    assert field in err, err
+    assert str(f) in err
+    assert p.stdout == b""
+
+
+def test_config_check_accepts_the_shipped_config(tmp_path):
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "kvtier.toml")
+    if not os.path.exists(shipped):
+        pytest.skip("no configs/kvtier.toml in this checkout")
+    f = tmp_path / "kvtier.toml"
+    with open(shipped) as src:
+        f.write_text(src.read())
+    p = run("config", "check", f)
+    assert p.returncode == 0, text(p)
+    assert "ok" in p.stdout.decode()
+
+
+def test_config_check_rejects_unknown_section_bad_toml_and_missing_file(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text(VALID + "\n[bogus_section]\nx = 1\n")
+    p = run("config", "check", f)
+    assert p.returncode == 2 and b"bogus_section" in p.stderr, text(p)
+    f.write_text("[ram\ncapacity = ")
+    p = run("config", "check", f)
+    assert p.returncode == 2 and str(f).encode() in p.stderr, text(p)
+    p = run("config", "check", tmp_path / "absent.toml")
+    assert p.returncode == 2 and b"cannot read" in p.stderr, text(p)
+
+
+# ---- serve ------------------------------------------------------------------------------------------
+
+def test_serve_answers_stats_and_exits_0_on_sigterm():
+    tag = uuid.uuid4().hex[:10]
+    sock_dir = tempfile.mkdtemp(prefix=f"kvt-{tag}-")
+    arena_dir = f"/dev/shm/kvtier-test-{tag}" if os.path.isdir("/dev/shm") else os.path.join(sock_dir, "arena")
+    sock = os.path.join(sock_dir, "kvtier.sock")
+    cfg = os.path.join(sock_dir, "kvtier.toml")
+    with open(cfg, "w") as f:
+        f.write(f'[server]\nsocket = "{sock}"\ndrain_timeout_s = 1.0\nlog_level = "info"\n'
+                f'[ram]\narena_path = "{arena_dir}/arena"\ncapacity = "16MiB"\npolicy = "lru"\n'
+                f'[metrics]\nlisten = ""\n')
+    proc = subprocess.Popen([*KVTIER, "serve", "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        p = None
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            if os.path.exists(sock):
+                p = run("stats", "--address", f"unix://{sock}", "--json")
+                if p.returncode == 0:
+                    break
+            time.sleep(0.1)
+        assert p is not None and p.returncode == 0, "the daemon never answered stats"
+        s = json.loads(p.stdout)
+        assert s["tiers"][0]["policy"] == "lru"
+        assert int(s["tiers"][0]["capacity_bytes"]) == 16 * MiB - 4096
+        assert s["arena_path"] == f"{arena_dir}/arena" and os.path.exists(s["arena_path"])
+        # it serves data, too
+        src = os.path.join(sock_dir, "blob")
+        with open(src, "wb") as f:
+            f.write(b"served")
+        assert run("put", "-a", f"unix://{sock}", NS, KEY16, src).returncode == 0
+        assert run("get", "-a", f"unix://{sock}", NS, KEY16, "-").stdout == b"served"
+
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(20)
+        assert rc == 0, proc.stderr.read().decode()
+        assert not os.path.exists(sock), "socket left behind"
+        assert b"stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+        shutil.rmtree(arena_dir, ignore_errors=True)
+
+
+def test_serve_with_bad_config_exits_2(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text('[ram]\npolicy = "mru"\n')
+    p = run("serve", "--config", f)
+    assert p.returncode == 2 and b"ram.policy" in p.stderr, text(p)
+
+
+# ---- unreachable daemon -----------------------------------------------------------------------------
+
+def test_unreachable_daemon_exits_3(tmp_path):
+    addr = f"unix://{tmp_path}/nobody-here.sock"
+    src = tmp_path / "a"
+    src.write_bytes(b"x")
+    for args in (("stats", "--address", addr), ("stats", "--json", "--address", addr),
+                 ("put", "--address", addr, NS, KEY16, src), ("get", "--address", addr, NS, KEY16, "-"),
+                 ("stats", "--address", "127.0.0.1:1")):
+        p = run(*args)
+        assert p.returncode == 3, (args, text(p))
+        assert b"unreachable" in p.stderr
+        assert p.stdout == b""
