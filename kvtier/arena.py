@@ -86,7 +86,14 @@ class Arena:
         self.generation = secrets.randbits(63) | 1
         pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         self.reattached = reattach and self._reusable()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | (0 if self.reattached else os.O_TRUNC), 0o660)
+        if not self.reattached:
+            # a new inode, never the old file truncated: a client that outlived a crashed daemon
+            # keeps its mapping of the old file and cannot write into the new arena
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | (0 if self.reattached else os.O_EXCL), 0o660)
         try:
             os.fchmod(fd, 0o660)
             if not self.reattached:

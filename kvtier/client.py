@@ -242,6 +242,9 @@ class _Ops:
 
     def op_reserve(self, ns: str, keys: Sequence[bytes], sizes: Sequence[int], ttl_ms: int = 0,
                    overwrite: bool = False):
+        return (yield from self._stale_retry(self._reserve, ns, keys, sizes, ttl_ms, overwrite))
+
+    def _reserve(self, ns, keys, sizes, ttl_ms, overwrite):
         yield from self._attach()
         if self.arena is None:
             raise errors.FailedPrecondition("the arena is not mapped (not on the daemon's node)")
@@ -266,6 +269,9 @@ class _Ops:
             yield ("unary", "Abort", pb.AbortRequest(reservation_id=res.id))
 
     def op_acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False):
+        return (yield from self._stale_retry(self._acquire, ns, keys, lease_ms, prefix_only))
+
+    def _acquire(self, ns, keys, lease_ms, prefix_only):
         yield from self._attach()
         if self.arena is None:
             raise errors.FailedPrecondition("the arena is not mapped (not on the daemon's node)")
@@ -284,7 +290,7 @@ class _Ops:
             yield ("unary", "Release", pb.ReleaseRequest(lease_id=lease.id))
 
     def _arena_put(self, ns, keys, datas, overwrite):
-        res = yield from self.op_reserve(ns, keys, [len(d) for d in datas], 0, overwrite)
+        res = yield from self._reserve(ns, keys, [len(d) for d in datas], 0, overwrite)
         try:
             for v, d in zip(res.views, datas):
                 if v is not None:
@@ -320,7 +326,7 @@ class _Ops:
         return [s == 0 for s in r.status]
 
     def _arena_get(self, ns, keys, into):
-        lease = yield from self.op_acquire(ns, keys)
+        lease = yield from self._acquire(ns, keys, 0, False)
         out: list = []
         try:
             for i, v in enumerate(lease.views):

@@ -47,12 +47,18 @@ from .errors import (ArenaFull, DataLoss, FailedPrecondition, InvalidArgument, T
                      UnknownLease, UnknownReservation)
 from .keys import CHECKSUM_SIZE, ZERO_CHECKSUM
 from .policy import POLICIES
+from .slots import COMMITTED as COMMITTED_ENTRY
+from .slots import RESERVED as RESERVED_ENTRY
 from .slots import NullSlots
 
 RESERVED, COMMITTING, COMMITTED, DOOMED = range(4)
 RESERVE_OK, RESERVE_PRESENT, RESERVE_PENDING = 0, 1, 2
 TIER_MISSING, TIER_RAM = 0, 1
 FOREVER = float("inf")
+# How long the slot of a reservation that expired (or was open at a crash) stays out of use, in
+# seconds: one reservation lifetime, at most this. A writer still copying that long after its
+# reservation ended is broken; bounding it keeps abandoned reservations from filling the arena.
+QUARANTINE_S = 5.0
 
 
 class _RandomIds:
@@ -149,7 +155,7 @@ class HotTier:
         self._deadlines: list[tuple[float, int, int]] = []  # (expires, kind, id); kind 0 res, 1 lease
         self._pins: list[tuple[float, int, Block]] = []      # (pin_until, seq, block)
         # Slots of expired reservations are not reused at once: a writer that is merely slow must
-        # not land its bytes in another block's slot. They are freed after another TTL.
+        # not land its bytes in another block's slot. They are freed QUARANTINE_S (or the TTL) later.
         self._quarantine: list[tuple[float, int, Block]] = []
         self._ended: OrderedDict[int, str] = OrderedDict()  # recent reservation id -> how it ended
         self._seq = itertools.count()
@@ -274,8 +280,7 @@ class HotTier:
                     self.expired_leases += 1
         while self._quarantine and self._quarantine[0][0] <= now:
             _, _, b = heapq.heappop(self._quarantine)
-            self._free(b)
-            self.reserved_bytes -= self.alloc.round(b.length)
+            self._free_reserved(b)
         while self._pins and self._pins[0][0] <= now:
             until, _, b = heapq.heappop(self._pins)
             if b.pin_until == until and b.state == COMMITTED:
@@ -289,10 +294,9 @@ class HotTier:
         for b in r.blocks:
             self._pending.pop((b.ns, b.key), None)
             if now is None:
-                self._free(b)
-                self.reserved_bytes -= self.alloc.round(b.length)
+                self._free_reserved(b)
             else:
-                heapq.heappush(self._quarantine, (now + r.ttl, next(self._seq), b))
+                heapq.heappush(self._quarantine, (now + min(r.ttl, QUARANTINE_S), next(self._seq), b))
 
     def _remember(self, rid: int, how: str) -> None:
         self._ended[rid] = how
@@ -390,6 +394,7 @@ class HotTier:
                         continue
                     b = Block(ns, k, self._alloc(n), n)
                     r.blocks.append(b)
+                    b.entry = self.slots.put(ns, k, b.offset, n, ZERO_CHECKSUM, 0.0, RESERVED_ENTRY)
                     self._pending[kk] = r
                     self.reserved_bytes += self.alloc.round(n)
                     offsets[i] = b.offset
@@ -405,8 +410,15 @@ class HotTier:
     def _end_reservation_unregistered(self, r: Reservation) -> None:
         for b in r.blocks:
             self._pending.pop((b.ns, b.key), None)
-            self._free(b)
-            self.reserved_bytes -= self.alloc.round(b.length)
+            self._free_reserved(b)
+
+    def _free_reserved(self, b: Block) -> None:
+        """Free the slot of a block that never became visible."""
+        if b.entry >= 0:
+            self.slots.release(b.entry)
+            b.entry = -1
+        self._free(b)
+        self.reserved_bytes -= self.alloc.round(b.length)
 
     def _get_reservation(self, rid: int, now: float) -> Reservation:
         r = self._reservations.get(rid)
@@ -473,7 +485,7 @@ class HotTier:
                     self._drop(old)
                 b.overwrite = r.overwrite
                 b.checksum, b.state, b.created = c, COMMITTED, now
-                b.entry = self.slots.put(b.ns, b.key, b.offset, b.length, c, now)
+                b.entry = self.slots.put(b.ns, b.key, b.offset, b.length, c, now, COMMITTED_ENTRY, b.entry)
                 self._index[kk] = b
                 self._policy_add(b)
                 s = self._ns(b.ns)
@@ -603,7 +615,19 @@ class HotTier:
         kept: set[int] = set()
         dropped = 0
         with self.lock:
-            for i, ns, key, off, length, digest, created in table.entries():
+            now = self.clock()
+            for i, ns, key, off, length, digest, created, state in table.entries():
+                if state == RESERVED_ENTRY:
+                    # a client that outlived the old daemon may still be writing here: keep the
+                    # slot out of use for one reservation lifetime
+                    if self.alloc.alloc_at(off, length):
+                        b = Block(ns, key, off, length, DOOMED, entry=i)
+                        self.used_bytes += self.alloc.round(length)
+                        self.reserved_bytes += self.alloc.round(length)
+                        heapq.heappush(self._quarantine,
+                                       (now + min(self.reservation_ms / 1000, QUARANTINE_S), next(self._seq), b))
+                        kept.add(i)
+                    continue
                 ok = (NAMESPACE_RE.fullmatch(ns) is not None and len(key) in KEY_SIZES
                       and 0 < length <= self.max_block_bytes and (ns, key) not in self._index
                       and self.alloc.alloc_at(off, length))
@@ -623,7 +647,7 @@ class HotTier:
                 kept.add(i)
             table.adopt(kept)
             self.slots = table
-        return len(kept), dropped
+        return len(kept) - len(self._quarantine), dropped
 
     def snapshot(self) -> dict:
         """Counters for Stats, copied under the lock."""

@@ -8,15 +8,19 @@ and rebuild its index instead of starting cold.
     header (64 bytes): magic b"KVTSLOTS", version u32, entry size u32, capacity u64 (entries)
     entry i at 64 + i * 160:
          0  u32  magic 0x53545645 ("EVTS") when in use, 0 when free
-         4  u8   namespace length N      5  u8  key length K     6  u16 reserved
+         4  u8   namespace length N      5  u8  key length K     6  u16 state: 1 committed, 2 reserved
          8  u64  arena offset           16  u64 block length
         24  16s  xxh3-128 of the block  40  f64 created (unix seconds)
         48  64s  namespace (N bytes)   112  32s key (K bytes)
        144  u32  xxh32 of bytes 0..143 (entry check)   148  12 bytes reserved
 
-Write order makes every crash safe: an entry is written only after its
-block's bytes are final (at commit, after the checksum), and cleared before
-its slot is freed; a torn entry fails its check and is ignored. On restart
+Write order makes every crash safe: a reserved slot gets a "reserved" entry
+before its offset is handed to a client; the entry turns "committed" only
+after the block's bytes are final (at commit, after the checksum), and is
+cleared before its slot is freed; a torn entry fails its check and is ignored.
+Slots that were reserved at a crash may still be written by a client that
+outlived the daemon, so a restart keeps them out of use for a while
+(``hot.QUARANTINE_S``, at most one reservation lifetime) before freeing them. On restart
 each surviving entry is bounds-checked, checked for overlap with the others,
 and (``ram.verify_on_restart``) its block re-hashed; anything doubtful is
 dropped. Process crashes lose nothing here (tmpfs pages belong to the kernel);
@@ -37,6 +41,7 @@ VERSION = 1
 ENTRY = 160
 ENTRY_FIXED = struct.Struct("<IBBHQQ16sd64s32s")  # 144 bytes
 ENTRY_MAGIC = 0x53545645
+COMMITTED, RESERVED = 1, 2
 BASE = 64
 _CHECK = struct.Struct("<I")
 
@@ -78,8 +83,8 @@ class SlotTable:
 
     # ---- reading back (restart) ---------------------------------------------------------
 
-    def entries(self) -> Iterator[tuple[int, str, bytes, int, int, bytes, float]]:
-        """(index, ns, key, offset, length, checksum, created) of every intact entry."""
+    def entries(self) -> Iterator[tuple[int, str, bytes, int, int, bytes, float, int]]:
+        """(index, ns, key, offset, length, checksum, created, state) of every intact entry."""
         mm = self.mm
         for i in range(self.capacity):
             p = BASE + i * ENTRY
@@ -89,12 +94,13 @@ class SlotTable:
             (check,) = _CHECK.unpack_from(mm, p + ENTRY_FIXED.size)
             if xxhash.xxh32_intdigest(raw) != check:
                 continue
-            _, n, k, _, off, length, digest, created, nsb, keyb = ENTRY_FIXED.unpack(raw)
+            _, n, k, state, off, length, digest, created, nsb, keyb = ENTRY_FIXED.unpack(raw)
             try:
                 ns = nsb[:n].decode()
             except UnicodeDecodeError:
                 continue
-            yield i, ns, keyb[:k], off, length, digest, created
+            if state in (COMMITTED, RESERVED):
+                yield i, ns, keyb[:k], off, length, digest, created, state
 
     def adopt(self, used: set[int]) -> None:
         """After a restart: entries in ``used`` stay, every other one is cleared and reusable."""
@@ -106,8 +112,12 @@ class SlotTable:
 
     # ---- writing ------------------------------------------------------------------------
 
-    def put(self, ns: str, key: bytes, offset: int, length: int, digest: bytes, created: float) -> int:
-        if self._free:
+    def put(self, ns: str, key: bytes, offset: int, length: int, digest: bytes, created: float,
+            state: int = 1, at: int = -1) -> int:
+        """Write an entry (at index ``at``, or a free one); returns its index."""
+        if at >= 0:
+            i = at
+        elif self._free:
             i = self._free.pop()
         else:
             if self._top >= self.capacity:
@@ -115,7 +125,7 @@ class SlotTable:
             i = self._top
             self._top += 1
         nsb = ns.encode()
-        raw = ENTRY_FIXED.pack(ENTRY_MAGIC, len(nsb), len(key), 0, offset, length, digest, created, nsb, key)
+        raw = ENTRY_FIXED.pack(ENTRY_MAGIC, len(nsb), len(key), state, offset, length, digest, created, nsb, key)
         p = BASE + i * ENTRY
         self.mm[p:p + ENTRY_FIXED.size] = raw
         self.mm[p + ENTRY_FIXED.size:p + ENTRY_FIXED.size + 4] = _CHECK.pack(xxhash.xxh32_intdigest(raw))
