@@ -276,11 +276,16 @@ def test_block_larger_than_max_block_bytes(make_daemon, path):
                                                        sizes=[limit + 1])) == SC.RESOURCE_EXHAUSTED
             assert e.code("Put", put_stream(NS, k, b"x", length=limit + 1)) == SC.RESOURCE_EXHAUSTED
             with Client(e.address, **PATHS[path]) as c:
-                with pytest.raises(errors.ResourceExhausted):
+                # the data path refuses before sending (TooLarge); the others get RESOURCE_EXHAUSTED
+                refused = errors.TooLarge if path == "data" else errors.ResourceExhausted
+                with pytest.raises(refused) as exc:
                     c.put(NS, k, b"x" * (limit + 1))
+                assert exc.value.code == SC.RESOURCE_EXHAUSTED
                 # far more than any socket buffer holds: still refused with RESOURCE_EXHAUSTED
-                with pytest.raises(errors.ResourceExhausted):
+                with pytest.raises(refused) as exc:
                     c.put(NS, k, b"x" * (32 * MiB))
+                assert exc.value.code == SC.RESOURCE_EXHAUSTED
+                assert c.path == path
         # exactly max_block_bytes is accepted
         with Client(e.address, **PATHS[path]) as c:
             assert c.put(NS, k, b"y" * limit) is True
@@ -344,24 +349,41 @@ def test_commit_unknown_reservation(env):
 def test_commit_expired_reservation(env):
     k = key("expired-res")
     before = env.snapshot()
+    used = env.client.stats().tiers[0].used_bytes
+    t0 = time.monotonic()
     r = _reserve_written(env, k, b"too late", ttl_ms=1000)
     assert env.client.stats().reservations == 1
     time.sleep(1.3)
+    # expired: unknown (NOT_FOUND), never FAILED_PRECONDITION
     assert env.code("Commit", pb.CommitRequest(reservation_id=r.id)) == SC.NOT_FOUND
-    with pytest.raises(errors.NotFound):
+    with pytest.raises(errors.NotFound) as e:
         env.client.commit(r)
+    assert e.value.code == SC.NOT_FOUND
+    assert env.code("Abort", pb.AbortRequest(reservation_id=r.id)) == SC.NOT_FOUND
     s = env.client.stats()
     assert s.reservations == 0 and s.expired_reservations == 1
     assert env.client.lookup(NS, [k]) == ([0], 0)
-    # the slot is freed (after a quarantine of up to one more TTL); nothing else moved
+    # The reservation expired after t0 + 1 s, so its slot stays quarantined (reserved, used, not
+    # handed out) until at least t0 + 2 s. The key itself is no longer pending.
+    r2 = env.client.reserve(NS, [k], [8])
+    t2 = env.client.stats().tiers[0]
+    in_quarantine = time.monotonic() < t0 + 2.0
+    assert r2.status == b"\x00"
+    if in_quarantine:
+        assert r2.offsets[0] != r.offsets[0], "an expired reservation's slot was reused at once"
+        assert (t2.reserved_bytes, t2.used_bytes) == (2 * 4096, used + 2 * 4096)
+    env.client.abort(r2)  # an abort frees at once
+    # then the quarantined slot is freed too; nothing else moved
     deadline = time.monotonic() + 10
     while True:
         after = env.snapshot()
+        freed_at = time.monotonic()
         after[0].pop("expiredReservations")
-        if after == before or time.monotonic() > deadline:
+        if after == before or freed_at > deadline:
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert after == before
+    assert freed_at > t0 + 2.0, "the slot was freed before one more TTL had passed"
     env.assert_serving()
 
 
@@ -370,11 +392,11 @@ def test_double_commit_is_rejected_and_changes_nothing(env):
     r = _reserve_written(env, k, b"first")
     env.client.commit(r)
     with env.unchanged():
-        with pytest.raises(grpc.RpcError):
-            env.stub.Commit(pb.CommitRequest(reservation_id=r.id))
-        with pytest.raises(errors.KvtierError):
+        assert env.code("Commit", pb.CommitRequest(reservation_id=r.id)) == SC.FAILED_PRECONDITION
+        assert env.code("Abort", pb.AbortRequest(reservation_id=r.id)) == SC.FAILED_PRECONDITION
+        with pytest.raises(errors.FailedPrecondition):
             env.client.commit(r)
-        with pytest.raises(errors.KvtierError):
+        with pytest.raises(errors.FailedPrecondition):
             env.client.abort(r)
     assert env.client.get(NS, k) == b"first"
 
@@ -386,7 +408,14 @@ def test_commit_of_ended_reservation_is_failed_precondition(env, first):
         env.client.commit(r)
     else:
         env.client.abort(r)
-    assert env.code("Commit", pb.CommitRequest(reservation_id=r.id)) == SC.FAILED_PRECONDITION
+    with env.unchanged():
+        assert env.code("Commit", pb.CommitRequest(reservation_id=r.id)) == SC.FAILED_PRECONDITION
+        assert env.code("Abort", pb.AbortRequest(reservation_id=r.id)) == SC.FAILED_PRECONDITION
+        with pytest.raises(errors.FailedPrecondition):
+            env.client.commit(r)
+        with pytest.raises(errors.FailedPrecondition):
+            env.client.abort(r)
+    assert env.client.lookup(NS, [key("ended", first)]) == (([1], 1) if first == "commit" else ([0], 0))
 
 
 def test_abort_unknown_reservation(env):
@@ -424,8 +453,9 @@ def test_checksum_mismatch_at_commit(env):
     with env.unchanged():
         r = _reserve_written(env, k, data)
         assert env.code("Commit", pb.CommitRequest(reservation_id=r.id, checksums=b"\x00" * 16)) == SC.DATA_LOSS
-        # the reservation was released: a second try commits nothing
-        assert env.code("Commit", pb.CommitRequest(reservation_id=r.id)) in (SC.NOT_FOUND, SC.FAILED_PRECONDITION)
+        # the mismatch aborted the reservation: a second try is FAILED_PRECONDITION, commits nothing
+        assert env.code("Commit", pb.CommitRequest(reservation_id=r.id)) == SC.FAILED_PRECONDITION
+        assert env.code("Abort", pb.AbortRequest(reservation_id=r.id)) == SC.FAILED_PRECONDITION
         r = _reserve_written(env, k, data)
         with pytest.raises(errors.DataLoss):
             env.client.commit(r, [xxhash.xxh3_128_digest(data + b"!")])
@@ -444,14 +474,20 @@ def test_stale_arena_generation(env):
                                                      generation=wrong)) == SC.ABORTED
         assert env.code("Acquire", pb.AcquireRequest(namespace=NS, key_size=16, keys=k,
                                                      generation=wrong)) == SC.ABORTED
-        # a client whose mapping names another generation gets StaleArena from the single-step calls
-        with Client(env.address) as c:
-            c.attach()
-            c._ops.arena.generation = wrong
-            with pytest.raises(errors.StaleArena):
-                c.reserve(NS, [key("stale")], [10])
-            with pytest.raises(errors.StaleArena):
-                c.acquire(NS, [k])
+    # a client whose mapping names another generation re-attaches by itself, in the single-step
+    # calls too (the daemon refused the stale one with ABORTED), and the call then goes through
+    with Client(env.address) as c:
+        c.attach()
+        c._ops.arena.generation = wrong
+        r = c.reserve(NS, [key("stale")], [10])
+        assert r.status == b"\x00" and c.info.generation == gen and c._ops.arena.generation == gen
+        c.abort(r)
+        c._ops.arena.generation = wrong
+        lease = c.acquire(NS, [k])
+        assert lease.tiers == b"\x01" and bytes(lease.views[0]) == SEED_DATA[0]
+        assert c.info.generation == gen and c._ops.arena.generation == gen
+        c.release(lease)
+    assert env.client.stats().reservations == 0 and env.client.stats().leases == 0
     # generation 0 is unchecked; the right one is accepted
     r = env.stub.Acquire(pb.AcquireRequest(namespace=NS, key_size=16, keys=k, generation=gen))
     env.stub.Release(pb.ReleaseRequest(lease_id=r.lease_id))
@@ -582,6 +618,10 @@ def test_grpc_put_respects_advertised_max_message_bytes(make_daemon):
     with Client(d.address, attach=False, data_channel=False) as g:
         assert g.put(NS, key("chunked"), big) is True
         assert g.get(NS, key("chunked")) == big
+        # several multi-chunk blocks in one stream: per-block status, in order
+        other = big[::-1]
+        assert g.put_many(NS, [(key("chunked-2"), other), (key("chunked"), big)]) == [True, False]
+        assert g.get_many(NS, [key("chunked"), key("chunked-2")]) == [big, other]
 
 
 # ---- the data channel ---------------------------------------------------------------------------------

@@ -92,7 +92,19 @@ def check_consistent(t: HotTier) -> None:
     assert len(t.policy) == len(evictable)
     assert all((b.ns, b.key) in t.policy for b in evictable)
     assert t.evictable_bytes == sum(r(b.length) for b in evictable)
-    assert t.reserved_bytes == sum(r(b.length) for res in t._reservations.values() for b in res.blocks)
+    quarantined = [b for _, _, b in t._quarantine]
+    # reserved: slots of live reservations plus those of expired ones still in quarantine
+    assert t.reserved_bytes == (sum(r(b.length) for res in t._reservations.values() for b in res.blocks)
+                                + sum(r(b.length) for b in quarantined))
+    # every allocated byte belongs to exactly one block: indexed, reserved, quarantined, or
+    # deleted/replaced but still leased; no two of them share a slot
+    doomed = {id(b): b for lease in t._leases.values() for b in lease.blocks if b.state == H.DOOMED}
+    owners = [*t._index.values(), *(b for res in t._reservations.values() for b in res.blocks),
+              *quarantined, *doomed.values()]
+    assert len({id(b) for b in owners}) == len(owners)
+    spans = sorted((b.offset, b.offset + r(b.length)) for b in owners)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), "two blocks share a slot"
+    assert t.used_bytes == sum(end - start for start, end in spans)
     assert t.pinned_blocks == sum(1 for b in t._index.values() if b.pin_until)
     leased = {id(b): b for lease in t._leases.values() for b in lease.blocks}
     assert t.leased_blocks == len(leased)
@@ -287,8 +299,10 @@ def test_checksum_mismatch_is_data_loss_and_frees_everything():
     assert t.alloc.extents() == [(t.alloc.start, t.alloc.capacity)]
     assert t.snapshot()["reservations"] == 0
     assert NS not in t.ns_stats or t.ns_stats[NS].puts == 0
-    with pytest.raises(UnknownReservation):
+    with pytest.raises(FailedPrecondition):  # ended (aborted by the mismatch), not unknown
         t.begin_commit(r.reservation_id)
+    with pytest.raises(FailedPrecondition):
+        t.abort(r.reservation_id)
     assert t.reserve(NS, [key(0)], [SLOT]).status == bytes([RESERVE_OK])  # no longer pending
 
 
@@ -320,16 +334,53 @@ def test_commit_of_an_unknown_reservation():
     assert issubclass(UnknownReservation, NotFound)
 
 
+def test_reservation_and_lease_ids_are_random_63_bit():
+    t, _ = make(slots=4)
+    rids = [t.reserve(NS, [key(i)], [1]).reservation_id for i in range(32)]
+    put(t, [key(100)], [data(1, 1)])
+    lids = [t.acquire(NS, [key(100)]).lease_id for _ in range(32)]
+    ids = rids + lids
+    assert len(set(ids)) == len(ids)
+    assert all(0 < i < 1 << 63 for i in ids)
+    # not a counter: consecutive ids are no fixed step apart, and they spread over the whole range
+    assert len({b - a for a, b in zip(ids, ids[1:])}) > 1
+    assert max(ids) >= 1 << 56  # 64 random 63-bit ids all below 2**56: probability 2**-448
+    check_consistent(t)
+
+
+def free_at(t: HotTier, offset: int) -> bool:
+    return any(off <= offset < off + size for off, size in t.alloc.extents())
+
+
 def test_commit_of_an_expired_reservation_frees_it():
     t, clock = make()
     r = t.reserve(NS, [key(1)], [SLOT], ttl_ms=500)
+    old = r.offsets[0]
     clock.advance(0.5)  # expires exactly at its deadline
     with pytest.raises(UnknownReservation):
         t.begin_commit(r.reservation_id)
-    assert t.used_bytes == 0 and t.reserved_bytes == 0
-    assert t.expired_reservations == 1
+    assert t.expired_reservations == 1 and t.snapshot()["reservations"] == 0
+    # the slot is quarantined for one more TTL: still used and reserved, not reusable
+    assert t.used_bytes == SLOT and t.reserved_bytes == SLOT and not free_at(t, old)
+    with pytest.raises(UnknownReservation):  # expired is unknown, not FAILED_PRECONDITION
+        t.begin_commit(r.reservation_id)
+    with pytest.raises(UnknownReservation):
+        t.abort(r.reservation_id)
     assert present(t, [key(1)]) == [False]
-    assert t.reserve(NS, [key(1)], [SLOT]).status == bytes([RESERVE_OK])
+    r2 = t.reserve(NS, [key(1)], [SLOT])  # the key is no longer pending; it gets another slot
+    assert r2.status == bytes([RESERVE_OK]) and r2.offsets[0] != old
+    assert t.used_bytes == t.reserved_bytes == 2 * SLOT
+    check_consistent(t)
+    clock.advance(0.4375)
+    t.expire()
+    assert t.used_bytes == 2 * SLOT and not free_at(t, old)  # less than one TTL later: still held
+    clock.advance(0.0625)
+    t.expire()  # one TTL after the expiry: freed
+    assert t.used_bytes == t.reserved_bytes == SLOT and free_at(t, old)
+    assert t.expired_reservations == 1
+    t.abort(r2.reservation_id)
+    assert t.used_bytes == 0 and t.reserved_bytes == 0
+    check_consistent(t)
 
 
 def test_reservation_just_before_its_deadline_commits():
@@ -349,11 +400,14 @@ def test_double_commit():
     with pytest.raises(FailedPrecondition):  # already being committed
         t.begin_commit(r.reservation_id)
     t.finish_commit(r.reservation_id, [checksum(data(0))])
-    with pytest.raises(UnknownReservation):  # committed: the id is gone
+    with pytest.raises(FailedPrecondition):  # already committed
         t.begin_commit(r.reservation_id)
+    with pytest.raises(FailedPrecondition):
+        t.abort(r.reservation_id)
     with pytest.raises(FailedPrecondition):
         t.finish_commit(r.reservation_id, [checksum(data(0))])
     assert t.ns_stats[NS].puts == 1 and t.used_bytes == SLOT
+    assert present(t, [key(1)]) == [True]
 
 
 def test_abort_frees_the_slots():
@@ -362,12 +416,13 @@ def test_abort_frees_the_slots():
     assert t.used_bytes == 4 * SLOT
     t.abort(r.reservation_id)
     assert t.used_bytes == 0 and t.reserved_bytes == 0
-    assert t.alloc.extents() == [(t.alloc.start, t.alloc.capacity)]
-    with pytest.raises(UnknownReservation):
+    assert t.alloc.extents() == [(t.alloc.start, t.alloc.capacity)]  # freed at once, no quarantine
+    with pytest.raises(FailedPrecondition):  # already aborted
         t.begin_commit(r.reservation_id)
-    with pytest.raises(UnknownReservation):
+    with pytest.raises(FailedPrecondition):
         t.abort(r.reservation_id)
-    assert t.reserve(NS, [key(1)], [SLOT]).status == bytes([RESERVE_OK])
+    r2 = t.reserve(NS, [key(1)], [SLOT])
+    assert r2.status == bytes([RESERVE_OK]) and r2.offsets[0] == r.offsets[0]  # the slot is reusable
 
 
 def test_abort_while_committing_is_refused_and_changes_nothing():
@@ -402,11 +457,25 @@ def test_reservation_expiry_frees_slots():
     assert t.used_bytes == 2 * SLOT and t.snapshot()["reservations"] == 1
     clock.advance(0.2)
     t.expire()
-    assert t.used_bytes == 0 and t.reserved_bytes == 0
     assert t.snapshot()["reservations"] == 0 and t.expired_reservations == 1
-    assert t.reserve(NS, [key(1)], [SLOT]).status == bytes([RESERVE_OK])
+    # quarantined for one more TTL: still counted, neither slot reusable
+    assert t.used_bytes == t.reserved_bytes == 2 * SLOT
+    assert not any(free_at(t, off) for off in r.offsets)
+    r2 = t.reserve(NS, [key(1)], [SLOT])  # no longer pending, but it gets a fresh slot
+    assert r2.status == bytes([RESERVE_OK]) and r2.offsets[0] not in r.offsets
     with pytest.raises(UnknownReservation):
         t.begin_commit(r.reservation_id)
+    check_consistent(t)
+    clock.advance(1.9)
+    t.expire()
+    assert t.used_bytes == t.reserved_bytes == 3 * SLOT
+    clock.advance(0.2)
+    t.expire()
+    assert t.used_bytes == t.reserved_bytes == SLOT  # only r2 is left
+    assert all(free_at(t, off) for off in r.offsets)
+    t.abort(r2.reservation_id)
+    assert t.used_bytes == 0 and t.reserved_bytes == 0
+    check_consistent(t)
 
 
 def test_reservation_default_ttl():
@@ -418,17 +487,32 @@ def test_reservation_default_ttl():
     assert t.used_bytes == SLOT
     clock.advance(0.1)
     t.expire()
-    assert t.used_bytes == 0
+    assert t.expired_reservations == 1 and t.snapshot()["reservations"] == 0
+    assert t.used_bytes == t.reserved_bytes == SLOT and not free_at(t, r.offsets[0])  # quarantined
+    clock.advance(2.9)
+    t.expire()
+    assert t.used_bytes == SLOT
+    clock.advance(0.2)
+    t.expire()
+    assert t.used_bytes == 0 and t.reserved_bytes == 0
 
 
 def test_expired_reservations_are_reclaimed_before_anything_is_evicted():
     t, clock = make(slots=4)
     put(t, [key(0), key(1)])
-    t.reserve(NS, [key(2), key(3)], [SLOT, SLOT], ttl_ms=100)
+    r = t.reserve(NS, [key(2), key(3)], [SLOT, SLOT], ttl_ms=100)
     clock.advance(1)
-    put(t, [key(4)])  # the arena is full: the dead reservation goes first
-    assert present(t, [key(0), key(1), key(4)]) == [True] * 3
-    assert t.evictions == 0 and t.expired_reservations == 1
+    t.expire()  # dead, but its slots are quarantined for another 100 ms
+    assert t.expired_reservations == 1 and t.used_bytes == 4 * SLOT and t.reserved_bytes == 2 * SLOT
+    put(t, [key(4)])  # the arena is full and the quarantine holds: a committed block is evicted
+    assert t.evictions == 1 and present(t, [key(0), key(1), key(4)]) == [False, True, True]
+    assert t.acquire(NS, [key(4)]).offsets[0] not in r.offsets
+    check_consistent(t)
+    clock.advance(0.25)
+    put(t, [key(5)])  # the quarantine is over: its slots go before anything else is evicted
+    assert present(t, [key(1), key(4), key(5)]) == [True] * 3
+    assert t.evictions == 1 and t.expired_reservations == 1 and t.reserved_bytes == 0
+    assert t.acquire(NS, [key(5)]).offsets[0] in r.offsets
     check_consistent(t)
 
 
@@ -456,9 +540,14 @@ def test_reservation_returned_to_reserved_after_its_deadline_still_expires(compu
         t.finish_commit(r.reservation_id, computed, given)
     clock.advance(100)  # the client is gone
     t.expire()
-    assert t.snapshot()["reservations"] == 0
-    assert t.used_bytes == 0 and t.reserved_bytes == 0
-    assert t.reserve(NS, [key(1)], [SLOT]).status == bytes([RESERVE_OK])
+    assert t.snapshot()["reservations"] == 0 and t.expired_reservations == 1
+    assert t.used_bytes == t.reserved_bytes == SLOT and not free_at(t, r.offsets[0])  # quarantined
+    r2 = t.reserve(NS, [key(1)], [SLOT])
+    assert r2.status == bytes([RESERVE_OK]) and r2.offsets[0] != r.offsets[0]
+    clock.advance(1)  # one more TTL
+    t.expire()
+    assert t.used_bytes == t.reserved_bytes == SLOT and free_at(t, r.offsets[0])  # only r2
+    check_consistent(t)
 
 
 def test_reservation_returned_to_reserved_keeps_its_deadline():
@@ -472,7 +561,15 @@ def test_reservation_returned_to_reserved_keeps_its_deadline():
     assert t.used_bytes == SLOT  # not expired early, not extended either
     clock.advance(0.1)
     t.expire()
-    assert t.used_bytes == 0 and t.expired_reservations == 1
+    assert t.expired_reservations == 1 and t.snapshot()["reservations"] == 0
+    assert t.used_bytes == t.reserved_bytes == SLOT  # quarantined for one more TTL
+    check_consistent(t)
+    clock.advance(0.9)
+    t.expire()
+    assert t.used_bytes == SLOT
+    clock.advance(0.2)
+    t.expire()
+    assert t.used_bytes == 0 and t.reserved_bytes == 0
     check_consistent(t)
 
 
@@ -1062,6 +1159,7 @@ def test_random_operations_keep_the_counters_consistent(policy):
     reservations: list[int] = []
     leases: list[int] = []
     sizes = [1, 4096, 10_000, SLOT, 3 * SLOT]
+    quarantined = 0  # most bytes seen in quarantine at once
     for step in range(1500):
         op = rng.random()
         ks = [key(rng.randrange(60)) for _ in range(rng.randint(1, 3))]
@@ -1102,7 +1200,8 @@ def test_random_operations_keep_the_counters_consistent(policy):
         check_consistent(t)
         for (ns, k), b in t._index.items():
             assert b.state == H.COMMITTED and b.key == k
-    assert t.evictions > 0 and t.expired_leases > 0 and t.expired_reservations > 0
+        quarantined = max(quarantined, sum(t.alloc.round(b.length) for _, _, b in t._quarantine))
+    assert t.evictions > 0 and t.expired_leases > 0 and t.expired_reservations > 0 and quarantined > 0
     for lid in leases:
         try:
             t.release(lid)
@@ -1113,4 +1212,11 @@ def test_random_operations_keep_the_counters_consistent(policy):
     t.unpin(NS, [key(i) for i in range(60)])
     t.delete(NS, [key(i) for i in range(60)])
     check_consistent(t)
-    assert t.used_bytes == 0 and t.alloc.extents() == [(t.alloc.start, t.alloc.capacity)]
+    # what is left is the quarantine of expired reservations, gone one TTL (30 s at most) later
+    left = sum(t.alloc.round(b.length) for _, _, b in t._quarantine)
+    assert t.used_bytes == t.reserved_bytes == left
+    clock.advance(30)
+    t.expire()
+    check_consistent(t)
+    assert t.used_bytes == 0 and t.reserved_bytes == 0
+    assert t.alloc.extents() == [(t.alloc.start, t.alloc.capacity)]

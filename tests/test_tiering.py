@@ -72,11 +72,12 @@ def file_of(d, k: bytes, ns: str = NS) -> str:
     return os.path.join(str(d), sub, name)
 
 
-def settings(tmp_path, ram_cap: str = "8MiB", dirs=None, **nvme_kw) -> dict:
+def settings(tmp_path, ram_cap: str = "8MiB", dirs=None, persist: bool = True, **nvme_kw) -> dict:
+    """``persist=False``: the RAM tier is not kept across a restart, so only NVMe can serve after it."""
     nv = {"dirs": [str(p) for p in (dirs or [tmp_path / "nvme0"])], "capacity": "64MiB", "io_threads": 2,
           "write_policy": "commit"}
     nv.update(nvme_kw)
-    return {"ram": {"capacity": ram_cap, "policy": "lru"}, "nvme": nv}
+    return {"ram": {"capacity": ram_cap, "policy": "lru", "persist": persist}, "nvme": nv}
 
 
 @pytest.fixture
@@ -261,7 +262,7 @@ SIZES = [1, 17, 4095, 4096, 4097, 65537, BLOCK, MiB + 3]
 @pytest.mark.parametrize("codec", ["none", "shuffle-lz4"])
 def test_restart_serves_nvme_blocks_byte_identical(make_daemon, restart, tmp_path, codec):
     dirs = [tmp_path / "nvme0", tmp_path / "nvme1"]
-    d = make_daemon(**settings(tmp_path, ram_cap="16MiB", dirs=dirs, codec=codec))
+    d = make_daemon(**settings(tmp_path, ram_cap="16MiB", dirs=dirs, codec=codec, persist=False))
     expect = {key(i): (blob(n, i) if i % 2 else bytes(n // 2) + blob(n - n // 2, i)) for i, n in enumerate(SIZES)}
     with Client(d.address) as c:
         c.put_many(NS, list(expect.items()))
@@ -284,7 +285,7 @@ def test_restart_serves_nvme_blocks_byte_identical(make_daemon, restart, tmp_pat
 
 
 def test_bit_flip_on_disk_is_a_miss_never_wrong_bytes(make_daemon, restart, tmp_path):
-    d = make_daemon(**settings(tmp_path))
+    d = make_daemon(**settings(tmp_path, persist=False))
     n = 6
     with Client(d.address) as c:
         c.put_many(NS, [(key(i), blob(BLOCK, i)) for i in range(n)])
@@ -317,7 +318,7 @@ def test_bit_flip_on_disk_is_a_miss_never_wrong_bytes(make_daemon, restart, tmp_
 
 
 def test_bit_flip_read_over_the_data_channel_with_promote_second(make_daemon, restart, tmp_path):
-    d = make_daemon(**settings(tmp_path, promote="second"))
+    d = make_daemon(**settings(tmp_path, promote="second", persist=False))
     with Client(d.address) as c:
         c.put_many(NS, [(key(i), blob(BLOCK, i)) for i in range(2)])
         wait_for(lambda: nvme(c).blocks == 2, what="write-behind")
@@ -338,7 +339,7 @@ def test_bit_flip_read_over_the_data_channel_with_promote_second(make_daemon, re
 # ---- delete and overwrite -----------------------------------------------------------------------
 
 def test_delete_removes_the_nvme_copy(make_daemon, restart, tmp_path):
-    d = make_daemon(**settings(tmp_path))
+    d = make_daemon(**settings(tmp_path, persist=False))
     with Client(d.address) as c:
         c.put_many(NS, [(key(i), blob(64 * KiB, i)) for i in range(3)])
         wait_for(lambda: nvme(c).blocks == 3, what="write-behind")
