@@ -68,10 +68,15 @@ class _Incomplete(Exception):
 
 
 class _Pending:
-    __slots__ = ("fut", "replies", "left", "sinks")
+    __slots__ = ("fut", "replies", "left", "sinks", "weight")
 
-    def __init__(self, fut, n, sinks):
-        self.fut, self.replies, self.left, self.sinks = fut, [], n, sinks
+    def __init__(self, fut, n, sinks, weight):
+        self.fut, self.replies, self.left, self.sinks, self.weight = fut, [], n, sinks, weight
+
+
+def _retrieved(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()  # a caller that gave up on a request must not leave a warning behind
 
 
 def _arg(a) -> bytes | memoryview | tuple:
@@ -160,13 +165,16 @@ class Connection(asyncio.BufferedProtocol):
 
     # ---- requests --------------------------------------------------------------------------
 
-    def request(self, cmds, sinks=None) -> asyncio.Future:
+    def request(self, cmds, sinks=None, weight: int = 0) -> asyncio.Future:
+        """Write a pipeline; the future gets its replies. weight: bytes it moves (``inflight``)."""
         fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(_retrieved)
         if self.closed:
             fut.set_exception(ConnectionError(f"connection to {self.label} is closed: {self.error}"))
             return fut
         chunks = encode(cmds)
-        self._pending.append(_Pending(fut, len(cmds), sinks))
+        self._pending.append(_Pending(fut, len(cmds), sinks, weight))
+        self.inflight += weight
         for c in chunks:
             self.transport.write(c)
         return fut
@@ -262,6 +270,7 @@ class Connection(asyncio.BufferedProtocol):
         p.left -= 1
         if p.left == 0:
             self._pending.popleft()
+            self.inflight -= p.weight
             if not p.fut.done():
                 p.fut.set_result(p.replies)
 

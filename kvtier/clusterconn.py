@@ -1,0 +1,406 @@
+"""The servers behind the cluster tier: where each key lives, connections to them, and failure.
+
+``Servers`` knows one server (standalone) or the masters of a Redis/Valkey
+Cluster and the slot map that routes keys to them (CLUSTER SLOTS, CRC16 of the
+hash tag, as redis-py computes it). Each server has up to ``connections``
+pipelined connections (``kvtier.resp``), opened lazily, authenticated (AUTH,
+ACL user) and optionally over TLS.
+
+Failure model: any trouble on a server (refused, reset, TLS or AUTH failure,
+an error reply that is not about one key, no answer within ``timeout_ms``)
+marks it down: its connections are cut (so no late reply lands in a buffer a
+caller has reused), calls routed to it fail at once (``_Unavailable``) and a
+maintenance task reconnects with backoff (0.1 s doubling to
+``reconnect_max_s``), logging once when it goes down and once when it is back.
+In Cluster mode a down master, MOVED/ASK or CLUSTERDOWN reloads the slot map
+from any node that answers, which is how failovers and reshards are followed.
+Nothing here raises to the tier's callers: ``on()`` turns trouble into False.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import ssl
+import time
+from typing import Sequence
+
+from redis.connection import parse_url
+from redis.crc import key_slot
+
+from .config import ClusterConfig
+from .errors import ConfigError
+from .resp import Connection, ReplyError
+
+log = logging.getLogger("kvtier.cluster")
+
+SLOTS = 16384
+DEPTH = 4               # requests in flight per connection in fanout()
+# Measured with bench/cluster.py (2 MiB blocks): 4 MiB socket buffers beat the kernel's autotuning.
+SOCK_BUF = 4 << 20      # SO_SNDBUF/SO_RCVBUF of each connection (the kernel caps it at net.core.*mem_max)
+NET_ERRORS = (OSError, TimeoutError, ReplyError, EOFError)
+
+
+class Unavailable(Exception):
+    """The server is marked down (or no server holds the key's slot): fail at once."""
+
+
+class Node:
+    __slots__ = ("host", "port", "conns", "opening", "up", "down_until", "backoff", "reason", "seen_up")
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.conns: list[Connection] = []
+        self.opening: asyncio.Task | None = None
+        self.up = False
+        self.seen_up = False
+        self.down_until = 0.0
+        self.backoff = 0.0
+        self.reason = ""
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def live(self) -> list[Connection]:
+        return [c for c in self.conns if not c.closed]
+
+    def cut(self) -> None:
+        for c in self.conns:
+            c.abort()
+        self.conns = []
+
+
+def target(cfg: ClusterConfig) -> dict:
+    """Host, port, TLS, credentials and database from cluster.url (and the explicit settings)."""
+    scheme, sep, rest = cfg.url.partition("://")
+    scheme = {"valkey": "redis", "valkeys": "rediss"}.get(scheme.lower(), scheme.lower())
+    try:
+        kw = parse_url(f"{scheme}{sep}{rest}")
+    except ValueError as e:
+        raise ConfigError(f"cluster.url: {e}") from None
+    if "host" not in kw:
+        raise ConfigError("cluster.url: a host is required")
+    return {"host": kw["host"], "port": int(kw.get("port") or 6379), "tls": scheme == "rediss",
+            "username": cfg.username or kw.get("username") or "", "password": cfg.password or kw.get("password") or "",
+            "db": int(kw.get("db") or 0)}
+
+
+def ssl_context(cfg: ClusterConfig) -> ssl.SSLContext:
+    try:
+        ctx = ssl.create_default_context(cafile=cfg.tls_ca or None)
+        if cfg.tls_cert:
+            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cluster TLS settings: {e}") from None
+    return ctx
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # awaited by whoever needs it; a background top-up may fail unobserved
+
+
+class Servers:
+    def __init__(self, cfg: ClusterConfig, stats):
+        t = target(cfg)
+        self.cfg, self.stats = cfg, stats
+        self.cluster_mode = cfg.cluster
+        self.host, self.port = t["host"], t["port"]
+        self.auth = {"username": t["username"], "password": t["password"], "db": 0 if cfg.cluster else t["db"]}
+        self.ssl = ssl_context(cfg) if t["tls"] else None
+        self.seeds = [(t["host"], t["port"])] + [(s.rpartition(":")[0].strip("[]"), int(s.rpartition(":")[2]))
+                                                 for s in cfg.seeds]
+        self.timeout = cfg.timeout_ms / 1000
+        self.connect_timeout = cfg.connect_timeout_ms / 1000
+        self.backoff_max = cfg.reconnect_max_s
+        self.nodes: dict[tuple[str, int], Node] = {}
+        self.slots: list[Node | None] = []
+        self.want_refresh = cfg.cluster
+        self._topo_backoff = 0.0
+        self._topo_until = 0.0
+        self._refreshing: asyncio.Task | None = None
+        self._kick: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._quiet: dict[str, float] = {}
+        self.shut = False
+        if not cfg.cluster:
+            self.single = self.node(self.host, self.port)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._kick = asyncio.Event()
+        self._task = asyncio.create_task(self._maintain(), name="kvtier-cluster-maintain")
+
+    async def close(self) -> None:
+        self.shut = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for node in self.nodes.values():
+            node.cut()
+
+    def connected(self) -> bool:
+        routed = bool(self.slots) and all(n is not None for n in self.slots) if self.cluster_mode else True
+        return routed and bool(self.nodes) and all(n.up for n in self.nodes.values())
+
+    def describe(self) -> list[dict]:
+        return [{"address": n.addr, "up": n.up, "connections": len(n.live()), "down_reason": n.reason}
+                for n in self.nodes.values()]
+
+    # ---- routing -----------------------------------------------------------------------------
+
+    def node(self, host: str, port: int) -> Node:
+        node = self.nodes.get((host, port))
+        if node is None:
+            node = self.nodes[(host, port)] = Node(host, port)
+        return node
+
+    async def group(self, names: Sequence[bytes]) -> dict[Node, list[int]]:
+        """Key indexes by the server that holds them; keys with no known server are left out."""
+        if not self.cluster_mode:
+            return {self.single: list(range(len(names)))}
+        if not self.slots:
+            await self._ensure_topology()
+        groups: dict[Node, list[int]] = {}
+        slots = self.slots
+        for i, name in enumerate(names):
+            node = slots[key_slot(name)] if slots else None
+            if node is not None:
+                groups.setdefault(node, []).append(i)
+        if sum(len(v) for v in groups.values()) < len(names):
+            self.stats.unavailable += 1
+        return groups
+
+    # ---- connections and failure ---------------------------------------------------------------
+
+    async def conns(self, node: Node) -> list[Connection]:
+        """The server's live connections, opening them if none; Unavailable while it is down."""
+        if node.down_until > time.monotonic():
+            raise Unavailable(node.addr)
+        live = node.live()
+        if len(live) < self.cfg.connections:
+            if node.opening is None or node.opening.done():
+                node.opening = asyncio.ensure_future(self._open(node, self.cfg.connections - len(live)))
+                node.opening.add_done_callback(_retrieved)
+            if not live:
+                await asyncio.shield(node.opening)
+                live = node.live()
+                if not live:
+                    raise ConnectionError(f"no connection to {node.addr}")
+        return live
+
+    async def _open(self, node: Node, n: int) -> None:
+        res = await asyncio.gather(*(Connection.open(node.host, node.port, ssl=self.ssl,
+                                                     server_hostname=self.cfg.tls_server_name or None,
+                                                     timeout=self.connect_timeout, sock_buf=SOCK_BUF, **self.auth)
+                                     for _ in range(n)), return_exceptions=True)
+        ok = [c for c in res if isinstance(c, Connection)]
+        if self.shut:
+            for c in ok:
+                c.abort()
+            return
+        node.conns = node.live() + ok
+        if not node.conns:
+            raise next(e for e in res if isinstance(e, BaseException))  # the caller's on() marks the node
+        self._succeeded(node)
+
+    def _succeeded(self, node: Node) -> None:
+        if not node.up:
+            if node.seen_up:
+                self.stats.reconnects += 1
+                log.warning("cluster: %s is back", node.addr)
+            else:
+                log.info("cluster: connected to %s", node.addr)
+            node.up = node.seen_up = True
+        node.backoff = 0.0
+        node.down_until = 0.0
+        node.reason = ""
+
+    def failed(self, node: Node, exc: BaseException) -> None:
+        """Mark a server down: cut its connections, retry it after the next backoff step."""
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if node.up or not node.reason:
+            log.warning("cluster: %s unavailable (%s); serving from local tiers, retrying with backoff",
+                        node.addr, reason)
+        node.up = False
+        node.reason = reason
+        node.backoff = min(max(0.1, node.backoff * 2), self.backoff_max)
+        node.down_until = time.monotonic() + node.backoff
+        node.cut()
+        self._refresh_soon()
+
+    def _refresh_soon(self) -> None:
+        if self.cluster_mode:
+            self.want_refresh = True
+        if self._kick is not None:
+            self._kick.set()
+
+    def reply_error(self, err: ReplyError) -> None:
+        """An error reply about one key: count it; reload the slot map when it says so."""
+        if err.redirect is not None or err.code in ("CLUSTERDOWN", "TRYAGAIN"):
+            self.stats.moved += err.redirect is not None
+            self._refresh_soon()
+        else:
+            self.warn(err.code, f"cluster: server replied {err}")
+
+    def warn(self, what: str, msg: str) -> None:
+        """Log at most once per 10 s for each kind of trouble."""
+        now = time.monotonic()
+        if self._quiet.get(what, 0.0) <= now:
+            self._quiet[what] = now + 10.0
+            log.warning("%s", msg)
+
+    async def on(self, node: Node, work, lent: bool = False) -> bool:
+        """Run work(node) against one server within the timeout. Redis trouble is counted, marks
+        the server down and returns False. lent: the call writes into buffers of the caller, so
+        if it is cancelled the connections are cut before the cancellation goes on."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await work(node)
+            return True
+        except Unavailable:
+            self.stats.unavailable += 1
+        except NET_ERRORS as e:
+            self.stats.errors += 1
+            if isinstance(e, TimeoutError):
+                self.stats.timeouts += 1
+                e = TimeoutError(f"no answer within {self.cfg.timeout_ms} ms")
+            self.failed(node, e)
+        except asyncio.CancelledError:
+            if lent:
+                node.cut()
+            raise
+        return False
+
+    async def run(self, groups: dict[Node, list[int]], fn, lent: bool = False) -> None:
+        """on() for each server's share of a batch, all servers at once."""
+        if len(groups) == 1:
+            (node, idxs), = groups.items()
+            await self.on(node, lambda n: fn(n, idxs), lent)
+        elif groups:
+            await asyncio.gather(*(self.on(node, lambda n, i=idxs: fn(n, i), lent) for node, idxs in groups.items()))
+
+    @staticmethod
+    async def fanout(conns: list[Connection], cmds: list, weight: int, depth: int = DEPTH) -> list:
+        """Spread single-command requests over the connections, at most depth in flight on each;
+        replies in the order of cmds. Raises the first failure after every lane stopped."""
+        replies: list = [None] * len(cmds)
+        conns = sorted(conns, key=lambda c: c.inflight)
+        k = min(len(conns), len(cmds))
+
+        async def lane(ci: int) -> None:
+            c = conns[ci]
+            window: collections.deque = collections.deque()
+            for i in range(ci, len(cmds), k):
+                window.append((i, c.request([cmds[i]], None, weight)))
+                if len(window) >= depth:
+                    j, f = window.popleft()
+                    replies[j] = (await f)[0]
+            while window:
+                j, f = window.popleft()
+                replies[j] = (await f)[0]
+
+        res = await asyncio.gather(*(lane(ci) for ci in range(k)), return_exceptions=True)
+        for r in res:
+            if isinstance(r, BaseException):
+                raise r
+        return replies
+
+    # ---- the slot map (Cluster mode) and maintenance -------------------------------------------
+
+    async def _ensure_topology(self) -> None:
+        if self._topo_until > time.monotonic():
+            return
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._refreshing), self.timeout)
+        except TimeoutError:
+            pass
+
+    async def _refresh(self) -> bool:
+        """Reload the slot map from the first node that answers CLUSTER SLOTS."""
+        known = sorted(self.nodes.values(), key=lambda n: not n.up)
+        candidates = list(dict.fromkeys([(n.host, n.port) for n in known] + self.seeds))
+        last: BaseException | None = None
+        for host, port in candidates:
+            c = None
+            try:
+                c = await Connection.open(host, port, ssl=self.ssl, server_hostname=self.cfg.tls_server_name or None,
+                                          timeout=self.connect_timeout, **self.auth)
+                async with asyncio.timeout(self.timeout):
+                    reply = (await c.request([(b"CLUSTER", b"SLOTS")]))[0]
+                if isinstance(reply, ReplyError):
+                    raise reply
+                if reply:
+                    self._apply_slots(reply, host)
+                    self._topo_backoff = self._topo_until = 0.0
+                    return True
+            except NET_ERRORS as e:
+                last = e
+            finally:
+                if c is not None:
+                    c.abort()
+        self._topo_backoff = min(max(0.1, self._topo_backoff * 2), self.backoff_max)
+        self._topo_until = time.monotonic() + self._topo_backoff
+        self.warn("topology", f"cluster: no node answered CLUSTER SLOTS ({last}); retrying with backoff")
+        return False
+
+    def _apply_slots(self, reply: list, via_host: str) -> None:
+        slots: list[Node | None] = [None] * SLOTS
+        masters: set[tuple[str, int]] = set()
+        for entry in reply:
+            start, end, master = entry[0], entry[1], entry[2]
+            host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
+            if not host or host == "?":
+                host = via_host
+            node = self.node(host, int(master[1]))
+            masters.add((node.host, node.port))
+            slots[start:end + 1] = [node] * (end + 1 - start)
+        for addr in [a for a in self.nodes if a not in masters]:
+            self.nodes.pop(addr).cut()
+        changed = [n.addr for n in slots if n is not None] != [n.addr for n in self.slots if n is not None]
+        self.slots = slots
+        self.want_refresh = any(n is None for n in slots)
+        self.stats.topology_refreshes += 1
+        if changed:
+            log.info("cluster: slot map loaded, masters %s", ", ".join(sorted(f"{h}:{p}" for h, p in masters)))
+
+    async def _maintain(self) -> None:
+        """Reconnect failed servers with backoff and keep the slot map current."""
+        while not self.shut:
+            delay = self.backoff_max
+            try:
+                if self.cluster_mode and (self.want_refresh or not self.slots):
+                    if self._topo_until <= time.monotonic():
+                        await self._ensure_topology()
+                    delay = min(delay, max(0.05, self._topo_until - time.monotonic()) if self._topo_until else 0.1)
+                for node in list(self.nodes.values()):
+                    if node.up and node.live():
+                        continue
+                    wait = node.down_until - time.monotonic()
+                    if wait > 0:
+                        delay = min(delay, wait)
+                        continue
+                    await self.on(node, self._ping)
+                    if not node.up:
+                        delay = min(delay, max(0.05, node.down_until - time.monotonic()))
+            except Exception:
+                log.exception("cluster: maintenance failed")
+            self._kick.clear()
+            try:
+                await asyncio.wait_for(self._kick.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def _ping(self, node: Node) -> None:
+        conns = await self.conns(node)
+        reply = (await conns[0].request([(b"PING",)]))[0]
+        if isinstance(reply, ReplyError):
+            raise reply
+        self._succeeded(node)
