@@ -297,7 +297,7 @@ class DataServer:
                 self._reply(conn, req_id, grpc.StatusCode.OK, "", info=tier, length=len(data), digest=digest,
                             payload=data)
                 return
-            a = self.hot.acquire(ns, [key])
+            a = self.hot.acquire_blocking(ns, [key])
         except errors.KvtierError as e:
             self._reply(conn, req_id, e.code, str(e))
             return

@@ -86,6 +86,7 @@ class Block:
     pin_until: float = 0.0
     overwrite: bool = False  # committed by an overwrite: copies in lower tiers are stale
     entry: int = -1          # its slot-table entry (kvtier.slots), -1 if none
+    promoted: bool = False   # brought up from a lower tier (not written back up there)
 
 
 @dataclass(slots=True, eq=False)
@@ -484,6 +485,7 @@ class HotTier:
                 if old is not None:
                     self._drop(old)
                 b.overwrite = r.overwrite
+                b.promoted = promoted
                 b.checksum, b.state, b.created = c, COMMITTED, now
                 b.entry = self.slots.put(b.ns, b.key, b.offset, b.length, c, now, COMMITTED_ENTRY, b.entry)
                 self._index[kk] = b

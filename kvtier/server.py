@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .arena import Arena
+from .cluster import from_config as cluster_from_config
 from .auth import AllowAll, Tenants
 from . import config as config_mod
 from .config import Config
@@ -76,6 +77,7 @@ class Daemon:
         self.arena: Arena | None = None
         self.hot: HotTier | None = None
         self.store: Store | None = None
+        self.cluster = None
         self.data: DataServer | None = None
         self.server: grpc.aio.Server | None = None
         self.health: health.HealthServicer | None = None
@@ -145,6 +147,9 @@ class Daemon:
             else:
                 self.hot.slots = table
         self.store = Store(cfg, self.hot, a.view)
+        self.cluster = cluster_from_config(cfg.cluster)
+        await self.cluster.start()
+        self.store.attach_cluster(self.cluster, asyncio.get_running_loop())
         t0 = time.monotonic()
         n = await asyncio.to_thread(self.store.start)
         if cfg.nvme.dirs:
@@ -246,6 +251,8 @@ class Daemon:
         self.metrics.close()
         if self.store is not None:
             await asyncio.to_thread(self.store.close, self.cfg.server.drain_timeout_s)
+        if self.cluster is not None:
+            await self.cluster.close(self.cfg.server.drain_timeout_s)
         keep = self.cfg.ram.persist  # the arena and its slot table outlive us, for the next start
         if self.hot is not None:
             self.hot.slots.close(unlink=not keep)

@@ -112,9 +112,7 @@ class KVTierService(pb_grpc.KVTierServicer):
         return self.hot.finish_commit(rid, computed, given)
 
     async def _acquire(self, ns, keys, lease_ms=0, prefix_only=False):
-        if self.hot.needs_io(ns, keys):  # some blocks come up from NVMe: off the event loop
-            return await asyncio.to_thread(self.hot.acquire, ns, keys, lease_ms, prefix_only)
-        return self.hot.acquire(ns, keys, lease_ms, prefix_only)
+        return await self.hot.acquire_async(ns, keys, lease_ms, prefix_only)
 
     # ---- RPCs -----------------------------------------------------------------------------
 
@@ -132,7 +130,7 @@ class KVTierService(pb_grpc.KVTierServicer):
     @_handler
     async def Lookup(self, request, context):
         ns, keys = self._keys(request, context)
-        tiers, prefix = self.hot.lookup(ns, keys)
+        tiers, prefix = await self.hot.lookup_async(ns, keys)
         return pb.LookupResponse(tiers=tiers, prefix_len=prefix)
 
     def _check_generation(self, gen: int) -> None:
@@ -258,7 +256,7 @@ class KVTierService(pb_grpc.KVTierServicer):
     @_handler
     async def Delete(self, request, context):
         ns, keys = self._keys(request, context)
-        return pb.DeleteResponse(deleted=await asyncio.to_thread(self.hot.delete, ns, keys))
+        return pb.DeleteResponse(deleted=await self.hot.delete_async(ns, keys))
 
     @_handler
     async def Pin(self, request, context):
@@ -283,6 +281,13 @@ class KVTierService(pb_grpc.KVTierServicer):
             reserved_bytes=s["reserved_bytes"], pinned_blocks=s["pinned_blocks"],
             leased_blocks=s["leased_blocks"], locked=a.locked, lock_detail=a.lock_detail, backing=a.backing)
         tiers = [ram]
+        cl = s["cluster"]
+        if cl is not None:
+            tiers.append(pb.TierStats(
+                name="cluster", hits=cl["hits"], misses=cl["misses"], checksum_failures=cl["checksum_failures"],
+                io_errors=cl["errors"], dropped_writes=cl["dropped"], queued_bytes=cl["queued_bytes"],
+                policy=cl["write_policy"], backing=cl["mode"],
+                degraded=[] if cl["connected"] else ["disconnected"]))
         c = s["nvme"]
         if c is not None:
             tiers.append(pb.TierStats(

@@ -1,4 +1,5 @@
-"""The tiered store: the hot tier (RAM arena) over the cold tier (NVMe files).
+"""The tiered store: the hot tier (RAM arena) over the cold tier (NVMe files) and the
+cluster tier (Redis/Valkey, shared by every node).
 
 Movement:
 * commit -> RAM, visible at once; then, with ``nvme.write_policy = "commit"``,
@@ -17,11 +18,22 @@ a put never waits for the disk. Loss is allowed, corruption never: every NVMe
 read is verified, and a block deleted or replaced while its write was in
 flight is removed from NVMe again.
 
-A disabled NVMe tier is ``NullTier``: it holds nothing, so the store never
-asks whether NVMe is configured.
+Cluster tier (``kvtier.cluster``, on the daemon's event loop): with
+``cluster.write_policy = "commit"`` each committed block is written through
+asynchronously (held in RAM until written; a full queue drops and counts);
+with "evict" a copy is queued when RAM evicts it. Lookups and Acquire ask it
+for keys no local tier has, one pipelined round trip per batch; blocks found
+are read straight into fresh arena slots, committed with their verified
+checksum and leased like any other. Blocks that came up from a lower tier are
+never written back up.
+
+A disabled NVMe tier is ``NullTier`` and a disabled cluster tier
+``NullCluster``: they hold nothing, so the store never asks whether they are
+configured.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import mmap
 import os
@@ -30,12 +42,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from . import errors
+from .cluster import NullCluster
 from .cold import ColdTier
 from .config import Config
 from .hot import DOOMED, TIER_MISSING, TIER_RAM, Acquired, Block, HotTier
 
 log = logging.getLogger("kvtier.store")
-TIER_NVME = 2
+TIER_NVME, TIER_CLUSTER = 2, 3
 
 
 class NullTier:
@@ -100,9 +113,11 @@ class Store:
         self.promotions = 0
         self.nvme_hits: dict[str, int] = {}  # per namespace: reads served by promoting from NVMe
         self.dropped_writes = 0
-        if n.dirs:
-            hot.on_commit = self._on_commit
-            hot.on_evict = self._on_evict
+        self.cluster = NullCluster()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.cluster_hits: dict[str, int] = {}
+        hot.on_commit = self._on_commit
+        hot.on_evict = self._on_evict
 
     # Everything not defined here (reserve, commit, release, pin, ...) is the hot tier's.
     def __getattr__(self, name):
@@ -150,20 +165,37 @@ class Store:
                 self._queued[(ns, key)] = True
         return self.cold.delete(ns, key)
 
+    def attach_cluster(self, cluster, loop: asyncio.AbstractEventLoop) -> None:
+        self.cluster, self.loop = cluster, loop
+
     def _on_commit(self, blocks: list[Block]) -> list[Block]:  # hot lock held
         for b in blocks:
             if b.overwrite:  # the NVMe copy, if any, is the old content now
                 self._forget_lower(b.ns, b.key)
-        if not self.write_at_commit:
-            return []
+                if not isinstance(self.cluster, NullCluster) and self.cluster.write_policy != "commit":
+                    self.loop.call_soon_threadsafe(self._cluster_delete_soon, b.ns, b.key)  # else replaced by the write
         held = []
-        with self._qlock:
-            for b in blocks:
-                if self._admit((b.ns, b.key), b.length):
-                    held.append(b)
-        for b in held:
-            self.io.submit(self._write_held, b)
+        if self.write_at_commit:
+            with self._qlock:
+                for b in blocks:
+                    if self._admit((b.ns, b.key), b.length):
+                        held.append(b)
+            for b in held:
+                self.io.submit(self._write_held, b)
+        if self.cluster.write_policy == "commit":
+            up = [b for b in blocks if not b.promoted]
+            if up:
+                held += up
+                self.loop.call_soon_threadsafe(self._cluster_put_held, up)
         return held
+
+    def _cluster_put_held(self, blocks: list[Block]) -> None:  # on the loop, hot lock not held
+        for b in blocks:
+            view = self.view[b.offset:b.offset + b.length]
+            self.cluster.enqueue_put(b.ns, b.key, view, b.checksum, on_done=lambda b=b: self.hot.unhold(b))
+
+    def _cluster_delete_soon(self, ns: str, key: bytes) -> None:
+        self.loop.create_task(self.cluster.delete_many(ns, [key]))
 
     def _write_held(self, b: Block) -> None:
         k = (b.ns, b.key)
@@ -178,6 +210,11 @@ class Store:
             self.hot.unhold(b)
 
     def _on_evict(self, b: Block) -> None:  # hot lock held: copy out before the slot is reused
+        if self.cluster.write_policy == "evict" and not b.promoted:
+            data = bytes(self.view[b.offset:b.offset + b.length])
+            self.loop.call_soon_threadsafe(self.cluster.enqueue_put, b.ns, b.key, data, b.checksum)
+        if self.io is None:
+            return
         k = (b.ns, b.key)
         with self._qlock:
             if not self._admit(k, b.length):
@@ -286,6 +323,114 @@ class Store:
         self.hot.count_misses(ns, tiers.count(TIER_MISSING))
         return a
 
+    # ---- the cluster tier (coroutines on the daemon's loop) ----------------------------------
+
+    async def lookup_async(self, ns: str, keys: Sequence[bytes]) -> tuple[bytes, int]:
+        """lookup() that also asks the cluster tier for keys no local tier has."""
+        tiers, prefix = self.lookup(ns, keys)
+        missing = [i for i, t in enumerate(tiers) if t == TIER_MISSING]
+        if missing:
+            found = await self.cluster.exists_many(ns, [keys[i] for i in missing])
+            if any(found):
+                t = bytearray(tiers)
+                for i, f in zip(missing, found):
+                    if f:
+                        t[i] = TIER_CLUSTER
+                tiers = bytes(t)
+                p = tiers.find(TIER_MISSING)
+                prefix = len(keys) if p < 0 else p
+        return tiers, prefix
+
+    async def promote_from_cluster(self, ns: str, keys: Sequence[bytes]) -> list[bool]:
+        """Read blocks from the cluster tier straight into fresh arena slots and commit them."""
+        rids: dict[int, int] = {}
+        hot = self.hot
+
+        def into(i: int, n: int):
+            try:
+                r = hot.reserve(ns, [keys[i]], [n])
+            except errors.KvtierError:
+                return None  # no room: a miss
+            if not r.reservation_id:
+                return None  # arrived meanwhile
+            rids[i] = r.reservation_id
+            off = r.offsets[0]
+            return self.view[off:off + n]
+
+        try:
+            got = await self.cluster.get_many(ns, list(keys), into)
+        except BaseException:
+            for rid in rids.values():
+                hot.discard(rid)
+            raise
+        out = []
+        for i, g in enumerate(got):
+            rid = rids.get(i)
+            if g is None or rid is None:
+                if rid is not None:
+                    hot.discard(rid)
+                out.append(g is not None and hot.contains(ns, keys[i]))
+                continue
+            hot.begin_commit(rid)
+            hot.finish_commit(rid, [g[1]], promoted=True)  # verified by the cluster tier
+            out.append(True)
+        return out
+
+    async def acquire_async(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0,
+                            prefix_only: bool = False) -> Acquired:
+        """acquire() (in a worker thread when it touches NVMe), then the cluster tier for keys
+        still missing: found blocks are promoted and join the same lease."""
+        if self.needs_io(ns, keys):
+            a = await asyncio.to_thread(self.acquire, ns, keys, lease_ms, False)
+        else:
+            a = self.acquire(ns, keys, lease_ms, False)
+        missing = [i for i, t in enumerate(a.tiers) if t == TIER_MISSING]
+        if missing and not isinstance(self.cluster, NullCluster):
+            ok = await self.promote_from_cluster(ns, [keys[i] for i in missing])
+            tiers, sums = bytearray(a.tiers), bytearray(a.checksums)
+            found = 0
+            for i, promoted in zip(missing, ok):
+                if not promoted:
+                    continue
+                try:
+                    b = self.hot.acquire(ns, [keys[i]], lease_ms, lease_id=a.lease_id, count_misses=False)
+                except errors.UnknownLease:
+                    continue
+                if b.tiers[0]:
+                    a.lease_id = a.lease_id or b.lease_id
+                    tiers[i] = TIER_CLUSTER
+                    a.offsets[i], a.lengths[i] = b.offsets[0], b.lengths[0]
+                    sums[i * 16:(i + 1) * 16] = b.checksums
+                    found += 1
+            if found:
+                self.hot.count_misses(ns, -found)  # counted as misses by the local pass
+                self.cluster_hits[ns] = self.cluster_hits.get(ns, 0) + found
+            a.tiers, a.checksums = bytes(tiers), bytes(sums)
+        if prefix_only:  # nothing past the first gap (those blocks stay leased until release)
+            t = bytearray(a.tiers)
+            gap = t.find(TIER_MISSING)
+            if gap >= 0:
+                sums = bytearray(a.checksums)
+                for j in range(gap, len(keys)):
+                    t[j], a.offsets[j], a.lengths[j] = TIER_MISSING, 0, 0
+                    sums[j * 16:(j + 1) * 16] = bytes(16)
+                a.tiers, a.checksums = bytes(t), bytes(sums)
+        return a
+
+    def acquire_blocking(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0) -> Acquired:
+        """acquire_async() from a thread that is not the loop's (the data channel)."""
+        if isinstance(self.cluster, NullCluster) or self.loop is None:
+            return self.acquire(ns, keys, lease_ms)
+        fut = asyncio.run_coroutine_threadsafe(self.acquire_async(ns, keys, lease_ms), self.loop)
+        return fut.result(timeout=60)
+
+    async def delete_async(self, ns: str, keys: Sequence[bytes]) -> int:
+        """Delete from every tier; the count is of keys found in a local tier, or the cluster's
+        count when no local tier had any."""
+        n = await asyncio.to_thread(self.delete, ns, keys)
+        c = await self.cluster.delete_many(ns, list(keys))
+        return n or c
+
     def read_inline(self, ns: str, key: bytes) -> tuple[int, bytes, bytes] | None:
         """For inline gets of a block that is only on NVMe, under ``promote = "second"``: serve the
         first read from a transient buffer. Returns (tier, data, checksum) or None when the caller
@@ -333,4 +478,6 @@ class Store:
             c["promotions"] = self.promotions
         s["nvme"] = c
         s["nvme_hits_by_namespace"] = dict(self.nvme_hits)
+        s["cluster"] = self.cluster.snapshot()
+        s["cluster_hits_by_namespace"] = dict(self.cluster_hits)
         return s

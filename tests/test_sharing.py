@@ -1,0 +1,81 @@
+"""Two daemons share blocks through Redis/Valkey: a prefix computed on node A serves node B."""
+import os
+import time
+
+import pytest
+
+from kvtier.client import Client
+
+pytest_plugins = ["valkey_servers"]  # fixtures: valkey, valkey_cluster, make_valkey, make_cluster
+
+NS = "shared"
+
+
+def _tier(c, name):
+    return next((t for t in c.stats().tiers if t.name == name), None)
+
+
+def _wait(pred, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _pair(make_daemon, url, cluster=False, **ram):
+    section = {"url": url, "cluster": cluster, "timeout_ms": 1000, "reconnect_max_s": 0.5}
+    return (make_daemon(cluster=section, ram=ram or {}), make_daemon(cluster=section, ram=ram or {}))
+
+
+def _share(a, b, n=8, size=300_000, **client_kw):
+    blocks = [(os.urandom(16), os.urandom(size + i)) for i in range(n)]
+    keys = [k for k, _ in blocks]
+    with Client(a.address, **client_kw) as ca, Client(b.address, **client_kw) as cb:
+        ca.put_many(NS, blocks)
+        _wait(lambda: _tier(ca, "cluster").queued_bytes == 0, what="write-through")
+        tiers, prefix = cb.lookup(NS, keys)
+        assert tiers == [3] * n and prefix == n  # B sees A's blocks in the cluster tier
+        assert cb.get_many(NS, keys) == [v for _, v in blocks]
+        assert cb.lookup(NS, keys)[0] == [1] * n  # ... and now holds them in its own RAM
+        t = _tier(cb, "cluster")
+        assert t.hits == n and t.checksum_failures == 0
+        ns = next(x for x in cb.stats().namespaces if x.name == NS)
+        assert ns.hits == n and ns.misses == 0 and ns.puts == 0  # promotions are not puts
+    return blocks
+
+
+@pytest.mark.parametrize("client_kw", [{}, {"attach": False}], ids=["arena", "data"])
+def test_block_committed_on_a_is_a_hit_on_b(make_daemon, valkey, client_kw):
+    a, b = _pair(make_daemon, valkey.url)
+    _share(a, b, **client_kw)
+
+
+def test_sharing_through_a_valkey_cluster(make_daemon, valkey_cluster):
+    a, b = _pair(make_daemon, valkey_cluster.url, cluster=True)
+    _share(a, b, n=12)
+
+
+def test_redis_down_is_a_miss_never_an_error(make_daemon, make_valkey):
+    v = make_valkey()
+    a, b = _pair(make_daemon, v.url)
+    blocks = _share(a, b, n=3)
+    v.kill()
+    with Client(a.address, timeout=10) as ca, Client(b.address, timeout=10) as cb:
+        fresh = [(os.urandom(16), os.urandom(50_000)) for _ in range(4)]
+        t0 = time.monotonic()
+        assert ca.put_many(NS, fresh) == [True] * 4          # puts keep working (RAM)
+        assert ca.get_many(NS, [k for k, _ in fresh]) == [v for _, v in fresh]
+        assert cb.lookup(NS, [k for k, _ in fresh])[0] == [0] * 4   # B cannot see them: a miss
+        assert cb.get_many(NS, [k for k, _ in fresh]) == [None] * 4
+        assert time.monotonic() - t0 < 8
+        assert cb.get_many(NS, [k for k, _ in blocks]) == [v for _, v in blocks]  # its own RAM copies
+        v.start()  # the same port: the daemons reconnect by themselves
+        more = [(os.urandom(16), os.urandom(60_000)) for _ in range(3)]
+
+        def shared_again():
+            ca.put_many(NS, more, overwrite=True)
+            return cb.lookup(NS, [k for k, _ in more])[0] == [3] * 3
+        _wait(shared_again, timeout=20, what="sharing to resume")
+        assert cb.get_many(NS, [k for k, _ in more]) == [v for _, v in more]
