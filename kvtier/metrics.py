@@ -88,6 +88,7 @@ class _StoreCollector:
             yield c
 
         nvme_hits = s.get("nvme_hits_by_namespace", {})
+        cluster_hits = s.get("cluster_hits_by_namespace", {})
         fam = {
             "blocks": gauge("namespace_blocks", "Blocks in RAM per namespace.", ["namespace"]),
             "bytes": gauge("namespace_bytes", "Payload bytes in RAM per namespace.", ["namespace"]),
@@ -101,11 +102,12 @@ class _StoreCollector:
             "evictions": counter("namespace_evictions", "Blocks evicted from RAM, per namespace.", ["namespace"]),
         }
         for ns, st in sorted(s["namespaces"].items()):
-            nh = nvme_hits.get(ns, 0)
+            nh, ch = nvme_hits.get(ns, 0), cluster_hits.get(ns, 0)
             fam["blocks"].add_metric([ns], st.blocks)
             fam["bytes"].add_metric([ns], st.bytes)
-            fam["hits"].add_metric([ns, "ram"], max(0, st.hits - nh))
+            fam["hits"].add_metric([ns, "ram"], max(0, st.hits - nh - ch))
             fam["hits"].add_metric([ns, "nvme"], nh)
+            fam["hits"].add_metric([ns, "cluster"], ch)
             fam["misses"].add_metric([ns], st.misses)
             total = st.hits + st.misses
             fam["ratio"].add_metric([ns], st.hits / total if total else 0.0)
@@ -116,6 +118,24 @@ class _StoreCollector:
             fam["evictions"].add_metric([ns], st.evictions)
         yield from fam.values()
 
+        cl = s.get("cluster")
+        if cl is not None:
+            for name, key, doc in (("cluster_hits", "hits", "Blocks read from Redis/Valkey."),
+                                   ("cluster_misses", "misses", "Cluster-tier reads that found nothing usable."),
+                                   ("cluster_puts", "puts", "Blocks written to Redis/Valkey."),
+                                   ("cluster_errors", "errors", "Redis/Valkey errors and timeouts."),
+                                   ("cluster_dropped_writes", "dropped", "Writes dropped: queue full or closing."),
+                                   ("cluster_checksum_failures", "checksum_failures",
+                                    "Cluster records that failed verification (deleted, served as misses).")):
+                c = counter(name, doc)
+                c.add_metric([], cl[key])
+                yield c
+            g = gauge("cluster_queue_bytes", "Bytes waiting to be written to Redis/Valkey.")
+            g.add_metric([], cl["queued_bytes"])
+            yield g
+            g = gauge("cluster_connected", "1 while every Redis/Valkey server is reachable.")
+            g.add_metric([], 1 if cl["connected"] else 0)
+            yield g
         if n is not None:
             for name, key, doc in (("nvme_promotions", "promotions", "Blocks read up from NVMe into RAM."),
                                    ("nvme_demotions", "demotions", "Blocks copied down to NVMe on RAM eviction."),

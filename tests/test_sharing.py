@@ -79,3 +79,14 @@ def test_redis_down_is_a_miss_never_an_error(make_daemon, make_valkey):
             return cb.lookup(NS, [k for k, _ in more])[0] == [3] * 3
         _wait(shared_again, timeout=20, what="sharing to resume")
         assert cb.get_many(NS, [k for k, _ in more]) == [v for _, v in more]
+
+
+def test_cluster_metrics(make_daemon, valkey):
+    import urllib.request
+    section = {"url": valkey.url, "timeout_ms": 1000}
+    a = make_daemon(cluster=section)
+    b = make_daemon(cluster=section, metrics={"listen": "127.0.0.1:0"})
+    _share(a, b, n=2, size=10_000)
+    text = urllib.request.urlopen(f"http://{b.daemon.metrics.address}/metrics", timeout=5).read().decode()
+    assert f'kvtier_hits_total{{namespace="{NS}",tier="cluster"}} 2.0' in text
+    assert "kvtier_cluster_hits_total 2.0" in text and "kvtier_cluster_connected 1.0" in text
