@@ -379,42 +379,41 @@ class Store:
     async def acquire_async(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0,
                             prefix_only: bool = False) -> Acquired:
         """acquire() (in a worker thread when it touches NVMe), then the cluster tier for keys
-        still missing: found blocks are promoted and join the same lease."""
+        still missing: found blocks are promoted and join the same lease. With prefix_only,
+        nothing past the first key found in no tier is leased or reported."""
         if self.needs_io(ns, keys):
-            a = await asyncio.to_thread(self.acquire, ns, keys, lease_ms, False)
+            a = await asyncio.to_thread(self.acquire, ns, keys, lease_ms, prefix_only)
         else:
-            a = self.acquire(ns, keys, lease_ms, False)
-        missing = [i for i, t in enumerate(a.tiers) if t == TIER_MISSING]
-        if missing and not isinstance(self.cluster, NullCluster):
-            ok = await self.promote_from_cluster(ns, [keys[i] for i in missing])
-            tiers, sums = bytearray(a.tiers), bytearray(a.checksums)
-            found = 0
-            for i, promoted in zip(missing, ok):
-                if not promoted:
-                    continue
+            a = self.acquire(ns, keys, lease_ms, prefix_only)
+        gap = a.tiers.find(TIER_MISSING)
+        if gap < 0 or isinstance(self.cluster, NullCluster):
+            return a
+        todo = list(range(gap, len(keys))) if prefix_only else \
+            [i for i, t in enumerate(a.tiers) if t == TIER_MISSING]
+        absent = [i for i in todo if not self.hot.contains(ns, keys[i])]
+        ok = dict(zip(absent, await self.promote_from_cluster(ns, [keys[i] for i in absent])))
+        tiers, sums = bytearray(a.tiers), bytearray(a.checksums)
+        found = 0
+        for i in todo:
+            b = None
+            if ok.get(i, True) and self.hot.contains(ns, keys[i]):
                 try:
                     b = self.hot.acquire(ns, [keys[i]], lease_ms, lease_id=a.lease_id, count_misses=False)
                 except errors.UnknownLease:
-                    continue
-                if b.tiers[0]:
-                    a.lease_id = a.lease_id or b.lease_id
-                    tiers[i] = TIER_CLUSTER
-                    a.offsets[i], a.lengths[i] = b.offsets[0], b.lengths[0]
-                    sums[i * 16:(i + 1) * 16] = b.checksums
-                    found += 1
-            if found:
-                self.hot.count_misses(ns, -found)  # counted as misses by the local pass
-                self.cluster_hits[ns] = self.cluster_hits.get(ns, 0) + found
-            a.tiers, a.checksums = bytes(tiers), bytes(sums)
-        if prefix_only:  # nothing past the first gap (those blocks stay leased until release)
-            t = bytearray(a.tiers)
-            gap = t.find(TIER_MISSING)
-            if gap >= 0:
-                sums = bytearray(a.checksums)
-                for j in range(gap, len(keys)):
-                    t[j], a.offsets[j], a.lengths[j] = TIER_MISSING, 0, 0
-                    sums[j * 16:(j + 1) * 16] = bytes(16)
-                a.tiers, a.checksums = bytes(t), bytes(sums)
+                    b = None
+            if b is None or not b.tiers[0]:
+                if prefix_only:
+                    break
+                continue
+            a.lease_id = a.lease_id or b.lease_id
+            tiers[i] = TIER_CLUSTER if i in ok else TIER_RAM
+            a.offsets[i], a.lengths[i] = b.offsets[0], b.lengths[0]
+            sums[i * 16:(i + 1) * 16] = b.checksums
+            found += i in ok
+        if found:
+            self.hot.count_misses(ns, -found)  # counted as misses by the local pass
+            self.cluster_hits[ns] = self.cluster_hits.get(ns, 0) + found
+        a.tiers, a.checksums = bytes(tiers), bytes(sums)
         return a
 
     def acquire_blocking(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0) -> Acquired:

@@ -194,7 +194,11 @@ def writer_main(spec: dict) -> None:
                 continue
             key = block_key(tag, wid, seq)
             _log_line(attempt_fd, key, seq, sync=False)
-            c.put(NS, key, block_data(key))
+            try:
+                c.put(NS, key, block_data(key))
+            except errors.ResourceExhausted:   # RAM full of blocks waiting for the disk: back off
+                time.sleep(0.05)
+                continue
             _log_line(ack_fd, key, seq, sync=True)
     except BaseException as e:
         with open(os.path.join(logdir, f"{wid}.exit"), "w") as f:
