@@ -27,51 +27,50 @@ log = logging.getLogger("kvtier.service")
 GET_CHUNK = 1 << 20
 
 
+class _Outcome:
+    """Maps what a handler raised to its status, and times it (one place for unary and streams)."""
+
+    def __init__(self, service, name: str, context):
+        self.s, self.name, self.ctx = service, name, context
+
+    async def __aenter__(self):
+        self.t0, self.code = time.perf_counter(), "OK"
+        return self
+
+    async def __aexit__(self, et, e, tb):
+        try:
+            if e is None or isinstance(e, grpc.aio.AbortError):
+                return False
+            if isinstance(e, asyncio.CancelledError):
+                self.code = "CANCELLED"
+                return False
+            if isinstance(e, errors.KvtierError):
+                self.code = e.code.name
+                await self.ctx.abort(e.code, str(e))
+            if isinstance(e, Exception):
+                self.code = "INTERNAL"
+                log.error("%s failed", self.name, exc_info=(et, e, tb))
+                await self.ctx.abort(grpc.StatusCode.INTERNAL, f"internal error in {self.name}: {et.__name__}")
+            return False
+        finally:
+            self.s.d.metrics.observe(self.name, self.code, time.perf_counter() - self.t0)
+
+
 def _handler(fn):
-    """Map KvtierError to its status; anything else to INTERNAL (logged)."""
+    """KvtierError -> its status; anything else -> INTERNAL (logged); every call timed."""
     @functools.wraps(fn)
     async def wrapper(self, request, context):
-        t0, code = time.perf_counter(), "OK"
-        try:
+        async with _Outcome(self, fn.__name__, context):
             return await fn(self, request, context)
-        except errors.KvtierError as e:
-            code = e.code.name
-            await context.abort(e.code, str(e))
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as e:
-            if isinstance(e, grpc.aio.AbortError):
-                raise
-            code = "INTERNAL"
-            log.exception("%s failed", fn.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}: {type(e).__name__}")
-        finally:
-            self.d.metrics.observe(fn.__name__, code, time.perf_counter() - t0)
     return wrapper
 
 
 def _stream_handler(fn):
     @functools.wraps(fn)
     async def wrapper(self, request, context):
-        t0, code = time.perf_counter(), "OK"
-        try:
+        async with _Outcome(self, fn.__name__, context):
             async for item in fn(self, request, context):
                 yield item
-        except errors.KvtierError as e:
-            code = e.code.name
-            await context.abort(e.code, str(e))
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as e:
-            if isinstance(e, grpc.aio.AbortError):
-                raise
-            code = "INTERNAL"
-            log.exception("%s failed", fn.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}: {type(e).__name__}")
-        finally:
-            self.d.metrics.observe(fn.__name__, code, time.perf_counter() - t0)
     return wrapper
 
 
