@@ -87,6 +87,7 @@ class Block:
     overwrite: bool = False  # committed by an overwrite: copies in lower tiers are stale
     entry: int = -1          # its slot-table entry (kvtier.slots), -1 if none
     promoted: bool = False   # brought up from a lower tier (not written back up there)
+    group: str = ""          # eviction group: the tenant owning the namespace ("" = none)
 
 
 @dataclass(slots=True, eq=False)
@@ -144,7 +145,16 @@ class HotTier:
                  lease_ms: int = 30_000, reservation_ms: int = 30_000, max_ttl_ms: int = 600_000,
                  clock: Callable[[], float] = time.monotonic):
         self.alloc = ExtentAllocator(start, end)
-        self.policy = POLICIES[policy]()
+        self.policy = POLICIES[policy]()   # the default group's policy
+        # Tenants: each group (tenant) has its own policy and optional RAM quota. A group over its
+        # quota evicts only its own blocks; global pressure evicts from the group furthest over
+        # its quota, else the largest. group_of maps a namespace to its group.
+        self.group_of: Callable[[str], str] = lambda ns: ""
+        self.quotas: dict[str, int] = {}
+        self.policies = {"": self.policy}
+        self._policy_name = policy
+        self.group_used: dict[str, int] = {}
+        self.group_evictable: dict[str, int] = {}
         self.max_block_bytes = min(max_block_bytes, self.alloc.capacity)
         self.lease_ms, self.reservation_ms, self.max_ttl_ms = lease_ms, reservation_ms, max_ttl_ms
         self.clock = clock
@@ -189,22 +199,38 @@ class HotTier:
     def _evictable(self, b: Block) -> bool:
         return b.state == COMMITTED and b.leases == 0 and b.pin_until == 0.0
 
+    def _pol(self, g: str):
+        p = self.policies.get(g)
+        if p is None:
+            p = self.policies[g] = POLICIES[self._policy_name]()
+        return p
+
     def _policy_add(self, b: Block, touched: bool = False) -> None:
         k = (b.ns, b.key)
-        self.policy.insert(k, self.alloc.round(b.length))
+        pol = self._pol(b.group)
+        r = self.alloc.round(b.length)
+        pol.insert(k, r)
         if touched:
-            self.policy.touch(k)
-        self.evictable_bytes += self.alloc.round(b.length)
+            pol.touch(k)
+        self.evictable_bytes += r
+        self.group_evictable[b.group] = self.group_evictable.get(b.group, 0) + r
 
     def _policy_drop(self, b: Block) -> None:
         k = (b.ns, b.key)
-        if k in self.policy:
-            self.policy.remove(k)
-            self.evictable_bytes -= self.alloc.round(b.length)
+        pol = self._pol(b.group)
+        if k in pol:
+            pol.remove(k)
+            r = self.alloc.round(b.length)
+            self.evictable_bytes -= r
+            self.group_evictable[b.group] -= r
+
+    def _use(self, g: str, r: int) -> None:
+        self.used_bytes += r
+        self.group_used[g] = self.group_used.get(g, 0) + r
 
     def _free(self, b: Block) -> None:
         self.alloc.free(b.offset, b.length)
-        self.used_bytes -= self.alloc.round(b.length)
+        self._use(b.group, -self.alloc.round(b.length))
 
     def _unindex(self, b: Block) -> None:
         """Take a committed block out of the index (caller frees or dooms it)."""
@@ -228,12 +254,26 @@ class HotTier:
         else:
             self._free(b)
 
-    def _evict_one(self) -> bool:
-        k = self.policy.victim()
+    def _victim_group(self) -> str | None:
+        if len(self.policies) == 1:
+            return ""
+        live = [g for g, e in self.group_evictable.items() if e > 0]
+        if not live:
+            return None
+        return max(live, key=lambda g: (self.group_used.get(g, 0) - (self.quotas.get(g) or 0)
+                                        if self.quotas.get(g) else -1, self.group_used.get(g, 0)))
+
+    def _evict_one(self, group: str | None = None) -> bool:
+        g = self._victim_group() if group is None else group
+        if g is None:
+            return False
+        k = self._pol(g).victim()
         if k is None:
             return False
         b = self._index[k]
-        self.evictable_bytes -= self.alloc.round(b.length)
+        r = self.alloc.round(b.length)
+        self.evictable_bytes -= r
+        self.group_evictable[g] -= r
         self.on_evict(b)
         self._unindex(b)
         self._free(b)
@@ -241,13 +281,20 @@ class HotTier:
         self._ns(b.ns).evictions += 1
         return True
 
-    def _alloc(self, n: int) -> int:
+    def _alloc(self, n: int, group: str = "") -> int:
         need = self.alloc.round(n)
+        q = self.quotas.get(group, 0)
+        if q:  # a tenant over its quota makes room among its own blocks only
+            while self.group_used.get(group, 0) + need > q:
+                if not self._evict_one(group):
+                    raise ArenaFull(f"tenant {group}: RAM quota of {q} bytes reached "
+                                    f"({self.group_used.get(group, 0)} used); the rest of its blocks are "
+                                    f"pinned, leased or reserved")
         expired = False
         while True:
             off = self.alloc.alloc(n)
             if off is not None:
-                self.used_bytes += need
+                self._use(group, need)
                 return off
             if not expired:  # reclaim what dead clients left before evicting anything
                 expired = True
@@ -383,6 +430,11 @@ class HotTier:
                 if need > self.alloc.free_bytes + self.evictable_bytes:  # evict nothing for a batch that cannot fit
                     raise ArenaFull(f"no room for {need} bytes: {self.alloc.free_bytes} free, "
                                     f"{self.evictable_bytes} evictable; the rest is pinned, leased or reserved")
+            g = self.group_of(ns)
+            q = self.quotas.get(g, 0)
+            if q and need > q - self.group_used.get(g, 0) + self.group_evictable.get(g, 0):
+                raise ArenaFull(f"tenant {g}: RAM quota of {q} bytes cannot hold {need} more bytes "
+                                f"({self.group_used.get(g, 0)} used, {self.group_evictable.get(g, 0)} evictable)")
             r = Reservation(next(self._ids), ns, [], now + ttl / 1000 if expires else FOREVER, overwrite, ttl / 1000)
             try:
                 for i, (k, n) in enumerate(zip(keys, sizes)):
@@ -393,7 +445,7 @@ class HotTier:
                     if not overwrite and (kk in self._index or (present is not None and present(ns, k))):
                         status[i] = RESERVE_PRESENT
                         continue
-                    b = Block(ns, k, self._alloc(n), n)
+                    b = Block(ns, k, self._alloc(n, g), n, group=g)
                     r.blocks.append(b)
                     b.entry = self.slots.put(ns, k, b.offset, n, ZERO_CHECKSUM, 0.0, RESERVED_ENTRY)
                     self._pending[kk] = r
@@ -623,8 +675,8 @@ class HotTier:
                     # a client that outlived the old daemon may still be writing here: keep the
                     # slot out of use for one reservation lifetime
                     if self.alloc.alloc_at(off, length):
-                        b = Block(ns, key, off, length, DOOMED, entry=i)
-                        self.used_bytes += self.alloc.round(length)
+                        b = Block(ns, key, off, length, DOOMED, entry=i, group=self.group_of(ns))
+                        self._use(b.group, self.alloc.round(length))
                         self.reserved_bytes += self.alloc.round(length)
                         heapq.heappush(self._quarantine,
                                        (now + min(self.reservation_ms / 1000, QUARANTINE_S), next(self._seq), b))
@@ -639,9 +691,9 @@ class HotTier:
                 if not ok:
                     dropped += 1
                     continue
-                b = Block(ns, key, off, length, COMMITTED, digest, created, entry=i)
+                b = Block(ns, key, off, length, COMMITTED, digest, created, entry=i, group=self.group_of(ns))
                 self._index[(ns, key)] = b
-                self.used_bytes += self.alloc.round(length)
+                self._use(b.group, self.alloc.round(length))
                 self._policy_add(b)
                 st = self._ns(ns)
                 st.blocks += 1

@@ -146,6 +146,7 @@ class Daemon:
                          time.monotonic() - t0)
             else:
                 self.hot.slots = table
+        self._apply_tenants()
         self.store = Store(cfg, self.hot, a.view)
         self.cluster = cluster_from_config(cfg.cluster)
         await self.cluster.start()
@@ -212,24 +213,39 @@ class Daemon:
             except asyncio.TimeoutError:
                 pass
 
+    def _apply_tenants(self) -> None:
+        """Tenant groups and RAM quotas into the hot tier (new blocks take the new groups)."""
+        with self.hot.lock:
+            self.hot.group_of = self.access.group_of
+            self.hot.quotas = {t.name: t.ram_quota for t in self.access.tenants.values() if t.ram_quota}
+
     def request_reload(self) -> None:
         self._reload.set()
 
     def reload(self) -> None:
         """Apply a changed config file: live settings now, the rest named for a restart."""
         self.notify.reloading()
-        try:
-            new = config_mod.load(self.config_path)
+        try:  # no file (embedded or programmatic config): re-read only what the config points at
+            new = config_mod.load(self.config_path) if self.config_path else self.cfg
         except ConfigError as e:
             log.error("reload refused, keeping the running configuration: %s", e)
             self.notify.ready("serving (reload refused: bad config)")
             return
+        if new.auth.tenants_file:
+            try:
+                self.access = Tenants.load(new.auth.tenants_file)
+                if self.data is not None:
+                    self.data.access = self.access
+                self._apply_tenants()
+                log.info("tenants reloaded: %s", ", ".join(sorted(self.access.tenants)))
+            except ConfigError as e:
+                log.error("tenants reload refused, keeping the running tenants: %s", e)
         if new.server.log_level != self.cfg.server.log_level:
             logging.getLogger().setLevel(new.server.log_level.upper())
             log.info("log level now %s", new.server.log_level)
-        restart = [f"{sec}.{f}" for sec in ("server", "ram", "nvme")
+        restart = [f"{sec}.{f}" for sec in ("server", "ram", "nvme", "cluster", "metrics", "auth")
                    for f in getattr(new, sec).__dataclass_fields__
-                   if (sec, f) != ("server", "log_level")
+                   if (sec, f) not in (("server", "log_level"), ("auth", "tenants_file"))
                    and getattr(getattr(new, sec), f) != getattr(getattr(self.cfg, sec), f)]
         if restart:
             log.warning("reloaded; these changes need a restart to apply: %s", ", ".join(restart))

@@ -194,3 +194,46 @@ def test_example_tenants_file_loads():
     assert t.tenants["acme"].ram_quota == 400 << 30
     assert t.group_of("acme-eu") == "acme" and t.group_of("globex-1") == "globex"
     assert t.identify("test").name == "acme"  # sha256("test") is acme's example digest
+
+
+def test_ram_quota_evicts_within_the_tenant_only(make_daemon, tmp_path):
+    p = tmp_path / "tenants.toml"
+    p.write_text(f'[tenants.a]\ntoken_sha256 = ["{_sha(TOKEN_A)}"]\nnamespaces = ["a-*"]\nram_quota = "2MiB"\n'
+                 f'[tenants.b]\ntoken_sha256 = ["{_sha(TOKEN_B)}"]\nnamespaces = ["b-*"]\n')
+    d = make_daemon(auth={"tenants_file": str(p)}, ram={"capacity": "16MiB"})
+    mib = 1 << 20
+    with Client(d.address, token=TOKEN_A) as a, Client(d.address, token=TOKEN_B) as b:
+        b_blocks = [(bytes([100 + i]) * 16, os.urandom(mib)) for i in range(4)]
+        b.put_many("b-x", b_blocks)
+        a_keys = [bytes([i]) * 16 for i in range(6)]
+        for k in a_keys:
+            a.put("a-x", k, os.urandom(mib - 4096))  # six blocks through a 2 MiB quota
+        tiers, _ = a.lookup("a-x", a_keys)
+        assert tiers == [0, 0, 0, 0, 1, 1]  # a keeps its newest two; older ones went
+        assert b.lookup("b-x", [k for k, _ in b_blocks])[0] == [1] * 4  # b lost nothing
+        assert b.get_many("b-x", [k for k, _ in b_blocks]) == [v for _, v in b_blocks]
+        hot = d.daemon.hot
+        assert hot.group_used["a"] <= 2 * mib and hot.group_used["b"] == 4 * mib
+        with pytest.raises(errors.ResourceExhausted, match="quota"):
+            a.put("a-x", b"z" * 16, os.urandom(3 * mib))  # larger than the whole quota
+
+
+def test_sighup_reload_picks_up_new_tenants(make_daemon, tmp_path):
+    p = tmp_path / "tenants.toml"
+    p.write_text(f'[tenants.a]\ntoken_sha256 = ["{_sha(TOKEN_A)}"]\nnamespaces = ["a-*"]\n')
+    d = make_daemon(auth={"tenants_file": str(p)})
+    with pytest.raises(errors.Unauthenticated):
+        Client(d.address, token=TOKEN_B).stats()
+    p.write_text(p.read_text() + f'[tenants.b]\ntoken_sha256 = ["{_sha(TOKEN_B)}"]\nnamespaces = ["b-*"]\n')
+    d.daemon.request_reload()  # what SIGHUP does: re-read the tenants file named in the configuration
+    import time
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            with Client(d.address, token=TOKEN_B) as b:
+                b.put("b-y", KEY, b"welcome")
+            break
+        except errors.Unauthenticated:
+            time.sleep(0.1)
+    with Client(d.address, token=TOKEN_B) as b:
+        assert b.get("b-y", KEY) == b"welcome"
