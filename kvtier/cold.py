@@ -161,6 +161,12 @@ class ColdTier:
         self.lock = threading.Lock()
         self._index: dict[tuple[str, bytes], int] = {}  # -> dir number
         self._writing: set[tuple[str, bytes]] = set()
+        # Tenants: group_of maps a namespace to its tenant; a tenant with an NVMe quota evicts its
+        # own least recently used files, never another tenant's.
+        self.group_of: Callable[[str], str] = lambda ns: ""
+        self.quotas: dict[str, int] = {}
+        self._groups: dict[str, OrderedDict] = {}  # group -> (ns, key) -> bytes on disk
+        self.group_used: dict[str, int] = {}        # written and in-flight bytes per group
         self.stats = ColdStats()
         self._scratch = _Scratch()
 
@@ -200,6 +206,7 @@ class ColdTier:
                 self._index[k] = di
                 self.dirs[di].lru[k] = size
                 self.dirs[di].used += size
+                self._group_add(k, size)
         if self.stats.orphans_removed or self.stats.corrupt_removed:
             log.warning("nvme scan: removed %d orphan temp files and %d corrupt or expired files",
                         self.stats.orphans_removed, self.stats.corrupt_removed)
@@ -243,16 +250,42 @@ class ColdTier:
             return di
         return None
 
+    def _group_add(self, k, size: int, counted: bool = False) -> None:
+        g = self.group_of(k[0])
+        self._groups.setdefault(g, OrderedDict())[k] = size
+        if not counted:
+            self.group_used[g] = self.group_used.get(g, 0) + size
+
+    def _evict_key(self, k) -> str:
+        """Forget a written block (lock held); returns its path to unlink."""
+        di = self._index.pop(k)
+        d = self.dirs[di]
+        size = d.lru.pop(k)
+        d.used -= size
+        g = self.group_of(k[0])
+        self._groups.get(g, {}).pop(k, None)
+        self.group_used[g] = self.group_used.get(g, 0) - size
+        self.stats.evictions += 1
+        return self._path(di, *k)
+
     def _make_room(self, d: Dir, need: int) -> list[str]:
         """Evict LRU entries of d until need bytes fit; returns paths to unlink (lock held)."""
         doomed = []
         while d.used + need > d.capacity and d.lru:
-            k, size = d.lru.popitem(last=False)
-            d.used -= size
-            del self._index[k]
-            doomed.append(self._path(self.dirs.index(d), *k))
-            self.stats.evictions += 1
+            doomed.append(self._evict_key(next(iter(d.lru))))
         return doomed
+
+    def _make_group_room(self, g: str, need: int) -> list[str] | None:
+        """Evict the group's LRU files until need more bytes fit its quota (lock held); None when
+        the quota cannot hold them (the rest is being written)."""
+        q = self.quotas.get(g, 0)
+        if not q:
+            return []
+        lru = self._groups.get(g, OrderedDict())
+        doomed = []
+        while self.group_used.get(g, 0) + need > q and lru:
+            doomed.append(self._evict_key(next(iter(lru))))
+        return doomed if self.group_used.get(g, 0) + need <= q else None
 
     def write(self, ns: str, key: bytes, src: memoryview, raw_len: int, digest: bytes,
               expires_ms: int = 0, pin_class: int = 0) -> bool:
@@ -277,9 +310,15 @@ class ColdTier:
             if d.inflight + size > d.capacity:  # the room is taken by writes in flight
                 self.stats.dropped_writes += 1
                 return False
-            doomed = self._make_room(d, size)
+            g = self.group_of(ns)
+            doomed = self._make_group_room(g, size)
+            if doomed is None:
+                self.stats.dropped_writes += 1
+                return False
+            doomed += self._make_room(d, size)
             d.used += size  # counted now so concurrent writers respect the bound
             d.inflight += size
+            self.group_used[g] = self.group_used.get(g, 0) + size
             self._writing.add(k)
         for p in doomed:
             self._unlink(p)
@@ -305,10 +344,12 @@ class ColdTier:
                 if ok:
                     self._index[k] = di
                     d.lru[k] = size
+                    self._group_add(k, size, counted=True)
                     self.stats.writes += 1
                     self.stats.write_bytes += raw_len
                 else:
                     d.used -= size
+                    self.group_used[g] -= size
         return ok
 
     def _write_file(self, d: Dir, path: str, meta: Meta, payload, src) -> None:
@@ -375,6 +416,9 @@ class ColdTier:
             d = self.dirs[di]
             if k in d.lru:
                 d.lru.move_to_end(k)
+            glru = self._groups.get(self.group_of(ns))
+            if glru is not None and k in glru:
+                glru.move_to_end(k)
         path = self._path(di, ns, key)
         try:
             fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if d.direct else 0))
@@ -439,13 +483,11 @@ class ColdTier:
 
     def _forget(self, k) -> str | None:
         with self.lock:
-            di = self._index.pop(k, None)
-            if di is None:
+            if k not in self._index:
                 return None
-            d = self.dirs[di]
-            size = d.lru.pop(k, 0)
-            d.used -= size
-            return self._path(di, *k)
+            path = self._evict_key(k)
+            self.stats.evictions -= 1  # a removal, not an eviction
+            return path
 
     def _drop(self, k, path: str, corrupt: bool) -> None:
         self._forget(k)

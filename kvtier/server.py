@@ -146,8 +146,8 @@ class Daemon:
                          time.monotonic() - t0)
             else:
                 self.hot.slots = table
-        self._apply_tenants()
         self.store = Store(cfg, self.hot, a.view)
+        self._apply_tenants()
         self.cluster = cluster_from_config(cfg.cluster)
         await self.cluster.start()
         self.store.attach_cluster(self.cluster, asyncio.get_running_loop())
@@ -214,10 +214,16 @@ class Daemon:
                 pass
 
     def _apply_tenants(self) -> None:
-        """Tenant groups and RAM quotas into the hot tier (new blocks take the new groups)."""
+        """Tenant groups and RAM/NVMe quotas into the tiers (new blocks take the new groups)."""
+        tenants = self.access.tenants.values()
         with self.hot.lock:
             self.hot.group_of = self.access.group_of
-            self.hot.quotas = {t.name: t.ram_quota for t in self.access.tenants.values() if t.ram_quota}
+            self.hot.quotas = {t.name: t.ram_quota for t in tenants if t.ram_quota}
+        cold = self.store.cold
+        if hasattr(cold, "lock"):
+            with cold.lock:
+                cold.group_of = self.access.group_of
+                cold.quotas = {t.name: t.nvme_quota for t in tenants if t.nvme_quota}
 
     def request_reload(self) -> None:
         self._reload.set()

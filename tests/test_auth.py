@@ -237,3 +237,25 @@ def test_sighup_reload_picks_up_new_tenants(make_daemon, tmp_path):
             time.sleep(0.1)
     with Client(d.address, token=TOKEN_B) as b:
         assert b.get("b-y", KEY) == b"welcome"
+
+
+def test_nvme_quota_evicts_within_the_tenant_only(make_daemon, tmp_path):
+    p = tmp_path / "tenants.toml"
+    p.write_text(f'[tenants.a]\ntoken_sha256 = ["{_sha(TOKEN_A)}"]\nnamespaces = ["a-*"]\nnvme_quota = "1MiB"\n'
+                 f'[tenants.b]\ntoken_sha256 = ["{_sha(TOKEN_B)}"]\nnamespaces = ["b-*"]\n')
+    d = make_daemon(auth={"tenants_file": str(p)},
+                    nvme={"dirs": [str(tmp_path / "nvme")], "capacity": "64MiB", "write_policy": "commit"})
+    import time
+    blk = 200_000
+    with Client(d.address, token=TOKEN_A) as a, Client(d.address, token=TOKEN_B) as b:
+        b.put_many("b-x", [(bytes([100 + i]) * 16, os.urandom(blk)) for i in range(8)])
+        for i in range(10):
+            a.put("a-x", bytes([i]) * 16, os.urandom(blk))
+        cold = d.daemon.store.cold
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and d.daemon.store.queued_bytes:
+            time.sleep(0.05)
+        assert cold.group_used["a"] <= 1 << 20  # a's files stay within its quota...
+        assert cold.group_used["b"] >= 8 * blk  # ...and b's files were never touched
+        assert sum(cold.contains("b-x", bytes([100 + i]) * 16) for i in range(8)) == 8
+        assert sum(cold.contains("a-x", bytes([i]) * 16) for i in range(10)) <= 5
