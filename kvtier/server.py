@@ -92,6 +92,14 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    def data_address_for(self, peer: str) -> str:
+        """The data channel on the transport the client came in on: its Unix socket for a client
+        on the Unix socket (same node), TCP for the others."""
+        if self.data is None:
+            return ""
+        want = "unix://" if peer.startswith("unix:") else "tcp://"
+        return next((a for a in self.data.addresses if a.startswith(want)), self.data_address)
+
     def _read(self, path: str) -> bytes:
         try:
             with open(path, "rb") as f:

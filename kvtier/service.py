@@ -121,7 +121,7 @@ class KVTierService(pb_grpc.KVTierServicer):
         a = self.d.arena
         return pb.AttachResponse(
             arena_path=a.path, arena_size=a.size, generation=a.generation, data_offset=a.data_offset,
-            data_address=self.d.data_address, max_block_bytes=self.hot.max_block_bytes,
+            data_address=self.d.data_address_for(context.peer()), max_block_bytes=self.hot.max_block_bytes,
             max_batch=self.max_batch, key_sizes=list(KEY_SIZES),
             max_message_bytes=self.cfg.server.max_message_bytes, version=__version__,
             default_lease_ms=self.hot.lease_ms, default_reservation_ms=self.hot.reservation_ms)

@@ -589,3 +589,12 @@ def test_client_survives_daemon_restart(daemon_process, path):
             assert bytes(lease.views[0]) == new
             c.release(lease)
         assert c.checksum_failures == 0
+
+
+def test_attach_names_the_data_channel_of_the_callers_transport(make_daemon):
+    d = make_daemon(server={"listen": "127.0.0.1:0", "data_listen": "127.0.0.1:0", "insecure_tcp": True})
+    with Client(d.address) as local, Client(d.tcp_address, attach=False) as remote:
+        assert local.info.data_address.startswith("unix://")
+        assert remote.info.data_address.startswith("tcp://127.0.0.1:")
+        remote.put("t", b"k" * 16, b"via tcp")
+        assert remote.path == "data" and local.get("t", b"k" * 16) == b"via tcp"
