@@ -598,3 +598,14 @@ def test_attach_names_the_data_channel_of_the_callers_transport(make_daemon):
         assert remote.info.data_address.startswith("tcp://127.0.0.1:")
         remote.put("t", b"k" * 16, b"via tcp")
         assert remote.path == "data" and local.get("t", b"k" * 16) == b"via tcp"
+
+
+def test_arena_view_is_the_mapping_clients_write(daemon):
+    with Client(daemon.address) as c, Client(daemon.address, attach=False) as remote:
+        assert remote.arena_view() is None or remote.path != "arena"
+        c.put("v", b"a" * 16, b"mapped bytes")
+        view = c.arena_view()
+        assert view is not None and len(view) == c.info.arena_size
+        lease = c.acquire("v", [b"a" * 16])
+        assert bytes(view[lease.offsets[0]:lease.offsets[0] + 12]) == b"mapped bytes"
+        c.release(lease)
