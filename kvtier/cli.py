@@ -48,8 +48,8 @@ def _size(n: float) -> str:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    from .logs import setup
+    setup(level)
 
 
 def cmd_serve(a) -> int:
