@@ -290,12 +290,13 @@ class Store:
         self.promotions += 1
         return True
 
-    def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False) -> Acquired:
+    def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False,
+                count_misses: bool = True) -> Acquired:
         """Lease blocks in the arena, promoting those found on NVMe first (blocking when it
         promotes). Each promoted block joins the lease at once, so a batch larger than free RAM
         cannot evict its own earlier blocks before they are read."""
         if not self.needs_io(ns, keys):
-            return self.hot.acquire(ns, keys, lease_ms, prefix_only)
+            return self.hot.acquire(ns, keys, lease_ms, prefix_only, count_misses=count_misses)
         a = self.hot.acquire(ns, keys, lease_ms, count_misses=False)
         tiers = bytearray(a.tiers)
         sums = bytearray(a.checksums)
@@ -320,7 +321,8 @@ class Store:
                     sums[j * 16:(j + 1) * 16] = bytes(16)
                 break
         a.tiers, a.checksums = bytes(tiers), bytes(sums)
-        self.hot.count_misses(ns, tiers.count(TIER_MISSING))
+        if count_misses:
+            self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
         return a
 
     # ---- the cluster tier (coroutines on the daemon's loop) ----------------------------------
@@ -381,12 +383,16 @@ class Store:
         """acquire() (in a worker thread when it touches NVMe), then the cluster tier for keys
         still missing: found blocks are promoted and join the same lease. With prefix_only,
         nothing past the first key found in no tier is leased or reported."""
-        if self.needs_io(ns, keys):
-            a = await asyncio.to_thread(self.acquire, ns, keys, lease_ms, prefix_only)
+        if isinstance(self.cluster, NullCluster):
+            if self.needs_io(ns, keys):
+                return await asyncio.to_thread(self.acquire, ns, keys, lease_ms, prefix_only)
+            return self.acquire(ns, keys, lease_ms, prefix_only)
+        if self.needs_io(ns, keys):  # misses are counted once, after the cluster tier had its say
+            a = await asyncio.to_thread(self.acquire, ns, keys, lease_ms, prefix_only, False)
         else:
-            a = self.acquire(ns, keys, lease_ms, prefix_only)
+            a = self.acquire(ns, keys, lease_ms, prefix_only, False)
         gap = a.tiers.find(TIER_MISSING)
-        if gap < 0 or isinstance(self.cluster, NullCluster):
+        if gap < 0:
             return a
         todo = list(range(gap, len(keys))) if prefix_only else \
             [i for i, t in enumerate(a.tiers) if t == TIER_MISSING]
@@ -411,9 +417,9 @@ class Store:
             sums[i * 16:(i + 1) * 16] = b.checksums
             found += i in ok
         if found:
-            self.hot.count_misses(ns, -found)  # counted as misses by the local pass
             self.cluster_hits[ns] = self.cluster_hits.get(ns, 0) + found
         a.tiers, a.checksums = bytes(tiers), bytes(sums)
+        self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
         return a
 
     def acquire_blocking(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0) -> Acquired:
@@ -480,3 +486,10 @@ class Store:
         s["cluster"] = self.cluster.snapshot()
         s["cluster_hits_by_namespace"] = dict(self.cluster_hits)
         return s
+
+
+def _misses(tiers: bytes, prefix_only: bool) -> int:
+    """Keys a read counts as missed: every absent one, or with prefix_only the first gap only."""
+    if prefix_only:
+        return 1 if TIER_MISSING in tiers else 0
+    return tiers.count(TIER_MISSING)

