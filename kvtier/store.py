@@ -108,6 +108,8 @@ class Store:
         self.queued_bytes = 0
         self._queued: dict[tuple[str, bytes], bool] = {}  # key -> cancelled (deleted/overwritten meanwhile)
         self._seen_once: dict[tuple[str, bytes], None] = {}
+        self._pool: dict[int, list[mmap.mmap]] = {}  # demotion buffers by size, kept for reuse
+        self._pool_bytes = 0
         self._qlock = threading.Lock()
         self.demotions = 0
         self.promotions = 0
@@ -219,7 +221,7 @@ class Store:
         with self._qlock:
             if not self._admit(k, b.length):
                 return
-        data = mmap.mmap(-1, self.hot.alloc.round(b.length))  # page-aligned: O_DIRECT writes it as is
+        data = self._buffer(self.hot.alloc.round(b.length))  # page-aligned: O_DIRECT writes it as is
         data[:b.length] = self.view[b.offset:b.offset + b.length]
         self.demotions += 1
         self.io.submit(self._write_copy, b.ns, b.key, data, b.length, b.checksum)
@@ -231,9 +233,28 @@ class Store:
         except Exception:
             log.exception("demotion of a block failed")
         finally:
-            data.close()
+            self._return_buffer(data)
             if self._finish((ns, key), length):
                 self.cold.delete(ns, key)
+
+    def _buffer(self, size: int) -> mmap.mmap:
+        """A page-aligned buffer for a demotion copy, reused when one of that size is free: a
+        fresh mapping costs its page faults on every copy (several times the copy itself)."""
+        with self._qlock:
+            pool = self._pool.get(size)
+            if pool:
+                self._pool_bytes -= size
+                return pool.pop()
+        return mmap.mmap(-1, size)
+
+    def _return_buffer(self, buf: mmap.mmap) -> None:
+        size = len(buf)
+        with self._qlock:
+            if self._pool_bytes + size <= self.queue_limit // 4:
+                self._pool.setdefault(size, []).append(buf)
+                self._pool_bytes += size
+                return
+        buf.close()
 
     def reserve(self, ns: str, keys: Sequence[bytes], sizes: Sequence[int], ttl_ms: int = 0,
                 overwrite: bool = False, expires: bool = True):
