@@ -407,32 +407,24 @@ class _Ops:
                 out[i] = bytes(data)
         return out
 
-    def op_delete(self, ns: str, keys: Sequence[bytes]):
+    def _per_batch(self, rpc: str, request, ns: str, keys: Sequence[bytes], **fields):
+        """Call a keyed RPC once per batch of keys; returns the responses in order."""
         yield from self._attach()
-        n = 0
+        out = []
         for _, batch in self._batches(keys):
             packed, ks = pack_keys(batch)
-            r = yield ("unary", "Delete", pb.DeleteRequest(namespace=ns, key_size=ks, keys=packed))
-            n += r.deleted
-        return n
+            out.append((yield ("unary", rpc, request(namespace=ns, key_size=ks, keys=packed, **fields))))
+        return out
+
+    def op_delete(self, ns: str, keys: Sequence[bytes]):
+        return sum(r.deleted for r in (yield from self._per_batch("Delete", pb.DeleteRequest, ns, keys)))
 
     def op_pin(self, ns: str, keys: Sequence[bytes], ttl_s: int = 0):
-        yield from self._attach()
-        out = bytearray()
-        for _, batch in self._batches(keys):
-            packed, ks = pack_keys(batch)
-            r = yield ("unary", "Pin", pb.PinRequest(namespace=ns, key_size=ks, keys=packed, ttl_s=ttl_s))
-            out += r.pinned
-        return [bool(x) for x in out]
+        rs = yield from self._per_batch("Pin", pb.PinRequest, ns, keys, ttl_s=ttl_s)
+        return [bool(x) for r in rs for x in r.pinned]
 
     def op_unpin(self, ns: str, keys: Sequence[bytes]):
-        yield from self._attach()
-        n = 0
-        for _, batch in self._batches(keys):
-            packed, ks = pack_keys(batch)
-            r = yield ("unary", "Unpin", pb.UnpinRequest(namespace=ns, key_size=ks, keys=packed))
-            n += r.unpinned
-        return n
+        return sum(r.unpinned for r in (yield from self._per_batch("Unpin", pb.UnpinRequest, ns, keys)))
 
     def op_stats(self, ns: str = ""):
         return (yield ("unary", "Stats", pb.StatsRequest(namespace=ns)))
