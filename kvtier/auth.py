@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import tomllib
 from dataclasses import dataclass, field
 
-from .config import parse_size
+from .config import parse_size, read_toml
 from .errors import ConfigError, PermissionDenied, Unauthenticated
 
 
@@ -80,14 +79,7 @@ class Tenants:
 
     @classmethod
     def load(cls, path: str) -> "Tenants":
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except OSError as e:
-            raise ConfigError(f"cannot read tenants file {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: {e}") from None
-        return cls.from_dict(data, path)
+        return cls.from_dict(read_toml(path, "tenants file"), path)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "tenants") -> "Tenants":

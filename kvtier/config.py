@@ -378,17 +378,22 @@ def from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
+def read_toml(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
+    """A TOML file as a dict; unreadable or malformed files are a ConfigError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def load(path: str | os.PathLike | None) -> Config:
     """Read a TOML file (None: embedded defaults)."""
     if path is None:
         return from_dict({})
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    data = read_toml(path)
     try:
         return from_dict(data)
     except ConfigError as e:
