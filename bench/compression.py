@@ -50,6 +50,7 @@ import sys
 import time
 
 import numpy as np
+from bench import emit
 
 MiB = 1 << 20
 RECORD = 2 * MiB
@@ -317,12 +318,7 @@ def main() -> None:
     else:
         res = run(args)
         command = "python -m bench.compression" + (" --quick" if args.quick else "")
-    text = markdown(res, command)
-    print(text)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"command": command, "result": res}, indent=1))
-    if args.markdown:
-        pathlib.Path(args.markdown).write_text(text)
+    emit(markdown(res, command), {"command": command, "result": res}, args)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from bench import emit
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 BLOCK = 2 * MiB
@@ -977,12 +978,7 @@ def main() -> None:
             (f" --dir {args.dir}" if args.dir else "") + (" --drop-caches" if args.drop_caches else "") + \
             (f" --settle {args.settle:g}" if args.settle else "") + \
             (f" --parts {','.join(args.parts)}" if args.parts != ["ab", "c", "d", "e"] else "")
-    text = markdown(res, command)
-    print(text)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"command": command, "result": res}, indent=1))
-    if args.markdown:
-        pathlib.Path(args.markdown).write_text(text)
+    emit(markdown(res, command), {"command": command, "result": res}, args)
 
 
 if __name__ == "__main__":
