@@ -24,6 +24,12 @@ Tenants file (TOML)::
     token_sha256 = ["..."]
     namespaces = ["*"]
 
+Quotas bound what a tenant's namespaces hold per tier; a tenant over one
+evicts its own least recently used blocks, never another tenant's: RAM in
+``kvtier.hot``, NVMe in ``kvtier.cold``, Redis in ``kvtier.clusterquota``
+(accounted in Redis itself, so every daemon sharing it enforces one quota).
+A reload (SIGHUP) applies new quotas; a lowered Redis quota evicts at once.
+
 ``kvtier token`` prints a new random token and the line to put in the file.
 Tokens never appear in logs: only the tenant's name does.
 """

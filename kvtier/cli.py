@@ -7,11 +7,13 @@
     kvtier check [--config F] [--repair] verify NVMe block files, remove bad ones on request
     kvtier config check FILE            validate a configuration file
     kvtier token                        a new bearer token and its tenants-file line
+    kvtier prewarm PLAN [--promote]     compute customers' contexts through vLLM, report coverage
 
 KEY is 32 or 64 hex digits (a 16- or 32-byte key), or ``name:TEXT`` to use
 the first 16 bytes of SHA-256(TEXT). Every client command takes --address
 (default: $KVTIER_ADDRESS or the default socket). Exit codes: 0 ok, 1 not
-found, 2 bad usage or input, 3 daemon unreachable, 4 other daemon error.
+found, 2 bad usage or input, 3 daemon unreachable, 4 other daemon error;
+prewarm: 3 also when vLLM is unreachable, 5 coverage under the threshold.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from . import __version__, errors
 from .config import default_address, load
 
 EXIT_OK, EXIT_MISSING, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_ERROR = 0, 1, 2, 3, 4
+EXIT_COVERAGE = 5  # prewarm: a customer's coverage is under the threshold
 
 
 def parse_key(text: str) -> bytes:
@@ -107,6 +110,17 @@ def stats_dict(s) -> dict:
     return MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
+def _tokens(n: int) -> str:
+    """Prefill tokens saved, short: 950, 12.3K, 4.5M, 7.8G ("-" when the clients never said)."""
+    if not n:
+        return "-"
+    for unit in ("", "K", "M", "G"):
+        if n < 1000 or unit == "G":
+            return f"{n}" if not unit else f"{n:.1f}{unit}"
+        n /= 1000
+    return str(n)
+
+
 def cmd_stats(a) -> int:
     with _client(a) as c:
         s = c.stats(a.namespace or "")
@@ -128,12 +142,12 @@ def cmd_stats(a) -> int:
         print("no namespaces yet")
         return EXIT_OK
     print(f"{'namespace':<24}{'blocks':>10}{'bytes':>12}{'hits':>10}{'misses':>10}{'hit%':>7}"
-          f"{'puts':>10}{'evictions':>11}")
+          f"{'puts':>10}{'evictions':>11}{'prefill saved':>15}")
     for n in sorted(s.namespaces, key=lambda n: -n.bytes):
         total = n.hits + n.misses
         hr = f"{100 * n.hits / total:.1f}%" if total else "-"
         print(f"{n.name:<24}{n.blocks:>10}{_size(n.bytes):>12}{n.hits:>10}{n.misses:>10}{hr:>7}"
-              f"{n.puts:>10}{n.evictions:>11}")
+              f"{n.puts:>10}{n.evictions:>11}{_tokens(n.prefill_tokens_saved):>15}")
     return EXIT_OK
 
 
@@ -163,6 +177,44 @@ def cmd_get(a) -> int:
             f.write(data)
         print(f"wrote {len(data)} bytes to {a.file}", file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_prewarm(a) -> int:
+    import dataclasses
+
+    from .prewarm import load as load_plan, run_plan
+    from .prewarm.run import Permanent, Transient
+    plan = load_plan(a.plan)
+    if a.address:
+        plan = dataclasses.replace(plan, address=a.address)
+    if a.state:
+        plan = dataclasses.replace(plan, state=a.state)
+    if a.check:
+        n = sum(len(t.contexts) for t in plan.tenants)
+        print(f"{a.plan}: ok ({len(plan.tenants)} customers, {n} contexts, vLLM {plan.url}, state {plan.state})")
+        return EXIT_OK
+    try:
+        rep = run_plan(plan, promote=True if a.promote else None, promote_only=a.promote_only,
+                       min_coverage=a.min_coverage, min_ram_coverage=a.min_ram_coverage,
+                       progress_out=sys.stderr, tty=False if a.quiet else None)
+    except (Transient, Permanent) as e:
+        print(f"vLLM at {plan.url}: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if a.json:
+        rep.write_json(sys.stdout)
+    else:
+        rep.write_table(sys.stdout)
+    return EXIT_COVERAGE if rep.under_threshold() else EXIT_OK
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction (0.95) or a percentage (95%)") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1 (0% and 100%)")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +278,26 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Validate FILE: unknown keys, wrong types and bad values are errors.")
     c.add_argument("file")
     c.set_defaults(fn=cmd_config_check)
+
+    s = sub.add_parser("prewarm", help="compute customers' contexts through vLLM and report coverage",
+                       description="Send each context of PLAN through vLLM (with the kvtier connector) so its KV "
+                                   "is stored, skip contexts still resident, optionally promote them into RAM, "
+                                   "and report coverage per customer (docs/prewarm.md). Exit 5 when a "
+                                   "customer's coverage is under the threshold.")
+    s.add_argument("plan", help="plan file (TOML; configs/prewarm.example.toml documents it)")
+    s.add_argument("--promote", action="store_true", help="then bring the plan's chunks into RAM (promote.ram_budget)")
+    s.add_argument("--promote-only", action="store_true", help="only the promote phase (no requests to vLLM)")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.add_argument("--min-coverage", type=_fraction, metavar="F",
+                   help="exit 5 if a customer's coverage in any tier is under F (0.95 or 95%%)")
+    s.add_argument("--min-ram-coverage", type=_fraction, metavar="F",
+                   help="exit 5 if a customer's coverage in RAM is under F")
+    s.add_argument("--address", "-a", help="daemon address (default: the plan's, else $KVTIER_ADDRESS or the "
+                                           "default socket)")
+    s.add_argument("--state", metavar="FILE", help="state file (default: the plan's run.state)")
+    s.add_argument("--quiet", "-q", action="store_true", help="a line per context instead of a progress bar")
+    s.add_argument("--check", action="store_true", help="only validate the plan")
+    s.set_defaults(fn=cmd_prewarm)
     return p
 
 

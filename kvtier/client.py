@@ -268,17 +268,18 @@ class _Ops:
         if res.id:
             yield ("unary", "Abort", pb.AbortRequest(reservation_id=res.id))
 
-    def op_acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False):
-        return (yield from self._stale_retry(self._acquire, ns, keys, lease_ms, prefix_only))
+    def op_acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False,
+                   tokens_per_key: int = 0):
+        return (yield from self._stale_retry(self._acquire, ns, keys, lease_ms, prefix_only, tokens_per_key))
 
-    def _acquire(self, ns, keys, lease_ms, prefix_only):
+    def _acquire(self, ns, keys, lease_ms, prefix_only, tokens_per_key=0):
         yield from self._attach()
         if self.arena is None:
             raise errors.FailedPrecondition("the arena is not mapped (not on the daemon's node)")
         packed, ks = pack_keys(keys)
         r = yield ("unary", "Acquire", pb.AcquireRequest(
             namespace=ns, key_size=ks, keys=packed, lease_ms=lease_ms, prefix_only=prefix_only,
-            generation=self._gen()))
+            generation=self._gen(), tokens_per_key=tokens_per_key))
         view = self.arena.view
         c = r.checksums
         sums = [c[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] for i in range(len(keys))]
@@ -532,8 +533,11 @@ class Client:
     def abort(self, res: Reservation) -> None:
         return self._drive(self._ops.op_abort(res))
 
-    def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False) -> Lease:
-        return self._drive(self._ops.op_acquire(ns, keys, lease_ms, prefix_only))
+    def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False,
+                tokens_per_key: int = 0) -> Lease:
+        """Lease blocks in the arena. tokens_per_key: tokens of prefill one found key saves (0:
+        unknown); the daemon counts found keys x tokens_per_key per namespace."""
+        return self._drive(self._ops.op_acquire(ns, keys, lease_ms, prefix_only, tokens_per_key))
 
     def release(self, lease: Lease) -> None:
         return self._drive(self._ops.op_release(lease))

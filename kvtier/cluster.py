@@ -12,6 +12,8 @@ Interface (coroutines run on the daemon's event loop, the one that ran start()):
     await tier.get(ns, key, into=None) -> (block bytes, checksum) | None
     await tier.get_many(ns, keys, into=None) -> [(block bytes, checksum) | None]
     await tier.delete_many(ns, keys) -> int
+    tier.set_tenants(group_of, quotas)  # namespace -> tenant, tenant -> redis quota in bytes
+    await tier.enforce_quotas() -> int  # evict what a lowered quota no longer holds
     await tier.close(timeout) -> bool  # drains the write queue for up to timeout seconds
     tier.snapshot() -> dict            # NullCluster: None
 
@@ -45,6 +47,11 @@ master (all masters at once) and receive payloads straight into their final
 buffer (``kvtier.resp``): a fresh one, or the caller's when it passes ``into``
 (e.g. an arena slot: no copy and no fresh memory, the fastest path). Lookups
 are one pipelined round trip per batch per master.
+
+Quotas (``kvtier.clusterquota``): with tenants, each tenant's bytes in Redis
+are accounted in Redis itself (one sorted set and hash per tenant), so daemons
+sharing a server enforce one quota; a write over it first evicts the tenant's
+own least recently used blocks (``evictions``), never another tenant's.
 
 Integrity: every read is verified: header check, names and lengths, then the
 xxh3-128 of the raw bytes after decompression. A corrupt record is a miss; it
@@ -80,6 +87,7 @@ from typing import Callable, Sequence
 
 from . import record
 from .clusterconn import Node, Servers
+from .clusterquota import Accounts
 from .clustervalue import BlockSink, PartSink, block_name, part_count, part_name, split
 from .config import ClusterConfig
 from .errors import ConfigError
@@ -112,6 +120,8 @@ class ClusterStats:
     moved: int = 0               # MOVED/ASK replies (the slot map is then reloaded)
     reconnects: int = 0
     topology_refreshes: int = 0
+    evictions: int = 0           # blocks unlinked to keep a tenant within its redis quota
+    quota_refused: int = 0       # writes refused: one block larger than its tenant's whole quota
 
 
 def _call(on_done) -> None:
@@ -131,6 +141,7 @@ class ClusterTier:
         self.cfg = cfg
         self.stats = ClusterStats()
         self.servers = Servers(cfg, self.stats)
+        self.accounts = Accounts(self.servers, cfg.prefix.encode(), self.stats)
         self.write_policy = cfg.write_policy
         self.prefix = cfg.prefix.encode()
         self.codec = record.CODECS[cfg.codec]
@@ -192,6 +203,30 @@ class ClusterTier:
 
     def _ttl(self, ns: str) -> int:
         return self.ttls.get(ns, self.cfg.ttl_s)
+
+    # ---- quotas --------------------------------------------------------------------------------
+
+    def set_tenants(self, group_of: Callable[[str], str], quotas: dict[str, int]) -> None:
+        """Which tenant owns a namespace, and each tenant's redis quota (bytes; absent = none)."""
+        self.accounts.set_tenants(group_of, quotas)
+
+    async def enforce_quotas(self) -> int:
+        """Evict what each tenant's quota no longer holds (after a reload lowered it); never raises."""
+        n = 0
+        for tenant in list(self.accounts.quotas):
+            try:
+                n += await self._evict(await self.accounts.trim(tenant))
+            except Exception:
+                log.exception("cluster: enforcing the quota of tenant %s failed", tenant)
+        return n
+
+    async def _evict(self, names: list[bytes]) -> int:
+        """Unlink blocks the accounting gave up (with their parts); returns how many existed."""
+        if not names:
+            return 0
+        n = await self._unlink_names(names)
+        self.stats.evictions += n
+        return n
 
     # ---- writes --------------------------------------------------------------------------------
 
@@ -256,6 +291,15 @@ class ClusterTier:
         meta = Meta(ns, key, len(mv), len(payload), bytes(checksum), codec, now_ms, now_ms + ttl * 1000 if ttl else 0)
         header = record.encode_header(meta, aligned=False)
         base = self._name(ns, key)
+        values = split(header, payload, self.part_bytes)
+        tenant = self.accounts.group_of(ns)
+        if tenant:  # room within the tenant's quota first, or no write
+            size = sum(memoryview(p).nbytes for v in values for p in v)
+            res = await self.accounts.reserve(tenant, base, size,
+                                              meta.expires_ms + self.cfg.timeout_ms if ttl else 0)
+            if res is None or not res[0]:
+                return False
+            await self._evict(res[1])
         groups = await self.servers.group([base])
         if not groups:
             return False
@@ -263,19 +307,18 @@ class ClusterTier:
         ok = [False]
 
         async def work(node: Node) -> None:
-            ok[0] = await self._write_record(node, base, header, payload, ttl)
+            ok[0] = await self._write_record(node, base, values, ttl)
 
         return await self.servers.on(node, work) and ok[0]
 
-    async def _write_record(self, node: Node, base: bytes, header: bytes, payload: memoryview, ttl: int) -> bool:
+    async def _write_record(self, node: Node, base: bytes, values: list[tuple], ttl: int) -> bool:
         conns = await self.servers.conns(node)
         px = (b"PX", ttl * 1000) if ttl else ()
         peek = (b"GETRANGE", base, 0, 35)  # the old value's envelope, if it was split
-        values = split(header, payload, self.part_bytes)
         first = (b"SET", base, values[0]) + px
         if len(values) == 1:
             c = min(conns, key=lambda c: c.inflight)
-            old, *replies = await c.request([peek, first], weight=len(header) + len(payload))
+            old, *replies = await c.request([peek, first], weight=sum(memoryview(p).nbytes for p in values[0]))
         else:
             rest = [(b"SET", part_name(base, i), v) + px for i, v in enumerate(values) if i]
             old, *replies = await self.servers.fanout(conns, [peek] + rest, self.part_bytes)
@@ -345,7 +388,9 @@ class ClusterTier:
                 out[b.index] = res
             if doomed:
                 await self._unlink(conns, [names[b.index] for b in doomed], [b.count for b in doomed])
+                corrupt.extend(names[b.index] for b in doomed)
 
+        corrupt: list[bytes] = []
         await self.servers.run(await self.servers.group(names), one, lent=into is not None)
         for r in out:
             if r is None:
@@ -353,6 +398,11 @@ class ClusterTier:
             else:
                 self.stats.hits += 1
                 self.stats.get_bytes += len(r[0])
+        tenant = self.accounts.group_of(ns)
+        if tenant:
+            self.accounts.touch_soon(tenant, [n for n, r in zip(names, out) if r is not None])
+            if corrupt:
+                await self.accounts.release(tenant, corrupt)
         return out
 
     async def _read(self, conns: list[Connection], names: list[bytes], blocks: list[BlockSink]) -> None:
@@ -464,6 +514,15 @@ class ClusterTier:
         if not keys:
             return 0
         names = [self._name(ns, k) for k in keys]
+        n = await self._unlink_names(names)
+        self.stats.deletes += n
+        tenant = self.accounts.group_of(ns)
+        if tenant:
+            await self.accounts.release(tenant, names)
+        return n
+
+    async def _unlink_names(self, names: list[bytes]) -> int:
+        """Unlink blocks by name, each with its parts, on whichever servers hold them."""
         n = [0]
 
         async def one(node: Node, idxs: list[int]) -> None:
@@ -473,7 +532,6 @@ class ClusterTier:
             n[0] += removed  # not "+= await": another server's coroutine may add meanwhile
 
         await self.servers.run(await self.servers.group(names), one)
-        self.stats.deletes += n[0]
         return n[0]
 
     # ---- stats ---------------------------------------------------------------------------------
@@ -489,6 +547,7 @@ class ClusterTier:
             "queued": queued,
             "queued_bytes": queued_bytes,
             "queue_limit_bytes": self.queue_limit,
+            "tenants": self.accounts.snapshot(),
             **{f: getattr(self.stats, f) for f in self.stats.__dataclass_fields__},
         }
 
@@ -518,6 +577,12 @@ class NullCluster:
         return [None] * len(keys)
 
     async def delete_many(self, ns, keys) -> int:
+        return 0
+
+    def set_tenants(self, group_of, quotas) -> None:
+        pass
+
+    async def enforce_quotas(self) -> int:
         return 0
 
     def snapshot(self) -> None:

@@ -6,11 +6,15 @@ request path pays nothing for metrics except the RPC latency histogram. With
 no listen address the daemon uses ``NullMetrics`` (observe is a no-op).
 
 Exposed families (all prefixed ``kvtier_``): tier capacity/used/blocks and
-evictions per tier; per namespace blocks, bytes, hits by tier, misses, hit
-ratio, lookups, puts and bytes moved, evictions; NVMe promotions, demotions,
-queue depth, dropped writes, checksum failures, I/O errors, degraded
-directories; open leases and reservations; arena lock state; and the RPC
-latency histogram ``kvtier_rpc_duration_seconds{method,code}``.
+evictions per tier (ram, nvme, cluster: the cluster's are quota evictions);
+per namespace blocks, bytes, hits by tier, misses, hit ratio, lookups, puts
+and bytes moved, evictions, and prefill tokens saved (found keys x the
+client's ``tokens_per_key`` on Acquire); NVMe promotions, demotions, queue
+depth, dropped writes, checksum failures, I/O errors, degraded directories;
+Redis bytes and quota per tenant; open leases and reservations; arena lock
+state; and the RPC latency histogram ``kvtier_rpc_duration_seconds{method,code}``.
+``configs/grafana-kvtier.json`` charts them (``tests/test_metrics.py`` keeps it
+in step with this exposition).
 """
 from __future__ import annotations
 
@@ -70,6 +74,9 @@ class _StoreCollector:
             used.add_metric(["nvme"], n["used_bytes"])
             blocks.add_metric(["nvme"], n["blocks"])
             ev.add_metric(["nvme"], n["evictions"])
+        cl = s.get("cluster")
+        if cl is not None:
+            ev.add_metric(["cluster"], cl["evictions"])
         yield from (cap, used, blocks, ev)
 
         for name, key, doc in (("leases", "leases", "Open leases."),
@@ -100,7 +107,10 @@ class _StoreCollector:
             "put_bytes": counter("put_bytes", "Bytes committed, per namespace.", ["namespace"]),
             "get_bytes": counter("get_bytes", "Bytes read, per namespace.", ["namespace"]),
             "evictions": counter("namespace_evictions", "Blocks evicted from RAM, per namespace.", ["namespace"]),
+            "saved": counter("prefill_tokens_saved", "Prefill tokens spared by hits (keys found by Acquire x "
+                             "the client's tokens_per_key), per namespace.", ["namespace"]),
         }
+        saved = s.get("prefill_tokens_saved_by_namespace", {})
         for ns, st in sorted(s["namespaces"].items()):
             nh, ch = nvme_hits.get(ns, 0), cluster_hits.get(ns, 0)
             fam["blocks"].add_metric([ns], st.blocks)
@@ -116,9 +126,9 @@ class _StoreCollector:
             fam["put_bytes"].add_metric([ns], st.put_bytes)
             fam["get_bytes"].add_metric([ns], st.get_bytes)
             fam["evictions"].add_metric([ns], st.evictions)
+            fam["saved"].add_metric([ns], saved.get(ns, 0))
         yield from fam.values()
 
-        cl = s.get("cluster")
         if cl is not None:
             for name, key, doc in (("cluster_hits", "hits", "Blocks read from Redis/Valkey."),
                                    ("cluster_misses", "misses", "Cluster-tier reads that found nothing usable."),
@@ -126,7 +136,9 @@ class _StoreCollector:
                                    ("cluster_errors", "errors", "Redis/Valkey errors and timeouts."),
                                    ("cluster_dropped_writes", "dropped", "Writes dropped: queue full or closing."),
                                    ("cluster_checksum_failures", "checksum_failures",
-                                    "Cluster records that failed verification (deleted, served as misses).")):
+                                    "Cluster records that failed verification (deleted, served as misses)."),
+                                   ("cluster_quota_refused", "quota_refused",
+                                    "Writes refused: a block larger than its tenant's whole redis quota.")):
                 c = counter(name, doc)
                 c.add_metric([], cl[key])
                 yield c
@@ -135,6 +147,16 @@ class _StoreCollector:
             yield g
             g = gauge("cluster_connected", "1 while every Redis/Valkey server is reachable.")
             g.add_metric([], 1 if cl["connected"] else 0)
+            yield g
+            ten = cl["tenants"]
+            g = gauge("cluster_tenant_bytes", "Bytes a tenant holds in Redis/Valkey (as of this daemon's last "
+                      "write or delete for it; shared by every daemon).", ["tenant"])
+            for name, v in sorted(ten["used"].items()):
+                g.add_metric([name], v)
+            yield g
+            g = gauge("cluster_tenant_quota_bytes", "A tenant's redis quota.", ["tenant"])
+            for name, v in sorted(ten["quotas"].items()):
+                g.add_metric([name], v)
             yield g
         if n is not None:
             for name, key, doc in (("nvme_promotions", "promotions", "Blocks read up from NVMe into RAM."),

@@ -7,7 +7,8 @@ startup   create and lock the arena, build the hot tier, bind the gRPC server
 main_loop wait for SIGTERM/SIGINT (or ``stop()``), expiring leases,
           reservations and pins every 100 ms, pinging the systemd watchdog;
           SIGHUP re-reads the config file and applies what can change live
-          (log level), naming the settings that need a restart.
+          (log level) and the tenants file (tokens, namespaces, quotas),
+          naming the settings that need a restart.
 shutdown  report NOT_SERVING and STOPPING=1, stop accepting, give in-flight
           calls up to ``server.drain_timeout_s``, close the data channel, wait
           (same budget) for queued NVMe writes, unmap and remove the arena and
@@ -41,7 +42,7 @@ from .hot import HotTier
 from .metrics import Metrics, NullMetrics
 from .notify import Notifier
 from .service import KVTierService
-from .slots import SlotTable
+from .slots import SlotTable, table_path
 from .store import Store
 from .v1 import kvtier_pb2 as pb
 from .v1 import kvtier_pb2_grpc as pb_grpc
@@ -78,6 +79,7 @@ class Daemon:
         self.hot: HotTier | None = None
         self.store: Store | None = None
         self.cluster = None
+        self._enforcing: set[asyncio.Task] = set()
         self.data: DataServer | None = None
         self.server: grpc.aio.Server | None = None
         self.health: health.HealthServicer | None = None
@@ -146,7 +148,7 @@ class Daemon:
         self.hot = HotTier(start=a.data_offset, end=a.size, policy=r.policy, max_block_bytes=r.max_block_bytes,
                            lease_ms=r.lease_ms, reservation_ms=r.reservation_ms, max_ttl_ms=r.max_ttl_ms)
         if cfg.ram.persist:
-            table = SlotTable(a.path + ".slots", fresh=not a.reattached)
+            table = SlotTable(table_path(a.path, a.backing), fresh=not a.reattached)
             if a.reattached:
                 t0 = time.monotonic()
                 kept, dropped = await asyncio.to_thread(self.hot.restore, table, a.view, r.verify_on_restart)
@@ -155,10 +157,10 @@ class Daemon:
             else:
                 self.hot.slots = table
         self.store = Store(cfg, self.hot, a.view)
-        self._apply_tenants()
         self.cluster = cluster_from_config(cfg.cluster)
         await self.cluster.start()
         self.store.attach_cluster(self.cluster, asyncio.get_running_loop())
+        self._apply_tenants()
         t0 = time.monotonic()
         n = await asyncio.to_thread(self.store.start)
         if cfg.nvme.dirs:
@@ -222,7 +224,8 @@ class Daemon:
                 pass
 
     def _apply_tenants(self) -> None:
-        """Tenant groups and RAM/NVMe quotas into the tiers (new blocks take the new groups)."""
+        """Tenant groups and RAM/NVMe/Redis quotas into the tiers (new blocks take the new groups);
+        a lowered Redis quota is enforced at once, in the background (on the event loop)."""
         tenants = self.access.tenants.values()
         with self.hot.lock:
             self.hot.group_of = self.access.group_of
@@ -232,6 +235,10 @@ class Daemon:
             with cold.lock:
                 cold.group_of = self.access.group_of
                 cold.quotas = {t.name: t.nvme_quota for t in tenants if t.nvme_quota}
+        self.cluster.set_tenants(self.access.group_of, {t.name: t.redis_quota for t in tenants if t.redis_quota})
+        task = asyncio.get_running_loop().create_task(self.cluster.enforce_quotas())
+        self._enforcing.add(task)
+        task.add_done_callback(self._enforcing.discard)
 
     def request_reload(self) -> None:
         self._reload.set()
@@ -281,6 +288,8 @@ class Daemon:
         self.metrics.close()
         if self.store is not None:
             await asyncio.to_thread(self.store.close, self.cfg.server.drain_timeout_s)
+        for task in list(self._enforcing):
+            task.cancel()
         if self.cluster is not None:
             await self.cluster.close(self.cfg.server.drain_timeout_s)
         keep = self.cfg.ram.persist  # the arena and its slot table outlive us, for the next start

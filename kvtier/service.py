@@ -172,6 +172,8 @@ class KVTierService(pb_grpc.KVTierServicer):
         self._check_generation(request.generation)
         ns, keys = self._keys(request, context)
         a = await self._acquire(ns, keys, request.lease_ms, request.prefix_only)
+        if request.tokens_per_key:
+            self.hot.count_tokens_saved(ns, (len(a.tiers) - a.tiers.count(0)) * request.tokens_per_key)
         return pb.AcquireResponse(lease_id=a.lease_id, tiers=a.tiers, offsets=a.offsets, lengths=a.lengths,
                                   checksums=a.checksums, lease_ms=a.lease_ms)
 
@@ -295,6 +297,7 @@ class KVTierService(pb_grpc.KVTierServicer):
         if cl is not None:
             tiers.append(pb.TierStats(
                 name="cluster", hits=cl["hits"], misses=cl["misses"], checksum_failures=cl["checksum_failures"],
+                evictions=cl["evictions"],
                 io_errors=cl["errors"], dropped_writes=cl["dropped"], queued_bytes=cl["queued_bytes"],
                 policy=cl["write_policy"], backing=cl["mode"],
                 degraded=[] if cl["connected"] else ["disconnected"]))
@@ -309,6 +312,7 @@ class KVTierService(pb_grpc.KVTierServicer):
                 degraded=[d["path"] for d in c["dirs"] if d["degraded"]],
                 direct_io=all(d["direct_io"] for d in c["dirs"])))
         nss = []
+        saved = s["prefill_tokens_saved_by_namespace"]
         for name, n in sorted(s["namespaces"].items()):
             if request.namespace and name != request.namespace:
                 continue
@@ -316,7 +320,8 @@ class KVTierService(pb_grpc.KVTierServicer):
                 continue
             nss.append(pb.NamespaceStats(
                 name=name, blocks=n.blocks, bytes=n.bytes, hits=n.hits, misses=n.misses, puts=n.puts,
-                put_bytes=n.put_bytes, get_bytes=n.get_bytes, evictions=n.evictions, lookups=n.lookups))
+                put_bytes=n.put_bytes, get_bytes=n.get_bytes, evictions=n.evictions, lookups=n.lookups,
+                prefill_tokens_saved=saved.get(name, 0)))
         return pb.StatsResponse(
             version=__version__, uptime_s=time.monotonic() - self.d.started, generation=a.generation,
             arena_path=a.path, leases=s["leases"], reservations=s["reservations"], tiers=tiers,

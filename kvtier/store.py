@@ -118,6 +118,7 @@ class Store:
         self.cluster = NullCluster()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.cluster_hits: dict[str, int] = {}
+        self.tokens_saved: dict[str, int] = {}  # per namespace: found keys x the client's tokens_per_key
         hot.on_commit = self._on_commit
         hot.on_evict = self._on_evict
 
@@ -484,6 +485,11 @@ class Store:
 
     # ---- removal and stats -------------------------------------------------------------------
 
+    def count_tokens_saved(self, ns: str, tokens: int) -> None:
+        """Prefill a read spared its client, as the client valued it (Acquire's tokens_per_key)."""
+        if tokens:
+            self.tokens_saved[ns] = self.tokens_saved.get(ns, 0) + tokens
+
     def delete(self, ns: str, keys: Sequence[bytes]) -> int:
         """Remove keys from every tier; returns how many keys were present in any."""
         n = 0
@@ -506,6 +512,7 @@ class Store:
         s["nvme_hits_by_namespace"] = dict(self.nvme_hits)
         s["cluster"] = self.cluster.snapshot()
         s["cluster_hits_by_namespace"] = dict(self.cluster_hits)
+        s["prefill_tokens_saved_by_namespace"] = dict(self.tokens_saved)
         return s
 
 

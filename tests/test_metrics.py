@@ -1,4 +1,5 @@
-"""Prometheus exposition: the families operators need, moving with traffic, accepted by promtool."""
+"""Prometheus exposition: the families operators need, moving with traffic, accepted by promtool,
+and charted by configs/grafana-kvtier.json."""
 import os
 import shutil
 import subprocess
@@ -7,6 +8,8 @@ import urllib.request
 import pytest
 
 from kvtier.client import Client
+
+pytest_plugins = ["valkey_servers"]  # fixture: valkey (the dashboard test exports the cluster tier's metrics)
 
 
 def _scrape(d) -> str:
@@ -71,3 +74,101 @@ def test_metrics_off_and_port_in_use(make_daemon):
     assert clash.daemon.metrics.address == ""
     with Client(clash.address) as c:
         c.put("x", os.urandom(16), b"ok")
+
+
+def test_prefill_tokens_saved_per_namespace(metered):
+    keys = [os.urandom(16) for _ in range(4)]
+    with Client(metered.address) as c:
+        c.put_many("team-a", [(k, os.urandom(4096)) for k in keys[:3]])
+        lease = c.acquire("team-a", keys, tokens_per_key=64)   # 3 of 4 found
+        c.release(lease)
+        c.release(c.acquire("team-a", keys[:2]))               # the client did not say: counts nothing
+        lease = c.acquire("team-b", keys, tokens_per_key=64)   # nothing found: nothing saved
+        c.release(lease)
+        stats = {n.name: n for n in c.stats().namespaces}
+    text = _scrape(metered)
+    assert _value(text, 'kvtier_prefill_tokens_saved_total{namespace="team-a"}') == 3 * 64
+    assert _value(text, 'kvtier_prefill_tokens_saved_total{namespace="team-b"}') == 0
+    assert stats["team-a"].prefill_tokens_saved == 3 * 64 and stats["team-b"].prefill_tokens_saved == 0
+    from kvtier import cli
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["stats", "--address", metered.address]) == 0
+    row = next(line.split() for line in out.getvalue().splitlines() if line.startswith("team-a "))
+    assert row[-1] == str(3 * 64)
+
+
+# ---- the Grafana dashboard ------------------------------------------------------------------------
+
+DASHBOARD = os.path.join(os.path.dirname(__file__), "..", "configs", "grafana-kvtier.json")
+SCRAPE_LABELS = {"instance", "job"}  # added by Prometheus at scrape time
+
+
+def _queries(node):
+    """Every PromQL string in the dashboard: panel targets and template variable queries."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in ("expr", "definition", "query") and isinstance(v, str):
+                yield v
+            else:
+                yield from _queries(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _queries(v)
+
+
+def _exposition_labels(text):
+    """sample name -> label names seen on it."""
+    import re
+    out: dict[str, set] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?", line)
+            out.setdefault(m.group(1), set()).update(re.findall(r'([a-zA-Z_]\w*)="', m.group(2) or ""))
+    return out
+
+
+def test_grafana_dashboard_queries_only_exported_metrics(make_daemon, valkey, tmp_path):
+    """Every metric and label the dashboard asks for is in the exposition of a daemon that served
+    traffic on every tier, so the dashboard cannot go stale when metrics are renamed."""
+    import hashlib
+    import json
+    import re
+    import time
+    token = "dashboard-token-" + "d" * 16
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(f'[tenants.t]\ntoken_sha256 = ["{hashlib.sha256(token.encode()).hexdigest()}"]\n'
+                       f'namespaces = ["*"]\nredis_quota = "3MiB"\n')
+    d = make_daemon(metrics={"listen": "127.0.0.1:0"}, ram={"capacity": "8MiB"}, auth={"tenants_file": str(tenants)},
+                    nvme={"dirs": [str(tmp_path / "nvme")], "capacity": "64MiB", "write_policy": "evict"},
+                    cluster={"url": valkey.url, "prefix": "dash" + os.urandom(4).hex(), "timeout_ms": 2000,
+                             "write_policy": "evict"})
+    keys = [os.urandom(16) for _ in range(12)]
+    with Client(d.address, token=token) as c:
+        c.put_many("team-a", [(k, os.urandom(1 << 20)) for k in keys])  # RAM evicts, NVMe and Redis fill
+        c.lookup("team-a", keys)
+        c.release(c.acquire("team-a", keys[:2] + [os.urandom(16)], tokens_per_key=32))
+        c.get_many("team-a", keys[:1])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _value(_scrape(d), "kvtier_cluster_puts_total"):
+            time.sleep(0.05)
+    text = _scrape(d)
+    have = _exposition_labels(text)
+    dash = json.load(open(DASHBOARD))
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    queries = list(_queries(dash))
+    used = {m for q in queries for m in re.findall(r"\bkvtier_\w+", q)}
+    assert len(used) >= 30 and queries
+    assert not sorted(used - set(have)), f"the dashboard queries metrics the daemon does not export: " \
+                                         f"{sorted(used - set(have))}"
+    for q in queries:
+        for name, sel in re.findall(r"\b(kvtier_\w+)\{([^}]*)\}", q):
+            labels = set(re.findall(r"(\w+)\s*=~?", sel)) - SCRAPE_LABELS
+            assert labels <= have[name], f"{name} has no label(s) {labels - have[name]} (in {q!r})"
+        on_metrics = set().union(*(have[m] for m in re.findall(r"\bkvtier_\w+", q))) | SCRAPE_LABELS
+        for grouping in re.findall(r"\bby \(([^)]*)\)", q):
+            by = {x.strip() for x in grouping.split(",")}
+            assert by <= on_metrics, f"grouping by {by - on_metrics}, which no metric of {q!r} has"

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvtier/v1/kvtier.proto\x12\tkvtier.v1\"\x0f\n\rAttachRequest\"\x9c\x02\n\x0e\x41ttachResponse\x12\x12\n\narena_path\x18\x01 \x01(\t\x12\x12\n\narena_size\x18\x02 \x01(\x04\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x61ta_offset\x18\x04 \x01(\x04\x12\x14\n\x0c\x64\x61ta_address\x18\x05 \x01(\t\x12\x17\n\x0fmax_block_bytes\x18\x06 \x01(\x04\x12\x11\n\tmax_batch\x18\x07 \x01(\r\x12\x11\n\tkey_sizes\x18\x08 \x03(\r\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\x12\x0f\n\x07version\x18\n \x01(\t\x12\x18\n\x10\x64\x65\x66\x61ult_lease_ms\x18\x0b \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_reservation_ms\x18\x0c \x01(\r\"B\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\"3\n\x0eLookupResponse\x12\r\n\x05tiers\x18\x01 \x01(\x0c\x12\x12\n\nprefix_len\x18\x02 \x01(\r\"\x89\x01\n\x0eReserveRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\r\n\x05sizes\x18\x04 \x03(\x04\x12\x0e\n\x06ttl_ms\x18\x05 \x01(\r\x12\x11\n\toverwrite\x18\x06 \x01(\x08\x12\x12\n\ngeneration\x18\x07 \x01(\x04\"Z\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\x04\x12\x0e\n\x06status\x18\x02 \x01(\x0c\x12\x0f\n\x07offsets\x18\x03 \x03(\x04\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\r\":\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\x04\x12\x11\n\tchecksums\x18\x02 \x01(\x0c\"6\n\x0e\x43ommitResponse\x12\x11\n\tcommitted\x18\x01 \x01(\r\x12\x11\n\tchecksums\x18\x02 \x01(\x0c\"&\n\x0c\x41\x62ortRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\x04\"\x0f\n\rAbortResponse\"~\n\x0e\x41\x63quireRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x13\n\x0bprefix_only\x18\x05 \x01(\x08\x12\x12\n\ngeneration\x18\x06 \x01(\x04\"y\n\x0f\x41\x63quireResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12\r\n\x05tiers\x18\x02 \x01(\x0c\x12\x0f\n\x07offsets\x18\x03 \x03(\x04\x12\x0f\n\x07lengths\x18\x04 \x03(\x04\x12\x11\n\tchecksums\x18\x05 \x01(\x0c\x12\x10\n\x08lease_ms\x18\x06 \x01(\r\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\"\x11\n\x0fReleaseResponse\"`\n\tPutHeader\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x0c\x12\x11\n\toverwrite\x18\x05 \x01(\x08\">\n\x08PutChunk\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x14.kvtier.v1.PutHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"@\n\x0bPutResponse\x12\x11\n\tchecksums\x18\x01 \x01(\x0c\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x0e\n\x06status\x18\x03 \x01(\x0c\"T\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\"[\n\tGetHeader\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.kvtier.v1.Tier\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x0c\">\n\x08GetChunk\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x14.kvtier.v1.GetHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"B\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"N\n\nPinRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\r\n\x05ttl_s\x18\x04 \x01(\r\"\x1d\n\x0bPinResponse\x12\x0e\n\x06pinned\x18\x01 \x01(\x0c\"A\n\x0cUnpinRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\"!\n\rUnpinResponse\x12\x10\n\x08unpinned\x18\x01 \x01(\r\"!\n\x0cStatsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"\xd6\x03\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x1a\n\x12largest_free_bytes\x18\x07 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x08 \x01(\x04\x12\x15\n\rpinned_blocks\x18\t \x01(\x04\x12\x15\n\rleased_blocks\x18\n \x01(\x04\x12\x0e\n\x06locked\x18\x0b \x01(\x08\x12\x13\n\x0block_detail\x18\x0c \x01(\t\x12\x0f\n\x07\x62\x61\x63king\x18\r \x01(\t\x12\x0c\n\x04hits\x18\x0e \x01(\x04\x12\x0e\n\x06misses\x18\x0f \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x10 \x01(\x04\x12\x11\n\tio_errors\x18\x11 \x01(\x04\x12\x16\n\x0e\x64ropped_writes\x18\x12 \x01(\x04\x12\x14\n\x0cqueued_bytes\x18\x13 \x01(\x04\x12\x12\n\npromotions\x18\x14 \x01(\x04\x12\x11\n\tdemotions\x18\x15 \x01(\x04\x12\x10\n\x08\x64\x65graded\x18\x16 \x03(\t\x12\x11\n\tdirect_io\x18\x17 \x01(\x08\"\xb3\x01\n\x0eNamespaceStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x0c\n\x04puts\x18\x06 \x01(\x04\x12\x11\n\tput_bytes\x18\x07 \x01(\x04\x12\x11\n\tget_bytes\x18\x08 \x01(\x04\x12\x11\n\tevictions\x18\t \x01(\x04\x12\x0f\n\x07lookups\x18\n \x01(\x04\"\x8a\x02\n\rStatsResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x12\n\narena_path\x18\x04 \x01(\t\x12\x0e\n\x06leases\x18\x05 \x01(\x04\x12\x14\n\x0creservations\x18\x06 \x01(\x04\x12#\n\x05tiers\x18\x07 \x03(\x0b\x32\x14.kvtier.v1.TierStats\x12-\n\nnamespaces\x18\x08 \x03(\x0b\x32\x19.kvtier.v1.NamespaceStats\x12\x16\n\x0e\x65xpired_leases\x18\t \x01(\x04\x12\x1c\n\x14\x65xpired_reservations\x18\n \x01(\x04*G\n\x04Tier\x12\x10\n\x0cTIER_MISSING\x10\x00\x12\x0c\n\x08TIER_RAM\x10\x01\x12\r\n\tTIER_NVME\x10\x02\x12\x10\n\x0cTIER_CLUSTER\x10\x03*I\n\rReserveStatus\x12\x0e\n\nRESERVE_OK\x10\x00\x12\x13\n\x0fRESERVE_PRESENT\x10\x01\x12\x13\n\x0fRESERVE_PENDING\x10\x02\x32\x9f\x06\n\x06KVTier\x12=\n\x06\x41ttach\x12\x18.kvtier.v1.AttachRequest\x1a\x19.kvtier.v1.AttachResponse\x12=\n\x06Lookup\x12\x18.kvtier.v1.LookupRequest\x1a\x19.kvtier.v1.LookupResponse\x12@\n\x07Reserve\x12\x19.kvtier.v1.ReserveRequest\x1a\x1a.kvtier.v1.ReserveResponse\x12=\n\x06\x43ommit\x12\x18.kvtier.v1.CommitRequest\x1a\x19.kvtier.v1.CommitResponse\x12:\n\x05\x41\x62ort\x12\x17.kvtier.v1.AbortRequest\x1a\x18.kvtier.v1.AbortResponse\x12@\n\x07\x41\x63quire\x12\x19.kvtier.v1.AcquireRequest\x1a\x1a.kvtier.v1.AcquireResponse\x12@\n\x07Release\x12\x19.kvtier.v1.ReleaseRequest\x1a\x1a.kvtier.v1.ReleaseResponse\x12\x34\n\x03Put\x12\x13.kvtier.v1.PutChunk\x1a\x16.kvtier.v1.PutResponse(\x01\x12\x33\n\x03Get\x12\x15.kvtier.v1.GetRequest\x1a\x13.kvtier.v1.GetChunk0\x01\x12=\n\x06\x44\x65lete\x12\x18.kvtier.v1.DeleteRequest\x1a\x19.kvtier.v1.DeleteResponse\x12\x34\n\x03Pin\x12\x15.kvtier.v1.PinRequest\x1a\x16.kvtier.v1.PinResponse\x12:\n\x05Unpin\x12\x17.kvtier.v1.UnpinRequest\x1a\x18.kvtier.v1.UnpinResponse\x12:\n\x05Stats\x12\x17.kvtier.v1.StatsRequest\x1a\x18.kvtier.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvtier/v1/kvtier.proto\x12\tkvtier.v1\"\x0f\n\rAttachRequest\"\x9c\x02\n\x0e\x41ttachResponse\x12\x12\n\narena_path\x18\x01 \x01(\t\x12\x12\n\narena_size\x18\x02 \x01(\x04\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x61ta_offset\x18\x04 \x01(\x04\x12\x14\n\x0c\x64\x61ta_address\x18\x05 \x01(\t\x12\x17\n\x0fmax_block_bytes\x18\x06 \x01(\x04\x12\x11\n\tmax_batch\x18\x07 \x01(\r\x12\x11\n\tkey_sizes\x18\x08 \x03(\r\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\x12\x0f\n\x07version\x18\n \x01(\t\x12\x18\n\x10\x64\x65\x66\x61ult_lease_ms\x18\x0b \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_reservation_ms\x18\x0c \x01(\r\"B\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\"3\n\x0eLookupResponse\x12\r\n\x05tiers\x18\x01 \x01(\x0c\x12\x12\n\nprefix_len\x18\x02 \x01(\r\"\x89\x01\n\x0eReserveRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\r\n\x05sizes\x18\x04 \x03(\x04\x12\x0e\n\x06ttl_ms\x18\x05 \x01(\r\x12\x11\n\toverwrite\x18\x06 \x01(\x08\x12\x12\n\ngeneration\x18\x07 \x01(\x04\"Z\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\x04\x12\x0e\n\x06status\x18\x02 \x01(\x0c\x12\x0f\n\x07offsets\x18\x03 \x03(\x04\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\r\":\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\x04\x12\x11\n\tchecksums\x18\x02 \x01(\x0c\"6\n\x0e\x43ommitResponse\x12\x11\n\tcommitted\x18\x01 \x01(\r\x12\x11\n\tchecksums\x18\x02 \x01(\x0c\"&\n\x0c\x41\x62ortRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\x04\"\x0f\n\rAbortResponse\"\x96\x01\n\x0e\x41\x63quireRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x13\n\x0bprefix_only\x18\x05 \x01(\x08\x12\x12\n\ngeneration\x18\x06 \x01(\x04\x12\x16\n\x0etokens_per_key\x18\x07 \x01(\r\"y\n\x0f\x41\x63quireResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12\r\n\x05tiers\x18\x02 \x01(\x0c\x12\x0f\n\x07offsets\x18\x03 \x03(\x04\x12\x0f\n\x07lengths\x18\x04 \x03(\x04\x12\x11\n\tchecksums\x18\x05 \x01(\x0c\x12\x10\n\x08lease_ms\x18\x06 \x01(\r\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\"\x11\n\x0fReleaseResponse\"`\n\tPutHeader\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x0c\x12\x11\n\toverwrite\x18\x05 \x01(\x08\">\n\x08PutChunk\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x14.kvtier.v1.PutHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"@\n\x0bPutResponse\x12\x11\n\tchecksums\x18\x01 \x01(\x0c\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x0e\n\x06status\x18\x03 \x01(\x0c\"T\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\"[\n\tGetHeader\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.kvtier.v1.Tier\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x0c\">\n\x08GetChunk\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x14.kvtier.v1.GetHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"B\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"N\n\nPinRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\r\n\x05ttl_s\x18\x04 \x01(\r\"\x1d\n\x0bPinResponse\x12\x0e\n\x06pinned\x18\x01 \x01(\x0c\"A\n\x0cUnpinRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\"!\n\rUnpinResponse\x12\x10\n\x08unpinned\x18\x01 \x01(\r\"!\n\x0cStatsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"\xd6\x03\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x1a\n\x12largest_free_bytes\x18\x07 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x08 \x01(\x04\x12\x15\n\rpinned_blocks\x18\t \x01(\x04\x12\x15\n\rleased_blocks\x18\n \x01(\x04\x12\x0e\n\x06locked\x18\x0b \x01(\x08\x12\x13\n\x0block_detail\x18\x0c \x01(\t\x12\x0f\n\x07\x62\x61\x63king\x18\r \x01(\t\x12\x0c\n\x04hits\x18\x0e \x01(\x04\x12\x0e\n\x06misses\x18\x0f \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x10 \x01(\x04\x12\x11\n\tio_errors\x18\x11 \x01(\x04\x12\x16\n\x0e\x64ropped_writes\x18\x12 \x01(\x04\x12\x14\n\x0cqueued_bytes\x18\x13 \x01(\x04\x12\x12\n\npromotions\x18\x14 \x01(\x04\x12\x11\n\tdemotions\x18\x15 \x01(\x04\x12\x10\n\x08\x64\x65graded\x18\x16 \x03(\t\x12\x11\n\tdirect_io\x18\x17 \x01(\x08\"\xd1\x01\n\x0eNamespaceStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x0c\n\x04puts\x18\x06 \x01(\x04\x12\x11\n\tput_bytes\x18\x07 \x01(\x04\x12\x11\n\tget_bytes\x18\x08 \x01(\x04\x12\x11\n\tevictions\x18\t \x01(\x04\x12\x0f\n\x07lookups\x18\n \x01(\x04\x12\x1c\n\x14prefill_tokens_saved\x18\x0b \x01(\x04\"\x8a\x02\n\rStatsResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x12\n\narena_path\x18\x04 \x01(\t\x12\x0e\n\x06leases\x18\x05 \x01(\x04\x12\x14\n\x0creservations\x18\x06 \x01(\x04\x12#\n\x05tiers\x18\x07 \x03(\x0b\x32\x14.kvtier.v1.TierStats\x12-\n\nnamespaces\x18\x08 \x03(\x0b\x32\x19.kvtier.v1.NamespaceStats\x12\x16\n\x0e\x65xpired_leases\x18\t \x01(\x04\x12\x1c\n\x14\x65xpired_reservations\x18\n \x01(\x04*G\n\x04Tier\x12\x10\n\x0cTIER_MISSING\x10\x00\x12\x0c\n\x08TIER_RAM\x10\x01\x12\r\n\tTIER_NVME\x10\x02\x12\x10\n\x0cTIER_CLUSTER\x10\x03*I\n\rReserveStatus\x12\x0e\n\nRESERVE_OK\x10\x00\x12\x13\n\x0fRESERVE_PRESENT\x10\x01\x12\x13\n\x0fRESERVE_PENDING\x10\x02\x32\x9f\x06\n\x06KVTier\x12=\n\x06\x41ttach\x12\x18.kvtier.v1.AttachRequest\x1a\x19.kvtier.v1.AttachResponse\x12=\n\x06Lookup\x12\x18.kvtier.v1.LookupRequest\x1a\x19.kvtier.v1.LookupResponse\x12@\n\x07Reserve\x12\x19.kvtier.v1.ReserveRequest\x1a\x1a.kvtier.v1.ReserveResponse\x12=\n\x06\x43ommit\x12\x18.kvtier.v1.CommitRequest\x1a\x19.kvtier.v1.CommitResponse\x12:\n\x05\x41\x62ort\x12\x17.kvtier.v1.AbortRequest\x1a\x18.kvtier.v1.AbortResponse\x12@\n\x07\x41\x63quire\x12\x19.kvtier.v1.AcquireRequest\x1a\x1a.kvtier.v1.AcquireResponse\x12@\n\x07Release\x12\x19.kvtier.v1.ReleaseRequest\x1a\x1a.kvtier.v1.ReleaseResponse\x12\x34\n\x03Put\x12\x13.kvtier.v1.PutChunk\x1a\x16.kvtier.v1.PutResponse(\x01\x12\x33\n\x03Get\x12\x15.kvtier.v1.GetRequest\x1a\x13.kvtier.v1.GetChunk0\x01\x12=\n\x06\x44\x65lete\x12\x18.kvtier.v1.DeleteRequest\x1a\x19.kvtier.v1.DeleteResponse\x12\x34\n\x03Pin\x12\x15.kvtier.v1.PinRequest\x1a\x16.kvtier.v1.PinResponse\x12:\n\x05Unpin\x12\x17.kvtier.v1.UnpinRequest\x1a\x18.kvtier.v1.UnpinResponse\x12:\n\x05Stats\x12\x17.kvtier.v1.StatsRequest\x1a\x18.kvtier.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvtier.v1.kvtier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=2919
-  _globals['_TIER']._serialized_end=2990
-  _globals['_RESERVESTATUS']._serialized_start=2992
-  _globals['_RESERVESTATUS']._serialized_end=3065
+  _globals['_TIER']._serialized_start=2974
+  _globals['_TIER']._serialized_end=3045
+  _globals['_RESERVESTATUS']._serialized_start=3047
+  _globals['_RESERVESTATUS']._serialized_end=3120
   _globals['_ATTACHREQUEST']._serialized_start=37
   _globals['_ATTACHREQUEST']._serialized_end=52
   _globals['_ATTACHRESPONSE']._serialized_start=55
@@ -55,46 +55,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ABORTREQUEST']._serialized_end=848
   _globals['_ABORTRESPONSE']._serialized_start=850
   _globals['_ABORTRESPONSE']._serialized_end=865
-  _globals['_ACQUIREREQUEST']._serialized_start=867
-  _globals['_ACQUIREREQUEST']._serialized_end=993
-  _globals['_ACQUIRERESPONSE']._serialized_start=995
-  _globals['_ACQUIRERESPONSE']._serialized_end=1116
-  _globals['_RELEASEREQUEST']._serialized_start=1118
-  _globals['_RELEASEREQUEST']._serialized_end=1152
-  _globals['_RELEASERESPONSE']._serialized_start=1154
-  _globals['_RELEASERESPONSE']._serialized_end=1171
-  _globals['_PUTHEADER']._serialized_start=1173
-  _globals['_PUTHEADER']._serialized_end=1269
-  _globals['_PUTCHUNK']._serialized_start=1271
-  _globals['_PUTCHUNK']._serialized_end=1333
-  _globals['_PUTRESPONSE']._serialized_start=1335
-  _globals['_PUTRESPONSE']._serialized_end=1399
-  _globals['_GETREQUEST']._serialized_start=1401
-  _globals['_GETREQUEST']._serialized_end=1485
-  _globals['_GETHEADER']._serialized_start=1487
-  _globals['_GETHEADER']._serialized_end=1578
-  _globals['_GETCHUNK']._serialized_start=1580
-  _globals['_GETCHUNK']._serialized_end=1642
-  _globals['_DELETEREQUEST']._serialized_start=1644
-  _globals['_DELETEREQUEST']._serialized_end=1710
-  _globals['_DELETERESPONSE']._serialized_start=1712
-  _globals['_DELETERESPONSE']._serialized_end=1745
-  _globals['_PINREQUEST']._serialized_start=1747
-  _globals['_PINREQUEST']._serialized_end=1825
-  _globals['_PINRESPONSE']._serialized_start=1827
-  _globals['_PINRESPONSE']._serialized_end=1856
-  _globals['_UNPINREQUEST']._serialized_start=1858
-  _globals['_UNPINREQUEST']._serialized_end=1923
-  _globals['_UNPINRESPONSE']._serialized_start=1925
-  _globals['_UNPINRESPONSE']._serialized_end=1958
-  _globals['_STATSREQUEST']._serialized_start=1960
-  _globals['_STATSREQUEST']._serialized_end=1993
-  _globals['_TIERSTATS']._serialized_start=1996
-  _globals['_TIERSTATS']._serialized_end=2466
-  _globals['_NAMESPACESTATS']._serialized_start=2469
-  _globals['_NAMESPACESTATS']._serialized_end=2648
-  _globals['_STATSRESPONSE']._serialized_start=2651
-  _globals['_STATSRESPONSE']._serialized_end=2917
-  _globals['_KVTIER']._serialized_start=3068
-  _globals['_KVTIER']._serialized_end=3867
+  _globals['_ACQUIREREQUEST']._serialized_start=868
+  _globals['_ACQUIREREQUEST']._serialized_end=1018
+  _globals['_ACQUIRERESPONSE']._serialized_start=1020
+  _globals['_ACQUIRERESPONSE']._serialized_end=1141
+  _globals['_RELEASEREQUEST']._serialized_start=1143
+  _globals['_RELEASEREQUEST']._serialized_end=1177
+  _globals['_RELEASERESPONSE']._serialized_start=1179
+  _globals['_RELEASERESPONSE']._serialized_end=1196
+  _globals['_PUTHEADER']._serialized_start=1198
+  _globals['_PUTHEADER']._serialized_end=1294
+  _globals['_PUTCHUNK']._serialized_start=1296
+  _globals['_PUTCHUNK']._serialized_end=1358
+  _globals['_PUTRESPONSE']._serialized_start=1360
+  _globals['_PUTRESPONSE']._serialized_end=1424
+  _globals['_GETREQUEST']._serialized_start=1426
+  _globals['_GETREQUEST']._serialized_end=1510
+  _globals['_GETHEADER']._serialized_start=1512
+  _globals['_GETHEADER']._serialized_end=1603
+  _globals['_GETCHUNK']._serialized_start=1605
+  _globals['_GETCHUNK']._serialized_end=1667
+  _globals['_DELETEREQUEST']._serialized_start=1669
+  _globals['_DELETEREQUEST']._serialized_end=1735
+  _globals['_DELETERESPONSE']._serialized_start=1737
+  _globals['_DELETERESPONSE']._serialized_end=1770
+  _globals['_PINREQUEST']._serialized_start=1772
+  _globals['_PINREQUEST']._serialized_end=1850
+  _globals['_PINRESPONSE']._serialized_start=1852
+  _globals['_PINRESPONSE']._serialized_end=1881
+  _globals['_UNPINREQUEST']._serialized_start=1883
+  _globals['_UNPINREQUEST']._serialized_end=1948
+  _globals['_UNPINRESPONSE']._serialized_start=1950
+  _globals['_UNPINRESPONSE']._serialized_end=1983
+  _globals['_STATSREQUEST']._serialized_start=1985
+  _globals['_STATSREQUEST']._serialized_end=2018
+  _globals['_TIERSTATS']._serialized_start=2021
+  _globals['_TIERSTATS']._serialized_end=2491
+  _globals['_NAMESPACESTATS']._serialized_start=2494
+  _globals['_NAMESPACESTATS']._serialized_end=2703
+  _globals['_STATSRESPONSE']._serialized_start=2706
+  _globals['_STATSRESPONSE']._serialized_end=2972
+  _globals['_KVTIER']._serialized_start=3123
+  _globals['_KVTIER']._serialized_end=3922
 # @@protoc_insertion_point(module_scope)

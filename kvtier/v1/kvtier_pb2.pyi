@@ -134,20 +134,22 @@ class AbortResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class AcquireRequest(_message.Message):
-    __slots__ = ("namespace", "key_size", "keys", "lease_ms", "prefix_only", "generation")
+    __slots__ = ("namespace", "key_size", "keys", "lease_ms", "prefix_only", "generation", "tokens_per_key")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEY_SIZE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_ONLY_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_KEY_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     key_size: int
     keys: bytes
     lease_ms: int
     prefix_only: bool
     generation: int
-    def __init__(self, namespace: _Optional[str] = ..., key_size: _Optional[int] = ..., keys: _Optional[bytes] = ..., lease_ms: _Optional[int] = ..., prefix_only: _Optional[bool] = ..., generation: _Optional[int] = ...) -> None: ...
+    tokens_per_key: int
+    def __init__(self, namespace: _Optional[str] = ..., key_size: _Optional[int] = ..., keys: _Optional[bytes] = ..., lease_ms: _Optional[int] = ..., prefix_only: _Optional[bool] = ..., generation: _Optional[int] = ..., tokens_per_key: _Optional[int] = ...) -> None: ...
 
 class AcquireResponse(_message.Message):
     __slots__ = ("lease_id", "tiers", "offsets", "lengths", "checksums", "lease_ms")
@@ -346,7 +348,7 @@ class TierStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., policy: _Optional[str] = ..., largest_free_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., leased_blocks: _Optional[int] = ..., locked: _Optional[bool] = ..., lock_detail: _Optional[str] = ..., backing: _Optional[str] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., io_errors: _Optional[int] = ..., dropped_writes: _Optional[int] = ..., queued_bytes: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., degraded: _Optional[_Iterable[str]] = ..., direct_io: _Optional[bool] = ...) -> None: ...
 
 class NamespaceStats(_message.Message):
-    __slots__ = ("name", "blocks", "bytes", "hits", "misses", "puts", "put_bytes", "get_bytes", "evictions", "lookups")
+    __slots__ = ("name", "blocks", "bytes", "hits", "misses", "puts", "put_bytes", "get_bytes", "evictions", "lookups", "prefill_tokens_saved")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -357,6 +359,7 @@ class NamespaceStats(_message.Message):
     GET_BYTES_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_SAVED_FIELD_NUMBER: _ClassVar[int]
     name: str
     blocks: int
     bytes: int
@@ -367,7 +370,8 @@ class NamespaceStats(_message.Message):
     get_bytes: int
     evictions: int
     lookups: int
-    def __init__(self, name: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., puts: _Optional[int] = ..., put_bytes: _Optional[int] = ..., get_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ...) -> None: ...
+    prefill_tokens_saved: int
+    def __init__(self, name: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., puts: _Optional[int] = ..., put_bytes: _Optional[int] = ..., get_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., lookups: _Optional[int] = ..., prefill_tokens_saved: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("version", "uptime_s", "generation", "arena_path", "leases", "reservations", "tiers", "namespaces", "expired_leases", "expired_reservations")

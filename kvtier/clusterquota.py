@@ -1,0 +1,206 @@
+"""Per-tenant Redis quotas, accounted in Redis/Valkey itself so every daemon sharing it agrees.
+
+A tenant (the group that owns a namespace, ``kvtier.auth``) over its
+``redis_quota`` evicts its own least recently written or read blocks, never
+another tenant's. The accounting lives next to the blocks, under one hash tag
+per tenant (one slot, so one master in Cluster mode)::
+
+    <prefix>:tenant:{<tenant>}:lru    sorted set  block name -> last write or read, ms
+    <prefix>:tenant:{<tenant>}:size   hash        block name -> bytes stored (all its values)
+    <prefix>:tenant:{<tenant>}:exp    sorted set  block name -> expiry, ms (blocks with a TTL)
+    <prefix>:tenant:{<tenant>}:used   string      the sum of :size
+
+Writes: before a block is written, one Lua script on that master (atomic, so
+two daemons writing for one tenant see one quota) forgets blocks past their
+expiry (Redis removed them), replaces the block's old size by the new one and,
+while the tenant would be over its quota, takes its least recently used blocks
+out of the accounting and returns them. The writer unlinks those (on whichever
+masters hold them), then writes. A block larger than the whole quota is
+refused (``quota_refused``); so is any write whose accounting call failed.
+Deletes and corrupt records leave the accounting through a second script;
+reads refresh their blocks' recency (``ZADD XX``) off the read path.
+
+Drift, and why the quota still bounds: a block that vanished another way
+(maxmemory, an operator, FLUSHALL) stays accounted until its turn to be
+evicted comes (unlinking a missing key frees nothing and costs nothing); a
+write that fails after its script stays accounted the same way. Both count too
+much, never too little. The one undercount: a block one daemon evicts while
+another rewrites it can survive unaccounted until its TTL or its next write or
+delete. Sizes are value bytes; Redis's own per-key overhead is not counted.
+
+Every tenant is accounted, with a quota or not, so a quota added by a reload
+starts from true usage; namespaces no tenant owns (no tenants file) are not.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Callable, Sequence
+
+from .clusterconn import Node, Servers
+from .resp import ReplyError
+
+log = logging.getLogger("kvtier.cluster")
+
+# KEYS: lru, size, exp, used. ARGV: name ("" = only trim), size, now ms, expires ms (0 = none), quota (0 = none).
+# Returns {1, used, victim names...} or {0, used} when the block alone is larger than the quota.
+RESERVE = b"""
+local used = tonumber(redis.call('GET', KEYS[4]) or '0')
+local function forget(n)
+  local s = redis.call('HGET', KEYS[2], n)
+  if s then
+    used = used - tonumber(s)
+    redis.call('HDEL', KEYS[2], n)
+  end
+  redis.call('ZREM', KEYS[1], n)
+  redis.call('ZREM', KEYS[3], n)
+end
+for _, n in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[3], 'LIMIT', 0, 1024)) do
+  forget(n)
+end
+local name, size, quota = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
+if name ~= '' and quota > 0 and size > quota then
+  redis.call('SET', KEYS[4], used)
+  return {0, used}
+end
+if name ~= '' then forget(name) end
+local out = {1, 0}
+if quota > 0 then
+  while used + size > quota do
+    local lru = redis.call('ZRANGE', KEYS[1], 0, 0)
+    if #lru == 0 then
+      used = 0
+      break
+    end
+    forget(lru[1])
+    out[#out + 1] = lru[1]
+  end
+end
+if name ~= '' then
+  redis.call('HSET', KEYS[2], name, size)
+  redis.call('ZADD', KEYS[1], ARGV[3], name)
+  if ARGV[4] ~= '0' then redis.call('ZADD', KEYS[3], ARGV[4], name) end
+  used = used + size
+end
+if used < 0 then used = 0 end
+redis.call('SET', KEYS[4], used)
+out[2] = used
+return out
+"""
+
+# KEYS: lru, size, exp, used. ARGV: block names. Returns used.
+RELEASE = b"""
+local used = tonumber(redis.call('GET', KEYS[4]) or '0')
+for i = 1, #ARGV do
+  local s = redis.call('HGET', KEYS[2], ARGV[i])
+  if s then
+    used = used - tonumber(s)
+    redis.call('HDEL', KEYS[2], ARGV[i])
+  end
+  redis.call('ZREM', KEYS[1], ARGV[i])
+  redis.call('ZREM', KEYS[3], ARGV[i])
+end
+if used < 0 then used = 0 end
+redis.call('SET', KEYS[4], used)
+return used
+"""
+
+_SAFE = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def tenant_keys(prefix: bytes, tenant: str) -> tuple[bytes, bytes, bytes, bytes]:
+    """The accounting keys of a tenant; a name that could break the hash tag is hex-encoded."""
+    tag = tenant if _SAFE.fullmatch(tenant) else "x" + tenant.encode().hex()
+    base = b"%s:tenant:{%s}:" % (prefix, tag.encode())
+    return base + b"lru", base + b"size", base + b"exp", base + b"used"
+
+
+class Accounts:
+    """The cluster tier's per-tenant accounting; inert until set_tenants() names a group_of."""
+
+    def __init__(self, servers: Servers, prefix: bytes, stats):
+        self.servers, self.prefix, self.stats = servers, prefix, stats
+        self.group_of: Callable[[str], str] = lambda ns: ""
+        self.quotas: dict[str, int] = {}
+        self.used: dict[str, int] = {}    # bytes per tenant, as the last script run here saw them
+        self._tasks: set[asyncio.Task] = set()
+
+    def set_tenants(self, group_of: Callable[[str], str], quotas: dict[str, int]) -> None:
+        self.group_of, self.quotas = group_of, dict(quotas)
+
+    async def _eval(self, tenant: str, script: bytes, args: Sequence) -> object:
+        """Run a script on the tenant's master; None when it failed (counted, never raised)."""
+        keys = tenant_keys(self.prefix, tenant)
+        groups = await self.servers.group([keys[0]])
+        if not groups:
+            return None
+        (node, _), = groups.items()
+        out: list = [None]
+
+        async def work(node: Node) -> None:
+            conns = await self.servers.conns(node)
+            c = min(conns, key=lambda c: c.inflight)
+            r = (await c.request([(b"EVAL", script, 4, *keys, *args)]))[0]
+            if isinstance(r, ReplyError):
+                self.servers.reply_error(r)
+            else:
+                out[0] = r
+
+        await self.servers.on(node, work)
+        return out[0]
+
+    async def reserve(self, tenant: str, name: bytes, size: int, expires_ms: int) -> tuple[bool, list[bytes]] | None:
+        """Account a block about to be written: (allowed, blocks to evict first), or None when the
+        accounting could not be reached (the write must not happen)."""
+        now = int(time.time() * 1000)
+        r = await self._eval(tenant, RESERVE, (name, size, now, expires_ms, self.quotas.get(tenant, 0)))
+        if not isinstance(r, list) or len(r) < 2:
+            return None
+        self.used[tenant] = int(r[1])
+        if not r[0]:
+            self.stats.quota_refused += 1
+            self.servers.warn(f"quota-{tenant}", f"cluster: tenant {tenant}: a block of {size} bytes is larger than "
+                                                 f"its redis quota of {self.quotas.get(tenant, 0)} bytes; not written")
+            return False, []
+        return True, list(r[2:])
+
+    async def trim(self, tenant: str) -> list[bytes]:
+        """Blocks to evict so the tenant fits its (possibly lowered) quota."""
+        res = await self.reserve(tenant, b"", 0, 0)
+        return res[1] if res else []
+
+    async def release(self, tenant: str, names: Sequence[bytes]) -> None:
+        """Blocks deleted (or found corrupt): out of the accounting."""
+        if names:
+            r = await self._eval(tenant, RELEASE, tuple(names))
+            if isinstance(r, int):
+                self.used[tenant] = r
+
+    def touch_soon(self, tenant: str, names: Sequence[bytes]) -> None:
+        """Blocks just read are recently used: refresh their rank in the background."""
+        if names:
+            t = asyncio.ensure_future(self._touch(tenant, list(names)))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _touch(self, tenant: str, names: list[bytes]) -> None:
+        lru = tenant_keys(self.prefix, tenant)[0]
+        groups = await self.servers.group([lru])
+        if not groups:
+            return
+        (node, _), = groups.items()
+        now = int(time.time() * 1000)
+        cmd = (b"ZADD", lru, b"XX") + tuple(x for n in names for x in (now, n))
+
+        async def work(node: Node) -> None:
+            conns = await self.servers.conns(node)
+            r = (await min(conns, key=lambda c: c.inflight).request([cmd]))[0]
+            if isinstance(r, ReplyError):
+                self.servers.reply_error(r)
+
+        await self.servers.on(node, work)
+
+    def snapshot(self) -> dict:
+        return {"used": dict(self.used), "quotas": dict(self.quotas)}
