@@ -1,7 +1,8 @@
 """Per-slot headers of the RAM tier, kept beside the arena so a restart keeps RAM.
 
-The arena file holds block bytes only; this file (``<arena_path>.slots``, on
-the same tmpfs) holds one fixed-size entry per committed block, so a daemon
+The arena file holds block bytes only; this file (``<arena_path>.slots`` on the
+same tmpfs; in /dev/shm when the arena is on hugetlbfs, see ``table_path``)
+holds one fixed-size entry per committed block, so a daemon
 that restarts (crash, upgrade, ``systemctl restart``) can re-attach the arena
 and rebuild its index instead of starting cold.
 
@@ -44,6 +45,16 @@ ENTRY_MAGIC = 0x53545645
 COMMITTED, RESERVED = 1, 2
 BASE = 64
 _CHECK = struct.Struct("<I")
+
+
+def table_path(arena_path: str, backing: str, shm_dir: str = "/dev/shm") -> str:
+    """Where an arena's slot table lives: beside the arena, except on hugetlbfs, which holds
+    only files of whole huge pages (a small file cannot be sized there): then in ``shm_dir``
+    (tmpfs, which outlives the daemon like the arena), named after the arena's path."""
+    if backing != "hugetlbfs":
+        return arena_path + ".slots"
+    name = os.path.abspath(arena_path).strip("/").replace("/", "_")
+    return os.path.join(shm_dir, f"kvtier-slots.{name}")
 
 
 class SlotTable:

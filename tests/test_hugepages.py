@@ -1,0 +1,88 @@
+"""The arena on hugetlbfs (configs/h200-node.toml): the daemon starts, serves, and keeps its
+RAM tier across a restart, with the slot table in /dev/shm (hugetlbfs holds only whole huge
+pages). Needs a hugetlbfs mount with free huge pages: an existing one, or (as root, when the
+kernel has free huge pages) a private mount made here; skipped otherwise."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+
+import pytest
+
+from kvtier.arena import backing_of
+from kvtier.client import Client
+from kvtier.server import DaemonThread
+from kvtier.slots import table_path
+
+from conftest import make_config
+
+NS = "huge"
+
+
+def _free_hugepages() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("HugePages_Free:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@pytest.fixture
+def hugetlbfs():
+    if _free_hugepages() < 8:
+        pytest.skip("no free 2 MiB huge pages (vm.nr_hugepages)")
+    with open("/proc/mounts") as f:
+        mounts = [line.split()[1] for line in f if line.split()[2:3] == ["hugetlbfs"]]
+    for m in mounts:
+        if os.access(m, os.W_OK):
+            d = os.path.join(m, f"kvtier-test-{uuid.uuid4().hex[:8]}")
+            yield d
+            shutil.rmtree(d, ignore_errors=True)
+            return
+    if os.geteuid() != 0:
+        pytest.skip("no writable hugetlbfs mount, and not root to make one")
+    mnt = tempfile.mkdtemp(prefix="kvt-huge-")
+    if subprocess.run(["mount", "-t", "hugetlbfs", "none", mnt], capture_output=True).returncode:
+        os.rmdir(mnt)
+        pytest.skip("could not mount hugetlbfs")
+    try:
+        yield os.path.join(mnt, "kvtier")
+    finally:
+        subprocess.run(["umount", mnt], capture_output=True)
+        os.rmdir(mnt)
+
+
+def test_table_path_leaves_hugetlbfs_for_tmpfs():
+    assert table_path("/dev/shm/kvtier/arena", "tmpfs") == "/dev/shm/kvtier/arena.slots"
+    assert table_path("/dev/hugepages/kvtier/arena", "hugetlbfs") == \
+        "/dev/shm/kvtier-slots.dev_hugepages_kvtier_arena"
+
+
+def test_arena_on_hugetlbfs_serves_and_survives_a_restart(hugetlbfs):
+    sock_dir = tempfile.mkdtemp(prefix="kvt-")
+    cfg = make_config(sock_dir, hugetlbfs, ram={"capacity": "8MiB"})
+    slots = table_path(cfg.arena_path, "hugetlbfs")
+    data = [(bytes([i]) * 16, os.urandom(100_000 + i)) for i in range(8)]
+    try:
+        with DaemonThread(cfg) as d:
+            assert backing_of(os.path.dirname(cfg.arena_path)) == "hugetlbfs"
+            assert os.path.exists(slots)
+            c = Client(d.address)
+            c.put_many(NS, data)
+            assert c.path == "arena"
+            assert c.get_many(NS, [k for k, _ in data]) == [v for _, v in data]
+        with DaemonThread(cfg) as d:
+            tiers, _ = c.lookup(NS, [k for k, _ in data])
+            assert tiers == [1] * len(data)  # the RAM tier came back from the huge pages
+            assert c.get_many(NS, [k for k, _ in data]) == [v for _, v in data]
+        c.close()
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+        if os.path.exists(slots):
+            os.unlink(slots)
