@@ -4,7 +4,8 @@
 #
 # System tools some tests use (installed here when running as root with apt;
 # otherwise those tests skip and say why): systemd-analyze (unit checks) and
-# promtool (metrics exposition, Debian package "prometheus").
+# promtool (metrics exposition, Debian package "prometheus"); as root, also a few
+# huge pages for the hugetlbfs arena test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -17,6 +18,12 @@ if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null;
   # the prometheus package starts a server we do not want
   (command -v systemctl >/dev/null && systemctl disable --now prometheus) >/dev/null 2>&1 || true
   pkill -x prometheus >/dev/null 2>&1 || true
+fi
+# tests/test_hugepages.py runs the arena on hugetlbfs (configs/h200-node.toml); as root, reserve
+# 16 huge pages (32 MiB) for it when the kernel has none. It skips where that is not possible.
+if [ "$(id -u)" = 0 ] && [ "$(cat /proc/sys/vm/nr_hugepages 2>/dev/null || echo 1)" = 0 ]; then
+  (echo 16 > /proc/sys/vm/nr_hugepages) 2>/dev/null \
+    && echo "reserved 16 huge pages for the hugetlbfs arena test (vm.nr_hugepages)" || true
 fi
 python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]'
