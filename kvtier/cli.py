@@ -181,6 +181,8 @@ def cmd_get(a) -> int:
 
 def cmd_prewarm(a) -> int:
     import dataclasses
+    import signal
+    import threading
 
     from .prewarm import load as load_plan, run_plan
     from .prewarm.run import Permanent, Transient
@@ -193,13 +195,21 @@ def cmd_prewarm(a) -> int:
         n = sum(len(t.contexts) for t in plan.tenants)
         print(f"{a.plan}: ok ({len(plan.tenants)} customers, {n} contexts, vLLM {plan.url}, state {plan.state})")
         return EXIT_OK
+
+    def stop(signum, frame):  # systemd stops with SIGTERM: save the state, end requests cleanly
+        raise KeyboardInterrupt
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, stop) if main_thread else None
     try:
-        rep = run_plan(plan, promote=True if a.promote else None, promote_only=a.promote_only,
+        rep = run_plan(plan, promote=True if a.promote else None, promote_only=a.promote_only, force=a.force,
                        min_coverage=a.min_coverage, min_ram_coverage=a.min_ram_coverage,
                        progress_out=sys.stderr, tty=False if a.quiet else None)
     except (Transient, Permanent) as e:
         print(f"vLLM at {plan.url}: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
     if a.json:
         rep.write_json(sys.stdout)
     else:
@@ -286,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "customer's coverage is under the threshold.")
     s.add_argument("plan", help="plan file (TOML; configs/prewarm.example.toml documents it)")
     s.add_argument("--promote", action="store_true", help="then bring the plan's chunks into RAM (promote.ram_budget)")
-    s.add_argument("--promote-only", action="store_true", help="only the promote phase (no requests to vLLM)")
+    s.add_argument("--promote-only", action="store_true", help="only the promote phase (sends nothing to vLLM)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.add_argument("--min-coverage", type=_fraction, metavar="F",
                    help="exit 5 if a customer's coverage in any tier is under F (0.95 or 95%%)")
@@ -296,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "default socket)")
     s.add_argument("--state", metavar="FILE", help="state file (default: the plan's run.state)")
     s.add_argument("--quiet", "-q", action="store_true", help="a line per context instead of a progress bar")
+    s.add_argument("--force", action="store_true",
+                   help="send every context, also those still resident (after changing the engine: model "
+                        "revision, dtype, chunk size, TP/PP)")
     s.add_argument("--check", action="store_true", help="only validate the plan")
     s.set_defaults(fn=cmd_prewarm)
     return p

@@ -39,6 +39,37 @@ def test_every_unit_is_documented():
         assert head.startswith("#"), f"{unit.name} has no header comment"
 
 
+def _unit(name: str) -> dict[str, list[str]]:
+    """A unit file's settings: name -> values, in order."""
+    out: dict[str, list[str]] = {}
+    for line in (ROOT / "systemd" / name).read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            k, v = line.split("=", 1)
+            out.setdefault(k.strip(), []).append(v.strip())
+    return out
+
+
+def test_prewarm_units():
+    assert {"kvtier-prewarm.service", "kvtier-prewarm.timer"} <= {u.name for u in UNITS}
+    timer = _unit("kvtier-prewarm.timer")
+    assert timer["Persistent"] == ["true"] and timer["Unit"] == ["kvtier-prewarm.service"]
+    assert timer["RandomizedDelaySec"] and timer["RandomizedDelaySec"][0] not in ("0", "")
+    assert timer["WantedBy"] == ["timers.target"]
+    svc = _unit("kvtier-prewarm.service")
+    assert svc["Type"] == ["oneshot"] and "kvtier.service" in svc["After"][0]
+    argv = svc["ExecStart"][0].split()
+    assert argv[:2] == ["/opt/kvtier/bin/kvtier", "prewarm"] and argv[-1].endswith(".toml")
+    from kvtier.cli import build_parser
+    args = build_parser().parse_args(argv[1:])           # the command line is one kvtier accepts
+    assert args.promote and args.quiet
+    if shutil.which("systemd-analyze"):                   # nightly: the next runs are a day apart
+        r = subprocess.run(["systemd-analyze", "calendar", "--iterations=2", timer["OnCalendar"][0]],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        runs = [l.split(":", 1)[1].strip() for l in r.stdout.splitlines() if "Iter." in l or "Next elapse" in l]
+        assert len(runs) == 2 and runs[0].split()[2] == runs[1].split()[2], r.stdout  # same time of day
+
+
 def _recv_all(sock, until, timeout):
     got = []
     deadline = time.monotonic() + timeout

@@ -21,6 +21,7 @@ def layouts():
         "kv_first": r(2, NB, 4, 2, 8),                               # [2, B, N, H, D]
         "strided": r(NB, 4, 2, 8).permute(2, 0, 1, 3),               # non-contiguous, B in dim 1
         "fp8_like": torch.randint(0, 255, (NB, 2, 4, 8), generator=g, dtype=torch.uint8),
+        "no_dense_last": r(NB, 8, 4).transpose(1, 2),               # torch copies, not numpy
     }
 
 
@@ -52,6 +53,23 @@ def test_record_is_each_layer_blocks_in_turn():
     cp.save([3, 1], memoryview(rec))
     want = a[[3, 1]].numpy().tobytes() + b[[3, 1]].numpy().tobytes()
     assert bytes(rec) == want
+
+
+def test_runs_of_consecutive_blocks():
+    src = layouts()
+    cp = BlockCopier(src, NB)
+    assert [L.array is None for L in cp.layers] == [False] * 4 + [True]
+    assert [L.flat is not None for L in cp.layers] == [True, False, False, True, False]   # memoryview copies
+    rec = bytearray(cp.record_size(4))
+    cp.save([3, 4, 5, 8], memoryview(rec))
+    dst = {k: torch.zeros_like(v) for k, v in src.items()}
+    dst["strided"] = torch.zeros(NB, 4, 2, 8).permute(2, 0, 1, 3)
+    BlockCopier(dst, NB).load(memoryview(rec), 4, 0, [1, 2, 6, 7])
+    for name in src:
+        bd = 1 if name in ("kv_first", "strided") else 0
+        s, d = src[name].movedim(bd, 0), dst[name].movedim(bd, 0)
+        assert torch.equal(d[[1, 2, 6, 7]], s[[3, 4, 5, 8]]), name
+        assert not d[[0, 3, 4, 5, 8, 9]].any(), name
 
 
 def test_kernel_blocks_and_shared_layers():

@@ -2,7 +2,8 @@
 
 ``StepMeta`` is pickled from the engine core to every worker. It names chunks by their vLLM
 block hash plus the request's tenant and cache salt; each worker derives the keys of its own
-TP/PP rank (kvtier.vllm.keys), so one message serves every rank.
+TP/PP rank (kvtier.vllm.keys), so one message serves every rank. ``namespace`` is the daemon
+namespace the scheduler chose for the request ("" = the engine's).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class LoadSpec:
     chunk_hashes: list[bytes]
     first: int
     block_ids: list[int]
+    namespace: str = ""
 
 
 @dataclass
@@ -36,6 +38,7 @@ class StoreSpec:
     block_ids: list[list[int]]
     pin: bool = False
     pin_s: int = 0
+    namespace: str = ""
 
 
 @dataclass

@@ -13,6 +13,9 @@ chunked prefill included, and with ``store_decode`` chunks filled by generated t
 store jobs for the workers. A request that had store jobs is freed only after every worker
 reports them done (``request_finished`` returns True), so a store never reads a reused block.
 
+Namespaces: a request's chunks live in the engine's namespace, or with ``tenant_namespace``
+in its tenant's own (``RequestOptions.namespace``); lookups, loads and stores all use it.
+
 Failure: a daemon that is down or slow makes ``get_num_new_matched_tokens`` answer 0 (a miss)
 within ``timeout_s``, and the link then skips the daemon for ``retry_s`` before reconnecting.
 """
@@ -141,13 +144,13 @@ class SchedulerHalf:
         try:
             if not self._use_lookup:
                 try:
-                    lease = self.link.call(lambda c: c.acquire(self.ns, keys, self.settings.lease_ms,
-                                                               prefix_only=True))
+                    lease = self.link.call(lambda c: c.acquire(st.opts.namespace, keys,
+                                                               self.settings.lease_ms, prefix_only=True))
                     tiers = list(lease.tiers)
                 except errors.FailedPrecondition:  # no arena here: the daemon is remote
                     self._use_lookup = True
             if self._use_lookup:
-                tiers, _ = self.link.call(lambda c: c.lookup(self.ns, keys))
+                tiers, _ = self.link.call(lambda c: c.lookup(st.opts.namespace, keys))
         except Exception as e:
             log.debug("kvtier: lookup for %s failed: %s", request.request_id, e)
             return 0, False
@@ -180,7 +183,7 @@ class SchedulerHalf:
         c1 = -(-(st.local + num_external_tokens) // cs)
         spec = LoadSpec(request.request_id, st.opts.tenant, getattr(request, "cache_salt", None) or "",
                         [self._chunk_hash(request, c) for c in range(c0, c1)],
-                        (st.local % cs) // bs, list(block_ids[b0:b0 + nb]))
+                        (st.local % cs) // bs, list(block_ids[b0:b0 + nb]), st.opts.namespace)
         self._loads.append(spec)
         st.load_at = (b0, spec.block_ids)
         st.loaded += num_external_tokens
@@ -263,7 +266,7 @@ class SchedulerHalf:
             req.request_id, st.opts.tenant, getattr(req, "cache_salt", None) or "",
             [self._chunk_hash(req, c) for c in cs],
             [st.block_ids[c * self.cb:(c + 1) * self.cb] for c in cs],
-            pin=st.opts.pin, pin_s=st.opts.pin_s))
+            pin=st.opts.pin, pin_s=st.opts.pin_s, namespace=st.opts.namespace))
         st.stored_chunks += n - st.next_store
         st.next_store = n
         st.stores_issued = True
@@ -277,7 +280,7 @@ class SchedulerHalf:
         if st is None:
             return False, None
         params = {"kvtier": {
-            "namespace": self.ns,
+            "namespace": st.opts.namespace,
             "chunk_size": self.chunk_size,
             "loaded_tokens": st.loaded,
             "stored_chunks": st.stored_chunks,
@@ -286,6 +289,11 @@ class SchedulerHalf:
         }}
         if st.opts.tenant:
             params["kvtier"]["tenant"] = st.opts.tenant
+        if st.opts.return_keys and st.scopes:
+            # chunk by chunk, every rank's key of the chunk: what a Lookup of the prefix asks
+            params["kvtier"]["ranks"] = len(st.scopes)
+            params["kvtier"]["keys"] = [chunk_key(scope, self._chunk_hash(request, c)).hex()
+                                        for c in range(st.next_store) for scope in st.scopes]
         return st.stores_issued, params
 
     def shutdown(self) -> None:

@@ -17,6 +17,11 @@ Engine-wide, from ``--kv-transfer-config '{..., "kv_connector_extra_config": {..
     retry_s        after a failed call, calls skip the daemon this long, then reconnect (1.0 s)
     verify         check every loaded chunk against its xxh3-128 checksum (True)
     tenant         default tenant mixed into keys ("")
+    tenant_namespace  namespace of a request with a tenant, a template over {namespace} and
+                   {tenant}, e.g. "{namespace}-{tenant}": each tenant's chunks then live in
+                   their own daemon namespace (quotas, stats, deletion per tenant). A tenant
+                   whose namespace would be invalid gets neither loads nor stores.
+                   Default: one namespace for every tenant (the tenant is still in the keys)
     revision       model revision in the fingerprint (default: vLLM's model revision)
 
 Per request, ``kv_transfer_params={"kvtier": {...}}`` (a bad value is logged and ignored,
@@ -24,15 +29,21 @@ never a failed request):
 
     tenant         tenant mixed into this request's keys
     pin            pin this request's stored chunks (True, or seconds to pin them for)
+    ttl            seconds to keep the stored chunks in RAM: a pin for that long (the daemon
+                   has no per-block expiry; ``"pin": false`` turns it off)
     skip           neither load nor store this request (False)
     load, store    load / store for this request (True, True)
+    return_keys    list the keys of the request's cached chunks (hex, every rank) in the
+                   finished request's kv_transfer_params (False: they can be long)
 """
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from ..errors import ConfigError
+from ..keys import NAMESPACE_RE
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,7 @@ class ConnectorSettings:
     retry_s: float = 1.0
     verify: bool = True
     tenant: str = ""
+    tenant_namespace: str | None = None
     revision: str | None = None
 
     @classmethod
@@ -79,7 +91,24 @@ class ConnectorSettings:
             raise ConfigError("kv_connector_extra_config.retry_s must be >= 0")
         if s.chunk_size is not None and s.chunk_size <= 0:
             raise ConfigError("kv_connector_extra_config.chunk_size must be > 0")
+        if s.tenant_namespace is not None:
+            _check_template(s.tenant_namespace, s.namespace)
+            if s.tenant:
+                try:
+                    s.namespace_for(s.tenant)
+                except ValueError as e:
+                    raise ConfigError(f"kv_connector_extra_config.tenant: {e}") from None
         return s
+
+    def namespace_for(self, tenant: str) -> str:
+        """The daemon namespace of a request with this tenant; ValueError if it is not valid."""
+        if not self.tenant_namespace or not tenant:
+            return self.namespace
+        ns = self.tenant_namespace.format(namespace=self.namespace, tenant=tenant)
+        if NAMESPACE_RE.fullmatch(ns) is None:
+            raise ValueError(f"tenant {tenant!r} gives namespace {ns!r}, which is not valid "
+                             "(1-64 characters of [a-z0-9_.-])")
+        return ns
 
     def resolve_chunk_size(self, block_size: int) -> int:
         if self.chunk_size is None:
@@ -88,6 +117,20 @@ class ConnectorSettings:
             raise ConfigError(f"kv_connector_extra_config.chunk_size={self.chunk_size} is not a "
                               f"multiple of the block size {block_size}")
         return self.chunk_size
+
+
+def _check_template(template: str, namespace: str) -> None:
+    where = "kv_connector_extra_config.tenant_namespace"
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if "tenant" not in names or not names <= {"namespace", "tenant"}:
+        raise ConfigError(f"{where}: {template!r} must contain {{tenant}} and may contain "
+                          "{namespace}, nothing else in braces")
+    if NAMESPACE_RE.fullmatch(template.format(namespace=namespace, tenant="t")) is None:
+        raise ConfigError(f"{where}: {template!r} does not make a valid namespace "
+                          "(1-64 characters of [a-z0-9_.-])")
 
 
 def _coerce(where: str, typ: str, val: Any) -> Any:
@@ -124,13 +167,16 @@ class RequestOptions:
     pin_s: int = 0           # with pin: 0 = until unpinned
     load: bool = True
     store: bool = True
+    namespace: str = "vllm"  # the daemon namespace of this request's chunks
+    return_keys: bool = False
 
 
 def request_options(params: Mapping[str, Any] | None, settings: ConnectorSettings,
                     warn=None) -> RequestOptions:
     """The request's ``kv_transfer_params["kvtier"]`` over the engine's defaults.
     A bad value is reported through ``warn(message)`` and the default kept."""
-    base = RequestOptions(tenant=settings.tenant, load=settings.load, store=settings.store)
+    base = RequestOptions(tenant=settings.tenant, load=settings.load, store=settings.store,
+                          namespace=settings.namespace_for(settings.tenant))
     raw = (params or {}).get("kvtier") if isinstance(params, Mapping) else None
     if raw is None:
         return base
@@ -138,7 +184,9 @@ def request_options(params: Mapping[str, Any] | None, settings: ConnectorSetting
         if warn:
             warn(f"kv_transfer_params.kvtier must be an object, got {type(raw).__name__}: ignored")
         return base
-    out = dict(tenant=base.tenant, pin=False, pin_s=0, load=base.load, store=base.store)
+    out = dict(tenant=base.tenant, pin=False, pin_s=0, load=base.load, store=base.store,
+               return_keys=False)
+    ttl = None
     for name, val in raw.items():
         ok = True
         if name == "tenant" and isinstance(val, str) and "\n" not in val and len(val) <= 256:
@@ -147,6 +195,10 @@ def request_options(params: Mapping[str, Any] | None, settings: ConnectorSetting
             out["pin"] = val
         elif name == "pin" and isinstance(val, int) and val >= 0:
             out["pin"], out["pin_s"] = True, val
+        elif name == "ttl" and isinstance(val, int) and not isinstance(val, bool) and val > 0:
+            ttl = val
+        elif name == "return_keys" and isinstance(val, bool):
+            out["return_keys"] = val
         elif name == "skip" and isinstance(val, bool):
             if val:
                 out["load"] = out["store"] = False
@@ -156,4 +208,12 @@ def request_options(params: Mapping[str, Any] | None, settings: ConnectorSetting
             ok = False
         if not ok and warn:
             warn(f"kv_transfer_params.kvtier.{name}={val!r} is not understood: ignored")
+    if ttl is not None and raw.get("pin") is not False:
+        out["pin"], out["pin_s"] = True, ttl
+    try:
+        out["namespace"] = settings.namespace_for(out["tenant"])
+    except ValueError as e:
+        if warn:
+            warn(f"{e}: neither loaded nor stored")
+        out["namespace"], out["load"], out["store"] = settings.namespace, False, False
     return RequestOptions(**out)

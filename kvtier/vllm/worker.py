@@ -19,6 +19,7 @@ a failed store is a future miss. Nothing waits longer than one daemon call's dea
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -36,6 +37,14 @@ from .meta import LoadSpec, RankLayout, StepMeta, StoreSpec
 from .settings import ConnectorSettings
 
 log = logging.getLogger("kvtier.vllm")
+
+
+class _Jobs(list):
+    """Load or store jobs of one namespace."""
+
+    def __init__(self, namespace: str):
+        super().__init__()
+        self.namespace = namespace
 
 
 class _Quiet:
@@ -94,6 +103,9 @@ class WorkerHalf:
         self._scopes: dict[tuple[str, str], bytes] = {}
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-load")
         self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-store")
+        # xxh3 releases the GIL: loads check their chunks on several cores
+        self._hash_pool = ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) // 2)),
+                                             thread_name_prefix="kvtier-verify")
         self._lock = threading.Lock()
         self._recv_done: set[str] = set()
         self._load_errors: set[int] = set()
@@ -163,7 +175,7 @@ class WorkerHalf:
     def _run_loads(self, specs: list[LoadSpec], is_async: bool) -> None:
         failed: set[int] = set()
         try:
-            jobs = []  # (key, spec, chunk index, first block in chunk, destination blocks)
+            jobs: dict[str, _Jobs] = {}  # per namespace: (key, first block in chunk, blocks)
             for s in specs:
                 keys = self._keys(s.tenant, s.cache_salt, s.chunk_hashes)
                 pos = 0
@@ -172,12 +184,13 @@ class WorkerHalf:
                     n = min(self.cb - start, len(s.block_ids) - pos)
                     if n <= 0:
                         break
-                    jobs.append((key, start, s.block_ids[pos:pos + n]))
+                    ns = s.namespace or self.ns
+                    jobs.setdefault(ns, _Jobs(ns)).append((key, start, s.block_ids[pos:pos + n]))
                     pos += n
-            if jobs:
-                failed = self.link.call(lambda c: self._load_jobs(c, jobs))
+            for part in jobs.values():
+                failed |= self.link.call(lambda c: self._load_jobs(c, part))
         except Exception as e:
-            failed = {b for s in specs for b in s.block_ids}
+            failed |= {b for s in specs for b in s.block_ids}
             self.stats["load_failures"] += 1
             self._quiet.warn("load", "kvtier: load of %d request(s) failed (%s); vLLM recomputes them",
                              len(specs), e)
@@ -192,11 +205,12 @@ class WorkerHalf:
     def _load_jobs(self, client, jobs) -> set[int]:
         failed: set[int] = set()
         size = self.copier.record_size(self.cb)
+        ns = getattr(jobs, "namespace", self.ns)
         keys = [k for k, _, _ in jobs]
         if client.path == "":
             client.attach()
         if client.path != "arena":
-            datas = client.get_many(self.ns, keys)  # verified by the client
+            datas = client.get_many(ns, keys)  # verified by the client
             for (key, start, blocks), data in zip(jobs, datas):
                 if data is None or len(data) != size:
                     failed.update(blocks)
@@ -209,29 +223,40 @@ class WorkerHalf:
         bad: list[bytes] = []
         for i in range(0, len(jobs), step):
             part = jobs[i:i + step]
-            lease = client.acquire(self.ns, [k for k, _, _ in part], self.settings.lease_ms)
+            lease = client.acquire(ns, [k for k, _, _ in part], self.settings.lease_ms)
             try:
-                for (key, start, blocks), view, digest in zip(part, lease.views, lease.checksums):
+                found = []
+                for job, view, digest in zip(part, lease.views, lease.checksums):
                     if view is None or len(view) != size:
-                        failed.update(blocks)
-                        continue
-                    self.copier.load(view, self.cb, start, blocks)
-                    # checked after the copy: a block overwritten meanwhile fails here
-                    if self.settings.verify and digest != ZERO_CHECKSUM and xxhash.xxh3_128_digest(view) != digest:
+                        failed.update(job[2])
+                    else:
+                        found.append((job, view, digest))
+                # checksums on other threads while the copies run (the lease keeps the slots)
+                sums = [self._hash_pool.submit(xxhash.xxh3_128_digest, view)
+                        if self.settings.verify and digest != ZERO_CHECKSUM else None
+                        for _, view, digest in found]
+                self.copier.load_many([(view, self.cb, start, blocks)
+                                       for (_, start, blocks), view, _ in found])
+                loaded = 0
+                for ((key, _, blocks), _, digest), fut in zip(found, sums):
+                    if fut is not None and fut.result() != digest:
                         self.stats["checksum_failures"] += 1
                         log.warning("kvtier: chunk %s failed its checksum; recomputing it", key.hex()[:16])
                         failed.update(blocks)
                         bad.append(key)
-                        continue
-                    self.stats["loaded_chunks"] += 1
+                    else:
+                        loaded += 1
             finally:
                 try:
                     client.release(lease)
                 except errors.UnknownLease:
-                    pass  # expired during the copy: the checksums above decided
+                    # expired during the copy: the slots may hold other blocks by now
+                    loaded = 0
+                    failed.update(b for _, _, blocks in part for b in blocks)
+            self.stats["loaded_chunks"] += loaded
         if bad:  # drop what cannot be read back, so the recomputed chunk is stored again
             try:
-                client.delete(self.ns, bad)
+                client.delete(ns, bad)
             except errors.KvtierError:
                 pass
         return failed
@@ -256,16 +281,17 @@ class WorkerHalf:
 
     def _run_stores(self, specs: list[StoreSpec], after) -> None:
         try:
-            groups: dict[tuple, list] = defaultdict(list)
+            groups: dict[tuple, _Jobs] = {}
             for s in specs:
                 keys = self._keys(s.tenant, s.cache_salt, s.chunk_hashes)
+                ns = s.namespace or self.ns
                 for key, blocks in zip(keys, s.block_ids):
-                    groups[(s.pin, s.pin_s)].append((key, blocks))
-            for (pin, pin_s), jobs in groups.items():
+                    groups.setdefault((ns, s.pin, s.pin_s), _Jobs(ns)).append((key, blocks))
+            for (ns, pin, pin_s), jobs in groups.items():
                 try:
                     self.link.call(lambda c: self._store_jobs(c, jobs, after))
                     if pin:
-                        self.link.call(lambda c: c.pin(self.ns, [k for k, _ in jobs], pin_s))
+                        self.link.call(lambda c: c.pin(ns, [k for k, _ in jobs], pin_s))
                 except Exception as e:
                     self.stats["store_failures"] += 1
                     self._quiet.warn("store", "kvtier: store of %d chunk(s) failed (%s); they stay misses",
@@ -279,6 +305,7 @@ class WorkerHalf:
                 self._store_pending[s.req_id] -= 1
 
     def _store_jobs(self, client, jobs, after) -> None:
+        ns = getattr(jobs, "namespace", self.ns)
         size = self.copier.record_size(self.cb)
         if client.path == "":
             client.attach()
@@ -288,19 +315,19 @@ class WorkerHalf:
                 buf = bytearray(size)
                 self.copier.save(blocks, memoryview(buf), after)
                 items.append((key, buf))
-            client.put_many(self.ns, items)
+            client.put_many(ns, items)
             self.stats["stored_chunks"] += len(items)
             return
         self._pin_arena(client)
         per = max(1, min(client.info.max_batch or 1024, (client.info.arena_size // 4) // max(1, size)))
         for i in range(0, len(jobs), per):
             part = jobs[i:i + per]
-            res = client.reserve(self.ns, [k for k, _ in part], [size] * len(part))
+            res = client.reserve(ns, [k for k, _ in part], [size] * len(part))
             try:
-                for (key, blocks), view in zip(part, res.views):
-                    if view is not None:  # None: already stored
-                        self.copier.save(blocks, view, after)
-                        self.stats["stored_chunks"] += 1
+                todo = [(blocks, view) for (_, blocks), view in zip(part, res.views)
+                        if view is not None]  # None: already stored
+                self.copier.save_many(todo, after)
+                self.stats["stored_chunks"] += len(todo)
             except BaseException:
                 try:
                     client.abort(res)
@@ -348,6 +375,7 @@ class WorkerHalf:
     def shutdown(self) -> None:
         self._load_pool.shutdown(wait=True)
         self._store_pool.shutdown(wait=True)
+        self._hash_pool.shutdown(wait=True)
         if self.copier is not None:
             self.copier.close()
         self.link.close()

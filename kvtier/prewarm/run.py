@@ -1,0 +1,339 @@
+"""Running a plan: send each context through vLLM so the connector stores its KV, then check
+with the daemon what is there.
+
+Per context: read its sources; if the state file has the same request (digest) and the
+daemon still holds every key it recorded, skip it (refreshing its pin); otherwise POST it to
+vLLM's OpenAI API (``max_tokens: 1``, ``kv_transfer_params.kvtier``: tenant, pin/ttl,
+``return_keys``), wait up to ``store_wait_s`` for the returned keys to appear in the daemon
+(stores finish after the response), pin them, and record them in the state file.
+
+Pace: at most ``concurrency`` requests in flight and, with ``max_tokens_per_s``, prompt
+tokens paced to that rate (accounted when each response arrives, so it holds on average).
+Deadline: no request starts after it; with ``after_deadline = "slow"`` the run goes on one
+request at a time at ``late_tokens_per_s`` instead, so a run that is late (or started late)
+leaves daytime traffic its GPUs. Transient errors (connection refused or reset, timeouts,
+HTTP 408/429/5xx) are retried ``retries`` times with exponential backoff; others fail the
+context at once. A failed context never stops the others.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import http.client
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import IO, Any
+
+from .. import errors
+from ..client import Client
+from .plan import Context, Plan, Tenant, load_context
+from .report import ContextResult, Progress, Report, TenantReport, coverage
+from .state import Entry, State
+
+log = logging.getLogger("kvtier.prewarm")
+TRANSIENT_HTTP = (408, 429, 500, 502, 503, 504)
+
+
+class Transient(Exception):
+    """Worth retrying: the server may answer next time."""
+
+
+class Permanent(Exception):
+    """Retrying would give the same answer."""
+
+
+class OpenAIServer:
+    """The few calls prewarm makes to a vLLM OpenAI-compatible server (standard library only)."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 600.0):
+        self.url, self.api_key, self.timeout_s = url.rstrip("/"), api_key, timeout_s
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> Any:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read()[:300].decode("utf-8", "replace").strip()
+            err = Transient if e.code in TRANSIENT_HTTP else Permanent
+            raise err(f"HTTP {e.code} from {path}: {detail}") from None
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
+            raise Transient(f"{self.url}: {getattr(e, 'reason', e) or type(e).__name__}") from None
+        try:
+            out = json.loads(raw)
+        except ValueError:
+            out = None
+        if not isinstance(out, dict):
+            raise Permanent(f"{path}: the answer is not a JSON object: {raw[:200]!r}")
+        return out
+
+    def first_model(self) -> str:
+        data = self._call("GET", "/v1/models").get("data") or []
+        if not data:
+            raise Permanent("the server lists no model")
+        return data[0]["id"]
+
+    def post(self, path: str, body: dict) -> dict:
+        return self._call("POST", path, body)
+
+
+class Pacer:
+    """Spaces requests so that prompt tokens average at most ``rate`` per second."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.next_at = 0.0
+        self._lock = threading.Lock()
+
+    def wait_s(self) -> float:
+        with self._lock:
+            return max(0.0, self.next_at - time.monotonic()) if self.rate else 0.0
+
+    def spend(self, tokens: int) -> None:
+        if self.rate:
+            with self._lock:
+                self.next_at = max(self.next_at, time.monotonic()) + tokens / self.rate
+
+
+def request_digest(model: str, endpoint: str, body: dict) -> str:
+    return hashlib.sha256(json.dumps({"model": model, "endpoint": endpoint, "body": body},
+                                     sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def kvtier_params(t: Tenant) -> dict:
+    p: dict[str, Any] = {"tenant": t.name, "return_keys": True}
+    if t.pin == "ram":
+        p.update({"ttl": t.ttl_s} if t.ttl_s else {"pin": True})
+    else:
+        p["pin"] = False
+    return p
+
+
+class Run:
+    def __init__(self, plan: Plan, kv: Client, server: OpenAIServer, state: State,
+                 progress: Progress, clock=time.monotonic, now=None, force: bool = False):
+        self.plan, self.kv, self.server, self.state, self.progress = plan, kv, server, state, progress
+        self.force = force  # send every context, resident or not
+        self.clock = clock
+        start = now or dt.datetime.now()
+        self.deadline_dt, self.late = plan.deadline_at(start)
+        left = (self.deadline_dt - start).total_seconds() if self.deadline_dt else None
+        self.deadline = None if left is None else clock() + left   # on the monotonic clock
+        self.pacer = Pacer(plan.max_tokens_per_s)
+        self.slow_pacer = Pacer(plan.late_tokens_per_s)
+        self.slow_lock = threading.Lock()
+        self.stopped = False
+        self.cancelled = False  # interrupted: nothing new starts
+        self.model = ""
+        self.digests: dict[str, str] = {}
+
+    def past_deadline(self) -> bool:
+        return self.late or (self.deadline is not None and self.clock() >= self.deadline)
+
+    def must_stop(self) -> bool:
+        return self.cancelled or (self.plan.after_deadline == "stop" and self.past_deadline())
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep, but not past the deadline when the run stops there; False if it came."""
+        if self.plan.after_deadline == "stop" and self.deadline is not None:
+            if self.clock() + seconds >= self.deadline:
+                time.sleep(max(0.0, self.deadline - self.clock()))
+                return False
+        time.sleep(seconds)
+        return True
+
+    # ---- one context --------------------------------------------------------------------
+
+    def context(self, tenant: Tenant, ctx: Context) -> ContextResult:
+        r = ContextResult(tenant.name, ctx.name, started=self.clock())
+        try:
+            self._context(tenant, ctx, r)
+        except (Transient, Permanent, OSError, ValueError, errors.KvtierError) as e:
+            r.status, r.error = "failed", str(e) or type(e).__name__
+        except (KeyError, TypeError) as e:  # an answer without the fields the connector sends
+            r.status, r.error = "failed", f"unexpected answer from vLLM: {type(e).__name__}: {e}"
+        r.ended = self.clock()
+        r.seconds = r.ended - r.started
+        return r
+
+    def _context(self, tenant: Tenant, ctx: Context, r: ContextResult) -> None:
+        if self.cancelled:
+            r.error = "interrupted"
+            return
+        prompt = load_context(ctx)
+        digest = request_digest(self.model, prompt.endpoint, prompt.body)
+        self.digests[ctx.id] = digest
+        entry = self.state.get(ctx.id)
+        if entry is not None and entry.digest == digest and not self.force:
+            keys = entry.key_bytes()
+            tiers, _ = self.kv.lookup(entry.namespace, keys) if keys else ([], 0)
+            if all(tiers):
+                self._pin(tenant, entry.namespace, keys)
+                r.status, r.tokens, r.chunk_size, r.namespace = "resident", entry.tokens, entry.chunk_size, \
+                    entry.namespace
+                return
+        if self.must_stop():  # after the deadline only resident contexts are looked at
+            self.stopped = True
+            r.error = "interrupted" if self.cancelled else \
+                "started after the deadline" if self.late else "deadline"
+            return
+        body = {"model": self.model, **prompt.body, "max_tokens": 1, "temperature": 0,
+                "kv_transfer_params": {"kvtier": kvtier_params(tenant)}}
+        resp = self._send(prompt.endpoint, body, r)
+        if resp is None:
+            return
+        params = (resp.get("kv_transfer_params") or {}).get("kvtier")
+        tokens = int((resp.get("usage") or {}).get("prompt_tokens") or 0)
+        if not isinstance(params, dict) or "keys" not in params:
+            raise Permanent("the response has no kv_transfer_params.kvtier.keys: is vLLM running with the "
+                            "kvtier connector (a version with return_keys)?")
+        keys = [bytes.fromhex(k) for k in params["keys"]]
+        ns, cs, ranks = params["namespace"], int(params["chunk_size"]), int(params.get("ranks") or 1)
+        self._wait_stored(ns, keys)
+        self._pin(tenant, ns, keys)
+        r.status, r.tokens, r.chunk_size, r.namespace = "stored", tokens, cs, ns
+        r.stored_chunks = int(params.get("stored_chunks") or 0)
+        r.loaded_tokens = int(params.get("loaded_tokens") or 0)
+        self.state.put(ctx.id, Entry(digest, ns, cs, ranks, tokens, list(params["keys"]), time.time(),
+                                     self.model))
+
+    def _send(self, endpoint: str, body: dict, r: ContextResult) -> dict | None:
+        p = self.plan
+        for attempt in range(p.retries + 1):
+            if self.must_stop():
+                self.stopped = True
+                r.error = "interrupted" if self.cancelled else "deadline"
+                return None
+            slow = self.past_deadline()
+            pacer = self.slow_pacer if slow else self.pacer
+            lock = self.slow_lock if slow else None
+            if lock:
+                lock.acquire()
+            try:
+                if not self._sleep(pacer.wait_s()):
+                    self.stopped = True
+                    r.error = "deadline"
+                    return None
+                r.attempts += 1
+                try:
+                    resp = self.server.post(endpoint, body)
+                except Transient as e:
+                    if attempt == p.retries:
+                        raise
+                    log.info("prewarm %s/%s: %s; retrying", r.tenant, r.name, e)
+                    err = e
+                else:
+                    pacer.spend(int((resp.get("usage") or {}).get("prompt_tokens") or 0))
+                    return resp
+            finally:
+                if lock:
+                    lock.release()
+            if not self._sleep(min(60.0, p.retry_backoff_s * 2 ** attempt)):
+                raise Transient(f"{err} (no retry: deadline)")
+        return None  # pragma: no cover - the loop returns or raises
+
+    def _wait_stored(self, ns: str, keys: list[bytes]) -> None:
+        """Stores complete after vLLM answers: wait a little for every key to show up."""
+        if not keys:
+            return
+        until = self.clock() + self.plan.store_wait_s
+        delay = 0.02
+        while True:
+            tiers, _ = self.kv.lookup(ns, keys)
+            if all(tiers) or self.clock() >= until:
+                return
+            time.sleep(delay)
+            delay = min(0.5, delay * 2)
+
+    def _pin(self, tenant: Tenant, ns: str, keys: list[bytes]) -> None:
+        if tenant.pin == "ram" and keys:
+            self.kv.pin(ns, keys, tenant.ttl_s)
+
+    # ---- the whole plan -----------------------------------------------------------------
+
+    def prewarm(self) -> dict[str, ContextResult]:
+        self.model = self.plan.model or self.server.first_model()
+        jobs = [(t, c) for t in self.plan.tenants for c in t.contexts]
+        out: dict[str, ContextResult] = {}
+        pool = ThreadPoolExecutor(self.plan.concurrency, thread_name_prefix="kvtier-prewarm")
+        try:
+            futs = [pool.submit(self.context, t, c) for t, c in jobs]
+            for f in as_completed(futs):
+                r = f.result()
+                out[r.id] = r
+                self.progress.update(r)
+        except BaseException:  # interrupted: requests in flight finish, nothing new starts
+            self.cancelled = True
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            pool.shutdown(wait=True)
+            self.state.save()
+            self.progress.close()
+        return out
+
+    def measure(self, results: dict[str, ContextResult]) -> None:
+        """Coverage of every context whose recorded request is the one the plan makes now."""
+        for r in results.values():
+            entry = self.state.get(r.id)
+            digest = self.digests.get(r.id)
+            if entry is None or digest is None or entry.digest != digest:
+                continue
+            tiers, _ = self.kv.lookup(entry.namespace, entry.key_bytes()) if entry.keys else ([], 0)
+            r.tokens, r.chunk_size, r.namespace = entry.tokens, entry.chunk_size, entry.namespace
+            r.coverage = coverage(tiers, entry.ranks, entry.chunk_size, entry.tokens)
+
+
+def run_plan(plan: Plan, *, promote: bool | None = None, promote_only: bool = False, force: bool = False,
+             progress_out: IO[str] | None = None, tty: bool | None = None,
+             min_coverage: float | None = None, min_ram_coverage: float | None = None) -> Report:
+    """Run a plan (prewarm, then promote if asked) and report. Raises kvtier errors when the
+    daemon is unreachable, Transient/Permanent when the vLLM server is."""
+    from .promote import check_budget, promote_plan
+    promoting = promote_only or (plan.promote if promote is None else promote)
+    if promoting:
+        check_budget(plan)  # before any work
+    state = State.load(plan.state)
+    server = OpenAIServer(plan.url, os.environ.get(plan.api_key_env) or None, plan.timeout_s)
+    rep = Report([], deadline=plan.deadline,
+                 min_coverage=plan.min_coverage if min_coverage is None else min_coverage,
+                 min_ram_coverage=plan.min_ram_coverage if min_ram_coverage is None else min_ram_coverage)
+    jobs = [(t, c) for t in plan.tenants for c in t.contexts]
+    with Client(plan.address or None, timeout=max(30.0, plan.store_wait_s)) as kv:
+        kv.stats()  # unreachable daemon: fail now, not once per context
+        run = Run(plan, kv, server, state, Progress(0 if promote_only else len(jobs), progress_out, tty),
+                  force=force)
+        rep.late = run.late
+        if promote_only:  # no vLLM needed: the model is the plan's or the one recorded
+            results = {c.id: ContextResult(t.name, c.name, status="resident") for t, c in jobs}
+            for t, c in jobs:
+                e = state.get(c.id)
+                try:
+                    p = load_context(c)
+                    run.digests[c.id] = request_digest(plan.model or (e.model if e else ""), p.endpoint, p.body)
+                except (OSError, ValueError) as ex:
+                    results[c.id].status, results[c.id].error = "failed", str(ex)
+                    continue
+                if e is None or e.digest != run.digests[c.id]:
+                    results[c.id].status, results[c.id].error = "not run", "not prewarmed yet"
+        else:
+            results = run.prewarm()
+            rep.stopped_at_deadline = run.stopped and not run.late
+        if promoting:
+            rep.promoted = True
+            rep.ram_budget = plan.ram_budget
+            rep.ram_budget_used = promote_plan(plan, kv, state, results, run.digests)
+        run.measure(results)
+    rep.tenants = [TenantReport(t.name, [results[c.id] for c in t.contexts]) for t in plan.tenants]
+    rep.finished_at = time.time()
+    return rep

@@ -1,0 +1,111 @@
+"""The prewarm state file: what each context's last successful run stored.
+
+One JSON object, rewritten whole (temp file, fsync, rename, fsync of the directory), so a
+crash leaves the previous version or the new one, never a torn file:
+
+    {"version": 1, "contexts": {"TENANT/CONTEXT": {
+        "digest": hex,        # sha256 of the request that computed it (model + prompt)
+        "namespace": str,     # the daemon namespace the connector stored it in
+        "chunk_size": int, "ranks": int, "tokens": int,   # prompt tokens
+        "keys": [hex, ...],   # chunk by chunk, every rank's key (the connector's order)
+        "stored_at": float,   # unix time
+        "model": str}}}       # the model that computed it
+
+A context whose digest is unchanged and whose keys are all present in some tier is not sent
+again. A missing or unreadable file is an empty state (everything is sent again), never an
+error: the state only saves work.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+log = logging.getLogger("kvtier.prewarm")
+VERSION = 1
+
+
+@dataclass
+class Entry:
+    digest: str
+    namespace: str
+    chunk_size: int
+    ranks: int
+    tokens: int
+    keys: list[str]
+    stored_at: float = 0.0
+    model: str = ""
+
+    def key_bytes(self) -> list[bytes]:
+        return [bytes.fromhex(k) for k in self.keys]
+
+
+class State:
+    def __init__(self, path: str):
+        self.path = path
+        self.entries: dict[str, Entry] = {}
+        self._lock = threading.Lock()
+        self._dirty = False
+        self._last_save = 0.0
+
+    @classmethod
+    def load(cls, path: str) -> "State":
+        st = cls(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            if data.get("version") != VERSION:
+                raise ValueError(f"version {data.get('version')!r}")
+            for cid, e in data["contexts"].items():
+                st.entries[cid] = Entry(**e)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("prewarm state %s is unreadable (%s): every context is sent again", path, e)
+            st.entries = {}
+        return st
+
+    def get(self, cid: str) -> Entry | None:
+        with self._lock:
+            return self.entries.get(cid)
+
+    def put(self, cid: str, entry: Entry) -> None:
+        with self._lock:
+            self.entries[cid] = entry
+            self._dirty = True
+        if time.monotonic() - self._last_save >= 2.0:
+            self.save()
+
+    def save(self) -> None:
+        """Write the file if anything changed (crash-safe)."""
+        with self._lock:
+            if not self._dirty:
+                return
+            data = {"version": VERSION, "contexts": {k: asdict(v) for k, v in sorted(self.entries.items())}}
+            self._dirty = False
+            self._last_save = time.monotonic()
+            d = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(d, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".prewarm-", dir=d)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(data, f, separators=(",", ":"))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                self._dirty = True
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            dfd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)

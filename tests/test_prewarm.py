@@ -1,0 +1,557 @@
+"""kvtier prewarm without vLLM: the plan, contexts, coverage, and runs against a real daemon
+and a stand-in OpenAI server that stores chunks the way the connector does.
+
+The stand-in (``FakeVLLM``) tokenizes on whitespace, names chunk c of a prompt by a hash of
+its tenant and first (c+1)*CHUNK tokens, stores one block per chunk in the tenant's
+namespace, pins it as asked and answers with the connector's kv_transfer_params. The real
+connector and a real vLLM are in tests/test_prewarm_e2e.py.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from kvtier import cli
+from kvtier.client import Client
+from kvtier.errors import ConfigError
+from kvtier.prewarm import plan as P
+from kvtier.prewarm.report import ContextResult, Progress, TenantReport, coverage
+from kvtier.prewarm.run import Pacer, run_plan
+from kvtier.prewarm.state import Entry, State
+from kvtier.vllm.settings import ConnectorSettings, request_options
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CHUNK = 4
+BLOCK_BYTES = 64 << 10
+pytestmark = pytest.mark.timeout(120)
+
+
+# ---- the plan ---------------------------------------------------------------------------------
+
+def test_example_plan_parses():
+    p = P.load(str(ROOT / "configs" / "prewarm.example.toml"))
+    assert [t.name for t in p.tenants] == ["acme", "globex"]
+    acme, globex = p.tenants
+    assert (acme.pin, acme.ttl_s) == ("ram", 36 * 3600)
+    assert (globex.pin, globex.ttl_s) == ("none", 36 * 3600)
+    assert [c.kind for c in acme.contexts] == ["files", "messages", "text"]
+    assert acme.contexts[0].files[0] == str(ROOT / "configs" / "acme" / "repo" / "**" / "*.py")
+    assert globex.contexts[0].kind == "tokens"
+    assert (p.deadline, p.max_run_s, p.ram_budget, p.min_coverage) == ("06:30", 12 * 3600, 8 << 30, 0.95)
+    # every setting the code knows is in the example, and nothing else
+    text = (ROOT / "configs" / "prewarm.example.toml").read_text()
+    for section, keys in P._SECTIONS.items():
+        for k in keys:
+            assert f"\n{k} = " in text, f"[{section}] {k} is not in the example plan"
+
+
+def _plan(tmp_path, text: str) -> str:
+    f = tmp_path / "plan.toml"
+    f.write_text(text)
+    return str(f)
+
+
+@pytest.mark.parametrize("text, message, line", [
+    ('[run]\nconcurency = 2\n[[tenant]]\nname = "a"\n[[tenant.context]]\nname = "c"\ntext = "x"\n',
+     "run.concurency: unknown setting", 2),
+    ('[[tenant]]\nname = "a"\npin = "gpu"\n[[tenant.context]]\nname = "c"\ntext = "x"\n',
+     "pin must be one of ram, none", 2),
+    ('[[tenant]]\nname = "a"\n\n[[tenant.context]]\nname = "c"\ntext = "x"\nfiles = ["y"]\n',
+     "give exactly one of", 5),
+    ('[[tenant]]\nname = "a"\n[[tenant.context]]\nname = "c"\ntext = "x"\n[[tenant]]\nname = "b"\n',
+     "tenant 'b': no [[tenant.context]]", 7),
+    ('[run]\ndeadline = "25:00"\n[[tenant]]\nname = "a"\n[[tenant.context]]\nname = "c"\ntext = "x"\n',
+     "not a time of day", 2),
+    ('[report]\nmin_coverage = 95\n[[tenant]]\nname = "a"\n[[tenant.context]]\nname = "c"\ntext = "x"\n',
+     "a fraction from 0 to 1", 2),
+    ('[vllm]\nurl = "localhost"\n', "no [[tenant]]", None),
+])
+def test_bad_plans_name_file_line_and_setting(tmp_path, text, message, line):
+    path = _plan(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        P.load(path)
+    assert message in str(e.value)
+    prefix = f"{path}:{line}: " if line else f"{path}: "
+    assert str(e.value).startswith(prefix), str(e.value)
+
+
+def test_deadline_clock_late_and_duration():
+    p = P.Plan(deadline="06:30", max_run_s=12 * 3600)
+    night = dt.datetime(2026, 1, 5, 23, 0)
+    assert p.deadline_at(night) == (dt.datetime(2026, 1, 6, 6, 30), False)
+    assert p.deadline_at(dt.datetime(2026, 1, 6, 2, 0)) == (dt.datetime(2026, 1, 6, 6, 30), False)
+    # a catch-up run after a reboot at 09:00 is late, not 21.5 hours early
+    assert p.deadline_at(dt.datetime(2026, 1, 6, 9, 0)) == (dt.datetime(2026, 1, 6, 6, 30), True)
+    assert P.Plan(deadline="90m").deadline_at(night) == (night + dt.timedelta(minutes=90), False)
+    assert P.Plan().deadline_at(night) == (None, False)
+
+
+def test_contexts_are_read_into_requests(tmp_path):
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    (tmp_path / "src" / "b.py").write_text("B")
+    (tmp_path / "src" / "pkg" / "a.py").write_text("A")
+    (tmp_path / "src" / "notes.txt").write_text("N")
+    (tmp_path / "chat.jsonl").write_text('{"role": "system", "content": "be brief"}\n\n'
+                                         '{"role": "user", "content": "hi"}\n')
+    (tmp_path / "tools.json").write_text('[{"type": "function", "function": {"name": "f"}}]')
+    (tmp_path / "ids.jsonl").write_text("[1, 2, 3]\n4\n[5]\n")
+    path = _plan(tmp_path, '''
+[[tenant]]
+name = "a"
+[[tenant.context]]
+name = "code"
+files = ["src/**/*.py", "src/notes.txt"]
+header = "# {path}\\n"
+separator = "|"
+[[tenant.context]]
+name = "chat"
+messages = "chat.jsonl"
+tools = "tools.json"
+[[tenant.context]]
+name = "ids"
+tokens = "ids.jsonl"
+''')
+    code, chat, ids = P.load(path).tenants[0].contexts
+    got = P.load_context(code)
+    src = tmp_path / "src"
+    assert got.endpoint == "/v1/completions" and got.files == 3
+    assert got.body["prompt"] == f"# {src}/b.py\nB|# {src}/pkg/a.py\nA|# {src}/notes.txt\nN"
+    got = P.load_context(chat)
+    assert got.endpoint == "/v1/chat/completions"
+    assert got.body == {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                        "add_generation_prompt": False,
+                        "tools": [{"type": "function", "function": {"name": "f"}}]}
+    assert P.load_context(ids).body == {"prompt": [1, 2, 3, 4, 5]}
+    (tmp_path / "ids.jsonl").write_text('[1, "two"]\n')
+    with pytest.raises(ValueError, match="ids.jsonl:1: expected a token id"):
+        P.load_context(ids)
+    with pytest.raises(ValueError, match="no file matches"):
+        P.load_context(P.Context("a", "x", "files", files=(str(tmp_path / "none" / "*.py"),)))
+
+
+def test_coverage_counts_the_present_prefix_by_slowest_tier():
+    # two ranks per chunk; chunk 2 has one rank on NVMe; chunk 3 misses a rank; chunk 4 present
+    tiers = [1, 1, 1, 1, 1, 2, 1, 0, 1, 1]
+    assert coverage(tiers, 2, 64, 5 * 64 + 10) == {"ram": 128, "nvme": 64, "redis": 0}
+    # fewer keys than the prompt has chunks (the connector stored only two of three)
+    assert coverage([3, 1], 1, 64, 200) == {"ram": 64, "nvme": 0, "redis": 64}
+    t = TenantReport("a", [ContextResult("a", "x", "stored", tokens=330, chunk_size=64,
+                                         coverage={"ram": 128, "nvme": 64, "redis": 0})])
+    assert t.cacheable == 320 and t.fraction() == pytest.approx(0.6) and t.fraction("ram") == pytest.approx(0.4)
+    t.contexts.append(ContextResult("a", "y", "failed", error="boom"))
+    assert t.incomplete and t.summary()["failures"] == [{"context": "y", "error": "boom"}]
+
+
+def test_progress_bar_on_a_terminal_lines_otherwise():
+    out = io.StringIO()
+    p = Progress(2, out, tty=True)
+    p.update(ContextResult("a", "x", "stored", tokens=1000, stored_chunks=3))
+    p.update(ContextResult("b", "y", "failed", error="HTTP 400"))
+    assert out.getvalue().startswith("\r\x1b[K[############------------] 1/2  1,000 tokens  a/x")
+    assert out.getvalue().endswith("[########################] 2/2  1,000 tokens  1 failed  b/y\n")
+    out = io.StringIO()
+    p = Progress(1, out, tty=False)
+    p.update(ContextResult("a", "x", "resident", tokens=64))
+    assert out.getvalue() == "prewarm 1/1 a/x: already resident, 64 tokens, 0.0s\n"
+
+
+def test_pacer_spaces_requests_by_tokens():
+    p = Pacer(1000)
+    assert p.wait_s() == 0
+    p.spend(500)
+    assert 0.4 < p.wait_s() <= 0.5
+    p.spend(500)
+    assert 0.9 < p.wait_s() <= 1.0
+    assert Pacer(0).wait_s() == 0
+
+
+def test_state_file_round_trip_and_unreadable(tmp_path):
+    path = str(tmp_path / "sub" / "state.json")
+    st = State(path)
+    st.put("a/x", Entry("d1", "vllm-a", 64, 1, 100, ["00" * 32], 1.0, "m"))
+    st.save()
+    assert State.load(path).get("a/x") == st.get("a/x")
+    assert [f for f in os.listdir(tmp_path / "sub")] == ["state.json"]   # no temp files left
+    (tmp_path / "sub" / "state.json").write_text("{not json")
+    assert State.load(path).entries == {}
+
+
+# ---- connector settings used by prewarm -----------------------------------------------------------
+
+def test_tenant_namespace_setting_and_request_options():
+    s = ConnectorSettings.from_extra({"tenant_namespace": "{namespace}-{tenant}"})
+    warned = []
+    o = request_options({"kvtier": {"tenant": "acme", "ttl": 3600, "return_keys": True}}, s, warned.append)
+    assert (o.namespace, o.pin, o.pin_s, o.return_keys, o.load, o.store) == ("vllm-acme", True, 3600, True, True, True)
+    assert request_options(None, s).namespace == "vllm"        # no tenant: the engine's namespace
+    o = request_options({"kvtier": {"tenant": "Acme Corp"}}, s, warned.append)
+    assert (o.namespace, o.load, o.store) == ("vllm", False, False) and "not valid" in warned[-1]
+    o = request_options({"kvtier": {"ttl": 60, "pin": False}}, s)
+    assert not o.pin
+    # the default: one namespace for every tenant
+    d = ConnectorSettings.from_extra({})
+    assert request_options({"kvtier": {"tenant": "acme"}}, d).namespace == "vllm"
+    for bad in ("{namespace}", "{tenant}-{model}", "{tenant", "UPPER-{tenant}"):
+        with pytest.raises(ConfigError, match="tenant_namespace"):
+            ConnectorSettings.from_extra({"tenant_namespace": bad})
+    with pytest.raises(ConfigError, match="tenant"):
+        ConnectorSettings.from_extra({"tenant_namespace": "{tenant}", "tenant": "Bad Name"})
+
+
+# ---- runs against a daemon and a stand-in server ------------------------------------------------
+
+class FakeVLLM:
+    """An OpenAI server that does what vLLM with the kvtier connector does, in miniature."""
+
+    def __init__(self, address: str, ranks: int = 1):
+        self.address, self.ranks = address, ranks
+        self.requests: list[dict] = []
+        self.fail: list[int] = []       # HTTP status of the next requests, in order
+        self.delay_s = 0.0
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._send(200, {"data": [{"id": "tiny"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                code, obj = fake.handle(self.path, body)
+                self._send(code, obj)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def handle(self, path, body):
+        with self.lock:
+            self.requests.append(body)
+            if self.fail:
+                code = self.fail.pop(0)
+                return code, {"error": {"message": f"status {code}"}}
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay_s)
+            if "messages" in body:
+                toks = " ".join(f"<{m['role']}> {m['content']}" for m in body["messages"]).split()
+            elif isinstance(body["prompt"], list):
+                toks = [str(t) for t in body["prompt"]]
+            else:
+                toks = body["prompt"].split()
+            kv = body["kv_transfer_params"]["kvtier"]
+            tenant = kv.get("tenant", "")
+            ns = f"vllm-{tenant}" if tenant else "vllm"
+            keys = [hashlib.sha256(f"{tenant}|{r}|{' '.join(toks[:(c + 1) * CHUNK])}".encode()).digest()
+                    for c in range(len(toks) // CHUNK) for r in range(self.ranks)]
+            with Client(self.address) as c:
+                stored = c.put_many(ns, [(k, k * (BLOCK_BYTES // 32)) for k in keys])
+                if kv.get("pin") is not False:
+                    c.pin(ns, keys, kv.get("ttl", 0))
+            params = {"namespace": ns, "chunk_size": CHUNK, "loaded_tokens": 0,
+                      "stored_chunks": sum(stored) // self.ranks, "cached_tokens": len(keys) // self.ranks * CHUNK,
+                      "tenant": tenant, "ranks": self.ranks}
+            if kv.get("return_keys"):
+                params["keys"] = [k.hex() for k in keys]
+            return 200, {"choices": [{"text": " x"}], "usage": {"prompt_tokens": len(toks)},
+                         "kv_transfer_params": {"kvtier": params}}
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fake_vllm(daemon):
+    made = []
+
+    def make(**kw):
+        f = FakeVLLM(daemon.address, **kw)
+        made.append(f)
+        return f
+    yield make
+    for f in made:
+        f.close()
+
+
+def words(n: int, seed: int) -> str:
+    return " ".join(f"w{(seed * 7919 + i) % 997}" for i in range(n))
+
+
+def write_plan(tmp_path, url, address, extra: str = "", tenants: str | None = None) -> str:
+    (tmp_path / "kb.txt").write_text(words(18, 1))
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"role": "system", "content": words(11, 2)}) + "\n")
+    (tmp_path / "ids.jsonl").write_text(json.dumps(list(range(100, 113))) + "\n")
+    tenants = tenants if tenants is not None else f'''
+[[tenant]]
+name = "acme"
+ttl = "1h"
+[[tenant.context]]
+name = "kb"
+files = "kb.txt"
+[[tenant.context]]
+name = "chat"
+messages = "chat.jsonl"
+
+[[tenant]]
+name = "globex"
+pin = "none"
+[[tenant.context]]
+name = "ids"
+tokens = "ids.jsonl"
+[[tenant.context]]
+name = "prompt"
+text = "{words(9, 3)}"
+'''
+    return _plan(tmp_path, f'''
+[vllm]
+url = "{url}"
+[daemon]
+address = "{address}"
+[run]
+state = "{tmp_path}/state.json"
+retry_backoff_s = 0.01
+{extra}
+{tenants}''')
+
+
+def summary(rep) -> dict:
+    return {t.name: t.summary() for t in rep.tenants}
+
+
+def test_run_stores_reports_and_skips_resident_contexts(tmp_path, daemon, fake_vllm):
+    fake = fake_vllm()
+    plan = P.load(write_plan(tmp_path, fake.url, daemon.address))
+    rep = run_plan(plan, progress_out=io.StringIO(), tty=False)
+    s = summary(rep)
+    # kb: 18 tokens -> 4 chunks; chat: 12 tokens -> 3; ids: 13 -> 3; prompt: 9 -> 2
+    assert (s["acme"]["stored"], s["acme"]["tokens"], s["acme"]["stored_chunks"]) == (2, 30, 7)
+    assert s["acme"]["cacheable_tokens"] == 28 and s["globex"]["cacheable_tokens"] == 20
+    assert (s["globex"]["stored"], s["globex"]["tokens"], s["globex"]["stored_chunks"]) == (2, 22, 5)
+    for t in ("acme", "globex"):
+        assert s[t]["coverage"] == {"ram": 1.0, "nvme": 0.0, "redis": 0.0, "total": 1.0}
+    assert len(fake.requests) == 4
+    bodies = {json.dumps(b.get("messages") or b["prompt"]): b for b in fake.requests}
+    chat = next(b for b in bodies.values() if "messages" in b)
+    assert chat["max_tokens"] == 1 and chat["add_generation_prompt"] is False and chat["model"] == "tiny"
+    assert chat["kv_transfer_params"] == {"kvtier": {"tenant": "acme", "return_keys": True, "ttl": 3600}}
+    assert all(b["kv_transfer_params"]["kvtier"]["pin"] is False for b in fake.requests
+               if b["kv_transfer_params"]["kvtier"]["tenant"] == "globex")
+    with Client(daemon.address) as c:
+        st = {n.name: n for n in c.stats().namespaces}
+        assert st["vllm-acme"].blocks == 7 and st["vllm-globex"].blocks == 5
+        assert c.stats().tiers[0].pinned_blocks == 7                       # acme: pin class ram
+
+    # the second run sends nothing: every context is resident
+    rep = run_plan(plan, progress_out=io.StringIO(), tty=False)
+    assert len(fake.requests) == 4
+    s = summary(rep)
+    assert s["acme"]["resident"] == 2 and s["globex"]["resident"] == 2 and s["acme"]["stored_chunks"] == 0
+    assert s["acme"]["coverage"]["total"] == 1.0
+    rep = run_plan(plan, progress_out=io.StringIO(), tty=False, force=True)     # --force sends all
+    assert len(fake.requests) == 8 and summary(rep)["acme"]["stored"] == 2
+    del fake.requests[4:]
+
+    # a changed file and a lost chunk are sent again; the rest is still skipped
+    (tmp_path / "kb.txt").write_text(words(18, 5))
+    e = State.load(plan.state).get("globex/ids")
+    with Client(daemon.address) as c:
+        assert c.delete(e.namespace, [bytes.fromhex(e.keys[-1])]) == 1
+    rep = run_plan(plan, progress_out=io.StringIO(), tty=False)
+    sent = fake.requests[4:]
+    assert sorted(b["kv_transfer_params"]["kvtier"]["tenant"] for b in sent) == ["acme", "globex"]
+    assert summary(rep)["globex"]["coverage"]["total"] == 1.0
+
+
+def test_transient_errors_are_retried_permanent_ones_fail(tmp_path, daemon, fake_vllm):
+    fake = fake_vllm()
+    plan = P.load(write_plan(tmp_path, fake.url, daemon.address, "concurrency = 1\nretries = 2"))
+    fake.fail = [503, 429]
+    rep = run_plan(plan, progress_out=io.StringIO(), tty=False)
+    first = rep.tenants[0].contexts[0]
+    assert (first.status, first.attempts) == ("stored", 3)
+    assert all(c.status == "stored" for t in rep.tenants for c in t.contexts)
+
+    os.unlink(plan.state)
+    fake.fail = [400, 503, 503, 503]       # kb: bad request, not retried; chat: gives up after 3
+    rep = run_plan(plan, progress_out=io.StringIO(), tty=False, min_coverage=0.5)
+    kb, chat = rep.tenants[0].contexts
+    assert (kb.status, kb.attempts) == ("failed", 1) and "HTTP 400" in kb.error
+    assert (chat.status, chat.attempts) == ("failed", 3) and "HTTP 503" in chat.error
+    assert [c.status for c in rep.tenants[1].contexts] == ["stored", "stored"]
+    assert rep.under_threshold() == ["acme"]
+    out = io.StringIO()
+    rep.write_table(out)
+    assert "acme/kb: failed after 1 attempt(s): HTTP 400" in out.getvalue()
+    acme_row = next(l for l in out.getvalue().splitlines() if l.startswith("acme "))
+    assert acme_row.split()[-3] == "0.0%*"            # nothing of acme is known to be covered
+    globex_row = next(l for l in out.getvalue().splitlines() if l.startswith("globex "))
+    assert globex_row.split()[-3] == "100.0%"
+
+
+def test_deadline_stops_the_run(tmp_path, daemon, fake_vllm):
+    fake = fake_vllm()
+    fake.delay_s = 0.7
+    plan = P.load(write_plan(tmp_path, fake.url, daemon.address, 'concurrency = 1\ndeadline = "1s"'))
+    rep = run_plan(plan, progress_out=io.StringIO(), tty=False)
+    status = [c.status for t in rep.tenants for c in t.contexts]
+    n = status.count("stored")
+    assert 1 <= n <= 2 and status == ["stored"] * n + ["not run"] * (4 - n), status
+    assert len(fake.requests) == n
+    assert rep.stopped_at_deadline and rep.under_threshold() == []
+    rep.min_coverage = 0.9
+    assert "globex" in rep.under_threshold()
+
+
+def test_late_run_goes_slow_one_at_a_time(tmp_path, daemon, fake_vllm):
+    fake = fake_vllm()
+    fake.delay_s = 0.05
+    passed = (dt.datetime.now() - dt.timedelta(hours=2)).strftime("%H:%M")
+    plan = P.load(write_plan(tmp_path, fake.url, daemon.address,
+                             f'concurrency = 4\ndeadline = "{passed}"\nmax_run = "1h"\n'
+                             'after_deadline = "slow"\nlate_tokens_per_s = 100'))
+    t0 = time.monotonic()
+    rep = run_plan(plan, progress_out=io.StringIO(), tty=False)
+    took = time.monotonic() - t0
+    assert rep.late
+    assert all(c.status == "stored" for t in rep.tenants for c in t.contexts)
+    assert fake.max_in_flight == 1
+    # 52 prompt tokens at 100 per second: the last request waits for the first three (~0.4 s)
+    assert took >= 0.35
+
+
+def test_max_tokens_per_s_paces_the_night_too(tmp_path, daemon, fake_vllm):
+    fake = fake_vllm()
+    plan = P.load(write_plan(tmp_path, fake.url, daemon.address, "concurrency = 1\nmax_tokens_per_s = 100"))
+    t0 = time.monotonic()
+    run_plan(plan, progress_out=io.StringIO(), tty=False)
+    assert time.monotonic() - t0 >= 0.35
+
+
+def test_promote_brings_chunks_back_into_ram_within_the_budget(tmp_path, make_daemon, fake_vllm):
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    d = make_daemon(ram={"capacity": "4MiB", "policy": "lru"}, nvme={"dirs": [str(nvme)]})
+    fake = FakeVLLM(d.address, ranks=2)
+    try:
+        tenants = f'''
+[[tenant]]
+name = "globex"
+pin = "none"
+[[tenant.context]]
+name = "kb"
+text = "{words(24, 7)}"
+'''
+        path = write_plan(tmp_path, fake.url, d.address, tenants=tenants)
+        plan = P.load(path)
+        rep = run_plan(plan, progress_out=io.StringIO(), tty=False)
+        assert summary(rep)["globex"]["stored_chunks"] == 6             # 12 blocks of 64 KiB
+        keys = State.load(plan.state).get("globex/kb").key_bytes()
+        with Client(d.address) as c:                                     # daytime traffic evicts them
+            for i in range(6):
+                c.put_many("other", [(hashlib.sha256(f"{i}-{j}".encode()).digest(), bytes(256 << 10))
+                                     for j in range(4)])
+            assert all(t == 2 for t in c.lookup("vllm-globex", keys)[0]), "not all on NVMe only"
+        rep = run_plan(plan, progress_out=io.StringIO(), tty=False)          # on NVMe: resident
+        assert summary(rep)["globex"]["resident"] == 1 and len(fake.requests) == 1
+        assert summary(rep)["globex"]["coverage"] == {"ram": 0.0, "nvme": 1.0, "redis": 0.0, "total": 1.0}
+
+        with pytest.raises(ConfigError, match="ram_budget must be set"):
+            run_plan(plan, progress_out=io.StringIO(), tty=False, promote=True)
+        assert len(fake.requests) == 1
+        # a budget of 7 blocks: 3 whole chunks (2 ranks each) come up, in prefix order
+        with open(path, "a") as f:
+            f.write('\n[promote]\nram_budget = "448KiB"\n')
+        plan = P.load(path)
+        rep = run_plan(plan, progress_out=io.StringIO(), tty=False, promote_only=True)
+        s = summary(rep)["globex"]
+        assert s["promoted_chunks"] == 3 and rep.ram_budget_used == 6 * BLOCK_BYTES
+        assert s["coverage"]["ram"] == pytest.approx(0.5) and s["coverage"]["nvme"] == pytest.approx(0.5)
+        with Client(d.address) as c:
+            assert c.lookup("vllm-globex", keys)[0] == [1] * 6 + [2] * 6
+    finally:
+        fake.close()
+
+
+def test_cli_json_table_exit_codes(tmp_path, daemon, fake_vllm, capsys):
+    fake = fake_vllm()
+    path = write_plan(tmp_path, fake.url, daemon.address)
+    assert cli.main(["prewarm", path, "--check"]) == 0
+    assert "2 customers, 4 contexts" in capsys.readouterr().out
+    assert cli.main(["prewarm", path, "--json", "--quiet", "--min-coverage", "95%"]) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert [t["tenant"] for t in data["tenants"]] == ["acme", "globex"]
+    assert data["tenants"][0]["coverage"]["total"] == 1.0 and data["under_threshold"] == []
+    assert data["tenants"][1]["context_results"][0]["namespace"] == "vllm-globex"
+    assert err.count("\n") == 4 and "prewarm 4/4" in err
+
+    fake.fail = [400] * 8
+    (tmp_path / "kb.txt").write_text(words(18, 9))                      # kb must be sent again
+    assert cli.main(["prewarm", path, "--quiet", "--min-coverage", "0.95"]) == cli.EXIT_COVERAGE
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["customer", "contexts", "tokens", "stored", "RAM", "NVMe", "Redis",
+                                           "total", "time", "failed"]
+    assert "coverage under the threshold for: acme" in out
+
+    fake.close()
+    os.unlink(str(tmp_path / "state.json"))
+    assert cli.main(["prewarm", path, "--quiet"]) == cli.EXIT_UNAVAILABLE   # vLLM down
+    assert "vLLM at http://127.0.0.1" in capsys.readouterr().err
+    assert cli.main(["prewarm", str(tmp_path / "nope.toml")]) == cli.EXIT_USAGE
+
+
+def test_sigterm_saves_progress_and_the_next_run_resumes(tmp_path, daemon, fake_vllm):
+    fake = fake_vllm()
+    fake.delay_s = 0.3
+    path = write_plan(tmp_path, fake.url, daemon.address, "concurrency = 1")
+    p = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "prewarm", path, "--quiet"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(fake.requests) < 2 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.02)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err
+    sent = len(fake.requests)
+    assert 2 <= sent < 4, "the run was not interrupted mid-way"
+    order = ["acme/kb", "acme/chat", "globex/ids", "globex/prompt"]
+    # every context sent was finished (the one in flight too) and recorded; nothing else started
+    assert set(State.load(str(tmp_path / "state.json")).entries) == set(order[:sent])
+    rep = run_plan(P.load(path), progress_out=io.StringIO(), tty=False)
+    status = {c.id: c.status for t in rep.tenants for c in t.contexts}
+    assert status == {cid: "resident" if i < sent else "stored" for i, cid in enumerate(order)}
+    assert len(fake.requests) == 4
