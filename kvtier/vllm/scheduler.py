@@ -144,8 +144,11 @@ class SchedulerHalf:
         try:
             if not self._use_lookup:
                 try:
-                    lease = self.link.call(lambda c: c.acquire(st.opts.namespace, keys,
-                                                               self.settings.lease_ms, prefix_only=True))
+                    # a chunk found on every rank saves chunk_size tokens of prefill: the
+                    # daemon counts it per namespace (kvtier_prefill_tokens_saved_total)
+                    lease = self.link.call(lambda c: c.acquire(
+                        st.opts.namespace, keys, self.settings.lease_ms, prefix_only=True,
+                        tokens_per_key=self.chunk_size // R))
                     tiers = list(lease.tiers)
                 except errors.FailedPrecondition:  # no arena here: the daemon is remote
                     self._use_lookup = True
