@@ -269,6 +269,12 @@ def can_connect(family: int, addr) -> bool:
         s.close()
 
 
+def shm_dir() -> str:
+    """Where benchmark daemons put their arenas: /dev/shm, or $KVTIER_BENCH_SHM (a tmpfs
+    directory of the caller's, so it can check that nothing was left behind)."""
+    return os.environ.get("KVTIER_BENCH_SHM") or "/dev/shm"
+
+
 def start_daemon(stack: contextlib.ExitStack, tmp: str, capacity: str, tcp: bool) -> tuple[Proc, dict]:
     """``kvtier serve`` in a subprocess; returns it and its addresses."""
     from kvtier import config as kvconfig
@@ -277,7 +283,8 @@ def start_daemon(stack: contextlib.ExitStack, tmp: str, capacity: str, tcp: bool
     fields = {f.name: {g.name for g in dataclasses.fields(type(f.default_factory()))}
               for f in dataclasses.fields(kvconfig.Config)}
     tag = uuid.uuid4().hex[:10]
-    arena_dir = f"/dev/shm/kvtier-bench-{tag}" if os.access("/dev/shm", os.W_OK) else os.path.join(tmp, "arena-" + tag)
+    arena_dir = os.path.join(shm_dir(), f"kvtier-bench-{tag}") if os.access(shm_dir(), os.W_OK) \
+        else os.path.join(tmp, "arena-" + tag)
     stack.callback(shutil.rmtree, arena_dir, True)
     sock = os.path.join(tmp, f"d{tag[:4]}.sock")
     lines = ["[server]", f'socket = "{sock}"', "drain_timeout_s = 1.0", 'log_level = "warning"']

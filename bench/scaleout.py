@@ -171,8 +171,8 @@ class Daemons:
         self.procs, self.addresses = [], []
         for i in range(DAEMONS):
             tag = uuid.uuid4().hex[:10]
-            arena_dir = f"/dev/shm/kvtier-bench-{tag}" if os.access("/dev/shm", os.W_OK) else \
-                os.path.join(tmp, "arena-" + tag)
+            arena_dir = os.path.join(core.shm_dir(), f"kvtier-bench-{tag}") \
+                if os.access(core.shm_dir(), os.W_OK) else os.path.join(tmp, "arena-" + tag)
             stack.callback(shutil.rmtree, arena_dir, True)
             sock = os.path.join(tmp, f"d{i}{tag[:4]}.sock")
             lines = ["[server]", f'socket = "{sock}"', "drain_timeout_s = 1.0", 'log_level = "warning"',

