@@ -160,9 +160,13 @@ class SchedulerHalf:
         present = next((i for i, t in enumerate(tiers) if not t), len(tiers)) // R
         if lease is not None and lease.id:
             self._leases[request.request_id] = lease
-        if not self.settings.load_async and (first + present) * self.chunk_size >= request.num_tokens:
-            present -= 1  # a synchronous load must leave vLLM at least one token to compute
-        ext = (first + present) * self.chunk_size - num_computed_tokens
+        hit = (first + present) * self.chunk_size
+        if not self.settings.load_async and hit >= request.num_tokens:
+            # a synchronous load must leave vLLM at least one token to compute: load every
+            # whole block but the last (the last chunk is then loaded in part)
+            hit = (request.num_tokens - 1) // self.block_size * self.block_size
+            present = -(-hit // self.chunk_size) - first
+        ext = hit - num_computed_tokens
         if ext <= 0:
             self._release(request.request_id)
             return 0, False
