@@ -12,7 +12,11 @@ Three data paths, chosen once per client at first use:
 * ``data``: the framed data channel (docs/PROTOCOL.md), socket speed.
 * ``grpc``: chunked Put/Get streams, for when nothing else is reachable.
 
-``client.path`` says which. Every read is verified against its xxh3-128
+``client.path`` says which. Unary calls (Lookup, Reserve, Commit, Acquire,
+Release, ...) travel on the data channel too when the client has one (CALL
+frames, a fraction of a grpc.aio round trip) and on gRPC otherwise;
+``control="grpc"`` keeps them on gRPC, and ``client.control`` says which.
+Every read is verified against its xxh3-128
 checksum (``verify=True``); a mismatch is counted in ``client.checksum_failures``
 and returned as a miss, never as data. Batches longer than the daemon's
 ``max_batch`` are split. Errors are ``kvtier.errors`` types; ``Unavailable``
@@ -45,6 +49,8 @@ from .v1 import kvtier_pb2_grpc as pb_grpc
 
 PUT_CHUNK = 1 << 20
 _MAX_MSG = 256 << 20
+_RESPONSES = {m.name: getattr(pb, m.output_type.name) for m in pb.DESCRIPTOR.services_by_name["KVTier"].methods}
+CONTROLS = ("auto", "grpc")  # where unary calls go: the data channel when there is one, or always gRPC
 
 
 @dataclass(frozen=True)
@@ -113,9 +119,13 @@ class _Ops:
     """The operations, written once as generators (see module docstring)."""
 
     def __init__(self, address: str | None, attach: bool, data_channel: bool, verify: bool,
-                 token: str | None = None, tls: "TLS | None" = None):
+                 token: str | None = None, tls: "TLS | None" = None, control: str = "auto"):
+        if control not in CONTROLS:
+            raise ValueError(f"control must be one of {', '.join(CONTROLS)}, not {control!r}")
         self.address = address or default_address()
         self.want_arena, self.want_data, self.verify = attach, data_channel, verify
+        self.want_control = control == "auto"
+        self.control = ""  # where unary calls go after attach: "data" or "grpc"
         self.token = token if token is not None else os.environ.get("KVTIER_TOKEN") or None
         self.tls = tls
         self.metadata = (("authorization", f"Bearer {self.token}"),) if self.token else None
@@ -141,16 +151,21 @@ class _Ops:
             except OSError:
                 self.arena = None
         self.info = info
-        if self.arena is not None:
-            self.path = "arena"
-        elif self.want_data and info.data_address:
+        with self._pool_lock:  # connections to a daemon from before are dead or soon will be
+            old, self._pool = self._pool, []
+        for c in old:
+            c.close()
+        conn = None
+        if self.want_data and info.data_address and (self.arena is None or self.want_control):
             try:
-                self._pool.append(self._connect_data(info.data_address))
-                self.path = "data"
+                conn = self._connect_data(info.data_address)
             except (OSError, errors.KvtierError):
-                self.path = "grpc"
-        else:
-            self.path = "grpc"
+                conn = None
+        if conn is not None:
+            with self._pool_lock:
+                self._pool.append(conn)
+        self.path = "arena" if self.arena is not None else ("data" if conn is not None else "grpc")
+        self.control = "data" if conn is not None and self.want_control else "grpc"
         return info
 
     def _batches(self, keys: Sequence[bytes]) -> Iterable[tuple[int, list[bytes]]]:
@@ -203,10 +218,61 @@ class _Ops:
                 except BaseException:
                     conn.close()
                     raise
-                with self._pool_lock:
-                    self._pool.append(conn)
+                self._give_back(conn)
                 return out
         return call
+
+    def _give_back(self, conn: DataConnection) -> None:
+        if conn.broken:
+            conn.close()
+            return
+        with self._pool_lock:
+            self._pool.append(conn)
+
+    def control_call(self, rpc: str, request, timeout: float | None):
+        """A unary call as a CALL frame on a pooled data connection; None when no connection can
+        be opened or the daemon does not know CALL, and the caller uses gRPC. Pooled connections
+        the daemon has closed are
+        dropped before sending, so a call is never sent twice: once sent, a lost connection is
+        Unavailable (and a timeout DeadlineExceeded), as on gRPC."""
+        conn = None
+        while conn is None:
+            with self._pool_lock:
+                conn = self._pool.pop() if self._pool else None
+            if conn is None:
+                break
+            if conn.idle_closed():
+                conn.close()
+                conn = None
+        if conn is None:
+            try:
+                conn = self._connect_data(self.info.data_address)
+            except (OSError, errors.KvtierError):
+                return None
+        payload = request.SerializeToString()
+        try:
+            out = conn.call(rpc, payload, timeout)
+        except errors.InvalidArgument as e:
+            if not str(e).startswith("bad frame"):
+                self._give_back(conn)
+                raise
+            conn.close()  # a daemon from before CALL: it ran nothing and closed; gRPC from now on
+            self.control = "grpc"
+            return None
+        except errors.KvtierError:
+            self._give_back(conn)  # an answer: the connection is in step (unless marked broken)
+            raise
+        except TimeoutError:
+            conn.close()
+            raise errors.DeadlineExceeded(f"{rpc} on the data channel: no answer within {timeout}s") from None
+        except (OSError, ConnectionError) as e:
+            conn.close()
+            raise errors.Unavailable(f"{rpc} on the data channel: {e}") from None
+        except BaseException:
+            conn.close()
+            raise
+        self._give_back(conn)
+        return _RESPONSES[rpc].FromString(out)
 
     def _stale_retry(self, op, *args):
         """Run a sub-operation; if the daemon restarted (new arena), attach again and retry once."""
@@ -259,14 +325,20 @@ class _Ops:
     def op_commit(self, res: Reservation, checksums: Sequence[bytes] | None = None):
         if not res.id:
             return []
-        r = yield ("unary", "Commit", pb.CommitRequest(
-            reservation_id=res.id, checksums=b"".join(checksums) if checksums else b""))
+        try:
+            r = yield ("unary", "Commit", pb.CommitRequest(
+                reservation_id=res.id, checksums=b"".join(checksums) if checksums else b""))
+        except errors.NotFound as e:  # the only NOT_FOUND Commit gives
+            raise errors.UnknownReservation(str(e)) from None
         c = r.checksums
         return [c[i:i + CHECKSUM_SIZE] for i in range(0, len(c), CHECKSUM_SIZE)]
 
     def op_abort(self, res: Reservation):
         if res.id:
-            yield ("unary", "Abort", pb.AbortRequest(reservation_id=res.id))
+            try:
+                yield ("unary", "Abort", pb.AbortRequest(reservation_id=res.id))
+            except errors.NotFound as e:
+                raise errors.UnknownReservation(str(e)) from None
 
     def op_acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False,
                    tokens_per_key: int = 0):
@@ -288,7 +360,10 @@ class _Ops:
 
     def op_release(self, lease: Lease):
         if lease.id:
-            yield ("unary", "Release", pb.ReleaseRequest(lease_id=lease.id))
+            try:
+                yield ("unary", "Release", pb.ReleaseRequest(lease_id=lease.id))
+            except errors.NotFound as e:  # expired: callers that copied out must not trust the bytes
+                raise errors.UnknownLease(str(e)) from None
 
     def _arena_put(self, ns, keys, datas, overwrite):
         res = yield from self._reserve(ns, keys, [len(d) for d in datas], 0, overwrite)
@@ -462,8 +537,8 @@ class Client:
 
     def __init__(self, address: str | None = None, *, attach: bool = True, data_channel: bool = True,
                  verify: bool = True, timeout: float | None = 30.0, token: str | None = None,
-                 tls: TLS | None = None):
-        self._ops = _Ops(address, attach, data_channel, verify, token, tls)
+                 tls: TLS | None = None, control: str = "auto"):
+        self._ops = _Ops(address, attach, data_channel, verify, token, tls, control)
         self.timeout = timeout
         self._channel = _channel(grpc, self._ops.address, tls)
         self._stub = pb_grpc.KVTierStub(self._channel)
@@ -474,6 +549,10 @@ class Client:
         try:
             if kind == "call":
                 return req[1]()
+            if kind == "unary" and self._ops.control == "data" and req[1] != "Attach":
+                out = self._ops.control_call(req[1], req[2], self.timeout)
+                if out is not None:
+                    return out
             rpc = getattr(self._stub, req[1])
             md = self._ops.metadata
             if kind == "server_stream":
@@ -499,6 +578,12 @@ class Client:
     def path(self) -> str:
         """'arena', 'data' or 'grpc' (empty before the first call)."""
         return self._ops.path
+
+    @property
+    def control(self) -> str:
+        """Where unary calls go: 'data' (CALL frames on the data channel) or 'grpc' (empty before
+        the first call that attaches)."""
+        return self._ops.control
 
     @property
     def checksum_failures(self) -> int:
@@ -583,8 +668,8 @@ class AsyncClient:
 
     def __init__(self, address: str | None = None, *, attach: bool = True, data_channel: bool = True,
                  verify: bool = True, timeout: float | None = 30.0, token: str | None = None,
-                 tls: TLS | None = None):
-        self._ops = _Ops(address, attach, data_channel, verify, token, tls)
+                 tls: TLS | None = None, control: str = "auto"):
+        self._ops = _Ops(address, attach, data_channel, verify, token, tls, control)
         self.timeout = timeout
         self._channel = _channel(grpc.aio, self._ops.address, tls)
         self._stub = pb_grpc.KVTierStub(self._channel)
@@ -594,6 +679,10 @@ class AsyncClient:
         try:
             if kind == "call":
                 return await asyncio.to_thread(req[1])
+            if kind == "unary" and self._ops.control == "data" and req[1] != "Attach":
+                out = await asyncio.to_thread(self._ops.control_call, req[1], req[2], self.timeout)
+                if out is not None:
+                    return out
             rpc = getattr(self._stub, req[1])
             md = self._ops.metadata
             if kind == "server_stream":
@@ -616,6 +705,7 @@ class AsyncClient:
             return stop.value
 
     path = Client.path
+    control = Client.control
     checksum_failures = Client.checksum_failures
 
     async def close(self) -> None:

@@ -14,9 +14,15 @@ Response (40 bytes + message + payload):
     <4s B B H Q Q 16s magic b"KVR1", status, info, msg_len, length, req_id, checksum
 
 op: 1 PUT, 2 GET, 3 PING, 4 HELLO (payload: bearer token; required first when
-the daemon has tenants). flags: bit0 overwrite, bit1 checksum follows.
-status: the gRPC status code number (0 OK). info: PUT: 0 stored, 1 already
-present, 2 pending elsewhere; GET: the tier (0 missing, 1 RAM).
+the daemon has tenants), 5 CALL (a unary RPC: the namespace field holds the
+method name, the payload its serialized kvtier.v1 request; the answer's
+payload is the serialized response). flags: bit0 overwrite, bit1 checksum
+follows. status: the gRPC status code number (0 OK). info: PUT: 0 stored, 1
+already present, 2 pending elsewhere; GET: the tier (0 missing, 1 RAM).
+
+CALL exists because a unary call through grpc.aio costs several times this
+channel's round trip; the daemon runs the gRPC handler itself for it
+(``KVTierService.call``), so both transports give the same answers.
 
 A request that breaks framing (bad magic, unknown op, a PUT longer than the
 largest block) gets an error response and the connection is closed; any
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import ssl
 import struct
@@ -46,7 +53,8 @@ log = logging.getLogger("kvtier.data")
 REQ = struct.Struct("<4sBBBBQQ")
 RESP = struct.Struct("<4sBBHQQ16s")
 REQ_MAGIC, RESP_MAGIC = b"KVD1", b"KVR1"
-OP_PUT, OP_GET, OP_PING, OP_HELLO = 1, 2, 3, 4
+OP_PUT, OP_GET, OP_PING, OP_HELLO, OP_CALL = 1, 2, 3, 4, 5
+_OPS = (OP_PUT, OP_GET, OP_PING, OP_HELLO, OP_CALL)
 MAX_TOKEN = 4096
 F_OVERWRITE, F_CHECKSUM = 1, 2
 SOCK_BUF = 4 << 20
@@ -95,11 +103,15 @@ class DataServer:
     """Accepts data-channel connections on a Unix and/or TCP socket."""
 
     def __init__(self, hot, view: memoryview, verify: bool, unix_path: str | None = None,
-                 tcp: tuple[str, int] | None = None, socket_mode: int = 0o660, access=None, tls=None):
+                 tcp: tuple[str, int] | None = None, socket_mode: int = 0o660, access=None, tls=None,
+                 calls=None, max_call_bytes: int = 4 << 20):
         from .auth import AllowAll
         self.hot, self.view, self.verify = hot, view, verify
         self.access = access or AllowAll()
         self.tls = tls  # ssl.SSLContext for TCP connections, or None
+        self.calls = calls  # (method, payload, token, peer) -> (status, details, response), or None
+        self.max_call_bytes = max_call_bytes
+        self.stopping = False  # new CALLs are UNAVAILABLE, as gRPC answers new calls while it drains
         self._socks: list[socket.socket] = []
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -182,7 +194,7 @@ class DataServer:
     # ---- one connection -------------------------------------------------------------------
 
     def _serve(self, conn: socket.socket) -> None:
-        tenant = None
+        tenant = token = peer = None
         hdr = bytearray(REQ.size + 255 + 255 + CHECKSUM_SIZE)
         hview = memoryview(hdr)
         scratch = memoryview(bytearray(1 << 20))
@@ -193,9 +205,19 @@ class DataServer:
                 except ConnectionError:
                     return
                 magic, op, flags, ns_len, key_len, length, req_id = REQ.unpack_from(hdr)
-                if magic != REQ_MAGIC or op not in (OP_PUT, OP_GET, OP_PING, OP_HELLO):
+                if magic != REQ_MAGIC or op not in _OPS:
                     self._reply(conn, req_id, grpc.StatusCode.INVALID_ARGUMENT, "bad frame: unknown magic or op")
                     return
+                if op == OP_CALL:  # authenticated per call by the handler, as over gRPC
+                    if length > self.max_call_bytes:
+                        self._reply(conn, req_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"call of {length} bytes exceeds the largest accepted "
+                                    f"({self.max_call_bytes} bytes)")
+                        return
+                    if peer is None:
+                        peer = _peer(conn)
+                    self._call(conn, req_id, ns_len + key_len, length, token, peer)
+                    continue
                 if op == OP_HELLO:
                     if length > MAX_TOKEN:
                         self._reply(conn, req_id, grpc.StatusCode.INVALID_ARGUMENT, "token too long")
@@ -203,7 +225,8 @@ class DataServer:
                     tok = bytearray(length)
                     recv_exact(conn, memoryview(tok))
                     try:
-                        tenant = self.access.identify(tok.decode("utf-8", "replace"))
+                        token = tok.decode("utf-8", "replace")
+                        tenant = self.access.identify(token)
                     except errors.KvtierError as e:
                         self._reply(conn, req_id, e.code, str(e))
                         return
@@ -245,6 +268,23 @@ class DataServer:
         conn.sendall(head)
         if payload is not None:
             conn.sendall(payload)
+
+    def _call(self, conn, req_id, name_len, length, token, peer) -> None:
+        body = bytearray(name_len + length)
+        recv_exact(conn, memoryview(body))
+        method = bytes(body[:name_len]).decode("ascii", "replace")
+        if self.calls is None:
+            self._reply(conn, req_id, grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+            return
+        if self.stopping:
+            self._reply(conn, req_id, grpc.StatusCode.UNAVAILABLE, "the daemon is stopping")
+            return
+        code, details, resp = self.calls(method, bytes(body[name_len:]), token, peer)
+        if code != grpc.StatusCode.OK:
+            self._reply(conn, req_id, code, details)
+            return
+        # one send (header and the small message together): one wake-up of the reader
+        conn.sendall(RESP.pack(RESP_MAGIC, 0, 0, 0, len(resp), req_id, _ZERO) + resp)
 
     def _drain(self, conn, n: int, scratch: memoryview) -> None:
         while n:
@@ -315,6 +355,14 @@ class DataServer:
                 pass
 
 
+def _peer(conn: socket.socket) -> str:
+    """The caller as gRPC names a peer ('unix:...', 'ipv4:h:p', 'ipv6:[h]:p')."""
+    if conn.family == socket.AF_UNIX:
+        return f"unix:{conn.getsockname()}"
+    h, p = conn.getpeername()[:2]
+    return f"ipv6:[{h}]:{p}" if conn.family == socket.AF_INET6 else f"ipv4:{h}:{p}"
+
+
 # ---- client side ------------------------------------------------------------------------
 
 @dataclass
@@ -329,12 +377,16 @@ class DataConnection:
     def __init__(self, address: str, timeout: float | None = 30.0, token: str | None = None, tls=None,
                  server_hostname: str | None = None):
         fam, sa = parse_address(address)
+        self.timeout = timeout
+        self.broken = False  # out of step with the daemon: close, never reuse
         self.sock = socket.socket(fam, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         tune(self.sock)
         self.sock.connect(sa)
         if tls is not None and fam != socket.AF_UNIX:
             self.sock = tls.wrap_socket(self.sock, server_hostname=server_hostname or sa[0])
+        self._poll = select.poll()
+        self._poll.register(self.sock, select.POLLIN)
         self._hdr = bytearray(RESP.size)
         self._next = 1
         if token:
@@ -362,16 +414,55 @@ class DataConnection:
         recv_exact(self.sock, memoryview(self._hdr))
         magic, status, info, msg_len, length, rid, digest = RESP.unpack(self._hdr)
         if magic != RESP_MAGIC or rid != req_id:
+            self.broken = True
             raise errors.Internal(f"data channel out of sync (got request {rid}, expected {req_id})")
         msg = b""
         if msg_len:
             msg = bytearray(msg_len)
             recv_exact(self.sock, memoryview(msg))
         if status:
-            code = next((c for c in grpc.StatusCode if c.value[0] == status), grpc.StatusCode.UNKNOWN)
-            exc = errors.CODE_TO_ERROR.get(code, errors.KvtierError)(bytes(msg).decode("utf-8", "replace"))
-            raise exc
+            raise errors.from_status(status, bytes(msg).decode("utf-8", "replace"))
         return info, length, digest
+
+    def call(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
+        """A unary RPC (CALL frame): the serialized request in, the serialized response out;
+        an error status raises its KvtierError. ``timeout`` bounds each wait for the daemon
+        (default: the connection's)."""
+        head, rid = self._request(OP_CALL, method, b"", len(request))
+        if timeout != self.timeout:
+            self.sock.settimeout(timeout)
+        try:
+            self.sock.sendall(head + request)
+            _, length, _ = self._response(rid)
+            out = bytearray(length)
+            if length:
+                recv_exact(self.sock, memoryview(out))
+        finally:
+            if timeout != self.timeout:
+                self.sock.settimeout(self.timeout)
+        return bytes(out)
+
+    def idle_closed(self) -> bool:
+        """True if the daemon closed this idle connection (or sent something unasked): one poll,
+        no wait, so a request is never sent on a connection that is already dead."""
+        try:
+            if not self._poll.poll(0):
+                return False
+        except (OSError, ValueError):
+            return True
+        if not isinstance(self.sock, ssl.SSLSocket):
+            return True
+        timeout = self.sock.gettimeout()  # TLS: the record may be a session ticket, not data
+        self.sock.setblocking(False)
+        try:
+            self.sock.recv(1)
+            return True  # end of stream, or bytes nobody asked for
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return False
+        except OSError:
+            return True
+        finally:
+            self.sock.settimeout(timeout)
 
     def put_many(self, ns: str, items, overwrite: bool = False, checksums=None) -> list[PutResult | errors.KvtierError]:
         """Pipelined puts: send every block, then read every answer (errors returned per block)."""

@@ -120,11 +120,21 @@ CODE_TO_ERROR: dict[grpc.StatusCode, type[KvtierError]] = {
 }
 
 
+_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def from_status(code: grpc.StatusCode | int, detail: str) -> KvtierError:
+    """The KvtierError for a status code (or its number, as the data channel sends it) and its
+    message: one mapping for both transports."""
+    if isinstance(code, int):
+        code = _BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+    exc = CODE_TO_ERROR.get(code, KvtierError)(detail or code.name)
+    exc.code = code
+    return exc
+
+
 def from_rpc_error(err: grpc.RpcError) -> KvtierError:
     """Turn a gRPC error into the matching KvtierError (its message kept)."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     detail = err.details() if hasattr(err, "details") else str(err)
-    cls = CODE_TO_ERROR.get(code, KvtierError)
-    exc = cls(detail or code.name)
-    exc.code = code
-    return exc
+    return from_status(code, detail)

@@ -2,8 +2,9 @@
 
 startup   create and lock the arena, build the hot tier, bind the gRPC server
           (Unix socket, plus TCP when configured) with the health and
-          reflection services, start the data channel and the expiry reaper,
-          then report SERVING.
+          reflection services, start the data channel (which also carries
+          unary calls to the same service) and the expiry reaper, then report
+          SERVING.
 main_loop wait for SIGTERM/SIGINT (or ``stop()``), expiring leases,
           reservations and pins every 100 ms, pinging the systemd watchdog;
           SIGHUP re-reads the config file and applies what can change live
@@ -172,7 +173,8 @@ class Daemon:
             ("grpc.max_send_message_length", mm),
             ("grpc.so_reuseport", 0),
         ])
-        pb_grpc.add_KVTierServicer_to_server(KVTierService(self), self.server)
+        service = KVTierService(self)
+        pb_grpc.add_KVTierServicer_to_server(service, self.server)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -192,7 +194,8 @@ class Daemon:
         if cfg.server.data_channel:
             tcp = _split_hostport(cfg.server.data_listen) if cfg.server.data_listen else None
             self.data = DataServer(self.store, a.view, cfg.ram.verify_on_commit, unix_path=sock + ".data", tcp=tcp,
-                                   socket_mode=mode, access=self.access, tls=self._tls_context())
+                                   socket_mode=mode, access=self.access, tls=self._tls_context(),
+                                   calls=service.call, max_call_bytes=mm)
             # same-node clients prefer the Unix socket; remote ones use the TCP address via Attach
             tcp_addrs = [x for x in self.data.addresses if x.startswith("tcp://")]
             self.data_address = (tcp_addrs or self.data.addresses)[0] if cfg.server.listen else self.data.addresses[0]
@@ -281,6 +284,8 @@ class Daemon:
         if self.health is not None:
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.data is not None:
+            self.data.stopping = True  # unary calls on the data channel drain with gRPC's
         if self.server is not None:
             await self.server.stop(self.cfg.server.drain_timeout_s)
         if self.data is not None:

@@ -5,6 +5,13 @@ validates its request (namespace, key sizes, batch limits), calls the tier,
 and maps a ``KvtierError`` to its status code; any other exception is logged
 and becomes INTERNAL, so no request can kill the daemon. Hashing of block
 bytes runs in worker threads, never on the event loop.
+
+The unary handlers also answer calls that arrive on the data channel
+(``KVTierService.call``, the OP_CALL frame): the same coroutine runs on the
+connection's thread with a ``ChannelContext`` in place of gRPC's, so checks,
+status codes, metrics and logs are one implementation. Off the event loop a
+handler never waits for it, except for the cluster tier, whose connections
+live on the loop: those steps are handed to it.
 """
 from __future__ import annotations
 
@@ -12,7 +19,9 @@ import asyncio
 import functools
 import os
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import xxhash
@@ -20,6 +29,7 @@ import xxhash
 from . import __version__, errors
 from .hot import checksum
 from .auth import token_from_metadata
+from .cluster import NullCluster
 from .keys import CHECKSUM_SIZE, KEY_SIZES, check_key, check_namespace, unpack_keys
 from .v1 import kvtier_pb2 as pb
 from .v1 import kvtier_pb2_grpc as pb_grpc
@@ -27,6 +37,50 @@ from .v1 import kvtier_pb2_grpc as pb_grpc
 log = logging.getLogger("kvtier.service")
 GET_CHUNK = 1 << 20
 HASH_THREADS = max(1, os.cpu_count() or 1)
+LOOP_WAIT_S = 60.0  # longest a data-channel call waits for a step handed to the event loop
+_SERVICE = pb.DESCRIPTOR.services_by_name["KVTier"]
+# unary RPC name -> its request class: what the data channel may call
+UNARY = {m.name: getattr(pb, m.input_type.name) for m in _SERVICE.methods
+         if not (m.client_streaming or m.server_streaming)}
+_hashers: ThreadPoolExecutor | None = None
+_hashers_lock = threading.Lock()
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """Threads that hash beside a data-channel thread (the event loop uses its own executor)."""
+    global _hashers
+    with _hashers_lock:
+        if _hashers is None:
+            _hashers = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="kvtier-hash")
+        return _hashers
+
+
+def _on_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+class ChannelContext:
+    """What the handlers use of grpc's ServicerContext, for a call from the data channel: the
+    caller's token (from the connection's HELLO) as metadata, its peer, and abort()."""
+
+    def __init__(self, token: str | None, peer: str):
+        self._md = (("authorization", f"Bearer {token}"),) if token else ()
+        self._peer = peer
+        self.code, self.details = grpc.StatusCode.OK, ""
+
+    def invocation_metadata(self):
+        return self._md
+
+    def peer(self) -> str:
+        return self._peer
+
+    async def abort(self, code: grpc.StatusCode, details: str = ""):
+        self.code, self.details = code, details
+        raise grpc.aio.AbortError()
 
 
 class _Outcome:
@@ -83,6 +137,36 @@ class KVTierService(pb_grpc.KVTierServicer):
         self.view: memoryview = daemon.arena.view
         self.cfg = daemon.cfg
         self.max_batch = daemon.cfg.server.max_batch
+        self.loop = asyncio.get_running_loop()
+        self._count_lock = threading.Lock()  # handlers run on the loop and on data-channel threads
+
+    def call(self, method: str, payload, token: str | None, peer: str) -> tuple[grpc.StatusCode, str, bytes]:
+        """Run a unary RPC for a caller on the data channel, on the calling thread. Returns (status,
+        details, serialized response); the handler is the gRPC one, with its checks and metrics."""
+        cls = UNARY.get(method)
+        if cls is None:
+            return grpc.StatusCode.UNIMPLEMENTED, "Method not found!", b""
+        try:
+            request = cls.FromString(payload)
+        except Exception:  # protobuf's DecodeError, or a message too deeply nested
+            return grpc.StatusCode.INVALID_ARGUMENT, f"malformed {cls.__name__}", b""
+        ctx = ChannelContext(token, peer)
+        coro = getattr(self, method)(request, ctx)
+        try:
+            try:
+                coro.send(None)
+            except StopIteration as done:
+                return grpc.StatusCode.OK, "", done.value.SerializeToString()
+            coro.close()  # it waited for the loop: a step below is missing its off-loop path
+            log.error("%s waited for the event loop on a data-channel thread", method)
+            return grpc.StatusCode.INTERNAL, f"internal error in {method}: RuntimeError", b""
+        except grpc.aio.AbortError:
+            return ctx.code, ctx.details, b""
+
+    def _loop_run(self, coro):
+        """Run a coroutine of the cluster tier (its connections live on the loop) from a data-channel
+        thread, and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(LOOP_WAIT_S)
 
     def _tenant(self, ctx):
         """The caller's tenant (None when single-tenant); UNAUTHENTICATED without a valid token."""
@@ -104,9 +188,12 @@ class KVTierService(pb_grpc.KVTierServicer):
         if total < (256 << 10):
             return [checksum(view[o:o + n]) for o, n in slots]
         parts = max(1, min(len(slots), HASH_THREADS, total // (1 << 20)))
-        groups = [slots[i::parts] for i in range(parts)]
-        done = await asyncio.gather(*(asyncio.to_thread(lambda g=g: [checksum(view[o:o + n]) for o, n in g])
-                                      for g in groups))
+        work = [lambda g=slots[i::parts]: [checksum(view[o:o + n]) for o, n in g] for i in range(parts)]
+        if _on_loop():
+            done = await asyncio.gather(*(asyncio.to_thread(w) for w in work))
+        else:  # a data-channel thread: hash one part here, the others beside it
+            futs = [_hash_pool().submit(w) for w in work[1:]]
+            done = [work[0]()] + [f.result() for f in futs]
         out: list[bytes] = [b""] * len(slots)
         for i, digests in enumerate(done):
             out[i::parts] = digests
@@ -122,7 +209,21 @@ class KVTierService(pb_grpc.KVTierServicer):
         return self.hot.finish_commit(rid, computed, given)
 
     async def _acquire(self, ns, keys, lease_ms=0, prefix_only=False):
-        return await self.hot.acquire_async(ns, keys, lease_ms, prefix_only)
+        if _on_loop():
+            return await self.hot.acquire_async(ns, keys, lease_ms, prefix_only)
+        if isinstance(self.hot.cluster, NullCluster):  # what acquire_async runs, in a thread when it reads NVMe
+            return self.hot.acquire(ns, keys, lease_ms, prefix_only)
+        return self._loop_run(self.hot.acquire_async(ns, keys, lease_ms, prefix_only))
+
+    async def _lookup(self, ns, keys):
+        if _on_loop() or isinstance(self.hot.cluster, NullCluster):  # without a cluster it never waits
+            return await self.hot.lookup_async(ns, keys)
+        return self._loop_run(self.hot.lookup_async(ns, keys))
+
+    async def _delete(self, ns, keys):
+        if _on_loop():
+            return await self.hot.delete_async(ns, keys)
+        return self._loop_run(self.hot.delete_async(ns, keys))
 
     # ---- RPCs -----------------------------------------------------------------------------
 
@@ -140,7 +241,7 @@ class KVTierService(pb_grpc.KVTierServicer):
     @_handler
     async def Lookup(self, request, context):
         ns, keys = self._keys(request, context)
-        tiers, prefix = await self.hot.lookup_async(ns, keys)
+        tiers, prefix = await self._lookup(ns, keys)
         return pb.LookupResponse(tiers=tiers, prefix_len=prefix)
 
     def _check_generation(self, gen: int) -> None:
@@ -173,7 +274,8 @@ class KVTierService(pb_grpc.KVTierServicer):
         ns, keys = self._keys(request, context)
         a = await self._acquire(ns, keys, request.lease_ms, request.prefix_only)
         if request.tokens_per_key:
-            self.hot.count_tokens_saved(ns, (len(a.tiers) - a.tiers.count(0)) * request.tokens_per_key)
+            with self._count_lock:
+                self.hot.count_tokens_saved(ns, (len(a.tiers) - a.tiers.count(0)) * request.tokens_per_key)
         return pb.AcquireResponse(lease_id=a.lease_id, tiers=a.tiers, offsets=a.offsets, lengths=a.lengths,
                                   checksums=a.checksums, lease_ms=a.lease_ms)
 
@@ -268,7 +370,7 @@ class KVTierService(pb_grpc.KVTierServicer):
     @_handler
     async def Delete(self, request, context):
         ns, keys = self._keys(request, context)
-        return pb.DeleteResponse(deleted=await self.hot.delete_async(ns, keys))
+        return pb.DeleteResponse(deleted=await self._delete(ns, keys))
 
     @_handler
     async def Pin(self, request, context):

@@ -1,10 +1,12 @@
 """Bad input gets a clear gRPC status, changes nothing, and the daemon serves on.
 
-Each case is sent twice where a client API exists: as a raw stub call on a
-gRPC channel (exact ``grpc.StatusCode``) and through ``kvtier.client.Client``
-(the typed ``kvtier.errors`` exception). Around each case the daemon's Stats
-(less uptime and lookup counters) and a Lookup of known keys are compared, and
-afterwards a fresh client stores and reads a block.
+Each case is sent twice where a client API exists: as a raw call (exact
+``grpc.StatusCode``) and through ``kvtier.client.Client`` (the typed
+``kvtier.errors`` exception). Cases on the ``env`` fixture run once per
+transport of unary calls: gRPC, and CALL frames on the data channel. Around
+each case the daemon's Stats (less uptime and lookup counters) and a Lookup of
+known keys are compared, and afterwards a fresh client stores and reads a
+block.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvtier import errors
 from kvtier.client import Client, Lease, Reservation
-from kvtier.datachannel import (F_CHECKSUM, OP_GET, OP_PING, OP_PUT, REQ, REQ_MAGIC, RESP, RESP_MAGIC,
-                                DataConnection, recv_exact)
+from kvtier.datachannel import (F_CHECKSUM, OP_CALL, OP_GET, OP_PING, OP_PUT, REQ, REQ_MAGIC, RESP,
+                                RESP_MAGIC, DataConnection, recv_exact)
 from kvtier.v1 import kvtier_pb2 as pb
 from kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 
@@ -47,21 +49,27 @@ SEED_DATA = [bytes([65 + i]) * (1000 * (i + 1)) for i in range(4)]
 
 
 class Env:
-    """A daemon with a few committed blocks, a raw stub and a client."""
+    """A daemon with a few committed blocks, a raw stub and a client; unary calls of both go over
+    ``transport`` ("grpc", or "data": CALL frames on the data channel)."""
 
-    def __init__(self, daemon):
+    def __init__(self, daemon, transport: str = "grpc"):
         self.daemon = daemon
         self.address = daemon.address
+        self.transport = transport
         self.channel = grpc.insecure_channel(self.address, options=[
             ("grpc.max_send_message_length", 256 * MiB), ("grpc.max_receive_message_length", 256 * MiB)])
         self.stub = pb_grpc.KVTierStub(self.channel)
-        self.client = Client(self.address)
+        self.client = Client(self.address, control="grpc" if transport == "grpc" else "auto")
         self.client.put_many(NS, list(zip(SEED_KEYS, SEED_DATA)))
         self.info = self.client.info
+        assert self.client.control == ("grpc" if transport == "grpc" else "data")
+        self.data = DataConnection(self.info.data_address) if transport == "data" else None
 
     def close(self):
         self.client.close()
         self.channel.close()
+        if self.data is not None:
+            self.data.close()
 
     def snapshot(self):
         s = MessageToDict(self.stub.Stats(pb.StatsRequest(), timeout=10))
@@ -73,6 +81,11 @@ class Env:
 
     def code(self, rpc: str, request) -> grpc.StatusCode:
         """Status code of a raw call that must fail."""
+        if self.data is not None and rpc not in ("Get", "Put"):  # the streams stay on gRPC
+            with pytest.raises(errors.KvtierError) as e:
+                self.data.call(rpc, request.SerializeToString(), timeout=10)
+            assert str(e.value) != e.value.code.name, "an error status must say what is wrong"
+            return e.value.code
         fn = getattr(self.stub, rpc)
         with pytest.raises(grpc.RpcError) as e:
             if rpc == "Get":
@@ -103,9 +116,9 @@ class Env:
                 assert c.get_many(NS, SEED_KEYS) == SEED_DATA
 
 
-@pytest.fixture
-def env(daemon):
-    e = Env(daemon)
+@pytest.fixture(params=["grpc", "data"])
+def env(daemon, request):
+    e = Env(daemon, request.param)
     yield e
     e.close()
 
@@ -185,8 +198,9 @@ def test_empty_batch(env):
             env.client.acquire(NS, [])
 
 
-def test_batch_over_max_batch(make_daemon):
-    e = Env(make_daemon(server={"max_batch": 16}))
+@pytest.mark.parametrize("transport", ["grpc", "data"])
+def test_batch_over_max_batch(make_daemon, transport):
+    e = Env(make_daemon(server={"max_batch": 16}), transport)
     try:
         over = b"".join(key("over", i) for i in range(17))
         with e.unchanged():
@@ -746,3 +760,31 @@ def test_data_channel_bad_key_size_and_checksum(env):
             conn.ping()
         finally:
             conn.close()
+
+
+def test_data_channel_call_frames(env):
+    lookup = pb.LookupRequest(namespace=NS, key_size=16, keys=SEED_KEYS[0]).SerializeToString()
+    with env.unchanged():
+        s = _data_sock(env)
+        try:
+            # an unknown method, a stream, a payload that is no message: answered, the connection in step
+            for i, (method, payload, code) in enumerate((
+                    (b"NoSuchMethod", lookup, SC.UNIMPLEMENTED), (b"Get", lookup, SC.UNIMPLEMENTED),
+                    (b"Put", b"", SC.UNIMPLEMENTED), (b"Lookup", b"\xff\xff\xff", SC.INVALID_ARGUMENT))):
+                s.sendall(_request(OP_CALL, method, b"", length=len(payload), req_id=30 + i) + payload)
+                _, status, _, msg, length, rid, _ = _response(s)
+                assert (status, rid, length) == (code.value[0], 30 + i, 0) and msg, method
+            assert _ping_ok(s)
+            s.sendall(_request(OP_CALL, b"Lookup", b"", length=len(lookup), req_id=40) + lookup)
+            _, status, _, _, length, rid, _ = _response(s)
+            body = bytearray(length)
+            recv_exact(s, memoryview(body))
+            assert (status, rid) == (0, 40) and pb.LookupResponse.FromString(bytes(body)).tiers == b"\x01"
+            # a call longer than the largest gRPC message: refused, and the connection closes
+            too_long = env.daemon.daemon.cfg.server.max_message_bytes + 1
+            s.sendall(_request(OP_CALL, b"Lookup", b"", length=too_long, req_id=41))
+            _, status, _, msg, _, rid, _ = _response(s)
+            assert (status, rid) == (SC.RESOURCE_EXHAUSTED.value[0], 41) and str(too_long) in msg
+            assert _closed(s)
+        finally:
+            s.close()

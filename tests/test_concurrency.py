@@ -1,5 +1,5 @@
-"""Several client processes against one daemon, what a killed client leaves behind, and
-what a stalled inline put may (not) do to other blocks.
+"""Several client processes against one daemon, threads sharing one client, what a killed
+client leaves behind, and what a stalled inline put may (not) do to other blocks.
 
 Blocks are derived from their keys (any process can check any block): the
 key is SHA-256 of (writer, round, index), the size and the bytes come from a
@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -181,6 +182,45 @@ def test_processes_put_and_get_concurrently(make_daemon):
         k32 = [k for k in keys if len(k) == 32]
         assert c.get_many(NS, k16) == [_block(k) for k in k16]
         assert c.get_many(NS, k32) == [_block(k) for k in k32]
+
+
+def test_threads_share_one_client_for_unary_calls(make_daemon):
+    """Threads calling Reserve/Commit/Acquire/Release/Lookup on one Client at once: each call
+    borrows its own data connection, every answer is its own, and nothing is left open."""
+    d = make_daemon(ram={"capacity": "128MiB"})
+    threads, per_thread = 8, 25
+    blocks = {_key(f"t{t}", 0, i): None for t in range(threads) for i in range(per_thread)}
+    for k in blocks:
+        blocks[k] = _block(k)
+    keys = list(blocks)
+    with Client(d.address) as c, Client(d.address, control="grpc") as g:
+        c.attach()
+        assert c.control == "data"
+
+        def work(t):
+            done = 0
+            for k in keys[t * per_thread:(t + 1) * per_thread]:
+                data = blocks[k]
+                r = c.reserve(NS, [k], [len(data)])
+                r.views[0][:] = data
+                assert c.commit(r) == [xxhash.xxh3_128_digest(data)]
+                lease = c.acquire(NS, [k], lease_ms=30_000)
+                assert bytes(lease.views[0]) == data
+                c.release(lease)
+                assert c.lookup(NS, [k]) == ([1], 1)
+                done += 1
+            return done
+
+        with ThreadPoolExecutor(threads) as pool:
+            assert list(pool.map(work, range(threads))) == [per_thread] * threads
+        assert 1 <= len(c._ops._pool) <= threads  # connections go back to the pool, none leak
+        s = g.stats(NS)
+        assert s.leases == 0 and s.reservations == 0 and s.expired_leases == 0
+        assert s.namespaces[0].blocks == len(keys)
+        k16 = [k for k in keys if len(k) == 16]
+        k32 = [k for k in keys if len(k) == 32]
+        assert g.get_many(NS, k16) == [blocks[k] for k in k16]
+        assert g.get_many(NS, k32) == [blocks[k] for k in k32]
 
 
 KILLED = _COMMON + r'''

@@ -33,6 +33,8 @@ PATHS = {
     "grpc": dict(attach=False, data_channel=False),
 }
 path_param = pytest.mark.parametrize("path", list(PATHS))
+# where unary calls go: the data channel ("auto", the default) or gRPC
+control_param = pytest.mark.parametrize("control", ["auto", "grpc"])
 
 # 1 byte up to several MiB; around page size and around the 1 MiB gRPC chunk.
 SIZES = [1, 17, 4095, 4096, 4097, 65536 + 3, MiB - 1, MiB, MiB + 1, 3 * MiB + 12345]
@@ -139,12 +141,14 @@ def test_lookup_tiers_and_prefix_with_gap(daemon, key_size):
 
 # ---- Reserve / Commit / Abort ------------------------------------------------------------------
 
-def test_reserve_write_commit_read_back(daemon):
+@control_param
+def test_reserve_write_commit_read_back(daemon, control):
     keys = [key("zc", i) for i in range(3)]
     datas = [blob(5000, 0), blob(2 * MiB + 3, 1), blob(1, 2)]
-    with Client(daemon.address) as c, client(daemon, "grpc") as g:
+    with Client(daemon.address, control=control) as c, client(daemon, "grpc") as g:
         before_used = ram(c).used_bytes
         res = c.reserve(NS, keys, [len(d) for d in datas])
+        assert c.control == ("data" if control == "auto" else "grpc")
         assert res.id != 0
         assert res.status == b"\x00\x00\x00"
         assert len(set(res.offsets)) == 3 and all(o >= DATA_OFFSET for o in res.offsets)
@@ -168,9 +172,10 @@ def test_reserve_write_commit_read_back(daemon):
         assert g.get_many(NS, keys) == datas  # byte-identical through another path too
 
 
-def test_reserve_present_pending_and_overwrite(daemon):
+@control_param
+def test_reserve_present_pending_and_overwrite(daemon, control):
     k1, k2, k3 = key("p", 1), key("p", 2), key("p", 3)
-    with Client(daemon.address) as c:
+    with Client(daemon.address, control=control) as c:
         c.put(NS, k1, b"old" * 10)
         res = c.reserve(NS, [k1, k2], [30, 40])
         assert res.status == bytes([1, 0])  # PRESENT, OK
@@ -197,9 +202,10 @@ def test_reserve_present_pending_and_overwrite(daemon):
         assert ns_stats(c, NS).blocks == 3
 
 
-def test_abort_frees_the_reservation(daemon):
+@control_param
+def test_abort_frees_the_reservation(daemon, control):
     k = key("abort")
-    with Client(daemon.address) as c:
+    with Client(daemon.address, control=control) as c:
         used = ram(c).used_bytes
         res = c.reserve(NS, [k], [3 * MiB])
         assert ram(c).reserved_bytes == 3 * MiB and ram(c).used_bytes == used + 3 * MiB
@@ -218,10 +224,11 @@ def test_abort_frees_the_reservation(daemon):
         assert c.get(NS, k) == b"0123456789"
 
 
-def test_commit_with_client_checksums(daemon):
+@control_param
+def test_commit_with_client_checksums(daemon, control):
     keys = [key("cs", i) for i in range(2)]
     datas = [blob(300_000, "a"), blob(12, "b")]
-    with Client(daemon.address) as c:
+    with Client(daemon.address, control=control) as c:
         res = c.reserve(NS, keys, [len(d) for d in datas])
         for v, d in zip(res.views, datas):
             v[:] = d
@@ -236,11 +243,12 @@ def test_commit_with_client_checksums(daemon):
 
 # ---- Acquire / Release ---------------------------------------------------------------------
 
-def test_acquire_release(daemon):
+@control_param
+def test_acquire_release(daemon, control):
     keys = [key("acq", i) for i in range(4)]
     datas = [blob(1000 * (i + 1), ("acq", i)) for i in range(4)]
     missing = key("acq", "missing")
-    with Client(daemon.address) as c:
+    with Client(daemon.address, control=control) as c:
         c.put_many(NS, list(zip(keys, datas)))
         lease = c.acquire(NS, [keys[0], missing, keys[2]], lease_ms=5000)
         assert lease.id != 0
@@ -265,10 +273,11 @@ def test_acquire_release(daemon):
         assert c.stats().leases == 0
 
 
-def test_delete_while_leased_keeps_slot_until_release(daemon):
+@control_param
+def test_delete_while_leased_keeps_slot_until_release(daemon, control):
     k = key("doomed")
     data = blob(2 * MiB, "doomed")
-    with Client(daemon.address) as c:
+    with Client(daemon.address, control=control) as c:
         c.put(NS, k, data)
         used = ram(c).used_bytes
         lease = c.acquire(NS, [k])
@@ -500,9 +509,10 @@ def test_async_client(daemon, path):
     asyncio.run(main())
 
 
-def test_async_client_zero_copy(daemon):
+@control_param
+def test_async_client_zero_copy(daemon, control):
     async def main():
-        async with AsyncClient(daemon.address) as c:
+        async with AsyncClient(daemon.address, control=control) as c:
             k = key("async-zc")
             res = await c.reserve(NS, [k], [9])
             res.views[0][:] = b"zerocopy!"
@@ -511,6 +521,7 @@ def test_async_client_zero_copy(daemon):
             assert bytes(lease.views[0]) == b"zerocopy!"
             await c.release(lease)
             assert (await c.stats()).leases == 0
+            assert c.control == ("data" if control == "auto" else "grpc")
 
     asyncio.run(main())
 
@@ -562,12 +573,12 @@ def _retry_unavailable(fn, timeout: float = 15.0):
             time.sleep(0.05)
 
 
-@path_param
-def test_client_survives_daemon_restart(daemon_process, path):
+@pytest.mark.parametrize("path,control", [("arena", "auto"), ("arena", "grpc"), ("data", "auto"), ("grpc", "auto")])
+def test_client_survives_daemon_restart(daemon_process, path, control):
     d = daemon_process()
     old_k, new_k = key("restart", path, "old"), key("restart", path, "new")
     old, new = blob(2 * MiB, "old"), blob(MiB + 5, "new")
-    with Client(d.address, **PATHS[path]) as c:
+    with Client(d.address, control=control, **PATHS[path]) as c:
         assert c.put(NS, old_k, old) is True
         assert c.get(NS, old_k) == old
         assert c.path == path
@@ -583,6 +594,7 @@ def test_client_survives_daemon_restart(daemon_process, path):
         assert c.get_many(NS, [old_k, new_k]) == [before, new]
         assert c.lookup(NS, [new_k, old_k]) == ([1, 1 if before else 0], 2 if before else 1)
         assert c.path == path
+        assert c.control == ("data" if path != "grpc" and control == "auto" else "grpc")
         if path == "arena":
             assert c.info.generation != gen  # re-attached to the new arena
             lease = c.acquire(NS, [new_k])
