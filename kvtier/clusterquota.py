@@ -5,7 +5,7 @@ A tenant (the group that owns a namespace, ``kvtier.auth``) over its
 another tenant's. The accounting lives next to the blocks, under one hash tag
 per tenant (one slot, so one master in Cluster mode)::
 
-    <prefix>:tenant:{<tenant>}:lru    sorted set  block name -> last write or read, ms
+    <prefix>:tenant:{<tenant>}:lru    sorted set  block name -> last write or read, microseconds
     <prefix>:tenant:{<tenant>}:size   hash        block name -> bytes stored (all its values)
     <prefix>:tenant:{<tenant>}:exp    sorted set  block name -> expiry, ms (blocks with a TTL)
     <prefix>:tenant:{<tenant>}:used   string      the sum of :size
@@ -44,7 +44,8 @@ from .resp import ReplyError
 
 log = logging.getLogger("kvtier.cluster")
 
-# KEYS: lru, size, exp, used. ARGV: name ("" = only trim), size, now ms, expires ms (0 = none), quota (0 = none).
+# KEYS: lru, size, exp, used. ARGV: name ("" = only trim), size, now ms, expires ms (0 = none), quota (0 = none),
+# recency (now in microseconds: writes a millisecond apart must not tie in the LRU order).
 # Returns {1, used, victim names...} or {0, used} when the block alone is larger than the quota.
 RESERVE = b"""
 local used = tonumber(redis.call('GET', KEYS[4]) or '0')
@@ -80,7 +81,7 @@ if quota > 0 then
 end
 if name ~= '' then
   redis.call('HSET', KEYS[2], name, size)
-  redis.call('ZADD', KEYS[1], ARGV[3], name)
+  redis.call('ZADD', KEYS[1], ARGV[6], name)
   if ARGV[4] ~= '0' then redis.call('ZADD', KEYS[3], ARGV[4], name) end
   used = used + size
 end
@@ -154,8 +155,9 @@ class Accounts:
     async def reserve(self, tenant: str, name: bytes, size: int, expires_ms: int) -> tuple[bool, list[bytes]] | None:
         """Account a block about to be written: (allowed, blocks to evict first), or None when the
         accounting could not be reached (the write must not happen)."""
-        now = int(time.time() * 1000)
-        r = await self._eval(tenant, RESERVE, (name, size, now, expires_ms, self.quotas.get(tenant, 0)))
+        now_us = time.time_ns() // 1000
+        r = await self._eval(tenant, RESERVE, (name, size, now_us // 1000, expires_ms, self.quotas.get(tenant, 0),
+                                               now_us))
         if not isinstance(r, list) or len(r) < 2:
             return None
         self.used[tenant] = int(r[1])
@@ -191,7 +193,7 @@ class Accounts:
         if not groups:
             return
         (node, _), = groups.items()
-        now = int(time.time() * 1000)
+        now = time.time_ns() // 1000  # recency in microseconds, as RESERVE writes it
         cmd = (b"ZADD", lru, b"XX") + tuple(x for n in names for x in (now, n))
 
         async def work(node: Node) -> None:

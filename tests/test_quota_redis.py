@@ -50,9 +50,12 @@ def _cluster_tier(c):
     return next(t for t in c.stats().tiers if t.name == "cluster")
 
 
-def _put_drained(c, ns, key, value):
-    """Put one block and wait until its write to Valkey finished (so LRU order is write order)."""
+def _put_drained(st, c, ns, key, value):
+    """Put one block and wait until its write to Valkey finished (so LRU order is write order).
+    The write-through is queued on the daemon's loop after the put returns: wait for the record
+    itself, not only for an empty queue."""
     c.put(ns, key, value)
+    _wait(lambda: key in st.blocks(ns), what="the record in Valkey")
     _wait(lambda: _cluster_tier(c).queued_bytes == 0, what="write-through")
 
 
@@ -99,9 +102,9 @@ def test_quota_evicts_the_tenants_own_lru_blocks_only(make_daemon, valkey, tmp_p
     with Client(d.address, token=TOKEN_A) as a, Client(d.address, token=TOKEN_B) as b:
         b_blocks = {_key(i, 9): os.urandom(BLOCK) for i in range(6)}  # b has no quota: 1.2 MB
         for k, v in b_blocks.items():
-            _put_drained(b, "b-x", k, v)
+            _put_drained(st, b, "b-x", k, v)
         for i in range(10):
-            _put_drained(a, "a-x", _key(i), os.urandom(BLOCK))
+            _put_drained(st, a, "a-x", _key(i), os.urandom(BLOCK))
         held = st.blocks("a-x")
         one = max(held.values())
         fit = quota // one
@@ -131,7 +134,7 @@ def test_two_daemons_share_one_quota_and_reads_refresh_recency(make_daemon, valk
     st = Store([valkey.client()], prefix)
     with Client(d1.address, token=TOKEN_A) as a1, Client(d2.address, token=TOKEN_A) as a2:
         for i in range(10):
-            _put_drained(a1 if i % 2 else a2, "a-x", _key(i), os.urandom(BLOCK))
+            _put_drained(st, a1 if i % 2 else a2, "a-x", _key(i), os.urandom(BLOCK))
         held = st.blocks("a-x")
         fit = quota // max(held.values())
         assert sorted(held) == sorted(_key(i) for i in range(10 - fit, 10))  # one quota over both writers
@@ -145,7 +148,7 @@ def test_two_daemons_share_one_quota_and_reads_refresh_recency(make_daemon, valk
         r = valkey.client()
         name = f"{prefix}:a-x:{{{oldest.hex()}}}".encode()
         _wait(lambda: r.zrank(lru, name) == fit - 1, what="the read to refresh the block's recency")
-        _put_drained(a1, "a-x", _key(20), os.urandom(BLOCK))
+        _put_drained(st, a1, "a-x", _key(20), os.urandom(BLOCK))
         held = st.blocks("a-x")
         assert oldest in held and _key(10 - fit + 1) not in held  # the next oldest went instead
 
@@ -157,8 +160,8 @@ def test_reload_lowers_the_quota_and_evicts_at_once(make_daemon, valkey, tmp_pat
     st = Store([valkey.client()], prefix)
     with Client(d.address, token=TOKEN_A) as a, Client(d.address, token=TOKEN_B) as b:
         for i in range(4):
-            _put_drained(a, "a-x", _key(i), os.urandom(BLOCK))
-            _put_drained(b, "b-x", _key(i, 9), os.urandom(BLOCK))
+            _put_drained(st, a, "a-x", _key(i), os.urandom(BLOCK))
+            _put_drained(st, b, "b-x", _key(i, 9), os.urandom(BLOCK))
         assert len(st.blocks("a-x")) == 4
         one = max(st.blocks("a-x").values())
         low = 2 * one + 10
@@ -168,7 +171,7 @@ def test_reload_lowers_the_quota_and_evicts_at_once(make_daemon, valkey, tmp_pat
         assert sorted(st.blocks("a-x")) == sorted([_key(2), _key(3)])
         assert st.used("a") == sum(st.blocks("a-x").values()) <= low
         assert len(st.blocks("b-x")) == 4
-        _put_drained(a, "a-x", _key(4), os.urandom(BLOCK))  # writes keep to the new quota
+        _put_drained(st, a, "a-x", _key(4), os.urandom(BLOCK))  # writes keep to the new quota
         assert sorted(st.blocks("a-x")) == sorted([_key(3), _key(4)])
 
 
@@ -181,17 +184,17 @@ def test_expired_and_vanished_blocks_count_as_freed(make_daemon, valkey, tmp_pat
     r = valkey.client()
     with Client(d.address, token=TOKEN_A) as a:
         for i in range(3):
-            _put_drained(a, "a-tmp", _key(i, 5), os.urandom(BLOCK))
+            _put_drained(st, a, "a-tmp", _key(i, 5), os.urandom(BLOCK))
         assert st.used("a") == sum(st.blocks("a-tmp").values()) > 0
         _wait(lambda: not st.blocks("a-tmp"), timeout=10, what="Redis to expire the blocks")
         time.sleep(1.2)  # past the accounted expiry (the record's, plus the write timeout)
-        _put_drained(a, "a-x", _key(0), os.urandom(BLOCK))
+        _put_drained(st, a, "a-x", _key(0), os.urandom(BLOCK))
         assert st.used("a") == sum(st.blocks("a-x").values())  # expired blocks no longer count
         assert _cluster_tier(a).evictions == 0
 
         r.unlink(f"{prefix}:a-x:{{{_key(0).hex()}}}".encode())  # gone behind the tier's back
         for i in range(1, 8):
-            _put_drained(a, "a-x", _key(i), os.urandom(BLOCK))
+            _put_drained(st, a, "a-x", _key(i), os.urandom(BLOCK))
         held = st.blocks("a-x")
         fit = quota // max(held.values())
         assert sorted(held) == sorted(_key(i) for i in range(8 - fit, 8))
@@ -210,9 +213,9 @@ def test_quota_in_a_valkey_cluster(make_daemon, valkey_cluster, tmp_path):
     with Client(d.address, token=TOKEN_A) as a, Client(d.address, token=TOKEN_B) as b:
         b_keys = [_key(i, 9) for i in range(6)]
         for k in b_keys:
-            _put_drained(b, "b-x", k, os.urandom(BLOCK))
+            _put_drained(st, b, "b-x", k, os.urandom(BLOCK))
         for i in range(12):
-            _put_drained(a, "a-x", _key(i), os.urandom(BLOCK))
+            _put_drained(st, a, "a-x", _key(i), os.urandom(BLOCK))
         held = st.blocks("a-x")
         fit = quota // max(held.values())
         assert sorted(held) == sorted(_key(i) for i in range(12 - fit, 12))
