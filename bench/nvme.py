@@ -25,22 +25,27 @@ C. a real daemon (``python -m kvtier.cli serve``, RAM 256 MiB, 4 NVMe I/O thread
    "none"): spill = put_many through the arena of SPILL bytes of fresh 2 MiB keys in batches of
    16, pacing each batch on the write queue reported by Stats (``queued_bytes``; the daemon drops
    writes beyond its queue rather than block a put), timed until Stats shows every block on NVMe
-   (write_policy "commit") or every block either on NVMe or still in RAM (write_policy "evict": the
-   last RAM-full of blocks is never evicted), queue drained; read-back = get_many (Acquire, into
-   preallocated buffers, verified) of the blocks that Lookup reports only on NVMe, in batches of
-   16, from 1 client thread and from THREADS client threads. Each daemon round follows a raw round
-   of the same block count (A's code) and the ratio is to that;
-D. ColdTier.read taken apart on its own files (payload only; header and payload in one preadv;
-   header then payload, as it reads; the same plus checksum verification; ColdTier.read itself),
-   and the cost of the copy that Store._on_evict makes of each demoted block (into a fresh
-   anonymous mapping) against the same copy into a reused buffer;
+   (write_policy "commit") or every block either on NVMe or still in RAM (write_policy "evict":
+   RAM is filled with other blocks first, untimed, so each put of the round demotes one block and
+   about SPILL bytes are written; the last RAM-full is never evicted), queue drained; read-back =
+   get_many (Acquire, into preallocated buffers, verified) of the blocks that Lookup reports only
+   on NVMe, in batches of 16, from 1 client thread and from THREADS client threads. Each daemon
+   round follows a raw round of the same block count (A's code) and the ratio is to that;
+   ``--policies`` picks the write policies;
+D. ColdTier.read taken apart on its own files (payload only; header and payload in one preadv,
+   as it reads; header then payload; the same plus checksum verification; ColdTier.read itself),
+   the cost of copying a demoted block into a fresh anonymous mapping (what Store._on_evict
+   would pay without its buffer pool) against the same copy into a reused buffer, and the
+   latency of one read at a time (256 KiB and 2 MiB) in one preadv, in two, and by ColdTier.read;
 E. restart: directories of 10k and 100k block files (4 KiB payload, valid records written
-   directly), then (i) ``ColdTier(...)`` + ``scan()`` in this process and (ii) a daemon
-   subprocess from spawn to its first successful Stats, beside a daemon with no NVMe directory
-   (the interpreter, imports and gRPC start-up every daemon pays), and two bounds for a faster
-   start: listing the file names alone, and scan's per-file work (open, fstat, read the header)
-   spread over 32 threads. With --drop-caches (root) the kernel's page, dentry and inode caches
-   are dropped before each timed start as well (this slows every process on the machine).
+   directly), then (i) ``ColdTier(...)`` + ``scan()`` in this process (the index from names and
+   sizes), then ``verify_pending()`` on 8 threads (the header check a daemon runs in the
+   background once it serves), and (ii) a daemon subprocess from spawn to its first successful
+   Stats, beside a daemon with no NVMe directory (the interpreter, imports and gRPC start-up every
+   daemon pays), and two references: listing the file names alone, and reading every header
+   (open, fstat, read 512 bytes) on 32 threads. With --drop-caches (root) the kernel's page,
+   dentry and inode caches are dropped before each timed start as well (this slows every process
+   on the machine).
 
 Throughput is GB/s (1e9 bytes) of block bytes: median over rounds, and the p90 / p99 / slowest
 rounds (90% / 99% / all of the rounds were at least that fast). Ratio = median kvtier / median raw
@@ -329,10 +334,10 @@ def part_ab(path: str, rounds: int, nblocks: int, src: Sources, pool: ThreadPool
 
 def part_anatomy(path: str, rounds: int, nblocks: int, src: Sources, pool: ThreadPoolExecutor, device: str) -> dict:
     """ColdTier.read taken apart on its own files, THREADS threads, variants alternating:
-    payload only (one preadv at offset 4096), header + payload in one preadv, header then payload
-    (two preadv, as ColdTier.read does), the same plus xxh3-128 verification, and ColdTier.read.
-    Then the copy Store._on_evict makes of each demoted block (a fresh anonymous mapping per block)
-    against the same copy into a reused buffer."""
+    payload only (one preadv at offset 4096), header + payload in one preadv (as ColdTier.read
+    does), header then payload (two preadv), the same plus xxh3-128 verification, and
+    ColdTier.read. Then a demotion copy into a fresh anonymous mapping per block (what
+    Store._on_evict's buffer pool avoids) against the same copy into a reused buffer."""
     from kvtier import record
     from kvtier.cold import file_name
     cold = Cold(path, src, pool)
@@ -384,10 +389,10 @@ def part_anatomy(path: str, rounds: int, nblocks: int, src: Sources, pool: Threa
         row["ratio"] = base / statistics.median(times[k])
         out["cases"][k] = row
     shutil.rmtree(cold.tier.dirs[0].path, ignore_errors=True)
-    # the demotion copy: Store._on_evict maps a fresh buffer per evicted block and copies into it
+    # the demotion copy: a fresh mapping per evicted block, against the reused buffer Store._on_evict takes
     data = memoryview(src[0][0])
     reused = aligned_buffer(BLOCK)
-    copies = {"fresh mapping per block (as Store._on_evict)": [], "reused buffer": []}
+    copies = {"fresh mapping per block": [], "reused buffer": []}
     for _ in range(20 if rounds > 5 else 8):
         t0 = time.perf_counter()
         m = mmap.mmap(-1, BLOCK)
@@ -396,10 +401,60 @@ def part_anatomy(path: str, rounds: int, nblocks: int, src: Sources, pool: Threa
         t1 = time.perf_counter()
         reused[:BLOCK] = data
         t2 = time.perf_counter()
-        copies["fresh mapping per block (as Store._on_evict)"].append(t1 - t0)
+        copies["fresh mapping per block"].append(t1 - t0)
         copies["reused buffer"].append(t2 - t1)
     out["copy"] = {k: {"median_ms": statistics.median(v) * 1e3, "max_ms": max(v) * 1e3,
                        "median_gbs": BLOCK / statistics.median(v) / 1e9} for k, v in copies.items()}
+    out["qd1"] = read_latency(path, rounds, src)
+    return out
+
+
+def read_latency(path: str, rounds: int, src: Sources, n: int = 64) -> dict:
+    """One read at a time (as a single-block get promotes): per-read latency of header + payload in
+    one preadv, of header then payload, and of ColdTier.read, at 256 KiB and 2 MiB, alternating."""
+    from kvtier.cold import ColdTier, file_name
+    from kvtier.record import checksum
+    out = {}
+    head = aligned_buffer(PAGE)
+    for size in (256 * KiB, BLOCK):
+        tier = ColdTier([(os.path.join(path, "qd1"), 64 * GiB)], durability="none", direct_io="auto", codec="none")
+        data = memoryview(src[0][0])
+        keys = [os.urandom(16) for _ in range(n)]
+        for k in keys:
+            if not tier.write(NS, k, data, size, checksum(data[:size])):
+                raise RuntimeError("ColdTier.write refused a block")
+        paths = [os.path.join(tier.dirs[0].path, *file_name(NS, k)) for k in keys]
+        dst = memoryview(aligned_buffer(BLOCK))[:size]
+
+        def raw(two: bool):
+            def one(i):
+                fd = os.open(paths[i], os.O_RDONLY | os.O_DIRECT)
+                try:
+                    if two:
+                        os.preadv(fd, [head], 0)
+                        os.preadv(fd, [dst], PAGE)
+                    else:
+                        os.preadv(fd, [head, dst], 0)
+                finally:
+                    os.close(fd)
+            return one
+
+        cases = {"header + payload, one preadv": raw(False), "header, then payload": raw(True),
+                 "ColdTier.read": lambda i: tier.read(NS, keys[i], lambda _n: dst)}
+        lat = {k: [] for k in cases}
+        for r in range(rounds + 1):
+            names = list(cases) if r % 2 else list(cases)[::-1]
+            for name in names:
+                for i in range(n):
+                    t0 = time.perf_counter()
+                    cases[name](i)
+                    if r:
+                        lat[name].append(time.perf_counter() - t0)
+        out[size] = {k: {"median_ms": statistics.median(v) * 1e3, "p90_ms": pct(v, 90) * 1e3, "reads": len(v)}
+                     for k, v in lat.items()}
+        for k in keys:
+            tier.delete(NS, k)
+        shutil.rmtree(tier.dirs[0].path, ignore_errors=True)
     return out
 
 
@@ -486,11 +541,29 @@ def tier_stats(client, name: str):
     raise RuntimeError(f"no {name} tier in Stats")
 
 
+def fill_ram(client, src: Sources) -> list[bytes]:
+    """Put fresh blocks until RAM evicts (it is full), then wait for the demotions; the keys put."""
+    keys: list[bytes] = []
+    ev0 = tier_stats(client, "ram").evictions
+    while tier_stats(client, "ram").evictions == ev0:
+        items = [(os.urandom(16), src[j][0]) for j in range(BATCH)]
+        if not all(client.put_many(NS, items)):
+            raise RuntimeError("a put was not stored")
+        keys += [k for k, _ in items]
+    while tier_stats(client, "nvme").queued_bytes:
+        time.sleep(0.01)
+    return keys
+
+
 def spill_round(client, daemon: Daemon, n: int, src: Sources, policy: str, queue_limit: int) -> dict:
-    """Put n fresh 2 MiB blocks paced on the write queue; time until they are all on NVMe."""
+    """Put n fresh 2 MiB blocks paced on the write queue; time until they are all on NVMe, or, with
+    write_policy "evict", until every block is on NVMe or in RAM (RAM is full when the round starts,
+    so each put demotes one block: about n are written)."""
+    fillers = fill_ram(client, src) if policy == "evict" else []
     keys = [os.urandom(16) for _ in range(n)]
     nv0 = tier_stats(client, "nvme")
     base_blocks, base_dropped = nv0.blocks, nv0.dropped_writes
+    ram0 = tier_stats(client, "ram").blocks
     polls = 0
     c0 = daemon.cpu_seconds()
     t0 = time.perf_counter()
@@ -510,15 +583,15 @@ def spill_round(client, daemon: Daemon, n: int, src: Sources, policy: str, queue
         nv = next(t for t in st.tiers if t.name == "nvme")
         ram = next(t for t in st.tiers if t.name == "ram")
         on_nvme = nv.blocks - base_blocks
-        done = on_nvme >= n if policy == "commit" else on_nvme + ram.blocks >= n
+        done = on_nvme >= n if policy == "commit" else on_nvme + ram.blocks >= n + ram0
         if (done and nv.queued_bytes == 0) or nv.dropped_writes > base_dropped:
             break
         time.sleep(0.001)
     dt = time.perf_counter() - t0
     if nv.dropped_writes > base_dropped:
         raise RuntimeError(f"the daemon dropped {nv.dropped_writes - base_dropped} writes")
-    return {"keys": keys, "seconds": dt, "put_seconds": t_put, "spilled": on_nvme, "polls": polls,
-            "daemon_cpu_s": daemon.cpu_seconds() - c0}
+    return {"keys": keys, "fillers": fillers, "seconds": dt, "put_seconds": t_put, "spilled": on_nvme,
+            "polls": polls, "daemon_cpu_s": daemon.cpu_seconds() - c0}
 
 
 def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts: list) -> dict:
@@ -593,7 +666,7 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
             c5 = cpu_self()
             rbn = readback_round(client, d, sp["keys"][half:], THREADS, dsts)
             c6 = cpu_self()
-            client.delete(NS, sp["keys"])
+            client.delete(NS, sp["keys"] + sp["fillers"])
             own += (2 * n + n // 4 + sp["spilled"] + rb1["blocks"] + rbn["blocks"]) * BLOCK
             if not r:
                 continue   # warm-up
@@ -717,6 +790,7 @@ def part_restart(path: str, tmp: str, sizes: list[int], reps: int, cold_caches: 
     scan = {n: [] for n in sizes}
     names = {n: [] for n in sizes}
     headers = {n: [] for n in sizes}
+    check = {n: [] for n in sizes}
     daemon = {n: [] for n in [0] + sizes}
     noise = Noise(device)
     first = 0 if warmup else 1
@@ -732,6 +806,14 @@ def part_restart(path: str, tmp: str, sizes: list[int], reps: int, cold_caches: 
                 raise RuntimeError(f"scan found {found} of {n} blocks")
             if r:
                 scan[n].append(dt)
+            if hasattr(t, "verify_pending"):   # the header check that follows the start, in the background
+                t0 = time.perf_counter()
+                checked, removed = t.verify_pending(8)
+                dt = time.perf_counter() - t0
+                if (checked, removed) != (n, 0):
+                    raise RuntimeError(f"checked {checked} of {n} headers, removed {removed}")
+                if r:
+                    check[n].append(dt)
             for what, fn in ((names, lambda: list_names(dirs[n])), (headers, lambda: read_headers(dirs[n], 32))):
                 if cold_caches:
                     drop_caches()
@@ -762,6 +844,8 @@ def part_restart(path: str, tmp: str, sizes: list[int], reps: int, cold_caches: 
     for n in sizes:
         out["sizes"][n] = {"scan": time_summary(scan[n]), "daemon": time_summary(daemon[n]),
                            "names": time_summary(names[n]), "headers32": time_summary(headers[n])}
+        if check[n]:
+            out["sizes"][n]["check"] = time_summary(check[n])
     out["daemon_without_nvme"] = time_summary(daemon[0])
     out["noise"] = noise.done(0)
     for n in sizes:
@@ -888,7 +972,17 @@ def markdown(res: dict, command: str) -> str:
                   "Copying one 2 MiB block (median / slowest of the samples):", "",
                   "| into | median ms | max ms | median GB/s |", "|---|---:|---:|---:|",
                   *[f"| {k} | {v['median_ms']:.2f} | {v['max_ms']:.2f} | {v['median_gbs']:.2f} |"
-                    for k, v in an["copy"].items()], "", noise_line(an["noise"]), ""]
+                    for k, v in an["copy"].items()], ""]
+        if "qd1" in an:
+            sizes = list(an["qd1"])
+            lines += ["One read at a time (a single-block get), ms per read, median (p90):", "",
+                      "| read | " + " | ".join(f"{int(z) // KiB} KiB" for z in sizes) + " |",
+                      "|---|" + "---:|" * len(sizes)]
+            for k in an["qd1"][sizes[0]]:
+                lines.append(f"| {k} | " + " | ".join(f"{an['qd1'][z][k]['median_ms']:.3f} "
+                                                      f"({an['qd1'][z][k]['p90_ms']:.3f})" for z in sizes) + " |")
+            lines.append("")
+        lines += [noise_line(an["noise"]), ""]
     if rs:
         sizes = sorted(rs["sizes"], key=int)
         lines += ["## E: restart with block files on disk", "",
@@ -903,8 +997,12 @@ def markdown(res: dict, command: str) -> str:
                      f"{z['p99_s']:.2f} | {z['max_s']:.2f} | |")
         for n in sizes:
             for what, key in (("file names only (scandir, 1 thread)", "names"),
-                              ("headers on 32 threads (scan's per-file work)", "headers32"),
-                              ("ColdTier() + scan()", "scan"), ("daemon: spawn to first Stats", "daemon")):
+                              ("headers on 32 threads (open, fstat, read 512 bytes)", "headers32"),
+                              ("ColdTier() + scan()", "scan"),
+                              ("header check after the start (ColdTier.verify_pending, 8 threads)", "check"),
+                              ("daemon: spawn to first Stats", "daemon")):
+                if key not in rs["sizes"][n]:
+                    continue
                 t = rs["sizes"][n][key]
                 tgt = ""
                 if key == "daemon" and int(n) >= 100_000:
@@ -940,8 +1038,9 @@ def run(args) -> dict:
             res["settle_waited_s"] += settle(args.settle, dev) if args.settle else 0.0
             res["ab"] = part_ab(path, 5 if quick else 15, 64 if quick else 256, src, pool, dev)
         if "c" in parts:
+            policies = args.policies or (["commit"] if quick else ["commit", "evict"])
             res["c"] = part_c(path, tmp, 2 if quick else 5, (512 * MiB) if quick else 2 * GiB,
-                              ["commit"] if quick else ["commit", "evict"], src, pool, stack, dev, args.settle)
+                              policies, src, pool, stack, dev, args.settle)
         if "d" in parts:
             res["d"] = part_anatomy(path, 3 if quick else 9, 64 if quick else 256, src, pool, dev)
         if "e" in parts:
@@ -958,6 +1057,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer and smaller rounds, one write policy")
     ap.add_argument("--dir", help="put the test directory under this one (default /tmp, or /var/tmp if /tmp is tmpfs)")
     ap.add_argument("--parts", default="ab,c,d,e", help="comma-separated subset of ab, c, d, e (default all)")
+    ap.add_argument("--policies", help="part C's write policies, comma-separated (default: commit with --quick, "
+                    "else commit,evict)")
     ap.add_argument("--settle", type=float, default=0.0,
                     help="before each part wait up to this many seconds for a quiet machine and disk")
     ap.add_argument("--drop-caches", action="store_true", help="root: drop the kernel's caches before each restart")
@@ -966,6 +1067,7 @@ def main() -> None:
     ap.add_argument("--from-json", help="only render the report of a run saved with --json")
     args = ap.parse_args()
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    args.policies = [p.strip() for p in (args.policies or "").split(",") if p.strip()]
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # unwind: stop daemons, remove files
@@ -977,7 +1079,8 @@ def main() -> None:
         command = "python -m bench.nvme" + (" --quick" if args.quick else "") + \
             (f" --dir {args.dir}" if args.dir else "") + (" --drop-caches" if args.drop_caches else "") + \
             (f" --settle {args.settle:g}" if args.settle else "") + \
-            (f" --parts {','.join(args.parts)}" if args.parts != ["ab", "c", "d", "e"] else "")
+            (f" --parts {','.join(args.parts)}" if args.parts != ["ab", "c", "d", "e"] else "") + \
+            (f" --policies {','.join(args.policies)}" if args.policies else "")
     emit(markdown(res, command), {"command": command, "result": res}, args)
 
 

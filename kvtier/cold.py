@@ -17,11 +17,22 @@ returns ENOSPC or an I/O error is skipped for ``retry_s`` (logged, counted)
 and retried after, so the tier degrades to the other directories, or to
 RAM-only, and recovers when space returns.
 
-Restart: the index is rebuilt from every file's header (names are only a
-hint); orphan temp files are removed; a file whose header is corrupt or
-disagrees with its name is removed. Reads verify the payload checksum: a
-flipped bit or a truncated file is a counted miss and the file is removed,
-never data. A file that vanished mid-read (evicted meanwhile) is a plain miss.
+Restart: ``scan()`` rebuilds the index from the file names and sizes alone
+(one ``stat`` per file, no file opened), so the daemon serves within about a
+second of listing the directories; orphan temp files are removed.
+``verify_pending()`` then checks every header in the background: a file
+whose header is corrupt, names another block, disagrees with the file's size
+or has expired is dropped from the index and removed. Until then a block is
+served like any other, because every read checks the header and the payload
+checksum anyway: a flipped bit or a truncated file is a counted miss and the
+file is removed, never data. A file that vanished mid-read (evicted
+meanwhile) is a plain miss.
+
+Reads: the index knows each file's size, and the header size follows from
+namespace and key, so a raw record (the common case) is read with one
+``preadv`` of header page + payload, the payload straight into the caller's
+buffer; the header is checked after. A compressed record, found only then,
+is decompressed and ``dest`` is asked again for its raw size.
 
 Bounds: each directory has a hard capacity (bytes on disk); a write evicts
 that directory's least recently used files first.
@@ -40,6 +51,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -169,12 +181,17 @@ class ColdTier:
         self.group_used: dict[str, int] = {}        # written and in-flight bytes per group
         self.stats = ColdStats()
         self._scratch = _Scratch()
+        self._unverified: set[tuple[str, bytes]] = set()  # indexed by scan(), header not checked yet
+        self._verify_order: list[tuple[str, bytes]] = []
 
     # ---- startup ----------------------------------------------------------------------
 
     def scan(self) -> int:
-        """Rebuild the index from the files' headers; remove orphans and corrupt files."""
+        """Rebuild the index from file names and sizes (blocking, no file opened); remove orphan
+        temp files and files that cannot be a record (too short, not at their canonical path).
+        Every block indexed here is unverified until verify_pending() or a read checks it."""
         found = []
+        smallest: dict = {}  # (namespace, key length) -> header size: a record is longer
         for di, d in enumerate(self.dirs):
             for sub in sorted(os.listdir(d.path)):
                 sp = os.path.join(d.path, sub)
@@ -182,47 +199,108 @@ class ColdTier:
                     continue
                 with os.scandir(sp) as it:
                     for e in it:
-                        if e.name.endswith(".tmp"):
+                        name = e.name
+                        if name.endswith(".tmp"):
                             self._unlink(e.path)
                             self.stats.orphans_removed += 1
                             continue
-                        hint = parse_name(e.name)
-                        if hint is None:
+                        k = parse_name(name)
+                        if k is None:
                             continue
                         try:
-                            meta, size, mtime = self._read_header(e.path)
-                        except (CorruptRecord, OSError, ValueError):
+                            st = e.stat()
+                        except FileNotFoundError:
+                            continue
+                        hs = smallest.get((k[0], len(k[1])))
+                        if hs is None:
+                            hs = smallest[(k[0], len(k[1]))] = record.header_size(k[0], k[1], aligned=True)
+                        if st.st_size <= hs or file_name(*k) != (sub, name):
                             self._unlink(e.path)
                             self.stats.corrupt_removed += 1
                             continue
-                        if (meta.ns, meta.key) != hint or (meta.expires_ms and meta.expires_ms < time.time() * 1000):
-                            self._unlink(e.path)
-                            self.stats.corrupt_removed += 1
-                            continue
-                        found.append((mtime, di, (meta.ns, meta.key), size))
+                        found.append((st.st_mtime, di, k, st.st_size, e.inode()))
         found.sort()
+        groups: dict = {}
         with self.lock:
-            for _, di, k, size in found:
-                self._index[k] = di
-                self.dirs[di].lru[k] = size
-                self.dirs[di].used += size
-                self._group_add(k, size)
+            index, unverified, used = self._index, self._unverified, self.group_used
+            for _, di, k, size, _ in found:
+                index[k] = di
+                d = self.dirs[di]
+                d.lru[k] = size
+                d.used += size
+                g = groups.get(k[0])
+                if g is None:
+                    g = groups[k[0]] = self.group_of(k[0])
+                self._groups.setdefault(g, OrderedDict())[k] = size
+                used[g] = used.get(g, 0) + size
+                unverified.add(k)
+        self._verify_order = [k for _, k in sorted([(f[4], f[2]) for f in found])]  # inode order: about disk order
         if self.stats.orphans_removed or self.stats.corrupt_removed:
-            log.warning("nvme scan: removed %d orphan temp files and %d corrupt or expired files",
+            log.warning("nvme scan: removed %d orphan temp files and %d files that cannot be records",
                         self.stats.orphans_removed, self.stats.corrupt_removed)
         return len(found)
 
-    def _read_header(self, path: str) -> tuple[Meta, int, float]:
+    def verify_pending(self, threads: int = 8, stop: threading.Event | None = None) -> tuple[int, int]:
+        """Check the header of every block scan() indexed that no read has checked since, on
+        ``threads`` threads (blocking; the store runs it in the background). A file whose header is
+        corrupt, names another block, disagrees with the file's size or has expired is dropped
+        and removed. Returns (headers read, files removed); stops early when ``stop`` is set."""
+        order, self._verify_order = self._verify_order, []
+        chunks = [order[i:i + 64] for i in range(0, len(order), 64)]  # neighbours on disk, read together
+
+        def work(chunk) -> tuple[int, int]:
+            read = removed = 0
+            for k in chunk:
+                if stop is not None and stop.is_set():
+                    break
+                r = self._verify_one(k)
+                if r is not None:
+                    read += 1
+                    removed += r
+            return read, removed
+
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="kvtier-nvme-verify") as pool:
+            done = list(pool.map(work, chunks))
+        read, removed = sum(r for r, _ in done), sum(x for _, x in done)
+        if removed:
+            log.warning("nvme: removed %d corrupt or expired files found after start", removed)
+        return read, removed
+
+    def _verify_one(self, k) -> bool | None:
+        """Check one unverified block's header; True if it was dropped, None if there was nothing to do."""
+        with self.lock:
+            if k not in self._unverified:
+                return None  # read, deleted or evicted meanwhile
+            di = self._index[k]
+            size = self.dirs[di].lru[k]
+        bad = True
+        try:
+            meta = self._read_header(self._path(di, *k))
+            bad = (meta.ns, meta.key) != k or meta.total_len != size or \
+                meta.header_size != record.header_size(*k, aligned=True) or \
+                bool(meta.expires_ms and meta.expires_ms < time.time() * 1000)
+        except FileNotFoundError:
+            self._drop_entry(k, di, size, unlink=False)  # gone behind our back: a plain miss
+            return False
+        except (CorruptRecord, OSError, ValueError):
+            pass
+        if not bad:
+            with self.lock:
+                self._unverified.discard(k)
+            return False
+        if not self._drop_entry(k, di, size):
+            return None
+        self.stats.corrupt_removed += 1
+        return True
+
+    @staticmethod
+    def _read_header(path: str) -> Meta:
         fd = os.open(path, os.O_RDONLY)
         try:
-            st = os.fstat(fd)
-            head = os.pread(fd, 512, 0)
+            head = os.pread(fd, PAGE, 0)
         finally:
             os.close(fd)
-        meta = record.decode_header(head)
-        if st.st_size != meta.total_len:
-            raise CorruptRecord(f"file is {st.st_size} bytes, header says {meta.total_len}")
-        return meta, st.st_size, st.st_mtime
+        return record.decode_header(head)
 
     # ---- queries ----------------------------------------------------------------------
 
@@ -259,6 +337,7 @@ class ColdTier:
     def _evict_key(self, k) -> str:
         """Forget a written block (lock held); returns its path to unlink."""
         di = self._index.pop(k)
+        self._unverified.discard(k)
         d = self.dirs[di]
         size = d.lru.pop(k)
         d.used -= size
@@ -405,8 +484,10 @@ class ColdTier:
     def read(self, ns: str, key: bytes, dest: Callable[[int], memoryview]) -> Meta | None:
         """Read a block into ``dest(raw_len)`` (a buffer of at least raw_len bytes, page-aligned
         and page-padded for the in-place O_DIRECT path) and verify it. None on a miss (absent,
-        vanished, corrupt: the last is counted and the file removed). ``dest`` may raise to
-        refuse (e.g. no room in RAM); that propagates."""
+        vanished, corrupt: the last is counted and the file removed). ``dest`` is first asked for
+        the payload size the file implies; for a compressed record it is asked again, for the raw
+        size, and the first buffer is no longer used. ``dest`` may raise to refuse (e.g. no room
+        in RAM); that propagates."""
         k = (ns, key)
         with self.lock:
             di = self._index.get(k)
@@ -414,8 +495,8 @@ class ColdTier:
                 self.stats.misses += 1
                 return None
             d = self.dirs[di]
-            if k in d.lru:
-                d.lru.move_to_end(k)
+            size = d.lru[k]
+            d.lru.move_to_end(k)
             glru = self._groups.get(self.group_of(ns))
             if glru is not None and k in glru:
                 glru.move_to_end(k)
@@ -423,50 +504,51 @@ class ColdTier:
         try:
             fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if d.direct else 0))
         except FileNotFoundError:
-            self._forget(k)
+            self._drop_entry(k, di, size, unlink=False)
             self.stats.misses += 1
             return None
         try:
-            head = self._scratch.header()
-            got = os.preadv(fd, [memoryview(head)[:PAGE]], 0)
-            meta = record.decode_header(memoryview(head)[:got])
-            if meta.header_size % PAGE and d.direct:
-                raise CorruptRecord(f"header size {meta.header_size} is not page-aligned")
+            hs = record.header_size(ns, key, aligned=True)
+            n = size - hs  # the payload, raw or compressed
+            if n <= 0:
+                raise CorruptRecord(f"file is {size} bytes")
+            out = dest(n)
+            pad = _round(n) if d.direct else n
+            staged = d.direct and (len(out) < pad or not aligned(out))  # O_DIRECT needs an aligned target
+            body = memoryview(self._scratch.get(pad))[:pad] if staged else out[:pad]
+            head = memoryview(self._scratch.header())[:hs]  # hs is one page: namespace and key are short
+            got = _preadv_full(fd, [head, body], 0)
+            meta = record.decode_header(head[:min(got, hs)])
             if (meta.ns, meta.key) != k:
                 raise CorruptRecord("header names another block")
+            if meta.header_size != hs or meta.total_len != size:
+                raise CorruptRecord(f"header says {meta.header_size} + {meta.stored_len} bytes, file is {size}")
+            if got < size:
+                raise CorruptRecord(f"truncated: {got - hs} of {meta.stored_len} bytes")
             if meta.expires_ms and meta.expires_ms < time.time() * 1000:
-                self._drop(k, path, corrupt=False)
+                self._drop_entry(k, di, size)
                 self.stats.misses += 1
                 return None
-            out = dest(meta.raw_len)
-            hs = meta.header_size
             if meta.codec == record.CODEC_RAW:
-                n = _round(meta.raw_len) if d.direct else meta.raw_len
-                if d.direct and (len(out) < n or not aligned(out)):
-                    tmp = self._scratch.get(n)
-                    got = _preadv_all(fd, memoryview(tmp)[:n], hs)
-                    out[:meta.raw_len] = memoryview(tmp)[:meta.raw_len]
-                else:
-                    got = _preadv_all(fd, out[:n], hs)
-                if got < meta.raw_len:
-                    raise CorruptRecord(f"truncated: {got} of {meta.raw_len} bytes")
+                if meta.raw_len != n:
+                    raise CorruptRecord(f"raw record of {meta.raw_len} bytes stored as {n}")
+                if staged:
+                    out[:n] = body[:n]
             else:
-                n = _round(meta.stored_len)
-                tmp = self._scratch.get(n)
-                got = _preadv_all(fd, memoryview(tmp)[:n], hs)
-                if got < meta.stored_len:
-                    raise CorruptRecord(f"truncated: {got} of {meta.stored_len} bytes")
-                out[:meta.raw_len] = record.decompress(meta.codec, memoryview(tmp)[:meta.stored_len], meta.raw_len)
+                raw = record.decompress(meta.codec, body[:n], meta.raw_len)
+                out = dest(meta.raw_len)
+                out[:meta.raw_len] = raw
             record.verify(meta, out[:meta.raw_len])
         except (CorruptRecord, ValueError) as e:
-            log.warning("nvme %s: %s; removed", path, e)
-            self.stats.checksum_failures += 1
-            self._drop(k, path, corrupt=True)
+            if self._drop_entry(k, di, size):  # else replaced while we read: what we saw was a mix
+                log.warning("nvme %s: %s; removed", path, e)
+                self.stats.checksum_failures += 1
+                self.stats.corrupt_removed += 1
             self.stats.misses += 1
             return None
         except OSError as e:
             if e.errno == errno.ENOENT:
-                self._forget(k)
+                self._drop_entry(k, di, size, unlink=False)
                 self.stats.misses += 1
                 return None
             self.stats.io_errors += 1
@@ -475,6 +557,9 @@ class ColdTier:
             return None
         finally:
             os.close(fd)
+        if k in self._unverified:  # checked now: the background pass can skip it
+            with self.lock:
+                self._unverified.discard(k)
         self.stats.hits += 1
         self.stats.read_bytes += meta.raw_len
         return meta
@@ -489,11 +574,18 @@ class ColdTier:
             self.stats.evictions -= 1  # a removal, not an eviction
             return path
 
-    def _drop(self, k, path: str, corrupt: bool) -> None:
-        self._forget(k)
-        self._unlink(path)
-        if corrupt:
-            self.stats.corrupt_removed += 1
+    def _drop_entry(self, k, di: int, size: int, unlink: bool = True) -> bool:
+        """Forget k and remove its file, if the index still holds the entry that was read (same
+        directory and size); False when k was deleted or replaced meanwhile (a plain miss). The
+        file goes under the lock, so a new write of k cannot start before it is gone."""
+        with self.lock:
+            if self._index.get(k) != di or self.dirs[di].lru.get(k) != size:
+                return False
+            path = self._evict_key(k)
+            self.stats.evictions -= 1  # a removal, not an eviction
+            if unlink:
+                self._unlink(path)
+        return True
 
     def delete(self, ns: str, key: bytes) -> bool:
         path = self._forget((ns, key))
@@ -518,6 +610,7 @@ class ColdTier:
                 "capacity_bytes": sum(d.capacity for d in self.dirs),
                 "used_bytes": sum(d.used for d in self.dirs),
                 "blocks": len(self._index),
+                "unverified_blocks": len(self._unverified),
                 "dirs": [{"path": d.path, "capacity_bytes": d.capacity, "used_bytes": d.used,
                           "blocks": len(d.lru), "direct_io": d.direct,
                           "degraded": d.degraded_until > now, "degraded_reason": d.degraded_reason}
@@ -534,6 +627,20 @@ def _pwritev_all(fd: int, bufs: list, offset: int) -> None:
     flat = memoryview(b"".join(bytes(b) for b in bufs))  # rare: short write, finish buffered-style
     while done < total:
         done += os.pwrite(fd, flat[done:], offset + done)
+
+
+def _preadv_full(fd: int, bufs: list, offset: int) -> int:
+    """Fill bufs from offset, in one preadv unless it comes back short; bytes read (fewer at EOF)."""
+    got = os.preadv(fd, bufs, offset)
+    pos = 0
+    for b in bufs:  # rare: a short read; go on buffer by buffer
+        if got < pos + len(b):
+            more = _preadv_all(fd, b[got - pos:], offset + got) if got >= pos else 0
+            got += more
+            if got < pos + len(b):
+                return got
+        pos += len(b)
+    return got
 
 
 def _preadv_all(fd: int, buf: memoryview, offset: int) -> int:

@@ -8,10 +8,15 @@ Movement:
 * RAM eviction -> demotion: a block not yet on NVMe is copied out of its slot
   (under the hot tier's lock, before the slot is reused) and queued for
   writing; with ``write_policy = "evict"`` this is the only way to NVMe;
-* lookup sees both tiers; Acquire of a block on NVMe first reads it into a
-  fresh arena slot (O_DIRECT straight into the slot), verifies it, commits it,
-  then leases it; inline reads do the same, or with ``promote = "second"``
-  serve the first read from a transient buffer and promote on the second.
+* lookup sees both tiers; Acquire of blocks on NVMe first reads them into
+  fresh arena slots (O_DIRECT straight into the slot), several at a time on
+  the NVMe read threads, verifies, commits and leases each; inline reads do
+  the same, or with ``promote = "second"`` serve the first read from a
+  transient buffer and promote on the second.
+
+Restart: the NVMe index comes from the file names and sizes, and the daemon
+serves at once; the headers are checked by a background thread meanwhile
+(``ColdTier.verify_pending``). Every read verifies header and checksum anyway.
 
 Writes that cannot be queued (``queue_bytes`` reached) are dropped and counted:
 a put never waits for the disk. Loss is allowed, corruption never: every NVMe
@@ -38,6 +43,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -45,10 +51,13 @@ from . import errors
 from .cluster import NullCluster
 from .cold import ColdTier
 from .config import Config
-from .hot import DOOMED, TIER_MISSING, TIER_RAM, Acquired, Block, HotTier
+from .hot import TIER_MISSING, TIER_RAM, Acquired, Block, HotTier
+from .keys import CHECKSUM_SIZE
 
 log = logging.getLogger("kvtier.store")
 TIER_NVME, TIER_CLUSTER = 2, 3
+VERIFY_THREADS = 8  # header reads in flight while the NVMe index is checked after a restart
+LANDING_WAIT_S = 5.0  # at most this long a read waits for a demotion being written (then: a miss)
 
 
 class NullTier:
@@ -57,6 +66,9 @@ class NullTier:
 
     def scan(self) -> int:
         return 0
+
+    def verify_pending(self, threads: int = 1, stop=None) -> tuple[int, int]:
+        return 0, 0
 
     def contains(self, ns, key) -> bool:
         return False
@@ -81,6 +93,14 @@ class _Present(Exception):
     pass
 
 
+class _Join:
+    """The lease that the promotions of one Acquire join, each as soon as its block is in RAM."""
+
+    def __init__(self, lease_id: int, lease_ms: int):
+        self.lease_id, self.lease_ms = lease_id, lease_ms
+        self.lock = threading.Lock()
+
+
 class Store:
     def __init__(self, cfg: Config, hot: HotTier, view: memoryview):
         self.cfg, self.hot, self.view = cfg, hot, view
@@ -98,19 +118,26 @@ class Store:
             self.cold = ColdTier(dirs, durability=n.durability, direct_io=n.direct_io, codec=n.codec,
                                  retry_s=n.retry_s)
             self.io = ThreadPoolExecutor(n.io_threads, thread_name_prefix="kvtier-nvme")
+            # promotions have threads of their own: a read never queues behind the write-behind backlog
+            self.reads = ThreadPoolExecutor(n.io_threads, thread_name_prefix="kvtier-nvme-read")
         else:
             self.cold = NullTier()
-            self.io = None
+            self.io = self.reads = None
         self.write_at_commit = bool(n.dirs) and n.write_policy == "commit"
         self.promote_first = n.promote == "first"
         # a stuck disk must not hold most of RAM: at most half the arena waits for writing
         self.queue_limit = min(n.queue_bytes, hot.alloc.capacity // 2)
         self.queued_bytes = 0
         self._queued: dict[tuple[str, bytes], bool] = {}  # key -> cancelled (deleted/overwritten meanwhile)
+        # demotions being written: evicted from RAM, not yet on NVMe (reads wait for them)
+        self._landing: dict[tuple[str, bytes], threading.Event] = {}
         self._seen_once: dict[tuple[str, bytes], None] = {}
+        self._holding: dict[tuple[str, bytes], Block | None] = {}  # promotions to hold at commit (see promote)
         self._pool: dict[int, list[mmap.mmap]] = {}  # demotion buffers by size, kept for reuse
-        self._pool_bytes = 0
+        self._pool_bytes = 0  # of which free
+        self._mapped = 0      # bytes of demotion buffers, free or in use
         self._qlock = threading.Lock()
+        self._stop = threading.Event()  # ends the background header check at shutdown
         self.demotions = 0
         self.promotions = 0
         self.nvme_hits: dict[str, int] = {}  # per namespace: reads served by promoting from NVMe
@@ -127,13 +154,29 @@ class Store:
         return getattr(self.hot, name)
 
     def start(self) -> int:
-        """Rebuild the NVMe index from disk (blocking; run in a thread)."""
-        return self.cold.scan()
+        """Rebuild the NVMe index from file names and sizes (blocking; run in a thread), then check
+        the headers in a background thread while the daemon serves."""
+        n = self.cold.scan()
+        if n:
+            threading.Thread(target=self._verify, name="kvtier-nvme-verify", daemon=True).start()
+        return n
+
+    def _verify(self) -> None:
+        t0 = time.monotonic()
+        try:
+            read, removed = self.cold.verify_pending(VERIFY_THREADS, self._stop)
+        except Exception:
+            log.exception("nvme: the background header check failed; blocks are still checked when read")
+            return
+        log.info("nvme: %d headers checked in the background in %.2fs, %d files removed", read,
+                 time.monotonic() - t0, removed)
 
     def close(self, timeout: float) -> bool:
         """Wait up to timeout seconds for queued writes; True if they all finished."""
+        self._stop.set()
         if self.io is None:
             return True
+        self.reads.shutdown(wait=False)
         done = threading.Event()
         threading.Thread(target=lambda: (self.io.shutdown(wait=True), done.set()), daemon=True).start()
         ok = done.wait(timeout)
@@ -172,6 +215,11 @@ class Store:
         self.cluster, self.loop = cluster, loop
 
     def _on_commit(self, blocks: list[Block]) -> list[Block]:  # hot lock held
+        if self._holding and blocks[0].promoted:  # a promotion whose caller leases it next: hold it till then
+            k = (blocks[0].ns, blocks[0].key)
+            if k in self._holding:
+                self._holding[k] = blocks[0]
+                return [blocks[0]]
         for b in blocks:
             if b.overwrite:  # the NVMe copy, if any, is the old content now
                 self._forget_lower(b.ns, b.key)
@@ -222,6 +270,7 @@ class Store:
         with self._qlock:
             if not self._admit(k, b.length):
                 return
+            self._landing[k] = threading.Event()
         data = self._buffer(self.hot.alloc.round(b.length))  # page-aligned: O_DIRECT writes it as is
         data[:b.length] = self.view[b.offset:b.offset + b.length]
         self.demotions += 1
@@ -237,54 +286,74 @@ class Store:
             self._return_buffer(data)
             if self._finish((ns, key), length):
                 self.cold.delete(ns, key)
+            with self._qlock:
+                landed = self._landing.pop((ns, key), None)
+            if landed is not None:
+                landed.set()
+
+    def _on_nvme(self, ns: str, key: bytes) -> bool:
+        """On NVMe, or on its way there (a demotion being written: a read waits for it)."""
+        return self.cold.contains(ns, key) or (ns, key) in self._landing
 
     def _buffer(self, size: int) -> mmap.mmap:
         """A page-aligned buffer for a demotion copy, reused when one of that size is free: a
-        fresh mapping costs its page faults on every copy (several times the copy itself)."""
+        fresh mapping costs its page faults on every copy and an unmap after (together ~10x the
+        copy itself). Buffers stay mapped for the next demotion, together at most the write
+        queue's bound (``queue_limit``): idle ones of other sizes are unmapped to make room."""
+        idle = []
         with self._qlock:
             pool = self._pool.get(size)
             if pool:
                 self._pool_bytes -= size
                 return pool.pop()
+            while self._mapped + size > self.queue_limit and self._pool_bytes:
+                buf = next(p for p in self._pool.values() if p).pop()
+                self._pool_bytes -= len(buf)
+                self._mapped -= len(buf)
+                idle.append(buf)
+            self._mapped += size
+        for buf in idle:
+            buf.close()
         return mmap.mmap(-1, size)
 
     def _return_buffer(self, buf: mmap.mmap) -> None:
-        size = len(buf)
         with self._qlock:
-            if self._pool_bytes + size <= self.queue_limit // 4:
-                self._pool.setdefault(size, []).append(buf)
-                self._pool_bytes += size
-                return
-        buf.close()
+            self._pool.setdefault(len(buf), []).append(buf)
+            self._pool_bytes += len(buf)
 
     def reserve(self, ns: str, keys: Sequence[bytes], sizes: Sequence[int], ttl_ms: int = 0,
                 overwrite: bool = False, expires: bool = True):
         """The hot tier's reserve; keys already on NVMe count as present."""
-        return self.hot.reserve(ns, keys, sizes, ttl_ms, overwrite, present=self.cold.contains, expires=expires)
+        return self.hot.reserve(ns, keys, sizes, ttl_ms, overwrite, present=self._on_nvme, expires=expires)
 
     # ---- reads ------------------------------------------------------------------------------
 
     def lookup(self, ns: str, keys: Sequence[bytes]) -> tuple[bytes, int]:
         tiers, _ = self.hot.lookup(ns, keys)
-        if TIER_MISSING in tiers:
+        i = tiers.find(TIER_MISSING)
+        if i >= 0:  # only the keys RAM lacks are looked up on NVMe
             t = bytearray(tiers)
-            for i, k in enumerate(keys):
-                if not t[i] and self.cold.contains(ns, k):
+            contains = self._on_nvme
+            while i >= 0:
+                if contains(ns, keys[i]):
                     t[i] = TIER_NVME
+                i = tiers.find(TIER_MISSING, i + 1)
             tiers = bytes(t)
         p = tiers.find(TIER_MISSING)
         return tiers, (len(keys) if p < 0 else p)
 
-    def needs_io(self, ns: str, keys: Sequence[bytes]) -> bool:
-        """Would acquire() touch NVMe for these keys? (The service then runs it in a thread.)"""
-        hot, cold = self.hot, self.cold
-        return any(not hot.contains(ns, k) and cold.contains(ns, k) for k in keys)
-
-    def promote(self, ns: str, key: bytes) -> bool:
-        """Bring a block from NVMe into the arena (blocking). True if it is in RAM now."""
+    def promote(self, ns: str, key: bytes, hold: bool = False) -> Block | bool:
+        """Bring a block from NVMe into the arena (blocking). True if it is in RAM now. With hold,
+        the block is held from the moment it is committed (no eviction can take it before the
+        caller leases it) and returned; the caller unholds it."""
+        landing = self._landing.get((ns, key))
+        if landing is not None:  # evicted a moment ago: its demotion is being written
+            landing.wait(LANDING_WAIT_S)
         holder: dict = {}
 
         def dest(n: int) -> memoryview:
+            if "r" in holder:  # asked again (a compressed record): the first slot had the wrong size
+                self.hot.discard(holder.pop("r"))
             r = self.hot.reserve(ns, [key], [n])
             if not r.reservation_id:
                 raise _Present()
@@ -295,8 +364,12 @@ class Store:
         try:
             meta = self.cold.read(ns, key, dest)
         except _Present:
+            if "r" in holder:
+                self.hot.discard(holder["r"])
             return True
         except errors.ResourceExhausted:
+            if "r" in holder:
+                self.hot.discard(holder["r"])
             return False
         except BaseException:
             if "r" in holder:
@@ -307,43 +380,114 @@ class Store:
             if rid:
                 self.hot.discard(rid)
             return False
-        self.hot.begin_commit(rid)
-        self.hot.finish_commit(rid, [meta.checksum], promoted=True)  # verified against the record by cold.read
+        k = (ns, key)
+        if hold:
+            self._holding[k] = None  # _on_commit holds it and puts the block here
+        try:
+            self.hot.begin_commit(rid)
+            self.hot.finish_commit(rid, [meta.checksum], promoted=True)  # verified against the record by cold.read
+        finally:
+            b = self._holding.pop(k, None) if hold else None
         self.promotions += 1
-        return True
+        return b if b is not None else True
+
+    def _acquire_ram(self, ns: str, keys: Sequence[bytes], lease_ms: int,
+                     prefix_only: bool) -> tuple[Acquired, list[int]]:
+        """Lease what RAM holds (no I/O: fit for the event loop); returns the lease and the
+        positions to promote from NVMe. Only the keys RAM lacks are looked up on NVMe."""
+        hot = self.hot
+        a = hot.acquire(ns, keys, lease_ms, prefix_only, count_misses=False)
+        i = a.tiers.find(TIER_MISSING)
+        if i < 0:
+            return a, []
+        if prefix_only and i + 1 < len(keys) and self._on_nvme(ns, keys[i]):
+            # the gap is on NVMe: what RAM holds past it belongs to the answer too
+            try:
+                rest = hot.acquire(ns, keys[i + 1:], lease_ms, lease_id=a.lease_id, count_misses=False)
+            except errors.UnknownLease:  # the lease ran out already: stop at the gap
+                return a, []
+            tiers, sums = bytearray(a.tiers), bytearray(a.checksums)
+            tiers[i + 1:] = rest.tiers
+            sums[(i + 1) * CHECKSUM_SIZE:] = rest.checksums
+            a.offsets[i + 1:], a.lengths[i + 1:] = rest.offsets, rest.lengths
+            a.tiers, a.checksums, a.lease_id = bytes(tiers), bytes(sums), a.lease_id or rest.lease_id
+        todo = []
+        tiers = a.tiers
+        while i >= 0:
+            if self._on_nvme(ns, keys[i]):
+                todo.append(i)
+            elif prefix_only:
+                break
+            i = tiers.find(TIER_MISSING, i + 1)
+        return a, todo
+
+    def _promote_join(self, ns: str, key: bytes, join: _Join) -> tuple[int, int, bytes] | None:
+        """Promote one block and add it to the lease at once; its (offset, length, checksum), or
+        None for a miss."""
+        held = None
+        try:
+            held = self.promote(ns, key, hold=True)
+            if not held:
+                return None
+            with join.lock:
+                b = self.hot.acquire(ns, [key], join.lease_ms, lease_id=join.lease_id, count_misses=False)
+                if not b.tiers[0]:
+                    return None
+                join.lease_id = join.lease_id or b.lease_id
+            return b.offsets[0], b.lengths[0], b.checksums
+        except errors.UnknownLease:  # the lease ran out while we promoted: a miss
+            return None
+        except Exception:
+            log.exception("promotion of a block from NVMe failed; counted as a miss")
+            return None
+        finally:
+            if isinstance(held, Block):
+                self.hot.unhold(held)  # leased now (or a miss): the hold from its commit ends
+
+    def _promote_all(self, ns: str, keys: Sequence[bytes], a: Acquired, todo: list[int], lease_ms: int,
+                     prefix_only: bool) -> Acquired:
+        """Promote the blocks at positions todo (blocking): this thread reads the first, the NVMe
+        read threads the others, all at once. Each joins the lease as soon as it is in RAM, so a
+        batch larger than free RAM cannot evict its own earlier blocks before they are read;
+        results are taken in key order. With prefix_only, reads past the first block not promoted
+        are cancelled if they have not started."""
+        join = _Join(a.lease_id, lease_ms)
+        futs = {i: self.reads.submit(self._promote_join, ns, keys[i], join) for i in todo[1:]}
+        got = {todo[0]: self._promote_join(ns, keys[todo[0]], join)}
+        tiers, sums = bytearray(a.tiers), bytearray(a.checksums)
+        gap = -1
+        found = 0
+        for i in todo:
+            f = futs.get(i)
+            r = got[i] if f is None else (None if f.cancelled() else f.result())
+            if r is None:
+                if prefix_only and gap < 0:
+                    gap = i
+                    for f in futs.values():
+                        f.cancel()  # not started yet: not read at all
+                continue
+            if gap >= 0:
+                continue
+            tiers[i] = TIER_NVME
+            a.offsets[i], a.lengths[i] = r[0], r[1]
+            sums[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] = r[2]
+            found += 1
+        if found:
+            self.nvme_hits[ns] = self.nvme_hits.get(ns, 0) + found
+        a.lease_id = join.lease_id
+        a.tiers, a.checksums = bytes(tiers), bytes(sums)
+        return a
 
     def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False,
                 count_misses: bool = True) -> Acquired:
         """Lease blocks in the arena, promoting those found on NVMe first (blocking when it
-        promotes). Each promoted block joins the lease at once, so a batch larger than free RAM
-        cannot evict its own earlier blocks before they are read."""
-        if not self.needs_io(ns, keys):
-            return self.hot.acquire(ns, keys, lease_ms, prefix_only, count_misses=count_misses)
-        a = self.hot.acquire(ns, keys, lease_ms, count_misses=False)
-        tiers = bytearray(a.tiers)
-        sums = bytearray(a.checksums)
-        for i, k in enumerate(keys):
-            if tiers[i]:
-                continue
-            if self.cold.contains(ns, k) and self.promote(ns, k):
-                try:
-                    b = self.hot.acquire(ns, [k], lease_ms, lease_id=a.lease_id)
-                except errors.UnknownLease:  # the lease ran out while we promoted: a miss
-                    b = None
-                if b is not None and b.tiers[0]:
-                    a.lease_id = a.lease_id or b.lease_id
-                    tiers[i] = TIER_NVME
-                    self.nvme_hits[ns] = self.nvme_hits.get(ns, 0) + 1
-                    a.offsets[i], a.lengths[i] = b.offsets[0], b.lengths[0]
-                    sums[i * 16:(i + 1) * 16] = b.checksums
-                    continue
-            if prefix_only:  # report nothing past the first gap (those blocks stay leased until release)
-                for j in range(i, len(keys)):
-                    tiers[j], a.offsets[j], a.lengths[j] = TIER_MISSING, 0, 0
-                    sums[j * 16:(j + 1) * 16] = bytes(16)
-                break
-        a.tiers, a.checksums = bytes(tiers), bytes(sums)
-        if count_misses:
+        promotes). With prefix_only, nothing past the first key found in no tier is reported."""
+        a, todo = self._acquire_ram(ns, keys, lease_ms, prefix_only)
+        if todo:
+            a = self._promote_all(ns, keys, a, todo, lease_ms, prefix_only)
+        if prefix_only:
+            _cut(a)
+        if count_misses and TIER_MISSING in a.tiers:
             self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
         return a
 
@@ -405,17 +549,18 @@ class Store:
         """acquire() (in a worker thread when it touches NVMe), then the cluster tier for keys
         still missing: found blocks are promoted and join the same lease. With prefix_only,
         nothing past the first key found in no tier is leased or reported."""
-        if isinstance(self.cluster, NullCluster):
-            if self.needs_io(ns, keys):
-                return await asyncio.to_thread(self.acquire, ns, keys, lease_ms, prefix_only)
-            return self.acquire(ns, keys, lease_ms, prefix_only)
-        if self.needs_io(ns, keys):  # misses are counted once, after the cluster tier had its say
-            a = await asyncio.to_thread(self.acquire, ns, keys, lease_ms, prefix_only, False)
-        else:
-            a = self.acquire(ns, keys, lease_ms, prefix_only, False)
+        a, todo = self._acquire_ram(ns, keys, lease_ms, prefix_only)
+        if todo:
+            a = await asyncio.to_thread(self._promote_all, ns, keys, a, todo, lease_ms, prefix_only)
+        if prefix_only:
+            _cut(a)
         gap = a.tiers.find(TIER_MISSING)
         if gap < 0:
             return a
+        if isinstance(self.cluster, NullCluster):
+            self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
+            return a
+        # misses are counted once, after the cluster tier had its say
         todo = list(range(gap, len(keys))) if prefix_only else \
             [i for i, t in enumerate(a.tiers) if t == TIER_MISSING]
         absent = [i for i in todo if not self.hot.contains(ns, keys[i])]
@@ -521,3 +666,14 @@ def _misses(tiers: bytes, prefix_only: bool) -> int:
     if prefix_only:
         return 1 if TIER_MISSING in tiers else 0
     return tiers.count(TIER_MISSING)
+
+
+def _cut(a: Acquired) -> None:
+    """Report nothing past the first gap (blocks leased past it stay leased until release)."""
+    g = a.tiers.find(TIER_MISSING)
+    n = len(a.tiers)
+    if g < 0 or a.tiers.count(TIER_MISSING, g) == n - g:
+        return
+    a.tiers = a.tiers[:g] + bytes(n - g)
+    a.offsets[g:], a.lengths[g:] = [0] * (n - g), [0] * (n - g)
+    a.checksums = a.checksums[:g * CHECKSUM_SIZE] + bytes((n - g) * CHECKSUM_SIZE)

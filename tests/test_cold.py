@@ -323,7 +323,7 @@ def test_capacity_bound_holds_with_writes_in_flight(tmp_path, monkeypatch):
 
 # ---- restart --------------------------------------------------------------------------------
 
-def test_restart_rebuilds_the_index_from_headers(tmp_path, direct):
+def test_restart_rebuilds_the_index_from_names_then_checks_headers(tmp_path, direct):
     d0, d1 = str(tmp_path / "d0"), str(tmp_path / "d1")
     first = ColdTier([(d0, 1 << 30), (d1, 1 << 30)], direct_io=direct, codec="shuffle-lz4")
     expect = {}
@@ -333,6 +333,7 @@ def test_restart_rebuilds_the_index_from_headers(tmp_path, direct):
         assert write(first, key(i), data, ns=ns, expires_ms=0 if i % 5 else 4_000_000_000_000, pin_class=i % 4)
         expect[(ns, key(i))] = data
     before = first.snapshot()
+    assert before["unverified_blocks"] == 0  # written here: nothing to check
 
     again = ColdTier([(d0, 1 << 30), (d1, 1 << 30)], direct_io=direct, codec="none")
     assert again.snapshot()["blocks"] == 0
@@ -341,12 +342,37 @@ def test_restart_rebuilds_the_index_from_headers(tmp_path, direct):
     assert after["used_bytes"] == before["used_bytes"] == disk_bytes(d0) + disk_bytes(d1)
     assert [d["blocks"] for d in after["dirs"]] == [d["blocks"] for d in before["dirs"]]
     assert after["orphans_removed"] == 0 and after["corrupt_removed"] == 0
+    assert after["unverified_blocks"] == 30
+    readers = list(expect.items())[:10]  # read before the background check: verified by the read itself
+    for (ns, k), data in readers:
+        assert read(again, k, ns=ns, aligned=True) == data
+    assert again.snapshot()["unverified_blocks"] == 20
+    assert again.verify_pending(threads=3) == (20, 0)
+    assert again.snapshot()["unverified_blocks"] == 0 and again.snapshot()["blocks"] == 30
+    assert again.verify_pending() == (0, 0)
     for (ns, k), data in expect.items():
         assert again.contains(ns, k)
         assert read(again, k, ns=ns, aligned=True) == data
         assert read(again, k, ns=ns, aligned=False) == data
     assert again.stats.checksum_failures == 0
     assert not again.contains(NS, key(999))
+
+
+def test_scan_opens_no_block_file(tmp_path, monkeypatch):
+    d0 = str(tmp_path / "d0")
+    first = ColdTier([(d0, 1 << 30)], direct_io="off")
+    for i in range(20):
+        assert write(first, key(i), rnd(3000 + i, i))
+    opened = []
+    real = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **kw: (opened.append(path), real(path, *a, **kw))[1])
+    again = ColdTier([(d0, 1 << 30)], direct_io="off")
+    assert again.scan() == 20
+    assert [p for p in opened if str(p).endswith(C.SUFFIX)] == []
+    assert again.snapshot()["used_bytes"] == disk_bytes(d0)
+    assert read(again, key(3)) == rnd(3003, 3)
+    assert again.verify_pending() == (19, 0)
+    assert len([p for p in opened if str(p).endswith(C.SUFFIX)]) == 20  # one read, 19 header checks
 
 
 def test_restart_keeps_lru_order_by_file_age(tmp_path):
@@ -386,14 +412,7 @@ def test_scan_removes_orphan_temp_files(tmp_path):
     assert read(again, key(1)) == b"a" * 5000
 
 
-@pytest.mark.parametrize("damage", ["header-bit", "magic", "header-check", "truncated-header", "short-file",
-                                    "long-file", "empty"])
-def test_scan_removes_a_file_with_a_corrupt_header(tmp_path, damage):
-    d0 = str(tmp_path / "d0")
-    first = ColdTier([(d0, 1 << 30)], direct_io="off")
-    good, bad = key(1), key(2)
-    assert write(first, good, rnd(9000, 1)) and write(first, bad, rnd(9000, 2))
-    p = path_of(first, bad)
+def _damage(p: str, damage: str) -> None:
     if damage == "header-bit":
         flip(p, 9, 0x04)  # raw length
     elif damage == "magic":
@@ -409,35 +428,113 @@ def test_scan_removes_a_file_with_a_corrupt_header(tmp_path, damage):
             f.write(b"junk")
     else:
         os.truncate(p, 0)
+
+
+@pytest.mark.parametrize("found_by", ["background", "read"])
+@pytest.mark.parametrize("damage", ["header-bit", "magic", "header-check", "truncated-header", "short-file",
+                                    "long-file", "empty"])
+def test_a_file_with_a_corrupt_header_is_removed_after_restart(tmp_path, damage, found_by):
+    d0 = str(tmp_path / "d0")
+    first = ColdTier([(d0, 1 << 30)], direct_io="off")
+    good, bad = key(1), key(2)
+    assert write(first, good, rnd(9000, 1)) and write(first, bad, rnd(9000, 2))
+    p = path_of(first, bad)
+    _damage(p, damage)
     again = ColdTier([(d0, 1 << 30)], direct_io="off")
-    assert again.scan() == 1
+    too_short = damage in ("truncated-header", "empty")  # cannot hold a header: the name scan drops it
+    assert again.scan() == (1 if too_short else 2)
+    assert again.snapshot()["used_bytes"] == disk_bytes(d0)
+    if found_by == "read":
+        assert read(again, bad) is None
+        assert again.stats.checksum_failures == (0 if too_short else 1)
+    else:
+        assert again.verify_pending() == ((1, 0) if too_short else (2, 1))
+        assert again.stats.checksum_failures == 0
     assert again.stats.corrupt_removed == 1
     assert not os.path.exists(p)
     assert not again.contains(NS, bad) and read(again, bad) is None
     assert read(again, good) == rnd(9000, 1)
     assert again.snapshot()["used_bytes"] == disk_bytes(d0)
+    assert again.snapshot()["unverified_blocks"] == 0
 
 
+@pytest.mark.parametrize("found_by", ["background", "read"])
 @pytest.mark.parametrize("other", ["key", "namespace"])
-def test_scan_removes_a_file_whose_header_names_another_block(tmp_path, other):
+def test_a_file_whose_header_names_another_block_is_removed_after_restart(tmp_path, other, found_by):
     d0 = str(tmp_path / "d0")
     first = ColdTier([(d0, 1 << 30)], direct_io="off")
     k = key(1)
     assert write(first, k, rnd(9000, 1))
     src = path_of(first, k)
     if other == "key":
-        sub, name = C.file_name(NS, key(2))
+        ns2, k2 = NS, key(2)
     else:
-        sub, name = C.file_name("another", k)
+        ns2, k2 = "another", k
+    sub, name = C.file_name(ns2, k2)
     impostor = os.path.join(d0, sub, name)
     os.makedirs(os.path.dirname(impostor), exist_ok=True)
     shutil.copyfile(src, impostor)
     again = ColdTier([(d0, 1 << 30)], direct_io="off")
-    assert again.scan() == 1
+    assert again.scan() == 2
+    if found_by == "read":
+        assert read(again, k2, ns=ns2) is None and again.stats.checksum_failures == 1
+    else:
+        assert again.verify_pending() == (2, 1)
     assert again.stats.corrupt_removed == 1
     assert not os.path.exists(impostor) and os.path.exists(src)
-    assert read(again, key(2)) is None and read(again, k, ns="another") is None
+    assert read(again, k2, ns=ns2) is None
     assert read(again, k) == rnd(9000, 1)
+
+
+def test_scan_removes_files_that_cannot_be_records(tmp_path):
+    d0 = str(tmp_path / "d0")
+    first = ColdTier([(d0, 1 << 30)], direct_io="off")
+    assert write(first, key(1), rnd(9000, 1))
+    src = path_of(first, key(1))
+    misplaced = os.path.join(d0, "00" if key(1).hex()[:2] != "00" else "01", os.path.basename(src))
+    upper = os.path.join(os.path.dirname(src), key(1).hex().upper() + f".{NS}" + C.SUFFIX)
+    os.makedirs(os.path.dirname(misplaced), exist_ok=True)
+    for p in (misplaced, upper):
+        shutil.copyfile(src, p)
+    again = ColdTier([(d0, 1 << 30)], direct_io="off")
+    assert again.scan() == 1
+    assert again.stats.corrupt_removed == 2
+    assert not os.path.exists(misplaced) and not os.path.exists(upper)
+    assert again.snapshot()["used_bytes"] == disk_bytes(d0)
+    assert read(again, key(1)) == rnd(9000, 1)
+
+
+def test_background_check_skips_blocks_read_deleted_or_rewritten_meanwhile(tmp_path):
+    d0 = str(tmp_path / "d0")
+    first = ColdTier([(d0, 1 << 30)], direct_io="off")
+    for i in range(6):
+        assert write(first, key(i), rnd(5000, i))
+    _damage(path_of(first, key(0)), "header-bit")
+    again = ColdTier([(d0, 1 << 30)], direct_io="off")
+    assert again.scan() == 6
+    assert read(again, key(1)) == rnd(5000, 1)      # checked by the read
+    assert again.delete(NS, key(2))                  # gone
+    assert again.delete(NS, key(0))                  # the corrupt one, deleted before the check
+    assert write(again, key(0), rnd(5000, 100))      # and written again, sound
+    assert again.verify_pending() == (3, 0)          # keys 3, 4, 5
+    assert read(again, key(0)) == rnd(5000, 100)
+    assert again.stats.corrupt_removed == 0 and again.stats.checksum_failures == 0
+    assert again.snapshot()["blocks"] == 5 and again.snapshot()["used_bytes"] == disk_bytes(d0)
+
+
+def test_background_check_stops_when_asked(tmp_path):
+    d0 = str(tmp_path / "d0")
+    first = ColdTier([(d0, 1 << 30)], direct_io="off")
+    for i in range(10):
+        assert write(first, key(i), rnd(100, i))
+    again = ColdTier([(d0, 1 << 30)], direct_io="off")
+    assert again.scan() == 10
+    stop = threading.Event()
+    stop.set()
+    assert again.verify_pending(stop=stop) == (0, 0)
+    assert again.snapshot()["unverified_blocks"] == 10
+    assert all(read(again, key(i)) == rnd(100, i) for i in range(10))  # reads check them all the same
+    assert again.snapshot()["unverified_blocks"] == 0
 
 
 def test_read_refuses_a_file_whose_header_names_another_block(tmp_path):
@@ -544,6 +641,77 @@ def test_file_deleted_behind_the_tiers_back_is_a_plain_miss(tmp_path, direct):
     assert read(tier, key(2)) == rnd(10_000, 2)
 
 
+def _address(buf) -> int:
+    return np.frombuffer(buf, dtype=np.uint8).ctypes.data
+
+
+@pytest.mark.parametrize("n", [64 * KiB, 64 * KiB + 5])
+def test_a_raw_block_is_one_preadv_straight_into_the_callers_buffer(tmp_path, direct, monkeypatch, n):
+    tier = ColdTier([(str(tmp_path / "d0"), 1 << 30)], direct_io=direct)
+    data = rnd(n, 1)
+    assert write(tier, key(1), data)
+    calls = []
+    real = os.preadv
+
+    def preadv(fd, bufs, offset, *a):
+        calls.append(([len(b) for b in bufs], [_address(b) for b in bufs], offset))
+        return real(fd, bufs, offset, *a)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    d = Dest(aligned=True)
+    assert tier.read(NS, key(1), d).raw_len == n
+    monkeypatch.undo()
+    assert bytes(d.buf[:n]) == data and d.asked == n
+    sizes, addresses, offset = calls[0]
+    assert offset == 0 and sizes == [PAGE, rounded(n) if direct == "on" else n]  # header page + payload
+    assert addresses[1] == _address(d.buf)  # no staging copy
+    assert len(calls) == (1 if n % PAGE == 0 or direct == "off" else 2)  # + the zero-byte read at the end of file
+
+
+@pytest.mark.parametrize("codec", ["lz4", "shuffle-lz4"])
+def test_a_compressed_block_asks_dest_again_for_its_raw_size(tmp_path, direct, codec):
+    tier = ColdTier([(str(tmp_path / "d0"), 1 << 30)], direct_io=direct, codec=codec)
+    data = kv_like(200_000, 3)
+    assert write(tier, key(1), data)
+    stored = os.path.getsize(path_of(tier, key(1))) - PAGE
+    assert stored < len(data)
+    asked = []
+    bufs = []
+
+    def dest(n):
+        asked.append(n)
+        bufs.append(memoryview(mmap.mmap(-1, rounded(n))))
+        return bufs[-1]
+
+    assert tier.read(NS, key(1), dest).raw_len == len(data)
+    assert asked == [stored, len(data)]
+    assert bytes(bufs[1][:len(data)]) == data
+
+
+def test_a_block_replaced_while_it_is_read_is_a_plain_miss(tmp_path, monkeypatch):
+    tier = ColdTier([(str(tmp_path / "d0"), 1 << 30)], direct_io="off")
+    k = key(1)
+    assert write(tier, k, rnd(5000, 1))
+    p = path_of(tier, k)
+    real = os.open
+    fired = []
+
+    def replace_first(path, *a, **kw):  # deleted and written again, longer, between lookup and open
+        if path == p and not fired:
+            fired.append(path)
+            assert tier.delete(NS, k) and write(tier, k, rnd(9000, 2))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(os, "open", replace_first)
+    assert read(tier, k) is None  # the file no longer matches what the index said when we looked
+    monkeypatch.undo()
+    assert fired and os.path.exists(p)
+    s = tier.stats
+    assert s.checksum_failures == 0 and s.corrupt_removed == 0
+    assert read(tier, k) == rnd(9000, 2)
+    assert tier.snapshot()["used_bytes"] == disk_bytes(tmp_path / "d0")
+
+
 def test_dest_may_refuse_and_nothing_is_lost(tmp_path):
     tier = ColdTier([(str(tmp_path / "d0"), 1 << 30)], direct_io="off")
     assert write(tier, key(1), rnd(10_000, 1))
@@ -559,7 +727,7 @@ def test_dest_may_refuse_and_nothing_is_lost(tmp_path):
     assert tier.contains(NS, key(1)) and read(tier, key(1)) == rnd(10_000, 1)
 
 
-def test_expired_file_is_a_miss_and_dropped_at_scan(tmp_path):
+def test_expired_file_is_a_miss_and_dropped_after_restart(tmp_path):
     d0 = str(tmp_path / "d0")
     tier = ColdTier([(d0, 1 << 30)], direct_io="off")
     past = int(time.time() * 1000) - 1000
@@ -568,9 +736,14 @@ def test_expired_file_is_a_miss_and_dropped_at_scan(tmp_path):
     assert read(tier, key(1)) is None and tier.stats.checksum_failures == 0
     assert read(tier, key(2)) == b"new" * 100
     assert write(tier, key(3), b"gone" * 100, expires_ms=past)
+    assert write(tier, key(4), b"gone too" * 100, expires_ms=past)
     again = ColdTier([(d0, 1 << 30)], direct_io="off")
-    assert again.scan() == 1
-    assert not os.path.exists(tier._path(0, NS, key(3)))
+    assert again.scan() == 3
+    assert read(again, key(4)) is None  # expired: found by the read
+    assert again.verify_pending() == (2, 1)  # key 3 by the background check
+    assert not os.path.exists(tier._path(0, NS, key(3))) and not os.path.exists(tier._path(0, NS, key(4)))
+    assert again.snapshot()["blocks"] == 1 and again.stats.checksum_failures == 0
+    assert read(again, key(2)) == b"new" * 100
 
 
 # ---- ENOSPC and recovery --------------------------------------------------------------------

@@ -147,6 +147,8 @@ def test_demotion_on_eviction(make_daemon, tmp_path):
         for i in range(n):  # one at a time: a batch larger than the arena cannot be leased at once
             assert c.get(NS, key(i)) == blob(BLOCK, i)
         assert nvme(c).checksum_failures == 0 and c.checksum_failures == 0
+        store = d.daemon.store  # the demotion copies went through reused buffers, within the queue's bound
+        assert 0 < store._mapped <= store.queue_limit < store.demotions * BLOCK
 
 
 def test_write_behind_at_commit(make_daemon, tmp_path):
@@ -222,6 +224,176 @@ def test_acquire_promotes_from_nvme(make_daemon, tmp_path):
         assert c.get(NS, target) == data
 
 
+def only_on_nvme(make_daemon, restart, tmp_path, blocks: dict, **nvme_kw):
+    """A daemon whose RAM is empty and whose NVMe holds blocks (written behind, then a restart)."""
+    d = make_daemon(**settings(tmp_path, ram_cap="32MiB", persist=False, **nvme_kw))
+    with Client(d.address) as c:
+        c.put_many(NS, list(blocks.items()))
+        wait_for(lambda: nvme(c).blocks == len(blocks), what="write-behind")
+    d2 = restart(d)
+    d2.daemon.store.cold.verify_pending()  # the background check, done now: the tests count reads
+    return d2
+
+
+def ns_stats(c: Client):
+    (n,) = [n for n in c.stats(NS).namespaces if n.name == NS]
+    return n
+
+
+def test_acquire_promotes_a_batch_concurrently_and_answers_in_key_order(make_daemon, restart, tmp_path,
+                                                                         monkeypatch):
+    blocks = {key(i): blob(BLOCK - 4096 * (i % 3) + i, i) for i in range(12)}
+    d = only_on_nvme(make_daemon, restart, tmp_path, blocks, io_threads=3)
+    real = C._preadv_full
+    lock = threading.Lock()
+    state = {"now": 0, "most": 0, "calls": 0}
+
+    def slow(fd, bufs, offset):
+        with lock:
+            state["now"] += 1
+            state["calls"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.05)  # a slow drive: reads overlap only if they are issued together
+        try:
+            return real(fd, bufs, offset)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(C, "_preadv_full", slow)
+    ks = list(blocks)
+    with Client(d.address) as c:
+        t0 = time.monotonic()
+        lease = c.acquire(NS, ks)
+        took = time.monotonic() - t0
+        try:
+            assert list(lease.tiers) == [2] * len(ks)
+            for i, k in enumerate(ks):
+                assert bytes(lease.views[i]) == blocks[k]
+                assert lease.checksums[i] == xxhash.xxh3_128_digest(blocks[k])
+        finally:
+            c.release(lease)
+        assert state["calls"] == len(ks)  # one read per block: header and payload together
+        assert state["most"] == 4  # the Acquire's own thread and the 3 NVMe read threads
+        assert took < len(ks) * 0.05
+        assert c.lookup(NS, ks)[0] == [1] * len(ks)
+        t = nvme(c)
+        assert t.promotions == len(ks) and t.hits == len(ks) and t.checksum_failures == 0
+        assert ram(c).leased_blocks == 0
+        n = ns_stats(c)
+        assert (n.hits, n.misses) == (len(ks), 0)
+
+
+def test_acquire_mixes_ram_nvme_and_missing_keys(make_daemon, restart, tmp_path):
+    blocks = {key(i): blob(64 * KiB, i) for i in range(6)}
+    d = only_on_nvme(make_daemon, restart, tmp_path, blocks)
+    k = list(blocks)
+    gone = key(999)
+    with Client(d.address) as c:
+        for i in (0, 4):  # these two come up to RAM first
+            assert c.get(NS, k[i]) == blocks[k[i]]
+        order = [k[0], k[1], gone, k[3], k[4]]
+        assert c.lookup(NS, order)[0] == [1, 2, 0, 2, 1]
+        lease = c.acquire(NS, order, prefix_only=True)  # the answer ends at the first key no tier has
+        try:
+            assert list(lease.tiers) == [1, 2, 0, 0, 0]
+            assert bytes(lease.views[1]) == blocks[k[1]] and lease.views[3] is None
+        finally:
+            c.release(lease)
+        assert c.lookup(NS, [k[3]])[0] == [2]  # past the gap: not read
+        lease = c.acquire(NS, [k[3], k[4]], prefix_only=True)  # a gap on NVMe, then a RAM block
+        try:
+            assert list(lease.tiers) == [2, 1]
+            assert [bytes(v) for v in lease.views] == [blocks[k[3]], blocks[k[4]]]
+        finally:
+            c.release(lease)
+        lease = c.acquire(NS, [gone, k[2], k[5]])
+        try:
+            assert list(lease.tiers) == [0, 2, 2]
+            assert [bytes(v) for v in lease.views[1:]] == [blocks[k[2]], blocks[k[5]]]
+        finally:
+            c.release(lease)
+        assert ram(c).leased_blocks == 0
+        n = ns_stats(c)
+        assert n.misses == 2  # one per Acquire that had a missing key (the first counts its gap only)
+        assert nvme(c).promotions == 6
+
+
+def test_acquire_prefix_only_stops_at_a_block_that_fails_its_checksum(make_daemon, restart, tmp_path):
+    blocks = {key(i): blob(64 * KiB, i) for i in range(5)}
+    d = only_on_nvme(make_daemon, restart, tmp_path, blocks)
+    k = list(blocks)
+    victim = file_of(tmp_path / "nvme0", k[2])
+    flip_byte(victim, 4096 + 100)
+    with Client(d.address) as c:
+        lease = c.acquire(NS, k, prefix_only=True)
+        try:
+            assert list(lease.tiers) == [2, 2, 0, 0, 0]
+            assert [bytes(v) for v in lease.views[:2]] == [blocks[k[0]], blocks[k[1]]]
+        finally:
+            c.release(lease)
+        assert not os.path.exists(victim) and nvme(c).checksum_failures == 1
+        assert ram(c).leased_blocks == 0
+        assert c.get_many(NS, k) == [blocks[k[0]], blocks[k[1]], None, blocks[k[3]], blocks[k[4]]]
+
+
+def test_a_promoted_block_cannot_be_evicted_before_its_acquire_leases_it(make_daemon, restart, tmp_path,
+                                                                         monkeypatch):
+    data = blob(BLOCK, "target")
+    d = only_on_nvme(make_daemon, restart, tmp_path, {key(0): data})
+    hot = d.daemon.store.hot
+    real = hot.acquire
+    squeezed = []
+
+    def squeeze_then_acquire(ns, keys, *a, **kw):
+        if kw.get("lease_id") is not None and not squeezed:  # committed, not leased yet: RAM runs out now
+            squeezed.append(hot.lookup(NS, [key(0)])[0])
+            try:
+                r = hot.reserve("other", [key(1)], [hot.alloc.capacity - BLOCK // 2])  # evicts all it can
+                hot.discard(r.reservation_id)
+            except Exception as e:
+                squeezed.append(type(e).__name__)
+        return real(ns, keys, *a, **kw)
+
+    monkeypatch.setattr(hot, "acquire", squeeze_then_acquire)
+    with Client(d.address) as c:
+        lease = c.acquire(NS, [key(0)])
+        try:
+            assert squeezed == [bytes([1]), "ArenaFull"]
+            assert list(lease.tiers) == [2] and bytes(lease.views[0]) == data
+        finally:
+            c.release(lease)
+        assert ram(c).leased_blocks == 0
+        assert c.lookup(NS, [key(0)])[0] == [1]
+
+
+def test_acquire_from_ram_asks_nvme_only_about_missing_keys(make_daemon, tmp_path, monkeypatch):
+    d = make_daemon(**settings(tmp_path, ram_cap="32MiB"))
+    ks = [key(i) for i in range(256)]
+    with Client(d.address) as c:
+        c.put_many(NS, [(k, blob(4096, i)) for i, k in enumerate(ks)])
+        cold = d.daemon.store.cold
+        asked = []
+        real = cold.contains
+        monkeypatch.setattr(cold, "contains", lambda ns, k: (asked.append(k), real(ns, k))[1])
+        lease = c.acquire(NS, ks)
+        c.release(lease)
+        assert list(lease.tiers) == [1] * 256 and asked == []
+        lease = c.acquire(NS, ks[:100] + [key(999)] + ks[100:])
+        c.release(lease)
+        assert lease.tiers.count(1) == 256 and asked == [key(999)]
+        asked.clear()
+        assert c.lookup(NS, ks + [key(998)])[0] == [1] * 256 + [0] and asked == [key(998)]
+
+
+def flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x20]))
+
+
 def test_promote_second_on_the_data_channel(make_daemon, tmp_path):
     d = make_daemon(**settings(tmp_path, write_policy="evict", promote="second"))
     target = key(0)
@@ -282,6 +454,48 @@ def test_restart_serves_nvme_blocks_byte_identical(make_daemon, restart, tmp_pat
         assert t.promotions == len(expect) and t.checksum_failures == 0
     with Client(d2.address, attach=False) as dc:  # and over the data channel
         assert dc.get_many(NS, list(expect)) == list(expect.values())
+
+
+def test_restart_serves_before_the_headers_are_checked(make_daemon, restart, tmp_path, monkeypatch):
+    d = make_daemon(**settings(tmp_path, persist=False))
+    n = 8
+    expect = {key(i): blob(64 * KiB, i) for i in range(n)}
+    with Client(d.address) as c:
+        c.put_many(NS, list(expect.items()))
+        wait_for(lambda: nvme(c).blocks == n, what="write-behind")
+    read_first, checked_later = key(0), key(1)  # two files whose headers go bad while the daemon is down
+    for k in (read_first, checked_later):
+        flip_byte(file_of(tmp_path / "nvme0", k), 9)  # raw length: the header check fails
+    gate, entered = threading.Event(), threading.Event()
+    real = C.ColdTier._read_header
+
+    def held(path):
+        entered.set()
+        gate.wait(20)
+        return real(path)
+
+    monkeypatch.setattr(C.ColdTier, "_read_header", staticmethod(held))
+    try:
+        d2 = restart(d)  # serving while the background check waits at its first header
+        assert entered.wait(10)
+        cold = d2.daemon.store.cold
+        with Client(d2.address) as c:
+            assert nvme(c).blocks == n and cold.snapshot()["unverified_blocks"] >= n - 1
+            assert c.lookup(NS, list(expect))[0] == [2] * n  # indexed from the names
+            assert c.get(NS, read_first) is None  # a read checks the header itself
+            assert not os.path.exists(file_of(tmp_path / "nvme0", read_first))
+            assert nvme(c).checksum_failures == 1
+            for k in list(expect)[2:]:
+                assert c.get(NS, k) == expect[k]
+            gate.set()
+            wait_for(lambda: cold.snapshot()["unverified_blocks"] == 0, what="background check")
+            assert not os.path.exists(file_of(tmp_path / "nvme0", checked_later))
+            assert c.lookup(NS, [checked_later])[0] == [0] and c.get(NS, checked_later) is None
+            t = nvme(c)
+            assert t.blocks == n - 2 and t.checksum_failures == 1
+            assert t.used_bytes == sum(os.path.getsize(p) for p in files(tmp_path / "nvme0"))
+    finally:
+        gate.set()
 
 
 def test_bit_flip_on_disk_is_a_miss_never_wrong_bytes(make_daemon, restart, tmp_path):
