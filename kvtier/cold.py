@@ -51,7 +51,6 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -259,8 +258,23 @@ class ColdTier:
                     removed += r
             return read, removed
 
-        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="kvtier-nvme-verify") as pool:
-            done = list(pool.map(work, chunks))
+        todo, done, lock = iter(chunks), [], threading.Lock()
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    chunk = next(todo, None)
+                if chunk is None:
+                    return
+                done.append(work(chunk))
+
+        # daemon threads: a process that exits before the check ends does not wait for it
+        workers = [threading.Thread(target=worker, name="kvtier-nvme-verify", daemon=True)
+                   for _ in range(max(1, min(threads, len(chunks))))]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
         read, removed = sum(r for r, _ in done), sum(x for _, x in done)
         if removed:
             log.warning("nvme: removed %d corrupt or expired files found after start", removed)

@@ -452,14 +452,24 @@ class Store:
         results are taken in key order. With prefix_only, reads past the first block not promoted
         are cancelled if they have not started."""
         join = _Join(a.lease_id, lease_ms)
-        futs = {i: self.reads.submit(self._promote_join, ns, keys[i], join) for i in todo[1:]}
+        futs = {}
+        for i in todo[1:]:
+            try:
+                futs[i] = self.reads.submit(self._promote_join, ns, keys[i], join)
+            except RuntimeError:  # shutting down: this thread reads the rest
+                break
         got = {todo[0]: self._promote_join(ns, keys[todo[0]], join)}
         tiers, sums = bytearray(a.tiers), bytearray(a.checksums)
         gap = -1
         found = 0
         for i in todo:
             f = futs.get(i)
-            r = got[i] if f is None else (None if f.cancelled() else f.result())
+            if i in got:
+                r = got[i]
+            elif f is None:
+                r = None if gap >= 0 else self._promote_join(ns, keys[i], join)
+            else:
+                r = None if f.cancelled() else f.result()
             if r is None:
                 if prefix_only and gap < 0:
                     gap = i

@@ -367,6 +367,19 @@ def test_a_promoted_block_cannot_be_evicted_before_its_acquire_leases_it(make_da
         assert c.lookup(NS, [key(0)])[0] == [1]
 
 
+def test_acquire_reads_in_its_own_thread_once_the_read_threads_are_gone(make_daemon, restart, tmp_path):
+    blocks = {key(i): blob(64 * KiB, i) for i in range(4)}
+    d = only_on_nvme(make_daemon, restart, tmp_path, blocks)
+    d.daemon.store.reads.shutdown(wait=True)  # as at shutdown, with a call still in flight
+    with Client(d.address) as c:
+        lease = c.acquire(NS, list(blocks))
+        try:
+            assert list(lease.tiers) == [2] * 4
+            assert [bytes(v) for v in lease.views] == list(blocks.values())
+        finally:
+            c.release(lease)
+
+
 def test_acquire_from_ram_asks_nvme_only_about_missing_keys(make_daemon, tmp_path, monkeypatch):
     d = make_daemon(**settings(tmp_path, ram_cap="32MiB"))
     ks = [key(i) for i in range(256)]
