@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import sys
 
 from . import __version__, errors
-from .config import default_address, load
+from .config import default_address, format_size, load
 
 EXIT_OK, EXIT_MISSING, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_ERROR = 0, 1, 2, 3, 4
 EXIT_COVERAGE = 5  # prewarm: a customer's coverage is under the threshold
@@ -40,14 +39,6 @@ def parse_key(text: str) -> bytes:
     if len(key) not in (16, 32):
         raise argparse.ArgumentTypeError(f"key must be 16 or 32 bytes (32 or 64 hex digits), got {len(key)} bytes")
     return key
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _setup_logging(level: str) -> None:
@@ -66,7 +57,7 @@ def cmd_serve(a) -> int:
 def cmd_config_check(a) -> int:
     cfg = load(a.file)
     print(f"{a.file}: ok (socket {cfg.socket_path}, arena {cfg.arena_path}, "
-          f"{_size(cfg.ram.capacity) if cfg.ram.capacity else 'auto-sized'} RAM, policy {cfg.ram.policy})")
+          f"{format_size(cfg.ram.capacity) if cfg.ram.capacity else 'auto-sized'} RAM, policy {cfg.ram.policy})")
     return EXIT_OK
 
 
@@ -81,7 +72,7 @@ def cmd_check(a) -> int:
     bad = 0
     for d in dirs:
         rep = check_dir(d, repair=a.repair)
-        print(f"{d}: {rep.files} block files, {rep.ok} ok ({_size(rep.bytes)}), {len(rep.corrupt)} corrupt, "
+        print(f"{d}: {rep.files} block files, {rep.ok} ok ({format_size(rep.bytes)}), {len(rep.corrupt)} corrupt, "
               f"{len(rep.orphans)} orphan temp files" + (f", {rep.removed} removed" if a.repair else ""))
         for p, why in rep.corrupt:
             print(f"  corrupt: {p}: {why}")
@@ -135,7 +126,7 @@ def cmd_stats(a) -> int:
     for t in s.tiers:
         pct = 100 * t.used_bytes / t.capacity_bytes if t.capacity_bytes else 0
         locked = "yes" if t.locked else f"no ({t.lock_detail})" if t.lock_detail else "no"
-        print(f"{t.name:<8}{t.policy:<8}{t.blocks:>10}{_size(t.used_bytes):>12}{_size(t.capacity_bytes):>12}"
+        print(f"{t.name:<8}{t.policy:<8}{t.blocks:>10}{format_size(t.used_bytes):>12}{format_size(t.capacity_bytes):>12}"
               f"{pct:>6.1f}%{t.evictions:>11}{t.pinned_blocks:>8}{t.leased_blocks:>8}  {locked}")
     print()
     if not s.namespaces:
@@ -146,7 +137,7 @@ def cmd_stats(a) -> int:
     for n in sorted(s.namespaces, key=lambda n: -n.bytes):
         total = n.hits + n.misses
         hr = f"{100 * n.hits / total:.1f}%" if total else "-"
-        print(f"{n.name:<24}{n.blocks:>10}{_size(n.bytes):>12}{n.hits:>10}{n.misses:>10}{hr:>7}"
+        print(f"{n.name:<24}{n.blocks:>10}{format_size(n.bytes):>12}{n.hits:>10}{n.misses:>10}{hr:>7}"
               f"{n.puts:>10}{n.evictions:>11}{_tokens(n.prefill_tokens_saved):>15}")
     return EXIT_OK
 

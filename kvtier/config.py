@@ -26,6 +26,15 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": KiB, "m": 1000**2, "mb": 
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 
 
+def format_size(n: float) -> str:
+    """Bytes for people: 512 B, 1.5 KiB, 3.0 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def parse_size(value: Any, name: str) -> int:
     """Bytes from an int or a string such as "64MiB", "2 GiB", "1.5GB"."""
     if isinstance(value, bool):
@@ -397,11 +406,11 @@ def load(path: str | os.PathLike | None) -> Config:
     try:
         return from_dict(data)
     except ConfigError as e:
-        line = _locate(path, str(e))
+        line = locate(path, str(e))
         raise ConfigError(f"{path}:{line}: {e}" if line else f"{path}: {e}") from None
 
 
-def _locate(path, message: str) -> int | None:
+def locate(path, message: str) -> int | None:
     """Line number of the setting a message names ("section.key: ..." or "[section]")."""
     m = re.match(r"(?:unknown section \[)?(\w+)(?:\.(\w+))?", message)
     if not m:

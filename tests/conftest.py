@@ -40,6 +40,16 @@ def make_config(sock_dir: str, arena_dir: str, **sections) -> config.Config:
     return config.from_dict(data)
 
 
+def wait_until(pred, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll pred() until it is true; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 @pytest.fixture
 def make_daemon():
     started: list[DaemonThread] = []

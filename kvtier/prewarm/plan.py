@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import _locate, parse_size, read_toml
+from ..config import locate, parse_size, read_toml
 from ..errors import ConfigError
 
 PIN_CLASSES = ("ram", "none")
@@ -295,10 +295,10 @@ def load(path: str) -> Plan:
 
 
 def _locate_plan(path: str, message: str) -> int | None:
-    """The line of a tenant's or context's name for messages about them, else config._locate."""
+    """The line of a tenant's or context's name for messages about them, else config.locate."""
     names = re.findall(r"(?:tenant|context) '([^']+)'", message)
     if not names:
-        return _locate(path, message)
+        return locate(path, message)
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
     except OSError:

@@ -15,6 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import IO, Sequence
 
+from ..config import format_size
+
 TIER_NAMES = {1: "ram", 2: "nvme", 3: "redis"}
 STATUSES = ("stored", "resident", "failed", "not run")
 
@@ -189,8 +191,8 @@ class Report:
             out.write(f"\nstopped at the deadline ({self.deadline})\n")
         if self.promoted:
             out.write(f"\npromoted into RAM: {sum(c.promoted_chunks for t in self.tenants for c in t.contexts)}"
-                      f" chunk(s); the plan's blocks take {_size(self.ram_budget_used)} of a "
-                      f"{_size(self.ram_budget)} RAM budget\n")
+                      f" chunk(s); the plan's blocks take {format_size(self.ram_budget_used)} of a "
+                      f"{format_size(self.ram_budget)} RAM budget\n")
         under = self.under_threshold()
         if under:
             out.write(f"\ncoverage under the threshold for: {', '.join(under)}\n")
@@ -198,14 +200,6 @@ class Report:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 class Progress:
