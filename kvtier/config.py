@@ -139,8 +139,11 @@ class RamConfig:
     reservation_ms: int = 30_000
     # Longest lease or reservation a client may ask for, milliseconds.
     max_ttl_ms: int = 600_000
-    # Recompute each block's xxh3-128 from the arena at commit (client checksums are then verified).
-    verify_on_commit: bool = True
+    # Checksums given at commit: "sync" (re-hash before the commit returns; a mismatch commits nothing),
+    # "background" (trust them, re-hash right after off the request path and drop a block that does not
+    # match) or "off" (trust them). Without client checksums the daemon always hashes at commit.
+    # TOML true = "sync", false = "off".
+    verify_on_commit: str = "background"
     # Keep the RAM tier across daemon restarts: re-attach the arena file and rebuild the index from its slot table.
     persist: bool = True
     # On such a restart, re-hash every block and drop those whose bytes no longer match.
@@ -266,7 +269,10 @@ _CHOICES = {
     ("nvme", "promote"): ("first", "second"),
     ("cluster", "write_policy"): ("commit", "evict", "off"),
     ("cluster", "codec"): ("none", "lz4", "shuffle-lz4"),
+    ("ram", "verify_on_commit"): ("sync", "background", "off"),
 }
+# Choices that also take a boolean (what the setting was before it had more than two values).
+_BOOL_CHOICES = {("ram", "verify_on_commit"): {True: "sync", False: "off"}}
 CLUSTER_SCHEMES = ("redis", "rediss", "valkey", "valkeys")
 
 
@@ -274,6 +280,8 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     name = f"{section}.{f.name}"
     if (section, f.name) in _SIZE_FIELDS:
         return parse_size(value, name)
+    if isinstance(value, bool) and (section, f.name) in _BOOL_CHOICES:
+        return _BOOL_CHOICES[(section, f.name)][value]
     if (section, f.name) in _TABLE_FIELDS:
         if not isinstance(value, dict) or not all(isinstance(v, int) and not isinstance(v, bool)
                                                   for v in value.values()):
@@ -299,7 +307,8 @@ def _validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         choices = choices or tuple(sorted(POLICIES))
         if value not in choices:
-            raise ConfigError(f"{section}.{name}: {value!r} is not one of {', '.join(choices)}")
+            also = " (or true/false)" if (section, name) in _BOOL_CHOICES else ""
+            raise ConfigError(f"{section}.{name}: {value!r} is not one of {', '.join(choices)}{also}")
     if (s.listen or s.data_listen) and not s.tls_cert and not s.insecure_tcp:
         raise ConfigError("server.listen: TCP needs TLS (server.tls_cert and server.tls_key), "
                           "or server.insecure_tcp = true for a trusted network")

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import grpc
 
 from . import errors
+from .commitcheck import hash_at_commit
 from .hot import checksum
 from .keys import CHECKSUM_SIZE, check_key, check_namespace
 
@@ -102,11 +103,11 @@ def parse_address(addr: str) -> tuple[int, object]:
 class DataServer:
     """Accepts data-channel connections on a Unix and/or TCP socket."""
 
-    def __init__(self, hot, view: memoryview, verify: bool, unix_path: str | None = None,
+    def __init__(self, hot, view: memoryview, verify: str, unix_path: str | None = None,
                  tcp: tuple[str, int] | None = None, socket_mode: int = 0o660, access=None, tls=None,
                  calls=None, max_call_bytes: int = 4 << 20):
         from .auth import AllowAll
-        self.hot, self.view, self.verify = hot, view, verify
+        self.hot, self.view, self.verify = hot, view, verify  # ram.verify_on_commit: "sync", "background", "off"
         self.access = access or AllowAll()
         self.tls = tls  # ssl.SSLContext for TCP connections, or None
         self.calls = calls  # (method, payload, token, peer) -> (status, details, response), or None
@@ -318,7 +319,7 @@ class DataServer:
             raise
         try:
             self.hot.begin_commit(r.reservation_id)
-            computed = [checksum(self.view[off:off + length])] if (self.verify or not given) else None
+            computed = [checksum(self.view[off:off + length])] if hash_at_commit(self.verify, given) else None
             digest = self.hot.finish_commit(r.reservation_id, computed, given)
         except errors.KvtierError as e:
             self.hot.discard(r.reservation_id)

@@ -17,7 +17,9 @@ Lifecycle of a block:
   expires after its TTL and frees its slots (a dead client leaks nothing).
 * Commit hashes the slot bytes outside the lock (``begin_commit`` /
   ``finish_commit``), so a long hash never blocks other calls; a reservation
-  being committed cannot expire or be aborted meanwhile.
+  being committed cannot expire or be aborted meanwhile. A commit may instead
+  trust the client's checksums (``ram.verify_on_commit``); its blocks then go
+  to ``on_trusted`` to be re-hashed in the background (``kvtier.commitcheck``).
 * A lease pins blocks against eviction and slot reuse until released or
   expired. An expired lease is unknown to ``release`` (NOT_FOUND): the client
   learns that the bytes it read may have been overwritten.
@@ -37,7 +39,7 @@ from collections import OrderedDict
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import xxhash
@@ -186,6 +188,9 @@ class HotTier:
         # evicted block's slot is freed (its bytes are still intact).
         self.on_commit: Callable[[list[Block]], list[Block]] = lambda blocks: []
         self.on_evict: Callable[[Block], None] = lambda block: None
+        # on_trusted(blocks) after blocks committed with the client's checksums unverified (queue them
+        # for a background check, kvtier.commitcheck); same rules as on_commit.
+        self.on_trusted: Callable[[list[Block]], None] = lambda blocks: None
         self.slots = NullSlots()  # per-slot headers for restarts (kvtier.slots)
 
     # ---- bookkeeping helpers (lock held) -------------------------------------------------
@@ -363,7 +368,7 @@ class HotTier:
             self.leased_blocks += 1
         b.leases += 1
 
-    def _unhold(self, b: Block) -> None:
+    def _unhold(self, b: Block, touched: bool = True) -> None:
         b.leases -= 1
         if b.leases:
             return
@@ -371,7 +376,7 @@ class HotTier:
         if b.state == DOOMED:
             self._free(b)
         elif self._evictable(b):
-            self._policy_add(b, touched=True)
+            self._policy_add(b, touched=touched)
 
     def hold(self, b: Block) -> None:
         with self.lock:
@@ -380,6 +385,25 @@ class HotTier:
     def unhold(self, b: Block) -> None:
         with self.lock:
             self._unhold(b)
+
+    def hold_committed(self, b: Block) -> bool:
+        """Hold b if it is still the committed block under its key (a background check); False if
+        it was deleted, evicted or replaced meanwhile."""
+        with self.lock:
+            if b.state != COMMITTED or self._index.get((b.ns, b.key)) is not b:
+                return False
+            self._hold(b)
+            return True
+
+    def end_check(self, b: Block, ok: bool) -> bool:
+        """End hold_committed's hold; a block whose bytes did not match (not ok) is dropped as
+        Delete drops it, if the index still maps its key to it. True if it was dropped."""
+        with self.lock:
+            drop = not ok and b.state == COMMITTED and self._index.get((b.ns, b.key)) is b
+            if drop:
+                self._drop(b)  # held by us: DOOMED, freed below or by the last reader's release
+            self._unhold(b, touched=False)  # a check is not an access
+            return drop
 
     def _unpin(self, b: Block) -> None:
         b.pin_until = 0.0
@@ -503,7 +527,8 @@ class HotTier:
     def finish_commit(self, rid: int, computed: Sequence[bytes] | None, given: bytes = b"",
                       promoted: bool = False) -> bytes:
         """Make a frozen reservation visible. ``computed``: digests of the slot bytes (None: trust
-        ``given``). A mismatch with ``given`` aborts the reservation and raises DataLoss.
+        ``given``, and pass the blocks to ``on_trusted``). A mismatch with ``given`` aborts the
+        reservation and raises DataLoss.
         ``promoted``: the blocks come up from a lower tier (not counted as puts)."""
         with self.lock:
             r = self._reservations.get(rid)
@@ -514,7 +539,8 @@ class HotTier:
                 self._reopen(r)
                 raise InvalidArgument(f"checksums must be {n} x {CHECKSUM_SIZE} bytes, got {len(given)}")
             given_l = [given[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] for i in range(n)] if given else None
-            if computed is None:
+            trusted = computed is None
+            if trusted:
                 if given_l is None:
                     self._reopen(r)
                     raise InvalidArgument("checksums are required when the daemon does not compute them")
@@ -550,6 +576,8 @@ class HotTier:
                     s.put_bytes += b.length
             for b in self.on_commit(r.blocks):
                 self._hold(b)
+            if trusted:
+                self.on_trusted(r.blocks)
             return b"".join(computed)
 
     def abort(self, rid: int) -> None:

@@ -11,6 +11,7 @@ per namespace blocks, bytes, hits by tier, misses, hit ratio, lookups, puts
 and bytes moved, evictions, and prefill tokens saved (found keys x the
 client's ``tokens_per_key`` on Acquire); NVMe promotions, demotions, queue
 depth, dropped writes, checksum failures, I/O errors, degraded directories;
+background checks of trusted commits (``kvtier_commit_checks_total``, failures, skipped);
 Redis bytes and quota per tenant; open leases and reservations; arena lock
 state; and the RPC latency histogram ``kvtier_rpc_duration_seconds{method,code}``.
 ``configs/grafana-kvtier.json`` charts them (``tests/test_metrics.py`` keeps it
@@ -53,6 +54,13 @@ class _StoreCollector:
         def counter(name, doc, labels=()):
             return CounterMetricFamily(f"kvtier_{name}", doc, labels=list(labels))
 
+        def counters(values: dict, table):
+            """One unlabelled counter per (name, key in values, doc)."""
+            for name, key, doc in table:
+                c = counter(name, doc)
+                c.add_metric([], values[key])
+                yield c
+
         info = gauge("info", "Daemon version.", ["version"])
         info.add_metric([__version__], 1)
         yield info
@@ -87,12 +95,19 @@ class _StoreCollector:
             g = gauge(name, doc)
             g.add_metric([], s[key])
             yield g
-        for name, key, doc in (("expired_leases", "expired_leases", "Leases that expired before release."),
-                               ("expired_reservations", "expired_reservations",
-                                "Reservations that expired before commit.")):
-            c = counter(name, doc)
-            c.add_metric([], s[key])
-            yield c
+        yield from counters(s, (("expired_leases", "expired_leases", "Leases that expired before release."),
+                                ("expired_reservations", "expired_reservations",
+                                 "Reservations that expired before commit.")))
+
+        cc = s.get("commit_checks")
+        if cc is not None:  # ram.verify_on_commit = "background"
+            yield from counters(cc, (
+                ("commit_checks", "checked",
+                 "Blocks committed on their client's checksums, re-hashed in the background."),
+                ("commit_checksum_failures", "failures",
+                 "Of those, blocks whose bytes did not match (dropped from RAM)."),
+                ("commit_checks_skipped", "unchecked",
+                 "Blocks committed on their client's checksums not re-hashed: queue full.")))
 
         nvme_hits = s.get("nvme_hits_by_namespace", {})
         cluster_hits = s.get("cluster_hits_by_namespace", {})
@@ -130,18 +145,15 @@ class _StoreCollector:
         yield from fam.values()
 
         if cl is not None:
-            for name, key, doc in (("cluster_hits", "hits", "Blocks read from Redis/Valkey."),
-                                   ("cluster_misses", "misses", "Cluster-tier reads that found nothing usable."),
-                                   ("cluster_puts", "puts", "Blocks written to Redis/Valkey."),
-                                   ("cluster_errors", "errors", "Redis/Valkey errors and timeouts."),
-                                   ("cluster_dropped_writes", "dropped", "Writes dropped: queue full or closing."),
-                                   ("cluster_checksum_failures", "checksum_failures",
-                                    "Cluster records that failed verification (deleted, served as misses)."),
-                                   ("cluster_quota_refused", "quota_refused",
-                                    "Writes refused: a block larger than its tenant's whole redis quota.")):
-                c = counter(name, doc)
-                c.add_metric([], cl[key])
-                yield c
+            yield from counters(cl, (("cluster_hits", "hits", "Blocks read from Redis/Valkey."),
+                                     ("cluster_misses", "misses", "Cluster-tier reads that found nothing usable."),
+                                     ("cluster_puts", "puts", "Blocks written to Redis/Valkey."),
+                                     ("cluster_errors", "errors", "Redis/Valkey errors and timeouts."),
+                                     ("cluster_dropped_writes", "dropped", "Writes dropped: queue full or closing."),
+                                     ("cluster_checksum_failures", "checksum_failures",
+                                      "Cluster records that failed verification (deleted, served as misses)."),
+                                     ("cluster_quota_refused", "quota_refused",
+                                      "Writes refused: a block larger than its tenant's whole redis quota.")))
             g = gauge("cluster_queue_bytes", "Bytes waiting to be written to Redis/Valkey.")
             g.add_metric([], cl["queued_bytes"])
             yield g
@@ -159,19 +171,17 @@ class _StoreCollector:
                 g.add_metric([name], v)
             yield g
         if n is not None:
-            for name, key, doc in (("nvme_promotions", "promotions", "Blocks read up from NVMe into RAM."),
-                                   ("nvme_demotions", "demotions", "Blocks copied down to NVMe on RAM eviction."),
-                                   ("nvme_writes", "writes", "Block files written."),
-                                   ("nvme_write_bytes", "write_bytes", "Block bytes written to NVMe."),
-                                   ("nvme_read_bytes", "read_bytes", "Block bytes read from NVMe."),
-                                   ("nvme_checksum_failures", "checksum_failures",
-                                    "NVMe records that failed verification (removed, served as misses)."),
-                                   ("nvme_io_errors", "io_errors", "NVMe I/O errors."),
-                                   ("nvme_dropped_writes", "dropped_writes", "Writes not done: no directory with room."),
-                                   ("nvme_queue_dropped", "queue_dropped", "Writes dropped: write queue full.")):
-                c = counter(name, doc)
-                c.add_metric([], n[key])
-                yield c
+            yield from counters(n, (("nvme_promotions", "promotions", "Blocks read up from NVMe into RAM."),
+                                     ("nvme_demotions", "demotions", "Blocks copied down to NVMe on RAM eviction."),
+                                     ("nvme_writes", "writes", "Block files written."),
+                                     ("nvme_write_bytes", "write_bytes", "Block bytes written to NVMe."),
+                                     ("nvme_read_bytes", "read_bytes", "Block bytes read from NVMe."),
+                                     ("nvme_checksum_failures", "checksum_failures",
+                                      "NVMe records that failed verification (removed, served as misses)."),
+                                     ("nvme_io_errors", "io_errors", "NVMe I/O errors."),
+                                     ("nvme_dropped_writes", "dropped_writes",
+                                      "Writes not done: no directory with room."),
+                                     ("nvme_queue_dropped", "queue_dropped", "Writes dropped: write queue full.")))
             q = gauge("nvme_queue_bytes", "Bytes waiting to be written to NVMe.")
             q.add_metric([], n["queued_bytes"])
             yield q

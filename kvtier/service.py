@@ -30,6 +30,7 @@ from . import __version__, errors
 from .hot import checksum
 from .auth import token_from_metadata
 from .cluster import NullCluster
+from .commitcheck import hash_at_commit
 from .keys import CHECKSUM_SIZE, KEY_SIZES, check_key, check_namespace, unpack_keys
 from .v1 import kvtier_pb2 as pb
 from .v1 import kvtier_pb2_grpc as pb_grpc
@@ -202,7 +203,8 @@ class KVTierService(pb_grpc.KVTierServicer):
     async def _commit(self, rid: int, given: bytes) -> bytes:
         slots = self.hot.begin_commit(rid)
         try:
-            computed = await self._hash(slots) if (self.cfg.ram.verify_on_commit or not given) else None
+            # trusted (None): with "background" the hot tier queues the blocks for kvtier.commitcheck
+            computed = await self._hash(slots) if hash_at_commit(self.cfg.ram.verify_on_commit, given) else None
         except BaseException:
             self.hot.discard(rid)
             raise
@@ -389,8 +391,10 @@ class KVTierService(pb_grpc.KVTierServicer):
             self._ns(request.namespace, context)
         s = self.hot.snapshot()
         a = self.d.arena
+        cc = s["commit_checks"]
         ram = pb.TierStats(
             name="ram", capacity_bytes=s["capacity_bytes"], used_bytes=s["used_bytes"], blocks=s["blocks"],
+            checksum_failures=cc["failures"] if cc is not None else 0,
             evictions=s["evictions"], policy=s["policy"], largest_free_bytes=s["largest_free_bytes"],
             reserved_bytes=s["reserved_bytes"], pinned_blocks=s["pinned_blocks"],
             leased_blocks=s["leased_blocks"], locked=a.locked, lock_detail=a.lock_detail, backing=a.backing)

@@ -14,6 +14,10 @@ Movement:
   the same, or with ``promote = "second"`` serve the first read from a
   transient buffer and promote on the second.
 
+Commits that trust the client's checksums (``ram.verify_on_commit =
+"background"``) are re-hashed right after by ``kvtier.commitcheck``, which
+drops any block whose bytes do not match.
+
 Restart: the NVMe index comes from the file names and sizes, and the daemon
 serves at once; the headers are checked by a background thread meanwhile
 (``ColdTier.verify_pending``). Every read verifies header and checksum anyway.
@@ -50,6 +54,7 @@ from typing import Sequence
 from . import errors
 from .cluster import NullCluster
 from .cold import ColdTier
+from .commitcheck import CommitChecker
 from .config import Config
 from .hot import TIER_MISSING, TIER_RAM, Acquired, Block, HotTier
 from .keys import CHECKSUM_SIZE
@@ -148,6 +153,10 @@ class Store:
         self.tokens_saved: dict[str, int] = {}  # per namespace: found keys x the client's tokens_per_key
         hot.on_commit = self._on_commit
         hot.on_evict = self._on_evict
+        # "background": blocks committed on the client's checksums are re-hashed by a worker thread
+        self.checker = CommitChecker(hot, view) if cfg.ram.verify_on_commit == "background" else None
+        if self.checker is not None:
+            hot.on_trusted = self.checker.submit
 
     # Everything not defined here (reserve, commit, release, pin, ...) is the hot tier's.
     def __getattr__(self, name):
@@ -174,6 +183,8 @@ class Store:
     def close(self, timeout: float) -> bool:
         """Wait up to timeout seconds for queued writes; True if they all finished."""
         self._stop.set()
+        if self.checker is not None:  # before the arena goes: nothing may hash it after
+            self.checker.close(timeout)
         if self.io is None:
             return True
         self.reads.shutdown(wait=False)
@@ -668,6 +679,7 @@ class Store:
         s["cluster"] = self.cluster.snapshot()
         s["cluster_hits_by_namespace"] = dict(self.cluster_hits)
         s["prefill_tokens_saved_by_namespace"] = dict(self.tokens_saved)
+        s["commit_checks"] = self.checker.snapshot() if self.checker is not None else None
         return s
 
 

@@ -116,11 +116,23 @@ class Env:
                 assert c.get_many(NS, SEED_KEYS) == SEED_DATA
 
 
-@pytest.fixture(params=["grpc", "data"])
-def env(daemon, request):
-    e = Env(daemon, request.param)
+def _env(d, transport: str):
+    e = Env(d, transport)
     yield e
     e.close()
+
+
+@pytest.fixture(params=["grpc", "data"])
+def env(daemon, request):
+    yield from _env(daemon, request.param)
+
+
+@pytest.fixture(params=["grpc", "data"])
+def sync_env(make_daemon, request):
+    """env on a daemon that checks client checksums before a commit answers (ram.verify_on_commit =
+    "sync"); the default, "background", trusts them and drops a mismatching block afterwards
+    (tests/test_commit_verify.py)."""
+    yield from _env(make_daemon(ram={"verify_on_commit": "sync"}), request.param)
 
 
 def batch_requests(ns: str, key_size: int, keys: bytes):
@@ -461,7 +473,8 @@ def test_wrong_checksum_length_at_commit(env):
     assert env.client.get_many(NS, keys) == datas
 
 
-def test_checksum_mismatch_at_commit(env):
+def test_checksum_mismatch_at_commit(sync_env):
+    env = sync_env
     k = key("mismatch")
     data = b"payload" * 1000
     with env.unchanged():
@@ -730,7 +743,8 @@ def test_data_channel_invalid_namespace(env, ns):
         s.close()
 
 
-def test_data_channel_bad_key_size_and_checksum(env):
+def test_data_channel_bad_key_size_and_checksum(sync_env):
+    env = sync_env
     with env.unchanged():
         s = _data_sock(env)
         try:

@@ -20,7 +20,8 @@ key in its *attempt* log before the put and in its *ack* log only after the put 
 fsync per line). On some iterations it instead starts a put that must never commit, after
 logging the key (fsync) in its *never* log: a reservation written with garbage and then aborted or
 abandoned, a commit with a wrong checksum, a data-channel PUT cut off mid-payload or with a wrong
-checksum, a gRPC Put stream that ends or is cancelled early. Writers stop at their first error
+checksum (refused: the daemon runs with ``ram.verify_on_commit = "sync"``), a gRPC Put stream that
+ends or is cancelled early. Writers stop at their first error
 (the daemon is gone; client timeout 2 s) and are killed if they linger.
 
 The parent kills the daemon at a random moment 0.2-1.5 s after the writers are running (on some
@@ -220,9 +221,12 @@ class Daemon:
         self.address = f"unix://{self.sock}"
         self.cfg_path = os.path.join(workdir, "kvtier.toml")
         self.log_path = os.path.join(workdir, "daemon.log")
+        # verify_on_commit = "sync": a put with a wrong checksum is one that must never commit, (c);
+        # the default ("background") commits it and drops it afterwards (tests/test_commit_verify.py)
         with open(self.cfg_path, "w") as f:
             f.write(f'[server]\nsocket = "{self.sock}"\ndrain_timeout_s = 1.0\n'
-                    f'[ram]\narena_path = "{arena_dir}/arena"\ncapacity = "{RAM}"\n{ram_extra}'
+                    f'[ram]\narena_path = "{arena_dir}/arena"\ncapacity = "{RAM}"\nverify_on_commit = "sync"\n'
+                    f'{ram_extra}'
                     f'[nvme]\ndirs = ["{nvme_dir}"]\ncapacity = "{NVME_CAP}"\nwrite_policy = "commit"\n'
                     f'io_threads = 2\n')
         self.proc: subprocess.Popen | None = None

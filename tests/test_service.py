@@ -546,6 +546,43 @@ def test_get_verifies_checksums(daemon, path):
         assert c.checksum_failures == 2
         # the daemon still lists it (it does not rehash on read); the client never returns it
         assert c.lookup(NS, [bad]) == ([1], 1)
+        # into caller buffers: the bad block is None, the buffer of the good one holds its bytes
+        bufs = [bytearray(len(data)), bytearray(len(data))]
+        got = c.get_many(NS, [good, bad], into=bufs)
+        assert bytes(got[0]) == data and got[1] is None
+        assert c.checksum_failures == 3
+
+
+@pytest.mark.parametrize("n", [0, 1, 4 * MiB, 4 * MiB + 1, 9 * MiB + 3])
+def test_copy_hashed_is_the_xxh3_of_what_it_copied(n):
+    from kvtier.client import _copy_hashed
+    src = memoryview(random.Random(n).randbytes(n))
+    dst = memoryview(bytearray(n + 5))
+    assert _copy_hashed(dst, src) == xxhash.xxh3_128_digest(src)
+    assert dst[:n] == src and dst[n:] == bytes(5)
+
+
+def test_large_block_through_the_arena_is_verified_piece_by_piece(daemon):
+    """Blocks above 4 MiB are copied and hashed in pieces, both ways: the daemon (which hashes
+    what is in the arena) and the client agree, and a flipped byte is still caught."""
+    k = key("large")
+    data = blob(9 * MiB + 3, "large")
+    with Client(daemon.address) as corrupter, client(daemon, "arena") as c:
+        sent, commit = [], c._ops.op_commit
+
+        def spy(res, sums=None):
+            sent.append(sums)
+            return (yield from commit(res, sums))
+        c._ops.op_commit = spy
+        assert c.put_many(NS, [(k, data)]) == [True]
+        assert sent == [[xxhash.xxh3_128_digest(data)]]  # the put sent the checksum it computed
+        buf = bytearray(len(data))
+        assert bytes(c.get_many(NS, [k], into=[buf])[0]) == data and bytes(buf) == data
+        lease = corrupter.acquire(NS, [k])
+        assert lease.checksums[0] == xxhash.xxh3_128_digest(data)
+        lease.views[0][len(data) - 1] ^= 0xFF
+        corrupter.release(lease)
+        assert c.get_many(NS, [k], into=[buf]) == [None] and c.checksum_failures == 1
 
 
 def test_verify_false_returns_bytes_unchecked(daemon):
