@@ -11,6 +11,11 @@ as Delete drops it (a reader holding a lease keeps it, DOOMED, until release),
 and counted. Every reader verifies anyway, so until then a bad block can only
 be a miss, never wrong data.
 
+Each block is checked CHECK_DELAY_S after its commit rather than at once: a
+block deleted or replaced by then needs no check, and the pass over its bytes
+does not compete with the writer reading back what it just stored (on a small
+machine the hash and that copy share the memory bus and the cores).
+
 The queue is bounded: when it is full a block is not checked (counted in
 ``unchecked``) and the commit is never made to wait.
 
@@ -23,12 +28,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 from .hot import Block, HotTier, checksum
 
 log = logging.getLogger("kvtier.commitcheck")
 MODES = ("sync", "background", "off")
 QUEUE_BLOCKS = 65536  # blocks waiting to be checked; beyond this new ones go unchecked
+CHECK_DELAY_S = 0.25  # a block is checked this long after its commit, not at once
 
 
 def hash_at_commit(mode: str, given: bytes) -> bool:
@@ -38,8 +45,9 @@ def hash_at_commit(mode: str, given: bytes) -> bool:
 
 
 class CommitChecker:
-    def __init__(self, hot: HotTier, view: memoryview, max_queued: int = QUEUE_BLOCKS):
-        self.hot, self.view = hot, view
+    def __init__(self, hot: HotTier, view: memoryview, max_queued: int = QUEUE_BLOCKS,
+                 delay_s: float = CHECK_DELAY_S):
+        self.hot, self.view, self.delay_s = hot, view, delay_s
         self._q: queue.Queue[Block | None] = queue.Queue(max_queued)
         self._stop = threading.Event()
         self.checked = 0    # blocks re-hashed
@@ -60,6 +68,9 @@ class CommitChecker:
         while True:
             b = self._q.get()
             if b is None or self._stop.is_set():
+                return
+            wait = b.created + self.delay_s - time.time()
+            if wait > 0 and self._stop.wait(wait):
                 return
             try:
                 self.check(b)

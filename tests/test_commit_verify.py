@@ -188,6 +188,26 @@ def test_full_queue_skips_and_counts():
     assert checker.snapshot() == {"checked": 0, "failures": 0, "unchecked": 2}
 
 
+def test_a_block_is_checked_after_the_delay_and_not_if_gone_by_then():
+    hot = HotTier(start=4096, end=4096 + 8 * 65536, max_block_bytes=65536)
+    view = memoryview(bytearray(4096 + 8 * 65536))
+    checker = CommitChecker(hot, view, delay_s=2.0)
+    try:
+        hot.on_trusted = checker.submit
+        kept, deleted = key("kept"), key("deleted")
+        r = hot.reserve(NS, [kept, deleted], [10, 10])
+        hot.begin_commit(r.reservation_id)
+        t0 = time.monotonic()
+        hot.finish_commit(r.reservation_id, None, checksum(bytes(10)) * 2)  # the slots hold zeros: right
+        assert hot.delete(NS, [deleted]) == 1
+        assert checker.snapshot()["checked"] == 0  # not at once
+        wait_until(lambda: checker.snapshot()["checked"] == 1, timeout=15, what="the delayed check")
+        assert time.monotonic() - t0 >= 1.9
+        assert checker.snapshot() == {"checked": 1, "failures": 0, "unchecked": 0}
+    finally:
+        checker.close()
+
+
 def test_the_checker_stops_with_the_daemon(make_daemon):
     d = make_daemon()
     thread = d.daemon.store.checker._thread
