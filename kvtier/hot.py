@@ -701,15 +701,21 @@ class HotTier:
             for i, ns, key, off, length, digest, created, state in table.entries():
                 if state == RESERVED_ENTRY:
                     # a client that outlived the old daemon may still be writing here: keep the
-                    # slot out of use for one reservation lifetime
-                    if self.alloc.alloc_at(off, length):
+                    # slot out of use for one reservation lifetime, counted from the first restart
+                    # that found it (stamped in the entry), so a daemon restarting faster than
+                    # that does not carry every old reservation's slots along for ever
+                    wall = time.time()
+                    q = min(self.reservation_ms / 1000, QUARANTINE_S)
+                    left = min(q, created + q - wall) if created else q
+                    if left > 0 and self.alloc.alloc_at(off, length):
+                        if not created:
+                            table.put(ns, key, off, length, digest, wall, RESERVED_ENTRY, at=i)
                         b = Block(ns, key, off, length, DOOMED, entry=i, group=self.group_of(ns))
                         self._use(b.group, self.alloc.round(length))
                         self.reserved_bytes += self.alloc.round(length)
-                        heapq.heappush(self._quarantine,
-                                       (now + min(self.reservation_ms / 1000, QUARANTINE_S), next(self._seq), b))
+                        heapq.heappush(self._quarantine, (now + left, next(self._seq), b))
                         kept.add(i)
-                    continue
+                    continue  # not kept: adopt() clears the entry and the slot is free
                 ok = (NAMESPACE_RE.fullmatch(ns) is not None and len(key) in KEY_SIZES
                       and 0 < length <= self.max_block_bytes and (ns, key) not in self._index
                       and self.alloc.alloc_at(off, length))

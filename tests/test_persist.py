@@ -76,6 +76,24 @@ def test_slots_reserved_at_a_crash_are_not_reused_at_once(cfg_pair):
     c.close()
 
 
+def test_quarantine_counts_from_the_first_restart_that_found_the_slot(cfg_pair):
+    """A daemon that restarts faster than a reservation lifetime (a crash loop) must not keep
+    every old reservation's slots out of use for ever: the lifetime runs from the first restart."""
+    import time
+    cfg = cfg_pair(ram={"reservation_ms": 2000, "capacity": "8MiB"})
+    with DaemonThread(cfg) as d:
+        c = Client(d.address)
+        c.reserve(NS, [b"q" * 16], [1 << 20])  # never committed: the daemon goes first
+    t0 = time.monotonic()
+    with DaemonThread(cfg):
+        assert c.stats().tiers[0].reserved_bytes == 1 << 20
+    time.sleep(max(0.0, 2.3 - (time.monotonic() - t0)))
+    with DaemonThread(cfg):  # its second restart, past one lifetime since the first: free at once
+        s = c.stats()
+        assert s.tiers[0].reserved_bytes == 0 and s.tiers[0].used_bytes == 0
+    c.close()
+
+
 def test_doubtful_blocks_are_dropped(cfg_pair):
     cfg = cfg_pair()
     data = blocks(6)
