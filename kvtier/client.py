@@ -463,18 +463,8 @@ class _Ops:
                 out += yield from self._stale_retry(self._arena_get, ns, batch, sub)
             return out
         if self.path == "data":
-            res = yield ("call", self._data(lambda c: c.get_many(ns, list(keys), into)))
-            out = []
-            for r in res:
-                if r is None:
-                    out.append(None)
-                    continue
-                data, digest = r
-                if not self._check(data, digest):
-                    out.append(None)
-                else:
-                    out.append(data if into is not None else bytes(data))
-            return out
+            res = yield ("call", self._data(lambda c: c.get_many(ns, list(keys), into, check=self._check)))
+            return [None if r is None else r[0] if into is not None else bytes(r[0]) for r in res]
         out = []
         for i, batch in self._batches(keys):
             packed, ks = pack_keys(batch)

@@ -484,9 +484,12 @@ class DataConnection:
                 out.append(e)
         return out
 
-    def get_many(self, ns: str, keys, into: list | None = None) -> list[tuple[memoryview | bytes, bytes] | None]:
+    def get_many(self, ns: str, keys, into: list | None = None,
+                 check=None) -> list[tuple[memoryview | bytes, bytes] | None]:
         """Pipelined gets. Returns per key (data, checksum) or None; with ``into``, data lands in
-        the given writable buffers (each at least as long as the block) and a view of them is returned."""
+        the given writable buffers (each at least as long as the block) and a view of them is returned.
+        ``check(data, checksum)``, if given, runs on each block as it arrives (while the daemon
+        sends the next, and the bytes are in cache); a block it refuses is None."""
         ids = []
         for key in keys:
             head, rid = self._request(OP_GET, ns, key)
@@ -513,7 +516,7 @@ class DataConnection:
             else:
                 dst = memoryview(bytearray(length))
             recv_exact(self.sock, dst)
-            out.append((dst, digest))
+            out.append((dst, digest) if check is None or check(dst, digest) else None)
         if err is not None:
             raise err
         return out
