@@ -122,8 +122,10 @@ def _copy_hashed(dst: memoryview, src: memoryview) -> bytes:
     the CPU's cache (a large block in HASH_CHUNK pieces): about half the cost of hashing after."""
     n = len(src)
     if n <= 4 * HASH_CHUNK:
-        dst[:n] = src
-        return xxhash.xxh3_128_digest(dst[:n])
+        if len(dst) != n:
+            dst = dst[:n]
+        dst[:] = src
+        return xxhash.xxh3_128_digest(dst)
     h = xxhash.xxh3_128()
     for i in range(0, n, HASH_CHUNK):
         j = min(n, i + HASH_CHUNK)

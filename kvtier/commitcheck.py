@@ -16,6 +16,10 @@ block deleted or replaced by then needs no check, and the pass over its bytes
 does not compete with the writer reading back what it just stored (on a small
 machine the hash and that copy share the memory bus and the cores).
 
+A commit's blocks are queued as one batch and held (against eviction and slot
+reuse) CHECK_GROUP at a time while they are hashed, so the per-block cost
+besides the hash is a few dict lookups under the hot-tier lock.
+
 The queue is bounded: when it is full a block is not checked (counted in
 ``unchecked``) and the commit is never made to wait.
 
@@ -25,8 +29,8 @@ and every read from those tiers verifies it and deletes it as corrupt.
 """
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import threading
 import time
 
@@ -36,6 +40,7 @@ log = logging.getLogger("kvtier.commitcheck")
 MODES = ("sync", "background", "off")
 QUEUE_BLOCKS = 65536  # blocks waiting to be checked; beyond this new ones go unchecked
 CHECK_DELAY_S = 0.25  # a block is checked this long after its commit, not at once
+CHECK_GROUP = 64  # blocks held at a time while they are hashed
 
 
 def hash_at_commit(mode: str, given: bytes) -> bool:
@@ -47,8 +52,10 @@ def hash_at_commit(mode: str, given: bytes) -> bool:
 class CommitChecker:
     def __init__(self, hot: HotTier, view: memoryview, max_queued: int = QUEUE_BLOCKS,
                  delay_s: float = CHECK_DELAY_S):
-        self.hot, self.view, self.delay_s = hot, view, delay_s
-        self._q: queue.Queue[Block | None] = queue.Queue(max_queued)
+        self.hot, self.view, self.delay_s, self.max_queued = hot, view, delay_s, max_queued
+        self._batches: collections.deque[tuple[float, list[Block]]] = collections.deque()
+        self._queued = 0  # blocks in _batches
+        self._cv = threading.Condition()
         self._stop = threading.Event()
         self.checked = 0    # blocks re-hashed
         self.failures = 0   # of which did not match their checksum (dropped)
@@ -57,43 +64,58 @@ class CommitChecker:
         self._thread.start()
 
     def submit(self, blocks: list[Block]) -> None:
-        """Queue committed blocks for checking (hot lock held: never blocks)."""
-        for b in blocks:
-            try:
-                self._q.put_nowait(b)
-            except queue.Full:
-                self.unchecked += 1
+        """Queue one commit's blocks for checking, as one batch (hot lock held: never blocks)."""
+        with self._cv:
+            room = max(0, self.max_queued - self._queued)
+            if len(blocks) > room:
+                self.unchecked += len(blocks) - room
+                blocks = blocks[:room]
+            if blocks:
+                self._batches.append((time.monotonic() + self.delay_s, list(blocks)))
+                self._queued += len(blocks)
+                self._cv.notify()
 
     def _run(self) -> None:
         while True:
-            b = self._q.get()
-            if b is None or self._stop.is_set():
-                return
-            wait = b.created + self.delay_s - time.time()
+            with self._cv:
+                while not self._batches and not self._stop.is_set():
+                    self._cv.wait()
+                if self._stop.is_set():
+                    return
+                due, blocks = self._batches.popleft()
+                self._queued -= len(blocks)
+            wait = due - time.monotonic()
             if wait > 0 and self._stop.wait(wait):
                 return
-            try:
-                self.check(b)
-            except Exception:  # a bug must not end the checks; the block stays (readers verify)
-                log.exception("background check of a committed block failed")
+            for i in range(0, len(blocks), CHECK_GROUP):
+                try:
+                    self.check_many(blocks[i:i + CHECK_GROUP])
+                except Exception:  # a bug must not end the checks; the blocks stay (readers verify)
+                    log.exception("background check of committed blocks failed")
+
+    def check_many(self, blocks: list[Block]) -> list[bool | None]:
+        """Re-hash committed blocks; drop those whose bytes do not match. Per block None when it
+        was gone (deleted, evicted, replaced) before its check, else whether it matched."""
+        held = self.hot.hold_committed(blocks)
+        results: list[tuple[Block, bool]] = []
+        try:  # held: their slots cannot be freed or reused while hashed here, outside the lock
+            for b in held:
+                results.append((b, checksum(self.view[b.offset:b.offset + b.length]) == b.checksum))
+        finally:
+            done = {id(b) for b, _ in results}
+            dropped = self.hot.end_check(results + [(b, True) for b in held if id(b) not in done])
+        bad = sum(not ok for _, ok in results)
+        self.checked += len(results)
+        self.failures += bad
+        if bad:
+            log.warning("%d committed blocks' bytes do not match the checksums their client gave; %d dropped",
+                        bad, dropped)
+        by_id = {id(b): ok for b, ok in results}
+        return [by_id.get(id(b)) for b in blocks]
 
     def check(self, b: Block) -> bool | None:
-        """Re-hash one committed block; drop it if its bytes do not match. None when the block was
-        gone (deleted, evicted, replaced) before its check, else whether it matched."""
-        if not self.hot.hold_committed(b):
-            return None
-        ok = False
-        try:  # held: its slot cannot be freed or reused while it is hashed here, outside the lock
-            ok = checksum(self.view[b.offset:b.offset + b.length]) == b.checksum
-        finally:
-            dropped = self.hot.end_check(b, ok)
-        self.checked += 1
-        if not ok:
-            self.failures += 1
-            if dropped:
-                log.warning("namespace %s: a committed block's bytes do not match the checksum its client "
-                            "gave; dropped", b.ns)
-        return ok
+        """check_many of one block."""
+        return self.check_many([b])[0]
 
     def snapshot(self) -> dict:
         return {"checked": self.checked, "failures": self.failures, "unchecked": self.unchecked}
@@ -102,8 +124,6 @@ class CommitChecker:
         """Stop the worker (blocks still queued go unchecked) and wait for it, so nothing hashes
         the arena after it is unmapped."""
         self._stop.set()
-        try:
-            self._q.put_nowait(None)
-        except queue.Full:
-            pass  # the worker is busy: it sees the stop after its current block
+        with self._cv:
+            self._cv.notify_all()
         self._thread.join(timeout)

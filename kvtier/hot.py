@@ -386,24 +386,26 @@ class HotTier:
         with self.lock:
             self._unhold(b)
 
-    def hold_committed(self, b: Block) -> bool:
-        """Hold b if it is still the committed block under its key (a background check); False if
-        it was deleted, evicted or replaced meanwhile."""
+    def hold_committed(self, blocks: Sequence[Block]) -> list[Block]:
+        """Hold those of blocks that are still the committed block under their key (for a
+        background check) and return them; the others were deleted, evicted or replaced."""
         with self.lock:
-            if b.state != COMMITTED or self._index.get((b.ns, b.key)) is not b:
-                return False
-            self._hold(b)
-            return True
+            held = [b for b in blocks if b.state == COMMITTED and self._index.get((b.ns, b.key)) is b]
+            for b in held:
+                self._hold(b)
+            return held
 
-    def end_check(self, b: Block, ok: bool) -> bool:
-        """End hold_committed's hold; a block whose bytes did not match (not ok) is dropped as
-        Delete drops it, if the index still maps its key to it. True if it was dropped."""
+    def end_check(self, results: Sequence[tuple[Block, bool]]) -> int:
+        """End hold_committed's holds; a block whose bytes did not match (False) is dropped as
+        Delete drops it, if the index still maps its key to it. Returns how many were dropped."""
+        dropped = 0
         with self.lock:
-            drop = not ok and b.state == COMMITTED and self._index.get((b.ns, b.key)) is b
-            if drop:
-                self._drop(b)  # held by us: DOOMED, freed below or by the last reader's release
-            self._unhold(b, touched=False)  # a check is not an access
-            return drop
+            for b, ok in results:
+                if not ok and b.state == COMMITTED and self._index.get((b.ns, b.key)) is b:
+                    self._drop(b)  # held by us: DOOMED, freed below or by the last reader's release
+                    dropped += 1
+                self._unhold(b, touched=False)  # a check is not an access
+        return dropped
 
     def _unpin(self, b: Block) -> None:
         b.pin_until = 0.0
