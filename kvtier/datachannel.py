@@ -380,6 +380,7 @@ class DataConnection:
         fam, sa = parse_address(address)
         self.timeout = timeout
         self.broken = False  # out of step with the daemon: close, never reuse
+        self.owed = 0  # id of a call sent whose answer nobody waited for (read before the next use)
         self.sock = socket.socket(fam, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         tune(self.sock)
@@ -429,11 +430,18 @@ class DataConnection:
         """A unary RPC (CALL frame): the serialized request in, the serialized response out;
         an error status raises its KvtierError. ``timeout`` bounds each wait for the daemon
         (default: the connection's)."""
+        return self.finish_call(self.start_call(method, request), timeout)
+
+    def start_call(self, method: str, request: bytes) -> int:
+        """Send a CALL frame; ``finish_call`` with the id returned reads its answer."""
         head, rid = self._request(OP_CALL, method, b"", len(request))
+        self.sock.sendall(head + request)
+        return rid
+
+    def finish_call(self, rid: int, timeout: float | None = None) -> bytes:
         if timeout != self.timeout:
             self.sock.settimeout(timeout)
         try:
-            self.sock.sendall(head + request)
             _, length, _ = self._response(rid)
             out = bytearray(length)
             if length:

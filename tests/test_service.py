@@ -658,3 +658,22 @@ def test_arena_view_is_the_mapping_clients_write(daemon):
         lease = c.acquire("v", [b"a" * 16])
         assert bytes(view[lease.offsets[0]:lease.offsets[0] + 12]) == b"mapped bytes"
         c.release(lease)
+
+
+def test_get_many_does_not_wait_for_its_release(daemon):
+    """An arena get_many posts its Release (nobody needs the answer): the connection reads the
+    answer before its next call, so the lease is gone by then and the connection stays in step."""
+    items = [(key("post", i), blob(4096 + i, ("post", i))) for i in range(4)]
+    with client(daemon, "arena") as c:
+        c.put_many(NS, items)
+        assert c.get_many(NS, [k for k, _ in items]) == [d for _, d in items]
+        assert c.control == "data" and [conn.owed > 0 for conn in c._ops._pool] == [True]
+        assert ram(c).leased_blocks == 0  # read the owed answer, then asked: the lease is gone
+        assert [conn.owed for conn in c._ops._pool] == [0]
+        # a posted call's error (here a lease nobody has) is the answer nobody waits for
+        assert c._ops.control_post("Release", pb.ReleaseRequest(lease_id=987654321))
+        assert c.lookup(NS, [items[0][0]]) == ([1], 1)
+        assert c.get_many(NS, [items[1][0]]) == [items[1][1]]
+    with client(daemon, "arena", control="grpc") as g:  # no data channel for calls: waited for
+        assert g.get_many(NS, [items[2][0]]) == [items[2][1]]
+        assert ram(g).leased_blocks == 0
