@@ -275,6 +275,9 @@ def shm_dir() -> str:
     return os.environ.get("KVTIER_BENCH_SHM") or "/dev/shm"
 
 
+DAEMON_SETTINGS: list[tuple[str, str, str]] = []  # (section, name, TOML value) from --daemon-set
+
+
 def start_daemon(stack: contextlib.ExitStack, tmp: str, capacity: str, tcp: bool) -> tuple[Proc, dict]:
     """``kvtier serve`` in a subprocess; returns it and its addresses."""
     from kvtier import config as kvconfig
@@ -295,9 +298,18 @@ def start_daemon(stack: contextlib.ExitStack, tmp: str, capacity: str, tcp: bool
         if "insecure_tcp" in fields["server"]:
             lines.append("insecure_tcp = true")   # plain TCP, bound to loopback only: the transport's own cost
         addrs["tcp"] = f"127.0.0.1:{grpc_port}"
-    lines += ["[ram]", f'arena_path = "{arena_dir}/arena"', f'capacity = "{capacity}"']
+    ram = [f'arena_path = "{arena_dir}/arena"', f'capacity = "{capacity}"']
+    extra: dict[str, list[str]] = {}
+    for section, name, value in DAEMON_SETTINGS:  # --daemon-set: replaces a line above or adds one
+        if section == "ram":
+            ram = [x for x in ram if not x.startswith(name + " ")]
+        extra.setdefault(section, []).append(f"{name} = {value}")
+    lines += ["[ram]"] + ram + extra.pop("ram", [])
     if "metrics" in fields:
         lines += ["[metrics]", 'listen = ""']   # no fixed Prometheus port: it could clash with another daemon
+    lines[1:1] = extra.pop("server", [])
+    for section, more in extra.items():
+        lines += [f"[{section}]"] + more
     cfg = os.path.join(tmp, f"daemon-{tag}.toml")
     pathlib.Path(cfg).write_text("\n".join(lines) + "\n")
     proc = Proc("kvtier daemon", [sys.executable, "-m", "kvtier.cli", "serve", "--config", cfg],
@@ -844,6 +856,8 @@ def report(r: dict) -> str:
              f"arena lock: {r['daemon'].get('unix', {}).get('locked')} "
              f"{r['daemon'].get('unix', {}).get('lock_detail', '')[:80]}",
              "other = share of the machine's CPU time taken by other processes (and steal) while a group ran", ""]
+    if r.get("daemon_settings"):
+        lines[-1:-1] = ["daemon settings: " + "; ".join(r["daemon_settings"])]
     lines.append(f"1. arena path ({st['reps']} rounds)")
     lines.append(f"{'block':>8} {'kvtier arena GB/s':>28} {'memcpy GB/s':>28} {'ratio':>6} "
                  f"{'memcpy tmpfs':>12} {'ratio':>6} {'no-verify':>9} {'xxh3':>6} {'other':>6}")
@@ -902,6 +916,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.core", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds (under a minute)")
     p.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
+    p.add_argument("--daemon-set", action="append", default=[], metavar="SECTION.NAME=VALUE",
+                   help='a daemon setting (TOML value), e.g. ram.verify_on_commit=\'"sync"\'; repeatable')
     p.add_argument("--settle", type=float, default=0, metavar="SECONDS",
                    help="on a shared machine: wait up to this long in all for other work to quiet down "
                         f"(under {NOISY * 100:.0f}%% of the CPUs) before each group (default 0: never wait)")
@@ -917,7 +933,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the servers, remove their files
     SETTLE["budget_s"] = a.settle
+    for item in a.daemon_set:
+        key, eq, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (eq and dot and section and name and value):
+            p.error(f"--daemon-set wants SECTION.NAME=VALUE, got {item!r}")
+        DAEMON_SETTINGS.append((section, name, value))
     r = run(QUICK if a.quick else FULL, "quick" if a.quick else "full")
+    r["daemon_settings"] = [f"{sec}.{name} = {value}" for sec, name, value in DAEMON_SETTINGS]
     print(report(r))
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(r, indent=1) + "\n")
