@@ -275,16 +275,23 @@ class _Ops:
                 continue
             return conn
 
-    def control_post(self, rpc: str, request) -> bool:
-        """Send a unary call as a CALL frame and do not wait for its answer (the connection reads
-        it before its next use): for calls whose answer changes nothing, like a get_many's
-        Release. False when it could not be sent; the caller then makes the call itself."""
+    def _pooled_or_new(self) -> DataConnection | None:
+        """A pooled connection, or a new one; None when none can be opened."""
         conn = self._pooled()
         if conn is None:
             try:
                 conn = self._connect_data(self.info.data_address)
             except (OSError, errors.KvtierError):
-                return False
+                return None
+        return conn
+
+    def control_post(self, rpc: str, request) -> bool:
+        """Send a unary call as a CALL frame and do not wait for its answer (the connection reads
+        it before its next use): for calls whose answer changes nothing, like a get_many's
+        Release. False when it could not be sent; the caller then makes the call itself."""
+        conn = self._pooled_or_new()
+        if conn is None:
+            return False
         try:
             conn.owed = conn.start_call(rpc, request.SerializeToString())
         except (OSError, ConnectionError):
@@ -296,15 +303,11 @@ class _Ops:
     def control_call(self, rpc: str, request, timeout: float | None):
         """A unary call as a CALL frame on a pooled data connection; None when no connection can
         be opened or the daemon does not know CALL, and the caller uses gRPC. Pooled connections
-        the daemon has closed are
-        dropped before sending, so a call is never sent twice: once sent, a lost connection is
+        the daemon has closed are dropped before sending, so a call is never sent twice: once sent, a lost connection is
         Unavailable (and a timeout DeadlineExceeded), as on gRPC."""
-        conn = self._pooled()
+        conn = self._pooled_or_new()
         if conn is None:
-            try:
-                conn = self._connect_data(self.info.data_address)
-            except (OSError, errors.KvtierError):
-                return None
+            return None
         payload = request.SerializeToString()
         try:
             out = conn.call(rpc, payload, timeout)

@@ -37,7 +37,6 @@ import time
 from .hot import Block, HotTier, checksum
 
 log = logging.getLogger("kvtier.commitcheck")
-MODES = ("sync", "background", "off")
 QUEUE_BLOCKS = 65536  # blocks waiting to be checked; beyond this new ones go unchecked
 CHECK_DELAY_S = 0.25  # a block is checked this long after its commit, not at once
 CHECK_GROUP = 64  # blocks held at a time while they are hashed
@@ -101,9 +100,8 @@ class CommitChecker:
         try:  # held: their slots cannot be freed or reused while hashed here, outside the lock
             for b in held:
                 results.append((b, checksum(self.view[b.offset:b.offset + b.length]) == b.checksum))
-        finally:
-            done = {id(b) for b, _ in results}
-            dropped = self.hot.end_check(results + [(b, True) for b in held if id(b) not in done])
+        finally:  # those not hashed (an error) are let go unharmed
+            dropped = self.hot.end_check(results + [(b, True) for b in held[len(results):]])
         bad = sum(not ok for _, ok in results)
         self.checked += len(results)
         self.failures += bad
