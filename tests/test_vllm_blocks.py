@@ -90,3 +90,78 @@ def test_refuses_what_it_cannot_copy():
         cp.load(memoryview(bytearray(7)), 1, 0, [0])
     with pytest.raises(ValueError):
         cp.save([0, 1], memoryview(bytearray(cp.record_size(1))))
+
+
+def test_save_many_reports_each_record_once_it_holds_its_bytes():
+    src = layouts()
+    cp = BlockCopier(src, NB)
+    ids = [[1, 2], [9, 0], [4, 4]]
+    recs = [bytearray(cp.record_size(2)) for _ in ids]
+    seen = []
+
+    def landed(i, j):
+        seen.append((i, j, [bytes(recs[k]) for k in range(i, j)]))
+    cp.save_many([(b, memoryview(r)) for b, r in zip(ids, recs)], landed=landed)
+    assert [(i, j) for i, j, _ in seen] == [(0, 1), (1, 2), (2, 3)]
+    for i, j, got in seen:
+        assert got == [bytes(recs[k]) for k in range(i, j)]   # final at the time of the call
+        assert all(any(g) for g in got)
+
+
+def test_worker_stores_send_checksums_the_daemon_verifies(make_daemon, monkeypatch):
+    """With hash_stores on, a store commits with the xxh3-128 of each record (on a GPU this is the
+    default); a daemon that verifies them at commit ("sync") accepts them, and refuses wrong ones
+    (the store then fails and nothing is stored)."""
+    import os
+    from types import SimpleNamespace
+
+    import xxhash
+
+    from bench.gpu import stub_vllm_base
+    stub_vllm_base()
+    from kvtier.client import Client
+    from kvtier.vllm import worker as worker_mod
+    from kvtier.vllm.meta import StepMeta, StoreSpec
+    from kvtier.vllm.settings import ConnectorSettings
+
+    d = make_daemon(ram={"verify_on_commit": "sync"})
+    cfg = SimpleNamespace(
+        cache_config=SimpleNamespace(block_size=4, prefix_caching_hash_algo="sha256"),
+        model_config=SimpleNamespace(model="tiny", revision=""),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, rank=0))
+    w = worker_mod.WorkerHalf(cfg, SimpleNamespace(num_blocks=NB), ConnectorSettings(address=d.address, chunk_size=8))
+    w.register_kv_caches({k: v for k, v in layouts().items() if k != "no_dense_last"})
+    assert not w._hash_stores()                     # CPU: the daemon hashes at commit
+    w.hash_stores = True
+    sent = []
+    real_commit = Client.commit
+
+    def commit(self, res, checksums=None):
+        sent.append(list(checksums or []))
+        return real_commit(self, res, checksums)
+    monkeypatch.setattr(Client, "commit", commit)
+    hashes = [os.urandom(32) for _ in range(3)]
+    w.wait_for_save(StepMeta(stores=[StoreSpec("r1", "", "", hashes, [[0, 1], [2, 3], [4, 5]])]))
+    assert w.flush(30) and w.stats["stored_chunks"] == 3 and not w.stats["store_failures"]
+    keys = w._keys("", "", hashes)
+    with Client(d.address) as c:
+        lease = c.acquire(w.ns, keys, 10_000)
+        try:
+            assert sent == [[bytes(s) for s in lease.checksums]]
+            assert [xxhash.xxh3_128_digest(v) for v in lease.views] == sent[0]
+        finally:
+            c.release(lease)
+    # a wrong checksum: the daemon refuses the commit, the store fails, nothing is stored
+    from concurrent.futures import Future
+
+    def wrong(fn, view):
+        f = Future()
+        f.set_result(b"\x01" * 16)
+        return f
+    monkeypatch.setattr(w._hash_pool, "submit", wrong)
+    more = [os.urandom(32) for _ in range(2)]
+    w.wait_for_save(StepMeta(stores=[StoreSpec("r2", "", "", more, [[6, 7], [8, 9]])]))
+    assert w.flush(30) and w.stats["store_failures"] == 1
+    with Client(d.address) as c:
+        assert c.lookup(w.ns, w._keys("", "", more)) == ([0, 0], 0)
+    w.shutdown()

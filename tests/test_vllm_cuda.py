@@ -97,7 +97,10 @@ def test_store_waits_for_the_forward_that_wrote_the_kv(daemon):
     cp.close()
 
 
-def test_worker_half_stores_and_loads_gpu_blocks(daemon):
+def test_worker_half_stores_and_loads_gpu_blocks(make_daemon):
+    # "sync": the daemon hashes the slots at commit and refuses checksums that do not match,
+    # so a worker that hashed a record before its DMA landed fails its store here
+    daemon = make_daemon(ram={"verify_on_commit": "sync"})
     from bench.gpu import stub_vllm_base
     stub_vllm_base()
     from kvtier.vllm.meta import LoadSpec, StepMeta, StoreSpec
@@ -112,10 +115,11 @@ def test_worker_half_stores_and_loads_gpu_blocks(daemon):
     kv = {f"layer{i}": torch.randn(2, NB, 16, 2, 64, device="cuda", dtype=torch.bfloat16) for i in range(3)}
     w.register_kv_caches(kv)
     assert w.link.path == "arena" and w.copier._registered is not None
+    assert w._hash_stores()                            # on a GPU stores send their checksums
     ref = {k: t.clone() for k, t in kv.items()}
     hashes = [os.urandom(32) for _ in range(3)]
     w.wait_for_save(StepMeta(stores=[StoreSpec("r1", "", "", hashes, [[0, 1], [2, 3], [4, 5]])]))
-    assert w.flush(30) and w.stats["stored_chunks"] == 3
+    assert w.flush(30) and w.stats["stored_chunks"] == 3 and not w.stats["store_failures"]
     for t in kv.values():
         t.zero_()
     # the prefix from block 1 on (a partial first chunk), into other blocks
@@ -144,11 +148,20 @@ def test_batched_copies_group_records_through_the_staging_buffer(stage_records, 
     cpu = BlockCopier({k: t.cpu() for k, t in kv.items()}, NB)
     ids = [[i, (i + 7) % NB, (i * 5 + 1) % NB] for i in range(7)]
     recs = [bytearray(cp.record_size(cb)) for _ in ids]
-    cp.save_many([(b, memoryview(r)) for b, r in zip(ids, recs)], after=cp.compute_done_event())
-    for b, r in zip(ids, recs):
+    seen = []
+
+    def landed(i, j):  # what each record holds when it is reported: hashed at once by the worker
+        seen.append((i, j, [bytes(recs[k]) for k in range(i, j)]))
+    cp.save_many([(b, memoryview(r)) for b, r in zip(ids, recs)], after=cp.compute_done_event(),
+                 landed=landed)
+    assert [k for i, j, _ in seen for k in range(i, j)] == list(range(len(ids)))
+    assert len(seen) == {0: 7, 1: 7, 3: 3, 100: 1}[stage_records]
+    early = {k: got for i, j, snap in seen for k, got in zip(range(i, j), snap)}
+    for k, (b, r) in enumerate(zip(ids, recs)):
         want = bytearray(cpu.record_size(cb))
         cpu.save(b, memoryview(want))
         assert r == want
+        assert early[k] == want, f"record {k} reported before its bytes landed"
     # loads of several kinds in one batch: whole records, a partial first one, a short last one
     dst = {k: torch.zeros_like(t) for k, t in kv.items()}
     dst["strided"] = torch.zeros(NB, 2, 64, 16, device="cuda", dtype=torch.bfloat16).transpose(2, 3)

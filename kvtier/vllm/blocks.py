@@ -184,8 +184,12 @@ class BlockCopier:
         ``after``: a CUDA event the copy must wait for (compute_done_event())."""
         self.save_many([(block_ids, dst)], after)
 
-    def save_many(self, items: Sequence[tuple[Sequence[int], memoryview]], after=None) -> None:
-        """``save`` of several records; on CUDA queued together, with one synchronisation."""
+    def save_many(self, items: Sequence[tuple[Sequence[int], memoryview]], after=None,
+                  landed=None) -> None:
+        """``save`` of several records; on CUDA queued together, with one synchronisation.
+        ``landed(i, j)``, if given, is called on this thread, in order, as soon as records
+        ``i .. j-1`` hold their final bytes (on CUDA: once their group's DMA has finished, while
+        later groups are still on the bus), so a caller can start hashing them."""
         recs = []
         for block_ids, dst in items:
             n = len(block_ids)
@@ -194,8 +198,10 @@ class BlockCopier:
                 raise ValueError(f"record of {buf.numel()} bytes, {n} blocks need {n * self.block_bytes}")
             recs.append((buf[:n * self.block_bytes], n))
         if not self.cuda:
-            for (buf, n), (block_ids, dst) in zip(recs, items):
+            for k, ((buf, n), (block_ids, dst)) in enumerate(zip(recs, items)):
                 self._save_cpu(dst, buf, block_ids)
+                if landed is not None:
+                    landed(k, k + 1)
             return
         bus, work = self._streams["save"]
         with torch.cuda.stream(work):
@@ -204,6 +210,7 @@ class BlockCopier:
             flat, starts = self._flat_index([ids for ids, _ in items])
         ns = [n for _, n in recs]
         free: list = [None, None]  # per staging buffer: the DMA that last read it
+        done: list = []            # per group: (i, j, event after its last write to the host)
         for g, (i, j) in enumerate(self._groups([buf.numel() for buf, _ in recs], ns)):
             n, c = ns[i], j - i
             idx = flat[starts[i]:starts[i] + c * n].view(c, n)
@@ -212,6 +219,9 @@ class BlockCopier:
             with torch.cuda.stream(work):
                 if stage is None:
                     self._gather(recs[i][0], idx[0], n)
+                    if landed is not None:
+                        done.append((i, j, torch.cuda.Event()))
+                        done[-1][2].record(work)
                     continue
                 if free[g % 2] is not None:
                     work.wait_event(free[g % 2])
@@ -224,6 +234,11 @@ class BlockCopier:
                     recs[i + k][0].copy_(stage[k * rb:(k + 1) * rb], non_blocking=True)
                 free[g % 2] = torch.cuda.Event()
                 free[g % 2].record(bus)
+                if landed is not None:
+                    done.append((i, j, free[g % 2]))
+        for i, j, ev in done:
+            ev.synchronize()
+            landed(i, j)
         work.synchronize()
         bus.synchronize()
 

@@ -116,6 +116,8 @@ class WorkerHalf:
         # xxh3 releases the GIL: loads check their chunks on several cores
         self._hash_pool = ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) // 2)),
                                              thread_name_prefix="kvtier-verify")
+        # stores send checksums with Commit: None = on CUDA only (see _hash_stores)
+        self.hash_stores: bool | None = None
         self._lock = threading.Lock()
         self._recv_done: set[str] = set()
         self._load_errors: set[int] = set()
@@ -341,7 +343,13 @@ class WorkerHalf:
             try:
                 todo = [(blocks, view) for (_, blocks), view in zip(part, res.views)
                         if view is not None]  # None: already stored
-                self.copier.save_many(todo, after)
+                sums: list = [None] * len(todo) if self._hash_stores() else []
+
+                def landed(i: int, j: int) -> None:
+                    for k in range(i, j):
+                        sums[k] = self._hash_pool.submit(xxhash.xxh3_128_digest, todo[k][1])
+                self.copier.save_many(todo, after, landed if sums else None)
+                digests = [f.result() for f in sums]
                 self.stats["stored_chunks"] += len(todo)
             except BaseException:
                 try:
@@ -349,7 +357,15 @@ class WorkerHalf:
                 except errors.KvtierError:
                     pass
                 raise
-            client.commit(res)
+            client.commit(res, digests)
+
+    def _hash_stores(self) -> bool:
+        """Whether stores hash their records and send the checksums with Commit. On a GPU the
+        copies are DMA: each group of records is hashed on other cores as soon as it has landed
+        while the next group is on the bus, and the daemon (``ram.verify_on_commit =
+        "background"``) commits without hashing the slots itself before it answers. On CPU the
+        copies already take the cores and the daemon's own pass at commit costs the same."""
+        return self.hash_stores if self.hash_stores is not None else bool(self.copier.cuda)
 
     def handle_preemptions(self, meta: StepMeta) -> None:
         """Blocks of preempted requests are reused by this step: finish their stores first."""
