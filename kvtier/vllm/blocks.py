@@ -236,6 +236,10 @@ class BlockCopier:
                 free[g % 2].record(bus)
                 if landed is not None:
                     done.append((i, j, free[g % 2]))
+            # queueing a group takes about as long as its DMA: report the groups that have
+            # landed meanwhile, so hashing starts while the rest is still being queued
+            while done and done[0][2].query():
+                landed(*done.pop(0)[:2])
         for i, j, ev in done:
             ev.synchronize()
             landed(i, j)
