@@ -165,3 +165,23 @@ def test_worker_stores_send_checksums_the_daemon_verifies(make_daemon, monkeypat
     with Client(d.address) as c:
         assert c.lookup(w.ns, w._keys("", "", more)) == ([0, 0], 0)
     w.shutdown()
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_group_gather_writes_each_record_as_save_does(uniform):
+    """The CUDA path's group gather (several records at once into a staging buffer), run on CPU
+    tensors: layers of one block size take the layer-major gather plus one transposing copy."""
+    src = layouts()
+    if uniform:
+        src = {"strided": src["strided"],                               # 256 bytes a block
+               "kv_first": torch.randn(2, NB, 4, 2, 4),
+               "bf16": torch.randn(NB, 2, 4, 16).to(torch.bfloat16)}
+    cp = BlockCopier(src, NB)
+    assert (len({L.block_bytes for L in cp.layers}) == 1) == uniform
+    ids = [[3, 1], [0, 9], [5, 5]]
+    stage = torch.full((len(ids), cp.record_size(2)), 0xAB, dtype=torch.uint8)
+    cp._gather_group(stage, torch.tensor(ids))
+    for k, b in enumerate(ids):
+        want = bytearray(cp.record_size(2))
+        cp.save(b, memoryview(want))
+        assert bytes(stage[k].numpy()) == bytes(want), k

@@ -138,11 +138,19 @@ def test_worker_half_stores_and_loads_gpu_blocks(make_daemon):
     w.shutdown()
 
 
+@pytest.mark.parametrize("uniform", [False, True])            # True: every layer's blocks one size
 @pytest.mark.parametrize("stage_records", [0, 1, 3, 100])   # 0: records larger than the stage
-def test_batched_copies_group_records_through_the_staging_buffer(stage_records, monkeypatch):
+def test_batched_copies_group_records_through_the_staging_buffer(stage_records, uniform, monkeypatch):
     from kvtier.vllm import blocks as blocks_mod
     kv = layouts("cuda")
+    if uniform:  # the layer-major gather: several layouts and element types of one block size
+        kv = {k: kv[k] for k in ("flash_attn", "flashinfer")}
+        kv["flash_attn_2"] = torch.randn_like(kv["flash_attn"])
+        kv["fp8_wide"] = torch.randint(0, 255, (2, NB, 16, 2, 128), dtype=torch.uint8,
+                                       device="cuda").view(torch.float8_e4m3fn)
+        kv["strided_wide"] = torch.randn(NB, 2, 128, 16, device="cuda", dtype=torch.bfloat16).transpose(2, 3)
     cp = BlockCopier(kv, NB)
+    assert (len({L.block_bytes for L in cp.layers}) == 1) == uniform
     cb = 3
     monkeypatch.setattr(blocks_mod, "STAGE_MAX", max(1, stage_records * cp.record_size(cb)))
     cpu = BlockCopier({k: t.cpu() for k, t in kv.items()}, NB)
@@ -164,7 +172,8 @@ def test_batched_copies_group_records_through_the_staging_buffer(stage_records, 
         assert early[k] == want, f"record {k} reported before its bytes landed"
     # loads of several kinds in one batch: whole records, a partial first one, a short last one
     dst = {k: torch.zeros_like(t) for k, t in kv.items()}
-    dst["strided"] = torch.zeros(NB, 2, 64, 16, device="cuda", dtype=torch.bfloat16).transpose(2, 3)
+    if not uniform:
+        dst["strided"] = torch.zeros(NB, 2, 64, 16, device="cuda", dtype=torch.bfloat16).transpose(2, 3)
     out = BlockCopier(dst, NB)
     items = [(memoryview(recs[0]), cb, 1, [0, 1]), (memoryview(recs[1]), cb, 0, [2, 3, 4]),
              (memoryview(recs[2]), cb, 0, [5, 6, 7]), (memoryview(recs[3]), cb, 0, [8, 9, 10]),

@@ -38,9 +38,9 @@ import torch
 
 log = logging.getLogger("kvtier.vllm")
 
-# CUDA copies go through device staging buffers of up to this size, two per direction
-# (allocated on first use; 4 x STAGE_MAX of device memory at most): records cross the bus
-# whole, one DMA each; every layer is gathered or scattered once per group of records that
+# CUDA copies go through device staging buffers of up to this size, two per direction, and a
+# scratch buffer for stores (allocated on first use; 5 x STAGE_MAX of device memory at most):
+# records cross the bus whole, one DMA each; every layer is gathered or scattered once per group of records that
 # fit a buffer, not once per record; and while one buffer's group is on the bus the other's is
 # gathered or scattered. A record larger than a buffer is copied layer by layer.
 STAGE_MAX = 64 << 20
@@ -259,7 +259,24 @@ class BlockCopier:
             off += size
 
     def _gather_group(self, recs: torch.Tensor, idx: torch.Tensor) -> None:
-        for L, part in self._layer_parts(recs, idx.shape[1]):
+        c, n = idx.shape
+        nl = len(self.layers)
+        if c > 1 and len({L.block_bytes for L in self.layers}) == 1:
+            # layers of one size (the usual model): gather each layer for all records of the
+            # group with one index_select into a layer-major scratch buffer, then put every
+            # record's layers in order with one transposing copy. 2 launches per layer and
+            # record before (index, then copy into the strided record) made queueing a store
+            # slower than its DMA on an H100.
+            size = n * self.layers[0].block_bytes
+            scratch = self._stage("save_scratch", nl * c * size)
+            flat = idx.reshape(-1)
+            for li, L in enumerate(self.layers):
+                out = _as(scratch[li * c * size:(li + 1) * c * size], L.view.dtype,
+                          (c * n,) + tuple(L.view.shape[1:]))
+                torch.index_select(L.view, 0, flat, out=out)
+            recs.view(c, nl, size).copy_(scratch.view(nl, c, size).transpose(0, 1))
+            return
+        for L, part in self._layer_parts(recs, n):
             if idx.shape[0] == 1:
                 torch.index_select(L.view, 0, idx[0], out=part[0])
             else:
