@@ -11,7 +11,8 @@ have it): ``bench.core`` (arena and data channel against memcpy and raw sockets)
 ``bench.nvme`` (against raw O_DIRECT), ``bench.compression``, ``bench.cluster`` (against raw
 redis-py), ``bench.scale`` (cost growth), ``bench.scaleout`` (three daemons and a Valkey
 Cluster), ``bench.ttft`` when vLLM is importable, and ``bench.gpu`` when it exists and
-``torch.cuda.is_available()`` (each skipped otherwise, and said so). Each one measures
+``torch.cuda.is_available()``, and ``bench.gpu_store`` (a store on the GPU taken apart) with it
+(each skipped otherwise, and said so). Each one measures
 the machine's own limit beside kvtier in the same run; the section "Machine limits" of the
 table collects them (memcpy, raw socket echo, raw O_DIRECT, raw redis-py).
 
@@ -43,7 +44,7 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-BENCHES = ("core", "nvme", "compression", "cluster", "scale", "scaleout", "ttft", "gpu")
+BENCHES = ("core", "nvme", "compression", "cluster", "scale", "scaleout", "ttft", "gpu", "gpu_store")
 TINY_CAPABLE = ("scale", "scaleout")
 TIMEOUT_S = {"full": 3600, "quick": 900, "tiny": 300}
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -245,7 +246,8 @@ def rows_saved(r: dict) -> list[dict]:
 
 
 ROWS = {"core": rows_core, "nvme": rows_nvme, "compression": rows_compression, "cluster": rows_cluster,
-        "scale": rows_saved, "scaleout": rows_saved, "ttft": rows_saved, "gpu": rows_saved}
+        "scale": rows_saved, "scaleout": rows_saved, "ttft": rows_saved, "gpu": rows_saved,
+        "gpu_store": rows_saved}
 
 
 def unwrap(name: str, saved: dict) -> dict:
@@ -355,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in names:
             entry = doc["benchmarks"][name] = {}
-            if name in ("gpu", "ttft"):
-                ok, why = gpu_available() if name == "gpu" else vllm_available()
+            if name in ("gpu", "gpu_store", "ttft"):
+                ok, why = vllm_available() if name == "ttft" else gpu_available()
                 if not ok:
                     entry["status"] = f"skipped: {why}"
                     log(f"{name}: skipped ({why})")

@@ -112,3 +112,17 @@ def test_ttft_counts_only_a_near_tie_as_agreement():
     assert not ttft.near_tie([[979, -7.6], [3770, -8.2]], [[3770, -8.0], [979, -8.3]])  # a real change
     assert not ttft.near_tie([[979, -8.01], [5, -8.02]], [[3770, -8.0], [979, -8.01]])  # not in the other's top
     assert not ttft.near_tie([], [])
+
+
+def test_gpu_store_report_has_every_phase_of_both_kinds():
+    gs = pytest.importorskip("bench.gpu_store")
+    med = {"worker hashes": {p: 10.0 + i for i, p in enumerate(gs.PHASES)},
+           "daemon hashes": {p: (None if "landed" in p else 20.0 + i) for i, p in enumerate(gs.PHASES)}}
+    saved = {"command": "python -m bench.gpu_store", "tokens": 32768, "records": 128, "record_bytes": 32 << 20,
+             "rounds": 6, "median_ms": med,
+             "machine": {"gpu": "GPU", "torch": "2", "cuda": "13", "cpus": 16, "git": "abc"}}
+    text = gs.report(saved)
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["worker hashes"] == "| worker hashes | 10 | 11 | 12 | 13 | 14 | 15 | 16 |"
+    assert rows["daemon hashes"] == "| daemon hashes | 20 | 21 | 22 | 23 | 24 | - | - |"
+    assert "128 records of 32 MiB" in text
