@@ -220,8 +220,10 @@ class _Ops:
             raise errors.Unavailable(f"data channel {self.info.data_address}: {e}") from None
 
     def _connect_data(self, address: str) -> DataConnection:
-        return DataConnection(address, token=self.token, tls=self.tls.ssl_context() if self.tls else None,
+        conn = DataConnection(address, token=self.token, tls=self.tls.ssl_context() if self.tls else None,
                               server_hostname=self.tls.server_name if self.tls else None)
+        conn.version = self.info.data_channel_version or 1
+        return conn
 
     def _data(self, fn):
         """Run fn(conn) on a pooled data connection; a broken connection is dropped, and the

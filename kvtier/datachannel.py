@@ -16,9 +16,23 @@ Response (40 bytes + message + payload):
 op: 1 PUT, 2 GET, 3 PING, 4 HELLO (payload: bearer token; required first when
 the daemon has tenants), 5 CALL (a unary RPC: the namespace field holds the
 method name, the payload its serialized kvtier.v1 request; the answer's
-payload is the serialized response). flags: bit0 overwrite, bit1 checksum
-follows. status: the gRPC status code number (0 OK). info: PUT: 0 stored, 1
-already present, 2 pending elsewhere; GET: the tier (0 missing, 1 RAM).
+payload is the serialized response), 6 PUT_MANY and 7 GET_MANY (version 2,
+below). flags: bit0 overwrite, bit1 checksum follows. status: the gRPC status
+code number (0 OK). info: PUT: 0 stored, 1 already present, 2 pending
+elsewhere; GET: the tier (0 missing, 1 RAM).
+
+Version 2 (Attach's ``data_channel_version``) batches many blocks in one frame, so
+a batch of small blocks pays one header, one reservation or lease and one commit
+instead of one of each per block. The request's key is empty and ``length`` is
+the size of a manifest that follows the namespace: ``<I count>`` and per block
+``<B key_len> key`` (PUT_MANY: then ``<Q size>`` and, with flag bit1, its 16-byte
+checksum). PUT_MANY's payloads follow the manifest, back to back. The answer's
+``length`` is the size of a table that follows its message, one entry per block:
+PUT_MANY ``<B status><B info><H msg_len><16s checksum>`` + message, GET_MANY
+``<B status><B tier><H msg_len><Q length><16s checksum>`` + message; GET_MANY's
+block bytes follow the table, in order, for the entries with status 0 and a
+tier. A batch is one reservation: a commit that fails (a checksum mismatch under
+"sync") fails every block that was written in it.
 
 CALL exists because a unary call through grpc.aio costs several times this
 channel's round trip; the daemon runs the gRPC handler itself for it
@@ -54,8 +68,17 @@ log = logging.getLogger("kvtier.data")
 REQ = struct.Struct("<4sBBBBQQ")
 RESP = struct.Struct("<4sBBHQQ16s")
 REQ_MAGIC, RESP_MAGIC = b"KVD1", b"KVR1"
-OP_PUT, OP_GET, OP_PING, OP_HELLO, OP_CALL = 1, 2, 3, 4, 5
-_OPS = (OP_PUT, OP_GET, OP_PING, OP_HELLO, OP_CALL)
+OP_PUT, OP_GET, OP_PING, OP_HELLO, OP_CALL, OP_PUT_MANY, OP_GET_MANY = 1, 2, 3, 4, 5, 6, 7
+_OPS = (OP_PUT, OP_GET, OP_PING, OP_HELLO, OP_CALL, OP_PUT_MANY, OP_GET_MANY)
+VERSION = 2            # what Attach advertises as data_channel_version
+MANY_MAX = 1024        # blocks in one PUT_MANY or GET_MANY frame
+PUT_ENTRY = struct.Struct("<BBH16s")     # status, info, msg_len, checksum
+GET_ENTRY = struct.Struct("<BBHQ16s")    # status, tier, msg_len, length, checksum
+COUNT = struct.Struct("<I")
+SIZE = struct.Struct("<Q")
+IOV_MAX = 1024
+MANY_PER_FRAME = 256   # what a client puts in one batched frame: blocks ...
+FRAME_BYTES = 16 << 20  # ... and payload bytes
 MAX_TOKEN = 4096
 F_OVERWRITE, F_CHECKSUM = 1, 2
 SOCK_BUF = 4 << 20
@@ -237,6 +260,17 @@ class DataServer:
                     self._reply(conn, req_id, grpc.StatusCode.UNAUTHENTICATED,
                                 "send HELLO with a bearer token first")
                     return
+                if op in (OP_PUT_MANY, OP_GET_MANY):
+                    recv_exact(conn, hview[REQ.size:REQ.size + ns_len])
+                    ns = bytes(hview[REQ.size:REQ.size + ns_len]).decode("utf-8", "replace")
+                    entries = self._manifest(conn, req_id, op, flags, key_len, length)
+                    if entries is None:
+                        return  # framing lost: answered, and the connection closes
+                    if op == OP_PUT_MANY:
+                        self._put_many(conn, req_id, ns, entries, flags, scratch, tenant)
+                    else:
+                        self._get_many(conn, req_id, ns, entries, tenant)
+                    continue
                 extra = ns_len + key_len + (CHECKSUM_SIZE if flags & F_CHECKSUM else 0)
                 recv_exact(conn, hview[REQ.size:REQ.size + extra])
                 p = REQ.size
@@ -292,6 +326,184 @@ class DataServer:
             k = min(n, len(scratch))
             recv_exact(conn, scratch[:k])
             n -= k
+
+    def _manifest(self, conn, req_id, op, flags, key_len, length) -> list[tuple[bytes, int, bytes]] | None:
+        """A PUT_MANY / GET_MANY manifest as (key, size, checksum) per block; None (answered) when
+        it breaks framing: the payloads that follow could not be told apart."""
+        per = 1 + 255 + (SIZE.size + CHECKSUM_SIZE if op == OP_PUT_MANY else 0)
+        if key_len or length < COUNT.size or length > COUNT.size + MANY_MAX * per:
+            self._reply(conn, req_id, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"bad frame: manifest of {length} bytes (at most {MANY_MAX} blocks)")
+            return None
+        man = bytearray(length)
+        recv_exact(conn, memoryview(man))
+        (n,), p, out = COUNT.unpack_from(man), COUNT.size, []
+        given_n = CHECKSUM_SIZE if op == OP_PUT_MANY and flags & F_CHECKSUM else 0
+        try:
+            if n > MANY_MAX:
+                raise ValueError(f"{n} blocks (at most {MANY_MAX})")
+            for _ in range(n):
+                k = man[p]
+                key = bytes(man[p + 1:p + 1 + k])
+                p += 1 + k
+                size = 0
+                if op == OP_PUT_MANY:
+                    (size,) = SIZE.unpack_from(man, p)
+                    p += SIZE.size
+                    if size > self.hot.max_block_bytes:
+                        self._reply(conn, req_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"block of {size} bytes exceeds the largest accepted "
+                                    f"({self.hot.max_block_bytes} bytes)")
+                        return None
+                given = bytes(man[p:p + given_n])
+                p += given_n
+                if len(key) != k or len(given) != given_n:
+                    raise ValueError("truncated")
+                out.append((key, size, given))
+            if p != len(man):
+                raise ValueError(f"{len(man) - p} bytes left over")
+        except (ValueError, IndexError, struct.error) as e:
+            self._reply(conn, req_id, grpc.StatusCode.INVALID_ARGUMENT, f"bad frame: manifest: {e}")
+            return None
+        return out
+
+    def _table(self, conn, req_id, entries: list[bytes], payloads=()) -> None:
+        table = b"".join(entries)
+        self._send(conn, [RESP.pack(RESP_MAGIC, 0, 0, 0, len(table), req_id, _ZERO) + table, *payloads])
+
+    @staticmethod
+    def _send(conn, bufs) -> None:
+        """Send every buffer: gathered by sendmsg (1024 at a time), partial sends resumed."""
+        bufs = [memoryview(b).cast("B") for b in bufs if len(b)]
+        if isinstance(conn, ssl.SSLSocket):
+            for b in bufs:
+                conn.sendall(b)
+            return
+        i = 0
+        while i < len(bufs):
+            sent = conn.sendmsg(bufs[i:i + IOV_MAX])
+            while i < len(bufs) and sent >= len(bufs[i]):
+                sent -= len(bufs[i])
+                i += 1
+            if sent:
+                bufs[i] = bufs[i][sent:]
+
+    def _put_many(self, conn, req_id, ns, entries, flags, scratch, tenant) -> None:
+        n = len(entries)
+        codes: list = [None] * n    # per block: a KvtierError, or None
+        infos, digests = [0] * n, [_ZERO] * n
+        try:
+            check_namespace(ns)
+            self.access.authorize(tenant, ns)
+        except errors.KvtierError as e:
+            self._drain(conn, sum(size for _, size, _ in entries), scratch)
+            self._reply(conn, req_id, e.code, str(e))
+            return
+        valid = []
+        for i, (key, size, _) in enumerate(entries):
+            try:
+                check_key(key)
+                if size == 0:
+                    raise errors.InvalidArgument("block size must be >= 1 byte")
+                valid.append(i)
+            except errors.KvtierError as e:
+                codes[i] = e
+        slots: dict[int, int] = {}
+        r = None
+        if valid:
+            try:
+                r = self.hot.reserve(ns, [entries[i][0] for i in valid], [entries[i][1] for i in valid],
+                                     overwrite=bool(flags & F_OVERWRITE), expires=False)
+                for pos, i in enumerate(valid):
+                    if r.status[pos] == 0:
+                        slots[i] = r.offsets[pos]
+                    else:
+                        infos[i] = r.status[pos]
+            except errors.KvtierError as e:
+                for i in valid:
+                    codes[i] = e
+        try:
+            conn.settimeout(PAYLOAD_TIMEOUT_S)  # a client stalled mid-payload must not hold the slots forever
+            for i, (_, size, _) in enumerate(entries):
+                off = slots.get(i)
+                if off is None:
+                    self._drain(conn, size, scratch)
+                else:
+                    recv_exact(conn, self.view[off:off + size])
+            conn.settimeout(None)
+        except BaseException:
+            if r is not None and r.reservation_id:
+                self.hot.discard(r.reservation_id)
+            raise
+        if slots:
+            written = [i for i in valid if i in slots]
+            given = b"".join(entries[i][2] for i in written)
+            try:
+                self.hot.begin_commit(r.reservation_id)
+                computed = ([checksum(self.view[slots[i]:slots[i] + entries[i][1]]) for i in written]
+                            if hash_at_commit(self.verify, given) else None)
+                got = self.hot.finish_commit(r.reservation_id, computed, given)
+                for k, i in enumerate(written):
+                    digests[i] = got[k * CHECKSUM_SIZE:(k + 1) * CHECKSUM_SIZE]
+            except errors.KvtierError as e:
+                self.hot.discard(r.reservation_id)
+                for i in written:
+                    codes[i] = e
+        out = []
+        for i in range(n):
+            e = codes[i]
+            m = str(e).encode()[:65535] if e is not None else b""
+            out.append(PUT_ENTRY.pack(e.code.value[0] if e is not None else 0, infos[i], len(m), digests[i]) + m)
+        self._table(conn, req_id, out)
+
+    def _get_many(self, conn, req_id, ns, entries, tenant) -> None:
+        try:
+            check_namespace(ns)
+            self.access.authorize(tenant, ns)
+        except errors.KvtierError as e:
+            self._reply(conn, req_id, e.code, str(e))
+            return
+        n = len(entries)
+        found: list = [None] * n     # per block: (tier, bytes, checksum), a KvtierError, or None
+        rest = []
+        for i, (key, _, _) in enumerate(entries):
+            try:
+                check_key(key)
+                found[i] = self.hot.read_inline(ns, key)
+                if found[i] is None:
+                    rest.append(i)
+            except errors.KvtierError as e:
+                found[i] = e
+        a = None
+        if rest:
+            try:
+                a = self.hot.acquire_blocking(ns, [entries[i][0] for i in rest])
+                for pos, i in enumerate(rest):
+                    if a.tiers[pos]:
+                        off, ln = a.offsets[pos], a.lengths[pos]
+                        found[i] = (a.tiers[pos], self.view[off:off + ln],
+                                    a.checksums[pos * CHECKSUM_SIZE:(pos + 1) * CHECKSUM_SIZE])
+            except errors.KvtierError as e:
+                for i in rest:
+                    found[i] = e
+        try:
+            table, payloads = [], []
+            for f in found:
+                if isinstance(f, errors.KvtierError):
+                    m = str(f).encode()[:65535]
+                    table.append(GET_ENTRY.pack(f.code.value[0], 0, len(m), 0, _ZERO) + m)
+                elif f is None:
+                    table.append(GET_ENTRY.pack(0, 0, 0, 0, _ZERO))
+                else:
+                    table.append(GET_ENTRY.pack(0, f[0], 0, len(f[1]), f[2]))
+                    payloads.append(f[1])
+            self._table(conn, req_id, table, payloads)
+        finally:
+            if a is not None and a.lease_id:
+                try:
+                    self.hot.release(a.lease_id)
+                except errors.KvtierError:
+                    pass
 
     def _put(self, conn, req_id, ns, key, length, overwrite, given, scratch, tenant) -> None:
         try:
@@ -391,6 +603,7 @@ class DataConnection:
         self._poll.register(self.sock, select.POLLIN)
         self._hdr = bytearray(RESP.size)
         self._next = 1
+        self.version = 1  # the daemon's data_channel_version (Attach); 2 and up: batched frames
         if token:
             tok = token.encode()
             head, rid = self._request(OP_HELLO, "", b"", len(tok))
@@ -473,8 +686,39 @@ class DataConnection:
         finally:
             self.sock.settimeout(timeout)
 
+    def _frames(self, sizes: list[int]) -> list[tuple[int, int]]:
+        """[i, j) runs of blocks for one batched frame each: at most MANY_PER_FRAME blocks and
+        FRAME_BYTES of payload (a block larger than that alone)."""
+        out, i = [], 0
+        while i < len(sizes):
+            j, total = i + 1, sizes[i]
+            while j < len(sizes) and j - i < MANY_PER_FRAME and total + sizes[j] <= FRAME_BYTES:
+                total += sizes[j]
+                j += 1
+            out.append((i, j))
+            i = j
+        return out
+
+    def _many_request(self, op: int, ns: str, entries: list[bytes], flags: int = 0) -> tuple[bytes, int]:
+        manifest = COUNT.pack(len(entries)) + b"".join(entries)
+        head, rid = self._request(op, ns, b"", len(manifest), flags)
+        return head + manifest, rid
+
+    def _table(self, rid: int) -> tuple[memoryview | None, errors.KvtierError | None]:
+        """A batched frame's answer: its table, or the error that failed the whole frame."""
+        try:
+            _, length, _ = self._response(rid)
+        except errors.KvtierError as e:
+            return None, e
+        table = memoryview(bytearray(length))
+        recv_exact(self.sock, table)
+        return table, None
+
     def put_many(self, ns: str, items, overwrite: bool = False, checksums=None) -> list[PutResult | errors.KvtierError]:
-        """Pipelined puts: send every block, then read every answer (errors returned per block)."""
+        """Pipelined puts: send every block, then read every answer (errors returned per block).
+        A daemon of data_channel_version 2 takes them in PUT_MANY frames."""
+        if self.version >= 2:
+            return self._put_batched(ns, list(items), overwrite, checksums)
         ids = []
         for i, (key, data) in enumerate(items):
             mv = memoryview(data).cast("B")
@@ -492,12 +736,91 @@ class DataConnection:
                 out.append(e)
         return out
 
+    def _put_batched(self, ns: str, items: list, overwrite: bool, checksums) -> list[PutResult | errors.KvtierError]:
+        views = [memoryview(data).cast("B") for _, data in items]
+        flags = (F_OVERWRITE if overwrite else 0) | (F_CHECKSUM if checksums else 0)
+        sent = []
+        for i, j in self._frames([len(v) for v in views]):
+            entries = []
+            for k in range(i, j):
+                key = items[k][0]
+                if len(key) > 255:
+                    raise errors.InvalidArgument("key longer than 255 bytes")
+                entries.append(bytes((len(key),)) + key + SIZE.pack(len(views[k])) + (checksums[k] if checksums else b""))
+            head, rid = self._many_request(OP_PUT_MANY, ns, entries, flags)
+            DataServer._send(self.sock, [head, *views[i:j]])
+            sent.append((rid, j - i))
+        out: list = []
+        for rid, count in sent:
+            table, err = self._table(rid)
+            if err is not None:
+                out += [err] * count
+                continue
+            p = 0
+            for _ in range(count):
+                code, info, mlen, digest = PUT_ENTRY.unpack_from(table, p)
+                p += PUT_ENTRY.size
+                if code:
+                    out.append(errors.from_status(code, bytes(table[p:p + mlen]).decode("utf-8", "replace")))
+                else:
+                    out.append(PutResult(info, bytes(digest)))
+                p += mlen
+        return out
+
+    def _block(self, i: int, length: int, digest: bytes, into, check) -> tuple[memoryview, bytes] | None:
+        """Read block ``i`` of a get (into ``into[i]`` if given) and run ``check`` on it."""
+        if into is not None:
+            dst = memoryview(into[i]).cast("B")
+            if len(dst) < length:
+                self.close()  # the rest of the answer is unread: this connection is done
+                raise errors.InvalidArgument(f"buffer {i} holds {len(dst)} bytes, block has {length}")
+            dst = dst[:length]
+        else:
+            dst = memoryview(bytearray(length))
+        recv_exact(self.sock, dst)
+        return (dst, digest) if check is None or check(dst, digest) else None
+
+    def _get_batched(self, ns: str, keys: list, into, check) -> list[tuple[memoryview | bytes, bytes] | None]:
+        sent = []
+        for i in range(0, len(keys), MANY_PER_FRAME):
+            part = keys[i:i + MANY_PER_FRAME]
+            if any(len(k) > 255 for k in part):
+                raise errors.InvalidArgument("key longer than 255 bytes")
+            head, rid = self._many_request(OP_GET_MANY, ns, [bytes((len(k),)) + k for k in part])
+            self.sock.sendall(head)
+            sent.append((rid, len(part)))
+        out: list = []
+        err = None
+        for rid, count in sent:
+            table, e = self._table(rid)
+            if e is not None:
+                err = err or e
+                out += [None] * count
+                continue
+            p = 0
+            for _ in range(count):
+                code, tier, mlen, length, digest = GET_ENTRY.unpack_from(table, p)
+                p += GET_ENTRY.size
+                if code:
+                    err = err or errors.from_status(code, bytes(table[p:p + mlen]).decode("utf-8", "replace"))
+                p += mlen
+                if code or not tier:
+                    out.append(None)
+                    continue
+                out.append(self._block(len(out), length, bytes(digest), into, check))
+        if err is not None:
+            raise err
+        return out
+
     def get_many(self, ns: str, keys, into: list | None = None,
                  check=None) -> list[tuple[memoryview | bytes, bytes] | None]:
         """Pipelined gets. Returns per key (data, checksum) or None; with ``into``, data lands in
         the given writable buffers (each at least as long as the block) and a view of them is returned.
         ``check(data, checksum)``, if given, runs on each block as it arrives (while the daemon
-        sends the next, and the bytes are in cache); a block it refuses is None."""
+        sends the next, and the bytes are in cache); a block it refuses is None. A daemon of
+        data_channel_version 2 answers them in GET_MANY frames."""
+        if self.version >= 2:
+            return self._get_batched(ns, list(keys), into, check)
         ids = []
         for key in keys:
             head, rid = self._request(OP_GET, ns, key)
@@ -515,16 +838,7 @@ class DataConnection:
             if not info:
                 out.append(None)
                 continue
-            if into is not None:
-                dst = memoryview(into[i]).cast("B")
-                if len(dst) < length:
-                    self.close()  # the rest of the pipeline is unread: this connection is done
-                    raise errors.InvalidArgument(f"buffer {i} holds {len(dst)} bytes, block has {length}")
-                dst = dst[:length]
-            else:
-                dst = memoryview(bytearray(length))
-            recv_exact(self.sock, dst)
-            out.append((dst, digest) if check is None or check(dst, digest) else None)
+            out.append(self._block(i, length, digest, into, check))
         if err is not None:
             raise err
         return out

@@ -26,11 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import xxhash
 
-from . import __version__, errors
+from . import __version__, datachannel, errors
 from .hot import checksum
 from .auth import token_from_metadata
 from .cluster import NullCluster
 from .commitcheck import hash_at_commit
+
 from .keys import CHECKSUM_SIZE, KEY_SIZES, check_key, check_namespace, unpack_keys
 from .v1 import kvtier_pb2 as pb
 from .v1 import kvtier_pb2_grpc as pb_grpc
@@ -233,12 +234,14 @@ class KVTierService(pb_grpc.KVTierServicer):
     async def Attach(self, request, context):
         self._tenant(context)
         a = self.d.arena
+        data_address = self.d.data_address_for(context.peer())
         return pb.AttachResponse(
             arena_path=a.path, arena_size=a.size, generation=a.generation, data_offset=a.data_offset,
-            data_address=self.d.data_address_for(context.peer()), max_block_bytes=self.hot.max_block_bytes,
+            data_address=data_address, max_block_bytes=self.hot.max_block_bytes,
             max_batch=self.max_batch, key_sizes=list(KEY_SIZES),
             max_message_bytes=self.cfg.server.max_message_bytes, version=__version__,
-            default_lease_ms=self.hot.lease_ms, default_reservation_ms=self.hot.reservation_ms)
+            default_lease_ms=self.hot.lease_ms, default_reservation_ms=self.hot.reservation_ms,
+            data_channel_version=datachannel.VERSION if data_address else 0)
 
     @_handler
     async def Lookup(self, request, context):

@@ -270,6 +270,7 @@ def test_a_daemon_without_call_frames_is_served_over_grpc(daemon, monkeypatch):
     from kvtier import datachannel
     monkeypatch.setattr(datachannel, "_OPS", (datachannel.OP_PUT, datachannel.OP_GET, datachannel.OP_PING,
                                              datachannel.OP_HELLO))  # CALL is an unknown op, as before it existed
+    monkeypatch.setattr(datachannel, "VERSION", 0)  # and Attach said nothing of batched frames
     with Client(daemon.address) as c:
         c.attach()
         assert c.control == "data"
