@@ -422,6 +422,9 @@ class DataServer:
             except errors.KvtierError as e:
                 for i in valid:
                     codes[i] = e
+        written = [i for i in valid if i in slots]
+        given = b"".join(entries[i][2] for i in written)
+        computed: list[bytes] | None = [] if written and hash_at_commit(self.verify, given) else None
         try:
             conn.settimeout(PAYLOAD_TIMEOUT_S)  # a client stalled mid-payload must not hold the slots forever
             for i, (_, size, _) in enumerate(entries):
@@ -430,18 +433,16 @@ class DataServer:
                     self._drain(conn, size, scratch)
                 else:
                     recv_exact(conn, self.view[off:off + size])
+                    if computed is not None:  # hashed now, while the block is in cache
+                        computed.append(checksum(self.view[off:off + size]))
             conn.settimeout(None)
         except BaseException:
             if r is not None and r.reservation_id:
                 self.hot.discard(r.reservation_id)
             raise
-        if slots:
-            written = [i for i in valid if i in slots]
-            given = b"".join(entries[i][2] for i in written)
+        if written:
             try:
                 self.hot.begin_commit(r.reservation_id)
-                computed = ([checksum(self.view[slots[i]:slots[i] + entries[i][1]]) for i in written]
-                            if hash_at_commit(self.verify, given) else None)
                 got = self.hot.finish_commit(r.reservation_id, computed, given)
                 for k, i in enumerate(written):
                     digests[i] = got[k * CHECKSUM_SIZE:(k + 1) * CHECKSUM_SIZE]
