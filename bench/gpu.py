@@ -61,6 +61,17 @@ def stub_vllm_base() -> None:
     base.KVConnectorHandshakeMetadata = type("KVConnectorHandshakeMetadata", (), {})
 
 
+def cuda_torch(prog: str):
+    """torch, ready for the connector's worker half (vLLM's base classes stubbed where vLLM is
+    missing); None, said on stderr, where there is no CUDA GPU."""
+    import torch
+    if not torch.cuda.is_available():
+        print(f"{prog}: no CUDA GPU here; nothing to measure", file=sys.stderr)
+        return None
+    stub_vllm_base()
+    return torch
+
+
 def paged_kv(num_blocks: int, fill: bool = True):
     import torch
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -411,11 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
     p.add_argument("--markdown", metavar="OUT", help="write the report to this Markdown file")
     args = p.parse_args(argv)
-    import torch
-    if not torch.cuda.is_available():
-        print("bench.gpu: no CUDA GPU here; nothing to measure", file=sys.stderr)
+    torch = cuda_torch("bench.gpu")
+    if torch is None:
         return 2
-    stub_vllm_base()
     tokens = [8192] if args.quick else [int(x) for x in args.tokens.split(",")]
     rounds = 6 if args.quick else 12
     saved: dict = {"command": "python -m bench.gpu" + (" --quick" if args.quick else ""),

@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import emit
-from .gpu import BLOCK, CHUNK, machine, paged_kv, start_daemon, stub_vllm_base, worker_half
+from .gpu import BLOCK, CHUNK, cuda_torch, machine, paged_kv, start_daemon, worker_half
 
 KINDS = ("worker hashes", "daemon hashes")
 PHASES = ("reserve", "copies", "hash_wait", "commit", "total", "first_landed", "last_landed")
@@ -84,11 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
     p.add_argument("--markdown", metavar="OUT", help="write the report to this Markdown file")
     args = p.parse_args(argv)
-    import torch
-    if not torch.cuda.is_available():
-        print("bench.gpu_store: no CUDA GPU here; nothing to measure", file=sys.stderr)
+    torch = cuda_torch("bench.gpu_store")
+    if torch is None:
         return 2
-    stub_vllm_base()
     if args.quick:
         args.tokens, args.rounds = 8192, 3
     nb = args.tokens // BLOCK + 8

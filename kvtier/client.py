@@ -305,8 +305,8 @@ class _Ops:
     def control_call(self, rpc: str, request, timeout: float | None):
         """A unary call as a CALL frame on a pooled data connection; None when no connection can
         be opened or the daemon does not know CALL, and the caller uses gRPC. Pooled connections
-        the daemon has closed are dropped before sending, so a call is never sent twice: once sent, a lost connection is
-        Unavailable (and a timeout DeadlineExceeded), as on gRPC."""
+        the daemon has closed are dropped before sending, so a call is never sent twice: once
+        sent, a lost connection is Unavailable (and a timeout DeadlineExceeded), as on gRPC."""
         conn = self._pooled_or_new()
         if conn is None:
             return None

@@ -101,6 +101,30 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += r
 
 
+def send_all(sock: socket.socket, bufs) -> None:
+    """Send every buffer: gathered by sendmsg (IOV_MAX at a time), partial sends resumed."""
+    bufs = [memoryview(b).cast("B") for b in bufs if len(b)]
+    if isinstance(sock, ssl.SSLSocket):
+        for b in bufs:
+            sock.sendall(b)
+        return
+    i = 0
+    while i < len(bufs):
+        sent = sock.sendmsg(bufs[i:i + IOV_MAX])
+        while i < len(bufs) and sent >= len(bufs[i]):
+            sent -= len(bufs[i])
+            i += 1
+        if sent:
+            bufs[i] = bufs[i][sent:]
+
+
+def _key_field(key: bytes) -> bytes:
+    """A key as a manifest entry starts: its length byte, then the key."""
+    if len(key) > 255:
+        raise errors.InvalidArgument("key longer than 255 bytes")
+    return bytes((len(key),)) + key
+
+
 def tune(sock: socket.socket) -> None:
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
@@ -369,24 +393,7 @@ class DataServer:
 
     def _table(self, conn, req_id, entries: list[bytes], payloads=()) -> None:
         table = b"".join(entries)
-        self._send(conn, [RESP.pack(RESP_MAGIC, 0, 0, 0, len(table), req_id, _ZERO) + table, *payloads])
-
-    @staticmethod
-    def _send(conn, bufs) -> None:
-        """Send every buffer: gathered by sendmsg (1024 at a time), partial sends resumed."""
-        bufs = [memoryview(b).cast("B") for b in bufs if len(b)]
-        if isinstance(conn, ssl.SSLSocket):
-            for b in bufs:
-                conn.sendall(b)
-            return
-        i = 0
-        while i < len(bufs):
-            sent = conn.sendmsg(bufs[i:i + IOV_MAX])
-            while i < len(bufs) and sent >= len(bufs[i]):
-                sent -= len(bufs[i])
-                i += 1
-            if sent:
-                bufs[i] = bufs[i][sent:]
+        send_all(conn, [RESP.pack(RESP_MAGIC, 0, 0, 0, len(table), req_id, _ZERO) + table, *payloads])
 
     def _put_many(self, conn, req_id, ns, entries, flags, scratch, tenant) -> None:
         n = len(entries)
@@ -705,7 +712,7 @@ class DataConnection:
         head, rid = self._request(op, ns, b"", len(manifest), flags)
         return head + manifest, rid
 
-    def _table(self, rid: int) -> tuple[memoryview | None, errors.KvtierError | None]:
+    def _read_table(self, rid: int) -> tuple[memoryview | None, errors.KvtierError | None]:
         """A batched frame's answer: its table, or the error that failed the whole frame."""
         try:
             _, length, _ = self._response(rid)
@@ -742,18 +749,14 @@ class DataConnection:
         flags = (F_OVERWRITE if overwrite else 0) | (F_CHECKSUM if checksums else 0)
         sent = []
         for i, j in self._frames([len(v) for v in views]):
-            entries = []
-            for k in range(i, j):
-                key = items[k][0]
-                if len(key) > 255:
-                    raise errors.InvalidArgument("key longer than 255 bytes")
-                entries.append(bytes((len(key),)) + key + SIZE.pack(len(views[k])) + (checksums[k] if checksums else b""))
+            entries = [_key_field(items[k][0]) + SIZE.pack(len(views[k])) + (checksums[k] if checksums else b"")
+                       for k in range(i, j)]
             head, rid = self._many_request(OP_PUT_MANY, ns, entries, flags)
-            DataServer._send(self.sock, [head, *views[i:j]])
+            send_all(self.sock, [head, *views[i:j]])
             sent.append((rid, j - i))
         out: list = []
         for rid, count in sent:
-            table, err = self._table(rid)
+            table, err = self._read_table(rid)
             if err is not None:
                 out += [err] * count
                 continue
@@ -785,15 +788,13 @@ class DataConnection:
         sent = []
         for i in range(0, len(keys), MANY_PER_FRAME):
             part = keys[i:i + MANY_PER_FRAME]
-            if any(len(k) > 255 for k in part):
-                raise errors.InvalidArgument("key longer than 255 bytes")
-            head, rid = self._many_request(OP_GET_MANY, ns, [bytes((len(k),)) + k for k in part])
+            head, rid = self._many_request(OP_GET_MANY, ns, [_key_field(k) for k in part])
             self.sock.sendall(head)
             sent.append((rid, len(part)))
         out: list = []
         err = None
         for rid, count in sent:
-            table, e = self._table(rid)
+            table, e = self._read_table(rid)
             if e is not None:
                 err = err or e
                 out += [None] * count

@@ -31,7 +31,6 @@ from .hot import checksum
 from .auth import token_from_metadata
 from .cluster import NullCluster
 from .commitcheck import hash_at_commit
-
 from .keys import CHECKSUM_SIZE, KEY_SIZES, check_key, check_namespace, unpack_keys
 from .v1 import kvtier_pb2 as pb
 from .v1 import kvtier_pb2_grpc as pb_grpc

@@ -40,9 +40,10 @@ log = logging.getLogger("kvtier.vllm")
 
 # CUDA copies go through device staging buffers of up to this size, two per direction, and a
 # scratch buffer for stores (allocated on first use; 5 x STAGE_MAX of device memory at most):
-# records cross the bus whole, one DMA each; every layer is gathered or scattered once per group of records that
-# fit a buffer, not once per record; and while one buffer's group is on the bus the other's is
-# gathered or scattered. A record larger than a buffer is copied layer by layer.
+# records cross the bus whole, one DMA each; every layer is gathered or scattered once per
+# group of records that fit a buffer, not once per record; and while one buffer's group is on
+# the bus the other's is gathered or scattered. A record larger than a buffer is copied layer
+# by layer.
 STAGE_MAX = 64 << 20
 
 
@@ -94,6 +95,7 @@ class BlockCopier:
         self.device = self.layers[0].view.device
         self.cuda = self.device.type == "cuda"
         self.block_bytes = sum(L.block_bytes for L in self.layers)
+        self._uniform = len({L.block_bytes for L in self.layers}) == 1  # every layer's blocks one size
         # per direction a stream for the bus and one for gathers/scatters (a load never waits
         # behind queued stores, and a DMA overlaps the next group's gather)
         self._streams = ({d: (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
@@ -261,7 +263,7 @@ class BlockCopier:
     def _gather_group(self, recs: torch.Tensor, idx: torch.Tensor) -> None:
         c, n = idx.shape
         nl = len(self.layers)
-        if c > 1 and len({L.block_bytes for L in self.layers}) == 1:
+        if c > 1 and self._uniform:
             # layers of one size (the usual model): gather each layer for all records of the
             # group with one index_select into a layer-major scratch buffer, then put every
             # record's layers in order with one transposing copy. 2 launches per layer and
