@@ -29,8 +29,11 @@ C. a real daemon (``python -m kvtier.cli serve``, RAM 256 MiB, 4 NVMe I/O thread
    RAM is filled with other blocks first, untimed, so each put of the round demotes one block and
    about SPILL bytes are written; the last RAM-full is never evicted), queue drained; read-back =
    get_many (Acquire, into preallocated buffers, verified) of the blocks that Lookup reports only
-   on NVMe, in batches of 16, from 1 client thread and from THREADS client threads. Each daemon
-   round follows a raw round of the same block count (A's code) and the ratio is to that;
+   on NVMe, in batches of 16, from 1 client thread and from THREADS client threads, in slices of
+   SLICE blocks that alternate with raw reads (A's code) of as many fresh files written before the
+   spill: the read-back's ratio is paired with those, as the disk's speed drifts by the second on a
+   shared machine. Each daemon round follows a raw round of the same block count, the spill's
+   baseline;
    ``--policies`` picks the write policies;
 D. ColdTier.read taken apart on its own files (payload only; header and payload in one preadv,
    as it reads; header then payload; the same plus checksum verification; ColdTier.read itself),
@@ -82,6 +85,7 @@ BLOCK = 2 * MiB
 PAGE = 4096
 THREADS = 4
 BATCH = 16
+SLICE = 64  # read-back and raw reads alternate in slices of this many blocks
 NS = "bench"
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TARGET_RATIO = 0.9
@@ -118,6 +122,20 @@ def aligned_buffer(n: int, fill: bytes | None = None) -> mmap.mmap:
     return buf
 
 
+DESTINATIONS = 64  # read targets: block i lands in buffer i % DESTINATIONS
+_dsts: list = []
+
+
+def destinations() -> list[memoryview]:
+    """DESTINATIONS page-aligned 2 MiB buffers (made once) that the raw and ColdTier reads cycle
+    through, as the daemon's reads land in arena slots all over its mapping: on this kind of VM,
+    O_DIRECT into one fixed buffer per thread ran at 1.0 GB/s in one process and 2.3 GB/s in the
+    next (which guest pages the buffer got), into buffers taken in turn at 2.2-2.8 GB/s."""
+    if not _dsts:
+        _dsts.extend(memoryview(aligned_buffer(BLOCK)) for _ in range(DESTINATIONS))
+    return _dsts
+
+
 class Sources:
     """16 distinct page-aligned 2 MiB blocks of random bytes, used round-robin as write sources."""
 
@@ -152,7 +170,7 @@ class Raw:
         for i in range(256):
             os.makedirs(os.path.join(path, f"{i:02x}"), exist_ok=True)
         self.src, self.pool = src, pool
-        self.dst = [aligned_buffer(BLOCK) for _ in range(THREADS)]
+        self.dst = destinations()
         self.names: list[str] = []
 
     def write(self, n: int) -> float:
@@ -169,10 +187,12 @@ class Raw:
                     os.close(fd)
         return run_threads(self.pool, n, work)
 
-    def read(self, n: int, threads: int = THREADS) -> float:
+    def read(self, n: int, threads: int = THREADS, start: int = 0) -> float:
+        """Read files start .. start + n - 1 on `threads` threads; wall seconds."""
         def work(t, idx):
-            buf = [self.dst[t]]
             for i in idx:
+                i += start
+                buf = [self.dst[i % len(self.dst)]]
                 fd = os.open(self.names[i], os.O_RDONLY | os.O_DIRECT)
                 try:
                     if os.preadv(fd, buf, 0) != BLOCK:
@@ -195,7 +215,7 @@ class Cold:
         self.tier = ColdTier([(os.path.join(path, "cold"), 64 * GiB)], durability="none", direct_io="auto",
                              codec="none")
         self.src, self.pool = src, pool
-        self.dst = [memoryview(aligned_buffer(BLOCK)) for _ in range(THREADS)]
+        self.dst = destinations()
         self.keys: list[bytes] = []
 
     def write(self, n: int) -> float:
@@ -214,8 +234,8 @@ class Cold:
         tier = self.tier
 
         def work(t, idx):
-            dst = self.dst[t]
             for i in idx:
+                dst = self.dst[i % len(self.dst)]
                 if tier.read(NS, self.keys[i], lambda _n: dst) is None:
                     raise RuntimeError("ColdTier.read missed a block")
         return run_threads(self.pool, n, work)
@@ -345,8 +365,8 @@ def part_anatomy(path: str, rounds: int, nblocks: int, src: Sources, pool: Threa
 
     def variant(kind, paths, digests):
         def work(t, idx):
-            dst = cold.dst[t]
             for i in idx:
+                dst = cold.dst[i % len(cold.dst)]
                 fd = os.open(paths[i], os.O_RDONLY | os.O_DIRECT)
                 try:
                     if kind == "payload only":
@@ -594,16 +614,18 @@ def spill_round(client, daemon: Daemon, n: int, src: Sources, policy: str, queue
             "polls": polls, "daemon_cpu_s": daemon.cpu_seconds() - c0}
 
 
-def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts: list) -> dict:
-    """get_many (Acquire) of the keys that are only on NVMe, BATCH at a time, from `clients` threads."""
+def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts: list, raw: Raw,
+                   raw_start: int) -> dict:
+    """get_many (Acquire) of the keys that are only on NVMe, BATCH at a time, from `clients`
+    threads, in slices of SLICE blocks that alternate with raw O_DIRECT reads of as many files
+    (raw.names from raw_start on, not read before), the order flipped every slice: both see the
+    same disk, which on a shared machine changes speed from one second to the next."""
     tiers, _ = client.lookup(NS, keys)
     cold = [k for k, t in zip(keys, tiers) if t == 2]
-    shares = [cold[t::clients] for t in range(clients)]
     errors: list = []
 
-    def work(t):
+    def work(t, ks):
         try:
-            ks = shares[t]
             for i in range(0, len(ks), BATCH):
                 got = client.get_many(NS, ks[i:i + BATCH], into=dsts[t])
                 if any(g is None for g in got):
@@ -611,17 +633,26 @@ def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts
         except BaseException as e:
             errors.append(e)
 
-    ths = [threading.Thread(target=work, args=(t,)) for t in range(clients)]
-    c0 = daemon.cpu_seconds()
-    t0 = time.perf_counter()
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
-    dt = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
-    return {"seconds": dt, "blocks": len(cold), "daemon_cpu_s": daemon.cpu_seconds() - c0}
+    out = {"seconds": 0.0, "raw_seconds": 0.0, "blocks": len(cold), "daemon_cpu_s": 0.0, "client_cpu_s": 0.0}
+    for s, lo in enumerate(range(0, len(cold), SLICE)):
+        part = cold[lo:lo + SLICE]
+        for step in (("raw", "kv") if s % 2 else ("kv", "raw")):
+            if step == "raw":
+                out["raw_seconds"] += raw.read(len(part), start=raw_start + lo)
+                continue
+            ths = [threading.Thread(target=work, args=(t, part[t::clients])) for t in range(clients)]
+            c0, u0 = daemon.cpu_seconds(), cpu_self()
+            t0 = time.perf_counter()
+            for th in ths:
+                th.start()
+            for th in ths:
+                th.join()
+            out["seconds"] += time.perf_counter() - t0
+            out["daemon_cpu_s"] += daemon.cpu_seconds() - c0
+            out["client_cpu_s"] += cpu_self() - u0
+            if errors:
+                raise errors[0]
+    return out
 
 
 def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[str], src: Sources,
@@ -629,7 +660,8 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
     from kvtier.client import Client
     n = spill_bytes // BLOCK
     dsts = [[np.ones(BLOCK, dtype=np.uint8) for _ in range(BATCH)] for _ in range(THREADS)]
-    out = {"spill_bytes": n * BLOCK, "ram": "256MiB", "io_threads": THREADS, "batch": BATCH, "policies": {}}
+    out = {"spill_bytes": n * BLOCK, "ram": "256MiB", "io_threads": THREADS, "batch": BATCH, "slice": SLICE,
+           "policies": {}}
     for policy in policies:
         ddir = os.path.join(path, f"daemon-{policy}")
         if settle_s:
@@ -643,11 +675,12 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
         queue_limit = min(GiB, ram_cap // 2)   # Store.queue_limit: min(nvme.queue_bytes, arena capacity / 2)
         log(f"C ({policy}): daemon pid {d.p.pid}, {n} x 2 MiB per round, RAM {ram_cap // MiB} MiB, "
             f"write queue {queue_limit // MiB} MiB, {rounds} rounds")
-        rows = {"raw write": [], "raw read": [], "raw read, 1 thread": [], "spill": [], "read-back 1 client": [],
-                f"read-back {THREADS} clients": []}
+        beside = {1: "raw read beside 1 client", THREADS: f"raw read beside {THREADS} clients"}
+        rows = {"raw write": [], "raw read": [], "raw read, 1 thread": [], "spill": [], beside[1]: [],
+                "read-back 1 client": [], beside[THREADS]: [], f"read-back {THREADS} clients": []}
         extra = {"spill_put_s": [], "spill_cpu_s": [], "read1_cpu_s": [], "readN_cpu_s": [], "readback_blocks": [],
                  "polls": [], "spill_client_cpu_s": [], "read1_client_cpu_s": [], "readN_client_cpu_s": [],
-                 "raw_write_cpu_s": [], "raw_read_cpu_s": []}
+                 "raw_write_cpu_s": [], "raw_read_cpu_s": [], "read1_paired": [], "readN_paired": []}
         noise = Noise(device, [d])
         own = 0
         for r in range(rounds + 1):
@@ -658,16 +691,16 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
             c2 = cpu_self()
             rd1 = raw.read(n // 4, threads=1) * 4   # a quarter of the files, scaled to n
             raw.clear()
+            raw.write(n)   # fresh files for the raw reads beside the read-back (untimed)
             c3 = cpu_self()
             sp = spill_round(client, d, n, src, policy, queue_limit)
             c4 = cpu_self()
             half = len(sp["keys"]) // 2
-            rb1 = readback_round(client, d, sp["keys"][:half], 1, dsts)
-            c5 = cpu_self()
-            rbn = readback_round(client, d, sp["keys"][half:], THREADS, dsts)
-            c6 = cpu_self()
+            rb1 = readback_round(client, d, sp["keys"][:half], 1, dsts, raw, 0)
+            rbn = readback_round(client, d, sp["keys"][half:], THREADS, dsts, raw, half)
+            raw.clear()
             client.delete(NS, sp["keys"] + sp["fillers"])
-            own += (2 * n + n // 4 + sp["spilled"] + rb1["blocks"] + rbn["blocks"]) * BLOCK
+            own += (3 * n + n // 4 + sp["spilled"] + 2 * (rb1["blocks"] + rbn["blocks"])) * BLOCK
             if not r:
                 continue   # warm-up
             rows["raw write"].append(w)
@@ -676,11 +709,15 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
             extra["raw_write_cpu_s"].append((c1 - c0) / (n * BLOCK / 1e9))
             extra["raw_read_cpu_s"].append((c2 - c1) / (n * BLOCK / 1e9))
             extra["spill_client_cpu_s"].append((c4 - c3) / (sp["spilled"] * BLOCK / 1e9))
-            extra["read1_client_cpu_s"].append((c5 - c4) / (rb1["blocks"] * BLOCK / 1e9))
-            extra["readN_client_cpu_s"].append((c6 - c5) / (rbn["blocks"] * BLOCK / 1e9))
+            extra["read1_client_cpu_s"].append(rb1["client_cpu_s"] / (rb1["blocks"] * BLOCK / 1e9))
+            extra["readN_client_cpu_s"].append(rbn["client_cpu_s"] / (rbn["blocks"] * BLOCK / 1e9))
             rows["spill"].append(sp["seconds"] * BLOCK / (sp["spilled"] * BLOCK) * n)  # normalised to n blocks
             rows["read-back 1 client"].append(rb1["seconds"] / rb1["blocks"] * n)
             rows[f"read-back {THREADS} clients"].append(rbn["seconds"] / rbn["blocks"] * n)
+            rows[beside[1]].append(rb1["raw_seconds"] / rb1["blocks"] * n)
+            rows[beside[THREADS]].append(rbn["raw_seconds"] / rbn["blocks"] * n)
+            extra["read1_paired"].append(rb1["raw_seconds"] / rb1["seconds"])
+            extra["readN_paired"].append(rbn["raw_seconds"] / rbn["seconds"])
             extra["spill_put_s"].append(sp["put_seconds"])
             extra["spill_cpu_s"].append(sp["daemon_cpu_s"] / (sp["spilled"] * BLOCK / 1e9))
             extra["read1_cpu_s"].append(rb1["daemon_cpu_s"] / (rb1["blocks"] * BLOCK / 1e9))
@@ -702,8 +739,12 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
         cases["spill"]["daemon_cpu_s_per_gb"] = statistics.median(extra["spill_cpu_s"])
         cases["spill"]["put_phase_s_median"] = statistics.median(extra["spill_put_s"])
         cases["spill"]["stats_polls_median"] = statistics.median(extra["polls"])
-        for k, c in (("read-back 1 client", "read1"), (f"read-back {THREADS} clients", "readN")):
-            cases[k]["ratio"] = cases[k]["median_gbs"] / cases["raw read"]["median_gbs"]
+        for k, c, b in (("read-back 1 client", "read1", beside[1]), (f"read-back {THREADS} clients", "readN",
+                                                                      beside[THREADS])):
+            # paired: the read-back's slices against the raw slices between them, round by round
+            cases[k]["ratio"] = statistics.median(extra[c + "_paired"])
+            cases[k]["ratio_to_raw_read_before"] = cases[k]["median_gbs"] / cases["raw read"]["median_gbs"]
+            cases[b]["ratio"] = cases[b]["median_gbs"] / cases["raw read"]["median_gbs"]
             cases[k]["daemon_cpu_s_per_gb"] = statistics.median(extra[c + "_cpu_s"])
             cases[k]["client_cpu_s_per_gb"] = statistics.median(extra[c + "_client_cpu_s"])
         out["policies"][policy] = {"cases": cases, "readback_blocks_per_round": statistics.median(extra["readback_blocks"]),
@@ -952,11 +993,15 @@ def markdown(res: dict, command: str) -> str:
                       f"{c['spill_bytes'] // BLOCK} blocks (A's code), then the daemon (RAM {c['ram']}, "
                       f"{c['io_threads']} I/O threads) spills {c['spill_bytes'] // MiB} MiB of fresh keys, then "
                       f"reads back the ~{p['readback_blocks_per_round']:.0f} blocks Lookup reports only on NVMe "
-                      f"(half from 1 client thread, half from {THREADS}), in get_many batches of {c['batch']}. "
-                      "Read-back times are scaled to the same block count; \"raw read, 1 thread\" reads a "
-                      "quarter of the raw files from one thread (one request in flight, as one Acquire promotes). CPU s/GB: this "
+                      f"(half from 1 client thread, half from {THREADS}), in get_many batches of {c['batch']}, "
+                      f"in slices of {c.get('slice', SLICE)} blocks that alternate with raw reads of as many "
+                      "fresh raw files (\"raw read beside\"; its ratio is to the raw read before the spill). "
+                      "A read-back's ratio is paired: the median over rounds of its raw slices' time over its "
+                      "own. Read-back times are scaled to the same block count; \"raw read, 1 thread\" reads a "
+                      "quarter of the raw files from one thread (one request in flight). CPU s/GB: this "
                       "process's (raw threads, or the client) + the daemon's.", "",
-                      *gbs_table(cs, ["raw write", "spill", "raw read", "raw read, 1 thread", "read-back 1 client",
+                      *gbs_table(cs, ["raw write", "spill", "raw read", "raw read, 1 thread", "raw read beside 1 client",
+                                      "read-back 1 client", f"raw read beside {THREADS} clients",
                                       f"read-back {THREADS} clients"],
                                  ("spill", "read-back 1 client", f"read-back {THREADS} clients")), "",
                       f"Spill: the put phase took {cs['spill']['put_phase_s_median']:.2f} s (median) of the "

@@ -28,6 +28,9 @@ that yields the calls it needs (``("unary", rpc, request)``, ...) and gets
 their answers back, so the blocking and the asyncio driver differ only in how
 they perform a call. ``("post", rpc, request)`` sends a unary call without
 waiting for its answer (True) or declines (False: the operation makes the call).
+``("start", rpc, request)`` sends one and returns a handle (None: not sent);
+``("finish", handle, rpc, request)`` waits for its answer, or makes the call when
+the handle is None: get_many over the arena keeps two Acquires in flight that way.
 """
 from __future__ import annotations
 
@@ -51,6 +54,9 @@ from .v1 import kvtier_pb2_grpc as pb_grpc
 
 PUT_CHUNK = 1 << 20
 POST_TIMEOUT_S = 30.0  # wait for a posted call's answer before reusing its connection
+GET_CHUNKS = 4  # a get_many over the arena acquires its keys in this many parts, two in flight...
+GET_CHUNK_MIN = 8  # ... of at least this many keys each (fewer keys: one Acquire)
+GET_IN_FLIGHT = 2
 HASH_CHUNK = 1 << 20  # blocks above 4 of these are copied and hashed piece by piece
 _MAX_MSG = 256 << 20
 _RESPONSES = {m.name: getattr(pb, m.output_type.name) for m in pb.DESCRIPTOR.services_by_name["KVTier"].methods}
@@ -117,6 +123,14 @@ class Lease:
     lengths: list[int]
     checksums: list[bytes]
     views: list[memoryview | None] = field(default_factory=list)
+
+
+def _get_chunks(n: int, max_batch: int) -> list[tuple[int, int]]:
+    """[i, j) ranges a get_many of n keys is acquired in: one up to 2 * GET_CHUNK_MIN keys, else
+    GET_CHUNKS about equal ones of at least GET_CHUNK_MIN keys (more where max_batch says)."""
+    size = n if n < 2 * GET_CHUNK_MIN else max(GET_CHUNK_MIN, -(-n // GET_CHUNKS))
+    size = max(1, min(size, max_batch))
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def _copy_hashed(dst: memoryview, src: memoryview) -> bytes:
@@ -291,15 +305,13 @@ class _Ops:
         """Send a unary call as a CALL frame and do not wait for its answer (the connection reads
         it before its next use): for calls whose answer changes nothing, like a get_many's
         Release. False when it could not be sent; the caller then makes the call itself."""
-        conn = self._pooled_or_new()
-        if conn is None:
-            return False
         try:
-            conn.owed = conn.start_call(rpc, request.SerializeToString())
-        except (OSError, ConnectionError):
-            conn.close()
+            started = self.control_start(rpc, request)
+        except errors.Unavailable:
             return False
-        self._give_back(conn)
+        if started is None:
+            return False
+        self.control_abandon(started)
         return True
 
     def control_call(self, rpc: str, request, timeout: float | None):
@@ -307,12 +319,31 @@ class _Ops:
         be opened or the daemon does not know CALL, and the caller uses gRPC. Pooled connections
         the daemon has closed are dropped before sending, so a call is never sent twice: once
         sent, a lost connection is Unavailable (and a timeout DeadlineExceeded), as on gRPC."""
+        started = self.control_start(rpc, request)
+        return None if started is None else self.control_finish(started, timeout)
+
+    def control_start(self, rpc: str, request) -> tuple | None:
+        """control_call's first half: send the CALL frame and return at once; the handle goes to
+        control_finish, which waits for the answer. None when no connection can be opened."""
         conn = self._pooled_or_new()
         if conn is None:
             return None
-        payload = request.SerializeToString()
         try:
-            out = conn.call(rpc, payload, timeout)
+            rid = conn.start_call(rpc, request.SerializeToString())
+        except (OSError, ConnectionError) as e:
+            conn.close()
+            raise errors.Unavailable(f"{rpc} on the data channel: {e}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn, rid, rpc
+
+    def control_finish(self, started: tuple, timeout: float | None):
+        """The answer to a call control_start sent; None when the daemon does not know CALL (it
+        ran nothing), and the caller makes the call on gRPC."""
+        conn, rid, rpc = started
+        try:
+            out = conn.finish_call(rid, timeout)
         except errors.InvalidArgument as e:
             if not str(e).startswith("bad frame"):
                 self._give_back(conn)
@@ -334,6 +365,12 @@ class _Ops:
             raise
         self._give_back(conn)
         return _RESPONSES[rpc].FromString(out)
+
+    def control_abandon(self, started: tuple) -> None:
+        """Give up waiting for a started call: its connection reads the answer before its next use."""
+        conn, rid, _ = started
+        conn.owed = rid
+        self._give_back(conn)
 
     def _stale_retry(self, op, *args):
         """Run a sub-operation; if the daemon restarted (new arena), attach again and retry once."""
@@ -409,14 +446,19 @@ class _Ops:
         yield from self._attach()
         if self.arena is None:
             raise errors.FailedPrecondition("the arena is not mapped (not on the daemon's node)")
+        req = self._acquire_request(ns, keys, lease_ms, prefix_only, tokens_per_key)
+        return self._lease(len(keys), (yield ("unary", "Acquire", req)))
+
+    def _acquire_request(self, ns, keys, lease_ms=0, prefix_only=False, tokens_per_key=0):
         packed, ks = pack_keys(keys)
-        r = yield ("unary", "Acquire", pb.AcquireRequest(
-            namespace=ns, key_size=ks, keys=packed, lease_ms=lease_ms, prefix_only=prefix_only,
-            generation=self._gen(), tokens_per_key=tokens_per_key))
+        return pb.AcquireRequest(namespace=ns, key_size=ks, keys=packed, lease_ms=lease_ms, prefix_only=prefix_only,
+                                 generation=self._gen(), tokens_per_key=tokens_per_key)
+
+    def _lease(self, n: int, r: pb.AcquireResponse) -> Lease:
         view = self.arena.view
         c = r.checksums
-        sums = [c[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] for i in range(len(keys))]
-        views = [view[o:o + n] if t else None for t, o, n in zip(r.tiers, r.offsets, r.lengths)]
+        sums = [c[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] for i in range(n)]
+        views = [view[o:o + m] if t else None for t, o, m in zip(r.tiers, r.offsets, r.lengths)]
         return Lease(r.lease_id, r.tiers, list(r.offsets), list(r.lengths), sums, views)
 
     def op_release(self, lease: Lease):
@@ -464,15 +506,49 @@ class _Ops:
         return [s == 0 for s in r.status]
 
     def _arena_get(self, ns, keys, into):
-        lease = yield from self._acquire(ns, keys, 0, False)
+        """Acquire, copy out, Release, a chunk of keys at a time (GET_CHUNKS), with the next
+        chunk's Acquire already sent while this one is copied: the daemon reads blocks from NVMe
+        while the client copies, instead of each waiting for the other."""
+        yield from self._attach()
+        if self.arena is None:
+            raise errors.FailedPrecondition("the arena is not mapped (not on the daemon's node)")
+        bounds = _get_chunks(len(keys), self.info.max_batch or 1024)
+        out: list = []
+        sent: list = []  # (i, j, request, handle) of Acquires in flight, oldest first
+        k = 0
         try:
-            return self._copy_out(lease, into)
-        finally:
-            # nothing depends on Release's answer here: an expired lease (UnknownLease) means the
-            # bytes may have changed while copying, and the checksums already vouched for them
-            if lease.id and not (yield ("post", "Release", pb.ReleaseRequest(lease_id=lease.id))):
-                with contextlib.suppress(errors.UnknownLease):
-                    yield from self.op_release(lease)
+            while k < len(bounds) or sent:
+                while k < len(bounds) and len(sent) < GET_IN_FLIGHT:
+                    i, j = bounds[k]
+                    req = self._acquire_request(ns, keys[i:j])
+                    sent.append((i, j, req, (yield ("start", "Acquire", req))))
+                    k += 1
+                i, j, req, started = sent.pop(0)
+                lease = self._lease(j - i, (yield ("finish", started, "Acquire", req)))
+                try:
+                    out += self._copy_out(lease, into[i:j] if into is not None else None)
+                finally:
+                    yield from self._release_posted(lease)
+        except GeneratorExit:
+            for *_, started in sent:  # closed unfinished: nobody waits, the leases run out
+                if started is not None:
+                    self.control_abandon(started)
+            raise
+        except BaseException:
+            for *_, req, started in sent:  # each lease already asked for is let go
+                if started is None:
+                    continue  # not sent: nothing to let go
+                with contextlib.suppress(errors.KvtierError):
+                    yield from self._release_posted(self._lease(0, (yield ("finish", started, "Acquire", req))))
+            raise
+        return out
+
+    def _release_posted(self, lease: Lease):
+        # nothing depends on Release's answer here: an expired lease (UnknownLease) means the
+        # bytes may have changed while copying, and the checksums already vouched for them
+        if lease.id and not (yield ("post", "Release", pb.ReleaseRequest(lease_id=lease.id))):
+            with contextlib.suppress(errors.UnknownLease):
+                yield from self.op_release(lease)
 
     def _copy_out(self, lease: Lease, into) -> list:
         out: list = []
@@ -503,11 +579,7 @@ class _Ops:
         yield from self._attach()
         check_namespace(ns)
         if self.path == "arena":
-            out: list = []
-            for i, batch in self._batches(keys):
-                sub = into[i:i + len(batch)] if into is not None else None
-                out += yield from self._stale_retry(self._arena_get, ns, batch, sub)
-            return out
+            return (yield from self._stale_retry(self._arena_get, ns, list(keys), into))
         if self.path == "data":
             res = yield ("call", self._data(lambda c: c.get_many(ns, list(keys), into, check=self._check)))
             return [None if r is None else r[0] if into is not None else bytes(r[0]) for r in res]
@@ -614,6 +686,14 @@ class Client:
         try:
             if kind == "call":
                 return req[1]()
+            if kind == "start":  # send a unary call now, answer later; None: make it at "finish"
+                return self._ops.control_start(req[1], req[2]) if self._ops.control == "data" else None
+            if kind == "finish":
+                if req[1] is not None:
+                    out = self._ops.control_finish(req[1], self.timeout)
+                    if out is not None:
+                        return out
+                kind, req = "unary", req[1:]
             if kind == "unary" and self._ops.control == "data" and req[1] != "Attach":
                 out = self._ops.control_call(req[1], req[2], self.timeout)
                 if out is not None:
@@ -746,6 +826,15 @@ class AsyncClient:
         try:
             if kind == "call":
                 return await asyncio.to_thread(req[1])
+            if kind == "start":
+                return await asyncio.to_thread(self._ops.control_start, req[1], req[2]) \
+                    if self._ops.control == "data" else None
+            if kind == "finish":
+                if req[1] is not None:
+                    out = await asyncio.to_thread(self._ops.control_finish, req[1], self.timeout)
+                    if out is not None:
+                        return out
+                kind, req = "unary", req[1:]
             if kind == "unary" and self._ops.control == "data" and req[1] != "Attach":
                 out = await asyncio.to_thread(self._ops.control_call, req[1], req[2], self.timeout)
                 if out is not None:

@@ -352,3 +352,72 @@ def test_async_client_calls_on_the_data_channel(daemon):
             assert (await c.stats()).leases == 0
 
     asyncio.run(main())
+
+
+def _leases_drain(cl: Client, timeout: float = 5.0) -> int:
+    """Active leases once posted Releases have had time to land (they are not waited for)."""
+    deadline = time.monotonic() + timeout
+    while (n := cl.stats().leases) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return n
+
+
+def _count_acquires(cl: Client) -> dict:
+    """Wrap the client's control_start/control_finish: Acquires sent and the most in flight."""
+    seen = {"sent": 0, "in_flight": 0, "most": 0}
+    ops = cl._ops
+    start, finish = ops.control_start, ops.control_finish
+
+    def counted_start(rpc, request):
+        out = start(rpc, request)
+        if rpc == "Acquire" and out is not None:
+            seen["sent"] += 1
+            seen["in_flight"] += 1
+            seen["most"] = max(seen["most"], seen["in_flight"])
+        return out
+
+    def counted_finish(started, timeout):
+        if started[2] == "Acquire":
+            seen["in_flight"] -= 1
+        return finish(started, timeout)
+    ops.control_start, ops.control_finish = counted_start, counted_finish
+    return seen
+
+
+def test_a_long_get_many_keeps_two_acquires_in_flight(daemon):
+    keys = [key("pipe", i) for i in range(40)]
+    datas = {k: os.urandom(3000 + i) for i, k in enumerate(keys) if i % 7}  # every 7th is missing
+    want = [datas.get(k) for k in keys]
+    c, g = pair(daemon)
+    with c, g:
+        assert c.path == "arena"
+        c.put_many(NS, list(datas.items()))
+        seen = _count_acquires(c)
+        assert c.get_many(NS, keys) == want
+        assert (seen["sent"], seen["most"]) == (4, 2)  # 4 parts of 10 keys, the next sent before one is copied
+        bufs = [bytearray(4096) for _ in keys]
+        got = c.get_many(NS, keys, into=bufs)
+        assert [None if v is None else bytes(v) for v in got] == want
+        assert all(v is None or v.obj is b for v, b in zip(got, bufs))
+        assert c.get_many(NS, keys[:15]) == want[:15] and seen["sent"] == 9  # under 16 keys: one Acquire
+        assert g.get_many(NS, keys) == want  # gRPC control: the same parts, one at a time
+        assert _leases_drain(c) == 0
+
+        async def run_async():
+            async with AsyncClient(daemon.address) as a:
+                return await a.get_many(NS, keys)
+        assert asyncio.run(run_async()) == want
+
+
+def test_a_failed_get_many_lets_go_of_every_lease(daemon):
+    keys = [key("pipe-fail", i) for i in range(40)]
+    datas = [os.urandom(3000) for _ in keys]
+    datas[14] = os.urandom(5000)  # too big for its buffer: the second part fails while the third is in flight
+    with Client(daemon.address) as c:
+        c.put_many(NS, list(zip(keys, datas)))
+        seen = _count_acquires(c)
+        with pytest.raises(errors.InvalidArgument, match="buffer 4 holds 4096 bytes"):
+            c.get_many(NS, keys, into=[bytearray(4096) for _ in keys])
+        assert seen["sent"] == 3 and seen["in_flight"] == 0  # the third part was answered, not left
+        assert _leases_drain(c) == 0  # released at once, not after ram.lease_ms
+        assert c.get_many(NS, keys) == datas
