@@ -29,11 +29,8 @@ C. a real daemon (``python -m kvtier.cli serve``, RAM 256 MiB, 4 NVMe I/O thread
    RAM is filled with other blocks first, untimed, so each put of the round demotes one block and
    about SPILL bytes are written; the last RAM-full is never evicted), queue drained; read-back =
    get_many (Acquire, into preallocated buffers, verified) of the blocks that Lookup reports only
-   on NVMe, in batches of 16, from 1 client thread and from THREADS client threads, in slices of
-   SLICE blocks that alternate with raw reads (A's code) of as many fresh files written before the
-   spill: the read-back's ratio is paired with those, as the disk's speed drifts by the second on a
-   shared machine. Each daemon round follows a raw round of the same block count, the spill's
-   baseline;
+   on NVMe, in batches of 16, from 1 client thread and from THREADS client threads. Each daemon
+   round follows a raw round of the same block count (A's code) and the ratio is to that;
    ``--policies`` picks the write policies;
 D. ColdTier.read taken apart on its own files (payload only; header and payload in one preadv,
    as it reads; header then payload; the same plus checksum verification; ColdTier.read itself),
@@ -85,7 +82,6 @@ BLOCK = 2 * MiB
 PAGE = 4096
 THREADS = 4
 BATCH = 16
-SLICE = 64  # read-back and raw reads alternate in slices of this many blocks
 NS = "bench"
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TARGET_RATIO = 0.9
@@ -122,17 +118,18 @@ def aligned_buffer(n: int, fill: bytes | None = None) -> mmap.mmap:
     return buf
 
 
-DESTINATIONS = 64  # read targets: block i lands in buffer i % DESTINATIONS
+DESTINATIONS = 128  # read targets: block i lands in slot i % DESTINATIONS of one 256 MiB mapping
 _dsts: list = []
 
 
 def destinations() -> list[memoryview]:
-    """DESTINATIONS page-aligned 2 MiB buffers (made once) that the raw and ColdTier reads cycle
-    through, as the daemon's reads land in arena slots all over its mapping: on this kind of VM,
-    O_DIRECT into one fixed buffer per thread ran at 1.0 GB/s in one process and 2.3 GB/s in the
-    next (which guest pages the buffer got), into buffers taken in turn at 2.2-2.8 GB/s."""
+    """The 2 MiB slots (page-aligned) of one mapping, made once, that the raw and ColdTier reads
+    cycle through, as the daemon's reads land in slots of its one arena mapping. On this kind of
+    VM the target matters: O_DIRECT into a separate 2 MiB mapping per thread ran at 1.0 GB/s in one
+    process and 2.3 in the next; into slots of one large mapping, shared or private, at 2.9-3.1."""
     if not _dsts:
-        _dsts.extend(memoryview(aligned_buffer(BLOCK)) for _ in range(DESTINATIONS))
+        whole = aligned_buffer(DESTINATIONS * BLOCK)
+        _dsts.extend(memoryview(whole)[i * BLOCK:(i + 1) * BLOCK] for i in range(DESTINATIONS))
     return _dsts
 
 
@@ -187,11 +184,9 @@ class Raw:
                     os.close(fd)
         return run_threads(self.pool, n, work)
 
-    def read(self, n: int, threads: int = THREADS, start: int = 0) -> float:
-        """Read files start .. start + n - 1 on `threads` threads; wall seconds."""
+    def read(self, n: int, threads: int = THREADS) -> float:
         def work(t, idx):
             for i in idx:
-                i += start
                 buf = [self.dst[i % len(self.dst)]]
                 fd = os.open(self.names[i], os.O_RDONLY | os.O_DIRECT)
                 try:
@@ -614,18 +609,16 @@ def spill_round(client, daemon: Daemon, n: int, src: Sources, policy: str, queue
             "polls": polls, "daemon_cpu_s": daemon.cpu_seconds() - c0}
 
 
-def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts: list, raw: Raw,
-                   raw_start: int) -> dict:
-    """get_many (Acquire) of the keys that are only on NVMe, BATCH at a time, from `clients`
-    threads, in slices of SLICE blocks that alternate with raw O_DIRECT reads of as many files
-    (raw.names from raw_start on, not read before), the order flipped every slice: both see the
-    same disk, which on a shared machine changes speed from one second to the next."""
+def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts: list) -> dict:
+    """get_many (Acquire) of the keys that are only on NVMe, BATCH at a time, from `clients` threads."""
     tiers, _ = client.lookup(NS, keys)
     cold = [k for k, t in zip(keys, tiers) if t == 2]
+    shares = [cold[t::clients] for t in range(clients)]
     errors: list = []
 
-    def work(t, ks):
+    def work(t):
         try:
+            ks = shares[t]
             for i in range(0, len(ks), BATCH):
                 got = client.get_many(NS, ks[i:i + BATCH], into=dsts[t])
                 if any(g is None for g in got):
@@ -633,26 +626,17 @@ def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts
         except BaseException as e:
             errors.append(e)
 
-    out = {"seconds": 0.0, "raw_seconds": 0.0, "blocks": len(cold), "daemon_cpu_s": 0.0, "client_cpu_s": 0.0}
-    for s, lo in enumerate(range(0, len(cold), SLICE)):
-        part = cold[lo:lo + SLICE]
-        for step in (("raw", "kv") if s % 2 else ("kv", "raw")):
-            if step == "raw":
-                out["raw_seconds"] += raw.read(len(part), start=raw_start + lo)
-                continue
-            ths = [threading.Thread(target=work, args=(t, part[t::clients])) for t in range(clients)]
-            c0, u0 = daemon.cpu_seconds(), cpu_self()
-            t0 = time.perf_counter()
-            for th in ths:
-                th.start()
-            for th in ths:
-                th.join()
-            out["seconds"] += time.perf_counter() - t0
-            out["daemon_cpu_s"] += daemon.cpu_seconds() - c0
-            out["client_cpu_s"] += cpu_self() - u0
-            if errors:
-                raise errors[0]
-    return out
+    ths = [threading.Thread(target=work, args=(t,)) for t in range(clients)]
+    c0 = daemon.cpu_seconds()
+    t0 = time.perf_counter()
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    dt = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return {"seconds": dt, "blocks": len(cold), "daemon_cpu_s": daemon.cpu_seconds() - c0}
 
 
 def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[str], src: Sources,
@@ -660,8 +644,7 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
     from kvtier.client import Client
     n = spill_bytes // BLOCK
     dsts = [[np.ones(BLOCK, dtype=np.uint8) for _ in range(BATCH)] for _ in range(THREADS)]
-    out = {"spill_bytes": n * BLOCK, "ram": "256MiB", "io_threads": THREADS, "batch": BATCH, "slice": SLICE,
-           "policies": {}}
+    out = {"spill_bytes": n * BLOCK, "ram": "256MiB", "io_threads": THREADS, "batch": BATCH, "policies": {}}
     for policy in policies:
         ddir = os.path.join(path, f"daemon-{policy}")
         if settle_s:
@@ -675,12 +658,11 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
         queue_limit = min(GiB, ram_cap // 2)   # Store.queue_limit: min(nvme.queue_bytes, arena capacity / 2)
         log(f"C ({policy}): daemon pid {d.p.pid}, {n} x 2 MiB per round, RAM {ram_cap // MiB} MiB, "
             f"write queue {queue_limit // MiB} MiB, {rounds} rounds")
-        beside = {1: "raw read beside 1 client", THREADS: f"raw read beside {THREADS} clients"}
-        rows = {"raw write": [], "raw read": [], "raw read, 1 thread": [], "spill": [], beside[1]: [],
-                "read-back 1 client": [], beside[THREADS]: [], f"read-back {THREADS} clients": []}
+        rows = {"raw write": [], "raw read": [], "raw read, 1 thread": [], "spill": [], "read-back 1 client": [],
+                f"read-back {THREADS} clients": []}
         extra = {"spill_put_s": [], "spill_cpu_s": [], "read1_cpu_s": [], "readN_cpu_s": [], "readback_blocks": [],
                  "polls": [], "spill_client_cpu_s": [], "read1_client_cpu_s": [], "readN_client_cpu_s": [],
-                 "raw_write_cpu_s": [], "raw_read_cpu_s": [], "read1_paired": [], "readN_paired": []}
+                 "raw_write_cpu_s": [], "raw_read_cpu_s": []}
         noise = Noise(device, [d])
         own = 0
         for r in range(rounds + 1):
@@ -691,16 +673,16 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
             c2 = cpu_self()
             rd1 = raw.read(n // 4, threads=1) * 4   # a quarter of the files, scaled to n
             raw.clear()
-            raw.write(n)   # fresh files for the raw reads beside the read-back (untimed)
             c3 = cpu_self()
             sp = spill_round(client, d, n, src, policy, queue_limit)
             c4 = cpu_self()
             half = len(sp["keys"]) // 2
-            rb1 = readback_round(client, d, sp["keys"][:half], 1, dsts, raw, 0)
-            rbn = readback_round(client, d, sp["keys"][half:], THREADS, dsts, raw, half)
-            raw.clear()
+            rb1 = readback_round(client, d, sp["keys"][:half], 1, dsts)
+            c5 = cpu_self()
+            rbn = readback_round(client, d, sp["keys"][half:], THREADS, dsts)
+            c6 = cpu_self()
             client.delete(NS, sp["keys"] + sp["fillers"])
-            own += (3 * n + n // 4 + sp["spilled"] + 2 * (rb1["blocks"] + rbn["blocks"])) * BLOCK
+            own += (2 * n + n // 4 + sp["spilled"] + rb1["blocks"] + rbn["blocks"]) * BLOCK
             if not r:
                 continue   # warm-up
             rows["raw write"].append(w)
@@ -709,15 +691,11 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
             extra["raw_write_cpu_s"].append((c1 - c0) / (n * BLOCK / 1e9))
             extra["raw_read_cpu_s"].append((c2 - c1) / (n * BLOCK / 1e9))
             extra["spill_client_cpu_s"].append((c4 - c3) / (sp["spilled"] * BLOCK / 1e9))
-            extra["read1_client_cpu_s"].append(rb1["client_cpu_s"] / (rb1["blocks"] * BLOCK / 1e9))
-            extra["readN_client_cpu_s"].append(rbn["client_cpu_s"] / (rbn["blocks"] * BLOCK / 1e9))
+            extra["read1_client_cpu_s"].append((c5 - c4) / (rb1["blocks"] * BLOCK / 1e9))
+            extra["readN_client_cpu_s"].append((c6 - c5) / (rbn["blocks"] * BLOCK / 1e9))
             rows["spill"].append(sp["seconds"] * BLOCK / (sp["spilled"] * BLOCK) * n)  # normalised to n blocks
             rows["read-back 1 client"].append(rb1["seconds"] / rb1["blocks"] * n)
             rows[f"read-back {THREADS} clients"].append(rbn["seconds"] / rbn["blocks"] * n)
-            rows[beside[1]].append(rb1["raw_seconds"] / rb1["blocks"] * n)
-            rows[beside[THREADS]].append(rbn["raw_seconds"] / rbn["blocks"] * n)
-            extra["read1_paired"].append(rb1["raw_seconds"] / rb1["seconds"])
-            extra["readN_paired"].append(rbn["raw_seconds"] / rbn["seconds"])
             extra["spill_put_s"].append(sp["put_seconds"])
             extra["spill_cpu_s"].append(sp["daemon_cpu_s"] / (sp["spilled"] * BLOCK / 1e9))
             extra["read1_cpu_s"].append(rb1["daemon_cpu_s"] / (rb1["blocks"] * BLOCK / 1e9))
@@ -739,12 +717,8 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
         cases["spill"]["daemon_cpu_s_per_gb"] = statistics.median(extra["spill_cpu_s"])
         cases["spill"]["put_phase_s_median"] = statistics.median(extra["spill_put_s"])
         cases["spill"]["stats_polls_median"] = statistics.median(extra["polls"])
-        for k, c, b in (("read-back 1 client", "read1", beside[1]), (f"read-back {THREADS} clients", "readN",
-                                                                      beside[THREADS])):
-            # paired: the read-back's slices against the raw slices between them, round by round
-            cases[k]["ratio"] = statistics.median(extra[c + "_paired"])
-            cases[k]["ratio_to_raw_read_before"] = cases[k]["median_gbs"] / cases["raw read"]["median_gbs"]
-            cases[b]["ratio"] = cases[b]["median_gbs"] / cases["raw read"]["median_gbs"]
+        for k, c in (("read-back 1 client", "read1"), (f"read-back {THREADS} clients", "readN")):
+            cases[k]["ratio"] = cases[k]["median_gbs"] / cases["raw read"]["median_gbs"]
             cases[k]["daemon_cpu_s_per_gb"] = statistics.median(extra[c + "_cpu_s"])
             cases[k]["client_cpu_s_per_gb"] = statistics.median(extra[c + "_client_cpu_s"])
         out["policies"][policy] = {"cases": cases, "readback_blocks_per_round": statistics.median(extra["readback_blocks"]),
@@ -993,15 +967,11 @@ def markdown(res: dict, command: str) -> str:
                       f"{c['spill_bytes'] // BLOCK} blocks (A's code), then the daemon (RAM {c['ram']}, "
                       f"{c['io_threads']} I/O threads) spills {c['spill_bytes'] // MiB} MiB of fresh keys, then "
                       f"reads back the ~{p['readback_blocks_per_round']:.0f} blocks Lookup reports only on NVMe "
-                      f"(half from 1 client thread, half from {THREADS}), in get_many batches of {c['batch']}, "
-                      f"in slices of {c.get('slice', SLICE)} blocks that alternate with raw reads of as many "
-                      "fresh raw files (\"raw read beside\"; its ratio is to the raw read before the spill). "
-                      "A read-back's ratio is paired: the median over rounds of its raw slices' time over its "
-                      "own. Read-back times are scaled to the same block count; \"raw read, 1 thread\" reads a "
-                      "quarter of the raw files from one thread (one request in flight). CPU s/GB: this "
+                      f"(half from 1 client thread, half from {THREADS}), in get_many batches of {c['batch']}. "
+                      "Read-back times are scaled to the same block count; \"raw read, 1 thread\" reads a "
+                      "quarter of the raw files from one thread (one request in flight, as one Acquire promotes). CPU s/GB: this "
                       "process's (raw threads, or the client) + the daemon's.", "",
-                      *gbs_table(cs, ["raw write", "spill", "raw read", "raw read, 1 thread", "raw read beside 1 client",
-                                      "read-back 1 client", f"raw read beside {THREADS} clients",
+                      *gbs_table(cs, ["raw write", "spill", "raw read", "raw read, 1 thread", "read-back 1 client",
                                       f"read-back {THREADS} clients"],
                                  ("spill", "read-back 1 client", f"read-back {THREADS} clients")), "",
                       f"Spill: the put phase took {cs['spill']['put_phase_s_median']:.2f} s (median) of the "
