@@ -162,6 +162,9 @@ class NvmeConfig:
     durability: str = "none"
     # O_DIRECT: "auto" (probe each directory), "on" (required), "off".
     direct_io: str = "auto"
+    # O_DIRECT reads through a huge-page buffer and one copy into the arena: "auto" (when the arena is
+    # not on hugetlbfs: a 2 MiB read into 4 KiB pages is split into several device requests), "on", "off".
+    bounce_reads: str = "auto"
     # Payload codec: "none", "lz4", "shuffle-lz4" (byte planes of 16-bit words, then lz4; kept only when it saves >= 10%).
     codec: str = "none"
     # Promote a block from NVMe into RAM on its "first" read, or only on its "second" read (a first read is served from a transient slot).
@@ -265,6 +268,7 @@ _CHOICES = {
     ("nvme", "write_policy"): ("commit", "evict"),
     ("nvme", "durability"): ("none", "data", "full"),
     ("nvme", "direct_io"): ("auto", "on", "off"),
+    ("nvme", "bounce_reads"): ("auto", "on", "off"),
     ("nvme", "codec"): ("none", "lz4", "shuffle-lz4"),
     ("nvme", "promote"): ("first", "second"),
     ("cluster", "write_policy"): ("commit", "evict", "off"),

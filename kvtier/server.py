@@ -157,7 +157,7 @@ class Daemon:
                          time.monotonic() - t0)
             else:
                 self.hot.slots = table
-        self.store = Store(cfg, self.hot, a.view)
+        self.store = Store(cfg, self.hot, a.view, a.backing)
         self.cluster = cluster_from_config(cfg.cluster)
         await self.cluster.start()
         self.store.attach_cluster(self.cluster, asyncio.get_running_loop())

@@ -107,7 +107,7 @@ class _Join:
 
 
 class Store:
-    def __init__(self, cfg: Config, hot: HotTier, view: memoryview):
+    def __init__(self, cfg: Config, hot: HotTier, view: memoryview, arena_backing: str = "tmpfs"):
         self.cfg, self.hot, self.view = cfg, hot, view
         n = cfg.nvme
         if n.dirs:
@@ -120,8 +120,9 @@ class Store:
                     dirs.append((d, int(st.f_bavail * st.f_frsize * 0.9)))
                 else:
                     dirs.append((d, cap))
+            bounce = n.bounce_reads == "on" or (n.bounce_reads == "auto" and arena_backing != "hugetlbfs")
             self.cold = ColdTier(dirs, durability=n.durability, direct_io=n.direct_io, codec=n.codec,
-                                 retry_s=n.retry_s)
+                                 retry_s=n.retry_s, bounce_reads=bounce)
             self.io = ThreadPoolExecutor(n.io_threads, thread_name_prefix="kvtier-nvme")
             # promotions have threads of their own: a read never queues behind the write-behind backlog
             self.reads = ThreadPoolExecutor(n.io_threads, thread_name_prefix="kvtier-nvme-read")

@@ -66,13 +66,15 @@ def test_table_path_leaves_hugetlbfs_for_tmpfs():
 
 def test_arena_on_hugetlbfs_serves_and_survives_a_restart(hugetlbfs):
     sock_dir = tempfile.mkdtemp(prefix="kvt-")
-    cfg = make_config(sock_dir, hugetlbfs, ram={"capacity": "8MiB"})
+    cfg = make_config(sock_dir, hugetlbfs, ram={"capacity": "8MiB"},
+                      nvme={"dirs": [os.path.join(sock_dir, "nvme")], "capacity": "64MiB"})
     slots = table_path(cfg.arena_path, "hugetlbfs")
     data = [(bytes([i]) * 16, os.urandom(100_000 + i)) for i in range(8)]
     try:
         with DaemonThread(cfg) as d:
             assert backing_of(os.path.dirname(cfg.arena_path)) == "hugetlbfs"
             assert os.path.exists(slots)
+            assert d.daemon.store.cold.bounce_reads is False  # "auto": huge pages already, reads land in place
             c = Client(d.address)
             c.put_many(NS, data)
             assert c.path == "arena"

@@ -235,6 +235,31 @@ def only_on_nvme(make_daemon, restart, tmp_path, blocks: dict, **nvme_kw):
     return d2
 
 
+@pytest.mark.parametrize("bounce", ["auto", "on", "off"])
+def test_promotions_read_through_a_huge_page_buffer_unless_told_not_to(make_daemon, restart, tmp_path, monkeypatch,
+                                                                        bounce):
+    blocks = {key(i): blob(BLOCK + 4096 * i + i, ("bounce", i)) for i in range(6)}
+    d = only_on_nvme(make_daemon, restart, tmp_path, blocks, bounce_reads=bounce)
+    cold = d.daemon.store.cold
+    assert cold.bounce_reads == (bounce != "off")  # "auto": on, as this arena is on tmpfs, not hugetlbfs
+    arena = d.daemon.store.view.obj
+    into_arena = []
+    preadv = C._preadv_full
+
+    def spy(fd, bufs, offset):
+        into_arena.append(any(getattr(b, "obj", None) is arena for b in bufs))
+        return preadv(fd, bufs, offset)
+    monkeypatch.setattr(C, "_preadv_full", spy)
+    keys = list(blocks)
+    with Client(d.address) as c:
+        assert c.get_many(NS, keys) == list(blocks.values())
+        assert c.lookup(NS, keys)[0] == [1] * len(keys)
+        assert nvme(c).checksum_failures == 0
+    assert len(into_arena) == len(keys)
+    if cold.dirs[0].direct:  # buffered reads always copy through the page cache
+        assert not any(into_arena) if cold.bounce_reads else all(into_arena)
+
+
 def ns_stats(c: Client):
     (n,) = [n for n in c.stats(NS).namespaces if n.name == NS]
     return n
