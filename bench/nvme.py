@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.nvme --quick               # under a minute
     .venv/bin/python -m bench.nvme --dir /mnt/nvme0/tmp --json bench-nvme.json --markdown docs/benchmarks-nvme.md
     .venv/bin/python -m bench.nvme --drop-caches         # root: restart also with cold dentry/inode/page caches
+    .venv/bin/python -m bench.nvme --parts c --arena-dir /dev/hugepages   # the arena on hugetlbfs, as on an H200 node
 
 Run from the repository root. Everything happens in a fresh directory under ``--dir``
 (default: under /tmp, or /var/tmp when /tmp is a tmpfs: the point is the disk), which is
@@ -479,9 +480,9 @@ class Daemon:
     """``kvtier serve`` in its own session, arena on /dev/shm; stop() = SIGTERM, then SIGKILL."""
 
     def __init__(self, tmp: str, nvme_dir: str | None, ram: str = "256MiB", write_policy: str = "commit",
-                 capacity: str = "32GiB"):
+                 capacity: str = "32GiB", arena_root: str | None = None):
         tag = uuid.uuid4().hex[:10]
-        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tmp
+        shm = arena_root or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else tmp)
         self.arena_dir = os.path.join(shm, f"kvtier-bench-{tag}")
         self.sock = os.path.join(tmp, f"d{tag[:6]}.sock")
         self.address = f"unix://{self.sock}"
@@ -640,16 +641,21 @@ def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts
 
 
 def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[str], src: Sources,
-           pool: ThreadPoolExecutor, stack: contextlib.ExitStack, device: str, settle_s: float) -> dict:
+           pool: ThreadPoolExecutor, stack: contextlib.ExitStack, device: str, settle_s: float,
+           arena_root: str | None = None) -> dict:
     from kvtier.client import Client
     n = spill_bytes // BLOCK
     dsts = [[np.ones(BLOCK, dtype=np.uint8) for _ in range(BATCH)] for _ in range(THREADS)]
-    out = {"spill_bytes": n * BLOCK, "ram": "256MiB", "io_threads": THREADS, "batch": BATCH, "policies": {}}
+    from kvtier.arena import backing_of
+    backing = backing_of(arena_root or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else tmp))
+    # nvme.bounce_reads = "auto": reads go through huge-page buffers unless the arena is on hugetlbfs
+    out = {"spill_bytes": n * BLOCK, "ram": "256MiB", "io_threads": THREADS, "batch": BATCH, "policies": {},
+           "arena_backing": backing, "bounce_reads": backing != "hugetlbfs"}
     for policy in policies:
         ddir = os.path.join(path, f"daemon-{policy}")
         if settle_s:
             settle(settle_s, device)
-        d = Daemon(tmp, ddir, ram="256MiB", write_policy=policy)
+        d = Daemon(tmp, ddir, ram="256MiB", write_policy=policy, arena_root=arena_root)
         raw = Raw(ddir, src, pool)   # the daemon's own subdirectories
         stack.callback(d.stop)
         d.start()
@@ -964,7 +970,9 @@ def markdown(res: dict, command: str) -> str:
             cs = p["cases"]
             lines += [f"## C: daemon end to end, write_policy = \"{policy}\"", "",
                       f"{cs['spill']['rounds']} timed rounds (after 1 warm-up). Each: a raw round of "
-                      f"{c['spill_bytes'] // BLOCK} blocks (A's code), then the daemon (RAM {c['ram']}, "
+                      f"{c['spill_bytes'] // BLOCK} blocks (A's code), then the daemon (RAM {c['ram']} on "
+                      f"{c.get('arena_backing', 'tmpfs')}, NVMe reads "
+                      f"{'through huge-page buffers' if c.get('bounce_reads', True) else 'straight into the arena'}, "
                       f"{c['io_threads']} I/O threads) spills {c['spill_bytes'] // MiB} MiB of fresh keys, then "
                       f"reads back the ~{p['readback_blocks_per_round']:.0f} blocks Lookup reports only on NVMe "
                       f"(half from 1 client thread, half from {THREADS}), in get_many batches of {c['batch']}. "
@@ -1055,7 +1063,7 @@ def run(args) -> dict:
         if "c" in parts:
             policies = args.policies or (["commit"] if quick else ["commit", "evict"])
             res["c"] = part_c(path, tmp, 2 if quick else 5, (512 * MiB) if quick else 2 * GiB,
-                              policies, src, pool, stack, dev, args.settle)
+                              policies, src, pool, stack, dev, args.settle, args.arena_dir)
         if "d" in parts:
             res["d"] = part_anatomy(path, 3 if quick else 9, 64 if quick else 256, src, pool, dev)
         if "e" in parts:
@@ -1077,6 +1085,8 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=0.0,
                     help="before each part wait up to this many seconds for a quiet machine and disk")
     ap.add_argument("--drop-caches", action="store_true", help="root: drop the kernel's caches before each restart")
+    ap.add_argument("--arena-dir", help="part C: put the daemons' arenas under this directory (default /dev/shm); "
+                    "a hugetlbfs mount with 130 free huge pages benches a node set up like configs/h200-node.toml")
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--markdown", help="write the report here")
     ap.add_argument("--from-json", help="only render the report of a run saved with --json")
@@ -1094,6 +1104,7 @@ def main() -> None:
         command = "python -m bench.nvme" + (" --quick" if args.quick else "") + \
             (f" --dir {args.dir}" if args.dir else "") + (" --drop-caches" if args.drop_caches else "") + \
             (f" --settle {args.settle:g}" if args.settle else "") + \
+            (f" --arena-dir {args.arena_dir}" if args.arena_dir else "") + \
             (f" --parts {','.join(args.parts)}" if args.parts != ["ab", "c", "d", "e"] else "") + \
             (f" --policies {','.join(args.policies)}" if args.policies else "")
     emit(markdown(res, command), {"command": command, "result": res}, args)
