@@ -8,6 +8,7 @@ can slow the NVMe writes down (monkeypatch) to hold them in flight.
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import random
@@ -149,6 +150,26 @@ def test_demotion_on_eviction(make_daemon, tmp_path):
         assert nvme(c).checksum_failures == 0 and c.checksum_failures == 0
         store = d.daemon.store  # the demotion copies went through reused buffers, within the queue's bound
         assert 0 < store._mapped <= store.queue_limit < store.demotions * BLOCK
+
+
+def test_demotion_copies_of_2_mib_blocks_use_huge_page_buffers(make_daemon, tmp_path):
+    d = make_daemon(**settings(tmp_path, write_policy="evict"))
+    blocks = [(key(500 + i), blob(2 * BLOCK * 2, ("huge", i))) for i in range(6)]  # 12 MiB into 8
+    with Client(d.address) as c:
+        for k, v in blocks:  # one at a time: the write queue (half the arena) holds only two
+            assert c.put(NS, k, v)
+            wait_for(lambda: nvme(c).queued_bytes == 0, what="demotions written")
+        assert nvme(c).demotions >= 2 and nvme(c).dropped_writes == 0
+        store = d.daemon.store
+        bufs = [b for p in store._pool.values() for b in p]
+        assert bufs and all(isinstance(b, memoryview) and len(b) == 2 * BLOCK * 2 for b in bufs)
+        for b in bufs:  # 2 MiB-aligned, so the kernel can back each with one huge page
+            addr = ctypes.c_char.from_buffer(b)
+            assert ctypes.addressof(addr) % C.HUGE == 0
+            del addr
+        for k, v in blocks:
+            assert c.get(NS, k) == v
+        assert nvme(c).checksum_failures == 0 and nvme(c).io_errors == 0
 
 
 def test_write_behind_at_commit(make_daemon, tmp_path):
