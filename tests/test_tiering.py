@@ -114,8 +114,11 @@ def small_tmpfs(tmp_path):
 
 
 def fill_until_evicted(c: Client, target: bytes, start: int = 1000, limit: int = 64) -> int:
-    """Put filler blocks until target has left RAM for NVMe (tier 2); returns the fillers used."""
+    """Put filler blocks until target has left RAM for NVMe (tier 2); returns the fillers used.
+    Each put waits for the write queue to drain first: the daemon drops a demotion that finds the
+    queue full (it never blocks a put), and a dropped target would never reach NVMe."""
     for i in range(limit):
+        wait_for(lambda: nvme(c).queued_bytes == 0, what="the write queue to drain")
         c.put(NS, key(start + i), blob(BLOCK, start + i))
         if c.lookup(NS, [target])[0] == [2]:
             return i + 1
