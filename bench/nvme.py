@@ -476,14 +476,18 @@ def read_latency(path: str, rounds: int, src: Sources, n: int = 64) -> dict:
 
 # ---- daemons ----------------------------------------------------------------------------------
 
+def arena_root_of(arena_root: str | None, tmp: str) -> str:
+    """Where a benchmark daemon's arena goes: arena_root, else /dev/shm, else tmp."""
+    return arena_root or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else tmp)
+
+
 class Daemon:
     """``kvtier serve`` in its own session, arena on /dev/shm; stop() = SIGTERM, then SIGKILL."""
 
     def __init__(self, tmp: str, nvme_dir: str | None, ram: str = "256MiB", write_policy: str = "commit",
                  capacity: str = "32GiB", arena_root: str | None = None):
         tag = uuid.uuid4().hex[:10]
-        shm = arena_root or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else tmp)
-        self.arena_dir = os.path.join(shm, f"kvtier-bench-{tag}")
+        self.arena_dir = os.path.join(arena_root_of(arena_root, tmp), f"kvtier-bench-{tag}")
         self.sock = os.path.join(tmp, f"d{tag[:6]}.sock")
         self.address = f"unix://{self.sock}"
         lines = ["[server]", f'socket = "{self.sock}"', "drain_timeout_s = 1.0", 'log_level = "warning"',
@@ -647,7 +651,7 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
     n = spill_bytes // BLOCK
     dsts = [[np.ones(BLOCK, dtype=np.uint8) for _ in range(BATCH)] for _ in range(THREADS)]
     from kvtier.arena import backing_of
-    backing = backing_of(arena_root or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else tmp))
+    backing = backing_of(arena_root_of(arena_root, tmp))
     # nvme.bounce_reads = "auto": reads go through huge-page buffers unless the arena is on hugetlbfs
     out = {"spill_bytes": n * BLOCK, "ram": "256MiB", "io_threads": THREADS, "batch": BATCH, "policies": {},
            "arena_backing": backing, "bounce_reads": backing != "hugetlbfs"}

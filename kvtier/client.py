@@ -125,6 +125,15 @@ class Lease:
     views: list[memoryview | None] = field(default_factory=list)
 
 
+def _lost(conn: DataConnection, rpc: str, e: BaseException) -> BaseException:
+    """A call broke off mid-way: its connection is out of step and closed; what to raise (a lost
+    connection is Unavailable, as on gRPC)."""
+    conn.close()
+    if isinstance(e, (OSError, ConnectionError)):
+        return errors.Unavailable(f"{rpc} on the data channel: {e}")
+    return e
+
+
 def _get_chunks(n: int, max_batch: int) -> list[tuple[int, int]]:
     """[i, j) ranges a get_many of n keys is acquired in: one up to 2 * GET_CHUNK_MIN keys, else
     GET_CHUNKS about equal ones of at least GET_CHUNK_MIN keys (more where max_batch says)."""
@@ -330,12 +339,8 @@ class _Ops:
             return None
         try:
             rid = conn.start_call(rpc, request.SerializeToString())
-        except (OSError, ConnectionError) as e:
-            conn.close()
-            raise errors.Unavailable(f"{rpc} on the data channel: {e}") from None
-        except BaseException:
-            conn.close()
-            raise
+        except BaseException as e:
+            raise _lost(conn, rpc, e) from None
         return conn, rid, rpc
 
     def control_finish(self, started: tuple, timeout: float | None):
@@ -357,12 +362,8 @@ class _Ops:
         except TimeoutError:
             conn.close()
             raise errors.DeadlineExceeded(f"{rpc} on the data channel: no answer within {timeout}s") from None
-        except (OSError, ConnectionError) as e:
-            conn.close()
-            raise errors.Unavailable(f"{rpc} on the data channel: {e}") from None
-        except BaseException:
-            conn.close()
-            raise
+        except BaseException as e:
+            raise _lost(conn, rpc, e) from None
         self._give_back(conn)
         return _RESPONSES[rpc].FromString(out)
 

@@ -139,7 +139,7 @@ class Store:
         self._landing: dict[tuple[str, bytes], threading.Event] = {}
         self._seen_once: dict[tuple[str, bytes], None] = {}
         self._holding: dict[tuple[str, bytes], Block | None] = {}  # promotions to hold at commit (see promote)
-        self._pool: dict[int, list[mmap.mmap]] = {}  # demotion buffers by size, kept for reuse
+        self._pool: dict[int, list[mmap.mmap | memoryview]] = {}  # demotion buffers by size, kept for reuse
         self._pool_bytes = 0  # of which free
         self._mapped = 0      # bytes of demotion buffers, free or in use
         self._qlock = threading.Lock()
@@ -288,7 +288,7 @@ class Store:
         self.demotions += 1
         self.io.submit(self._write_copy, b.ns, b.key, data, b.length, b.checksum)
 
-    def _write_copy(self, ns: str, key: bytes, data: mmap.mmap, length: int, digest: bytes) -> None:
+    def _write_copy(self, ns: str, key: bytes, data: mmap.mmap | memoryview, length: int, digest: bytes) -> None:
         try:
             with memoryview(data) as mv:
                 self.cold.write(ns, key, mv, length, digest)
@@ -307,7 +307,7 @@ class Store:
         """On NVMe, or on its way there (a demotion being written: a read waits for it)."""
         return self.cold.contains(ns, key) or (ns, key) in self._landing
 
-    def _buffer(self, size: int) -> mmap.mmap:
+    def _buffer(self, size: int) -> mmap.mmap | memoryview:
         """A page-aligned buffer for a demotion copy, reused when one of that size is free: a
         fresh mapping costs its page faults on every copy and an unmap after (together ~10x the
         copy itself). Buffers stay mapped for the next demotion, together at most the write
@@ -325,12 +325,15 @@ class Store:
                 idle.append(buf)
             self._mapped += size
         for buf in idle:
-            buf.release() if isinstance(buf, memoryview) else buf.close()
+            if isinstance(buf, memoryview):
+                buf.release()  # a huge_buffer: its mapping goes with the last view
+            else:
+                buf.close()
         # a multiple of 2 MiB: huge pages where the kernel gives them, so the O_DIRECT write of the
         # copy is one device request, not one per few hundred scattered 4 KiB pages
         return huge_buffer(size) if size % HUGE == 0 else mmap.mmap(-1, size)
 
-    def _return_buffer(self, buf: mmap.mmap) -> None:
+    def _return_buffer(self, buf: mmap.mmap | memoryview) -> None:
         with self._qlock:
             self._pool.setdefault(len(buf), []).append(buf)
             self._pool_bytes += len(buf)

@@ -8,8 +8,8 @@ from a real small tmpfs when this machine lets us mount one, and always from an 
 """
 from __future__ import annotations
 
-import errno
 import ctypes
+import errno
 import glob
 import logging
 import mmap
