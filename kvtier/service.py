@@ -95,22 +95,19 @@ class _Outcome:
         return self
 
     async def __aexit__(self, et, e, tb):
-        try:
-            if e is None or isinstance(e, grpc.aio.AbortError):
-                return False
-            if isinstance(e, asyncio.CancelledError):
-                self.code = "CANCELLED"
-                return False
-            if isinstance(e, errors.KvtierError):
-                self.code = e.code.name
-                await self.ctx.abort(e.code, str(e))
-            if isinstance(e, Exception):
-                self.code = "INTERNAL"
-                log.error("%s failed", self.name, exc_info=(et, e, tb))
-                await self.ctx.abort(grpc.StatusCode.INTERNAL, f"internal error in {self.name}: {et.__name__}")
-            return False
-        finally:
-            self.s.d.metrics.observe(self.name, self.code, time.perf_counter() - self.t0)
+        status = None
+        if isinstance(e, asyncio.CancelledError):
+            self.code = "CANCELLED"
+        elif isinstance(e, errors.KvtierError):
+            self.code, status = e.code.name, (e.code, str(e))
+        elif isinstance(e, Exception) and not isinstance(e, grpc.aio.AbortError):
+            self.code, status = "INTERNAL", (grpc.StatusCode.INTERNAL, f"internal error in {self.name}: {et.__name__}")
+            log.error("%s failed", self.name, exc_info=(et, e, tb))
+        # timed before the status goes out: a caller that has its answer finds the call counted
+        self.s.d.metrics.observe(self.name, self.code, time.perf_counter() - self.t0)
+        if status is not None:
+            await self.ctx.abort(*status)
+        return False
 
 
 def _handler(fn):
