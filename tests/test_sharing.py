@@ -27,6 +27,9 @@ def _share(a, b, n=8, size=300_000, **client_kw):
     with Client(a.address, **client_kw) as ca, Client(b.address, **client_kw) as cb:
         ca.put_many(NS, blocks)
         wait_until(lambda: _tier(ca, "cluster").queued_bytes == 0, what="write-through")
+        # the write-through is queued from the daemon's loop after the commit answers, so an empty
+        # queue can be seen just before the last blocks join it: wait until B sees them all
+        wait_until(lambda: cb.lookup(NS, keys)[0] == [3] * n, what="A's blocks in the cluster tier")
         tiers, prefix = cb.lookup(NS, keys)
         assert tiers == [3] * n and prefix == n  # B sees A's blocks in the cluster tier
         assert cb.get_many(NS, keys) == [v for _, v in blocks]
