@@ -40,7 +40,8 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from types import MappingProxyType
+from typing import Callable, Iterable, Mapping, Sequence
 
 import xxhash
 
@@ -68,6 +69,14 @@ class _RandomIds:
 
     def __next__(self) -> int:
         return secrets.randbits(63) | 1
+
+
+_NO_BLOCKS: Mapping = MappingProxyType({})
+
+
+def _content(b: Block) -> tuple[str, bytes]:
+    """What identifies a block's content beyond its Block object (S3-FIFO's ghost keys)."""
+    return b.ns, b.key
 
 
 def checksum(buf) -> bytes:
@@ -147,7 +156,8 @@ class HotTier:
                  lease_ms: int = 30_000, reservation_ms: int = 30_000, max_ttl_ms: int = 600_000,
                  clock: Callable[[], float] = time.monotonic):
         self.alloc = ExtentAllocator(start, end)
-        self.policy = POLICIES[policy]()   # the default group's policy
+        # the default group's policy; policies track Block objects (see kvtier.policy)
+        self.policy = POLICIES[policy](ghost_key=_content)
         # Tenants: each group (tenant) has its own policy and optional RAM quota. A group over its
         # quota evicts only its own blocks; global pressure evicts from the group furthest over
         # its quota, else the largest. group_of maps a namespace to its group.
@@ -161,7 +171,10 @@ class HotTier:
         self.lease_ms, self.reservation_ms, self.max_ttl_ms = lease_ms, reservation_ms, max_ttl_ms
         self.clock = clock
         self.lock = threading.Lock()
-        self._index: dict[tuple[str, bytes], Block] = {}
+        # namespace -> key -> committed block. One dict per namespace, keyed by the key bytes: a
+        # probe follows one pointer fewer than with (namespace, key) tuples, and no tuple is built
+        # per key. A namespace's dict stays once made (like its NsStats); see _blocks().
+        self._index: dict[str, dict[bytes, Block]] = {}
         self._pending: dict[tuple[str, bytes], Reservation] = {}
         self._reservations: dict[int, Reservation] = {}
         self._leases: dict[int, Lease] = {}
@@ -201,30 +214,30 @@ class HotTier:
             s = self.ns_stats[ns] = NsStats()
         return s
 
+    def _blocks(self, ns: str) -> Mapping[bytes, Block]:
+        """A namespace's committed blocks by key (read-only; empty for a namespace never used)."""
+        return self._index.get(ns, _NO_BLOCKS)
+
     def _evictable(self, b: Block) -> bool:
         return b.state == COMMITTED and b.leases == 0 and b.pin_until == 0.0
 
     def _pol(self, g: str):
         p = self.policies.get(g)
         if p is None:
-            p = self.policies[g] = POLICIES[self._policy_name]()
+            p = self.policies[g] = POLICIES[self._policy_name](ghost_key=_content)
         return p
 
     def _policy_add(self, b: Block, touched: bool = False) -> None:
-        k = (b.ns, b.key)
         pol = self._pol(b.group)
         r = self.alloc.round(b.length)
-        pol.insert(k, r)
+        pol.insert(b, r)
         if touched:
-            pol.touch(k)
+            pol.touch(b)
         self.evictable_bytes += r
         self.group_evictable[b.group] = self.group_evictable.get(b.group, 0) + r
 
     def _policy_drop(self, b: Block) -> None:
-        k = (b.ns, b.key)
-        pol = self._pol(b.group)
-        if k in pol:
-            pol.remove(k)
+        if self._pol(b.group).remove(b):
             r = self.alloc.round(b.length)
             self.evictable_bytes -= r
             self.group_evictable[b.group] -= r
@@ -239,7 +252,7 @@ class HotTier:
 
     def _unindex(self, b: Block) -> None:
         """Take a committed block out of the index (caller frees or dooms it)."""
-        del self._index[(b.ns, b.key)]
+        del self._index[b.ns][b.key]
         if b.entry >= 0:  # before the slot can be reused: a restart must not bring it back
             self.slots.release(b.entry)
             b.entry = -1
@@ -272,10 +285,9 @@ class HotTier:
         g = self._victim_group() if group is None else group
         if g is None:
             return False
-        k = self._pol(g).victim()
-        if k is None:
+        b = self._pol(g).victim()
+        if b is None:
             return False
-        b = self._index[k]
         r = self.alloc.round(b.length)
         self.evictable_bytes -= r
         self.group_evictable[g] -= r
@@ -390,7 +402,7 @@ class HotTier:
         """Hold those of blocks that are still the committed block under their key (for a
         background check) and return them; the others were deleted, evicted or replaced."""
         with self.lock:
-            held = [b for b in blocks if b.state == COMMITTED and self._index.get((b.ns, b.key)) is b]
+            held = [b for b in blocks if b.state == COMMITTED and self._blocks(b.ns).get(b.key) is b]
             for b in held:
                 self._hold(b)
             return held
@@ -401,7 +413,7 @@ class HotTier:
         dropped = 0
         with self.lock:
             for b, ok in results:
-                if not ok and b.state == COMMITTED and self._index.get((b.ns, b.key)) is b:
+                if not ok and b.state == COMMITTED and self._blocks(b.ns).get(b.key) is b:
                     self._drop(b)  # held by us: DOOMED, freed below or by the last reader's release
                     dropped += 1
                 self._unhold(b, touched=False)  # a check is not an access
@@ -420,13 +432,16 @@ class HotTier:
         with self.lock:
             self._expire(self.clock())
 
+    def block_count(self) -> int:
+        return sum(map(len, self._index.values()))
+
     def contains(self, ns: str, key: bytes) -> bool:
-        return (ns, key) in self._index
+        return key in self._blocks(ns)
 
     def lookup(self, ns: str, keys: Sequence[bytes]) -> tuple[bytes, int]:
         with self.lock:
-            idx = self._index
-            tiers = bytes(TIER_RAM if (ns, k) in idx else TIER_MISSING for k in keys)
+            idx = self._blocks(ns)
+            tiers = bytes(TIER_RAM if k in idx else TIER_MISSING for k in keys)
             self._ns(ns).lookups += len(keys)
         prefix = tiers.find(TIER_MISSING)
         return tiers, (len(keys) if prefix < 0 else prefix)
@@ -449,8 +464,9 @@ class HotTier:
             now = self.clock()
             status = bytearray(len(keys))
             offsets = [0] * len(keys)
+            idx = self._blocks(ns)
             need = sum(self.alloc.round(n) for k, n in zip(keys, sizes)
-                       if (ns, k) not in self._pending and (overwrite or (ns, k) not in self._index))
+                       if (ns, k) not in self._pending and (overwrite or k not in idx))
             if need > self.alloc.free_bytes + self.evictable_bytes:
                 self._expire(now)
                 if need > self.alloc.free_bytes + self.evictable_bytes:  # evict nothing for a batch that cannot fit
@@ -468,7 +484,7 @@ class HotTier:
                     if kk in self._pending:
                         status[i] = RESERVE_PENDING
                         continue
-                    if not overwrite and (kk in self._index or (present is not None and present(ns, k))):
+                    if not overwrite and (k in idx or (present is not None and present(ns, k))):
                         status[i] = RESERVE_PRESENT
                         continue
                     b = Block(ns, k, self._alloc(n, g), n, group=g)
@@ -561,14 +577,17 @@ class HotTier:
                 kk = (b.ns, b.key)
                 del self._pending[kk]
                 self.reserved_bytes -= self.alloc.round(b.length)
-                old = self._index.get(kk)
+                idx = self._index.get(b.ns)
+                if idx is None:
+                    idx = self._index[b.ns] = {}
+                old = idx.get(b.key)
                 if old is not None:
                     self._drop(old)
                 b.overwrite = r.overwrite
                 b.promoted = promoted
                 b.checksum, b.state, b.created = c, COMMITTED, now
                 b.entry = self.slots.put(b.ns, b.key, b.offset, b.length, c, now, COMMITTED_ENTRY, b.entry)
-                self._index[kk] = b
+                idx[b.key] = b
                 self._policy_add(b)
                 s = self._ns(b.ns)
                 s.blocks += 1
@@ -606,8 +625,9 @@ class HotTier:
             offsets, lengths, sums = [0] * n, [0] * n, [ZERO_CHECKSUM] * n
             blocks: list[Block] = []
             s = self._ns(ns)
+            idx = self._blocks(ns)
             for i, k in enumerate(keys):
-                b = self._index.get((ns, k))
+                b = idx.get(k)
                 if b is None:
                     s.misses += count_misses
                     if prefix_only:
@@ -653,8 +673,9 @@ class HotTier:
     def delete(self, ns: str, keys: Iterable[bytes]) -> int:
         with self.lock:
             n = 0
+            idx = self._blocks(ns)
             for k in keys:
-                b = self._index.get((ns, k))
+                b = idx.get(k)
                 if b is not None:
                     self._drop(b)
                     n += 1
@@ -666,8 +687,9 @@ class HotTier:
         with self.lock:
             until = FOREVER if ttl_s == 0 else self.clock() + ttl_s
             out = bytearray(len(keys))
+            idx = self._blocks(ns)
             for i, k in enumerate(keys):
-                b = self._index.get((ns, k))
+                b = idx.get(k)
                 if b is None:
                     continue
                 if b.pin_until == 0.0:
@@ -684,8 +706,9 @@ class HotTier:
     def unpin(self, ns: str, keys: Iterable[bytes]) -> int:
         with self.lock:
             n = 0
+            idx = self._blocks(ns)
             for k in keys:
-                b = self._index.get((ns, k))
+                b = idx.get(k)
                 if b is not None and b.pin_until:
                     self._unpin(b)
                     n += 1
@@ -719,7 +742,7 @@ class HotTier:
                         kept.add(i)
                     continue  # not kept: adopt() clears the entry and the slot is free
                 ok = (NAMESPACE_RE.fullmatch(ns) is not None and len(key) in KEY_SIZES
-                      and 0 < length <= self.max_block_bytes and (ns, key) not in self._index
+                      and 0 < length <= self.max_block_bytes and key not in self._blocks(ns)
                       and self.alloc.alloc_at(off, length))
                 if ok and verify and checksum(view[off:off + length]) != digest:
                     self.alloc.free(off, length)
@@ -728,7 +751,7 @@ class HotTier:
                     dropped += 1
                     continue
                 b = Block(ns, key, off, length, COMMITTED, digest, created, entry=i, group=self.group_of(ns))
-                self._index[(ns, key)] = b
+                self._index.setdefault(ns, {})[key] = b
                 self._use(b.group, self.alloc.round(length))
                 self._policy_add(b)
                 st = self._ns(ns)
@@ -745,7 +768,7 @@ class HotTier:
             return {
                 "capacity_bytes": self.alloc.capacity,
                 "used_bytes": self.used_bytes,
-                "blocks": len(self._index),
+                "blocks": self.block_count(),
                 "evictions": self.evictions,
                 "policy": self.policy.name,
                 "largest_free_bytes": self.alloc.largest_free(),

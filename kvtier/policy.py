@@ -8,9 +8,16 @@ returns something the tier must skip (races become no-ops, not loops).
 Interface (all O(1) amortised):
     insert(key, size)   a block became evictable (new, or unpinned/released)
     touch(key)          the block was read
-    remove(key)         the block is no longer evictable (pinned, leased, deleted)
+    remove(key) -> bool the block is no longer evictable (pinned, leased, deleted); False if
+                        the key was not tracked
     victim() -> key     remove and return the next block to evict, or None
     __len__, __contains__
+
+Keys are any hashable. The hot tier passes its Block objects themselves, which hash by
+identity: a lookup then compares pointers instead of following a (namespace, key) tuple to
+its bytes, which matters once the index outgrows the CPU caches. A key that must be
+recognised after its object is gone (S3-FIFO's ghost) goes through ``ghost_key``, which maps
+a key to a value that identifies its content (the hot tier: ``(ns, key)``).
 
 ``lru``: least recently used first. Simple; a scan of one-off blocks flushes it.
 ``s3fifo``: S3-FIFO (Yang et al., SOSP'23): new blocks enter a small FIFO
@@ -22,14 +29,16 @@ once) leave without pushing out the shared system prompts that are read often.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable
+from typing import Callable, Hashable
+
+_GONE = object()
 
 
 class LRU:
     name = "lru"
 
-    def __init__(self) -> None:
-        self._od: OrderedDict[Hashable, int] = OrderedDict()
+    def __init__(self, ghost_key: Callable[[Hashable], Hashable] | None = None) -> None:
+        self._od: OrderedDict[Hashable, int] = OrderedDict()  # ghost_key: unused (no ghost)
 
     def insert(self, key: Hashable, size: int) -> None:
         self._od[key] = size
@@ -39,8 +48,8 @@ class LRU:
         if key in self._od:
             self._od.move_to_end(key)
 
-    def remove(self, key: Hashable) -> None:
-        self._od.pop(key, None)
+    def remove(self, key: Hashable) -> bool:
+        return self._od.pop(key, _GONE) is not _GONE
 
     def victim(self) -> Hashable | None:
         if not self._od:
@@ -60,19 +69,20 @@ class S3FIFO:
     SMALL_FRACTION = 0.10
     MAX_FREQ = 3
 
-    def __init__(self) -> None:
+    def __init__(self, ghost_key: Callable[[Hashable], Hashable] | None = None) -> None:
         self._small: OrderedDict[Hashable, int] = OrderedDict()  # key -> size
         self._main: OrderedDict[Hashable, int] = OrderedDict()
         self._freq: dict[Hashable, int] = {}
-        self._ghost: OrderedDict[Hashable, None] = OrderedDict()
+        self._ghost: OrderedDict[Hashable, None] = OrderedDict()  # ghost_key(key) of evicted keys
+        self._gk = ghost_key or (lambda key: key)
         self._small_bytes = 0
         self._main_bytes = 0
 
     def insert(self, key: Hashable, size: int) -> None:
-        self.remove(key)
+        if key in self._freq:
+            self.remove(key)
         self._freq[key] = 0
-        if key in self._ghost:
-            del self._ghost[key]
+        if self._ghost and self._ghost.pop(self._gk(key), _GONE) is None:
             self._main[key] = size
             self._main_bytes += size
         else:
@@ -84,17 +94,18 @@ class S3FIFO:
         if f is not None and f < self.MAX_FREQ:
             self._freq[key] = f + 1
 
-    def remove(self, key: Hashable) -> None:
-        if key in self._small:
-            self._small_bytes -= self._small.pop(key)
-        elif key in self._main:
+    def remove(self, key: Hashable) -> bool:
+        if self._freq.pop(key, _GONE) is _GONE:
+            return False
+        size = self._small.pop(key, None)
+        if size is None:
             self._main_bytes -= self._main.pop(key)
         else:
-            return
-        self._freq.pop(key, None)
+            self._small_bytes -= size
+        return True
 
     def _remember(self, key: Hashable) -> None:
-        self._ghost[key] = None
+        self._ghost[self._gk(key)] = None
         # ghost holds about as many keys as main does blocks
         while len(self._ghost) > max(64, len(self._main) + len(self._small)):
             self._ghost.popitem(last=False)

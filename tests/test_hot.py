@@ -72,15 +72,26 @@ def fill(t: HotTier, first: int = 0, ns: str = NS) -> list[bytes]:
     return keys
 
 
+def tracked(t: HotTier, k: bytes, ns: str = NS) -> bool:
+    """Whether the block indexed under k is one the eviction policy may take."""
+    b = t._blocks(ns).get(k)
+    return b is not None and b in t._pol(b.group)
+
+
 def present(t: HotTier, keys, ns: str = NS) -> list[bool]:
     return [x == TIER_RAM for x in t.lookup(ns, keys)[0]]
+
+
+def indexed(t: HotTier) -> dict:
+    """The committed blocks, by (namespace, key)."""
+    return {(ns, k): b for ns, blocks in t._index.items() for k, b in blocks.items()}
 
 
 def state(t: HotTier) -> dict:
     s = t.snapshot()
     del s["namespaces"]
     s["extents"] = t.alloc.extents()
-    s["index"] = sorted(t._index)
+    s["index"] = sorted(indexed(t))
     return s
 
 
@@ -88,9 +99,9 @@ def check_consistent(t: HotTier) -> None:
     """The tier's counters agree with its index, reservations, leases and allocator."""
     r = t.alloc.round
     assert t.used_bytes == t.alloc.capacity - t.alloc.free_bytes
-    evictable = [b for b in t._index.values() if t._evictable(b)]
+    evictable = [b for b in indexed(t).values() if t._evictable(b)]
     assert len(t.policy) == len(evictable)
-    assert all((b.ns, b.key) in t.policy for b in evictable)
+    assert all(b in t.policy for b in evictable)  # the policy tracks the Block objects
     assert t.evictable_bytes == sum(r(b.length) for b in evictable)
     quarantined = [b for _, _, b in t._quarantine]
     # reserved: slots of live reservations plus those of expired ones still in quarantine
@@ -99,19 +110,21 @@ def check_consistent(t: HotTier) -> None:
     # every allocated byte belongs to exactly one block: indexed, reserved, quarantined, or
     # deleted/replaced but still leased; no two of them share a slot
     doomed = {id(b): b for lease in t._leases.values() for b in lease.blocks if b.state == H.DOOMED}
-    owners = [*t._index.values(), *(b for res in t._reservations.values() for b in res.blocks),
+    owners = [*indexed(t).values(), *(b for res in t._reservations.values() for b in res.blocks),
               *quarantined, *doomed.values()]
     assert len({id(b) for b in owners}) == len(owners)
     spans = sorted((b.offset, b.offset + r(b.length)) for b in owners)
     assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), "two blocks share a slot"
     assert t.used_bytes == sum(end - start for start, end in spans)
-    assert t.pinned_blocks == sum(1 for b in t._index.values() if b.pin_until)
+    assert t.pinned_blocks == sum(1 for b in indexed(t).values() if b.pin_until)
+    assert t.snapshot()["blocks"] == len(indexed(t))
+    assert all(b.ns == ns and b.key == k for (ns, k), b in indexed(t).items())  # filed where it belongs
     leased = {id(b): b for lease in t._leases.values() for b in lease.blocks}
     assert t.leased_blocks == len(leased)
     assert all(b.leases == sum(1 for lease in t._leases.values() for x in lease.blocks if x is b)
                for b in leased.values())
     for ns, s in t.ns_stats.items():
-        blocks = [b for (n, _), b in t._index.items() if n == ns]
+        blocks = [b for (n, _), b in indexed(t).items() if n == ns]
         assert s.blocks == len(blocks) and s.bytes == sum(b.length for b in blocks)
 
 
@@ -251,7 +264,7 @@ def test_overwrite_of_a_pinned_block_drops_the_pin():
     assert t.pin(NS, [key(1)]) == b"\x01"
     put(t, [key(1)], [data(9)], overwrite=True)
     assert t.pinned_blocks == 0
-    assert (NS, key(1)) in t.policy  # the new version is evictable
+    assert tracked(t, key(1)) is True  # the new version is evictable
     check_consistent(t)
 
 
@@ -579,14 +592,14 @@ def test_leased_blocks_leave_the_policy_and_come_back_at_release():
     t, _ = make()
     put(t, [key(1), key(2)])
     a = t.acquire(NS, [key(1), key(2)])
-    assert (NS, key(1)) not in t.policy and (NS, key(2)) not in t.policy
+    assert tracked(t, key(1)) is False and tracked(t, key(2)) is False
     assert t.leased_blocks == 2 and t.evictable_bytes == 0
     b = t.acquire(NS, [key(1)])  # a second lease on the same block
     t.release(a.lease_id)
-    assert (NS, key(1)) not in t.policy and (NS, key(2)) in t.policy
+    assert tracked(t, key(1)) is False and tracked(t, key(2)) is True
     assert t.leased_blocks == 1
     t.release(b.lease_id)
-    assert (NS, key(1)) in t.policy and t.leased_blocks == 0 and t.evictable_bytes == 2 * SLOT
+    assert tracked(t, key(1)) is True and t.leased_blocks == 0 and t.evictable_bytes == 2 * SLOT
     check_consistent(t)
 
 
@@ -610,11 +623,11 @@ def test_lease_expiry_makes_blocks_evictable_and_release_unknown():
     assert a.lease_ms == 1000
     clock.advance(0.999)
     t.expire()
-    assert t.leased_blocks == 1 and (NS, key(1)) not in t.policy
+    assert t.leased_blocks == 1 and tracked(t, key(1)) is False
     clock.advance(0.001)
     t.expire()
     assert t.leased_blocks == 0 and t.expired_leases == 1
-    assert (NS, key(1)) in t.policy and t.snapshot()["leases"] == 0
+    assert tracked(t, key(1)) is True and t.snapshot()["leases"] == 0
     with pytest.raises(UnknownLease):
         t.release(a.lease_id)
     check_consistent(t)
@@ -627,7 +640,7 @@ def test_release_after_the_deadline_but_before_expire_is_unknown_and_ends_the_le
     clock.advance(0.5)
     with pytest.raises(UnknownLease):
         t.release(a.lease_id)
-    assert t.leased_blocks == 0 and t.expired_leases == 1 and (NS, key(1)) in t.policy
+    assert t.leased_blocks == 0 and t.expired_leases == 1 and tracked(t, key(1)) is True
     with pytest.raises(UnknownLease):
         t.release(a.lease_id)
     t.expire()  # its stale deadline is harmless
@@ -674,7 +687,7 @@ def test_acquire_into_an_unknown_lease_takes_nothing():
     put(t, [key(1)])
     with pytest.raises(UnknownLease):
         t.acquire(NS, [key(1)], lease_id=777)
-    assert t.leased_blocks == 0 and (NS, key(1)) in t.policy  # nothing stayed held
+    assert t.leased_blocks == 0 and tracked(t, key(1)) is True  # nothing stayed held
     a = t.acquire(NS, [key(1)])
     assert a.lease_id not in (0, 777)
     t.release(a.lease_id)
@@ -688,7 +701,7 @@ def test_acquire_into_a_lease_past_its_deadline_does_not_join_it():
     clock.advance(1.5)
     with pytest.raises(UnknownLease):
         t.acquire(NS, [key(2)], lease_ms=1000, lease_id=a.lease_id)
-    assert (NS, key(2)) in t.policy and t.leased_blocks == 1  # key 2 not held; key 1 until the sweep
+    assert tracked(t, key(2)) is True and t.leased_blocks == 1  # key 2 not held; key 1 until the sweep
     t.expire()
     assert t.leased_blocks == 0
     check_consistent(t)
@@ -718,7 +731,7 @@ def test_delete_of_a_leased_block_hides_it_now_and_frees_it_at_release():
     t.release(a.lease_id)
     assert t.used_bytes == SLOT  # only the new reservation
     assert any(off <= a.offsets[0] < off + s for off, s in t.alloc.extents())
-    assert (NS, key(1)) not in t.policy
+    assert tracked(t, key(1)) is False
     check_consistent(t)
 
 
@@ -730,7 +743,7 @@ def test_delete_of_a_leased_block_whose_lease_expires():
     clock.advance(1)
     t.expire()
     assert t.used_bytes == 0 and t.leased_blocks == 0
-    assert (NS, key(1)) not in t.policy
+    assert tracked(t, key(1)) is False
     check_consistent(t)
 
 
@@ -804,7 +817,7 @@ def test_eviction_follows_the_policy(policy):
 
     def recording_victim():
         k = real_victim()
-        victims.append(k)
+        victims.append((k.ns, k.key))
         return k
 
     t.policy.victim = recording_victim
@@ -963,7 +976,7 @@ def test_negative_pin_ttl_is_invalid():
     put(t, [key(1)])
     with pytest.raises(InvalidArgument):
         t.pin(NS, [key(1)], ttl_s=-1)
-    assert t.pinned_blocks == 0 and (NS, key(1)) in t.policy
+    assert t.pinned_blocks == 0 and tracked(t, key(1)) is True
 
 
 # ---- pins ------------------------------------------------------------------------------------
@@ -974,7 +987,7 @@ def test_pin_reports_which_keys_it_pinned():
     t.reserve(NS, [key(2)], [SLOT])  # reserved, not committed: cannot be pinned
     assert t.pin(NS, [key(1), key(2), key(3), key(4)]) == bytes([1, 0, 1, 0])
     assert t.pinned_blocks == 2
-    assert (NS, key(1)) not in t.policy and (NS, key(3)) not in t.policy
+    assert tracked(t, key(1)) is False and tracked(t, key(3)) is False
     check_consistent(t)
 
 
@@ -984,10 +997,10 @@ def test_pin_ttl_expiry():
     t.pin(NS, [key(1)], ttl_s=10)
     clock.advance(9.9)
     t.expire()
-    assert t.pinned_blocks == 1 and (NS, key(1)) not in t.policy
+    assert t.pinned_blocks == 1 and tracked(t, key(1)) is False
     clock.advance(0.1)
     t.expire()
-    assert t.pinned_blocks == 0 and (NS, key(1)) in t.policy
+    assert t.pinned_blocks == 0 and tracked(t, key(1)) is True
     check_consistent(t)
 
 
@@ -1017,7 +1030,7 @@ def test_pin_forever_outlasts_timed_pins():
     t.pin(NS, [key(1)], ttl_s=5)
     clock.advance(1e6)
     t.expire()
-    assert t.pinned_blocks == 1 and (NS, key(1)) not in t.policy
+    assert t.pinned_blocks == 1 and tracked(t, key(1)) is False
 
 
 def test_unpin():
@@ -1025,7 +1038,7 @@ def test_unpin():
     put(t, [key(1), key(2)])
     t.pin(NS, [key(1)])
     assert t.unpin(NS, [key(1), key(2), key(9)]) == 1
-    assert t.pinned_blocks == 0 and (NS, key(1)) in t.policy
+    assert t.pinned_blocks == 0 and tracked(t, key(1)) is True
     assert t.unpin(NS, [key(1)]) == 0
     check_consistent(t)
 
@@ -1038,7 +1051,7 @@ def test_stale_pin_deadline_after_unpin_and_repin_forever_is_ignored():
     t.pin(NS, [key(1)])
     clock.advance(20)
     t.expire()
-    assert t.pinned_blocks == 1 and (NS, key(1)) not in t.policy
+    assert t.pinned_blocks == 1 and tracked(t, key(1)) is False
     check_consistent(t)
 
 
@@ -1048,9 +1061,9 @@ def test_unpin_of_a_leased_block_waits_for_the_release():
     t.pin(NS, [key(1)])
     a = t.acquire(NS, [key(1)])
     t.unpin(NS, [key(1)])
-    assert (NS, key(1)) not in t.policy
+    assert tracked(t, key(1)) is False
     t.release(a.lease_id)
-    assert (NS, key(1)) in t.policy
+    assert tracked(t, key(1)) is True
     check_consistent(t)
 
 
@@ -1060,7 +1073,7 @@ def test_release_of_a_pinned_block_keeps_it_out_of_the_policy():
     a = t.acquire(NS, [key(1)])
     t.pin(NS, [key(1)])
     t.release(a.lease_id)
-    assert (NS, key(1)) not in t.policy and t.pinned_blocks == 1
+    assert tracked(t, key(1)) is False and t.pinned_blocks == 1
     check_consistent(t)
 
 
@@ -1093,7 +1106,7 @@ def test_acquire_all_and_prefix_only():
     p = t.acquire(NS, ks, prefix_only=True)
     assert p.tiers == bytes([1, 0, 0]) and p.lengths == [SLOT, 0, 0]
     assert len(p.checksums) == 3 * CHECKSUM_SIZE and p.checksums[CHECKSUM_SIZE:] == ZERO_CHECKSUM * 2
-    assert t.leased_blocks == 1 and (NS, key(2)) in t.policy  # the block after the gap is not leased
+    assert t.leased_blocks == 1 and tracked(t, key(2)) is True  # the block after the gap is not leased
     assert (s.hits, s.misses) == (3, 2)
     t.release(p.lease_id)
 
@@ -1109,7 +1122,7 @@ def test_acquire_same_key_twice_in_one_lease():
     a = t.acquire(NS, [key(1), key(1)])
     assert a.tiers == b"\x01\x01" and t.leased_blocks == 1
     t.release(a.lease_id)
-    assert t.leased_blocks == 0 and (NS, key(1)) in t.policy
+    assert t.leased_blocks == 0 and tracked(t, key(1)) is True
     check_consistent(t)
 
 
@@ -1198,7 +1211,7 @@ def test_random_operations_keep_the_counters_consistent(policy):
         except (ArenaFull, UnknownReservation, UnknownLease):
             pass
         check_consistent(t)
-        for (ns, k), b in t._index.items():
+        for (ns, k), b in indexed(t).items():
             assert b.state == H.COMMITTED and b.key == k
         quarantined = max(quarantined, sum(t.alloc.round(b.length) for _, _, b in t._quarantine))
     assert t.evictions > 0 and t.expired_leases > 0 and t.expired_reservations > 0 and quarantined > 0

@@ -54,9 +54,9 @@ def test_remove(name):
     p = POLICIES[name]()
     for i in range(6):
         p.insert(i, 4096)
-    p.remove(2)
-    p.remove(2)        # twice is harmless
-    p.remove(99)
+    assert p.remove(2) is True
+    assert p.remove(2) is False   # twice is harmless, and says it was not there
+    assert p.remove(99) is False
     assert len(p) == 5 and 2 not in p
     got = drain(p)
     assert sorted(got) == [0, 1, 3, 4, 5]
@@ -240,6 +240,29 @@ def test_s3fifo_ghost_hit_goes_straight_to_main():
         p.insert(k, 4096)
     order = drain(p)
     assert order[-1] == 0, "a ghost hit must outlive the small-FIFO blocks inserted around it"
+
+
+class _Obj:
+    """A block-like key that hashes by identity, as the hot tier's Block objects do."""
+
+    def __init__(self, content):
+        self.content = content
+
+
+def test_s3fifo_ghost_knows_a_new_object_by_its_content():
+    p = S3FIFO(ghost_key=lambda o: o.content)
+    first = [_Obj(k) for k in range(20)]
+    for o in first:
+        p.insert(o, 4096)
+    assert p.victim() is first[0]   # evicted unread: its content is remembered
+    again = _Obj(0)                 # the same content comes back as another object
+    assert again not in p and again != first[0]
+    p.insert(again, 4096)
+    for k in range(20, 40):
+        p.insert(_Obj(k), 4096)
+    order = drain(p)
+    assert order[-1] is again, "a ghost hit by content must go straight to main"
+    assert len(p._ghost) > 0 and all(isinstance(g, int) for g in p._ghost)  # contents, not objects
 
 
 def _hot_hit_rate(policy, warm: list, trace: list, hot: set, slots: int) -> float:
