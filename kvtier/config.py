@@ -110,6 +110,9 @@ class ServerConfig:
     max_batch: int = 4096
     # Seconds SIGTERM waits for in-flight calls before exiting.
     drain_timeout_s: float = 10.0
+    # Every this many seconds, move what is alive out of the cyclic GC's reach (gc.freeze), so a
+    # full collection does not walk every block of a large index (kvtier.gcfreeze); 0 = never.
+    gc_freeze_s: float = 60.0
     # "debug", "info", "warning", "error".
     log_level: str = "info"
     # TLS for the TCP listeners (gRPC and data channel): PEM certificate chain and key.
@@ -343,6 +346,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{name}: must be > 0, got {val}")
     if s.drain_timeout_s < 0:
         raise ConfigError(f"server.drain_timeout_s: must be >= 0, got {s.drain_timeout_s}")
+    if s.gc_freeze_s < 0:
+        raise ConfigError(f"server.gc_freeze_s: must be >= 0 (0 = never), got {s.gc_freeze_s}")
     _validate_cluster(cfg.cluster)
 
 

@@ -13,7 +13,8 @@ client's ``tokens_per_key`` on Acquire); NVMe promotions, demotions, queue
 depth, dropped writes, checksum failures, I/O errors, degraded directories;
 background checks of trusted commits (``kvtier_commit_checks_total``, failures, skipped);
 Redis bytes and quota per tenant; open leases and reservations; arena lock
-state; and the RPC latency histogram ``kvtier_rpc_duration_seconds{method,code}``.
+state; cyclic GC collections, pause seconds and frozen objects (``kvtier.gcfreeze``); and the
+RPC latency histogram ``kvtier_rpc_duration_seconds{method,code}``.
 ``configs/grafana-kvtier.json`` charts them (``tests/test_metrics.py`` keeps it
 in step with this exposition).
 """
@@ -60,6 +61,20 @@ class _StoreCollector:
                 c = counter(name, doc)
                 c.add_metric([], values[key])
                 yield c
+
+        gcs = self.d.gc_pauses.snapshot()
+        runs = counter("gc_collections", "Cyclic garbage collections, per generation.", ["generation"])
+        paused = counter("gc_pause_seconds", "Seconds the daemon stood still in cyclic garbage collections, "
+                         "per generation.", ["generation"])
+        for g in range(3):
+            runs.add_metric([str(g)], gcs["collections"][g])
+            paused.add_metric([str(g)], gcs["seconds"][g])
+        longest = gauge("gc_longest_pause_seconds", "Longest cyclic garbage collection since the start.")
+        longest.add_metric([], gcs["longest_s"])
+        frozen = gauge("gc_frozen_objects", "Objects moved out of the collector's reach (server.gc_freeze_s) "
+                       "and still alive.")
+        frozen.add_metric([], gcs["frozen"])
+        yield from (runs, paused, longest, frozen)
 
         info = gauge("info", "Daemon version.", ["version"])
         info.add_metric([__version__], 1)

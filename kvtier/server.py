@@ -39,6 +39,7 @@ from . import config as config_mod
 from .config import Config
 from .datachannel import DataServer
 from .errors import ConfigError
+from .gcfreeze import Freezer, Pauses
 from .hot import HotTier
 from .metrics import Metrics, NullMetrics
 from .notify import Notifier
@@ -91,6 +92,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = threading.Event()
         self.ready = threading.Event()
+        self.gc_pauses = Pauses()  # installed while serving (startup .. shutdown)
+        self.gc_freezer = Freezer(cfg.server.gc_freeze_s)
 
     def stop(self) -> None:
         self._stop.set()
@@ -207,6 +210,7 @@ class Daemon:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.started = time.monotonic()
+        self.gc_pauses.install()
         log.info("serving on %s%s; data channel %s; policy %s", self.address,
                  f" and tcp port {self.tcp_port}" if self.tcp_port else "", self.data_address or "off", r.policy)
         self.ready.set()
@@ -215,6 +219,7 @@ class Daemon:
         next_ping = 0.0
         while not self._stop.is_set():
             self.hot.expire()
+            self.gc_freezer.tick()
             if self.notify.watchdog_interval and time.monotonic() >= next_ping:
                 self.notify.watchdog()
                 next_ping = time.monotonic() + self.notify.watchdog_interval
@@ -291,6 +296,7 @@ class Daemon:
         if self.data is not None:
             self.data.close()
         self.metrics.close()
+        self.gc_pauses.remove()
         if self.store is not None:
             await asyncio.to_thread(self.store.close, self.cfg.server.drain_timeout_s)
         for task in list(self._enforcing):

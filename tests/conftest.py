@@ -32,7 +32,9 @@ def _dirs():
 
 
 def make_config(sock_dir: str, arena_dir: str, **sections) -> config.Config:
-    data = {"server": {"socket": os.path.join(sock_dir, "kvtier.sock"), "drain_timeout_s": 1.0},
+    # gc_freeze_s 0: these daemons share the test process, and a freeze would take the tests'
+    # objects out of the collector's reach too; tests/test_gcfreeze.py turns it on
+    data = {"server": {"socket": os.path.join(sock_dir, "kvtier.sock"), "drain_timeout_s": 1.0, "gc_freeze_s": 0},
             "metrics": {"listen": ""},
             "ram": {"arena_path": os.path.join(arena_dir, "arena"), "capacity": "64MiB"}}
     for name, vals in sections.items():
