@@ -238,6 +238,14 @@ def rows_cluster(r: dict) -> list[dict]:
             out.append(row(f"cluster tier {op}, 2 MiB, {name} (best setting: {b['case'][12:]})", b["median_gbs"],
                            "GB/s", b["median_gbs"] / b["ratio"], "best raw redis-py", b["ratio"], f">= {want}x",
                            b["ratio"] >= want, "the baseline and the tier ran against other servers or runs"))
+        w = next((x for x in last.get(topo, []) if x["op"] == "GET" and x["case"].startswith("loopback TCP")), None)
+        got = [x for x in last.get(topo, []) if x["op"] == "GET into" and x["case"].startswith("ClusterTier")]
+        if w and got:
+            b = max(got, key=lambda x: x["median_gbs"])
+            out.append(row(f"cluster tier GET into, 2 MiB, {name}, against the bare wire (wire = "
+                           f"{w['ratio']:.2f}x redis-py)", b["median_gbs"], "GB/s", w["median_gbs"],
+                           "one loopback TCP stream, no protocol", b["median_gbs"] / w["median_gbs"],
+                           false_if="the wire case and the tier ran in other rounds or on another loop"))
     return out
 
 
@@ -282,6 +290,11 @@ def limits(results: dict) -> list[dict]:
                 if best:
                     out.append({"limit": f"raw redis-py {op}, 2 MiB, {topo} ({best['case']})",
                                 "value": best["median_gbs"], "unit": "GB/s", "benchmark": "cluster"})
+            w = next((x for x in cl["runs"][-1].get(topo, []) if x["op"] == "GET" and x["case"].startswith("loopback")),
+                     None)
+            if w:
+                out.append({"limit": f"one loopback TCP stream, no protocol, 32 MiB rounds (beside the {topo} runs)",
+                            "value": w["median_gbs"], "unit": "GB/s", "benchmark": "cluster"})
     sc = results.get("scale")
     if sc and sc.get("index"):
         top = max(sc["index"]["sizes"], key=int)

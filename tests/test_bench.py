@@ -126,3 +126,26 @@ def test_gpu_store_report_has_every_phase_of_both_kinds():
     assert rows["worker hashes"] == "| worker hashes | 10 | 11 | 12 | 13 | 14 | 15 | 16 |"
     assert rows["daemon hashes"] == "| daemon hashes | 20 | 21 | 22 | 23 | 24 | - | - |"
     assert "128 records of 32 MiB" in text
+
+
+def test_cluster_bench_wire_case_moves_every_byte():
+    """bench.cluster's ceiling case (one loopback TCP stream, no protocol) reads the whole round
+    into its buffer and is acknowledged for a whole PUT."""
+    import asyncio
+
+    from bench import cluster
+
+    async def go():
+        w = cluster.Wire()
+        try:
+            await w.get([])
+            assert bytes(w.buf[-4096:]) != b"\1" * 4096  # the server's random bytes landed, to the end
+            first = bytes(w.buf[:64])
+            await w.get([])
+            assert bytes(w.buf[:64]) == first  # the same 32 MiB again, nothing left over in the stream
+            await w.put([os.urandom(cluster.BLOCK) for _ in range(cluster.PIPE)])
+            assert bytes(w.ack) == b"k"
+        finally:
+            await w.close()
+        assert w.proc.returncode == 0
+    asyncio.run(go())
