@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from sortedcontainers import SortedDict, SortedList
 
+_SHIFT = 48                 # offsets below 256 TiB: (size, offset) packs into one int
+_OFF = (1 << _SHIFT) - 1
+
 
 class ExtentAllocator:
     def __init__(self, start: int, end: int, align: int = 4096):
@@ -28,7 +31,9 @@ class ExtentAllocator:
         if end <= start:
             raise ValueError("region too small")
         self.start, self.end, self.align = start, end, align
-        self._by_size = SortedList()          # (size, offset)
+        if end > 1 << _SHIFT:
+            raise ValueError(f"region ends past {1 << _SHIFT} bytes")
+        self._by_size = SortedList()          # size << _SHIFT | offset: (size, offset) order, as one int
         self._by_start = SortedDict()         # offset -> size
         self._by_end: dict[int, int] = {}     # offset+size -> offset
         self.free_bytes = 0
@@ -40,16 +45,16 @@ class ExtentAllocator:
 
     def round(self, n: int) -> int:
         """Bytes a block of n bytes occupies."""
-        return max(self.align, -(-n // self.align) * self.align)
+        return ((n - 1) | (self.align - 1)) + 1 if n > 0 else self.align
 
     def _insert(self, off: int, size: int) -> None:
-        self._by_size.add((size, off))
+        self._by_size.add(size << _SHIFT | off)
         self._by_start[off] = size
         self._by_end[off + size] = off
         self.free_bytes += size
 
     def _remove(self, off: int, size: int) -> None:
-        self._by_size.remove((size, off))
+        self._by_size.remove(size << _SHIFT | off)
         del self._by_start[off]
         del self._by_end[off + size]
         self.free_bytes -= size
@@ -57,10 +62,11 @@ class ExtentAllocator:
     def alloc(self, n: int) -> int | None:
         """Offset of a slot of round(n) bytes, or None if no free extent fits."""
         size = self.round(n)
-        i = self._by_size.bisect_left((size, -1))
+        i = self._by_size.bisect_left(size << _SHIFT)
         if i == len(self._by_size):
             return None
-        fsize, off = self._by_size[i]
+        packed = self._by_size[i]
+        fsize, off = packed >> _SHIFT, packed & _OFF
         self._remove(off, fsize)
         if fsize > size:
             self._insert(off + size, fsize - size)
@@ -109,7 +115,7 @@ class ExtentAllocator:
         self._insert(off, size)
 
     def largest_free(self) -> int:
-        return self._by_size[-1][0] if self._by_size else 0
+        return self._by_size[-1] >> _SHIFT if self._by_size else 0
 
     def fits(self, n: int) -> bool:
         return self.largest_free() >= self.round(n)
