@@ -35,13 +35,16 @@ the handle is None: get_many over the arena keeps two Acquires in flight that wa
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generator, Iterable, Sequence
 
 import grpc
+import numpy as np
 import xxhash
 
 from . import errors
@@ -58,6 +61,12 @@ GET_CHUNKS = 4  # a get_many over the arena acquires its keys in this many parts
 GET_CHUNK_MIN = 8  # ... of at least this many keys each (fewer keys: one Acquire)
 GET_IN_FLIGHT = 2
 HASH_CHUNK = 1 << 20  # blocks above 4 of these are copied and hashed piece by piece
+# Arena copies of a batch this large (and of blocks at least COPY_BLOCK_MIN) are split over
+# COPY_THREADS threads: numpy's copy runs without the GIL, so the copies overlap each other and
+# the xxh3 passes (which hold it); smaller batches are not worth the hand-off.
+COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
+COPY_PARALLEL_MIN = 4 << 20
+COPY_BLOCK_MIN = 256 << 10
 _MAX_MSG = 256 << 20
 _RESPONSES = {m.name: getattr(pb, m.output_type.name) for m in pb.DESCRIPTOR.services_by_name["KVTier"].methods}
 CONTROLS = ("auto", "grpc")  # where unary calls go: the data channel when there is one, or always gRPC
@@ -142,6 +151,11 @@ def _get_chunks(n: int, max_batch: int) -> list[tuple[int, int]]:
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def _copy(dst: memoryview, src: memoryview) -> None:
+    """dst[:len(src)] = src, without holding the GIL for large copies (numpy releases it)."""
+    np.copyto(np.frombuffer(dst, np.uint8, len(src)), np.frombuffer(src, np.uint8))
+
+
 def _copy_hashed(dst: memoryview, src: memoryview) -> bytes:
     """Copy src into dst and return the xxh3-128 of dst, hashed while the bytes are still in
     the CPU's cache (a large block in HASH_CHUNK pieces): about half the cost of hashing after."""
@@ -149,14 +163,50 @@ def _copy_hashed(dst: memoryview, src: memoryview) -> bytes:
     if n <= 4 * HASH_CHUNK:
         if len(dst) != n:
             dst = dst[:n]
-        dst[:] = src
+        _copy(dst, src)
         return xxhash.xxh3_128_digest(dst)
     h = xxhash.xxh3_128()
     for i in range(0, n, HASH_CHUNK):
         j = min(n, i + HASH_CHUNK)
-        dst[i:j] = src[i:j]
+        _copy(dst[i:j], src[i:j])
         h.update(dst[i:j])
     return h.digest()
+
+
+_copy_pool_lock = threading.Lock()
+_copy_pool_: ThreadPoolExecutor | None = None
+
+
+def _copy_pool() -> ThreadPoolExecutor:
+    global _copy_pool_
+    with _copy_pool_lock:
+        if _copy_pool_ is None:
+            _copy_pool_ = ThreadPoolExecutor(COPY_THREADS - 1, thread_name_prefix="kvtier-copy")
+        return _copy_pool_
+
+
+def _copy_all(jobs: list[tuple[memoryview, memoryview, bool]]) -> list[bytes | None]:
+    """Copy each (dst, src, hashed) and return the xxh3-128 of those hashed (None for the
+    others), in order. A large batch is dealt out over COPY_THREADS threads, this one included;
+    it returns (or raises) only when every copy has ended, so no thread writes into a slot
+    after the caller has given it back."""
+    def run(part):
+        return [_copy_hashed(d, s) if h else _copy(d, s) for d, s, h in part]
+    k = min(COPY_THREADS, len(jobs))
+    if k < 2 or sum(len(s) for _, s, _ in jobs) < COPY_PARALLEL_MIN \
+            or min(len(s) for _, s, _ in jobs) < COPY_BLOCK_MIN:
+        return run(jobs)
+    parts = [jobs[i::k] for i in range(k)]
+    futs = [_copy_pool().submit(run, p) for p in parts[1:]]
+    try:
+        done = [run(parts[0])]
+    finally:
+        concurrent.futures.wait(futs)
+    done += [f.result() for f in futs]
+    out: list = [None] * len(jobs)
+    for i, got in enumerate(done):
+        out[i::k] = got
+    return out
 
 
 class _Ops:
@@ -471,11 +521,8 @@ class _Ops:
 
     def _arena_put(self, ns, keys, datas, overwrite):
         res = yield from self._reserve(ns, keys, [len(d) for d in datas], 0, overwrite)
-        sums = []
         try:
-            for v, d in zip(res.views, datas):
-                if v is not None:
-                    sums.append(_copy_hashed(v, d))
+            sums = _copy_all([(v, d, True) for v, d in zip(res.views, datas) if v is not None])
         except BaseException:
             yield from self.op_abort(res)
             raise
@@ -552,27 +599,30 @@ class _Ops:
                 yield from self.op_release(lease)
 
     def _copy_out(self, lease: Lease, into) -> list:
-        out: list = []
-        for i, v in enumerate(lease.views):
-            if v is None:
-                out.append(None)
-                continue
-            if into is None:
+        if into is None:
+            out: list = []
+            for i, v in enumerate(lease.views):
+                if v is None:
+                    out.append(None)
+                    continue
                 data = bytes(v)
                 out.append(data if self._check(memoryview(data), lease.checksums[i]) else None)
+            return out
+        jobs, where = [], []
+        for i, v in enumerate(lease.views):
+            if v is None:
                 continue
             dst = memoryview(into[i]).cast("B")
             if len(dst) < len(v):
                 raise errors.InvalidArgument(f"buffer {i} holds {len(dst)} bytes, block has {len(v)}")
-            dst = dst[:len(v)]
-            if not self.verify or lease.checksums[i] == ZERO_CHECKSUM:
-                dst[:] = v
-                out.append(dst)
-            elif _copy_hashed(dst, v) == lease.checksums[i]:
-                out.append(dst)
+            jobs.append((dst[:len(v)], v, self.verify and lease.checksums[i] != ZERO_CHECKSUM))
+            where.append(i)
+        out = [None] * len(lease.views)
+        for i, (dst, _, hashed), digest in zip(where, jobs, _copy_all(jobs)):
+            if not hashed or digest == lease.checksums[i]:
+                out[i] = dst
             else:
                 self.checksum_failures += 1
-                out.append(None)
         return out
 
     def op_get_many(self, ns: str, keys: Sequence[bytes], into: Sequence[Any] | None = None):
