@@ -25,16 +25,22 @@ def two_threads(monkeypatch):
         C._copy_pool_.shutdown()
 
 
-def test_a_large_batch_is_copied_on_several_threads_in_order(two_threads, monkeypatch):
-    src = blocks(9, 1 * MiB)
-    dst = [memoryview(bytearray(MiB + 100)) for _ in src]  # larger buffers: only len(src) is written
-    seen = set()
+@pytest.fixture
+def seen(monkeypatch) -> set:
+    """Names of the threads that ran a copy."""
+    names: set = set()
     real = C._copy
 
     def spy(d, s):
-        seen.add(threading.current_thread().name)
+        names.add(threading.current_thread().name)
         real(d, s)
     monkeypatch.setattr(C, "_copy", spy)
+    return names
+
+
+def test_a_large_batch_is_copied_on_several_threads_in_order(two_threads, seen):
+    src = blocks(9, 1 * MiB)
+    dst = [memoryview(bytearray(MiB + 100)) for _ in src]  # larger buffers: only len(src) is written
     hashed = [i % 3 != 0 for i in range(len(src))]
     got = C._copy_all([(d, s, h) for d, s, h in zip(dst, src, hashed)])
     assert len(seen) == 2 and any(n.startswith("kvtier-copy") for n in seen)
@@ -43,14 +49,7 @@ def test_a_large_batch_is_copied_on_several_threads_in_order(two_threads, monkey
         assert digest == (xxhash.xxh3_128_digest(s) if h else None)
 
 
-def test_small_batches_and_small_blocks_stay_on_the_calling_thread(two_threads, monkeypatch):
-    seen = set()
-    real = C._copy
-
-    def spy(d, s):
-        seen.add(threading.current_thread().name)
-        real(d, s)
-    monkeypatch.setattr(C, "_copy", spy)
+def test_small_batches_and_small_blocks_stay_on_the_calling_thread(two_threads, seen):
     for src in (blocks(2, 1 * MiB), blocks(100, 64 << 10)):  # 2 MiB in all; 64 KiB blocks
         dst = [memoryview(bytearray(len(s))) for s in src]
         C._copy_all([(d, s, True) for d, s in zip(dst, src)])
