@@ -47,7 +47,7 @@ import grpc
 import numpy as np
 import xxhash
 
-from . import errors
+from . import copying, errors
 from .arena import ArenaMapping
 from .config import default_address
 from .datachannel import DataConnection
@@ -60,7 +60,6 @@ POST_TIMEOUT_S = 30.0  # wait for a posted call's answer before reusing its conn
 GET_CHUNKS = 4  # a get_many over the arena acquires its keys in this many parts, two in flight...
 GET_CHUNK_MIN = 8  # ... of at least this many keys each (fewer keys: one Acquire)
 GET_IN_FLIGHT = 2
-HASH_CHUNK = 1 << 20  # blocks above 4 of these are copied and hashed piece by piece
 # Arena copies of a batch this large (and of blocks at least COPY_BLOCK_MIN) are split over
 # COPY_THREADS threads: numpy's copy runs without the GIL, so the copies overlap each other and
 # the xxh3 passes (which hold it); smaller batches are not worth the hand-off.
@@ -151,28 +150,6 @@ def _get_chunks(n: int, max_batch: int) -> list[tuple[int, int]]:
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _copy(dst: memoryview, src: memoryview) -> None:
-    """dst[:len(src)] = src, without holding the GIL for large copies (numpy releases it)."""
-    np.copyto(np.frombuffer(dst, np.uint8, len(src)), np.frombuffer(src, np.uint8))
-
-
-def _copy_hashed(dst: memoryview, src: memoryview) -> bytes:
-    """Copy src into dst and return the xxh3-128 of dst, hashed while the bytes are still in
-    the CPU's cache (a large block in HASH_CHUNK pieces): about half the cost of hashing after."""
-    n = len(src)
-    if n <= 4 * HASH_CHUNK:
-        if len(dst) != n:
-            dst = dst[:n]
-        _copy(dst, src)
-        return xxhash.xxh3_128_digest(dst)
-    h = xxhash.xxh3_128()
-    for i in range(0, n, HASH_CHUNK):
-        j = min(n, i + HASH_CHUNK)
-        _copy(dst[i:j], src[i:j])
-        h.update(dst[i:j])
-    return h.digest()
-
-
 _copy_pool_lock = threading.Lock()
 _copy_pool_: ThreadPoolExecutor | None = None
 
@@ -191,7 +168,7 @@ def _copy_all(jobs: list[tuple[memoryview, memoryview, bool]]) -> list[bytes | N
     it returns (or raises) only when every copy has ended, so no thread writes into a slot
     after the caller has given it back."""
     def run(part):
-        return [_copy_hashed(d, s) if h else _copy(d, s) for d, s, h in part]
+        return [copying.copy_hashed(d, s) if h else copying.copy_into(d, s) for d, s, h in part]
     k = min(COPY_THREADS, len(jobs))
     if k < 2 or sum(len(s) for _, s, _ in jobs) < COPY_PARALLEL_MIN \
             or min(len(s) for _, s, _ in jobs) < COPY_BLOCK_MIN:

@@ -55,7 +55,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import record
+from . import copying, record
 from .arena import _address
 from .record import PAGE, CorruptRecord, Meta
 
@@ -575,13 +575,17 @@ class ColdTier:
             if meta.codec == record.CODEC_RAW:
                 if meta.raw_len != n:
                     raise CorruptRecord(f"raw record of {meta.raw_len} bytes stored as {n}")
-                if staged:
-                    out[:n] = body[:n]
+                if not staged:
+                    record.verify(meta, out[:n])
+                # staged: copy out of the bounce buffer without the GIL, hashing the destination
+                # piece by piece while it is in the cache (the same check as record.verify)
+                elif copying.copy_hashed(out[:n], body[:n]) != meta.checksum:
+                    raise CorruptRecord("payload checksum mismatch")
             else:
                 raw = record.decompress(meta.codec, body[:n], meta.raw_len)
                 out = dest(meta.raw_len)
                 out[:meta.raw_len] = raw
-            record.verify(meta, out[:meta.raw_len])
+                record.verify(meta, out[:meta.raw_len])
         except (CorruptRecord, ValueError) as e:
             if self._drop_entry(k, di, size):  # else replaced while we read: what we saw was a mix
                 log.warning("nvme %s: %s; removed", path, e)

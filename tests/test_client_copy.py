@@ -1,4 +1,4 @@
-"""The client's arena copies (kvtier.client._copy_all): large batches are dealt out over threads
+"""The client's arena copies (kvtier.client._copy_all, kvtier.copying): large batches are dealt out over threads
 that copy without the GIL; results stay in order, hashes match the bytes, and an error in any
 share is raised only after every share has stopped writing."""
 import os
@@ -8,6 +8,7 @@ import pytest
 import xxhash
 
 from kvtier import client as C
+from kvtier import copying
 
 MiB = 1 << 20
 
@@ -29,12 +30,12 @@ def two_threads(monkeypatch):
 def seen(monkeypatch) -> set:
     """Names of the threads that ran a copy."""
     names: set = set()
-    real = C._copy
+    real = copying.copy_into
 
     def spy(d, s):
         names.add(threading.current_thread().name)
         real(d, s)
-    monkeypatch.setattr(C, "_copy", spy)
+    monkeypatch.setattr(copying, "copy_into", spy)
     return names
 
 
@@ -55,12 +56,6 @@ def test_small_batches_and_small_blocks_stay_on_the_calling_thread(two_threads, 
         C._copy_all([(d, s, True) for d, s in zip(dst, src)])
         assert all(d == s for d, s in zip(dst, src))
     assert seen == {threading.current_thread().name}
-
-
-def test_blocks_above_four_hash_chunks_are_copied_in_pieces_and_hash_alike():
-    src = memoryview(os.urandom(4 * C.HASH_CHUNK + 12345))
-    dst = memoryview(bytearray(len(src)))
-    assert C._copy_hashed(dst, src) == xxhash.xxh3_128_digest(src) and dst == src
 
 
 def test_an_error_in_one_share_is_raised_after_every_share_ended(two_threads):

@@ -607,9 +607,10 @@ def test_payload_bit_flip_is_a_counted_miss_and_the_file_goes(tmp_path, direct, 
     assert write(tier, key(1), data) and read(tier, key(1)) == data  # it can be stored again
 
 
-def test_payload_bit_flips_raw_are_all_caught(tmp_path, direct, caplog):
+@pytest.mark.parametrize("bounce", [False, True])
+def test_payload_bit_flips_raw_are_all_caught(tmp_path, direct, bounce, caplog):
     caplog.set_level(logging.ERROR, logger="kvtier.nvme")
-    tier = ColdTier([(str(tmp_path / "d0"), 1 << 30)], direct_io=direct)
+    tier = ColdTier([(str(tmp_path / "d0"), 1 << 30)], direct_io=direct, bounce_reads=bounce)
     data = rnd(5000, 3)
     k = key(1)
     failures = 0

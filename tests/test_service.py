@@ -555,10 +555,10 @@ def test_get_verifies_checksums(daemon, path):
 
 @pytest.mark.parametrize("n", [0, 1, 4 * MiB, 4 * MiB + 1, 9 * MiB + 3])
 def test_copy_hashed_is_the_xxh3_of_what_it_copied(n):
-    from kvtier.client import _copy_hashed
+    from kvtier.copying import copy_hashed
     src = memoryview(random.Random(n).randbytes(n))
     dst = memoryview(bytearray(n + 5))
-    assert _copy_hashed(dst, src) == xxhash.xxh3_128_digest(src)
+    assert copy_hashed(dst, src) == xxhash.xxh3_128_digest(src)
     assert dst[:n] == src and dst[n:] == bytes(5)
 
 
