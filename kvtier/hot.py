@@ -230,9 +230,7 @@ class HotTier:
     def _policy_add(self, b: Block, touched: bool = False) -> None:
         pol = self._pol(b.group)
         r = self.alloc.round(b.length)
-        pol.insert(b, r)
-        if touched:
-            pol.touch(b)
+        pol.insert(b, r, touched)
         self.evictable_bytes += r
         self.group_evictable[b.group] = self.group_evictable.get(b.group, 0) + r
 

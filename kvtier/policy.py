@@ -6,7 +6,9 @@ while it is pinned or leased and comes back afterwards, so ``victim()`` never
 returns something the tier must skip (races become no-ops, not loops).
 
 Interface (all O(1) amortised):
-    insert(key, size)   a block became evictable (new, or unpinned/released)
+    insert(key, size, read=False)
+                        a block became evictable (new, or unpinned/released); read: it was
+                        just read (a lease ended), the same as insert then touch
     touch(key)          the block was read
     remove(key) -> bool the block is no longer evictable (pinned, leased, deleted); False if
                         the key was not tracked
@@ -40,8 +42,8 @@ class LRU:
     def __init__(self, ghost_key: Callable[[Hashable], Hashable] | None = None) -> None:
         self._od: OrderedDict[Hashable, int] = OrderedDict()  # ghost_key: unused (no ghost)
 
-    def insert(self, key: Hashable, size: int) -> None:
-        self._od[key] = size
+    def insert(self, key: Hashable, size: int, read: bool = False) -> None:
+        self._od[key] = size  # read or not, it is now the most recent
         self._od.move_to_end(key)
 
     def touch(self, key: Hashable) -> None:
@@ -78,10 +80,10 @@ class S3FIFO:
         self._small_bytes = 0
         self._main_bytes = 0
 
-    def insert(self, key: Hashable, size: int) -> None:
+    def insert(self, key: Hashable, size: int, read: bool = False) -> None:
         if key in self._freq:
             self.remove(key)
-        self._freq[key] = 0
+        self._freq[key] = 1 if read else 0
         if self._ghost and self._ghost.pop(self._gk(key), _GONE) is None:
             self._main[key] = size
             self._main_bytes += size

@@ -77,6 +77,22 @@ def test_touch_keeps_the_key_and_does_not_add_unknown_ones(name):
 
 
 @ALL
+def test_insert_of_a_read_block_is_insert_then_touch(name):
+    rng = random.Random(11)
+    ops = [(rng.randrange(40), rng.random() < 0.5) for _ in range(300)]
+    one, two = POLICIES[name](), POLICIES[name]()
+    for i, (k, read) in enumerate(ops):
+        if i % 7 == 6:
+            assert one.victim() == two.victim()
+            continue
+        one.insert(k, 4096, read=read)
+        two.insert(k, 4096)
+        if read:
+            two.touch(k)
+    assert drain(one) == drain(two)
+
+
+@ALL
 def test_victim_removes_what_it_returns(name):
     p = POLICIES[name]()
     for i in range(5):
