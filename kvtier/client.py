@@ -61,8 +61,8 @@ GET_CHUNKS = 4  # a get_many over the arena acquires its keys in this many parts
 GET_CHUNK_MIN = 8  # ... of at least this many keys each (fewer keys: one Acquire)
 GET_IN_FLIGHT = 2
 # Arena copies of a batch this large (and of blocks at least COPY_BLOCK_MIN) are split over
-# COPY_THREADS threads: numpy's copy runs without the GIL, so the copies overlap each other and
-# the xxh3 passes (which hold it); smaller batches are not worth the hand-off.
+# COPY_THREADS threads: numpy's copy and xxh3 both run without the GIL, so the shares proceed
+# side by side, as far as the memory bus allows; smaller batches are not worth the hand-off.
 COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
 COPY_PARALLEL_MIN = 4 << 20
 COPY_BLOCK_MIN = 256 << 10

@@ -4,7 +4,7 @@ Used where blocks move between buffers in bulk: the client's arena copies (kvtie
 reads from NVMe that land in a bounce buffer first (kvtier.cold). ``copy_into`` runs numpy's
 copy, which releases the GIL, so other threads (the event loop, other reads) run meanwhile;
 ``copy_hashed`` hashes the destination right after each piece is copied, while it is still in
-the CPU's cache. python-xxhash holds the GIL while it hashes.
+the CPU's cache. python-xxhash releases the GIL as well while it hashes a large buffer.
 """
 from __future__ import annotations
 
