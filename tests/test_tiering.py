@@ -46,14 +46,15 @@ def ram(c: Client):
     return t
 
 
-def wait_for(cond, timeout: float = 10.0, what: str = "condition"):
+def wait_for(cond, timeout: float = 10.0, what: str = "condition", show=None):
+    """Poll cond() until true; on timeout fail, with show() (the state waited on) if given."""
     deadline = time.monotonic() + timeout
     while True:
         v = cond()
         if v:
             return v
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}" + (f"; now {show()}" if show else ""))
         time.sleep(0.02)
 
 
@@ -132,12 +133,14 @@ def test_demotion_on_eviction(make_daemon, tmp_path):
     d = make_daemon(**settings(tmp_path, write_policy="evict"))
     n = 24  # 12 MiB into an 8 MiB arena
     with Client(d.address) as c:
-        for i in range(n):
+        for i in range(n):  # paced as fill_until_evicted: a demotion finding the queue full is dropped
+            wait_for(lambda: nvme(c).queued_bytes == 0, what="the write queue to drain")
             assert c.put(NS, key(i), blob(BLOCK, i))
         assert c.path == "arena"
         ev = ram(c).evictions
         assert ev >= n - 16
-        wait_for(lambda: nvme(c).blocks == ev and nvme(c).queued_bytes == 0, what="demotions written")
+        wait_for(lambda: nvme(c).blocks == ev and nvme(c).queued_bytes == 0, what=f"{ev} demotions written",
+                 show=lambda: nvme(c))
         t = nvme(c)
         assert t.demotions == ev and t.dropped_writes == 0 and t.io_errors == 0
         assert len(files(tmp_path / "nvme0")) == ev
