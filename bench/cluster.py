@@ -153,17 +153,15 @@ class Wire:
     way and a one-byte answer back, nothing else."""
 
     name = "loopback TCP (no Redis)"
-    SOCK_BUF = 4 * MiB
 
     def __init__(self) -> None:
         import socket
+        from bench import core
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.cluster", "--serve-wire"],
                                      stdout=subprocess.PIPE, cwd=REPO)
         port = int(self.proc.stdout.readline())
         self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.SOCK_BUF)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.SOCK_BUF)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        core.tune(self.sock)  # 4 MiB buffers and TCP_NODELAY, as the tier's connections
         self.sock.setblocking(False)
         self.buf = memoryview(bytearray(PIPE * BLOCK))
         self.buf[:] = b"\1" * len(self.buf)
@@ -201,33 +199,26 @@ class Wire:
 def serve_wire() -> None:
     """The wire case's other end: prints its port, serves one connection until it closes."""
     import socket
+    from bench import core
     ls = socket.socket()
     ls.bind(("127.0.0.1", 0))
     ls.listen(1)
     print(ls.getsockname()[1], flush=True)
     c, _ = ls.accept()
     ls.close()
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, Wire.SOCK_BUF)
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, Wire.SOCK_BUF)
-    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    core.tune(c)
     data = memoryview(os.urandom(PIPE * BLOCK))
     sink = memoryview(bytearray(PIPE * BLOCK))
-    head = bytearray(9)
-    while True:
-        got = 0
-        while got < 9:
-            n = c.recv_into(memoryview(head)[got:])
-            if not n:
-                return
-            got += n
+    head = memoryview(bytearray(9))
+    while core.recv_exact(c, head):  # False: the client closed
         size = int.from_bytes(head[1:], "little")
+        if size > len(sink):
+            raise ValueError(f"a round of {size} bytes; the wire case moves at most {len(sink)}")
         if head[0] == ord("G"):
             c.sendall(data[:size])
-            continue
-        got = 0
-        while got < size:
-            got += c.recv_into(sink[got % len(sink):], min(size - got, len(sink) - got % len(sink)))
-        c.sendall(b"k")
+        else:
+            core.recv_exact(c, sink[:size])
+            c.sendall(b"k")
 
 
 TIER_SETTINGS = [  # (connections, part_bytes)

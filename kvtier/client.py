@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from typing import Any, Generator, Iterable, Sequence
 
 import grpc
-import numpy as np
 import xxhash
 
 from . import copying, errors

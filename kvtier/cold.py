@@ -575,12 +575,10 @@ class ColdTier:
             if meta.codec == record.CODEC_RAW:
                 if meta.raw_len != n:
                     raise CorruptRecord(f"raw record of {meta.raw_len} bytes stored as {n}")
-                if not staged:
+                if staged:  # copy out of the bounce buffer without the GIL, hashing as it copies
+                    record.verify_digest(meta, copying.copy_hashed(out[:n], body[:n]))
+                else:
                     record.verify(meta, out[:n])
-                # staged: copy out of the bounce buffer without the GIL, hashing the destination
-                # piece by piece while it is in the cache (the same check as record.verify)
-                elif copying.copy_hashed(out[:n], body[:n]) != meta.checksum:
-                    raise CorruptRecord("payload checksum mismatch")
             else:
                 raw = record.decompress(meta.codec, body[:n], meta.raw_len)
                 out = dest(meta.raw_len)

@@ -218,6 +218,13 @@ class HotTier:
         """A namespace's committed blocks by key (read-only; empty for a namespace never used)."""
         return self._index.get(ns, _NO_BLOCKS)
 
+    def _filing(self, ns: str) -> dict[bytes, Block]:
+        """The namespace's dict of blocks, made on first use, to file a committed block in."""
+        idx = self._index.get(ns)
+        if idx is None:
+            idx = self._index[ns] = {}
+        return idx
+
     def _evictable(self, b: Block) -> bool:
         return b.state == COMMITTED and b.leases == 0 and b.pin_until == 0.0
 
@@ -575,9 +582,7 @@ class HotTier:
                 kk = (b.ns, b.key)
                 del self._pending[kk]
                 self.reserved_bytes -= self.alloc.round(b.length)
-                idx = self._index.get(b.ns)
-                if idx is None:
-                    idx = self._index[b.ns] = {}
+                idx = self._filing(b.ns)
                 old = idx.get(b.key)
                 if old is not None:
                     self._drop(old)
@@ -749,7 +754,7 @@ class HotTier:
                     dropped += 1
                     continue
                 b = Block(ns, key, off, length, COMMITTED, digest, created, entry=i, group=self.group_of(ns))
-                self._index.setdefault(ns, {})[key] = b
+                self._filing(ns)[key] = b
                 self._use(b.group, self.alloc.round(length))
                 self._policy_add(b)
                 st = self._ns(ns)
