@@ -11,7 +11,11 @@ from __future__ import annotations
 import numpy as np
 import xxhash
 
-HASH_CHUNK = 1 << 20  # blocks above 4 of these are copied and hashed piece by piece
+# A block larger than this is copied and hashed in pieces of this size: each piece is hashed
+# while source and destination (twice this) still sit in the core's L2 cache (1-2 MiB per core
+# on current server CPUs). With 1 MiB pieces the destination had partly left it: copying and
+# hashing 16 x 2 MiB on two threads went from 0.85-0.90x of a plain copy's time to 1.0x.
+HASH_CHUNK = 256 << 10
 
 
 def copy_into(dst: memoryview, src: memoryview) -> None:
@@ -21,16 +25,16 @@ def copy_into(dst: memoryview, src: memoryview) -> None:
 
 def copy_hashed(dst: memoryview, src: memoryview) -> bytes:
     """Copy src into dst and return the xxh3-128 of dst, hashed while the bytes are still in
-    the CPU's cache (a large block in HASH_CHUNK pieces): about half the cost of hashing after."""
+    the CPU's cache (a block above HASH_CHUNK piece by piece): about half the cost of hashing
+    after."""
     n = len(src)
-    if n <= 4 * HASH_CHUNK:
-        if len(dst) != n:
-            dst = dst[:n]
-        copy_into(dst, src)
-        return xxhash.xxh3_128_digest(dst)
+    d, s = np.frombuffer(dst, np.uint8, n), np.frombuffer(src, np.uint8)
+    if n <= HASH_CHUNK:
+        np.copyto(d, s)
+        return xxhash.xxh3_128_digest(d)
     h = xxhash.xxh3_128()
     for i in range(0, n, HASH_CHUNK):
-        j = min(n, i + HASH_CHUNK)
-        copy_into(dst[i:j], src[i:j])
-        h.update(dst[i:j])
+        piece = d[i:i + HASH_CHUNK]
+        np.copyto(piece, s[i:i + HASH_CHUNK])
+        h.update(piece)
     return h.digest()

@@ -30,12 +30,11 @@ def two_threads(monkeypatch):
 def seen(monkeypatch) -> set:
     """Names of the threads that ran a copy."""
     names: set = set()
-    real = copying.copy_into
-
-    def spy(d, s):
-        names.add(threading.current_thread().name)
-        real(d, s)
-    monkeypatch.setattr(copying, "copy_into", spy)
+    for name in ("copy_into", "copy_hashed"):
+        def spy(d, s, real=getattr(copying, name)):
+            names.add(threading.current_thread().name)
+            return real(d, s)
+        monkeypatch.setattr(copying, name, spy)
     return names
 
 

@@ -21,6 +21,7 @@ import kvtier
 from kvtier import errors
 from kvtier.arena import DATA_OFFSET, HEADER, MAGIC
 from kvtier.client import AsyncClient, Client
+from kvtier.copying import HASH_CHUNK
 from kvtier.v1 import kvtier_pb2 as pb
 from kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 
@@ -553,7 +554,7 @@ def test_get_verifies_checksums(daemon, path):
         assert c.checksum_failures == 3
 
 
-@pytest.mark.parametrize("n", [0, 1, 4 * MiB, 4 * MiB + 1, 9 * MiB + 3])
+@pytest.mark.parametrize("n", [0, 1, HASH_CHUNK, HASH_CHUNK + 1, 4 * MiB, 9 * MiB + 3])
 def test_copy_hashed_is_the_xxh3_of_what_it_copied(n):
     from kvtier.copying import copy_hashed
     src = memoryview(random.Random(n).randbytes(n))
