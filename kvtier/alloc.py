@@ -1,16 +1,26 @@
-"""Slot allocator for the arena: best-fit over free extents, with coalescing.
+"""Slot allocator for the arena: exact-size reuse, then best fit over free extents, with coalescing.
 
 The arena's slot region [start, end) is carved into extents aligned to
-``align`` bytes (4 KiB: page-aligned slots suit O_DIRECT and DMA). Free extents
-are indexed twice: by (size, offset) in a sorted list for best-fit, and by both
-ends (the start index kept sorted) so a freed extent merges with its free
-neighbours, and a free overlapping free space is refused, in O(log n).
+``align`` bytes (4 KiB: page-aligned slots suit O_DIRECT and DMA).
 
-Best-fit with immediate coalescing keeps fragmentation low under mixed block
-sizes: a workload of uniform blocks (the common case: one model, one block
-shape) never fragments at all, and freeing always restores the largest extent
-it can. When no extent fits, the caller evicts and retries (the hot tier walks
-its eviction policy until ``largest_free()`` is large enough).
+A freed slot first goes on the quick list of its size, and an alloc of that size
+takes the most recently freed one back in O(1). The common workload, uniform
+blocks (one model, one block shape), lives on those lists and never touches the
+sorted index below, which cost a handful of microseconds per alloc and per free
+(about half of what a Reserve of 2 MiB blocks cost the daemon).
+
+Free extents are indexed twice: by (size, offset) in a sorted list for best-fit,
+and by both ends (the start index kept sorted) so a freed extent merges with its
+free neighbours in O(log n). An alloc whose size has no quick slot merges the
+quick lists into the extents first, then takes the best fit (the smallest extent
+that fits, the lowest offset on ties): mixed sizes fragment no more than with the
+extents alone, and an alloc fails only when no coalesced extent fits.
+``largest_free()`` and ``alloc_at()`` merge first too; ``extents()`` reports the
+merged view without changing anything.
+
+Every slot handed out is remembered (offset -> size), so a free is checked exactly:
+a double free, a free of an offset never handed out, or one with another size is
+refused and changes nothing.
 
 Not thread-safe: the hot tier calls it under its lock.
 """
@@ -36,6 +46,10 @@ class ExtentAllocator:
         self._by_size = SortedList()          # size << _SHIFT | offset: (size, offset) order, as one int
         self._by_start = SortedDict()         # offset -> size
         self._by_end: dict[int, int] = {}     # offset+size -> offset
+        self._quick: dict[int, list[int]] = {}  # size -> offsets of freed slots not merged yet, newest last
+        self._quick_bytes = 0
+        self._live: dict[int, int] = {}       # offset -> size of every slot handed out
+        self._sizes: dict[int, int] = {}      # one int object per slot size, shared by _live's values
         self.free_bytes = 0
         self._insert(start, end - start)
 
@@ -59,9 +73,24 @@ class ExtentAllocator:
         del self._by_end[off + size]
         self.free_bytes -= size
 
+    def _hand_out(self, off: int, size: int) -> int:
+        self._live[off] = self._sizes.setdefault(size, size)
+        return off
+
     def alloc(self, n: int) -> int | None:
         """Offset of a slot of round(n) bytes, or None if no free extent fits."""
         size = self.round(n)
+        q = self._quick.get(size)
+        if q:
+            off = q.pop()
+            self._quick_bytes -= size
+            self.free_bytes -= size
+            return self._hand_out(off, size)
+        self._merge_quick()
+        off = self._best_fit(size)
+        return None if off is None else self._hand_out(off, size)
+
+    def _best_fit(self, size: int) -> int | None:
         i = self._by_size.bisect_left(size << _SHIFT)
         if i == len(self._by_size):
             return None
@@ -78,6 +107,7 @@ class ExtentAllocator:
         size = self.round(n)
         if off % self.align or off < self.start or off + size > self.end:
             return False
+        self._merge_quick()
         i = self._by_start.bisect_right(off) - 1
         if i < 0:
             return False
@@ -89,19 +119,39 @@ class ExtentAllocator:
             self._insert(fstart, off - fstart)
         if fstart + fsize > off + size:
             self._insert(off + size, fstart + fsize - off - size)
+        self._hand_out(off, size)
         return True
 
     def free(self, off: int, n: int) -> None:
         """Return the slot allocated at off for a block of n bytes."""
         size = self.round(n)
-        if off < self.start or off + size > self.end or off % self.align:
-            raise ValueError(f"free of a slot outside the region: {off}+{size}")
-        # a double free overlaps free space: check the last free extent starting before this slot ends
-        i = self._by_start.bisect_left(off + size)
-        if i:
-            foff, fsize = self._by_start.peekitem(i - 1)
-            if foff + fsize > off:
-                raise ValueError(f"double free at {off}")
+        held = self._live.get(off)
+        if held != size:
+            if off < self.start or off + size > self.end or off % self.align:
+                raise ValueError(f"free of a slot outside the region: {off}+{size}")
+            if held is None:
+                raise ValueError(f"double free at {off} (or a slot never handed out)")
+            raise ValueError(f"free of {size} bytes at {off}, a slot of {held} bytes")
+        del self._live[off]
+        q = self._quick.get(size)
+        if q is None:
+            q = self._quick[self._sizes[size]] = []
+        q.append(off)
+        self._quick_bytes += size
+        self.free_bytes += size
+
+    def _merge_quick(self) -> None:
+        """Move every quick slot into the extents, each merged with its free neighbours."""
+        if not self._quick_bytes:
+            return
+        for size, offs in self._quick.items():
+            for off in offs:
+                self._coalesce(off, size)
+            offs.clear()
+        self.free_bytes -= self._quick_bytes  # _coalesce counted them again
+        self._quick_bytes = 0
+
+    def _coalesce(self, off: int, size: int) -> None:
         # merge with the free extent ending where this one starts, and the one starting where it ends
         left = self._by_end.get(off)
         if left is not None:
@@ -115,11 +165,21 @@ class ExtentAllocator:
         self._insert(off, size)
 
     def largest_free(self) -> int:
+        self._merge_quick()
         return self._by_size[-1] >> _SHIFT if self._by_size else 0
 
     def fits(self, n: int) -> bool:
         return self.largest_free() >= self.round(n)
 
     def extents(self) -> list[tuple[int, int]]:
-        """Free extents as (offset, size), by offset (for tests and stats)."""
-        return sorted(self._by_start.items())
+        """Free extents as (offset, size), by offset, quick slots merged with their neighbours
+        (for tests and stats; changes nothing)."""
+        spans = sorted(list(self._by_start.items())
+                       + [(off, size) for size, offs in self._quick.items() for off in offs])
+        out: list[tuple[int, int]] = []
+        for off, size in spans:
+            if out and out[-1][0] + out[-1][1] == off:
+                out[-1] = (out[-1][0], out[-1][1] + size)
+            else:
+                out.append((off, size))
+        return out

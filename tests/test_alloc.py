@@ -1,4 +1,5 @@
-"""ExtentAllocator: alignment, best-fit, coalescing, refused frees, and invariants under churn."""
+"""ExtentAllocator: alignment, quick reuse of freed slots, best-fit, coalescing, refused frees, and
+invariants under churn."""
 from __future__ import annotations
 
 import random
@@ -11,10 +12,11 @@ KiB, MiB = 1024, 1024 * 1024
 PAGE = 4096
 
 
-def check_invariants(a: ExtentAllocator, live: dict[int, int]) -> None:
+def check_invariants(a: ExtentAllocator, live: dict[int, int], merge: bool = True) -> None:
     """Free extents are aligned, disjoint and coalesced; with the live slots they tile the region.
 
     ``live``: offset -> rounded size of every slot handed out and not yet freed.
+    ``merge``: also check largest_free(), which merges the quick lists.
     """
     ext = a.extents()
     for off, size in ext:
@@ -28,7 +30,9 @@ def check_invariants(a: ExtentAllocator, live: dict[int, int]) -> None:
     free = sum(s for _, s in ext)
     assert a.free_bytes == free
     assert a.free_bytes + sum(live.values()) == a.capacity
-    assert a.largest_free() == max((s for _, s in ext), default=0)
+    if merge:
+        assert a.largest_free() == max((s for _, s in ext), default=0)
+        assert a.extents() == ext  # merging changed the representation only
 
 
 # ---- construction and rounding -------------------------------------------------------------
@@ -117,9 +121,43 @@ def test_best_fit_picks_the_smallest_extent_that_fits():
 def test_best_fit_ties_go_to_the_lowest_offset():
     a = ExtentAllocator(0, 4 * MiB)
     first, second, third = _holes(a, [2, 2, 2])
-    assert a.alloc(2 * PAGE) == first
-    assert a.alloc(PAGE) == second
+    assert a.alloc(PAGE) == first  # no freed slot of 1 page: best fit over the merged extents
+    assert a.alloc(2 * PAGE) == second
     assert a.alloc(2 * PAGE) == third
+
+
+# ---- quick reuse of freed slots --------------------------------------------------------------
+
+def test_a_freed_slot_goes_back_to_the_next_alloc_of_its_size_newest_first():
+    a = ExtentAllocator(0, 4 * MiB)
+    x, y, z = (a.alloc(2 * PAGE) for _ in range(3))
+    a.free(x, 2 * PAGE)
+    a.free(z, 2 * PAGE)  # z merges with the tail in the extents, but an exact fit is taken as is
+    assert a.alloc(2 * PAGE - 1) == z
+    assert a.alloc(2 * PAGE) == x
+    assert a.alloc(2 * PAGE) == z + 2 * PAGE  # none left: from the tail
+    check_invariants(a, {x: 2 * PAGE, y: 2 * PAGE, z: 2 * PAGE, z + 2 * PAGE: 2 * PAGE})
+
+
+def test_an_alloc_of_another_size_merges_freed_slots_first():
+    a = ExtentAllocator(0, 8 * PAGE)
+    offs = [a.alloc(PAGE) for _ in range(8)]
+    for off in offs[2:5]:
+        a.free(off, PAGE)
+    assert a.free_bytes == 3 * PAGE
+    assert a.alloc(3 * PAGE) == offs[2]  # three 1-page slots merged into one extent
+    assert a.alloc(PAGE) is None and a.free_bytes == 0
+
+
+def test_uniform_churn_takes_and_returns_the_same_slots():
+    a = ExtentAllocator(0, 64 * MiB)
+    held = [a.alloc(2 * MiB) for _ in range(8)]
+    for _ in range(100):
+        off = held.pop(0)
+        a.free(off, 2 * MiB)
+        assert a.alloc(2 * MiB) == off
+        held.append(off)
+    assert a.extents() == [(16 * MiB, 48 * MiB)]
 
 
 def test_too_big_for_every_hole_uses_the_tail():
@@ -232,6 +270,21 @@ def test_double_free_inside_a_coalesced_extent_is_refused(five):
     assert _snapshot(five) == before
 
 
+def test_free_with_another_size_or_inside_a_live_slot_is_refused():
+    a = ExtentAllocator(0, 8 * PAGE)
+    x = a.alloc(2 * PAGE)
+    y = a.alloc(2 * PAGE)
+    before = _snapshot(a)
+    for off, n in ((x, PAGE), (x, 3 * PAGE), (x + PAGE, PAGE), (y, 4 * PAGE)):
+        with pytest.raises(ValueError):
+            a.free(off, n)
+    assert _snapshot(a) == before
+    a.free(x, 2 * PAGE)
+    with pytest.raises(ValueError):
+        a.free(x, 2 * PAGE)  # it sits on a quick list: still a double free
+    check_invariants(a, {y: 2 * PAGE})
+
+
 def test_free_partly_overlapping_free_space_is_refused(five):
     five.free(2 * PAGE, PAGE)
     before = _snapshot(five)
@@ -293,7 +346,7 @@ def test_random_mixed_workload_keeps_every_invariant(seed):
     rng = random.Random(seed)
     a = ExtentAllocator(PAGE, PAGE + 48 * MiB)
     live: dict[int, int] = {}
-    allocs = fails = refused = 0
+    allocs = fails = refused = reused = 0
     for _ in range(3000):
         r = rng.random()
         if live and (r < 0.40 or a.free_bytes < 4 * MiB and r < 0.7):
@@ -310,17 +363,22 @@ def test_random_mixed_workload_keeps_every_invariant(seed):
             n = _rand_size(rng)
             need = a.round(n)
             fitting = [(s, o) for o, s in a.extents() if s >= need]
+            quick = list(a._quick.get(need, ()))
             off = a.alloc(n)
             if off is None:
-                assert not fitting and a.largest_free() < need
+                assert not fitting and not quick and a.largest_free() < need
                 fails += 1
+            elif quick:
+                assert off == quick[-1], "not the slot of that size freed last"
+                reused += 1
             else:
                 assert off == min(fitting)[1], "not the smallest fitting extent (lowest offset on ties)"
+            if off is not None:
                 assert off not in live
                 live[off] = need
                 allocs += 1
-        check_invariants(a, live)
-    assert allocs > 1000 and fails > 10 and refused > 50  # the run exercised every branch
+        check_invariants(a, live, merge=rng.random() < 0.1)
+    assert allocs > 1000 and fails > 10 and refused > 50 and reused > 20  # the run exercised every branch
     for off, size in list(live.items()):
         a.free(off, size)
         del live[off]
