@@ -222,6 +222,8 @@ class KVTierService(pb_grpc.KVTierServicer):
     async def _delete(self, ns, keys):
         if _on_loop():
             return await self.hot.delete_async(ns, keys)
+        if isinstance(self.hot.cluster, NullCluster):  # what delete_async runs in a thread: this one will do
+            return self.hot.delete(ns, keys)
         return self._loop_run(self.hot.delete_async(ns, keys))
 
     # ---- RPCs -----------------------------------------------------------------------------

@@ -314,6 +314,34 @@ def test_nvme_promotion_on_a_data_channel_thread(make_daemon, tmp_path):
         assert c.stats().leases == 0
 
 
+def test_delete_without_a_cluster_tier_runs_on_the_data_channel_thread(make_daemon, tmp_path, monkeypatch):
+    d = make_daemon(ram={"capacity": "8MiB"},
+                    nvme={"dirs": [str(tmp_path / "nvme")], "capacity": "64MiB", "write_policy": "evict"})
+    keys = [key("del", i) for i in range(12)]
+    c, g = pair(d)
+    with c, g:
+        c.put_many(NS, [(k, os.urandom(MiB - 4096)) for k in keys])  # the first ones are demoted to NVMe
+        deadline = time.monotonic() + 10
+        while d.daemon.store.queued_bytes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tiers = c.lookup(NS, keys)[0]
+        assert 2 in tiers[:6] and 1 in tiers[6:]
+        threads = []
+        store = type(d.daemon.store)
+        real = store.delete
+
+        def spy(self, ns, ks):
+            threads.append(threading.current_thread().name)
+            return real(self, ns, ks)
+        monkeypatch.setattr(store, "delete", spy)
+        assert c.delete(NS, keys[:6]) == 6
+        assert threads == ["kvtier-data-conn"]  # no hop to the event loop and on to a worker
+        assert g.delete(NS, keys[6:]) == 6
+        assert len(threads) == 2 and threads[1] != "kvtier-data-conn"
+        assert c.lookup(NS, keys) == ([0] * 12, 0)
+        assert all(not files for _, _, files in os.walk(tmp_path / "nvme"))  # the demoted ones' files too
+
+
 def test_cluster_tier_steps_run_on_the_loop(make_daemon, valkey):
     section = {"url": valkey.url, "timeout_ms": 1000, "reconnect_max_s": 0.5}
     a, b = make_daemon(cluster=section), make_daemon(cluster=section)
