@@ -58,6 +58,10 @@ PUT_CHUNK = 1 << 20
 POST_TIMEOUT_S = 30.0  # wait for a posted call's answer before reusing its connection
 GET_CHUNKS = 4  # a get_many over the arena acquires its keys in this many parts, two in flight...
 GET_CHUNK_MIN = 8  # ... of at least this many keys each (fewer keys: one Acquire)
+# ... or, after a get_many whose blocks were all in RAM already, of at least this many: the
+# parts let the client copy while the daemon reads the next part from NVMe, and for blocks in
+# RAM they pay only when the daemon's per-key work of a part outlasts an extra round trip
+GET_CHUNK_MIN_RAM = 64
 GET_IN_FLIGHT = 2
 # Arena copies of a batch this large (and of blocks at least COPY_BLOCK_MIN) are split over
 # COPY_THREADS threads: numpy's copy and xxh3 both run without the GIL, so the shares proceed
@@ -141,10 +145,10 @@ def _lost(conn: DataConnection, rpc: str, e: BaseException) -> BaseException:
     return e
 
 
-def _get_chunks(n: int, max_batch: int) -> list[tuple[int, int]]:
-    """[i, j) ranges a get_many of n keys is acquired in: one up to 2 * GET_CHUNK_MIN keys, else
-    GET_CHUNKS about equal ones of at least GET_CHUNK_MIN keys (more where max_batch says)."""
-    size = n if n < 2 * GET_CHUNK_MIN else max(GET_CHUNK_MIN, -(-n // GET_CHUNKS))
+def _get_chunks(n: int, max_batch: int, least: int = GET_CHUNK_MIN) -> list[tuple[int, int]]:
+    """[i, j) ranges a get_many of n keys is acquired in: one below 2 * least keys, else
+    GET_CHUNKS about equal ones of at least ``least`` keys (more where max_batch says)."""
+    size = n if n < 2 * least else max(least, -(-n // GET_CHUNKS))
     size = max(1, min(size, max_batch))
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -203,6 +207,7 @@ class _Ops:
         self.arena: ArenaMapping | None = None
         self.path = ""
         self.checksum_failures = 0
+        self.ram_hits = False  # the last get_many over the arena promoted nothing (GET_CHUNK_MIN_RAM)
         self._pool: list[DataConnection] = []
         self._pool_lock = threading.Lock()
 
@@ -536,7 +541,9 @@ class _Ops:
         yield from self._attach()
         if self.arena is None:
             raise errors.FailedPrecondition("the arena is not mapped (not on the daemon's node)")
-        bounds = _get_chunks(len(keys), self.info.max_batch or 1024)
+        bounds = _get_chunks(len(keys), self.info.max_batch or 1024,
+                             GET_CHUNK_MIN_RAM if self.ram_hits else GET_CHUNK_MIN)
+        ram = True
         out: list = []
         sent: list = []  # (i, j, request, handle) of Acquires in flight, oldest first
         k = 0
@@ -549,6 +556,7 @@ class _Ops:
                     k += 1
                 i, j, req, started = sent.pop(0)
                 lease = self._lease(j - i, (yield ("finish", started, "Acquire", req)))
+                ram = ram and pb.TIER_NVME not in lease.tiers and pb.TIER_CLUSTER not in lease.tiers
                 try:
                     out += self._copy_out(lease, into[i:j] if into is not None else None)
                 finally:
@@ -565,6 +573,7 @@ class _Ops:
                 with contextlib.suppress(errors.KvtierError):
                     yield from self._release_posted(self._lease(0, (yield ("finish", started, "Acquire", req))))
             raise
+        self.ram_hits = ram
         return out
 
     def _release_posted(self, lease: Lease):

@@ -423,10 +423,12 @@ def test_a_long_get_many_keeps_two_acquires_in_flight(daemon):
         seen = _count_acquires(c)
         assert c.get_many(NS, keys) == want
         assert (seen["sent"], seen["most"]) == (4, 2)  # 4 parts of 10 keys, the next sent before one is copied
+        c._ops.ram_hits = False  # as if a block had come from NVMe (the next test): parts again
         bufs = [bytearray(4096) for _ in keys]
         got = c.get_many(NS, keys, into=bufs)
         assert [None if v is None else bytes(v) for v in got] == want
         assert all(v is None or v.obj is b for v, b in zip(got, bufs))
+        assert seen["sent"] == 8
         assert c.get_many(NS, keys[:15]) == want[:15] and seen["sent"] == 9  # under 16 keys: one Acquire
         assert g.get_many(NS, keys) == want  # gRPC control: the same parts, one at a time
         assert _leases_drain(c) == 0
@@ -435,6 +437,31 @@ def test_a_long_get_many_keeps_two_acquires_in_flight(daemon):
             async with AsyncClient(daemon.address) as a:
                 return await a.get_many(NS, keys)
         assert asyncio.run(run_async()) == want
+
+
+def test_gets_of_blocks_in_ram_take_one_acquire_until_one_comes_from_nvme(make_daemon, tmp_path):
+    d = make_daemon(ram={"capacity": "8MiB"},
+                    nvme={"dirs": [str(tmp_path / "nvme")], "capacity": "64MiB", "write_policy": "evict"})
+    keys = [key("ramhits", i) for i in range(200)]
+    datas = {k: os.urandom(60_000 + i) for i, k in enumerate(keys)}
+    with Client(d.address) as c:
+        c.put_many(NS, list(datas.items()))  # 12 MiB through 8 MiB: the first ones go to NVMe
+        deadline = time.monotonic() + 10
+        while d.daemon.store.queued_bytes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tiers = c.lookup(NS, keys)[0]
+        in_ram = [k for k, t in zip(keys, tiers) if t == 1][-40:]
+        on_nvme = [k for k, t in zip(keys, tiers) if t == 2][:16]
+        assert len(in_ram) == 40 and len(on_nvme) == 16
+        seen = _count_acquires(c)
+        assert c.get_many(NS, in_ram) == [datas[k] for k in in_ram]
+        assert seen["sent"] == 4 and c._ops.ram_hits  # a new client: parts, in case they come from NVMe
+        assert c.get_many(NS, in_ram) == [datas[k] for k in in_ram]
+        assert seen["sent"] == 5  # all in RAM last time: one Acquire of the 40
+        assert c.get_many(NS, on_nvme) == [datas[k] for k in on_nvme]
+        assert seen["sent"] == 6 and not c._ops.ram_hits  # these were promoted from NVMe
+        assert c.get_many(NS, in_ram) == [datas[k] for k in in_ram]
+        assert seen["sent"] == 10  # parts again: the daemon reads one while the client copies another
 
 
 def test_a_failed_get_many_lets_go_of_every_lease(daemon):
