@@ -63,6 +63,13 @@ GET_CHUNK_MIN = 8  # ... of at least this many keys each (fewer keys: one Acquir
 # RAM they pay only when the daemon's per-key work of a part outlasts an extra round trip
 GET_CHUNK_MIN_RAM = 64
 GET_IN_FLIGHT = 2
+# A put_many over the arena of at least PUT_SPLIT_KEYS blocks reserves and commits in PUT_PARTS
+# parts, so the daemon's per-block work for one part (a few us a block) hides behind the
+# copies of another; with fewer (larger) blocks that work is small and, on a machine with few
+# cores, the hidden calls only compete with the copy threads (16 x 2 MiB: 8% slower split,
+# 512 x 64 KiB: 20% faster, on 2 vCPUs; 4 parts did worse than 2 there).
+PUT_PARTS = 2
+PUT_SPLIT_KEYS = 64
 # Arena copies of a batch this large (and of blocks at least COPY_BLOCK_MIN) are split over
 # COPY_THREADS threads: numpy's copy and xxh3 both run without the GIL, so the shares proceed
 # side by side, as far as the memory bus allows; smaller batches are not worth the hand-off.
@@ -151,6 +158,22 @@ def _get_chunks(n: int, max_batch: int, least: int = GET_CHUNK_MIN) -> list[tupl
     size = n if n < 2 * least else max(least, -(-n // GET_CHUNKS))
     size = max(1, min(size, max_batch))
     return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _put_parts(sizes: list[int]) -> list[tuple[int, int]]:
+    """[i, j) ranges a put_many over the arena reserves and commits in: PUT_PARTS of about equal
+    bytes for PUT_SPLIT_KEYS blocks or more, else one."""
+    total = sum(sizes)
+    n = PUT_PARTS if len(sizes) >= PUT_SPLIT_KEYS else 1
+    if n == 1:
+        return [(0, len(sizes))]
+    out, i, acc = [], 0, 0
+    for j, size in enumerate(sizes):
+        acc += size
+        if acc * n >= total * (len(out) + 1) and len(out) < n - 1:
+            out.append((i, j + 1))
+            i = j + 1
+    return out + [(i, len(sizes))]
 
 
 _copy_pool_lock = threading.Lock()
@@ -444,10 +467,15 @@ class _Ops:
         yield from self._attach()
         if self.arena is None:
             raise errors.FailedPrecondition("the arena is not mapped (not on the daemon's node)")
+        r = yield ("unary", "Reserve", self._reserve_request(ns, keys, sizes, ttl_ms, overwrite))
+        return self._reservation(sizes, r)
+
+    def _reserve_request(self, ns, keys, sizes, ttl_ms=0, overwrite=False):
         packed, ks = pack_keys(keys)
-        r = yield ("unary", "Reserve", pb.ReserveRequest(
-            namespace=ns, key_size=ks, keys=packed, sizes=list(sizes), ttl_ms=ttl_ms, overwrite=overwrite,
-            generation=self._gen()))
+        return pb.ReserveRequest(namespace=ns, key_size=ks, keys=packed, sizes=list(sizes), ttl_ms=ttl_ms,
+                                 overwrite=overwrite, generation=self._gen())
+
+    def _reservation(self, sizes, r: pb.ReserveResponse) -> Reservation:
         view = self.arena.view
         views = [view[o:o + n] if s == 0 else None for s, o, n in zip(r.status, r.offsets, sizes)]
         return Reservation(r.reservation_id, r.status, list(r.offsets), list(sizes), views)
@@ -455,13 +483,17 @@ class _Ops:
     def op_commit(self, res: Reservation, checksums: Sequence[bytes] | None = None):
         if not res.id:
             return []
-        try:
-            r = yield ("unary", "Commit", pb.CommitRequest(
-                reservation_id=res.id, checksums=b"".join(checksums) if checksums else b""))
-        except errors.NotFound as e:  # the only NOT_FOUND Commit gives
-            raise errors.UnknownReservation(str(e)) from None
+        r = yield from self._commit_answer(("unary", "Commit", pb.CommitRequest(
+            reservation_id=res.id, checksums=b"".join(checksums) if checksums else b"")))
         c = r.checksums
         return [c[i:i + CHECKSUM_SIZE] for i in range(0, len(c), CHECKSUM_SIZE)]
+
+    def _commit_answer(self, req):
+        """The answer to a Commit made (``("unary", ...)``) or finished (``("finish", ...)``)."""
+        try:
+            return (yield req)
+        except errors.NotFound as e:  # the only NOT_FOUND Commit gives
+            raise errors.UnknownReservation(str(e)) from None
 
     def op_abort(self, res: Reservation):
         if res.id:
@@ -500,15 +532,62 @@ class _Ops:
             except errors.NotFound as e:  # expired: callers that copied out must not trust the bytes
                 raise errors.UnknownLease(str(e)) from None
 
-    def _arena_put(self, ns, keys, datas, overwrite):
-        res = yield from self._reserve(ns, keys, [len(d) for d in datas], 0, overwrite)
+    def _copy_in(self, res: Reservation, datas):
+        """Copy the blocks into their slots; their checksums. On failure the reservation is aborted."""
         try:
-            sums = _copy_all([(v, d, True) for v, d in zip(res.views, datas) if v is not None])
+            return _copy_all([(v, d, True) for v, d in zip(res.views, datas) if v is not None])
         except BaseException:
             yield from self.op_abort(res)
             raise
-        yield from self.op_commit(res, sums)
-        return [s == 0 for s in res.status]
+
+    def _arena_put(self, ns, keys, datas, overwrite):
+        """Reserve, copy in, Commit, a part of the blocks at a time (_put_parts), with the next
+        part's Reserve and this part's Commit answered while the client copies: only the first
+        Reserve and the last Commit are waited for, instead of each waiting for the copies."""
+        sizes = [len(d) for d in datas]
+        parts = _put_parts(sizes)
+        res = yield from self._reserve(ns, keys[:parts[0][1]], sizes[:parts[0][1]], 0, overwrite)
+        if len(parts) == 1:
+            sums = yield from self._copy_in(res, datas)
+            yield from self.op_commit(res, sums)
+            return [s == 0 for s in res.status]
+        out: list[bool] = []
+        owed: list = []  # (rpc, request, handle, sizes) of calls sent and not finished, oldest first
+        try:
+            for k, (i, j) in enumerate(parts):
+                if k + 1 < len(parts):  # the daemon reserves the next part while this one is copied
+                    a, b = parts[k + 1]
+                    req = self._reserve_request(ns, keys[a:b], sizes[a:b], 0, overwrite)
+                    owed.append(("Reserve", req, (yield ("start", "Reserve", req)), sizes[a:b]))
+                sums = yield from self._copy_in(res, datas[i:j])
+                out += [s == 0 for s in res.status]
+                if res.id:
+                    req = pb.CommitRequest(reservation_id=res.id, checksums=b"".join(sums))
+                    owed.append(("Commit", req, (yield ("start", "Commit", req)), None))
+                while owed and owed[0][0] == "Commit":  # earlier parts' Commits: answered by now
+                    _, req, h, _ = owed.pop(0)
+                    yield from self._commit_answer(("finish", h, "Commit", req))
+                if owed:
+                    _, req, h, part_sizes = owed.pop(0)
+                    res = self._reservation(part_sizes, (yield ("finish", h, "Reserve", req)))
+            for _, req, h, _ in owed:
+                yield from self._commit_answer(("finish", h, "Commit", req))
+        except GeneratorExit:
+            for _, _, h, _ in owed:  # closed unfinished: nobody waits; unfinished reservations expire
+                if h is not None:
+                    self.control_abandon(h)
+            raise
+        except BaseException:
+            # a part copied in is committed (without a data channel its Commit is made only now);
+            # a Reserve sent is aborted once answered
+            for rpc, req, h, part_sizes in owed:
+                with contextlib.suppress(errors.KvtierError):
+                    if rpc == "Commit":
+                        yield from self._commit_answer(("finish", h, "Commit", req))
+                    elif h is not None:
+                        yield from self.op_abort(self._reservation(part_sizes, (yield ("finish", h, rpc, req))))
+            raise
+        return out
 
     def op_put_many(self, ns: str, items: Sequence[tuple[bytes, Any]], overwrite: bool = False):
         yield from self._attach()

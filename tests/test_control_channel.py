@@ -17,6 +17,7 @@ import urllib.request
 import pytest
 import xxhash
 
+from kvtier import client as kvclient
 from kvtier import errors
 from kvtier.client import AsyncClient, Client, Lease, Reservation
 from kvtier.v1 import kvtier_pb2 as pb
@@ -462,6 +463,83 @@ def test_gets_of_blocks_in_ram_take_one_acquire_until_one_comes_from_nvme(make_d
         assert seen["sent"] == 6 and not c._ops.ram_hits  # these were promoted from NVMe
         assert c.get_many(NS, in_ram) == [datas[k] for k in in_ram]
         assert seen["sent"] == 10  # parts again: the daemon reads one while the client copies another
+
+
+def _calls_sent(cl: Client) -> list[str]:
+    """Wrap the client's control_start: the unary calls it sends ahead, in order."""
+    sent: list[str] = []
+    start = cl._ops.control_start
+
+    def spy(rpc, request):
+        out = start(rpc, request)
+        if out is not None:
+            sent.append(rpc)
+        return out
+    cl._ops.control_start = spy
+    return sent
+
+
+def _put_items(tag: str, n: int) -> list[tuple[bytes, bytes]]:
+    return [(key(tag, i), os.urandom(20_000 + i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("control", ["auto", "grpc"])
+def test_a_long_put_many_reserves_the_next_part_while_copying_this_one(daemon, control):
+    items = _put_items("parts", 2 * kvclient.PUT_SPLIT_KEYS)
+    with Client(daemon.address, control=control) as c:
+        sent = _calls_sent(c)
+        assert c.put_many(NS, items) == [True] * len(items)
+        if control == "auto":  # part 2's Reserve goes out before part 1's Commit
+            assert sent == ["Reserve", "Reserve", "Commit", "Commit"]
+        assert c.put_many(NS, items) == [False] * len(items)  # present: nothing written, nothing to commit
+        assert c.get_many(NS, [k for k, _ in items]) == [d for _, d in items]
+        assert c.stats().reservations == 0
+    assert kvclient._put_parts([1] * (kvclient.PUT_SPLIT_KEYS - 1)) == [(0, kvclient.PUT_SPLIT_KEYS - 1)]
+
+
+@pytest.mark.parametrize("control", ["auto", "grpc"])
+def test_a_put_many_failing_in_its_second_part_keeps_the_first_and_leaves_nothing_reserved(
+        daemon, control, monkeypatch):
+    items = _put_items("fail2", 2 * kvclient.PUT_SPLIT_KEYS)
+    keys = [k for k, _ in items]
+    real = kvclient._copy_all
+    copies: list[int] = []
+
+    def second_copy_fails(jobs):
+        copies.append(len(jobs))
+        if len(copies) == 2:
+            raise OSError("copy failed")
+        return real(jobs)
+    monkeypatch.setattr(kvclient, "_copy_all", second_copy_fails)
+    with Client(daemon.address, control=control) as c:
+        with pytest.raises(OSError, match="copy failed"):
+            c.put_many(NS, items)
+        half = kvclient._put_parts([len(d) for _, d in items])[0][1]
+        assert c.lookup(NS, keys) == ([1] * half + [0] * (len(keys) - half), half)
+        assert c.stats().reservations == 0  # the second part's reservation was aborted
+        monkeypatch.setattr(kvclient, "_copy_all", real)
+        assert c.put_many(NS, items) == [False] * half + [True] * (len(keys) - half)
+
+
+@pytest.mark.parametrize("control", ["auto", "grpc"])
+def test_a_put_many_refused_in_its_second_part_keeps_the_first(daemon, control, monkeypatch):
+    items = _put_items("full2", 2 * kvclient.PUT_SPLIT_KEYS)
+    keys = [k for k, _ in items]
+    store = daemon.daemon.store
+    real, calls = store.reserve, []
+
+    def second_reserve_refused(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise errors.ArenaFull("no room")
+        return real(*a, **kw)
+    monkeypatch.setattr(store, "reserve", second_reserve_refused)
+    with Client(daemon.address, control=control) as c:
+        with pytest.raises(errors.ResourceExhausted, match="no room"):
+            c.put_many(NS, items)
+        half = kvclient._put_parts([len(d) for _, d in items])[0][1]
+        assert c.lookup(NS, keys)[1] == half  # the first part was committed all the same
+        assert c.stats().reservations == 0
 
 
 def test_a_failed_get_many_lets_go_of_every_lease(daemon):
