@@ -169,7 +169,7 @@ def rows_core(r: dict) -> list[dict]:
         big = a["block_bytes"] == 2 * MiB
         out.append(row(f"arena put+get, {size(a['block_bytes'])} blocks", k, "GB/s", m, "memcpy", k / m,
                        ">= 0.8x" if big else "", k / m >= 0.8 if big else None,
-                       "the per-round fixed cost (4 control round trips, 2 client xxh3 passes over cached bytes, the daemon's background re-hash on the same cores) changes against memcpy"))
+                       "the per-round fixed cost (3 control round trips waited for: Reserve, Commit, Acquire; 2 client xxh3 passes over bytes still in L2; the daemon's background re-hash on the same cores) changes against memcpy"))
     for i in r.get("inline", []):
         k, b = i["cases"]["kvtier_data"]["gbps"]["median"], i["cases"]["raw_echo"]["gbps"]["median"]
         out.append(row(f"data channel put+get over {i['transport']}, {size(i['block_bytes'])} blocks", k, "GB/s", b,
