@@ -468,7 +468,9 @@ def test_hung_server_times_out_then_recovers(make_valkey):
                 t0 = time.monotonic()
                 assert await t.exists_many(NS, [k]) == [False]
                 assert time.monotonic() - t0 < 0.1  # the server is marked down: no second wait
-                assert t.snapshot()["timeouts"] == 1
+                # counted; on a slow machine the maintenance loop's ping, sent once the server's
+                # 0.1 s backoff ends, may have timed out too before this line runs
+                assert t.snapshot()["timeouts"] >= 1
             finally:
                 srv.resume()
             for _ in range(60):
