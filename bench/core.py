@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.core --json bench-core.json           # full run, about 3 minutes
     .venv/bin/python -m bench.core --quick --json bench-quick.json  # under a minute
     .venv/bin/python -m bench.core --settle 900 --json bench-core.json   # shared machine: wait for quiet
+    .venv/bin/python -m bench.core --parts arena                    # the arena path against memcpy alone, ~40 s
 
 Run from the repository root. Every server is its own process, so the client and
 the server never share a GIL: the daemon (``python -m kvtier.cli serve``, arena on
@@ -758,7 +759,10 @@ def versions() -> dict:
             "protobuf": google.protobuf.__version__, "numpy": np.__version__, "xxhash": xxhash.VERSION}
 
 
-def run(s: Settings, mode: str) -> dict:
+PARTS = ("arena", "inline", "lookup")
+
+
+def run(s: Settings, mode: str, parts: tuple[str, ...] = PARTS) -> dict:
     import grpc
     results: dict = {"meta": {**versions(), **machine(), "mode": mode,
                               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
@@ -794,17 +798,23 @@ def run(s: Settings, mode: str) -> dict:
         with contextlib.ExitStack() as dstack:
             daemon, addrs = start_daemon(dstack, tmp, s.arena_capacity, tcp=False)
             results["daemon"]["unix"] = lock_state(addrs["unix"])
-            arena_cases(addrs["unix"], daemon, bufs, s, results, dstack)
-            arena_steps(addrs["unix"], bufs, s, results, dstack)
-            inline_cases("unix", addrs["unix"], raw_addrs["unix"], echo_calls["unix"], daemon, raw, echo,
-                         bufs, s, results, dstack)
-            lookup_case("unix", addrs["unix"], daemon, echo_calls["unix"], s, results, dstack)
+            if "arena" in parts:
+                arena_cases(addrs["unix"], daemon, bufs, s, results, dstack)
+                arena_steps(addrs["unix"], bufs, s, results, dstack)
+            if "inline" in parts:
+                inline_cases("unix", addrs["unix"], raw_addrs["unix"], echo_calls["unix"], daemon, raw, echo,
+                             bufs, s, results, dstack)
+            if "lookup" in parts:
+                lookup_case("unix", addrs["unix"], daemon, echo_calls["unix"], s, results, dstack)
         # daemon B: gRPC and data channel on TCP 127.0.0.1
-        with contextlib.ExitStack() as dstack:
-            daemon, addrs = start_daemon(dstack, tmp, s.arena_capacity, tcp=True)
-            inline_cases("tcp", addrs["tcp"], raw_addrs["tcp"], echo_calls["tcp"], daemon, raw, echo,
-                         bufs, s, results, dstack)
-            lookup_case("tcp", addrs["tcp"], daemon, echo_calls["tcp"], s, results, dstack)
+        if "inline" in parts or "lookup" in parts:
+            with contextlib.ExitStack() as dstack:
+                daemon, addrs = start_daemon(dstack, tmp, s.arena_capacity, tcp=True)
+                if "inline" in parts:
+                    inline_cases("tcp", addrs["tcp"], raw_addrs["tcp"], echo_calls["tcp"], daemon, raw, echo,
+                                 bufs, s, results, dstack)
+                if "lookup" in parts:
+                    lookup_case("tcp", addrs["tcp"], daemon, echo_calls["tcp"], s, results, dstack)
     results["meta"]["wall_s"] = round(time.monotonic() - t_start, 1)
     results["meta"]["settle_waited_s"] = round(SETTLE["waited_s"], 1)
     results["targets"] = targets(results)
@@ -883,20 +893,25 @@ def report(r: dict) -> str:
                          f"{k / re_:6.2f} {rp:13.2f} {k / rp:6.2f} {kg:11.2f} {ge:9.2f} {kg / ge:6.2f} "
                          f"{other(i['machine'])}")
         lines.append("")
-    lines.append(f"3. Lookup of {st['lookup_keys']} x {st['key_size']}-byte keys, half present ({st['lookup_reps']} calls)")
+    if r["lookup"]:
+        lines.append(f"3. Lookup of {st['lookup_keys']} x {st['key_size']}-byte keys, half present "
+                     f"({st['lookup_reps']} calls)")
     for lk in r["lookup"]:
         ms = lk["ms"]
         lines.append(f"{lk['transport']:>8}  median {ms['median']:.3f} ms  p90 {ms['p90']:.3f}  p99 {ms['p99']:.3f}  "
                      f"max {ms['max']:.3f}  other {other(lk['machine']).strip()}")
         lines.append("          round trips, median (p90) ms: " + "  ".join(
             f"{name} {v['median']:.3f} ({v['p90']:.3f})" for name, v in lk["round_trips_ms"].items()))
-    lines.append("")
+    if r["lookup"]:
+        lines.append("")
     lines.append("4. where the time goes (medians, ms per round)")
-    lines.append("   arena round, step by step")
-    lines.append(f"{'block':>8}  " + "  ".join(f"{n:>8}" for n in ARENA_STEPS))
+    if r["arena_steps"]:
+        lines.append("   arena round, step by step")
+        lines.append(f"{'block':>8}  " + "  ".join(f"{n:>8}" for n in ARENA_STEPS))
     for a in r["arena_steps"]:
         lines.append(f"{fmt_size(a['block_bytes']):>8}  " + "  ".join(f"{v:8.2f}" for v in a["median_ms"].values()))
-    lines.append("   data channel vs raw pipelined: put ms, get ms; CPU ms per round client/server")
+    if r["inline"]:
+        lines.append("   data channel vs raw pipelined: put ms, get ms; CPU ms per round client/server")
     for i in r["inline"]:
         k, rp = i["cases"]["kvtier_data"], i["cases"]["raw_pipelined"]
         lines.append(f"{i['transport']:>5} {fmt_size(i['block_bytes']):>7}  kvtier {1e3 * k['put_seconds_median']:6.2f} "
@@ -921,6 +936,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle", type=float, default=0, metavar="SECONDS",
                    help="on a shared machine: wait up to this long in all for other work to quiet down "
                         f"(under {NOISY * 100:.0f}%% of the CPUs) before each group (default 0: never wait)")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated subset of {', '.join(PARTS)} (default: all); e.g. arena for the "
+                        "arena path against memcpy alone")
     p.add_argument("--serve-raw", nargs=3, metavar=("UNIX", "PORT", "BYTES"), help=argparse.SUPPRESS)
     p.add_argument("--serve-grpc", nargs=2, metavar=("UNIX", "PORT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -939,7 +957,12 @@ def main(argv: list[str] | None = None) -> int:
         if not (eq and dot and section and name and value):
             p.error(f"--daemon-set wants SECTION.NAME=VALUE, got {item!r}")
         DAEMON_SETTINGS.append((section, name, value))
-    r = run(QUICK if a.quick else FULL, "quick" if a.quick else "full")
+    parts = tuple(x.strip() for x in a.parts.split(",") if x.strip())
+    unknown = [x for x in parts if x not in PARTS]
+    if unknown or not parts:
+        p.error(f"--parts takes a subset of {', '.join(PARTS)}, got {a.parts!r}")
+    r = run(QUICK if a.quick else FULL, "quick" if a.quick else "full", parts)
+    r["settings"]["parts"] = list(parts)
     r["daemon_settings"] = [f"{sec}.{name} = {value}" for sec, name, value in DAEMON_SETTINGS]
     print(report(r))
     if a.json:

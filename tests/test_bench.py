@@ -149,3 +149,22 @@ def test_cluster_bench_wire_case_moves_every_byte():
             await w.close()
         assert w.proc.returncode == 0
     asyncio.run(go())
+
+
+def test_core_bench_runs_the_parts_asked_for(tmp_path):
+    """``python -m bench.core --quick --parts arena``: the arena path against memcpy alone (seconds)."""
+    out = tmp_path / "core.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "bench.core", "--quick", "--parts", "arena", "--json", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = json.loads(out.read_text())
+    assert got["settings"]["parts"] == ["arena"] and not got["inline"] and not got["lookup"]
+    assert [a["block_bytes"] for a in got["arena"]] == [64 << 10, 2 << 20, 16 << 20]
+    for a in got["arena"]:
+        assert a["cases"]["kvtier_arena"]["gbps"]["median"] > 0 and a["cases"]["memcpy"]["gbps"]["median"] > 0
+    assert len(got["arena_steps"]) == 3
+    assert "arena put+get, 2 MiB blocks >= 0.8x memcpy" in r.stdout  # the target's verdict line
+    bad = subprocess.run([sys.executable, "-m", "bench.core", "--parts", "arena,disk"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--parts takes a subset" in bad.stderr
