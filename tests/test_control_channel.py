@@ -497,6 +497,17 @@ def test_a_long_put_many_reserves_the_next_part_while_copying_this_one(daemon, c
     assert kvclient._put_parts([1] * (kvclient.PUT_SPLIT_KEYS - 1)) == [(0, kvclient.PUT_SPLIT_KEYS - 1)]
 
 
+def test_an_async_client_puts_in_parts_too(daemon):
+    items = _put_items("async-parts", 2 * kvclient.PUT_SPLIT_KEYS + 5)
+
+    async def main():
+        async with AsyncClient(daemon.address) as a:
+            assert await a.put_many(NS, items) == [True] * len(items)
+            assert await a.get_many(NS, [k for k, _ in items]) == [d for _, d in items]
+            assert (await a.stats()).reservations == 0
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("control", ["auto", "grpc"])
 def test_a_put_many_failing_in_its_second_part_keeps_the_first_and_leaves_nothing_reserved(
         daemon, control, monkeypatch):
