@@ -72,38 +72,43 @@ class S3FIFO:
     MAX_FREQ = 3
 
     def __init__(self, ghost_key: Callable[[Hashable], Hashable] | None = None) -> None:
-        self._small: OrderedDict[Hashable, int] = OrderedDict()  # key -> size
+        # key -> size << 2 | frequency (0..MAX_FREQ): one entry per block, in one of the two
+        # queues; no separate frequency table (a lookup fewer per call, ~40 B less per block)
+        self._small: OrderedDict[Hashable, int] = OrderedDict()
         self._main: OrderedDict[Hashable, int] = OrderedDict()
-        self._freq: dict[Hashable, int] = {}
         self._ghost: OrderedDict[Hashable, None] = OrderedDict()  # ghost_key(key) of evicted keys
         self._gk = ghost_key or (lambda key: key)
         self._small_bytes = 0
         self._main_bytes = 0
 
     def insert(self, key: Hashable, size: int, read: bool = False) -> None:
-        if key in self._freq:
+        if key in self._main or key in self._small:
             self.remove(key)
-        self._freq[key] = 1 if read else 0
+        v = size << 2 | (1 if read else 0)
         if self._ghost and self._ghost.pop(self._gk(key), _GONE) is None:
-            self._main[key] = size
+            self._main[key] = v
             self._main_bytes += size
         else:
-            self._small[key] = size
+            self._small[key] = v
             self._small_bytes += size
 
     def touch(self, key: Hashable) -> None:
-        f = self._freq.get(key)
-        if f is not None and f < self.MAX_FREQ:
-            self._freq[key] = f + 1
+        for q in (self._main, self._small):
+            v = q.get(key)
+            if v is not None:
+                if v & 3 < self.MAX_FREQ:
+                    q[key] = v + 1  # an existing key keeps its place
+                return
 
     def remove(self, key: Hashable) -> bool:
-        if self._freq.pop(key, _GONE) is _GONE:
+        v = self._main.pop(key, None)
+        if v is not None:
+            self._main_bytes -= v >> 2
+            return True
+        v = self._small.pop(key, None)
+        if v is None:
             return False
-        size = self._small.pop(key, None)
-        if size is None:
-            self._main_bytes -= self._main.pop(key)
-        else:
-            self._small_bytes -= size
+        self._small_bytes -= v >> 2
         return True
 
     def _remember(self, key: Hashable) -> None:
@@ -116,25 +121,20 @@ class S3FIFO:
         while self._small or self._main:
             total = self._small_bytes + self._main_bytes
             if self._small and (self._small_bytes >= self.SMALL_FRACTION * total or not self._main):
-                key, size = self._small.popitem(last=False)
+                key, v = self._small.popitem(last=False)
+                size = v >> 2
                 self._small_bytes -= size
-                if self._freq[key] > 0:
-                    self._freq[key] = 0
-                    self._main[key] = size
+                if v & 3:  # read while in small: on to main, its count reset
+                    self._main[key] = size << 2
                     self._main_bytes += size
                     continue
-                del self._freq[key]
                 self._remember(key)
                 return key
-            key, size = self._main.popitem(last=False)
-            self._main_bytes -= size
-            f = self._freq[key]
-            if f > 0:
-                self._freq[key] = f - 1
-                self._main[key] = size
-                self._main_bytes += size
+            key, v = self._main.popitem(last=False)
+            if v & 3:  # read since it last came round: once more, one count less
+                self._main[key] = v - 1
                 continue
-            del self._freq[key]
+            self._main_bytes -= v >> 2
             return key
         return None
 
@@ -142,7 +142,7 @@ class S3FIFO:
         return len(self._small) + len(self._main)
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self._freq
+        return key in self._main or key in self._small
 
 
 POLICIES = {cls.name: cls for cls in (LRU, S3FIFO)}
