@@ -69,7 +69,7 @@ class LRU:
 class S3FIFO:
     name = "s3fifo"
     SMALL_FRACTION = 0.10
-    MAX_FREQ = 3
+    MAX_FREQ = 3  # a read count fits the two low bits of a queue entry
 
     def __init__(self, ghost_key: Callable[[Hashable], Hashable] | None = None) -> None:
         # key -> size << 2 | frequency (0..MAX_FREQ): one entry per block, in one of the two

@@ -335,3 +335,26 @@ def test_s3fifo_bounds_the_ghost():
             p.victim()
     assert len(p) == 100
     assert len(p._ghost) <= max(64, len(p))
+
+
+def test_s3fifo_keeps_byte_counts_through_every_move():
+    """Sizes ride in the queue entries beside the read counts: the small queue's share of bytes
+    (which decides what leaves next) stays exact through moves to main and second chances."""
+    p = S3FIFO()
+    sizes = {i: 4096 * (1 + i % 7) for i in range(200)}
+    for k, size in sizes.items():
+        p.insert(k, size, read=k % 3 == 0)
+    for k in range(0, 200, 5):
+        p.touch(k)
+        p.touch(k)
+    live = dict(sizes)
+    for step in range(150):
+        if step % 4 == 0:
+            k = next(iter(live))
+            assert p.remove(k)
+            del live[k]
+        else:
+            del live[p.victim()]
+        assert p._small_bytes + p._main_bytes == sum(live.values())
+        assert p._small_bytes == sum(v >> 2 for v in p._small.values())
+    assert len(p) == len(live)
