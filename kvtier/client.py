@@ -35,7 +35,6 @@ the handle is None: get_many over the arena keeps two Acquires in flight that wa
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import os
 import threading
@@ -163,10 +162,10 @@ def _get_chunks(n: int, max_batch: int, least: int = GET_CHUNK_MIN) -> list[tupl
 def _put_parts(sizes: list[int]) -> list[tuple[int, int]]:
     """[i, j) ranges a put_many over the arena reserves and commits in: PUT_PARTS of about equal
     bytes for PUT_SPLIT_KEYS blocks or more, else one."""
-    total = sum(sizes)
     n = PUT_PARTS if len(sizes) >= PUT_SPLIT_KEYS else 1
     if n == 1:
         return [(0, len(sizes))]
+    total = sum(sizes)
     out, i, acc = [], 0, 0
     for j, size in enumerate(sizes):
         acc += size
@@ -199,17 +198,7 @@ def _copy_all(jobs: list[tuple[memoryview, memoryview, bool]]) -> list[bytes | N
     if k < 2 or sum(len(s) for _, s, _ in jobs) < COPY_PARALLEL_MIN \
             or min(len(s) for _, s, _ in jobs) < COPY_BLOCK_MIN:
         return run(jobs)
-    parts = [jobs[i::k] for i in range(k)]
-    futs = [_copy_pool().submit(run, p) for p in parts[1:]]
-    try:
-        done = [run(parts[0])]
-    finally:
-        concurrent.futures.wait(futs)
-    done += [f.result() for f in futs]
-    out: list = [None] * len(jobs)
-    for i, got in enumerate(done):
-        out[i::k] = got
-    return out
+    return copying.spread(_copy_pool(), run, jobs, k)
 
 
 class _Ops:
@@ -435,8 +424,12 @@ class _Ops:
             yield from self._attach(force=True)
             return (yield from op(*args))
 
+    def _verifies(self, digest: bytes) -> bool:
+        """Whether a block read with this checksum is hashed and compared (ZERO: none stored)."""
+        return self.verify and digest != ZERO_CHECKSUM
+
     def _check(self, data: memoryview, digest: bytes) -> bool:
-        if not self.verify or digest == ZERO_CHECKSUM:
+        if not self._verifies(digest):
             return True
         if xxhash.xxh3_128_digest(data) == digest:
             return True
@@ -679,7 +672,7 @@ class _Ops:
             dst = memoryview(into[i]).cast("B")
             if len(dst) < len(v):
                 raise errors.InvalidArgument(f"buffer {i} holds {len(dst)} bytes, block has {len(v)}")
-            jobs.append((dst[:len(v)], v, self.verify and lease.checksums[i] != ZERO_CHECKSUM))
+            jobs.append((dst[:len(v)], v, self._verifies(lease.checksums[i])))
             where.append(i)
         out = [None] * len(lease.views)
         for i, (dst, _, hashed), digest in zip(where, jobs, _copy_all(jobs)):

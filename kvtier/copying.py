@@ -1,12 +1,16 @@
 """Copies of block bytes that leave the GIL to other threads, and a copy that hashes as it goes.
 
 Used where blocks move between buffers in bulk: the client's arena copies (kvtier.client) and
-reads from NVMe that land in a bounce buffer first (kvtier.cold). ``copy_into`` runs numpy's
+reads from NVMe that land in a bounce buffer first (kvtier.cold). ``spread`` deals such work
+out over threads (the client's copies, the daemon's hashes at commit). ``copy_into`` runs numpy's
 copy, which releases the GIL, so other threads (the event loop, other reads) run meanwhile;
 ``copy_hashed`` hashes the destination right after each piece is copied, while it is still in
 the CPU's cache. python-xxhash releases the GIL as well while it hashes a large buffer.
 """
 from __future__ import annotations
+
+import concurrent.futures
+from typing import Callable, Sequence
 
 import numpy as np
 import xxhash
@@ -38,3 +42,21 @@ def copy_hashed(dst: memoryview, src: memoryview) -> bytes:
         np.copyto(piece, s[i:i + HASH_CHUNK])
         h.update(piece)
     return h.digest()
+
+
+def spread(pool: concurrent.futures.Executor, fn: Callable[[Sequence], list], items: Sequence, k: int) -> list:
+    """fn over k interleaved shares of items (items[i::k]), the first on this thread and the
+    others on pool; fn returns one result per item of its share. The results come back in the
+    items' order, and only once every share has ended (also when one raises), so no thread is
+    still working on an item when the caller moves on."""
+    shares = [items[i::k] for i in range(k)]
+    futs = [pool.submit(fn, share) for share in shares[1:]]
+    try:
+        done = [fn(shares[0])]
+    finally:
+        concurrent.futures.wait(futs)
+    done += [f.result() for f in futs]
+    out: list = [None] * len(items)
+    for i, got in enumerate(done):
+        out[i::k] = got
+    return out

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import xxhash
 
-from . import __version__, datachannel, errors
+from . import __version__, copying, datachannel, errors
 from .hot import checksum
 from .auth import token_from_metadata
 from .cluster import NullCluster
@@ -48,7 +48,7 @@ _hashers_lock = threading.Lock()
 
 
 def _hash_pool() -> ThreadPoolExecutor:
-    """Threads that hash beside a data-channel thread (the event loop uses its own executor)."""
+    """Threads that hash the shares of a large commit beside the thread that asked (copying.spread)."""
     global _hashers
     with _hashers_lock:
         if _hashers is None:
@@ -186,16 +186,12 @@ class KVTierService(pb_grpc.KVTierServicer):
         if total < (256 << 10):
             return [checksum(view[o:o + n]) for o, n in slots]
         parts = max(1, min(len(slots), HASH_THREADS, total // (1 << 20)))
-        work = [lambda g=slots[i::parts]: [checksum(view[o:o + n]) for o, n in g] for i in range(parts)]
-        if _on_loop():
-            done = await asyncio.gather(*(asyncio.to_thread(w) for w in work))
-        else:  # a data-channel thread: hash one part here, the others beside it
-            futs = [_hash_pool().submit(w) for w in work[1:]]
-            done = [work[0]()] + [f.result() for f in futs]
-        out: list[bytes] = [b""] * len(slots)
-        for i, digests in enumerate(done):
-            out[i::parts] = digests
-        return out
+
+        def hash_share(share):
+            return [checksum(view[o:o + n]) for o, n in share]
+        if _on_loop():  # the loop only waits: its share goes to a worker thread too
+            return await asyncio.to_thread(copying.spread, _hash_pool(), hash_share, slots, parts)
+        return copying.spread(_hash_pool(), hash_share, slots, parts)  # a data-channel thread hashes a share
 
     async def _commit(self, rid: int, given: bytes) -> bytes:
         slots = self.hot.begin_commit(rid)
@@ -207,12 +203,19 @@ class KVTierService(pb_grpc.KVTierServicer):
             raise
         return self.hot.finish_commit(rid, computed, given)
 
-    async def _acquire(self, ns, keys, lease_ms=0, prefix_only=False):
+    async def _tiered(self, on_loop, blocking, *args):
+        """A store call that may ask the cluster tier (whose connections live on the loop): awaited
+        on the loop. On a data-channel thread: without a cluster tier, its blocking form on this
+        thread (what the async form runs, NVMe reads and unlinks in a worker, which this thread may
+        as well be), else the async form handed to the loop."""
         if _on_loop():
-            return await self.hot.acquire_async(ns, keys, lease_ms, prefix_only)
-        if isinstance(self.hot.cluster, NullCluster):  # what acquire_async runs, in a thread when it reads NVMe
-            return self.hot.acquire(ns, keys, lease_ms, prefix_only)
-        return self._loop_run(self.hot.acquire_async(ns, keys, lease_ms, prefix_only))
+            return await on_loop(*args)
+        if isinstance(self.hot.cluster, NullCluster):
+            return blocking(*args)
+        return self._loop_run(on_loop(*args))
+
+    async def _acquire(self, ns, keys, lease_ms=0, prefix_only=False):
+        return await self._tiered(self.hot.acquire_async, self.hot.acquire, ns, keys, lease_ms, prefix_only)
 
     async def _lookup(self, ns, keys):
         if _on_loop() or isinstance(self.hot.cluster, NullCluster):  # without a cluster it never waits
@@ -220,11 +223,7 @@ class KVTierService(pb_grpc.KVTierServicer):
         return self._loop_run(self.hot.lookup_async(ns, keys))
 
     async def _delete(self, ns, keys):
-        if _on_loop():
-            return await self.hot.delete_async(ns, keys)
-        if isinstance(self.hot.cluster, NullCluster):  # what delete_async runs in a thread: this one will do
-            return self.hot.delete(ns, keys)
-        return self._loop_run(self.hot.delete_async(ns, keys))
+        return await self._tiered(self.hot.delete_async, self.hot.delete, ns, keys)
 
     # ---- RPCs -----------------------------------------------------------------------------
 
