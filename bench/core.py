@@ -279,8 +279,11 @@ def shm_dir() -> str:
 DAEMON_SETTINGS: list[tuple[str, str, str]] = []  # (section, name, TOML value) from --daemon-set
 
 
-def start_daemon(stack: contextlib.ExitStack, tmp: str, capacity: str, tcp: bool) -> tuple[Proc, dict]:
-    """``kvtier serve`` in a subprocess; returns it and its addresses."""
+def start_daemon(stack: contextlib.ExitStack, tmp: str, capacity: str, tcp: bool,
+                 settings: tuple = ()) -> tuple[Proc, dict]:
+    """``kvtier serve`` in a subprocess; returns it and its addresses. ``settings``: the caller's own
+    (section, name, TOML value), applied before --daemon-set's and skipped where this daemon
+    does not know the name."""
     from kvtier import config as kvconfig
     from kvtier.client import Client
     # settings that newer daemons know and older ones would reject as unknown
@@ -301,7 +304,9 @@ def start_daemon(stack: contextlib.ExitStack, tmp: str, capacity: str, tcp: bool
         addrs["tcp"] = f"127.0.0.1:{grpc_port}"
     ram = [f'arena_path = "{arena_dir}/arena"', f'capacity = "{capacity}"']
     extra: dict[str, list[str]] = {}
-    for section, name, value in DAEMON_SETTINGS:  # --daemon-set: replaces a line above or adds one
+    chosen = {(sec, name): v for sec, name, v in settings if name in fields.get(sec, ())}
+    chosen.update({(sec, name): v for sec, name, v in DAEMON_SETTINGS})
+    for (section, name), value in chosen.items():  # --daemon-set: replaces a line above or adds one
         if section == "ram":
             ram = [x for x in ram if not x.startswith(name + " ")]
         extra.setdefault(section, []).append(f"{name} = {value}")

@@ -13,7 +13,8 @@ client's ``tokens_per_key`` on Acquire); NVMe promotions, demotions, queue
 depth, dropped writes, checksum failures, I/O errors, degraded directories;
 background checks of trusted commits (``kvtier_commit_checks_total``, failures, skipped);
 Redis bytes and quota per tenant; open leases and reservations; arena lock
-state; cyclic GC collections, pause seconds and frozen objects (``kvtier.gcfreeze``); and the
+state; cyclic GC collections, pause seconds and frozen objects (``kvtier.gcfreeze``); the
+index's memory on huge pages (``kvtier.hugepages``); and the
 RPC latency histogram ``kvtier_rpc_duration_seconds{method,code}``.
 ``configs/grafana-kvtier.json`` charts them (``tests/test_metrics.py`` keeps it
 in step with this exposition).
@@ -26,6 +27,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import __version__
+from .hugepages import huge_bytes
 
 log = logging.getLogger("kvtier.metrics")
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -75,6 +77,14 @@ class _StoreCollector:
                        "and still alive.")
         frozen.add_metric([], gcs["frozen"])
         yield from (runs, paused, longest, frozen)
+        hp = self.d.huge_pages
+        huge = gauge("huge_page_bytes", "Private memory of the daemon (the block index) on 2 MiB pages "
+                     "(AnonHugePages; server.huge_pages_s).")
+        huge.add_metric([], huge_bytes())
+        collapsed = counter("huge_page_collapsed_bytes", "Bytes the daemon asked the kernel to collapse into "
+                            "2 MiB pages (MADV_COLLAPSE).")
+        collapsed.add_metric([], hp.collapsed_bytes)
+        yield from (huge, collapsed)
 
         info = gauge("info", "Daemon version.", ["version"])
         info.add_metric([__version__], 1)

@@ -41,6 +41,7 @@ from .datachannel import DataServer
 from .errors import ConfigError
 from .gcfreeze import Freezer, Pauses
 from .hot import HotTier
+from .hugepages import Collapser
 from .metrics import Metrics, NullMetrics
 from .notify import Notifier
 from .service import KVTierService
@@ -94,6 +95,7 @@ class Daemon:
         self.ready = threading.Event()
         self.gc_pauses = Pauses()  # installed while serving (startup .. shutdown)
         self.gc_freezer = Freezer(cfg.server.gc_freeze_s)
+        self.huge_pages = Collapser(cfg.server.huge_pages_s)
 
     def stop(self) -> None:
         self._stop.set()
@@ -220,6 +222,7 @@ class Daemon:
         while not self._stop.is_set():
             self.hot.expire()
             self.gc_freezer.tick()
+            self.huge_pages.tick()
             if self.notify.watchdog_interval and time.monotonic() >= next_ping:
                 self.notify.watchdog()
                 next_ping = time.monotonic() + self.notify.watchdog_interval
