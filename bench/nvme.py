@@ -197,6 +197,33 @@ class Raw:
                     os.close(fd)
         return run_threads(self.pool, n, work, threads)
 
+    def read_write(self, n: int) -> float:
+        """Read n of the files while writing n new ones, a read and a write per item, THREADS at a
+        time: the disk's pace when every block read back brings another to write (a promotion
+        under write_policy "evict" whose victim is only in RAM). Wall seconds; the new files
+        are removed by clear()."""
+        hexes = [uuid.uuid4().hex for _ in range(n)]
+        more = [os.path.join(self.dir, h[:2], h + ".raw") for h in hexes]
+
+        def work(t, idx):
+            for i in idx:
+                fd = os.open(self.names[i], os.O_RDONLY | os.O_DIRECT)
+                try:
+                    if os.preadv(fd, [self.dst[i % len(self.dst)]], 0) != BLOCK:
+                        raise OSError("short read")
+                finally:
+                    os.close(fd)
+                fd = os.open(more[i], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o640)
+                try:
+                    if os.pwrite(fd, self.src[i][0], 0) != BLOCK:
+                        raise OSError("short write")
+                finally:
+                    os.close(fd)
+        try:
+            return run_threads(self.pool, n, work)
+        finally:
+            self.names += [p for p in more if os.path.exists(p)]
+
     def clear(self) -> None:
         for p in self.names:
             os.unlink(p)
@@ -579,6 +606,9 @@ def spill_round(client, daemon: Daemon, n: int, src: Sources, policy: str, queue
     """Put n fresh 2 MiB blocks paced on the write queue; time until they are all on NVMe, or, with
     write_policy "evict", until every block is on NVMe or in RAM (RAM is full when the round starts,
     so each put demotes one block: about n are written)."""
+    if BATCH * BLOCK > queue_limit:
+        raise ValueError(f"a put of {BATCH} blocks ({BATCH * BLOCK // MiB} MiB) exceeds the daemon's write queue "
+                         f"({queue_limit // MiB} MiB, half its RAM): give it more RAM")
     fillers = fill_ram(client, src) if policy == "evict" else []
     keys = [os.urandom(16) for _ in range(n)]
     nv0 = tier_stats(client, "nvme")
@@ -644,22 +674,32 @@ def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts
     return {"seconds": dt, "blocks": len(cold), "daemon_cpu_s": daemon.cpu_seconds() - c0}
 
 
+READ_WRITTEN = "victims written"     # each promotion evicts a block only in RAM, which is written first
+READ_CLEAN = "victims on NVMe"       # the blocks evicted are on NVMe already: nothing to write
+RAW_READ_WRITE = "raw read + as much written"
+
+
+def readback_case(clients: int, condition: str = "") -> str:
+    name = f"read-back {clients} client{'s' if clients > 1 else ''}"
+    return f"{name}, {condition}" if condition else name
+
+
 def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[str], src: Sources,
            pool: ThreadPoolExecutor, stack: contextlib.ExitStack, device: str, settle_s: float,
-           arena_root: str | None = None) -> dict:
+           arena_root: str | None = None, ram: str = "256MiB") -> dict:
     from kvtier.client import Client
     n = spill_bytes // BLOCK
     dsts = [[np.ones(BLOCK, dtype=np.uint8) for _ in range(BATCH)] for _ in range(THREADS)]
     from kvtier.arena import backing_of
     backing = backing_of(arena_root_of(arena_root, tmp))
     # nvme.bounce_reads = "auto": reads go through huge-page buffers unless the arena is on hugetlbfs
-    out = {"spill_bytes": n * BLOCK, "ram": "256MiB", "io_threads": THREADS, "batch": BATCH, "policies": {},
+    out = {"spill_bytes": n * BLOCK, "ram": ram, "io_threads": THREADS, "batch": BATCH, "policies": {},
            "arena_backing": backing, "bounce_reads": backing != "hugetlbfs"}
     for policy in policies:
         ddir = os.path.join(path, f"daemon-{policy}")
         if settle_s:
             settle(settle_s, device)
-        d = Daemon(tmp, ddir, ram="256MiB", write_policy=policy, arena_root=arena_root)
+        d = Daemon(tmp, ddir, ram=ram, write_policy=policy, arena_root=arena_root)
         raw = Raw(ddir, src, pool)   # the daemon's own subdirectories
         stack.callback(d.stop)
         d.start()
@@ -668,11 +708,22 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
         queue_limit = min(GiB, ram_cap // 2)   # Store.queue_limit: min(nvme.queue_bytes, arena capacity / 2)
         log(f"C ({policy}): daemon pid {d.p.pid}, {n} x 2 MiB per round, RAM {ram_cap // MiB} MiB, "
             f"write queue {queue_limit // MiB} MiB, {rounds} rounds")
-        rows = {"raw write": [], "raw read": [], "raw read, 1 thread": [], "spill": [], "read-back 1 client": [],
-                f"read-back {THREADS} clients": []}
-        extra = {"spill_put_s": [], "spill_cpu_s": [], "read1_cpu_s": [], "readN_cpu_s": [], "readback_blocks": [],
-                 "polls": [], "spill_client_cpu_s": [], "read1_client_cpu_s": [], "readN_client_cpu_s": [],
+        evict = policy == "evict"
+        if evict and rounds < 2:
+            raise ValueError("write_policy evict: part C needs 2 or more rounds (each client count reads first once)")
+        # Under "evict" the first half read back promotes into a RAM full of blocks that are only
+        # there, so each promotion writes its victim; by the second half the victims are blocks
+        # promoted before, already on NVMe. Which client count reads first alternates by round,
+        # and each is reported per condition (against a raw read that writes as much, or not).
+        reads = [(1, READ_WRITTEN), (THREADS, READ_WRITTEN), (1, READ_CLEAN), (THREADS, READ_CLEAN)] if evict \
+            else [(1, ""), (THREADS, "")]
+        rows = {"raw write": [], "raw read": [], "raw read, 1 thread": [], "spill": []}
+        rows.update({readback_case(k, cond): [] for k, cond in reads})
+        if evict:
+            rows[RAW_READ_WRITE] = []
+        extra = {"spill_put_s": [], "spill_cpu_s": [], "readback_blocks": [], "polls": [], "spill_client_cpu_s": [],
                  "raw_write_cpu_s": [], "raw_read_cpu_s": []}
+        extra.update({readback_case(k, cond) + what: [] for k, cond in reads for what in (" daemon", " client")})
         noise = Noise(device, [d])
         own = 0
         for r in range(rounds + 1):
@@ -682,40 +733,46 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
             rd = raw.read(n)
             c2 = cpu_self()
             rd1 = raw.read(n // 4, threads=1) * 4   # a quarter of the files, scaled to n
+            rw = raw.read_write(n // 2) * 2 if evict else 0.0   # half the files read, as many written
             raw.clear()
             c3 = cpu_self()
             sp = spill_round(client, d, n, src, policy, queue_limit)
             c4 = cpu_self()
             half = len(sp["keys"]) // 2
-            rb1 = readback_round(client, d, sp["keys"][:half], 1, dsts)
-            c5 = cpu_self()
-            rbn = readback_round(client, d, sp["keys"][half:], THREADS, dsts)
-            c6 = cpu_self()
+            done = []
+            for i, (k, keys) in enumerate(zip((1, THREADS) if r % 2 else (THREADS, 1),
+                                              (sp["keys"][:half], sp["keys"][half:]))):
+                c5 = cpu_self()
+                rb = readback_round(client, d, keys, k, dsts)
+                rb["client_cpu_s"] = cpu_self() - c5
+                rb["case"] = readback_case(k, "" if not evict else READ_WRITTEN if i == 0 else READ_CLEAN)
+                done.append(rb)
             client.delete(NS, sp["keys"] + sp["fillers"])
-            own += (2 * n + n // 4 + sp["spilled"] + rb1["blocks"] + rbn["blocks"]) * BLOCK
+            own += (2 * n + n // 4 + sp["spilled"] + sum(rb["blocks"] for rb in done)) * BLOCK
+            own += n * BLOCK if evict else 0
             if not r:
                 continue   # warm-up
             rows["raw write"].append(w)
             rows["raw read"].append(rd)
             rows["raw read, 1 thread"].append(rd1)
+            if evict:
+                rows[RAW_READ_WRITE].append(rw)
             extra["raw_write_cpu_s"].append((c1 - c0) / (n * BLOCK / 1e9))
             extra["raw_read_cpu_s"].append((c2 - c1) / (n * BLOCK / 1e9))
             extra["spill_client_cpu_s"].append((c4 - c3) / (sp["spilled"] * BLOCK / 1e9))
-            extra["read1_client_cpu_s"].append((c5 - c4) / (rb1["blocks"] * BLOCK / 1e9))
-            extra["readN_client_cpu_s"].append((c6 - c5) / (rbn["blocks"] * BLOCK / 1e9))
             rows["spill"].append(sp["seconds"] * BLOCK / (sp["spilled"] * BLOCK) * n)  # normalised to n blocks
-            rows["read-back 1 client"].append(rb1["seconds"] / rb1["blocks"] * n)
-            rows[f"read-back {THREADS} clients"].append(rbn["seconds"] / rbn["blocks"] * n)
+            for rb in done:
+                gb = rb["blocks"] * BLOCK / 1e9
+                rows[rb["case"]].append(rb["seconds"] / rb["blocks"] * n)
+                extra[rb["case"] + " daemon"].append(rb["daemon_cpu_s"] / gb)
+                extra[rb["case"] + " client"].append(rb["client_cpu_s"] / gb)
             extra["spill_put_s"].append(sp["put_seconds"])
             extra["spill_cpu_s"].append(sp["daemon_cpu_s"] / (sp["spilled"] * BLOCK / 1e9))
-            extra["read1_cpu_s"].append(rb1["daemon_cpu_s"] / (rb1["blocks"] * BLOCK / 1e9))
-            extra["readN_cpu_s"].append(rbn["daemon_cpu_s"] / (rbn["blocks"] * BLOCK / 1e9))
-            extra["readback_blocks"].append(rb1["blocks"] + rbn["blocks"])
+            extra["readback_blocks"].append(sum(rb["blocks"] for rb in done))
             extra["polls"].append(sp["polls"])
             log(f"  round {r}/{rounds}: raw w {n * BLOCK / w / 1e9:.2f} r {n * BLOCK / rd / 1e9:.2f}, spill "
-                f"{sp['spilled'] * BLOCK / sp['seconds'] / 1e9:.2f} ({sp['spilled']} blocks), read-back 1 client "
-                f"{rb1['blocks'] * BLOCK / rb1['seconds'] / 1e9:.2f}, {THREADS} clients "
-                f"{rbn['blocks'] * BLOCK / rbn['seconds'] / 1e9:.2f} GB/s")
+                f"{sp['spilled'] * BLOCK / sp['seconds'] / 1e9:.2f} ({sp['spilled']} blocks), " + ", ".join(
+                    f"{rb['case']} {rb['blocks'] * BLOCK / rb['seconds'] / 1e9:.2f}" for rb in done) + " GB/s")
         nv = tier_stats(client, "nvme")
         assert nv.checksum_failures == 0 and nv.io_errors == 0, nv
         cases = {k: gbs_summary(n * BLOCK, v) for k, v in rows.items()}
@@ -727,10 +784,14 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
         cases["spill"]["daemon_cpu_s_per_gb"] = statistics.median(extra["spill_cpu_s"])
         cases["spill"]["put_phase_s_median"] = statistics.median(extra["spill_put_s"])
         cases["spill"]["stats_polls_median"] = statistics.median(extra["polls"])
-        for k, c in (("read-back 1 client", "read1"), (f"read-back {THREADS} clients", "readN")):
-            cases[k]["ratio"] = cases[k]["median_gbs"] / cases["raw read"]["median_gbs"]
-            cases[k]["daemon_cpu_s_per_gb"] = statistics.median(extra[c + "_cpu_s"])
-            cases[k]["client_cpu_s_per_gb"] = statistics.median(extra[c + "_client_cpu_s"])
+        if evict:
+            cases[RAW_READ_WRITE]["ratio"] = cases[RAW_READ_WRITE]["median_gbs"] / cases["raw read"]["median_gbs"]
+        for k, cond in reads:
+            name = readback_case(k, cond)
+            cases[name]["baseline"] = RAW_READ_WRITE if cond == READ_WRITTEN else "raw read"
+            cases[name]["ratio"] = cases[name]["median_gbs"] / cases[cases[name]["baseline"]]["median_gbs"]
+            cases[name]["daemon_cpu_s_per_gb"] = statistics.median(extra[name + " daemon"])
+            cases[name]["client_cpu_s_per_gb"] = statistics.median(extra[name + " client"])
         out["policies"][policy] = {"cases": cases, "readback_blocks_per_round": statistics.median(extra["readback_blocks"]),
                                    "direct_io": nv.direct_io, "noise": noise.done(own)}
         client.close()
@@ -979,13 +1040,20 @@ def markdown(res: dict, command: str) -> str:
                       f"{'through huge-page buffers' if c.get('bounce_reads', True) else 'straight into the arena'}, "
                       f"{c['io_threads']} I/O threads) spills {c['spill_bytes'] // MiB} MiB of fresh keys, then "
                       f"reads back the ~{p['readback_blocks_per_round']:.0f} blocks Lookup reports only on NVMe "
-                      f"(half from 1 client thread, half from {THREADS}), in get_many batches of {c['batch']}. "
+                      f"(half from 1 client thread, half from {THREADS}; which half first alternates by round), "
+                      f"in get_many batches of {c['batch']}. "
                       "Read-back times are scaled to the same block count; \"raw read, 1 thread\" reads a "
                       "quarter of the raw files from one thread (one request in flight, as one Acquire promotes). CPU s/GB: this "
                       "process's (raw threads, or the client) + the daemon's.", "",
-                      *gbs_table(cs, ["raw write", "spill", "raw read", "raw read, 1 thread", "read-back 1 client",
-                                      f"read-back {THREADS} clients"],
-                                 ("spill", "read-back 1 client", f"read-back {THREADS} clients")), "",
+                      *([f"Under \"evict\" the half read first promotes into a RAM full of blocks that are only "
+                         f"there: every promotion writes its victim to NVMe ({READ_WRITTEN}; compared with "
+                         f"\"{RAW_READ_WRITE}\", which reads half the raw files while writing as many new ones, "
+                         f"{THREADS} threads, a read and a write each). The half read second evicts blocks "
+                         f"promoted before, which are on NVMe already ({READ_CLEAN}; compared with raw read).", ""]
+                        if RAW_READ_WRITE in cs else []),
+                      *gbs_table(cs, [k for k in cs if not k.startswith("read-back")] +
+                                 [k for k in cs if k.startswith("read-back")],
+                                 tuple(k for k in cs if k == "spill" or k.startswith("read-back"))), "",
                       f"Spill: the put phase took {cs['spill']['put_phase_s_median']:.2f} s (median) of the "
                       f"round; the producer polled Stats {cs['spill']['stats_polls_median']:.0f} times per round.", "",
                       noise_line(p["noise"]), ""]

@@ -1,0 +1,42 @@
+"""bench.nvme part C under write_policy "evict", at a small size: every read-back case is
+reported under its own condition and against its own baseline (seconds of work, not a
+measurement)."""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+from bench import nvme
+from bench.__main__ import rows_nvme
+
+
+def test_evict_read_back_is_reported_per_condition_and_client_count(tmp_path):
+    path = tempfile.mkdtemp(prefix="kvtier-test-bench-nvme-", dir=nvme.default_base())
+    try:
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(nvme.THREADS) as pool:
+            device = nvme.machine(path)["device"]
+            c = nvme.part_c(path, str(tmp_path), 2, 96 * nvme.BLOCK, ["evict"], nvme.Sources(), pool, stack,
+                            device, 0.0, ram="80MiB")
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    cs = c["policies"]["evict"]["cases"]
+    written = [f"read-back 1 client, {nvme.READ_WRITTEN}", f"read-back {nvme.THREADS} clients, {nvme.READ_WRITTEN}"]
+    clean = [f"read-back 1 client, {nvme.READ_CLEAN}", f"read-back {nvme.THREADS} clients, {nvme.READ_CLEAN}"]
+    for name in written + clean:
+        assert cs[name]["rounds"] == 1 and cs[name]["median_gbs"] > 0   # each count read first in one round
+    for name in written:
+        assert cs[name]["baseline"] == nvme.RAW_READ_WRITE
+        assert abs(cs[name]["ratio"] - cs[name]["median_gbs"] / cs[nvme.RAW_READ_WRITE]["median_gbs"]) < 1e-9
+    for name in clean:
+        assert cs[name]["baseline"] == "raw read"
+    rows = rows_nvme({"c": c})
+    measures = [r["measure"] for r in rows]
+    assert measures == ["daemon spill (evict), 2 MiB blocks"] + [f"daemon {n} (evict), 2 MiB blocks"
+                                                                  for n in written + clean]
+    assert all(r["target"] == ">= 0.9x" for r in rows)
+    res = {"machine_start": nvme.machine(str(tmp_path)), "machine_end": nvme.machine(str(tmp_path)), "c": c}
+    text = nvme.markdown(res, "python -m bench.nvme --parts c --policies evict")
+    assert "every promotion writes its victim" in text
+    assert f"| {nvme.RAW_READ_WRITE} |" in text and f"| {written[0]} |" in text
