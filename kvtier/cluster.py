@@ -97,8 +97,12 @@ from .resp import Connection, ReplyError
 log = logging.getLogger("kvtier.cluster")
 
 # Measured with bench/cluster.py (2 MiB blocks): one block in flight per server and call beat
-# deeper windows (2 to 8) in most comparisons, never clearly lost.
-READ_WINDOW = 1          # blocks one get_many reads from one server at once
+# deeper windows (2 to 8) in most comparisons, never clearly lost. Smaller blocks are not split
+# into parts, so one in flight leaves the connection idle a round trip per block: once the
+# first block of a call is in, the window widens to about READ_WINDOW_BYTES in flight.
+READ_WINDOW = 1          # blocks one get_many reads from one server at once, to begin with
+READ_WINDOW_BYTES = 1 << 20
+READ_WINDOW_MAX = 64
 THREAD_MIN = 256 * 1024  # compress / decompress payloads at least this large in a worker thread
 
 
@@ -406,14 +410,15 @@ class ClusterTier:
         return out
 
     async def _read(self, conns: list[Connection], names: list[bytes], blocks: list[BlockSink]) -> None:
-        """Read blocks from one server: READ_WINDOW blocks at a time over the connections in turn,
+        """Read blocks from one server: READ_WINDOW blocks at a time over the connections in turn
+        (more once the first block's size is known, about READ_WINDOW_BYTES in flight),
         a split block's other parts the moment its first value is in,
         spread over every connection. Raises the first connection failure once all settled."""
         loop = asyncio.get_running_loop()
         settled = loop.create_future()
         rr = itertools.cycle(conns)
         errors: list[BaseException] = []
-        state = {"next": 0, "open": 0}
+        state = {"next": 0, "open": 0, "window": READ_WINDOW, "reading": 0}
 
         def send(cmd: tuple, sink, then) -> None:
             f = next(rr).request([cmd], [sink], 1 << 20)
@@ -432,21 +437,26 @@ class ClusterTier:
                 settled.set_result(None)
 
         def ask_next() -> None:
-            if not errors and state["next"] < len(blocks):
+            while not errors and state["next"] < len(blocks) and state["reading"] < state["window"]:
                 i = state["next"]
                 state["next"] += 1
+                state["reading"] += 1
                 send((b"GET", names[i]), blocks[i], functools.partial(on_block, i))
 
         def on_block(i: int, f: asyncio.Future) -> None:
+            state["reading"] -= 1
             if settle(f):
                 b, r = blocks[i], f.result()[0]
                 if isinstance(r, ReplyError):
                     self.servers.reply_error(r)
                     b.present = False
-                elif r is b and b.wants_parts() and not errors:
-                    for j in range(1, b.count):
-                        ps = PartSink(b, j)
-                        send((b"GET", part_name(names[i], j)), ps, functools.partial(on_part, ps))
+                else:
+                    if r is b and b.total:
+                        state["window"] = max(1, min(READ_WINDOW_MAX, READ_WINDOW_BYTES // b.total))
+                    if r is b and b.wants_parts() and not errors:
+                        for j in range(1, b.count):
+                            ps = PartSink(b, j)
+                            send((b"GET", part_name(names[i], j)), ps, functools.partial(on_part, ps))
                 ask_next()
             done_if_idle()
 
@@ -459,8 +469,7 @@ class ClusterTier:
                     ps.blk.torn = True
             done_if_idle()
 
-        for _ in range(min(len(blocks), READ_WINDOW)):
-            ask_next()
+        ask_next()
         await settled
         if errors:
             raise errors[0]

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from kvtier import config, record
+from kvtier import cluster as cluster_mod, config, record
 from kvtier.cluster import ClusterTier, NullCluster, from_config
 from kvtier.clustervalue import ENVELOPE, PART_MAGIC
 from kvtier.errors import ConfigError
@@ -121,6 +121,37 @@ def test_values_are_block_records_and_split_values_carry_envelopes(valkey):
     whole = b"".join(p[ENVELOPE.size:] for p in parts)
     assert record.decode(whole)[1] == data[big]  # the parts concatenate to one record
     assert r.get(name("fmt", big) + b":3") is None
+
+
+def test_small_blocks_are_read_many_at_a_time_big_ones_one_at_a_time(valkey, monkeypatch):
+    """get_many starts with one block in flight per server; once the first is in, about
+    READ_WINDOW_BYTES of blocks are (small blocks unsplit would otherwise cost a round trip
+    each), and never more than READ_WINDOW_MAX."""
+    from kvtier import resp
+    most = [0]
+    real = resp.Connection.request
+
+    def request(self, cmds, sinks=None, weight=0):
+        getting[0] += sum(1 for c in cmds if c[0] == b"GET")
+        most[0] = max(most[0], getting[0])
+        f = real(self, cmds, sinks, weight)
+        f.add_done_callback(lambda _: getting.__setitem__(0, getting[0] - sum(1 for c in cmds if c[0] == b"GET")))
+        return f
+
+    getting = [0]
+    monkeypatch.setattr(resp.Connection, "request", request)
+
+    async def go():
+        async with tier(valkey.url, part_bytes=0) as t:
+            for size, want in ((8 * KiB, cluster_mod.READ_WINDOW_MAX), (256 * KiB, 3), (2 * MiB, 1)):
+                blocks = {k: os.urandom(size) for k in (os.urandom(16) for _ in range(100 if size < MiB else 6))}
+                await put_all(t, NS, blocks)
+                most[0] = 0
+                got = await t.get_many(NS, list(blocks))
+                assert [bytes(g[0]) for g in got] == list(blocks.values())
+                assert most[0] == want, (size, most[0])
+
+    run(go())
 
 
 def test_get_into_a_callers_buffer(valkey):
