@@ -662,6 +662,7 @@ def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts
             errors.append(e)
 
     ths = [threading.Thread(target=work, args=(t,)) for t in range(clients)]
+    d0 = tier_stats(client, "nvme").demotions
     c0 = daemon.cpu_seconds()
     t0 = time.perf_counter()
     for th in ths:
@@ -671,7 +672,8 @@ def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts
     dt = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    return {"seconds": dt, "blocks": len(cold), "daemon_cpu_s": daemon.cpu_seconds() - c0}
+    return {"seconds": dt, "blocks": len(cold), "daemon_cpu_s": daemon.cpu_seconds() - c0,
+            "demoted": tier_stats(client, "nvme").demotions - d0}   # victims copied out to be written
 
 
 READ_WRITTEN = "victims written"     # each promotion evicts a block only in RAM, which is written first
@@ -723,7 +725,8 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
             rows[RAW_READ_WRITE] = []
         extra = {"spill_put_s": [], "spill_cpu_s": [], "readback_blocks": [], "polls": [], "spill_client_cpu_s": [],
                  "raw_write_cpu_s": [], "raw_read_cpu_s": []}
-        extra.update({readback_case(k, cond) + what: [] for k, cond in reads for what in (" daemon", " client")})
+        extra.update({readback_case(k, cond) + what: [] for k, cond in reads
+                      for what in (" daemon", " client", " written")})
         noise = Noise(device, [d])
         own = 0
         for r in range(rounds + 1):
@@ -738,10 +741,17 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
             c3 = cpu_self()
             sp = spill_round(client, d, n, src, policy, queue_limit)
             c4 = cpu_self()
-            half = len(sp["keys"]) // 2
+            # First as many blocks as RAM holds of those only on NVMe: their promotions evict the
+            # spill's blocks in RAM (under "evict" each is written first). Then those evicted
+            # blocks, on NVMe now: their promotions evict the ones promoted just before.
+            tiers, _ = client.lookup(NS, sp["keys"])
+            in_ram = [k for k, t in zip(sp["keys"], tiers) if t == 1]
+            cold = [k for k, t in zip(sp["keys"], tiers) if t == 2][:len(in_ram)]
+            if not in_ram or not cold:
+                raise RuntimeError(f"after the spill {len(in_ram)} of its blocks are in RAM and {len(cold)} only "
+                                   "on NVMe: both are needed")
             done = []
-            for i, (k, keys) in enumerate(zip((1, THREADS) if r % 2 else (THREADS, 1),
-                                              (sp["keys"][:half], sp["keys"][half:]))):
+            for i, (k, keys) in enumerate(zip((1, THREADS) if r % 2 else (THREADS, 1), (cold, in_ram))):
                 c5 = cpu_self()
                 rb = readback_round(client, d, keys, k, dsts)
                 rb["client_cpu_s"] = cpu_self() - c5
@@ -766,6 +776,7 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
                 rows[rb["case"]].append(rb["seconds"] / rb["blocks"] * n)
                 extra[rb["case"] + " daemon"].append(rb["daemon_cpu_s"] / gb)
                 extra[rb["case"] + " client"].append(rb["client_cpu_s"] / gb)
+                extra[rb["case"] + " written"].append(rb["demoted"] / rb["blocks"])
             extra["spill_put_s"].append(sp["put_seconds"])
             extra["spill_cpu_s"].append(sp["daemon_cpu_s"] / (sp["spilled"] * BLOCK / 1e9))
             extra["readback_blocks"].append(sum(rb["blocks"] for rb in done))
@@ -792,6 +803,7 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
             cases[name]["ratio"] = cases[name]["median_gbs"] / cases[cases[name]["baseline"]]["median_gbs"]
             cases[name]["daemon_cpu_s_per_gb"] = statistics.median(extra[name + " daemon"])
             cases[name]["client_cpu_s_per_gb"] = statistics.median(extra[name + " client"])
+            cases[name]["written_per_block"] = statistics.median(extra[name + " written"])
         out["policies"][policy] = {"cases": cases, "readback_blocks_per_round": statistics.median(extra["readback_blocks"]),
                                    "direct_io": nv.direct_io, "noise": noise.done(own)}
         client.close()
@@ -1039,21 +1051,25 @@ def markdown(res: dict, command: str) -> str:
                       f"{c.get('arena_backing', 'tmpfs')}, NVMe reads "
                       f"{'through huge-page buffers' if c.get('bounce_reads', True) else 'straight into the arena'}, "
                       f"{c['io_threads']} I/O threads) spills {c['spill_bytes'] // MiB} MiB of fresh keys, then "
-                      f"reads back the ~{p['readback_blocks_per_round']:.0f} blocks Lookup reports only on NVMe "
-                      f"(half from 1 client thread, half from {THREADS}; which half first alternates by round), "
-                      f"in get_many batches of {c['batch']}. "
+                      f"reads back ~{p['readback_blocks_per_round']:.0f} blocks: first as many of those Lookup "
+                      "reports only on NVMe as there are of the spill's blocks in RAM, then those (evicted "
+                      f"by the first half's promotions), one half from 1 client thread, the other from {THREADS} "
+                      f"(which first alternates by round), in get_many batches of {c['batch']}. "
                       "Read-back times are scaled to the same block count; \"raw read, 1 thread\" reads a "
                       "quarter of the raw files from one thread (one request in flight, as one Acquire promotes). CPU s/GB: this "
                       "process's (raw threads, or the client) + the daemon's.", "",
-                      *([f"Under \"evict\" the half read first promotes into a RAM full of blocks that are only "
+                      *([f"Under \"evict\" the first half promotes into a RAM full of blocks that are only "
                          f"there: every promotion writes its victim to NVMe ({READ_WRITTEN}; compared with "
                          f"\"{RAW_READ_WRITE}\", which reads half the raw files while writing as many new ones, "
-                         f"{THREADS} threads, a read and a write each). The half read second evicts blocks "
-                         f"promoted before, which are on NVMe already ({READ_CLEAN}; compared with raw read).", ""]
+                         f"{THREADS} threads, a read and a write each). The second half evicts blocks promoted "
+                         f"before, which are on NVMe already ({READ_CLEAN}; compared with raw read).", ""]
                         if RAW_READ_WRITE in cs else []),
                       *gbs_table(cs, [k for k in cs if not k.startswith("read-back")] +
                                  [k for k in cs if k.startswith("read-back")],
                                  tuple(k for k in cs if k == "spill" or k.startswith("read-back"))), "",
+                      "Blocks written (victims copied out) per block read back, median: " + ", ".join(
+                          f"{k[len('read-back '):]} {v['written_per_block']:.2f}" for k, v in cs.items()
+                          if "written_per_block" in v) + ".", "",
                       f"Spill: the put phase took {cs['spill']['put_phase_s_median']:.2f} s (median) of the "
                       f"round; the producer polled Stats {cs['spill']['stats_polls_median']:.0f} times per round.", "",
                       noise_line(p["noise"]), ""]

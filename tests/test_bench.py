@@ -112,6 +112,12 @@ def test_ttft_counts_only_a_near_tie_as_agreement():
     assert not ttft.near_tie([[979, -7.6], [3770, -8.2]], [[3770, -8.0], [979, -8.3]])  # a real change
     assert not ttft.near_tie([[979, -8.01], [5, -8.02]], [[3770, -8.0], [979, -8.01]])  # not in the other's top
     assert not ttft.near_tie([], [])
+    # as recorded in a run: three candidates within 0.016, the hit's two top ones exactly equal
+    # and its sampler's pick the second listed; the cold run's token third in the hit's list
+    cold = [[9496, -8.24949], [1791, -8.26512], [16341, -8.2652]]
+    hit = [[16341, -8.24936], [1791, -8.24936], [9496, -8.2494]]
+    assert ttft.near_tie(cold, hit, 9496, 1791)
+    assert not ttft.near_tie(cold, hit[:2], 9496, 1791)  # the cold token not among the hit's candidates
 
 
 def test_gpu_store_report_has_every_phase_of_both_kinds():

@@ -31,6 +31,10 @@ def test_evict_read_back_is_reported_per_condition_and_client_count(tmp_path):
         assert abs(cs[name]["ratio"] - cs[name]["median_gbs"] / cs[nvme.RAW_READ_WRITE]["median_gbs"]) < 1e-9
     for name in clean:
         assert cs[name]["baseline"] == "raw read"
+    # the condition each case is named for, as the daemon counted it: in the first half every
+    # block read back evicted one that had to be written, in the second half none did
+    for w, cl in zip(written, clean):
+        assert cs[w]["written_per_block"] >= 0.9 and cs[cl]["written_per_block"] <= 0.1, cs
     rows = rows_nvme({"c": c})
     measures = [r["measure"] for r in rows]
     assert measures == ["daemon spill (evict), 2 MiB blocks"] + [f"daemon {n} (evict), 2 MiB blocks"
@@ -38,5 +42,5 @@ def test_evict_read_back_is_reported_per_condition_and_client_count(tmp_path):
     assert all(r["target"] == ">= 0.9x" for r in rows)
     res = {"machine_start": nvme.machine(str(tmp_path)), "machine_end": nvme.machine(str(tmp_path)), "c": c}
     text = nvme.markdown(res, "python -m bench.nvme --parts c --policies evict")
-    assert "every promotion writes its victim" in text
+    assert "every promotion writes its victim" in text and "Blocks written (victims copied out)" in text
     assert f"| {nvme.RAW_READ_WRITE} |" in text and f"| {written[0]} |" in text
