@@ -367,3 +367,52 @@ def test_preemption_waits_for_pending_store(make_daemon, harnesses, monkeypatch)
     assert h2.prefill["b2"].num_external_cached_tokens == 128
     assert not h2.load_errors
     assert _leases(d.address) == 0
+
+
+# ---- e. an engine waiting only for loads does not spin -----------------------------------------
+
+def test_steps_that_only_wait_for_a_load_wait_for_it_in_get_finished(make_daemon, harnesses, monkeypatch):
+    """A step that computes nothing is marked idle; its get_finished waits (up to IDLE_WAIT_S,
+    GIL released) for a running load to land, so an engine stepping as fast as it can runs a
+    few steps per load instead of thousands that starve the load thread of the GIL."""
+    from kvtier.vllm import worker as worker_mod
+    d = make_daemon()
+    p = prompt(131, 256)
+    h1 = harnesses(d.address)
+    _store(h1, "store", p)
+
+    h2 = harnesses(d.address)
+    real = worker_mod.WorkerHalf._load_jobs
+
+    def slow(self, client, jobs):
+        time.sleep(0.2)                                     # a load that takes a while
+        return real(self, client, jobs)
+    monkeypatch.setattr(worker_mod.WorkerHalf, "_load_jobs", slow)
+    idle = []
+    real_build = type(h2.connector).build_connector_meta
+
+    def spy(self, so):
+        meta = real_build(self, so)
+        idle.append(meta.idle)
+        return meta
+    monkeypatch.setattr(type(h2.connector), "build_connector_meta", spy)
+
+    h2.add("p", p)
+    t0 = time.monotonic()
+    steps = 0
+    while "p" not in h2.scheduled:                           # as an engine does: no pause between steps
+        h2.step()
+        steps += 1
+        assert time.monotonic() - t0 < 10
+    waited = time.monotonic() - t0
+    # nothing computed until the load landed, then the step that computes the tail
+    assert waited >= 0.2 and all(idle[:steps - 1]) and idle[steps - 1] is False
+    assert steps <= 0.2 / worker_mod.IDLE_WAIT_S + 10, steps   # ~100 steps of 2 ms, not ~10,000 spins
+    h2.run()
+    _finished_ok(h2, "p")
+    assert h2.first_computed["p"] >= 192 and not h2.load_errors   # the loaded prefix, KV checked
+    # with no load running an idle step does not wait
+    w = h2.worker.worker
+    t1 = time.monotonic()
+    assert w.get_finished(set(), idle=True) == (None, None)
+    assert time.monotonic() - t1 < worker_mod.IDLE_WAIT_S

@@ -91,7 +91,8 @@ class KVTierConnector(KVConnectorBase_V1):
             self.worker.wait_for_save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return self.worker.get_finished(finished_req_ids)
+        meta = self._connector_metadata
+        return self.worker.get_finished(finished_req_ids, idle=isinstance(meta, StepMeta) and meta.idle)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.get_block_ids_with_load_errors() if self.worker is not None else set()

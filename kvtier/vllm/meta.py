@@ -48,6 +48,9 @@ class StepMeta(KVConnectorMetadata):
     stores: list[StoreSpec] = field(default_factory=list)
     # requests preempted this step: their pending stores finish before blocks are reused
     preempted: set[str] = field(default_factory=set)
+    # the step computes nothing (every request waits, e.g. for its loads): get_finished may
+    # wait a moment for a load to land instead of handing the engine back a busy loop
+    idle: bool = False
 
 
 @dataclass

@@ -236,7 +236,8 @@ class SchedulerHalf:
 
     def build_connector_meta(self, so) -> StepMeta:
         meta = StepMeta(loads=self._loads, load_async=self.settings.load_async,
-                        preempted=set(getattr(so, "preempted_req_ids", None) or ()))
+                        preempted=set(getattr(so, "preempted_req_ids", None) or ()),
+                        idle=getattr(so, "total_num_scheduled_tokens", 1) == 0)
         self._loads = []
         if not self._ready():
             return meta

@@ -38,6 +38,12 @@ from .settings import ConnectorSettings
 
 log = logging.getLogger("kvtier.vllm")
 
+# An engine step that computes nothing (every request waits for its loads) ends in
+# get_finished, and the engine calls again at once: tens of microseconds per empty step, the
+# GIL held nearly throughout, while the load thread needs it for its every Python line.
+# Waiting this long there for a load to land costs a step with nothing to do at most this.
+IDLE_WAIT_S = 0.002
+
 
 class _Done:
     """A result already computed, shaped like a finished Future."""
@@ -119,6 +125,8 @@ class WorkerHalf:
         # stores send checksums with Commit: None = on CUDA only (see _hash_stores)
         self.hash_stores: bool | None = None
         self._lock = threading.Lock()
+        self._landed = threading.Condition(self._lock)  # an asynchronous load finished
+        self._loads_running = 0
         self._recv_done: set[str] = set()
         self._load_errors: set[int] = set()
         self._errors_out: set[int] = set()
@@ -180,9 +188,19 @@ class WorkerHalf:
                 self._finish_loads(meta.loads, {b for s in meta.loads for b in s.block_ids}, meta.load_async)
             return
         if meta.load_async:
-            self._load_pool.submit(self._run_loads, list(meta.loads), True)
+            with self._lock:
+                self._loads_running += 1
+            self._load_pool.submit(self._run_async_loads, list(meta.loads))
         else:
             self._run_loads(meta.loads, False)
+
+    def _run_async_loads(self, specs: list[LoadSpec]) -> None:
+        try:
+            self._run_loads(specs, True)
+        finally:
+            with self._lock:
+                self._loads_running -= 1
+                self._landed.notify_all()
 
     def _run_loads(self, specs: list[LoadSpec], is_async: bool) -> None:
         failed: set[int] = set()
@@ -379,8 +397,14 @@ class WorkerHalf:
 
     # ---- completion ---------------------------------------------------------------------
 
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+    def get_finished(self, finished_req_ids: set[str], idle: bool = False) -> tuple[set[str] | None, set[str] | None]:
+        """Requests whose stores finished (sending) and whose asynchronous loads did (receiving).
+        ``idle``: the step computed nothing, so the engine would only call again at once; with
+        loads running and none landed, wait up to IDLE_WAIT_S for one (the GIL goes to the
+        load thread meanwhile, instead of to a loop of empty steps)."""
         with self._lock:
+            if idle and self._loads_running and not self._recv_done:
+                self._landed.wait(IDLE_WAIT_S)
             self._finishing.update(r for r in finished_req_ids if r in self._store_reqs)
             sent = {r for r in self._finishing if self._store_pending.get(r, 0) <= 0}
             for r in sent:
