@@ -416,3 +416,26 @@ def test_steps_that_only_wait_for_a_load_wait_for_it_in_get_finished(make_daemon
     t1 = time.monotonic()
     assert w.get_finished(set(), idle=True) == (None, None)
     assert time.monotonic() - t1 < worker_mod.IDLE_WAIT_S
+
+
+def test_an_idle_step_waits_for_a_finished_requests_stores(make_daemon, harnesses, monkeypatch):
+    """The same for stores: once a request is done and only its stores keep it, each empty
+    step waits up to IDLE_WAIT_S for them instead of spinning."""
+    from kvtier.vllm import worker as worker_mod
+    d = make_daemon()
+    h = harnesses(d.address)
+    real = worker_mod.WorkerHalf._store_jobs
+
+    def slow(self, client, jobs, after):
+        time.sleep(0.2)
+        return real(self, client, jobs, after)
+    monkeypatch.setattr(worker_mod.WorkerHalf, "_store_jobs", slow)
+    h.add("s", prompt(141, 256), max_tokens=1)
+    steps, t0 = 0, time.monotonic()
+    while h.scheduler.requests or h.scheduler.has_unfinished_requests():
+        h.step()
+        steps += 1
+        assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 >= 0.2
+    assert steps <= 0.2 / worker_mod.IDLE_WAIT_S + 10, steps
+    _finished_ok(h, "s")

@@ -125,7 +125,7 @@ class WorkerHalf:
         # stores send checksums with Commit: None = on CUDA only (see _hash_stores)
         self.hash_stores: bool | None = None
         self._lock = threading.Lock()
-        self._landed = threading.Condition(self._lock)  # an asynchronous load finished
+        self._landed = threading.Condition(self._lock)  # an asynchronous load or a store finished
         self._loads_running = 0
         self._recv_done: set[str] = set()
         self._load_errors: set[int] = set()
@@ -338,6 +338,7 @@ class WorkerHalf:
         with self._lock:
             for s in specs:
                 self._store_pending[s.req_id] -= 1
+            self._landed.notify_all()
 
     def _store_jobs(self, client, jobs, after) -> None:
         ns = getattr(jobs, "namespace", self.ns)
@@ -400,12 +401,14 @@ class WorkerHalf:
     def get_finished(self, finished_req_ids: set[str], idle: bool = False) -> tuple[set[str] | None, set[str] | None]:
         """Requests whose stores finished (sending) and whose asynchronous loads did (receiving).
         ``idle``: the step computed nothing, so the engine would only call again at once; with
-        loads running and none landed, wait up to IDLE_WAIT_S for one (the GIL goes to the
-        load thread meanwhile, instead of to a loop of empty steps)."""
+        loads running and none landed, or a finished request's stores still running, wait up
+        to IDLE_WAIT_S for one to end (the GIL goes to the load or store thread meanwhile,
+        instead of to a loop of empty steps)."""
         with self._lock:
-            if idle and self._loads_running and not self._recv_done:
-                self._landed.wait(IDLE_WAIT_S)
             self._finishing.update(r for r in finished_req_ids if r in self._store_reqs)
+            if idle and not self._recv_done and (self._loads_running or self._finishing) and \
+                    all(self._store_pending.get(r, 0) > 0 for r in self._finishing):  # nothing to report yet
+                self._landed.wait(IDLE_WAIT_S)
             sent = {r for r in self._finishing if self._store_pending.get(r, 0) <= 0}
             for r in sent:
                 self._finishing.discard(r)
