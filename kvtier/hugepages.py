@@ -19,16 +19,17 @@ the system-wide THP setting unless a mapping opted out with ``MADV_NOHUGEPAGE``)
 call copies each 2 MiB range into a huge page without the GIL; the daemon's other
 threads go on, each pausing only for a range it touches while that range is copied.
 
-Where the kernel has no ``MADV_COLLAPSE`` (EINVAL), or the process is barred from huge
-pages (``PR_SET_THP_DISABLE``, EPERM), the first tick says so once and the thread stops
-trying. ``huge_bytes()`` reports the process's ``AnonHugePages`` for the metrics.
+The first pass probes a scratch mapping of its own: where the kernel has no
+``MADV_COLLAPSE`` (EINVAL), or the process is barred from huge pages (``PR_SET_THP_DISABLE``,
+EPERM), it says so once and the passes stop. A mapping that refuses on its own (EINVAL: a
+special mapping some library made) is skipped from then on; the others are still collapsed. ``huge_bytes()`` reports the process's ``AnonHugePages`` for the metrics.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
 import logging
-import os
+import mmap
 import threading
 import time
 
@@ -103,18 +104,44 @@ def huge_bytes() -> int:
     return 0
 
 
-_libc_madvise = None
+_libc = None
+
+
+def _lib():
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        lib.madvise.restype = ctypes.c_int
+        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                             ctypes.c_long]
+        lib.mmap.restype = ctypes.c_void_p
+        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.munmap.restype = ctypes.c_int
+        _libc = lib
+    return _libc
 
 
 def madvise(addr: int, length: int, advice: int) -> int:
     """madvise(2) without the GIL; 0, or the errno it failed with."""
-    global _libc_madvise
-    if _libc_madvise is None:
-        f = ctypes.CDLL(None, use_errno=True).madvise
-        f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        f.restype = ctypes.c_int
-        _libc_madvise = f
-    return 0 if _libc_madvise(addr, length, advice) == 0 else ctypes.get_errno()
+    return 0 if _lib().madvise(addr, length, advice) == 0 else ctypes.get_errno()
+
+
+def probe(advise=madvise) -> int:
+    """Can this process have huge pages on request? Collapses a 2 MiB range of a scratch
+    mapping of its own; 0, or the errno (EINVAL: no MADV_COLLAPSE in this kernel; EPERM:
+    huge pages disabled for the process)."""
+    lib = _lib()
+    size = 2 * HUGE
+    addr = lib.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return ctypes.get_errno() or errno.ENOMEM
+    try:
+        ctypes.memset(addr, 1, size)
+        start = (addr + HUGE - 1) & ~(HUGE - 1)
+        return advise(start, HUGE, MADV_COLLAPSE)
+    finally:
+        lib.munmap(addr, size)
 
 
 class Collapser:
@@ -131,6 +158,8 @@ class Collapser:
         self.runs = 0
         self.collapsed_bytes = 0      # bytes of ranges the kernel collapsed, since start
         self.unsupported = ""         # why collapsing stopped for good ("" while it is tried)
+        self._probed = False
+        self._refused: set[tuple[int, int]] = set()  # mappings the kernel will not collapse
         self._next = clock() + every_s
         self._thread: threading.Thread | None = None
 
@@ -159,6 +188,13 @@ class Collapser:
 
     def run_once(self) -> int:
         """One pass now, on the calling thread; returns the bytes it asked the kernel to collapse."""
+        if not self._probed:
+            self._probed = True
+            err = probe(self._advise)
+            if err in (errno.EINVAL, errno.EPERM, errno.ENOSYS):
+                self._stop_for_good(f"MADV_COLLAPSE refused ({errno.errorcode.get(err, err)}): "
+                                    "this kernel or process has no huge pages on request")
+                return 0
         try:
             with open(self.smaps) as f:
                 maps = parse_smaps(f.read())
@@ -166,18 +202,20 @@ class Collapser:
             self._stop_for_good(f"cannot read {self.smaps}: {e.strerror}")
             return 0
         asked = 0
+        if len(self._refused) > 4096:
+            self._refused.clear()
         for m in maps:
-            if not m.worth_collapsing(self.density):
+            if not m.worth_collapsing(self.density) or (m.start, m.end) in self._refused:
                 continue
             a, b = m.range()
             err = self._advise(a, b - a, MADV_COLLAPSE)
             if not err:
                 asked += b - a
-                continue
-            if err in (errno.EINVAL, errno.EPERM, errno.ENOSYS):
-                self._stop_for_good(f"MADV_COLLAPSE refused ({errno.errorcode.get(err, err)}): "
-                                    "this kernel or process has no huge pages on request")
+            elif err == errno.EPERM:
+                self._stop_for_good("MADV_COLLAPSE refused (EPERM): huge pages are disabled for this process")
                 return asked
+            elif err == errno.EINVAL:  # this mapping cannot have them (a device or special mapping)
+                self._refused.add((m.start, m.end))
             # EAGAIN (no huge page free right now), ENOMEM, EFAULT (unmapped meanwhile): next pass
         self.runs += 1
         self.collapsed_bytes += asked

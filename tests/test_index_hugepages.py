@@ -72,13 +72,19 @@ def test_only_dense_private_anonymous_memory_not_yet_huge_is_chosen():
     assert maps[7].range() == (0x7f0007200000, 0x7f0007200000)  # unaligned: no whole huge page inside
 
 
-def _collapser(text, answers=None, **kw):
+def _collapser(text, answers=None, probe_answer=0, **kw):
+    """A Collapser whose madvise is recorded and answered from `answers` (address -> errno);
+    its first call, on a scratch mapping of its own, is the probe (answered probe_answer)."""
     calls = []
 
     def advise(addr, length, advice):
+        if not probed:
+            probed.append(addr)
+            return probe_answer
         calls.append((addr, length, advice))
         return (answers or {}).get(addr, 0)
 
+    probed: list = []
     return Collapser(1.0, advise=advise, **kw), calls
 
 
@@ -91,15 +97,22 @@ def test_a_pass_collapses_the_aligned_part_of_each_chosen_mapping(tmp_path):
     assert (c.runs, c.collapsed_bytes, c.unsupported) == (1, 26 * MiB, "")
 
 
-def test_a_busy_or_gone_range_is_tried_next_pass_but_a_kernel_without_it_stops_the_passes(tmp_path):
+def test_a_busy_range_is_tried_again_a_refusing_one_skipped_and_a_kernel_without_it_stops_the_passes(tmp_path):
     p = tmp_path / "smaps"
     p.write_text(SMAPS)
     c, calls = _collapser(SMAPS, answers={0x55d000000000: errno.EAGAIN}, smaps=str(p))
     assert c.run_once() == 16 * MiB and not c.unsupported
+    assert c.run_once() == 16 * MiB and len(calls) == 4      # EAGAIN: asked again
     c2, calls2 = _collapser(SMAPS, answers={0x55d000000000: errno.EINVAL}, smaps=str(p))
-    assert c2.run_once() == 0
-    assert "EINVAL" in c2.unsupported and len(calls2) == 1
-    assert c2.tick() is False  # never again
+    assert c2.run_once() == 16 * MiB and not c2.unsupported  # one mapping refused, the other collapsed
+    assert c2.run_once() == 16 * MiB
+    assert [a for a, _, _ in calls2] == [0x55d000000000, 0x7f0000000000, 0x7f0000000000]  # not asked again
+    c3, calls3 = _collapser(SMAPS, smaps=str(p), probe_answer=errno.EINVAL)  # no MADV_COLLAPSE at all
+    assert c3.run_once() == 0 and "EINVAL" in c3.unsupported and calls3 == []
+    assert c3.tick() is False  # never again
+    c4, calls4 = _collapser(SMAPS, answers={0x55d000000000: errno.EPERM}, smaps=str(p))
+    c4.run_once()
+    assert "EPERM" in c4.unsupported
 
 
 def test_tick_runs_a_pass_on_its_own_thread_once_per_interval(tmp_path):
