@@ -720,3 +720,13 @@ def test_url_settings_and_overrides():
         ("example.invalid", 7000, {"username": "bob", "password": "other", "db": 3}, True)
     assert config.from_dict({"cluster": {"url": "redis://h", "namespace_ttl_s": {"b": 2, "a": 1}}}) \
         .cluster.namespace_ttl_s == (("a", 1), ("b", 2))
+
+
+def test_values_below_a_mebibyte_go_out_in_one_write_larger_ones_uncopied():
+    from kvtier import resp
+    small = memoryview(bytearray(512 * KiB))
+    chunks = resp.encode([(b"SET", b"k", small)])
+    assert len(chunks) == 1 and bytes(chunks[0]).endswith(b"\r\n") and len(chunks[0]) > 512 * KiB
+    big = memoryview(bytearray(2 * MiB))
+    chunks = resp.encode([(b"SET", b"k", (b"head", big))])
+    assert any(c is big for c in chunks) and len(chunks) == 3   # the 2 MiB view itself, not a copy
