@@ -104,6 +104,12 @@ READ_WINDOW = 1          # blocks one get_many reads from one server at once, to
 READ_WINDOW_BYTES = 1 << 20
 READ_WINDOW_MAX = 64
 THREAD_MIN = 256 * 1024  # compress / decompress payloads at least this large in a worker thread
+# A writer that takes a block under BATCH_VALUE_MAX from the queue takes the small ones behind
+# it too (at most BATCH_MAX, BATCH_BYTES together) and writes them as one pipeline per server:
+# a round trip per block kept 4 KiB puts at 0.44x of redis-py's pipelined SETs.
+BATCH_VALUE_MAX = 256 * 1024
+BATCH_MAX = 64
+BATCH_BYTES = 1 << 20
 
 
 @dataclass
@@ -266,22 +272,82 @@ class ClusterTier:
             if item is None:
                 await self._work.wait()
                 continue
-            ns, key, data, checksum, on_done, n = item
-            try:
-                if await self._put(ns, key, data, checksum):
-                    self.stats.puts += 1
-                    self.stats.put_bytes += n
-                else:
-                    self.stats.put_failures += 1
-            except Exception:
-                self.stats.put_failures += 1
-                log.exception("cluster: write of a block failed")
-            finally:
+            batch = [item]
+            if item[5] < BATCH_VALUE_MAX:  # small blocks queued behind it go in the same pipelines
                 with self._qlock:
-                    self.queued_bytes -= n
-                _call(on_done)
+                    total = item[5]
+                    while (self._queue and len(batch) < BATCH_MAX and self._queue[0][5] < BATCH_VALUE_MAX
+                           and total + self._queue[0][5] <= BATCH_BYTES):
+                        batch.append(self._queue.popleft())
+                        total += batch[-1][5]
+            oks = [False] * len(batch)
+            try:
+                if len(batch) == 1:
+                    oks[0] = await self._put(*item[:4])
+                else:
+                    oks = await self._put_batch(batch)
+            except Exception:
+                log.exception("cluster: write of %d block(s) failed", len(batch))
+            finally:
+                for (_, _, _, _, on_done, n), ok in zip(batch, oks):
+                    if ok:
+                        self.stats.puts += 1
+                        self.stats.put_bytes += n
+                    else:
+                        self.stats.put_failures += 1
+                    with self._qlock:
+                        self.queued_bytes -= n
+                    _call(on_done)
 
     async def _put(self, ns: str, key: bytes, data, checksum: bytes) -> bool:
+        rec = await self._record(ns, key, data, checksum)
+        return rec is not None and await self._write_one(*rec)
+
+    async def _put_batch(self, items: list[tuple]) -> list[bool]:
+        """Write several small blocks: per server one pipeline of a GETRANGE + SET each (as
+        _write_record does for one), then one UNLINK of the parts old split values leave.
+        A block whose record is split is written on its own."""
+        ok = [False] * len(items)
+        recs: list[tuple[int, bytes, tuple, int]] = []   # (item index, name, value, ttl)
+        for i, (ns, key, data, checksum, _, _) in enumerate(items):
+            rec = await self._record(ns, key, data, checksum)
+            if rec is None:
+                continue
+            base, values, ttl = rec
+            if len(values) > 1:
+                ok[i] = await self._write_one(base, values, ttl)
+            else:
+                recs.append((i, base, values[0], ttl))
+        if not recs:
+            return ok
+
+        async def work(node: Node, idxs: list[int]) -> None:
+            conns = await self.servers.conns(node)
+            c = min(conns, key=lambda c: c.inflight)
+            cmds = []
+            for j in idxs:
+                _, base, value, ttl = recs[j]
+                cmds += [(b"GETRANGE", base, 0, 35), (b"SET", base, value) + ((b"PX", ttl * 1000) if ttl else ())]
+            replies = await c.request(cmds, weight=sum(memoryview(p).nbytes for j in idxs for p in recs[j][2]))
+            stale = []
+            for k, j in enumerate(idxs):
+                old, r = replies[2 * k], replies[2 * k + 1]
+                if r == "OK":
+                    ok[recs[j][0]] = True
+                    parts = part_count(old)
+                    if parts > 1:  # the previous write was split: its other parts are unreachable now
+                        stale += [part_name(recs[j][1], p) for p in range(1, parts)]
+                elif isinstance(r, ReplyError):
+                    self.servers.reply_error(r)
+            if stale:
+                await c.request([(b"UNLINK",) + tuple(stale)])
+
+        await self.servers.run(await self.servers.group([r[1] for r in recs]), work)
+        return ok
+
+    async def _record(self, ns: str, key: bytes, data, checksum: bytes) -> tuple[bytes, list, int] | None:
+        """The block's name, its record's values and TTL, with room made in its tenant's quota;
+        None if the quota refused it."""
         mv = memoryview(data).cast("B")
         codec, payload = record.CODEC_RAW, mv
         if self.codec != record.CODEC_RAW:
@@ -302,8 +368,11 @@ class ClusterTier:
             res = await self.accounts.reserve(tenant, base, size,
                                               meta.expires_ms + self.cfg.timeout_ms if ttl else 0)
             if res is None or not res[0]:
-                return False
+                return None
             await self._evict(res[1])
+        return base, values, ttl
+
+    async def _write_one(self, base: bytes, values: list, ttl: int) -> bool:
         groups = await self.servers.group([base])
         if not groups:
             return False

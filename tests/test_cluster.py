@@ -730,3 +730,45 @@ def test_values_below_a_mebibyte_go_out_in_one_write_larger_ones_uncopied():
     big = memoryview(bytearray(2 * MiB))
     chunks = resp.encode([(b"SET", b"k", (b"head", big))])
     assert any(c is big for c in chunks) and len(chunks) == 3   # the 2 MiB view itself, not a copy
+
+
+@pytest.mark.parametrize("topology", ["single", "cluster"])
+def test_small_puts_queued_together_go_out_as_one_pipeline_per_server(valkey, valkey_cluster, topology, monkeypatch):
+    """Small blocks waiting in the queue are written by one writer in one pipeline per server
+    (a GETRANGE + SET each); every block lands, on_done runs once each, and an overwrite of a
+    block that was split unlinks the old parts, as a write of its own does."""
+    from kvtier import resp
+    url, is_cluster = (valkey.url, False) if topology == "single" else (valkey_cluster.url, True)
+    sizes = []
+    real = resp.Connection.request
+
+    def request(self, cmds, sinks=None, weight=0):
+        sets = sum(1 for c in cmds if c[0] == b"SET")
+        if sets:
+            sizes.append(sets)
+        return real(self, cmds, sinks, weight)
+    monkeypatch.setattr(resp.Connection, "request", request)
+
+    async def go():
+        async with tier(url, cluster=is_cluster, part_bytes=64 * KiB) as t:
+            split_key = os.urandom(16)
+            await put_all(t, NS, {split_key: os.urandom(300_000)})       # 5 parts of 64 KiB
+            blocks = {os.urandom(16): os.urandom(3000 + i) for i in range(200)}
+            blocks[split_key] = os.urandom(20_000)                      # now one value
+            sizes.clear()
+            await put_all(t, NS, blocks)
+            got = await t.get_many(NS, list(blocks))
+            assert [bytes(g[0]) for g in got] == list(blocks.values())
+            s = t.snapshot()
+            assert s["put_failures"] == 0 and s["puts"] == 202
+            return split_key
+
+    split_key = run(go())
+    assert sum(sizes) == 201 and max(sizes) > 1 and len(sizes) < 201, sizes   # batched, every block once
+    if topology == "single":
+        r = valkey.client()
+    else:
+        import redis
+        host, port = valkey_cluster.url.rsplit("/", 1)[-1].split(":")
+        r = redis.RedisCluster(host=host, port=int(port))
+    assert not any(r.exists(name(NS, split_key) + b":%d" % i) for i in range(1, 6))
