@@ -147,7 +147,7 @@ def proc_status(pid: int) -> dict:
 
 # A daemon that has run a while holds its index on 2 MiB pages (server.huge_pages_s, 30 s by
 # default); this one collapses every 2 s, and each size is measured once that has settled.
-DAEMON_SETTINGS = (("server", "huge_pages_s", "2.0"),)
+INDEX_DAEMON_SETTINGS = (("server", "huge_pages_s", "2.0"),)
 
 
 def settle_huge_pages(pid: int, limit_s: float = 15.0) -> int:
@@ -262,7 +262,7 @@ def part_index(s: Settings, tmp: str, stack: contextlib.ExitStack) -> dict:
     base = EchoBaselines(stack, tmp)
     with contextlib.ExitStack() as dstack:
         daemon, addrs = core.start_daemon(dstack, tmp, f"{capacity // MiB}MiB", tcp=False,
-                                          settings=DAEMON_SETTINGS)
+                                          settings=INDEX_DAEMON_SETTINGS)
         pid = daemon.p.pid
         c = dstack.enter_context(Client(addrs["unix"]))
         c.attach()
