@@ -29,8 +29,12 @@ C. a real daemon (``python -m kvtier.cli serve``, RAM 256 MiB, 4 NVMe I/O thread
    (write_policy "commit") or every block either on NVMe or still in RAM (write_policy "evict":
    RAM is filled with other blocks first, untimed, so each put of the round demotes one block and
    about SPILL bytes are written; the last RAM-full is never evicted), queue drained; read-back =
-   get_many (Acquire, into preallocated buffers, verified) of the blocks that Lookup reports only
-   on NVMe, in batches of 16, from 1 client thread and from THREADS client threads. Each daemon
+   get_many (Acquire, into preallocated buffers, verified) in batches of 16, first of as many
+   blocks Lookup reports only on NVMe as the spill left in RAM, then of those RAM blocks (evicted
+   by then), one half from 1 client thread and the other from THREADS, which first alternating
+   by round. Under write_policy "evict" the first half's promotions each write their victim
+   ("victims written", compared with raw reads that write as many blocks) and the second's write
+   nothing ("victims on NVMe"); the report counts the demotions per block read back. Each daemon
    round follows a raw round of the same block count (A's code) and the ratio is to that;
    ``--policies`` picks the write policies;
 D. ColdTier.read taken apart on its own files (payload only; header and payload in one preadv,
