@@ -41,10 +41,12 @@ blocks in ``docs/benchmarks-cluster.md``.
 
 Movement: ``enqueue_put`` queues the block (bounded by ``queue_bytes``; a full
 queue drops and counts, calling on_done at once) for writer tasks that
-pipeline over ``connections`` connections per server; on_done runs once the
+pipeline over ``connections`` connections per server (small blocks queued
+together go out as one pipeline per server, ``BATCH_*``); on_done runs once the
 server acknowledged, failed or the put was dropped. Reads group keys by
-master (all masters at once) and receive payloads straight into their final
-buffer (``kvtier.resp``): a fresh one, or the caller's when it passes ``into``
+master (all masters at once; per master one block in flight, widening to about
+``READ_WINDOW_BYTES`` of small blocks) and receive payloads straight into their
+final buffer (``kvtier.resp``): a fresh one, or the caller's when it passes ``into``
 (e.g. an arena slot: no copy and no fresh memory, the fastest path). Lookups
 are one pipelined round trip per batch per master.
 
