@@ -134,12 +134,8 @@ def proc_status(pid: int) -> dict:
         name, _, rest = line.partition(":")
         if name in ("VmRSS", "RssAnon", "RssShmem", "RssFile", "VmHWM"):
             out[name] = int(rest.split()[0]) * KiB
-    try:
-        for line in pathlib.Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("AnonHugePages:"):
-                out["AnonHugePages"] = int(line.split()[1]) * KiB
-    except OSError:
-        pass
+    from kvtier.hugepages import huge_bytes
+    out["AnonHugePages"] = huge_bytes(pid)
     return out
 
 

@@ -306,9 +306,8 @@ class ClusterTier:
         return rec is not None and await self._write_one(*rec)
 
     async def _put_batch(self, items: list[tuple]) -> list[bool]:
-        """Write several small blocks: per server one pipeline of a GETRANGE + SET each (as
-        _write_record does for one), then one UNLINK of the parts old split values leave.
-        A block whose record is split is written on its own."""
+        """Write several small blocks, per server in one pipeline (_set_whole, as _write_record
+        writes one). A block whose record is split is written on its own."""
         ok = [False] * len(items)
         recs: list[tuple[int, bytes, tuple, int]] = []   # (item index, name, value, ttl)
         for i, (ns, key, data, checksum, _, _) in enumerate(items):
@@ -324,27 +323,32 @@ class ClusterTier:
             return ok
 
         async def work(node: Node, idxs: list[int]) -> None:
-            conns = await self.servers.conns(node)
-            c = min(conns, key=lambda c: c.inflight)
-            cmds = []
-            for j in idxs:
-                _, base, value, ttl = recs[j]
-                cmds += [(b"GETRANGE", base, 0, 35), (b"SET", base, value) + ((b"PX", ttl * 1000) if ttl else ())]
-            replies = await c.request(cmds, weight=sum(memoryview(p).nbytes for j in idxs for p in recs[j][2]))
-            stale = []
-            for k, j in enumerate(idxs):
-                old, r = replies[2 * k], replies[2 * k + 1]
-                if r == "OK":
-                    ok[recs[j][0]] = True
-                    parts = part_count(old)
-                    if parts > 1:  # the previous write was split: its other parts are unreachable now
-                        stale += [part_name(recs[j][1], p) for p in range(1, parts)]
-                elif isinstance(r, ReplyError):
-                    self.servers.reply_error(r)
-            if stale:
-                await c.request([(b"UNLINK",) + tuple(stale)])
+            done = await self._set_whole(await self.servers.conns(node), [recs[j][1:] for j in idxs])
+            for j, d in zip(idxs, done):
+                ok[recs[j][0]] = d
 
         await self.servers.run(await self.servers.group([r[1] for r in recs]), work)
+        return ok
+
+    async def _set_whole(self, conns: list[Connection], recs: list[tuple[bytes, tuple, int]]) -> list[bool]:
+        """SET unsplit records (name, value, ttl) on one server in one pipeline, each after a
+        GETRANGE of the value it replaces; then one UNLINK of the parts that replaced split
+        values leave unreachable. Which SETs the server acknowledged."""
+        c = min(conns, key=lambda c: c.inflight)
+        cmds = []
+        for base, value, ttl in recs:
+            cmds += [(b"GETRANGE", base, 0, 35), (b"SET", base, value) + ((b"PX", ttl * 1000) if ttl else ())]
+        replies = await c.request(cmds, weight=sum(memoryview(p).nbytes for _, value, _ in recs for p in value))
+        ok, stale = [], []
+        for k, (base, _, _) in enumerate(recs):
+            old, r = replies[2 * k], replies[2 * k + 1]
+            ok.append(r == "OK")
+            if r == "OK":
+                stale += [part_name(base, p) for p in range(1, part_count(old))]
+            elif isinstance(r, ReplyError):
+                self.servers.reply_error(r)
+        if stale:
+            await c.request([(b"UNLINK",) + tuple(stale)])
         return ok
 
     async def _record(self, ns: str, key: bytes, data, checksum: bytes) -> tuple[bytes, list, int] | None:
@@ -388,18 +392,15 @@ class ClusterTier:
 
     async def _write_record(self, node: Node, base: bytes, values: list[tuple], ttl: int) -> bool:
         conns = await self.servers.conns(node)
+        if len(values) == 1:
+            return (await self._set_whole(conns, [(base, values[0], ttl)]))[0]
         px = (b"PX", ttl * 1000) if ttl else ()
         peek = (b"GETRANGE", base, 0, 35)  # the old value's envelope, if it was split
-        first = (b"SET", base, values[0]) + px
-        if len(values) == 1:
+        rest = [(b"SET", part_name(base, i), v) + px for i, v in enumerate(values) if i]
+        old, *replies = await self.servers.fanout(conns, [peek] + rest, self.part_bytes)
+        if all(r == "OK" for r in replies):   # part 0 last: it makes the others reachable
             c = min(conns, key=lambda c: c.inflight)
-            old, *replies = await c.request([peek, first], weight=sum(memoryview(p).nbytes for p in values[0]))
-        else:
-            rest = [(b"SET", part_name(base, i), v) + px for i, v in enumerate(values) if i]
-            old, *replies = await self.servers.fanout(conns, [peek] + rest, self.part_bytes)
-            if all(r == "OK" for r in replies):   # part 0 last: it makes the others reachable
-                c = min(conns, key=lambda c: c.inflight)
-                replies = await c.request([first], weight=self.part_bytes)
+            replies = await c.request([(b"SET", base, values[0]) + px], weight=self.part_bytes)
         for r in replies:
             if r != "OK":
                 if isinstance(r, ReplyError):

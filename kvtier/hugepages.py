@@ -92,10 +92,10 @@ def parse_smaps(text: str) -> list[Mapping]:
     return out
 
 
-def huge_bytes() -> int:
-    """AnonHugePages of this process, bytes (0 where it cannot be read)."""
+def huge_bytes(pid: int | str = "self") -> int:
+    """AnonHugePages of a process (this one by default), bytes (0 where it cannot be read)."""
     try:
-        with open("/proc/self/smaps_rollup") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
                 if line.startswith("AnonHugePages:"):
                     return int(line.split()[1]) << 10

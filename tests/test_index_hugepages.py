@@ -16,48 +16,25 @@ from kvtier.hugepages import HUGE, MADV_COLLAPSE, Collapser, huge_bytes, parse_s
 MiB = 1 << 20
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux
 
-SMAPS = """\
-55d000000000-55d000a00000 rw-p 00000000 00:00 0                          [heap]
-Size:              10240 kB
-Rss:               10240 kB
-AnonHugePages:         0 kB
-VmFlags: rd wr mr mw me ac
-7f0000000000-7f0001000000 rw-p 00000000 00:00 0
-Size:              16384 kB
-Rss:               15360 kB
-AnonHugePages:      2048 kB
-VmFlags: rd wr mr mw me ac
-7f0002000000-7f0002800000 rw-p 00000000 00:00 0
-Size:               8192 kB
-Rss:                  64 kB
-AnonHugePages:         0 kB
-VmFlags: rd wr mr mw me ac
-7f0003000000-7f0003400000 rw-s 00000000 00:19 42                         /dev/shm/kvtier-0/arena
-Size:               4096 kB
-Rss:                4096 kB
-AnonHugePages:         0 kB
-VmFlags: rd wr sh mr mw me ms
-7f0004000000-7f0004400000 rw-p 00000000 08:01 7                          /usr/lib/libfoo.so
-Size:               4096 kB
-Rss:                4096 kB
-AnonHugePages:         0 kB
-VmFlags: rd wr mr mw me ac
-7f0005000000-7f0005400000 rw-p 00000000 00:00 0
-Size:               4096 kB
-Rss:                4096 kB
-AnonHugePages:         0 kB
-VmFlags: rd wr mr mw me ac nh
-7f0006000000-7f0006400000 rw-p 00000000 00:00 0
-Size:               4096 kB
-Rss:                4096 kB
-AnonHugePages:      4096 kB
-VmFlags: rd wr mr mw me ac
-7f0007100000-7f0007300000 rw-p 00000000 00:00 0
-Size:               2048 kB
-Rss:                2048 kB
-AnonHugePages:         0 kB
-VmFlags: rd wr mr mw me ac
-"""
+def _mapping(span: str, perms: str, where: str, size_kb: int, rss_kb: int, huge_kb: int, flags: str) -> str:
+    """One mapping as /proc/PID/smaps shows it (the fields the collapser reads)."""
+    return (f"{span} {perms} {where}\nSize: {size_kb:>14} kB\nRss: {rss_kb:>15} kB\n"
+            f"AnonHugePages: {huge_kb:>5} kB\nVmFlags: {flags}\n")
+
+
+ANON = "00000000 00:00 0"
+SMAPS = "".join([
+    _mapping("55d000000000-55d000a00000", "rw-p", ANON + " [heap]", 10240, 10240, 0, "rd wr mr mw me ac"),
+    _mapping("7f0000000000-7f0001000000", "rw-p", ANON, 16384, 15360, 2048, "rd wr mr mw me ac"),
+    _mapping("7f0002000000-7f0002800000", "rw-p", ANON, 8192, 64, 0, "rd wr mr mw me ac"),
+    _mapping("7f0003000000-7f0003400000", "rw-s", "00000000 00:19 42 /dev/shm/kvtier-0/arena", 4096, 4096, 0,
+             "rd wr sh mr mw me ms"),
+    _mapping("7f0004000000-7f0004400000", "rw-p", "00000000 08:01 7 /usr/lib/libfoo.so", 4096, 4096, 0,
+             "rd wr mr mw me ac"),
+    _mapping("7f0005000000-7f0005400000", "rw-p", ANON, 4096, 4096, 0, "rd wr mr mw me ac nh"),
+    _mapping("7f0006000000-7f0006400000", "rw-p", ANON, 4096, 4096, 4096, "rd wr mr mw me ac"),
+    _mapping("7f0007100000-7f0007300000", "rw-p", ANON, 2048, 2048, 0, "rd wr mr mw me ac"),
+])
 
 
 def test_only_dense_private_anonymous_memory_not_yet_huge_is_chosen():
