@@ -1,5 +1,6 @@
-"""Benchmarks: one script per published claim; each docstring holds its exact command,
-and docs/benchmarks.md holds the numbers with the conditions that would make them false."""
+"""Benchmarks: one script per published claim; each docstring holds its exact command.
+``python -m bench`` runs them all and writes docs/bench-results.md, the plots, and every
+generated table of README.md and docs/ (``bench.docs``); docs/history/ keeps dated experiments."""
 
 import json
 import pathlib

@@ -16,7 +16,8 @@ Cluster), ``bench.ttft`` when vLLM is importable, and ``bench.gpu`` when it exis
 the machine's own limit beside kvtier in the same run; the section "Machine limits" of the
 table collects them (memcpy, raw socket echo, raw O_DIRECT, raw redis-py).
 
-Writes, under ``--out`` (default docs/):
+Writes, under ``--out`` (default docs/ for a full run of every benchmark, bench-out/ for a quick
+or partial one: the pages in docs/ are written from a full run, never from a part of one):
 
 * ``bench-results.json``: git sha (``git rev-parse HEAD``), machine facts (CPU model, cores,
   RAM, kernel, Python, the disk under the NVMe benchmarks, /dev/shm), settings (mode and each
@@ -24,7 +25,11 @@ Writes, under ``--out`` (default docs/):
   per-round samples longer than 100 values left out; the benchmark's own --json keeps them);
 * ``bench-results.md``: one table: benchmark, measure, kvtier, baseline, ratio, target, holds?,
   command, and the condition that would make the number false;
-* ``img/*.png`` through ``bench.plots`` (when matplotlib is installed).
+* ``img/*.png`` through ``bench.plots`` (when matplotlib is installed);
+* into docs/ only: ``bench-gpu-<gpu>.json`` and ``bench-gpu-store-<gpu>.json`` when the GPU
+  benchmarks ran (the rows pages show on machines without a GPU), then every generated block
+  of README.md and docs/*.md through ``bench.docs``: one full run rewrites every measured
+  number the pages show.
 
 A benchmark that fails is reported as failed, and the others still run; the exit status is
 then 1.
@@ -37,6 +42,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -326,7 +332,9 @@ def markdown(doc: dict) -> str:
              "Each benchmark measures the machine's own limit beside kvtier in the same run; ratio = kvtier / "
              "baseline (for times, above 1 is slower). Details, and what every case does: the benchmark's "
              "docstring and [benchmarks.md](benchmarks.md), [benchmarks-nvme.md](benchmarks-nvme.md), "
-             "[benchmarks-cluster.md](benchmarks-cluster.md), [benchmarks-scale.md](benchmarks-scale.md).", ""]
+             "[benchmarks-cluster.md](benchmarks-cluster.md), [benchmarks-scale.md](benchmarks-scale.md), "
+             "[benchmarks-vllm.md](benchmarks-vllm.md), [benchmarks-gpu.md](benchmarks-gpu.md); how the "
+             "numbers got here: [history/](history/).", ""]
     st = doc["benchmarks"]
     lines += ["| benchmark | command | status | seconds |", "|---|---|---|---:|"]
     for name, b in st.items():
@@ -351,14 +359,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="every benchmark's --quick (about 6 minutes)")
     ap.add_argument("--tiny", action="store_true", help="--tiny where a benchmark has it, else --quick")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(BENCHES)}")
-    ap.add_argument("--out", default=str(REPO / "docs"), help="where to write the results (default docs/)")
+    ap.add_argument("--out", help="where to write the results (default docs/ for a full run of everything, "
+                                  "else bench-out/)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = ap.parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHES)
     if set(names) - set(BENCHES):
         ap.error(f"unknown benchmarks: {', '.join(sorted(set(names) - set(BENCHES)))}")
-    out = pathlib.Path(args.out)
+    whole = mode == "full" and not args.only
+    out = pathlib.Path(args.out) if args.out else REPO / ("docs" if whole else "bench-out")
+    to_docs = out.resolve() == (REPO / "docs").resolve()
+    if to_docs and not whole:
+        ap.error("docs/ holds the last full run of every benchmark, which its pages are written from: "
+                 "write a quick or partial run elsewhere (--out)")
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python -m bench" + ("" if mode == "full" else f" --{mode}") + (f" --only {args.only}" if args.only else "")
     doc = {"command": cmd, "mode": mode,
@@ -367,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     tmp = tempfile.mkdtemp(prefix="kvtier-bench-all-")
     failed = False
+    saved_gpu = {}
     try:
         for name in names:
             entry = doc["benchmarks"][name] = {}
@@ -398,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             entry["status"] = "ok"
             saved = json.loads(pathlib.Path(jp).read_text())
             figures = unwrap(name, saved)
+            if name in ("gpu", "gpu_store"):
+                saved_gpu[name] = saved
             doc["results"][name] = prune(figures)
             try:
                 rs = ROWS[name](figures)
@@ -422,7 +439,27 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"wrote {p}")
         except ImportError as e:
             log(f"plots skipped: {e} (pip install -e '.[bench]')")
+    if to_docs:
+        for name, saved in saved_gpu.items():
+            p = out / gpu_file(name, saved)
+            p.write_text(json.dumps(saved, indent=1) + "\n")
+            log(f"wrote {p}")
+        from bench import docs
+        try:
+            for p in docs.refresh():
+                log(f"wrote the generated blocks of {p.relative_to(REPO)}")
+        except docs.DocError as e:
+            log(f"pages not written: {e}")
+            failed = True
     return 1 if failed else 0
+
+
+def gpu_file(name: str, saved: dict) -> str:
+    """bench-gpu-h100.json, bench-gpu-store-h200.json: one saved GPU run per benchmark and GPU model."""
+    gpu = (saved.get("machine") or {}).get("gpu", "")
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", gpu)
+    slug = m.group(1).lower() if m else (re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") or "gpu")
+    return f"bench-{name.replace('_', '-')}-{slug}.json"
 
 
 if __name__ == "__main__":

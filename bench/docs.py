@@ -139,12 +139,8 @@ def matching(rows: list[dict], match: str | None) -> list[dict]:
     return [x for x in rows if any(w in x["measure"] for w in wanted)]
 
 
-def gpu_sources(data: dict, name: str) -> list[tuple[str, list[dict]]]:
-    """(caption, rows) per source of a GPU benchmark's rows: this run, or the files carried."""
-    doc = data["doc"]
-    if name not in data["carried"]:
-        rows = [x for x in doc["rows"] if x["benchmark"] == name]
-        return [(f"From the run above (`{doc['benchmarks'][name]['command']}`):", rows)]
+def carried_sources(data: dict, name: str) -> list[tuple[str, list[dict]]]:
+    """(caption, rows) per saved run of a GPU benchmark that did not run in the last full run."""
     out = []
     for fname, saved in data["carried"][name]:
         m = saved.get("machine", {})
@@ -183,7 +179,7 @@ def render(directive: str, data: dict, prefix: str = "") -> str:
             raise DocError(f"{directive!r}: no benchmark {name!r} in the run ({', '.join(benches)})")
         if name in data["carried"]:
             lines = []
-            for caption, rows in gpu_sources(data, name):
+            for caption, rows in carried_sources(data, name):
                 got = matching(rows, opts.get("match"))
                 if not got:
                     raise DocError(f"{directive!r}: no row matches in {caption}")
@@ -219,7 +215,7 @@ def headline(data: dict, prefix: str) -> str:
     picked, gpu_notes = [], []
     for name, want in HEADLINE:
         if name in data["carried"]:
-            for caption, rows in gpu_sources(data, name):
+            for caption, rows in carried_sources(data, name):
                 got = [x for x in rows if want in x["measure"]]
                 picked += got
                 if got and caption not in gpu_notes:
@@ -274,14 +270,15 @@ def refresh(repo: pathlib.Path = REPO, check: bool = False) -> list[pathlib.Path
     """Rewrite the generated blocks; return the pages that changed (or would, with check)."""
     data = load(repo / "docs")
     changed = []
-    for p in pages(repo):
+    for p in pages(repo):                 # every page renders before any is written
         text = p.read_text()
         new = rewrite(text, data, prefix_of(p, repo), str(p.relative_to(repo)))
         if new != text:
-            changed.append(p)
-            if not check:
-                p.write_text(new)
-    return changed
+            changed.append((p, new))
+    if not check:
+        for p, new in changed:
+            p.write_text(new)
+    return [p for p, _ in changed]
 
 
 def main(argv: list[str] | None = None) -> int:

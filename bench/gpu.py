@@ -1,6 +1,6 @@
 """GPU data path of the vLLM connector: arena <-> GPU copies, and loading KV against prefill.
 
-    python -m bench.gpu --json bench-gpu.json --markdown docs/benchmarks-gpu-run.md
+    python -m bench.gpu --json bench-gpu.json --markdown bench-gpu.md
     python -m bench.gpu --quick        # 8K tokens only, fewer rounds
 
 Needs a CUDA GPU and runs from the repository root. It starts a kvtier daemon

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.nvme                       # full run, about 5 minutes
     .venv/bin/python -m bench.nvme --quick               # under a minute
-    .venv/bin/python -m bench.nvme --dir /mnt/nvme0/tmp --json bench-nvme.json --markdown docs/benchmarks-nvme.md
+    .venv/bin/python -m bench.nvme --dir /mnt/nvme0/tmp --json bench-nvme.json --markdown bench-nvme.md
     .venv/bin/python -m bench.nvme --drop-caches         # root: restart also with cold dentry/inode/page caches
     .venv/bin/python -m bench.nvme --parts c --arena-dir /dev/hugepages   # the arena on hugetlbfs, as on an H200 node
 

@@ -36,8 +36,8 @@ then the others, and accepts a part only with part 0's write id. Each SET is
 atomic, so a read racing an overwrite gets the old block, the new one, or a
 miss (``torn_reads``), never a mix; the checksum is still checked over the
 whole. An overwrite with fewer parts unlinks the parts it no longer uses.
-Default: whole values (one GET is atomic by itself), the fastest for 2 MiB
-blocks in ``docs/benchmarks-cluster.md``.
+Default: whole values (one GET is atomic by itself): parts cost on PUT and win
+GET only sometimes, on one server (``docs/benchmarks-cluster.md``).
 
 Movement: ``enqueue_put`` queues the block (bounded by ``queue_bytes``; a full
 queue drops and counts, calling on_done at once) for writer tasks that

@@ -44,7 +44,7 @@ HEAD = 4096                 # bytes of a sunk bulk reply handed to sink.begin()
 SCRATCH = 256 * 1024        # initial parse buffer; grows for larger small replies
 # Arguments at least this long are written without a copy, as writes of their own; shorter
 # ones are joined with the command around them into one write. ClusterTier puts against one
-# valkey-server (4 in flight; docs/benchmarks-cluster.md): 128 KiB values sent as three writes
+# valkey-server (4 in flight; docs/history/cluster.md): 128 KiB values sent as three writes
 # (head, value, tail) stored at 0.73-2.03 GB/s, as one at 2.34-2.49; 512 KiB at 2.49-4.05
 # and 4.12-4.99.
 _BIG = 1024 * 1024
