@@ -1,7 +1,7 @@
 """Codecs on KV-like data: compression ratio and speed of none / lz4 / shuffle-lz4, and what
 ``record.choose_payload`` keeps.
 
-    .venv/bin/python -m bench.compression                  # about a minute
+    .venv/bin/python -m bench.compression                  # about 10 seconds
     .venv/bin/python -m bench.compression --quick          # a few seconds
     .venv/bin/python -m bench.compression --json bench-compression.json --markdown compression.md
 

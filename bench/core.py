@@ -1,6 +1,6 @@
 """Core data-path benchmark: kvtier against the machine's own limits, measured in the same run.
 
-    .venv/bin/python -m bench.core --json bench-core.json           # full run, about 3 minutes
+    .venv/bin/python -m bench.core --json bench-core.json           # full run, about a minute
     .venv/bin/python -m bench.core --quick --json bench-quick.json  # under a minute
     .venv/bin/python -m bench.core --settle 900 --json bench-core.json   # shared machine: wait for quiet
     .venv/bin/python -m bench.core --parts arena                    # the arena path against memcpy alone, ~40 s

@@ -107,7 +107,8 @@ def run_line(doc: dict) -> str:
             f"{doc['wall_s'] / 60:.0f} minutes, on {m['cpu_count']} CPUs ({m['cpu_model']}), "
             f"{m['mem_total_gib']} GiB RAM, kernel {m['kernel']}, Python {m['python']}; disk under the NVMe "
             f"benchmarks {m['disk']['device']} ({m['disk']['fstype']}). Load average {m['load_avg_1m']} at the "
-            f"start, {doc['load_avg_1m_end']} at the end. Every row: [bench-results.md](bench-results.md).")
+            f"start, {doc['load_avg_1m_end']} at the end. Every row of the run: [bench-results.md](bench-results.md); "
+            f"GPU rows come from the saved runs their captions name.")
 
 
 def row_cells(x: dict) -> tuple[str, str, str, str]:

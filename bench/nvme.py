@@ -1,6 +1,6 @@
 """NVMe tier: spill and read-back of 2 MiB blocks against raw O_DIRECT I/O, and restart time.
 
-    .venv/bin/python -m bench.nvme                       # full run, about 5 minutes
+    .venv/bin/python -m bench.nvme                       # full run, about 3 minutes
     .venv/bin/python -m bench.nvme --quick               # under a minute
     .venv/bin/python -m bench.nvme --dir /mnt/nvme0/tmp --json bench-nvme.json --markdown bench-nvme.md
     .venv/bin/python -m bench.nvme --drop-caches         # root: restart also with cold dentry/inode/page caches
@@ -32,10 +32,11 @@ C. a real daemon (``python -m kvtier.cli serve``, RAM 256 MiB, 4 NVMe I/O thread
    get_many (Acquire, into preallocated buffers, verified) in batches of 16, first of as many
    blocks Lookup reports only on NVMe as the spill left in RAM, then of those RAM blocks (evicted
    by then), one half from 1 client thread and the other from THREADS, which first alternating
-   by round. Under write_policy "evict" the first half's promotions each write their victim
-   ("victims written", compared with raw reads that write as many blocks) and the second's write
-   nothing ("victims on NVMe"); the report counts the demotions per block read back. Each daemon
-   round follows a raw round of the same block count (A's code) and the ratio is to that;
+   by round, each timed until the write queue is empty again. Under write_policy "evict" the
+   first half's promotions each write their victim ("victims written", compared with raw reads
+   that write as many blocks; the time includes the last victims' writes) and the second's write
+   nothing ("victims on NVMe", which starts on a quiet disk); the report counts the demotions
+   per block read back. Each daemon round follows a raw round of the same block count (A's code) and the ratio is to that;
    ``--policies`` picks the write policies;
 D. ColdTier.read taken apart on its own files (payload only; header and payload in one preadv,
    as it reads; header then payload; the same plus checksum verification; ColdTier.read itself),
@@ -649,7 +650,9 @@ def spill_round(client, daemon: Daemon, n: int, src: Sources, policy: str, queue
 
 
 def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts: list) -> dict:
-    """get_many (Acquire) of the keys that are only on NVMe, BATCH at a time, from `clients` threads."""
+    """get_many (Acquire) of the keys that are only on NVMe, BATCH at a time, from `clients` threads,
+    timed until the victims the promotions wrote (under "evict") are on NVMe too: their writes are
+    work the read-back caused, and must not run into the next case's time."""
     tiers, _ = client.lookup(NS, keys)
     cold = [k for k, t in zip(keys, tiers) if t == 2]
     shares = [cold[t::clients] for t in range(clients)]
@@ -673,6 +676,8 @@ def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts
         th.start()
     for th in ths:
         th.join()
+    while tier_stats(client, "nvme").queued_bytes:
+        time.sleep(0.002)
     dt = time.perf_counter() - t0
     if errors:
         raise errors[0]

@@ -2,7 +2,7 @@
 block size and concurrent clients, NVMe restart against block count, cluster-tier throughput
 against value size; each beside the machine's own limit measured in the same run.
 
-    .venv/bin/python -m bench.scale --json bench-scale.json --markdown scale.md   # full run, about 9 minutes
+    .venv/bin/python -m bench.scale --json bench-scale.json --markdown scale.md   # full run, about 6 minutes
     .venv/bin/python -m bench.scale --quick                                     # about 2 minutes
     .venv/bin/python -m bench.scale --tiny                                      # seconds: the smoke test's size
     .venv/bin/python -m bench.scale --parts index,clients                       # a subset of index, clients, restart, cluster

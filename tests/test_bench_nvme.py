@@ -44,3 +44,34 @@ def test_evict_read_back_is_reported_per_condition_and_client_count(tmp_path):
     text = nvme.markdown(res, "python -m bench.nvme --parts c --policies evict")
     assert "every promotion writes its victim" in text and "Blocks written (victims copied out)" in text
     assert f"| {nvme.RAW_READ_WRITE} |" in text and f"| {written[0]} |" in text
+
+
+def test_a_read_back_is_timed_until_the_victims_it_wrote_have_landed(monkeypatch):
+    """Under "evict" the promotions' victims are written behind the gets: the read-back round
+    waits for the write queue to empty, so those writes count in its time and not in the next
+    case's."""
+    import time
+    from types import SimpleNamespace
+
+    queue = [3 * nvme.BLOCK, 2 * nvme.BLOCK, nvme.BLOCK, 0]   # what Stats says, call after call
+    polls = []
+
+    def stats(client, name):
+        if name != "nvme":
+            raise AssertionError(name)
+        polls.append(time.perf_counter())
+        q = queue.pop(0) if len(polls) > 1 and queue else 0   # the first call: demotions before
+        return SimpleNamespace(queued_bytes=q, demotions=len(polls))
+
+    class Fake:
+        def lookup(self, ns, keys):
+            return [2] * len(keys), None
+
+        def get_many(self, ns, keys, into=None):
+            return [b"x"] * len(keys)
+
+    monkeypatch.setattr(nvme, "tier_stats", stats)
+    rb = nvme.readback_round(Fake(), SimpleNamespace(cpu_seconds=lambda: 0.0), [b"k%d" % i for i in range(20)], 1,
+                             [None])
+    assert queue == [], "polled until the queue was empty"
+    assert rb["blocks"] == 20 and rb["seconds"] >= polls[-2] - polls[0]
