@@ -49,6 +49,8 @@ import sys
 import tempfile
 import time
 
+from bench.docs import num, row_cells
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BENCHES = ("core", "nvme", "compression", "cluster", "scale", "scaleout", "ttft", "gpu", "gpu_store")
 TINY_CAPABLE = ("scale", "scaleout")
@@ -317,12 +319,6 @@ def limits(results: dict) -> list[dict]:
 
 # ---- report -------------------------------------------------------------------------------------
 
-def num(v) -> str:
-    if v is None:
-        return ""
-    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
-
-
 def markdown(doc: dict) -> str:
     m = doc["machine"]
     lines = ["# Benchmark results", "",
@@ -349,10 +345,9 @@ def markdown(doc: dict) -> str:
               "| benchmark | measure | kvtier | baseline | ratio | target | holds? | command | false if |",
               "|---|---|---:|---|---:|---|---|---|---|"]
     for x in doc["rows"]:
-        base = f"{num(x['baseline'])} {x['unit']} ({x['baseline_name']})" if x["baseline"] is not None else ""
-        holds = "" if x["holds"] is None else ("yes" if x["holds"] else "**no**")
-        lines.append(f"| {x['benchmark']} | {x['measure']} | {num(x['kvtier'])} {x['unit']} | {base} | "
-                     f"{num(x['ratio'])} | {x['target']} | {holds} | `{x['command']}` | {x['false_if']} |")
+        kvtier, base, ratio, holds = row_cells(x)
+        lines.append(f"| {x['benchmark']} | {x['measure']} | {kvtier} | {base} | {ratio} | {x['target']} | {holds} | "
+                     f"`{x['command']}` | {x['false_if']} |")
     lines.append("")
     return "\n".join(lines)
 

@@ -186,7 +186,7 @@ def render(directive: str, data: dict, prefix: str = "") -> str:
                     raise DocError(f"{directive!r}: no row matches in {caption}")
                 lines += [link(caption, prefix), ""] + table(got) + [""]
             if not lines:
-                return f"No run with a GPU saved yet: `python -m bench` on a machine with one writes these rows.\n"
+                return "No run with a GPU saved yet: `python -m bench` on a machine with one writes these rows.\n"
             return "\n".join(lines[:-1]) + "\n"
         b = benches[name]
         if b.get("status") != "ok":
