@@ -36,8 +36,10 @@ C. a real daemon (``python -m kvtier.cli serve``, RAM 256 MiB, 4 NVMe I/O thread
    first half's promotions each write their victim ("victims written", compared with raw reads
    that write as many blocks; the time includes the last victims' writes) and the second's write
    nothing ("victims on NVMe", which starts on a quiet disk); the report counts the demotions
-   per block read back. Each daemon round follows a raw round of the same block count (A's code) and the ratio is to that;
-   ``--policies`` picks the write policies;
+   per block read back, and how the disk saw each read case (/proc/diskstats: requests per
+   block, KiB per request, reads in flight, share of the time busy). Each daemon round follows
+   a raw round of the same block count (A's code) and the ratio is to that; ``--policies``
+   picks the write policies;
 D. ColdTier.read taken apart on its own files (payload only; header and payload in one preadv,
    as it reads; header then payload; the same plus checksum verification; ColdTier.read itself),
    the cost of copying a demoted block into a fresh anonymous mapping (what Store._on_evict
@@ -288,6 +290,37 @@ def machine_busy_s() -> float:
     f = [int(x) for x in pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = f[3] + (f[4] if len(f) > 4 else 0)
     return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def disk_reads(device: str) -> tuple[int, int, int, int]:
+    """(reads completed, sectors read, milliseconds spent reading, milliseconds with any request in
+    flight) of a block device since boot (/proc/diskstats; zeros if unknown). The milliseconds
+    reading add up every request's time, so over a stretch of wall time they give the average
+    number of reads in flight (Little's law); the last counts wall time the device was busy."""
+    name = os.path.basename(device)
+    for line in pathlib.Path("/proc/diskstats").read_text().splitlines():
+        f = line.split()
+        if len(f) > 12 and f[2] == name:
+            return int(f[3]), int(f[5]), int(f[6]), int(f[12])
+    return 0, 0, 0, 0
+
+
+def disk_view(before: tuple, after: tuple, blocks: int, wall_s: float) -> dict | None:
+    """How the disk saw a stretch of reads of ``blocks`` blocks: requests per block, KiB per
+    request, reads in flight on average, share of the time it had any request. None when the
+    device's counters did not move."""
+    reads, sectors, ms, busy = (b - a for a, b in zip(before, after))
+    if reads <= 0 or blocks <= 0 or wall_s <= 0:
+        return None
+    return {"requests_per_block": reads / blocks, "kib_per_request": sectors * 512 / KiB / reads,
+            "in_flight": ms / (wall_s * 1000), "busy": min(1.0, busy / (wall_s * 1000))}
+
+
+def median_view(views: list[dict]) -> dict | None:
+    """Each figure of disk_view, the median over rounds."""
+    if not views:
+        return None
+    return {k: statistics.median(v[k] for v in views) for k in views[0]}
 
 
 def disk_bytes(device: str) -> int:
@@ -649,7 +682,7 @@ def spill_round(client, daemon: Daemon, n: int, src: Sources, policy: str, queue
             "polls": polls, "daemon_cpu_s": daemon.cpu_seconds() - c0}
 
 
-def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts: list) -> dict:
+def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts: list, device: str = "") -> dict:
     """get_many (Acquire) of the keys that are only on NVMe, BATCH at a time, from `clients` threads,
     timed until the victims the promotions wrote (under "evict") are on NVMe too: their writes are
     work the read-back caused, and must not run into the next case's time."""
@@ -671,6 +704,7 @@ def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts
     ths = [threading.Thread(target=work, args=(t,)) for t in range(clients)]
     d0 = tier_stats(client, "nvme").demotions
     c0 = daemon.cpu_seconds()
+    r0 = disk_reads(device) if device else (0, 0, 0, 0)
     t0 = time.perf_counter()
     for th in ths:
         th.start()
@@ -679,9 +713,10 @@ def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts
     while tier_stats(client, "nvme").queued_bytes:
         time.sleep(0.002)
     dt = time.perf_counter() - t0
+    disk = disk_view(r0, disk_reads(device), len(cold), dt) if device else None
     if errors:
         raise errors[0]
-    return {"seconds": dt, "blocks": len(cold), "daemon_cpu_s": daemon.cpu_seconds() - c0,
+    return {"seconds": dt, "blocks": len(cold), "daemon_cpu_s": daemon.cpu_seconds() - c0, "disk": disk,
             "demoted": tier_stats(client, "nvme").demotions - d0}   # victims copied out to be written
 
 
@@ -733,16 +768,18 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
         if evict:
             rows[RAW_READ_WRITE] = []
         extra = {"spill_put_s": [], "spill_cpu_s": [], "readback_blocks": [], "polls": [], "spill_client_cpu_s": [],
-                 "raw_write_cpu_s": [], "raw_read_cpu_s": []}
+                 "raw_write_cpu_s": [], "raw_read_cpu_s": [], "raw read disk": []}
         extra.update({readback_case(k, cond) + what: [] for k, cond in reads
-                      for what in (" daemon", " client", " written")})
+                      for what in (" daemon", " client", " written", " disk")})
         noise = Noise(device, [d])
         own = 0
         for r in range(rounds + 1):
             c0 = cpu_self()
             w = raw.write(n)
             c1 = cpu_self()
+            r0 = disk_reads(device)
             rd = raw.read(n)
+            raw_disk = disk_view(r0, disk_reads(device), n, rd)
             c2 = cpu_self()
             rd1 = raw.read(n // 4, threads=1) * 4   # a quarter of the files, scaled to n
             rw = raw.read_write(n // 2) * 2 if evict else 0.0   # half the files read, as many written
@@ -762,7 +799,7 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
             done = []
             for i, (k, keys) in enumerate(zip((1, THREADS) if r % 2 else (THREADS, 1), (cold, in_ram))):
                 c5 = cpu_self()
-                rb = readback_round(client, d, keys, k, dsts)
+                rb = readback_round(client, d, keys, k, dsts, device)
                 rb["client_cpu_s"] = cpu_self() - c5
                 rb["case"] = readback_case(k, "" if not evict else READ_WRITTEN if i == 0 else READ_CLEAN)
                 done.append(rb)
@@ -778,6 +815,8 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
                 rows[RAW_READ_WRITE].append(rw)
             extra["raw_write_cpu_s"].append((c1 - c0) / (n * BLOCK / 1e9))
             extra["raw_read_cpu_s"].append((c2 - c1) / (n * BLOCK / 1e9))
+            if raw_disk:
+                extra["raw read disk"].append(raw_disk)
             extra["spill_client_cpu_s"].append((c4 - c3) / (sp["spilled"] * BLOCK / 1e9))
             rows["spill"].append(sp["seconds"] * BLOCK / (sp["spilled"] * BLOCK) * n)  # normalised to n blocks
             for rb in done:
@@ -786,6 +825,8 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
                 extra[rb["case"] + " daemon"].append(rb["daemon_cpu_s"] / gb)
                 extra[rb["case"] + " client"].append(rb["client_cpu_s"] / gb)
                 extra[rb["case"] + " written"].append(rb["demoted"] / rb["blocks"])
+                if rb["disk"]:
+                    extra[rb["case"] + " disk"].append(rb["disk"])
             extra["spill_put_s"].append(sp["put_seconds"])
             extra["spill_cpu_s"].append(sp["daemon_cpu_s"] / (sp["spilled"] * BLOCK / 1e9))
             extra["readback_blocks"].append(sum(rb["blocks"] for rb in done))
@@ -800,6 +841,7 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
         cases["raw read, 1 thread"]["ratio"] = cases["raw read, 1 thread"]["median_gbs"] / cases["raw read"]["median_gbs"]
         cases["raw write"]["cpu_s_per_gb"] = statistics.median(extra["raw_write_cpu_s"])
         cases["raw read"]["cpu_s_per_gb"] = statistics.median(extra["raw_read_cpu_s"])
+        cases["raw read"]["disk"] = median_view(extra["raw read disk"])
         cases["spill"]["client_cpu_s_per_gb"] = statistics.median(extra["spill_client_cpu_s"])
         cases["spill"]["daemon_cpu_s_per_gb"] = statistics.median(extra["spill_cpu_s"])
         cases["spill"]["put_phase_s_median"] = statistics.median(extra["spill_put_s"])
@@ -813,12 +855,26 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
             cases[name]["daemon_cpu_s_per_gb"] = statistics.median(extra[name + " daemon"])
             cases[name]["client_cpu_s_per_gb"] = statistics.median(extra[name + " client"])
             cases[name]["written_per_block"] = statistics.median(extra[name + " written"])
+            cases[name]["disk"] = median_view(extra[name + " disk"])
         out["policies"][policy] = {"cases": cases, "readback_blocks_per_round": statistics.median(extra["readback_blocks"]),
                                    "direct_io": nv.direct_io, "noise": noise.done(own)}
         client.close()
         d.stop()
         shutil.rmtree(ddir, ignore_errors=True)
     return out
+
+
+def disk_lines(cs: dict) -> list[str]:
+    """The disk's view of each read case (/proc/diskstats), when the device was known."""
+    got = [(k, v["disk"]) for k, v in cs.items() if v.get("disk")]
+    if not got:
+        return []
+    return ["How the disk saw the reads (/proc/diskstats, median over rounds): requests per block, KiB "
+            "per request, reads in flight on average, and the share of the time it had any request "
+            "(writes included): a case below the raw read's share leaves the disk idle between its reads.", "",
+            "| case | requests per block | KiB per request | in flight | busy |", "|---|---:|---:|---:|---:|",
+            *[f"| {k} | {d['requests_per_block']:.2f} | {d['kib_per_request']:,.0f} | {d['in_flight']:.1f} | "
+              f"{d['busy']:.0%} |" for k, d in got], ""]
 
 
 # ---- restart -------------------------------------------------------------------------------------
@@ -1079,6 +1135,7 @@ def markdown(res: dict, command: str) -> str:
                       "Blocks written (victims copied out) per block read back, median: " + ", ".join(
                           f"{k[len('read-back '):]} {v['written_per_block']:.2f}" for k, v in cs.items()
                           if "written_per_block" in v) + ".", "",
+                      *disk_lines(cs),
                       f"Spill: the put phase took {cs['spill']['put_phase_s_median']:.2f} s (median) of the "
                       f"round; the producer polled Stats {cs['spill']['stats_polls_median']:.0f} times per round.", "",
                       noise_line(p["noise"]), ""]

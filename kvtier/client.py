@@ -31,12 +31,17 @@ waiting for its answer (True) or declines (False: the operation makes the call).
 ``("start", rpc, request)`` sends one and returns a handle (None: not sent);
 ``("finish", handle, rpc, request)`` waits for its answer, or makes the call when
 the handle is None: get_many over the arena keeps two Acquires in flight that way.
+``("ready", [handle, ...])`` waits until one of several started calls has its
+answer and returns its position (0 when none can be waited on): get_many copies
+out whichever part the daemon answers first.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import select
+import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -410,6 +415,29 @@ class _Ops:
         self._give_back(conn)
         return _RESPONSES[rpc].FromString(out)
 
+    def control_ready(self, handles: Sequence[tuple | None], timeout: float | None) -> int:
+        """The position of a started call whose answer has arrived, waiting up to timeout for
+        one: the lowest when several have. 0 when a handle is None (that call is made at its
+        finish) or nothing came in time (its finish then waits and reports the timeout)."""
+        fds: dict[int, int] = {}
+        for i, h in enumerate(handles):
+            if h is None:
+                return 0
+            sock = h[0].sock
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return i  # decrypted bytes already buffered
+            fds.setdefault(sock.fileno(), i)
+        if len(fds) < 2:
+            return 0
+        poll = select.poll()
+        for fd in fds:
+            poll.register(fd, select.POLLIN)
+        try:
+            events = poll.poll(None if timeout is None else max(0, int(timeout * 1000)))
+        except OSError:
+            return 0
+        return min((fds[fd] for fd, _ in events), default=0)
+
     def control_abandon(self, started: tuple) -> None:
         """Give up waiting for a started call: its connection reads the answer before its next use."""
         conn, rid, _ = started
@@ -616,7 +644,7 @@ class _Ops:
         bounds = _get_chunks(len(keys), self.info.max_batch or 1024,
                              GET_CHUNK_MIN_RAM if self.ram_hits else GET_CHUNK_MIN)
         ram = True
-        out: list = []
+        out: list = [None] * len(keys)
         sent: list = []  # (i, j, request, handle) of Acquires in flight, oldest first
         k = 0
         try:
@@ -626,11 +654,14 @@ class _Ops:
                     req = self._acquire_request(ns, keys[i:j])
                     sent.append((i, j, req, (yield ("start", "Acquire", req))))
                     k += 1
-                i, j, req, started = sent.pop(0)
+                # copy out the part the daemon answers first: its reads may finish before an
+                # earlier part's, and the disk keeps reading the other meanwhile
+                first = (yield ("ready", [s[3] for s in sent])) if len(sent) > 1 else 0
+                i, j, req, started = sent.pop(first)
                 lease = self._lease(j - i, (yield ("finish", started, "Acquire", req)))
                 ram = ram and pb.TIER_NVME not in lease.tiers and pb.TIER_CLUSTER not in lease.tiers
                 try:
-                    out += self._copy_out(lease, into[i:j] if into is not None else None)
+                    out[i:j] = self._copy_out(lease, into[i:j] if into is not None else None)
                 finally:
                     yield from self._release_posted(lease)
         except GeneratorExit:
@@ -796,6 +827,8 @@ class Client:
                 return req[1]()
             if kind == "start":  # send a unary call now, answer later; None: make it at "finish"
                 return self._ops.control_start(req[1], req[2]) if self._ops.control == "data" else None
+            if kind == "ready":  # which of several started calls has its answer first
+                return self._ops.control_ready(req[1], self.timeout)
             if kind == "finish":
                 if req[1] is not None:
                     out = self._ops.control_finish(req[1], self.timeout)
@@ -937,6 +970,8 @@ class AsyncClient:
             if kind == "start":
                 return await asyncio.to_thread(self._ops.control_start, req[1], req[2]) \
                     if self._ops.control == "data" else None
+            if kind == "ready":
+                return await asyncio.to_thread(self._ops.control_ready, req[1], self.timeout)
             if kind == "finish":
                 if req[1] is not None:
                     out = await asyncio.to_thread(self._ops.control_finish, req[1], self.timeout)

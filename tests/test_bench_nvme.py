@@ -76,3 +76,18 @@ def test_a_read_back_is_timed_until_the_victims_it_wrote_have_landed(monkeypatch
     assert queue == [], "polled until the queue was empty"
     # polls[0] is before the clock starts, polls[1] the first wait after the gets, polls[-1] after it stops
     assert rb["blocks"] == 20 and rb["seconds"] >= polls[-2] - polls[1]
+
+
+def test_the_disk_view_of_a_read_case_comes_from_diskstats_counters():
+    """Requests per block, KiB per request, reads in flight (Little's law over the milliseconds
+    spent reading) and the busy share, from two /proc/diskstats samples; the report's table."""
+    v = nvme.disk_view((100, 0, 1000, 5000), (164, 64 * 4096, 1000 + 3 * 400, 5000 + 360), 64, 0.4)
+    assert v == {"requests_per_block": 1.0, "kib_per_request": 2048.0, "in_flight": 3.0, "busy": 0.9}
+    assert nvme.disk_view((1, 1, 1, 1), (1, 1, 1, 1), 64, 0.4) is None   # the device did not move
+    half = dict(v, busy=0.5, in_flight=1.0)
+    assert nvme.median_view([v, half, v]) == v
+    lines = nvme.disk_lines({"raw read": {"disk": v}, "read-back 1 client": {"disk": half}, "spill": {}})
+    assert "| raw read | 1.00 | 2,048 | 3.0 | 90% |" in lines and "| read-back 1 client | 1.00 | 2,048 | 1.0 | 50% |" in lines
+    assert nvme.disk_lines({"spill": {}}) == []
+    got = nvme.disk_reads(nvme.machine(nvme.default_base())["device"])
+    assert len(got) == 4 and all(x >= 0 for x in got)

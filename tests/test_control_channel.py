@@ -440,6 +440,55 @@ def test_a_long_get_many_keeps_two_acquires_in_flight(daemon):
         assert asyncio.run(run_async()) == want
 
 
+def test_a_get_many_copies_out_whichever_part_is_answered_first(daemon):
+    """The parts of a get_many are answered in any order (their reads finish when they finish):
+    the client copies out the one that is ready, and every block still lands in its place."""
+    keys = [key("first-ready", i) for i in range(40)]
+    datas = {k: os.urandom(3000 + i) for i, k in enumerate(keys) if i % 5}
+    want = [datas.get(k) for k in keys]
+    with Client(daemon.address) as c:
+        c.put_many(NS, list(datas.items()))
+        assert c.path == "arena"
+        asked = []
+
+        def last_first(handles, timeout):  # as if the latest part were always answered first
+            asked.append(len(handles))
+            return len(handles) - 1
+        c._ops.ram_hits = False
+        c._ops.control_ready = last_first
+        assert c.get_many(NS, keys) == want
+        bufs = [bytearray(4096) for _ in keys]
+        got = c.get_many(NS, keys, into=bufs)
+        assert [None if v is None else bytes(v) for v in got] == want
+        assert all(v is None or v.obj is b for v, b in zip(got, bufs))
+        assert asked and all(n == 2 for n in asked), asked  # asked whenever two were in flight
+        assert _leases_drain(c) == 0
+
+
+def test_control_ready_names_the_call_whose_answer_came_in():
+    """control_ready polls the connections of the calls in flight: the position of one with an
+    answer waiting (the lowest of several), 0 when one of them is made later or nothing came."""
+    import socket as socketlib
+    from types import SimpleNamespace
+    pairs = [socketlib.socketpair() for _ in range(3)]
+    try:
+        handles = [(SimpleNamespace(sock=mine), i, "Acquire") for i, (mine, _) in enumerate(pairs)]
+        ops = kvclient._Ops.__new__(kvclient._Ops)
+        t0 = time.monotonic()
+        assert ops.control_ready(handles, 0.05) == 0  # nothing answered: the first, after the timeout
+        assert time.monotonic() - t0 >= 0.04
+        pairs[2][1].send(b"x")
+        assert ops.control_ready(handles, 5) == 2
+        pairs[1][1].send(b"x")
+        assert ops.control_ready(handles, 5) == 1  # two answered: the earlier part
+        assert ops.control_ready([handles[2], None], 5) == 0  # one made at its finish: in order
+        assert ops.control_ready(handles[2:], 5) == 0  # a single call: nothing to choose
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
 def test_gets_of_blocks_in_ram_take_one_acquire_until_one_comes_from_nvme(make_daemon, tmp_path):
     d = make_daemon(ram={"capacity": "8MiB"},
                     nvme={"dirs": [str(tmp_path / "nvme")], "capacity": "64MiB", "write_policy": "evict"})
