@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 
-from bench.docs import num, row_cells
+from bench.docs import DocError, num, refresh, row_cells
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BENCHES = ("core", "nvme", "compression", "cluster", "scale", "scaleout", "ttft", "gpu", "gpu_store")
@@ -442,11 +442,10 @@ def main(argv: list[str] | None = None) -> int:
             p = out / gpu_file(name, saved)
             p.write_text(json.dumps(saved, indent=1) + "\n")
             log(f"wrote {p}")
-        from bench import docs
         try:
-            for p in docs.refresh():
+            for p in refresh():
                 log(f"wrote the generated blocks of {p.relative_to(REPO)}")
-        except docs.DocError as e:
+        except DocError as e:
             log(f"pages not written: {e}")
             failed = True
     return 1 if failed else 0

@@ -175,28 +175,9 @@ def render(directive: str, data: dict, prefix: str = "") -> str:
     if kind == "rows":
         if len(pos) != 1:
             raise DocError(f"{directive!r}: rows takes one benchmark")
-        name = pos[0]
-        if name not in benches and name not in data["carried"]:
-            raise DocError(f"{directive!r}: no benchmark {name!r} in the run ({', '.join(benches)})")
-        if name in data["carried"]:
-            lines = []
-            for caption, rows in carried_sources(data, name):
-                got = matching(rows, opts.get("match"))
-                if not got:
-                    raise DocError(f"{directive!r}: no row matches in {caption}")
-                lines += [link(caption, prefix), ""] + table(got) + [""]
-            if not lines:
-                return "No run with a GPU saved yet: `python -m bench` on a machine with one writes these rows.\n"
-            return "\n".join(lines[:-1]) + "\n"
-        b = benches[name]
-        if b.get("status") != "ok":
-            return f"`python -m bench.{name}` did not run in the last full run: {b.get('status')}.\n"
-        got = matching([x for x in doc["rows"] if x["benchmark"] == name], opts.get("match"))
-        if not got:
-            raise DocError(f"{directive!r}: no row of {name} matches")
-        caption = (f"`{b['command']}` in the full run of {short_time(doc['started'])} at "
-                   f"{doc['machine']['git_sha'][:7]} ([bench-results.md](bench-results.md)):")
-        return "\n".join([link(caption, prefix), ""] + table(got)) + "\n"
+        if pos[0] not in benches and pos[0] not in data["carried"]:
+            raise DocError(f"{directive!r}: no benchmark {pos[0]!r} in the run ({', '.join(benches)})")
+        return render_rows(directive, pos[0], opts.get("match"), data, prefix)
     if kind == "limits":
         got = [x for x in doc.get("limits", []) if not pos or x["benchmark"] in pos]
         if not got:
@@ -209,6 +190,31 @@ def render(directive: str, data: dict, prefix: str = "") -> str:
             raise DocError(f"{directive!r}: headline takes no arguments")
         return headline(data, prefix)
     raise DocError(f"unknown directive {kind!r} (run, rows, limits, headline)")
+
+
+def render_rows(directive: str, name: str, match: str | None, data: dict, prefix: str) -> str:
+    """A benchmark's rows as a table under a caption naming their run; a saved GPU run's (one
+    table each) when the last full run had no GPU."""
+    if name in data["carried"]:
+        lines = []
+        for caption, rows in carried_sources(data, name):
+            got = matching(rows, match)
+            if not got:
+                raise DocError(f"{directive!r}: no row matches in {caption}")
+            lines += [link(caption, prefix), ""] + table(got) + [""]
+        if not lines:
+            return "No run with a GPU saved yet: `python -m bench` on a machine with one writes these rows.\n"
+        return "\n".join(lines[:-1]) + "\n"
+    doc = data["doc"]
+    b = doc["benchmarks"][name]
+    if b.get("status") != "ok":
+        return f"`python -m bench.{name}` did not run in the last full run: {b.get('status')}.\n"
+    got = matching([x for x in doc["rows"] if x["benchmark"] == name], match)
+    if not got:
+        raise DocError(f"{directive!r}: no row of {name} matches")
+    caption = (f"`{b['command']}` in the full run of {short_time(doc['started'])} at "
+               f"{doc['machine']['git_sha'][:7]} ([bench-results.md](bench-results.md)):")
+    return "\n".join([link(caption, prefix), ""] + table(got)) + "\n"
 
 
 def headline(data: dict, prefix: str) -> str:

@@ -178,30 +178,38 @@ class Raw:
         self.dst = destinations()
         self.names: list[str] = []
 
-    def write(self, n: int) -> float:
+    def _new_names(self, n: int) -> list[str]:
         hexes = [uuid.uuid4().hex for _ in range(n)]
-        self.names = [os.path.join(self.dir, h[:2], h + ".raw") for h in hexes]
+        return [os.path.join(self.dir, h[:2], h + ".raw") for h in hexes]
+
+    def _write_one(self, path: str, i: int) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o640)
+        try:
+            if os.pwrite(fd, self.src[i][0], 0) != BLOCK:
+                raise OSError("short write")
+        finally:
+            os.close(fd)
+
+    def _read_one(self, i: int) -> None:
+        fd = os.open(self.names[i], os.O_RDONLY | os.O_DIRECT)
+        try:
+            if os.preadv(fd, [self.dst[i % len(self.dst)]], 0) != BLOCK:
+                raise OSError("short read")
+        finally:
+            os.close(fd)
+
+    def write(self, n: int) -> float:
+        self.names = self._new_names(n)
 
         def work(t, idx):
             for i in idx:
-                fd = os.open(self.names[i], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o640)
-                try:
-                    if os.pwrite(fd, self.src[i][0], 0) != BLOCK:
-                        raise OSError("short write")
-                finally:
-                    os.close(fd)
+                self._write_one(self.names[i], i)
         return run_threads(self.pool, n, work)
 
     def read(self, n: int, threads: int = THREADS) -> float:
         def work(t, idx):
             for i in idx:
-                buf = [self.dst[i % len(self.dst)]]
-                fd = os.open(self.names[i], os.O_RDONLY | os.O_DIRECT)
-                try:
-                    if os.preadv(fd, buf, 0) != BLOCK:
-                        raise OSError("short read")
-                finally:
-                    os.close(fd)
+                self._read_one(i)
         return run_threads(self.pool, n, work, threads)
 
     def read_write(self, n: int) -> float:
@@ -209,23 +217,12 @@ class Raw:
         time: the disk's pace when every block read back brings another to write (a promotion
         under write_policy "evict" whose victim is only in RAM). Wall seconds; the new files
         are removed by clear()."""
-        hexes = [uuid.uuid4().hex for _ in range(n)]
-        more = [os.path.join(self.dir, h[:2], h + ".raw") for h in hexes]
+        more = self._new_names(n)
 
         def work(t, idx):
             for i in idx:
-                fd = os.open(self.names[i], os.O_RDONLY | os.O_DIRECT)
-                try:
-                    if os.preadv(fd, [self.dst[i % len(self.dst)]], 0) != BLOCK:
-                        raise OSError("short read")
-                finally:
-                    os.close(fd)
-                fd = os.open(more[i], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o640)
-                try:
-                    if os.pwrite(fd, self.src[i][0], 0) != BLOCK:
-                        raise OSError("short write")
-                finally:
-                    os.close(fd)
+                self._read_one(i)
+                self._write_one(more[i], i)
         try:
             return run_threads(self.pool, n, work)
         finally:
@@ -292,17 +289,25 @@ def machine_busy_s() -> float:
     return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def disk_reads(device: str) -> tuple[int, int, int, int]:
-    """(reads completed, sectors read, milliseconds spent reading, milliseconds with any request in
-    flight) of a block device since boot (/proc/diskstats; zeros if unknown). The milliseconds
-    reading add up every request's time, so over a stretch of wall time they give the average
-    number of reads in flight (Little's law); the last counts wall time the device was busy."""
+def diskstats(device: str) -> list[int]:
+    """A block device's counters since boot, the fields of its /proc/diskstats line after the
+    name (reads, reads merged, sectors read, ms reading, writes, ..., ms with any I/O in flight
+    at [9]); zeros if the device is unknown."""
     name = os.path.basename(device)
     for line in pathlib.Path("/proc/diskstats").read_text().splitlines():
         f = line.split()
         if len(f) > 12 and f[2] == name:
-            return int(f[3]), int(f[5]), int(f[6]), int(f[12])
-    return 0, 0, 0, 0
+            return [int(x) for x in f[3:]]
+    return [0] * 11
+
+
+def disk_reads(device: str) -> tuple[int, int, int, int]:
+    """(reads completed, sectors read, milliseconds spent reading, milliseconds with any request in
+    flight) of a block device since boot (zeros if unknown). The milliseconds reading add up
+    every request's time, so over a stretch of wall time they give the average number of reads
+    in flight (Little's law); the last counts wall time the device was busy."""
+    f = diskstats(device)
+    return f[0], f[2], f[3], f[9]
 
 
 def disk_view(before: tuple, after: tuple, blocks: int, wall_s: float) -> dict | None:
@@ -325,12 +330,8 @@ def median_view(views: list[dict]) -> dict | None:
 
 def disk_bytes(device: str) -> int:
     """Bytes read + written on a block device since boot (/proc/diskstats; 0 if unknown)."""
-    name = os.path.basename(device)
-    for line in pathlib.Path("/proc/diskstats").read_text().splitlines():
-        f = line.split()
-        if len(f) > 9 and f[2] == name:
-            return (int(f[5]) + int(f[9])) * 512
-    return 0
+    f = diskstats(device)
+    return (f[2] + f[6]) * 512
 
 
 class Noise:
@@ -704,7 +705,7 @@ def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts
     ths = [threading.Thread(target=work, args=(t,)) for t in range(clients)]
     d0 = tier_stats(client, "nvme").demotions
     c0 = daemon.cpu_seconds()
-    r0 = disk_reads(device) if device else (0, 0, 0, 0)
+    r0 = disk_reads(device)
     t0 = time.perf_counter()
     for th in ths:
         th.start()
@@ -713,7 +714,7 @@ def readback_round(client, daemon: Daemon, keys: list[bytes], clients: int, dsts
     while tier_stats(client, "nvme").queued_bytes:
         time.sleep(0.002)
     dt = time.perf_counter() - t0
-    disk = disk_view(r0, disk_reads(device), len(cold), dt) if device else None
+    disk = disk_view(r0, disk_reads(device), len(cold), dt)   # None for no device: nothing moved
     if errors:
         raise errors[0]
     return {"seconds": dt, "blocks": len(cold), "daemon_cpu_s": daemon.cpu_seconds() - c0, "disk": disk,

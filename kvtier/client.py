@@ -656,7 +656,8 @@ class _Ops:
                     k += 1
                 # copy out the part the daemon answers first: its reads may finish before an
                 # earlier part's, and the disk keeps reading the other meanwhile
-                first = (yield ("ready", [s[3] for s in sent])) if len(sent) > 1 else 0
+                handles = [s[3] for s in sent]
+                first = (yield ("ready", handles)) if len(sent) > 1 and None not in handles else 0
                 i, j, req, started = sent.pop(first)
                 lease = self._lease(j - i, (yield ("finish", started, "Acquire", req)))
                 ram = ram and pb.TIER_NVME not in lease.tiers and pb.TIER_CLUSTER not in lease.tiers

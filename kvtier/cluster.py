@@ -136,6 +136,12 @@ class ClusterStats:
     quota_refused: int = 0       # writes refused: one block larger than its tenant's whole quota
 
 
+def _stale_parts(base: bytes, old, kept: int) -> list[bytes]:
+    """The part names a value written over ``old`` (its envelope, as GETRANGE read it) leaves
+    unreachable when the new value has ``kept`` parts."""
+    return [part_name(base, p) for p in range(kept, part_count(old))]
+
+
 def _call(on_done) -> None:
     if on_done is not None:
         try:
@@ -271,23 +277,19 @@ class ClusterTier:
                     if self._closing:
                         return
                     self._work.clear()
-            if item is None:
-                await self._work.wait()
-                continue
-            batch = [item]
-            if item[5] < BATCH_VALUE_MAX:  # small blocks queued behind it go in the same pipelines
-                with self._qlock:
+                batch = [item]
+                if item is not None and item[5] < BATCH_VALUE_MAX:  # small blocks queued behind it go along
                     total = item[5]
                     while (self._queue and len(batch) < BATCH_MAX and self._queue[0][5] < BATCH_VALUE_MAX
                            and total + self._queue[0][5] <= BATCH_BYTES):
                         batch.append(self._queue.popleft())
                         total += batch[-1][5]
+            if item is None:
+                await self._work.wait()
+                continue
             oks = [False] * len(batch)
             try:
-                if len(batch) == 1:
-                    oks[0] = await self._put(*item[:4])
-                else:
-                    oks = await self._put_batch(batch)
+                oks = await self._put_batch(batch)
             except Exception:
                 log.exception("cluster: write of %d block(s) failed", len(batch))
             finally:
@@ -301,13 +303,9 @@ class ClusterTier:
                         self.queued_bytes -= n
                     _call(on_done)
 
-    async def _put(self, ns: str, key: bytes, data, checksum: bytes) -> bool:
-        rec = await self._record(ns, key, data, checksum)
-        return rec is not None and await self._write_one(*rec)
-
     async def _put_batch(self, items: list[tuple]) -> list[bool]:
-        """Write several small blocks, per server in one pipeline (_set_whole, as _write_record
-        writes one). A block whose record is split is written on its own."""
+        """Write queued blocks (one, or small ones queued together), per server in one pipeline
+        (_set_whole). A block whose record is split is written on its own (_write_record)."""
         ok = [False] * len(items)
         recs: list[tuple[int, bytes, tuple, int]] = []   # (item index, name, value, ttl)
         for i, (ns, key, data, checksum, _, _) in enumerate(items):
@@ -344,7 +342,7 @@ class ClusterTier:
             old, r = replies[2 * k], replies[2 * k + 1]
             ok.append(r == "OK")
             if r == "OK":
-                stale += [part_name(base, p) for p in range(1, part_count(old))]
+                stale += _stale_parts(base, old, 1)
             elif isinstance(r, ReplyError):
                 self.servers.reply_error(r)
         if stale:
@@ -406,9 +404,9 @@ class ClusterTier:
                 if isinstance(r, ReplyError):
                     self.servers.reply_error(r)
                 return False
-        stale = part_count(old)
-        if stale > len(values):  # the previous write had more parts: unreachable now, remove them
-            await conns[0].request([(b"UNLINK",) + tuple(part_name(base, i) for i in range(len(values), stale))])
+        stale = _stale_parts(base, old, len(values))
+        if stale:  # the previous write had more parts: unreachable now, remove them
+            await conns[0].request([(b"UNLINK",) + tuple(stale)])
         return True
 
     # ---- reads ---------------------------------------------------------------------------------

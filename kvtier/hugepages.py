@@ -33,10 +33,11 @@ import mmap
 import threading
 import time
 
+from .arena import HUGEPAGE as HUGE, _address, _libc
+
 log = logging.getLogger("kvtier.hugepages")
 
 MADV_COLLAPSE = 25
-HUGE = 2 << 20
 DENSITY = 0.9          # resident share a mapping needs before it is collapsed
 SMAPS = "/proc/self/smaps"
 
@@ -60,10 +61,10 @@ class Mapping:
         b = self.end & ~(HUGE - 1)
         return a, max(a, b)
 
-    def worth_collapsing(self, density: float = DENSITY) -> bool:
+    def worth_collapsing(self) -> bool:
         a, b = self.range()
         return (self.private_anon and b - a >= HUGE and "nh" not in self.flags
-                and self.rss >= density * self.size and self.huge < self.rss - HUGE)
+                and self.rss >= DENSITY * self.size and self.huge < self.rss - HUGE)
 
 
 def parse_smaps(text: str) -> list[Mapping]:
@@ -104,55 +105,38 @@ def huge_bytes(pid: int | str = "self") -> int:
     return 0
 
 
-_libc = None
-
-
-def _lib():
-    global _libc
-    if _libc is None:
-        lib = ctypes.CDLL(None, use_errno=True)
-        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        lib.madvise.restype = ctypes.c_int
-        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                             ctypes.c_long]
-        lib.mmap.restype = ctypes.c_void_p
-        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        lib.munmap.restype = ctypes.c_int
-        _libc = lib
-    return _libc
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
 
 
 def madvise(addr: int, length: int, advice: int) -> int:
     """madvise(2) without the GIL; 0, or the errno it failed with."""
-    return 0 if _lib().madvise(addr, length, advice) == 0 else ctypes.get_errno()
+    return 0 if _libc.madvise(addr, length, advice) == 0 else ctypes.get_errno()
 
 
 def probe(advise=madvise) -> int:
     """Can this process have huge pages on request? Collapses a 2 MiB range of a scratch
     mapping of its own; 0, or the errno (EINVAL: no MADV_COLLAPSE in this kernel; EPERM:
     huge pages disabled for the process)."""
-    lib = _lib()
-    size = 2 * HUGE
-    addr = lib.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-    if addr in (None, ctypes.c_void_p(-1).value):
-        return ctypes.get_errno() or errno.ENOMEM
     try:
-        ctypes.memset(addr, 1, size)
-        start = (addr + HUGE - 1) & ~(HUGE - 1)
-        return advise(start, HUGE, MADV_COLLAPSE)
+        m = mmap.mmap(-1, 2 * HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:
+        return e.errno or errno.ENOMEM
+    try:
+        off = -_address(m) % HUGE
+        m[off:off + HUGE] = b"\1" * HUGE   # resident: only present pages are collapsed
+        return advise(_address(m) + off, HUGE, MADV_COLLAPSE)
     finally:
-        lib.munmap(addr, size)
+        m.close()
 
 
 class Collapser:
     """Every ``every_s`` seconds (0: never), collapse the dense private mappings of this process
     into huge pages, on a thread of its own so ``tick()`` never waits."""
 
-    def __init__(self, every_s: float, clock=time.monotonic, density: float = DENSITY,
-                 smaps: str = SMAPS, advise=madvise) -> None:
+    def __init__(self, every_s: float, clock=time.monotonic, smaps: str = SMAPS, advise=madvise) -> None:
         self.every_s = every_s
         self.clock = clock
-        self.density = density
         self.smaps = smaps
         self._advise = advise
         self.runs = 0
@@ -205,7 +189,7 @@ class Collapser:
         if len(self._refused) > 4096:
             self._refused.clear()
         for m in maps:
-            if not m.worth_collapsing(self.density) or (m.start, m.end) in self._refused:
+            if not m.worth_collapsing() or (m.start, m.end) in self._refused:
                 continue
             a, b = m.range()
             err = self._advise(a, b - a, MADV_COLLAPSE)

@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 
+from kvtier.arena import _address
 from kvtier.client import Client
 from kvtier.config import from_dict
 from kvtier.errors import ConfigError
@@ -49,7 +50,7 @@ def test_only_dense_private_anonymous_memory_not_yet_huge_is_chosen():
     assert maps[7].range() == (0x7f0007200000, 0x7f0007200000)  # unaligned: no whole huge page inside
 
 
-def _collapser(text, answers=None, probe_answer=0, **kw):
+def _collapser(answers=None, probe_answer=0, **kw):
     """A Collapser whose madvise is recorded and answered from `answers` (address -> errno);
     its first call, on a scratch mapping of its own, is the probe (answered probe_answer)."""
     calls = []
@@ -68,7 +69,7 @@ def _collapser(text, answers=None, probe_answer=0, **kw):
 def test_a_pass_collapses_the_aligned_part_of_each_chosen_mapping(tmp_path):
     p = tmp_path / "smaps"
     p.write_text(SMAPS)
-    c, calls = _collapser(SMAPS, smaps=str(p))
+    c, calls = _collapser(smaps=str(p))
     assert c.run_once() == 10 * MiB + 16 * MiB
     assert calls == [(0x55d000000000, 10 * MiB, MADV_COLLAPSE), (0x7f0000000000, 16 * MiB, MADV_COLLAPSE)]
     assert (c.runs, c.collapsed_bytes, c.unsupported) == (1, 26 * MiB, "")
@@ -77,17 +78,17 @@ def test_a_pass_collapses_the_aligned_part_of_each_chosen_mapping(tmp_path):
 def test_a_busy_range_is_tried_again_a_refusing_one_skipped_and_a_kernel_without_it_stops_the_passes(tmp_path):
     p = tmp_path / "smaps"
     p.write_text(SMAPS)
-    c, calls = _collapser(SMAPS, answers={0x55d000000000: errno.EAGAIN}, smaps=str(p))
+    c, calls = _collapser(answers={0x55d000000000: errno.EAGAIN}, smaps=str(p))
     assert c.run_once() == 16 * MiB and not c.unsupported
     assert c.run_once() == 16 * MiB and len(calls) == 4      # EAGAIN: asked again
-    c2, calls2 = _collapser(SMAPS, answers={0x55d000000000: errno.EINVAL}, smaps=str(p))
+    c2, calls2 = _collapser(answers={0x55d000000000: errno.EINVAL}, smaps=str(p))
     assert c2.run_once() == 16 * MiB and not c2.unsupported  # one mapping refused, the other collapsed
     assert c2.run_once() == 16 * MiB
     assert [a for a, _, _ in calls2] == [0x55d000000000, 0x7f0000000000, 0x7f0000000000]  # not asked again
-    c3, calls3 = _collapser(SMAPS, smaps=str(p), probe_answer=errno.EINVAL)  # no MADV_COLLAPSE at all
+    c3, calls3 = _collapser(smaps=str(p), probe_answer=errno.EINVAL)  # no MADV_COLLAPSE at all
     assert c3.run_once() == 0 and "EINVAL" in c3.unsupported and calls3 == []
     assert c3.tick() is False  # never again
-    c4, calls4 = _collapser(SMAPS, answers={0x55d000000000: errno.EPERM}, smaps=str(p))
+    c4, calls4 = _collapser(answers={0x55d000000000: errno.EPERM}, smaps=str(p))
     c4.run_once()
     assert "EPERM" in c4.unsupported
 
@@ -142,9 +143,7 @@ def test_a_dense_mapping_ends_up_on_huge_pages_and_a_sparse_one_does_not():
         for off in range(0, len(dense), 4096):
             dense[off] = 1
         sparse[0] = 1
-        import ctypes
-        addr_dense = ctypes.addressof(ctypes.c_char.from_buffer(dense))
-        addr_sparse = ctypes.addressof(ctypes.c_char.from_buffer(sparse))
+        addr_dense, addr_sparse = _address(dense), _address(sparse)
         c = Collapser(1.0)
         c.run_once()
         if c.unsupported:
@@ -157,11 +156,8 @@ def test_a_dense_mapping_ends_up_on_huge_pages_and_a_sparse_one_does_not():
         assert bytes(dense[:4]) == b"\x01\0\0\0" and dense[4096] == 1  # contents kept
         assert huge_bytes() >= got
     finally:
-        for m in (dense, sparse):
-            try:
-                m.close()
-            except BufferError:
-                pass
+        dense.close()
+        sparse.close()
 
 
 def test_the_setting_is_checked():

@@ -406,10 +406,10 @@ class WorkerHalf:
         instead of to a loop of empty steps)."""
         with self._lock:
             self._finishing.update(r for r in finished_req_ids if r in self._store_reqs)
-            if idle and not self._recv_done and (self._loads_running or self._finishing) and \
-                    all(self._store_pending.get(r, 0) > 0 for r in self._finishing):  # nothing to report yet
-                self._landed.wait(IDLE_WAIT_S)
-            sent = {r for r in self._finishing if self._store_pending.get(r, 0) <= 0}
+            sent = self._sent_now()
+            if idle and not sent and not self._recv_done and (self._loads_running or self._finishing):
+                self._landed.wait(IDLE_WAIT_S)   # nothing to report yet
+                sent = self._sent_now()
             for r in sent:
                 self._finishing.discard(r)
                 self._store_reqs.discard(r)
@@ -418,6 +418,10 @@ class WorkerHalf:
             self._errors_out |= self._load_errors
             self._load_errors = set()
         return (sent or None), (recv or None)
+
+    def _sent_now(self) -> set[str]:  # lock held
+        """The finished requests whose stores have all ended."""
+        return {r for r in self._finishing if self._store_pending.get(r, 0) <= 0}
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._lock:
