@@ -65,6 +65,8 @@ HEADLINE = [
     ("nvme", "daemon spill (commit)"),
     ("nvme", "daemon read-back 1 client (commit)"),
     ("nvme", "daemon read-back 4 clients (commit)"),
+    ("nvme", "daemon read-back 1 client (commit, arena on 2 MiB"),
+    ("nvme", "daemon read-back 4 clients (commit, arena on 2 MiB"),
     ("nvme", "restart with 100,000"),
     ("cluster", "GET into, 2 MiB, single valkey-server (best"),
     ("cluster", "PUT, 2 MiB, single valkey-server"),

@@ -542,6 +542,36 @@ def read_latency(path: str, rounds: int, src: Sources, n: int = 64) -> dict:
 
 # ---- daemons ----------------------------------------------------------------------------------
 
+PART_C_RAM = "256MiB"
+ARENA_HUGE = "arena on 2 MiB tmpfs pages"
+HUGE_TMPFS = ("huge=always", "huge=within_size", "huge=advise")   # the arena advises MADV_HUGEPAGE
+
+
+def huge_tmpfs(tmp: str, need: int, stack: contextlib.ExitStack) -> tuple[str | None, str]:
+    """A directory on a tmpfs whose files get 2 MiB pages, with ``need`` bytes free: a writable
+    mount that has them (its path), else, as root, a tmpfs mounted under tmp for this run and
+    unmounted at its end. (None, why) where neither is possible."""
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 4 or parts[2] != "tmpfs" or not set(parts[3].split(",")) & set(HUGE_TMPFS):
+                continue
+            mnt = parts[1].replace("\\040", " ")
+            st = os.statvfs(mnt)
+            if os.access(mnt, os.W_OK) and st.f_bavail * st.f_frsize >= need:
+                return mnt, f"the tmpfs mounted at {mnt} ({[o for o in parts[3].split(',') if o.startswith('huge=')][0]})"
+    if os.geteuid() != 0:
+        return None, "no writable tmpfs with huge pages, and not root to mount one"
+    mnt = tempfile.mkdtemp(prefix="kvtier-bench-huge-", dir=tmp)
+    size = -(-need // (2 * MiB)) * 2 * MiB
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},huge=within_size,mode=0755", "tmpfs", mnt],
+                       capture_output=True, text=True)
+    if r.returncode:
+        os.rmdir(mnt)
+        return None, f"mount -t tmpfs -o huge=within_size failed: {r.stderr.strip() or r.returncode}"
+    stack.callback(subprocess.run, ["umount", "-l", mnt], capture_output=True)
+    return mnt, f"a tmpfs of {size // MiB} MiB mounted for the run (huge=within_size)"
+
 def arena_root_of(arena_root: str | None, tmp: str) -> str:
     """Where a benchmark daemon's arena goes: arena_root, else /dev/shm, else tmp."""
     return arena_root or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else tmp)
@@ -733,15 +763,14 @@ def readback_case(clients: int, condition: str = "") -> str:
 
 def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[str], src: Sources,
            pool: ThreadPoolExecutor, stack: contextlib.ExitStack, device: str, settle_s: float,
-           arena_root: str | None = None, ram: str = "256MiB") -> dict:
+           arena_root: str | None = None, ram: str = PART_C_RAM) -> dict:
     from kvtier.client import Client
     n = spill_bytes // BLOCK
     dsts = [[np.ones(BLOCK, dtype=np.uint8) for _ in range(BATCH)] for _ in range(THREADS)]
-    from kvtier.arena import backing_of
-    backing = backing_of(arena_root_of(arena_root, tmp))
-    # nvme.bounce_reads = "auto": reads go through huge-page buffers unless the arena is on hugetlbfs
+    # the arena's filesystem and page size, and whether reads bounce (nvme.bounce_reads = "auto":
+    # unless the arena is on 2 MiB pages), as the daemon reports them
     out = {"spill_bytes": n * BLOCK, "ram": ram, "io_threads": THREADS, "batch": BATCH, "policies": {},
-           "arena_backing": backing, "bounce_reads": backing != "hugetlbfs"}
+           "arena_dir": arena_root_of(arena_root, tmp)}
     for policy in policies:
         ddir = os.path.join(path, f"daemon-{policy}")
         if settle_s:
@@ -751,7 +780,10 @@ def part_c(path: str, tmp: str, rounds: int, spill_bytes: int, policies: list[st
         stack.callback(d.stop)
         d.start()
         client = stack.enter_context(Client(d.address, timeout=120))
-        ram_cap = tier_stats(client, "ram").capacity_bytes
+        ram_stats = tier_stats(client, "ram")
+        ram_cap = ram_stats.capacity_bytes
+        out.update(arena_backing=ram_stats.backing, huge_pages=ram_stats.huge_pages,
+                   bounce_reads=tier_stats(client, "nvme").bounce_reads)
         queue_limit = min(GiB, ram_cap // 2)   # Store.queue_limit: min(nvme.queue_bytes, arena capacity / 2)
         log(f"C ({policy}): daemon pid {d.p.pid}, {n} x 2 MiB per round, RAM {ram_cap // MiB} MiB, "
             f"write queue {queue_limit // MiB} MiB, {rounds} rounds")
@@ -1108,13 +1140,21 @@ def markdown(res: dict, command: str) -> str:
                   "Paired ratio (median over rounds of raw time / kvtier time in the same round): write "
                   f"{ab['cases']['kvtier write']['paired_ratio_median']:.2f}x, read "
                   f"{ab['cases']['kvtier read']['paired_ratio_median']:.2f}x.", "", noise_line(ab["noise"]), ""]
-    if c:
+    huge = res.get("c_huge")
+    for c, arena in ((c, ""), (huge, ARENA_HUGE)):
+        if not c:
+            continue
+        if "skipped" in c:
+            lines += [f"## C: {arena}: not run", "", f"{c['skipped']}.", ""]
+            continue
         for policy, p in c["policies"].items():
             cs = p["cases"]
-            lines += [f"## C: daemon end to end, write_policy = \"{policy}\"", "",
+            pages = "2 MiB" if c.get("huge_pages", c.get("arena_backing") == "hugetlbfs") else "4 KiB"
+            lines += [f"## C: daemon end to end, write_policy = \"{policy}\"" + (f", {arena}" if arena else ""), "",
+                      *([f"The arena is on {c['arena_how']}.", ""] if c.get("arena_how") else []),
                       f"{cs['spill']['rounds']} timed rounds (after 1 warm-up). Each: a raw round of "
                       f"{c['spill_bytes'] // BLOCK} blocks (A's code), then the daemon (RAM {c['ram']} on "
-                      f"{c.get('arena_backing', 'tmpfs')}, NVMe reads "
+                      f"{c.get('arena_backing', 'tmpfs')} with {pages} pages, NVMe reads "
                       f"{'through huge-page buffers' if c.get('bounce_reads', True) else 'straight into the arena'}, "
                       f"{c['io_threads']} I/O threads) spills {c['spill_bytes'] // MiB} MiB of fresh keys, then "
                       f"reads back ~{p['readback_blocks_per_round']:.0f} blocks: first as many of those Lookup "
@@ -1217,8 +1257,16 @@ def run(args) -> dict:
             res["ab"] = part_ab(path, 5 if quick else 15, 64 if quick else 256, src, pool, dev)
         if "c" in parts:
             policies = args.policies or (["commit"] if quick else ["commit", "evict"])
-            res["c"] = part_c(path, tmp, 2 if quick else 5, (512 * MiB) if quick else 2 * GiB,
-                              policies, src, pool, stack, dev, args.settle, args.arena_dir)
+            rounds, spill = (2, 512 * MiB) if quick else (5, 2 * GiB)
+            res["c"] = part_c(path, tmp, rounds, spill, policies, src, pool, stack, dev, args.settle, args.arena_dir)
+            if args.huge_arena and not res["c"]["huge_pages"]:
+                from kvtier.config import parse_size
+                # the same reads where the arena is on 2 MiB pages: they land in place, no bounce copy
+                where, how = huge_tmpfs(tmp, parse_size(PART_C_RAM, "ram") + 64 * MiB, stack)
+                log(f"C on 2 MiB arena pages: {how}")
+                res["c_huge"] = {"skipped": how} if where is None else {
+                    **part_c(path, tmp, rounds, spill, ["commit"], src, pool, stack, dev, args.settle, where),
+                    "arena_how": how}
         if "d" in parts:
             res["d"] = part_anatomy(path, 3 if quick else 9, 64 if quick else 256, src, pool, dev)
         if "e" in parts:
@@ -1242,6 +1290,10 @@ def main() -> None:
     ap.add_argument("--drop-caches", action="store_true", help="root: drop the kernel's caches before each restart")
     ap.add_argument("--arena-dir", help="part C: put the daemons' arenas under this directory (default /dev/shm); "
                     "a hugetlbfs mount with 130 free huge pages benches a node set up like configs/h200-node.toml")
+    ap.add_argument("--no-huge-arena", dest="huge_arena", action="store_false",
+                    help="part C: skip its second run (write_policy commit) with the arena on a tmpfs with 2 MiB "
+                    "pages, which it otherwise does where the first arena has 4 KiB pages and such a tmpfs is "
+                    "mounted, or it can mount one (root)")
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--markdown", help="write the report here")
     ap.add_argument("--from-json", help="only render the report of a run saved with --json")
@@ -1260,6 +1312,7 @@ def main() -> None:
             (f" --dir {args.dir}" if args.dir else "") + (" --drop-caches" if args.drop_caches else "") + \
             (f" --settle {args.settle:g}" if args.settle else "") + \
             (f" --arena-dir {args.arena_dir}" if args.arena_dir else "") + \
+            ("" if args.huge_arena else " --no-huge-arena") + \
             (f" --parts {','.join(args.parts)}" if args.parts != ["ab", "c", "d", "e"] else "") + \
             (f" --policies {','.join(args.policies)}" if args.policies else "")
     emit(markdown(res, command), {"command": command, "result": res}, args)

@@ -22,6 +22,14 @@ block bytes; what is committed where is recorded in the slot table beside it.
 
 Locking is best effort: when RLIMIT_MEMLOCK forbids it the daemon runs anyway
 and says so in its log and in Stats (``locked``, ``lock_detail``).
+
+Page size: on hugetlbfs the arena is 2 MiB pages by construction. On tmpfs it is
+2 MiB pages where the mount allows them (``huge=within_size`` or ``always``, or
+``huge=advise``, for which the mapping is advised ``MADV_HUGEPAGE``) and the kernel
+found them; ``huge_pages`` says what the kernel gave, read from ``/proc/self/smaps``
+once the lock faulted every page in. On such an arena a 2 MiB block's slot is
+physically contiguous, so an O_DIRECT read from NVMe lands in it as one request and
+needs no bounce buffer (``nvme.bounce_reads = "auto"``, kvtier.store).
 """
 from __future__ import annotations
 
@@ -70,6 +78,34 @@ def _address(mm: mmap.mmap) -> int:
         del buf
 
 
+HUGE_SHARE = 0.99  # of the arena on 2 MiB pages before reads land in it without a bounce
+
+
+def huge_share(address: int, smaps: str = "/proc/self/smaps") -> float:
+    """The share of the shared mapping that starts at ``address`` which the kernel maps with
+    2 MiB pages (ShmemPmdMapped, or FilePmdMapped, over Rss); 0.0 when it cannot tell."""
+    start = f"{address:08x}-"
+    try:
+        with open(smaps) as f:
+            for line in f:
+                if line.startswith(start):
+                    break
+            else:
+                return 0.0
+            rss = pmd = 0
+            for line in f:
+                head, _, rest = line.partition(":")
+                if head == "Rss":
+                    rss = int(rest.split()[0])
+                elif head in ("ShmemPmdMapped", "FilePmdMapped"):
+                    pmd += int(rest.split()[0])
+                elif head == "VmFlags":
+                    break
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pmd / rss if rss else 0.0
+
+
 class Arena:
     """The daemon's side: create, map and lock the arena file."""
 
@@ -103,9 +139,17 @@ class Arena:
             os.close(fd)
         self.mm[:HEADER.size] = HEADER.pack(MAGIC, VERSION, 0, self.generation, self.size, self.data_offset)
         self.view = memoryview(self.mm)
+        if self.backing == "tmpfs":  # honoured by a tmpfs mounted huge=advise; ignored elsewhere
+            try:
+                self.mm.madvise(mmap.MADV_HUGEPAGE)
+            except (AttributeError, OSError):
+                pass
         self.locked, self.lock_detail = False, "mlock disabled in config"
         if lock:
             self._lock()
+        # on tmpfs only a locked arena is known: unlocked, its pages are not there yet
+        self.huge_pages = self.backing == "hugetlbfs" or (
+            self.backing == "tmpfs" and self.locked and huge_share(_address(self.mm)) >= HUGE_SHARE)
 
     def _reusable(self) -> bool:
         try:

@@ -118,7 +118,9 @@ def cmd_stats(a) -> int:
     if a.json:
         print(json.dumps(stats_dict(s), indent=2))
         return EXIT_OK
-    print(f"kvtier {s.version}  up {s.uptime_s:.0f}s  arena {s.arena_path}  "
+    ram = next((t for t in s.tiers if t.name == "ram"), None)
+    pages = f" ({ram.backing}, {'2 MiB' if ram.huge_pages else '4 KiB'} pages)" if ram is not None else ""
+    print(f"kvtier {s.version}  up {s.uptime_s:.0f}s  arena {s.arena_path}{pages}  "
           f"leases {s.leases}  reservations {s.reservations}")
     print()
     print(f"{'tier':<8}{'policy':<8}{'blocks':>10}{'used':>12}{'capacity':>12}{'use%':>7}"

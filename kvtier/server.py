@@ -146,8 +146,9 @@ class Daemon:
             os.unlink(sock)
         self.arena = Arena(cfg.arena_path, cfg.arena_capacity, cfg.ram.mlock, reattach=cfg.ram.persist)
         a = self.arena
+        pages = "2 MiB pages" if a.huge_pages else "4 KiB pages"
         if a.locked:
-            log.info("arena %s: %d bytes on %s, locked in RAM", a.path, a.size, a.backing)
+            log.info("arena %s: %d bytes on %s (%s), locked in RAM", a.path, a.size, a.backing, pages)
         else:
             log.warning("arena %s: %d bytes on %s, NOT locked: %s", a.path, a.size, a.backing, a.lock_detail)
         r = cfg.ram
@@ -162,7 +163,7 @@ class Daemon:
                          time.monotonic() - t0)
             else:
                 self.hot.slots = table
-        self.store = Store(cfg, self.hot, a.view, a.backing)
+        self.store = Store(cfg, self.hot, a.view, a.huge_pages)
         self.cluster = cluster_from_config(cfg.cluster)
         await self.cluster.start()
         self.store.attach_cluster(self.cluster, asyncio.get_running_loop())

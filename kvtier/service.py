@@ -397,7 +397,8 @@ class KVTierService(pb_grpc.KVTierServicer):
             checksum_failures=cc["failures"] if cc is not None else 0,
             evictions=s["evictions"], policy=s["policy"], largest_free_bytes=s["largest_free_bytes"],
             reserved_bytes=s["reserved_bytes"], pinned_blocks=s["pinned_blocks"],
-            leased_blocks=s["leased_blocks"], locked=a.locked, lock_detail=a.lock_detail, backing=a.backing)
+            leased_blocks=s["leased_blocks"], locked=a.locked, lock_detail=a.lock_detail, backing=a.backing,
+            huge_pages=a.huge_pages)
         tiers = [ram]
         cl = s["cluster"]
         if cl is not None:
@@ -416,7 +417,7 @@ class KVTierService(pb_grpc.KVTierServicer):
                 dropped_writes=c["dropped_writes"] + c["queue_dropped"], queued_bytes=c["queued_bytes"],
                 promotions=c["promotions"], demotions=c["demotions"],
                 degraded=[d["path"] for d in c["dirs"] if d["degraded"]],
-                direct_io=all(d["direct_io"] for d in c["dirs"])))
+                direct_io=all(d["direct_io"] for d in c["dirs"]), bounce_reads=c["bounce_reads"]))
         nss = []
         saved = s["prefill_tokens_saved_by_namespace"]
         for name, n in sorted(s["namespaces"].items()):

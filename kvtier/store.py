@@ -107,7 +107,7 @@ class _Join:
 
 
 class Store:
-    def __init__(self, cfg: Config, hot: HotTier, view: memoryview, arena_backing: str = "tmpfs"):
+    def __init__(self, cfg: Config, hot: HotTier, view: memoryview, arena_huge_pages: bool = False):
         self.cfg, self.hot, self.view = cfg, hot, view
         n = cfg.nvme
         if n.dirs:
@@ -120,7 +120,9 @@ class Store:
                     dirs.append((d, int(st.f_bavail * st.f_frsize * 0.9)))
                 else:
                     dirs.append((d, cap))
-            bounce = n.bounce_reads == "on" or (n.bounce_reads == "auto" and arena_backing != "hugetlbfs")
+            # a 2 MiB slot of an arena on 4 KiB pages is physically contiguous only by luck, and a read
+            # into it is split into as many requests as it has runs of pages (kvtier.cold)
+            bounce = n.bounce_reads == "on" or (n.bounce_reads == "auto" and not arena_huge_pages)
             self.cold = ColdTier(dirs, durability=n.durability, direct_io=n.direct_io, codec=n.codec,
                                  retry_s=n.retry_s, bounce_reads=bounce)
             self.io = ThreadPoolExecutor(n.io_threads, thread_name_prefix="kvtier-nvme")

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from kvtier.arena import backing_of
+from kvtier.arena import backing_of, huge_share
 from kvtier.client import Client
 from kvtier.server import DaemonThread
 from kvtier.slots import table_path
@@ -88,3 +88,19 @@ def test_arena_on_hugetlbfs_serves_and_survives_a_restart(hugetlbfs):
         shutil.rmtree(sock_dir, ignore_errors=True)
         if os.path.exists(slots):
             os.unlink(slots)
+
+
+def test_huge_share_reads_the_mapping_that_starts_at_the_arena(tmp_path):
+    """Arena.huge_pages on tmpfs: the kernel's own account of the mapping's 2 MiB pages."""
+    smaps = tmp_path / "smaps"
+    smaps.write_text(
+        "00400000-00800000 r-xp 00000000 08:02 173521 /usr/bin/x\nRss: 4096 kB\nFilePmdMapped: 2048 kB\nVmFlags: rd ex\n"
+        "7f5000000000-7f5004000000 rw-s 00000000 00:1a 5 /dev/shm/a\nRss: 65536 kB\nShmemPmdMapped: 61440 kB\n"
+        "FilePmdMapped: 0 kB\nVmFlags: rd wr sh\n"
+        "7f6000000000-7f6000400000 rw-s 00000000 00:1b 6 /mnt/h/a\nRss: 4096 kB\nShmemPmdMapped: 0 kB\n"
+        "FilePmdMapped: 4096 kB\nVmFlags: rd wr sh\n")
+    assert huge_share(0x7f5000000000, str(smaps)) == 61440 / 65536
+    assert huge_share(0x7f6000000000, str(smaps)) == 1.0
+    assert huge_share(0x400000, str(smaps)) == 0.5         # its start is written zero-padded
+    assert huge_share(0x7f5000001000, str(smaps)) == 0.0   # no mapping starts there
+    assert huge_share(0x7f5000000000, str(tmp_path / "absent")) == 0.0

@@ -74,12 +74,16 @@ def file_of(d, k: bytes, ns: str = NS) -> str:
     return os.path.join(str(d), sub, name)
 
 
-def settings(tmp_path, ram_cap: str = "8MiB", dirs=None, persist: bool = True, **nvme_kw) -> dict:
+def settings(tmp_path, ram_cap: str = "8MiB", dirs=None, persist: bool = True, arena_path: str = "",
+             **nvme_kw) -> dict:
     """``persist=False``: the RAM tier is not kept across a restart, so only NVMe can serve after it."""
     nv = {"dirs": [str(p) for p in (dirs or [tmp_path / "nvme0"])], "capacity": "64MiB", "io_threads": 2,
           "write_policy": "commit"}
     nv.update(nvme_kw)
-    return {"ram": {"capacity": ram_cap, "policy": "lru", "persist": persist}, "nvme": nv}
+    r = {"capacity": ram_cap, "policy": "lru", "persist": persist}
+    if arena_path:
+        r["arena_path"] = arena_path
+    return {"ram": r, "nvme": nv}
 
 
 @pytest.fixture
@@ -98,20 +102,30 @@ def restart():
         d.stop()
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 3 MiB tmpfs under tmp_path; skipped where mounting is not permitted."""
-    mnt = tmp_path / "small"
+def mounted_tmpfs(mnt, options: str, what: str):
+    """A tmpfs mounted at mnt with these options while the generator runs; skips the test where
+    mounting is not permitted."""
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to run out of space for real "
-                    f"(needs root or CAP_SYS_ADMIN): {r.stderr.strip() or r.returncode}")
+        pytest.skip(f"cannot mount {what} (needs root or CAP_SYS_ADMIN): {r.stderr.strip() or r.returncode}")
     try:
         yield mnt
     finally:
         if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 3 MiB tmpfs under tmp_path, to run out of space for real."""
+    yield from mounted_tmpfs(tmp_path / "small", "size=3m", "a small tmpfs to run out of space for real")
+
+
+@pytest.fixture
+def huge_tmpfs(tmp_path):
+    """A tmpfs under tmp_path whose files get 2 MiB pages (huge=within_size)."""
+    yield from mounted_tmpfs(tmp_path / "huge", "size=96m,huge=within_size", "a tmpfs with huge pages")
 
 
 def fill_until_evicted(c: Client, target: bytes, start: int = 1000, limit: int = 64) -> int:
@@ -263,13 +277,9 @@ def only_on_nvme(make_daemon, restart, tmp_path, blocks: dict, **nvme_kw):
     return d2
 
 
-@pytest.mark.parametrize("bounce", ["auto", "on", "off"])
-def test_promotions_read_through_a_huge_page_buffer_unless_told_not_to(make_daemon, restart, tmp_path, monkeypatch,
-                                                                        bounce):
-    blocks = {key(i): blob(BLOCK + 4096 * i + i, ("bounce", i)) for i in range(6)}
-    d = only_on_nvme(make_daemon, restart, tmp_path, blocks, bounce_reads=bounce)
-    cold = d.daemon.store.cold
-    assert cold.bounce_reads == (bounce != "off")  # "auto": on, as this arena is on tmpfs, not hugetlbfs
+def read_back(d: DaemonThread, blocks: dict, monkeypatch) -> list[bool]:
+    """get_many of blocks only on NVMe: each comes back whole, and is in RAM after. Returns, per
+    file read, whether the read went straight into the arena."""
     arena = d.daemon.store.view.obj
     into_arena = []
     preadv = C._preadv_full
@@ -283,9 +293,44 @@ def test_promotions_read_through_a_huge_page_buffer_unless_told_not_to(make_daem
         assert c.get_many(NS, keys) == list(blocks.values())
         assert c.lookup(NS, keys)[0] == [1] * len(keys)
         assert nvme(c).checksum_failures == 0
+        assert (ram(c).huge_pages, nvme(c).bounce_reads) == (d.daemon.arena.huge_pages, d.daemon.store.cold.bounce_reads)
     assert len(into_arena) == len(keys)
+    return into_arena
+
+
+@pytest.mark.parametrize("bounce", ["auto", "on", "off"])
+def test_promotions_read_through_a_huge_page_buffer_unless_told_not_to(make_daemon, restart, tmp_path, monkeypatch,
+                                                                        bounce):
+    blocks = {key(i): blob(BLOCK + 4096 * i + i, ("bounce", i)) for i in range(6)}
+    d = only_on_nvme(make_daemon, restart, tmp_path, blocks, bounce_reads=bounce)
+    cold = d.daemon.store.cold
+    # "auto": on where the arena is on 4 KiB pages (/dev/shm, unless mounted with huge pages)
+    assert cold.bounce_reads == (bounce == "on" or (bounce == "auto" and not d.daemon.arena.huge_pages))
+    into_arena = read_back(d, blocks, monkeypatch)
     if cold.dirs[0].direct:  # buffered reads always copy through the page cache
         assert not any(into_arena) if cold.bounce_reads else all(into_arena)
+
+
+@pytest.mark.parametrize("mlock", [True, False])
+def test_promotions_land_in_place_in_an_arena_on_2_mib_tmpfs_pages(make_daemon, restart, tmp_path, monkeypatch,
+                                                                     huge_tmpfs, mlock):
+    blocks = {key(i): blob(2 * MiB - 4096 * i, ("huge", i)) for i in range(6)}
+    cfg = settings(tmp_path, ram_cap="32MiB", persist=False, arena_path=str(huge_tmpfs / "arena"))
+    cfg["ram"]["mlock"] = mlock
+    d = make_daemon(**cfg)
+    with Client(d.address) as c:
+        c.put_many(NS, list(blocks.items()))
+        wait_for(lambda: nvme(c).blocks == len(blocks), what="write-behind")
+    d = restart(d)
+    arena = d.daemon.arena
+    if mlock and not arena.locked:
+        pytest.skip(f"the arena could not be locked: {arena.lock_detail}")
+    # locked, every page is there and the kernel says which size it gave; unlocked, not yet known
+    assert arena.backing == "tmpfs" and arena.huge_pages is mlock
+    assert d.daemon.store.cold.bounce_reads is not mlock
+    into_arena = read_back(d, blocks, monkeypatch)
+    if d.daemon.store.cold.dirs[0].direct:
+        assert all(into_arena) if mlock else not any(into_arena)
 
 
 def ns_stats(c: Client):

@@ -300,7 +300,7 @@ class StatsRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("name", "capacity_bytes", "used_bytes", "blocks", "evictions", "policy", "largest_free_bytes", "reserved_bytes", "pinned_blocks", "leased_blocks", "locked", "lock_detail", "backing", "hits", "misses", "checksum_failures", "io_errors", "dropped_writes", "queued_bytes", "promotions", "demotions", "degraded", "direct_io")
+    __slots__ = ("name", "capacity_bytes", "used_bytes", "blocks", "evictions", "policy", "largest_free_bytes", "reserved_bytes", "pinned_blocks", "leased_blocks", "locked", "lock_detail", "backing", "hits", "misses", "checksum_failures", "io_errors", "dropped_writes", "queued_bytes", "promotions", "demotions", "degraded", "direct_io", "huge_pages", "bounce_reads")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -324,6 +324,8 @@ class TierStats(_message.Message):
     DEMOTIONS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     DIRECT_IO_FIELD_NUMBER: _ClassVar[int]
+    HUGE_PAGES_FIELD_NUMBER: _ClassVar[int]
+    BOUNCE_READS_FIELD_NUMBER: _ClassVar[int]
     name: str
     capacity_bytes: int
     used_bytes: int
@@ -347,7 +349,9 @@ class TierStats(_message.Message):
     demotions: int
     degraded: _containers.RepeatedScalarFieldContainer[str]
     direct_io: bool
-    def __init__(self, name: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., policy: _Optional[str] = ..., largest_free_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., leased_blocks: _Optional[int] = ..., locked: _Optional[bool] = ..., lock_detail: _Optional[str] = ..., backing: _Optional[str] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., io_errors: _Optional[int] = ..., dropped_writes: _Optional[int] = ..., queued_bytes: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., degraded: _Optional[_Iterable[str]] = ..., direct_io: _Optional[bool] = ...) -> None: ...
+    huge_pages: bool
+    bounce_reads: bool
+    def __init__(self, name: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., policy: _Optional[str] = ..., largest_free_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., leased_blocks: _Optional[int] = ..., locked: _Optional[bool] = ..., lock_detail: _Optional[str] = ..., backing: _Optional[str] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., io_errors: _Optional[int] = ..., dropped_writes: _Optional[int] = ..., queued_bytes: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., degraded: _Optional[_Iterable[str]] = ..., direct_io: _Optional[bool] = ..., huge_pages: _Optional[bool] = ..., bounce_reads: _Optional[bool] = ...) -> None: ...
 
 class NamespaceStats(_message.Message):
     __slots__ = ("name", "blocks", "bytes", "hits", "misses", "puts", "put_bytes", "get_bytes", "evictions", "lookups", "prefill_tokens_saved")
