@@ -54,8 +54,37 @@ def cmd_serve(a) -> int:
     return EXIT_OK
 
 
+def files_needed(cfg) -> list[str]:
+    """What ``serve`` would fail on at start that the configuration's syntax cannot show: each file
+    it names that cannot be read now, and a tenants file that does not parse."""
+    from .auth import Tenants
+    s, c = cfg.server, cfg.cluster
+    out = []
+    for name, path in (("server.tls_cert", s.tls_cert), ("server.tls_key", s.tls_key),
+                       ("server.tls_client_ca", s.tls_client_ca), ("cluster.tls_ca", c.tls_ca),
+                       ("cluster.tls_cert", c.tls_cert), ("cluster.tls_key", c.tls_key),
+                       ("auth.tenants_file", cfg.auth.tenants_file)):
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                out.append(f"{name}: cannot read {path}: {e.strerror}")
+    if cfg.auth.tenants_file and not any(p.startswith("auth.") for p in out):
+        try:
+            Tenants.load(cfg.auth.tenants_file)
+        except errors.ConfigError as e:
+            out.append(f"auth.tenants_file: {e}")
+    return out
+
+
 def cmd_config_check(a) -> int:
     cfg = load(a.file)
+    missing = files_needed(cfg)
+    if missing:
+        for m in missing:
+            print(f"config error: {a.file}: {m}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"{a.file}: ok (socket {cfg.socket_path}, arena {cfg.arena_path}, "
           f"{format_size(cfg.ram.capacity) if cfg.ram.capacity else 'auto-sized'} RAM, policy {cfg.ram.policy})")
     return EXIT_OK

@@ -10,10 +10,12 @@ errors too (a typo must not turn into a default).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,11 +56,19 @@ def parse_size(value: Any, name: str) -> int:
     return n
 
 
+# The systemd unit's socket (RuntimeDirectory=kvtier): where a client given no address looks last.
+SYSTEM_SOCKET = "/run/kvtier/kvtier.sock"
+
+
 def runtime_dir() -> pathlib.Path:
-    """Where the daemon's socket lives by default: $XDG_RUNTIME_DIR/kvtier or /tmp/kvtier-<uid>."""
+    """Where the daemon's socket lives by default: $XDG_RUNTIME_DIR/kvtier (when that directory is
+    ours to write, as systemd's RuntimeDirectory makes /run/kvtier for user kvtier, or can be made
+    there), else /tmp/kvtier-<uid>."""
     base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base) and os.access(base, os.W_OK):
-        return pathlib.Path(base) / "kvtier"
+    if base:
+        d = pathlib.Path(base) / "kvtier"
+        if (d.is_dir() and os.access(d, os.W_OK)) or (os.path.isdir(base) and os.access(base, os.W_OK)):
+            return d
     return pathlib.Path(f"/tmp/kvtier-{os.getuid()}")
 
 
@@ -73,12 +83,22 @@ def default_arena_path() -> str:
 
 
 def default_address() -> str:
-    """The address clients use when given none: $KVTIER_ADDRESS or the default socket."""
-    return os.environ.get("KVTIER_ADDRESS") or f"unix://{default_socket()}"
+    """The address clients use when given none: $KVTIER_ADDRESS, else the default socket of this
+    user, else (when only it exists) the systemd unit's socket, which a client of another user (a
+    vLLM worker in group kvtier) reaches without being told."""
+    env = os.environ.get("KVTIER_ADDRESS")
+    if env:
+        return env
+    own = default_socket()
+    if not os.path.exists(own) and os.path.exists(SYSTEM_SOCKET):
+        return f"unix://{SYSTEM_SOCKET}"
+    return f"unix://{own}"
 
 
 def auto_capacity(arena_path: str) -> int:
-    """A quarter of physical RAM, capped by 90% of the free space where the arena lives."""
+    """A quarter of physical RAM, capped by 90% of the free space where the arena lives. The space
+    an arena file already at arena_path takes counts as free: it is the previous run's arena, kept
+    (ram.persist) only if the new one has its size, so a restart must come to the same size."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cap = total // 4
     d = pathlib.Path(arena_path).parent
@@ -86,7 +106,13 @@ def auto_capacity(arena_path: str) -> int:
         d = d.parent
     try:
         st = os.statvfs(d)
-        cap = min(cap, int(st.f_bavail * st.f_frsize * 0.9))
+        free = st.f_bavail * st.f_frsize
+        try:
+            old = os.stat(arena_path)
+            free += min(old.st_blocks * 512, old.st_size)
+        except OSError:
+            pass
+        cap = min(cap, int(free * 0.9))
     except OSError:
         pass
     return max(MiB * 64, cap // MiB * MiB)
@@ -311,6 +337,18 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+def _host_port(name: str, value: str, empty_host: bool) -> None:
+    """'host:port' (or '[v6]:port'), port 0..65535; an empty host (':7070', every address) only
+    where empty_host."""
+    m = re.fullmatch(r"(\[?[\w.:\-]*\]?):(\d{1,5})", value)
+    if m is None or int(m.group(2)) > 65535 or not (m.group(1) or empty_host):
+        raise ConfigError(f"{name}: expected 'host:port' with a port of 0-65535, got {value!r}")
+
+
+def _section_name(section) -> str:
+    return next(k for k, cls in _SECTIONS.items() if isinstance(section, cls))
+
+
 def _validate(cfg: Config) -> None:
     s, r, n = cfg.server, cfg.ram, cfg.nvme
     from .policy import POLICIES  # late: policy imports nothing from here
@@ -334,13 +372,15 @@ def _validate(cfg: Config) -> None:
     if len(set(n.dirs)) != len(n.dirs):
         raise ConfigError("nvme.dirs: a directory is listed twice")
     try:
-        int(s.socket_mode, 8)
+        mode = int(s.socket_mode, 8)
     except ValueError:
-        raise ConfigError(f"server.socket_mode: {s.socket_mode!r} is not an octal mode such as '0660'") from None
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"server.socket_mode: {s.socket_mode!r} is not a permission mode such as '0660'")
     for name, val in (("server.listen", s.listen), ("server.data_listen", s.data_listen),
                       ("metrics.listen", cfg.metrics.listen)):
-        if val and not re.fullmatch(r"\[?[\w.:\-]*\]?:\d{1,5}", val):
-            raise ConfigError(f"{name}: expected 'host:port', got {val!r}")
+        if val:
+            _host_port(name, val, empty_host=True)
     if r.capacity and r.capacity < 4 * MiB:
         raise ConfigError(f"ram.capacity: at least 4MiB, got {r.capacity}")
     for name, val in (("ram.lease_ms", r.lease_ms), ("ram.reservation_ms", r.reservation_ms),
@@ -348,6 +388,18 @@ def _validate(cfg: Config) -> None:
                       ("ram.max_block_bytes", r.max_block_bytes), ("server.max_message_bytes", s.max_message_bytes)):
         if val <= 0:
             raise ConfigError(f"{name}: must be > 0, got {val}")
+    if s.max_message_bytes >= 2 * GiB:  # gRPC takes it as a C int
+        raise ConfigError(f"server.max_message_bytes: must be under 2GiB, got {s.max_message_bytes}")
+    if r.lease_ms > r.max_ttl_ms or r.reservation_ms > r.max_ttl_ms:
+        raise ConfigError(f"ram.lease_ms and ram.reservation_ms: at most ram.max_ttl_ms ({r.max_ttl_ms}), got "
+                          f"{r.lease_ms} and {r.reservation_ms}")
+    if n.queue_bytes <= 0:
+        raise ConfigError(f"nvme.queue_bytes: must be > 0 (writes beyond it are dropped), got {n.queue_bytes}")
+    for section in (s, r, n, cfg.metrics, cfg.auth, cfg.cluster):
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{_section_name(section)}.{f.name}: must be a finite number, got {v}")
     if s.drain_timeout_s < 0:
         raise ConfigError(f"server.drain_timeout_s: must be >= 0, got {s.drain_timeout_s}")
     if s.gc_freeze_s < 0:
@@ -363,11 +415,16 @@ def _validate_cluster(c: ClusterConfig) -> None:
         if scheme not in CLUSTER_SCHEMES:
             raise ConfigError(f"cluster.url: {c.url!r} must start with one of "
                               f"{', '.join(s + '://' for s in CLUSTER_SCHEMES)}")
+        try:
+            host = urllib.parse.urlsplit(c.url).hostname
+        except ValueError as e:
+            raise ConfigError(f"cluster.url: {e}") from None
+        if not host:
+            raise ConfigError(f"cluster.url: a host is required, got {c.url!r}")
     elif c.cluster or c.seeds:
         raise ConfigError("cluster.url: required when cluster.cluster or cluster.seeds is set")
     for seed in c.seeds:
-        if not re.fullmatch(r"\[?[\w.:\-]+\]?:\d{1,5}", seed):
-            raise ConfigError(f"cluster.seeds: expected 'host:port', got {seed!r}")
+        _host_port("cluster.seeds", seed, empty_host=False)
     if c.seeds and not c.cluster:
         raise ConfigError("cluster.seeds: only used in Cluster mode (cluster.cluster = true)")
     if c.ttl_s < 0:

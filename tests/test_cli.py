@@ -272,6 +272,20 @@ def test_config_check_rejects_bad_values(tmp_path, replace, field):
     assert p.stdout == b""
 
 
+@pytest.mark.parametrize("extra,message", [
+    ('[auth]\ntenants_file = "{d}/absent-tenants.toml"\n', "auth.tenants_file: cannot read"),
+    ('[auth]\ntenants_file = "{d}/tenants.toml"\n', "tenants.acme"),
+    ('[cluster]\nurl = "redis://h:6379"\ntls_ca = "{d}/absent-ca.pem"\n', "cluster.tls_ca: cannot read"),
+])
+def test_config_check_reads_the_files_serve_needs(tmp_path, extra, message):
+    (tmp_path / "tenants.toml").write_text('[tenants.acme]\nnamespaces = 5\n')
+    f = tmp_path / "k.toml"
+    f.write_text(VALID + extra.format(d=tmp_path))
+    p = run("config", "check", f)
+    assert p.returncode == 2, text(p)
+    assert message in p.stderr.decode() and str(f) in p.stderr.decode(), text(p)
+
+
 def test_config_check_accepts_the_shipped_config(tmp_path):
     shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "kvtier.toml")
     if not os.path.exists(shipped):

@@ -56,10 +56,30 @@ def test_parse_size_rejects(value):
     ({"ram": {"capacity": "1MiB"}}, "ram.capacity"),
     ({"ram": {"mlock": "yes"}}, "ram.mlock"),
     ({"ram": {"lease_ms": -5}}, "ram.lease_ms"),
+    # accepted once, then failed or misbehaved at start
+    ({"server": {"socket_mode": "7777777"}}, "server.socket_mode"),
+    ({"server": {"listen": "127.0.0.1:99999", "insecure_tcp": True}}, "0-65535"),
+    ({"server": {"data_listen": ":65536", "insecure_tcp": True}}, "server.data_listen"),
+    ({"metrics": {"listen": "127.0.0.1:70000"}}, "metrics.listen"),
+    ({"server": {"max_message_bytes": "8GiB"}}, "server.max_message_bytes"),
+    ({"server": {"drain_timeout_s": float("inf")}}, "server.drain_timeout_s"),
+    ({"cluster": {"url": "redis://"}}, "cluster.url"),
+    ({"cluster": {"url": "redis://h:1", "reconnect_max_s": float("nan")}}, "cluster.reconnect_max_s"),
+    ({"cluster": {"seeds": [":7000"], "url": "redis://h:1", "cluster": True}}, "cluster.seeds"),
+    ({"ram": {"lease_ms": 700_000}}, "ram.lease_ms"),
+    ({"nvme": {"queue_bytes": 0}}, "nvme.queue_bytes"),
 ])
 def test_bad_values_name_the_field(data, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         config.from_dict(data)
+
+
+def test_ports_and_hosts_that_are_fine():
+    c = config.from_dict({"server": {"listen": "[::1]:65535", "data_listen": ":0", "insecure_tcp": True},
+                          "metrics": {"listen": "localhost:9464"},
+                          "cluster": {"url": "valkeys://user@valkey-0.kv.internal:6379", "cluster": True,
+                                      "seeds": ["10.0.0.2:6379", "[fd00::2]:6379"]}})
+    assert c.server.listen == "[::1]:65535" and len(c.cluster.seeds) == 2
 
 
 def test_load_reports_file_and_syntax(tmp_path):
@@ -69,6 +89,56 @@ def test_load_reports_file_and_syntax(tmp_path):
         config.load(p)
     with pytest.raises(ConfigError, match="cannot read"):
         config.load(tmp_path / "missing.toml")
+
+
+def test_auto_capacity_counts_the_arena_it_would_replace(tmp_path, monkeypatch):
+    """A restart sizes the arena as the start before it did, though that arena still fills its
+    filesystem: else the sizes differ and ram.persist cannot keep the RAM tier."""
+    free = {"bytes": 1 << 30}
+
+    class St:
+        f_frsize = 4096
+
+        @property
+        def f_bavail(self):
+            return free["bytes"] // 4096
+    monkeypatch.setattr(config.os, "statvfs", lambda d: St())
+    arena = tmp_path / "arena"
+    first = config.auto_capacity(str(arena))
+    with open(arena, "wb") as f:   # the first run's arena, all of it in the filesystem
+        f.truncate(first)
+        f.write(b"\1" * first)
+    free["bytes"] -= first
+    assert config.auto_capacity(str(arena)) == first
+
+
+def test_the_daemon_socket_follows_a_writable_runtime_directory(tmp_path, monkeypatch):
+    base = tmp_path / "run"
+    (base / "kvtier").mkdir(parents=True)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
+    writable = {str(base), str(base / "kvtier")}
+    monkeypatch.setattr(config.os, "access", lambda p, mode: str(p) in writable)
+    assert config.default_socket() == str(base / "kvtier" / "kvtier.sock")
+    writable.discard(str(base))  # systemd: /run is root's, RuntimeDirectory=kvtier the daemon user's
+    assert config.default_socket() == str(base / "kvtier" / "kvtier.sock")
+    writable.clear()
+    assert config.default_socket() == f"/tmp/kvtier-{config.os.getuid()}/kvtier.sock"
+
+
+def test_a_client_given_no_address_finds_the_system_daemon(tmp_path, monkeypatch):
+    monkeypatch.delenv("KVTIER_ADDRESS", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    system = tmp_path / "system.sock"
+    monkeypatch.setattr(config, "SYSTEM_SOCKET", str(system))
+    own = config.default_socket()
+    assert config.default_address() == f"unix://{own}"       # nothing anywhere: its own default
+    system.touch()
+    assert config.default_address() == f"unix://{system}"    # only the unit's socket exists
+    (tmp_path / "kvtier").mkdir()
+    pathlib.Path(own).touch()
+    assert config.default_address() == f"unix://{own}"       # its own daemon first
+    monkeypatch.setenv("KVTIER_ADDRESS", "unix:///elsewhere.sock")
+    assert config.default_address() == "unix:///elsewhere.sock"
 
 
 def test_auto_capacity_fits_the_machine():
