@@ -44,6 +44,20 @@ def test_evict_read_back_is_reported_per_condition_and_client_count(tmp_path):
     text = nvme.markdown(res, "python -m bench.nvme --parts c --policies evict")
     assert "every promotion writes its victim" in text and "Blocks written (victims copied out)" in text
     assert f"| {nvme.RAW_READ_WRITE} |" in text and f"| {written[0]} |" in text
+    # what the daemon said of its arena: reads bounce exactly where its pages are 4 KiB
+    assert c["arena_backing"] == "tmpfs" and c["bounce_reads"] is (not c["huge_pages"])
+    assert ("4 KiB pages, NVMe reads through huge-page buffers" if c["bounce_reads"] else
+            "2 MiB pages, NVMe reads straight into the arena") in text
+    # the second arena's run is reported apart, or why it did not run
+    huge = {**c, "huge_pages": True, "bounce_reads": False, "arena_how": "a tmpfs of 8 MiB mounted for the run"}
+    rows = rows_nvme({"c": c, "c_huge": huge})
+    assert [r["measure"] for r in rows[len(measures):]] == [
+        m.replace("(evict)", f"(evict, {nvme.ARENA_HUGE})") for m in measures]
+    text = nvme.markdown({**res, "c_huge": huge}, "python -m bench.nvme --parts c --policies evict")
+    assert f'write_policy = "evict", {nvme.ARENA_HUGE}' in text and "a tmpfs of 8 MiB mounted for the run" in text
+    text = nvme.markdown({**res, "c_huge": {"skipped": "not root"}}, "python -m bench.nvme --parts c")
+    assert f"## C: {nvme.ARENA_HUGE}: not run" in text and "not root." in text
+    assert len(rows_nvme({"c": c, "c_huge": {"skipped": "not root"}})) == len(measures)
 
 
 def test_a_read_back_is_timed_until_the_victims_it_wrote_have_landed(monkeypatch):
