@@ -196,7 +196,9 @@ class ColdTier:
         self._index: dict[tuple[str, bytes], int] = {}  # -> dir number
         self._writing: set[tuple[str, bytes]] = set()
         # Tenants: group_of maps a namespace to its tenant; a tenant with an NVMe quota evicts its
-        # own least recently used files, never another tenant's.
+        # own least recently used files, never another tenant's. A file stays filed under (and
+        # charged to) the group it was written for: a reload that moves a namespace to another
+        # tenant changes the group of new files only, as in the hot tier.
         self.group_of: Callable[[str], str] = lambda ns: ""
         self.quotas: dict[str, int] = {}
         self._groups: dict[str, OrderedDict] = {}  # group -> (ns, key) -> bytes on disk
@@ -365,22 +367,27 @@ class ColdTier:
             return di
         return None
 
-    def _group_add(self, k, size: int, counted: bool = False) -> None:
+    def _group_holding(self, k) -> str | None:
+        """The group k's file is filed under and charged to (lock held): its namespace's group,
+        unless a reload has moved the namespace since the file was written."""
         g = self.group_of(k[0])
-        self._groups.setdefault(g, OrderedDict())[k] = size
-        if not counted:
-            self.group_used[g] = self.group_used.get(g, 0) + size
+        lru = self._groups.get(g)
+        if lru is not None and k in lru:
+            return g
+        return next((g for g, lru in self._groups.items() if k in lru), None)
 
     def _evict_key(self, k) -> str:
-        """Forget a written block (lock held); returns its path to unlink."""
+        """Forget a written block (lock held); returns its path to unlink. Its bytes go back to
+        the group they were charged to."""
         di = self._index.pop(k)
         self._unverified.discard(k)
         d = self.dirs[di]
         size = d.lru.pop(k)
         d.used -= size
-        g = self.group_of(k[0])
-        self._groups.get(g, {}).pop(k, None)
-        self.group_used[g] = self.group_used.get(g, 0) - size
+        g = self._group_holding(k)
+        if g is not None:
+            del self._groups[g][k]
+            self.group_used[g] -= size
         self.stats.evictions += 1
         return self._path(di, *k)
 
@@ -391,17 +398,18 @@ class ColdTier:
             doomed.append(self._evict_key(next(iter(d.lru))))
         return doomed
 
-    def _make_group_room(self, g: str, need: int) -> list[str] | None:
-        """Evict the group's LRU files until need more bytes fit its quota (lock held); None when
-        the quota cannot hold them (the rest is being written)."""
+    def _make_group_room(self, g: str, need: int) -> tuple[list[str], bool]:
+        """Evict the group's LRU files until need more bytes fit its quota (lock held); returns
+        the paths to unlink, and False when the quota cannot hold them even so (the rest is being
+        written): what was evicted is gone from the index all the same and must be unlinked."""
         q = self.quotas.get(g, 0)
         if not q:
-            return []
+            return [], True
         lru = self._groups.get(g, OrderedDict())
         doomed = []
         while self.group_used.get(g, 0) + need > q and lru:
             doomed.append(self._evict_key(next(iter(lru))))
-        return doomed if self.group_used.get(g, 0) + need <= q else None
+        return doomed, self.group_used.get(g, 0) + need <= q
 
     def write(self, ns: str, key: bytes, src: memoryview, raw_len: int, digest: bytes,
               expires_ms: int = 0, pin_class: int = 0) -> bool:
@@ -426,18 +434,20 @@ class ColdTier:
             if d.inflight + size > d.capacity:  # the room is taken by writes in flight
                 self.stats.dropped_writes += 1
                 return False
-            g = self.group_of(ns)
-            doomed = self._make_group_room(g, size)
-            if doomed is None:
+            g = self.group_of(ns)  # charged now; the file is filed under g when written
+            doomed, fits = self._make_group_room(g, size)
+            if fits:
+                doomed += self._make_room(d, size)
+                d.used += size  # counted now so concurrent writers respect the bound
+                d.inflight += size
+                self.group_used[g] = self.group_used.get(g, 0) + size
+                self._writing.add(k)
+            else:
                 self.stats.dropped_writes += 1
-                return False
-            doomed += self._make_room(d, size)
-            d.used += size  # counted now so concurrent writers respect the bound
-            d.inflight += size
-            self.group_used[g] = self.group_used.get(g, 0) + size
-            self._writing.add(k)
         for p in doomed:
             self._unlink(p)
+        if not fits:
+            return False
         ok = False
         try:
             self._write_file(d, self._path(di, ns, key), meta, payload, codec == record.CODEC_RAW and src)
@@ -460,7 +470,7 @@ class ColdTier:
                 if ok:
                     self._index[k] = di
                     d.lru[k] = size
-                    self._group_add(k, size, counted=True)
+                    self._groups.setdefault(g, OrderedDict())[k] = size
                     self.stats.writes += 1
                     self.stats.write_bytes += raw_len
                 else:
@@ -534,9 +544,9 @@ class ColdTier:
             d = self.dirs[di]
             size = d.lru[k]
             d.lru.move_to_end(k)
-            glru = self._groups.get(self.group_of(ns))
-            if glru is not None and k in glru:
-                glru.move_to_end(k)
+            g = self._group_holding(k)
+            if g is not None:
+                self._groups[g].move_to_end(k)
         path = self._path(di, ns, key)
         try:
             fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if d.direct else 0))

@@ -904,3 +904,94 @@ def test_all_directories_degraded_drops_writes(tmp_path, monkeypatch):
     assert [d["degraded"] for d in s["dirs"]] == [True, True] and s["io_errors"] == 2
     assert not write(tier, key(3), b"x" * 1000)  # nowhere to go: dropped, not attempted
     assert tier.stats.dropped_writes == 1 and tier.stats.io_errors == 2
+
+
+# ---- tenants --------------------------------------------------------------------------------
+
+BLK = 8 * KiB
+FILE = PAGE + BLK  # bytes on disk of one BLK-sized raw block
+
+
+def check_tenants(tier: ColdTier, *dirs) -> None:
+    """Each indexed file is filed under one tenant, whose bytes add up to its files' sizes
+    (nothing in flight); the files on disk are exactly the indexed ones."""
+    filed = [k for lru in tier._groups.values() for k in lru]
+    assert len(filed) == len(set(filed)) and set(filed) == set(tier._index)
+    for g, lru in tier._groups.items():
+        assert tier.group_used.get(g, 0) == sum(lru.values()), g
+    assert all(v >= 0 for v in tier.group_used.values()), tier.group_used
+    assert sorted(path_of(tier, k, ns) for ns, k in tier._index) == block_files(*dirs)
+    assert sum(d.used for d in tier.dirs) == sum(disk_bytes(d) for d in dirs)
+
+
+def test_a_namespace_moved_to_another_tenant_keeps_nvme_accounting_straight(tmp_path):
+    d0 = str(tmp_path / "d0")
+    tier = ColdTier([(d0, 1 << 30)], direct_io="off")
+    tier.group_of, tier.quotas = (lambda ns: "A"), {"A": 10 * FILE}
+    for i in range(4):
+        assert write(tier, key(i), rnd(BLK, i), ns="x")
+    # a reload moves namespace x to tenant B: x's files stay charged to A, where they were written
+    tier.group_of = lambda ns: "B" if ns == "x" else "A"
+    tier.quotas = {"A": 10 * FILE, "B": 10 * FILE}
+    assert tier.delete("x", key(0))
+    assert tier.group_used == {"A": 3 * FILE}
+    check_tenants(tier, d0)
+    for i in range(100, 110):  # A over its quota: its oldest files (x's, written as A's) go first
+        assert write(tier, key(i), rnd(BLK, i), ns="y")
+        check_tenants(tier, d0)
+    assert tier.group_used["A"] == 10 * FILE and tier.group_used.get("B", 0) == 0
+    assert not any(tier.contains("x", key(i)) for i in range(4))
+    for i in range(4):  # B writes x afresh, under its own quota
+        assert write(tier, key(i), rnd(BLK, i), ns="x")
+    assert tier.group_used == {"A": 10 * FILE, "B": 4 * FILE}
+    assert read(tier, key(3), ns="x") == rnd(BLK, 3)
+    assert read(tier, key(105), ns="y") == rnd(BLK, 105)
+    check_tenants(tier, d0)
+
+
+def test_files_of_a_moved_namespace_go_by_directory_pressure_too(tmp_path):
+    d0 = str(tmp_path / "d0")
+    tier = ColdTier([(d0, 6 * FILE)], direct_io="off")
+    tier.group_of, tier.quotas = (lambda ns: "A"), {"A": 4 * FILE}
+    for i in range(4):
+        assert write(tier, key(i), rnd(BLK, i), ns="x")
+    tier.group_of = lambda ns: "B" if ns == "x" else "A"
+    tier.quotas = {"A": 4 * FILE, "B": 4 * FILE}
+    for i in range(100, 104):  # the directory fills: x's old files go, credited back to A
+        assert write(tier, key(i), rnd(BLK, i), ns="x")
+        check_tenants(tier, d0)
+    assert tier.group_used == {"A": 2 * FILE, "B": 4 * FILE}
+    for i in range(200, 204):  # A's quota now counts only A's own files
+        assert write(tier, key(i), rnd(BLK, i), ns="y")
+        check_tenants(tier, d0)
+    assert tier.group_used["A"] <= 4 * FILE and tier.group_used["B"] <= 4 * FILE
+
+
+def test_a_write_that_the_quota_cannot_take_leaves_no_file_behind(tmp_path, monkeypatch):
+    d0 = str(tmp_path / "d0")
+    tier = ColdTier([(d0, 1 << 30)], direct_io="off")
+    tier.group_of, tier.quotas = (lambda ns: "A"), {"A": 3 * FILE}
+    assert write(tier, key(0), rnd(BLK, 0))
+    real, gate, entered = tier._write_file, threading.Event(), []
+
+    def slow(*a):
+        entered.append(1)
+        gate.wait(10)
+        return real(*a)
+
+    monkeypatch.setattr(tier, "_write_file", slow)
+    threads = [threading.Thread(target=write, args=(tier, key(i), rnd(BLK, i))) for i in (1, 2)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 5
+        while len(entered) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # two blocks in flight: a larger one cannot fit even with every written file gone
+        assert not write(tier, key(3), rnd(2 * BLK, 3))
+        assert tier.stats.dropped_writes == 1
+    finally:
+        gate.set()
+        for t in threads:
+            t.join(10)
+    check_tenants(tier, d0)

@@ -1233,3 +1233,38 @@ def test_random_operations_keep_the_counters_consistent(policy):
     check_consistent(t)
     assert t.used_bytes == 0 and t.reserved_bytes == 0
     assert t.alloc.extents() == [(t.alloc.start, t.alloc.capacity)]
+
+
+def check_groups(t: HotTier) -> None:
+    """Each group's bytes are those of the blocks charged to it, never negative."""
+    used, evictable = {}, {}
+    for b in indexed(t).values():
+        used[b.group] = used.get(b.group, 0) + t.alloc.round(b.length)
+        if t._evictable(b):
+            evictable[b.group] = evictable.get(b.group, 0) + t.alloc.round(b.length)
+            assert b in t._pol(b.group)
+    assert {g: n for g, n in t.group_used.items() if n} == used
+    assert {g: n for g, n in t.group_evictable.items() if n} == evictable
+    assert t.used_bytes == sum(used.values())
+
+
+def test_a_namespace_moved_to_another_tenant_keeps_ram_accounting_straight():
+    t, _ = make(slots=8)
+    t.group_of, t.quotas = (lambda ns: "A"), {"A": 4 * SLOT}
+    put(t, [key(i) for i in range(4)], ns="x")
+    # a reload moves x to tenant B: x's blocks stay charged to A, new ones are B's
+    t.group_of = lambda ns: "B" if ns == "x" else "A"
+    t.quotas = {"A": 4 * SLOT, "B": 2 * SLOT}
+    a = t.acquire("x", [key(1)])
+    t.release(a.lease_id)  # back into A's policy, not B's
+    assert t.delete("x", [key(0)]) == 1
+    check_groups(t)
+    assert t.group_used["A"] == 3 * SLOT and t.group_used.get("B", 0) == 0
+    put(t, [key(100 + i) for i in range(4)], ns="y")  # A over its quota: x's old blocks go
+    check_groups(t)
+    assert not any(present(t, [key(i) for i in range(4)], ns="x"))
+    for i in range(3):  # B's quota evicts B's own blocks only
+        put(t, [key(i)], [data(i)], ns="x")
+        check_groups(t)
+    assert t.group_used == {"A": 4 * SLOT, "B": 2 * SLOT}
+    assert all(present(t, [key(100 + i) for i in range(4)], ns="y"))
