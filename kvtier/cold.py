@@ -39,7 +39,8 @@ that directory's least recently used files first.
 
 Thread-safe: the index is under one lock; file I/O happens outside it, in
 the caller's thread (the store runs it in worker threads, never on the event
-loop).
+loop). A key whose old file is being unlinked is written again only once that
+file is gone, so a removal never takes a newer file at the same path.
 """
 from __future__ import annotations
 
@@ -195,6 +196,10 @@ class ColdTier:
         self.lock = threading.Lock()
         self._index: dict[tuple[str, bytes], int] = {}  # -> dir number
         self._writing: set[tuple[str, bytes]] = set()
+        # Keys taken out of the index whose file is being unlinked outside the lock: a new write
+        # of such a key waits until the old file is gone, else the unlink could take its new file.
+        self._removing: set[tuple[str, bytes]] = set()
+        self._removed = threading.Condition(self.lock)
         # Tenants: group_of maps a namespace to its tenant; a tenant with an NVMe quota evicts its
         # own least recently used files, never another tenant's. A file stays filed under (and
         # charged to) the group it was written for: a reload that moves a namespace to another
@@ -391,16 +396,37 @@ class ColdTier:
         self.stats.evictions += 1
         return self._path(di, *k)
 
-    def _make_room(self, d: Dir, need: int) -> list[str]:
-        """Evict LRU entries of d until need bytes fit; returns paths to unlink (lock held)."""
+    def _doom(self, k) -> tuple[tuple[str, bytes], str]:
+        """Forget a written block whose file the caller unlinks after the lock, with _remove()
+        (lock held)."""
+        self._removing.add(k)
+        return k, self._evict_key(k)
+
+    def _remove(self, doomed: list) -> None:
+        """Unlink the files of doomed blocks (lock not held), then let new writes of their keys
+        start. A file that cannot be unlinked is logged and counted, not raised."""
+        try:
+            for _, path in doomed:
+                try:
+                    self._unlink(path)
+                except OSError as e:
+                    self.stats.io_errors += 1
+                    log.error("nvme unlink %s: %s", path, e)
+        finally:
+            with self.lock:
+                self._removing.difference_update(k for k, _ in doomed)
+                self._removed.notify_all()
+
+    def _make_room(self, d: Dir, need: int) -> list:
+        """Evict LRU entries of d until need bytes fit; returns them for _remove() (lock held)."""
         doomed = []
         while d.used + need > d.capacity and d.lru:
-            doomed.append(self._evict_key(next(iter(d.lru))))
+            doomed.append(self._doom(next(iter(d.lru))))
         return doomed
 
-    def _make_group_room(self, g: str, need: int) -> tuple[list[str], bool]:
+    def _make_group_room(self, g: str, need: int) -> tuple[list, bool]:
         """Evict the group's LRU files until need more bytes fit its quota (lock held); returns
-        the paths to unlink, and False when the quota cannot hold them even so (the rest is being
+        them for _remove(), and False when the quota cannot hold them even so (the rest is being
         written): what was evicted is gone from the index all the same and must be unlinked."""
         q = self.quotas.get(g, 0)
         if not q:
@@ -408,7 +434,7 @@ class ColdTier:
         lru = self._groups.get(g, OrderedDict())
         doomed = []
         while self.group_used.get(g, 0) + need > q and lru:
-            doomed.append(self._evict_key(next(iter(lru))))
+            doomed.append(self._doom(next(iter(lru))))
         return doomed, self.group_used.get(g, 0) + need <= q
 
     def write(self, ns: str, key: bytes, src: memoryview, raw_len: int, digest: bytes,
@@ -424,6 +450,8 @@ class ColdTier:
         size = meta.total_len
         now = time.monotonic()
         with self.lock:
+            while k in self._removing:  # the old file of k is being unlinked: not over the new one
+                self._removed.wait()
             if k in self._index or k in self._writing:
                 return False
             di = self._pick_dir(key, size, now)
@@ -444,8 +472,8 @@ class ColdTier:
                 self._writing.add(k)
             else:
                 self.stats.dropped_writes += 1
-        for p in doomed:
-            self._unlink(p)
+        if doomed:
+            self._remove(doomed)
         if not fits:
             return False
         ok = False
@@ -621,14 +649,6 @@ class ColdTier:
 
     # ---- removal ----------------------------------------------------------------------
 
-    def _forget(self, k) -> str | None:
-        with self.lock:
-            if k not in self._index:
-                return None
-            path = self._evict_key(k)
-            self.stats.evictions -= 1  # a removal, not an eviction
-            return path
-
     def _drop_entry(self, k, di: int, size: int, unlink: bool = True) -> bool:
         """Forget k and remove its file, if the index still holds the entry that was read (same
         directory and size); False when k was deleted or replaced meanwhile (a plain miss). The
@@ -643,10 +663,13 @@ class ColdTier:
         return True
 
     def delete(self, ns: str, key: bytes) -> bool:
-        path = self._forget((ns, key))
-        if path is None:
-            return False
-        self._unlink(path)
+        k = (ns, key)
+        with self.lock:
+            if k not in self._index:
+                return False
+            doomed = [self._doom(k)]
+            self.stats.evictions -= 1  # a removal, not an eviction
+        self._remove(doomed)
         return True
 
     @staticmethod

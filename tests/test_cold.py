@@ -995,3 +995,34 @@ def test_a_write_that_the_quota_cannot_take_leaves_no_file_behind(tmp_path, monk
         for t in threads:
             t.join(10)
     check_tenants(tier, d0)
+
+
+# ---- removal racing a rewrite ---------------------------------------------------------------
+
+@pytest.mark.parametrize("removed_by", ["eviction", "delete"])
+def test_a_key_rewritten_while_its_old_file_is_removed_keeps_the_new_file(tmp_path, monkeypatch, removed_by):
+    d0 = str(tmp_path / "d0")
+    tier = ColdTier([(d0, 2 * FILE)], direct_io="off")
+    k = key(0)
+    assert write(tier, k, rnd(BLK, "old")) and write(tier, key(1), rnd(BLK, 1))
+    target, real, rewrites = path_of(tier, k), C.ColdTier._unlink, []
+
+    def unlink(path):
+        if path == target and not rewrites:
+            # the old file is out of the index but still on disk: the key is written afresh now
+            t = threading.Thread(target=lambda: rewrites.append(write(tier, k, rnd(BLK, "new"))))
+            rewrites.append(t)
+            t.start()
+            t.join(0.3)
+        real(path)
+
+    monkeypatch.setattr(tier, "_unlink", unlink)
+    if removed_by == "eviction":
+        assert write(tier, key(2), rnd(BLK, 2))  # the directory is full: k, least recently used, goes
+    else:
+        assert tier.delete(NS, k)
+    assert rewrites, "the old file was not removed"
+    rewrites[0].join(10)
+    assert rewrites[1:] == [True]
+    assert read(tier, k) == rnd(BLK, "new")
+    check_tenants(tier, d0)
