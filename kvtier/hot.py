@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 from collections import OrderedDict
 import secrets
 import threading
@@ -53,6 +54,8 @@ from .policy import POLICIES
 from .slots import COMMITTED as COMMITTED_ENTRY
 from .slots import RESERVED as RESERVED_ENTRY
 from .slots import NullSlots
+
+log = logging.getLogger("kvtier.hot")
 
 RESERVED, COMMITTING, COMMITTED, DOOMED = range(4)
 RESERVE_OK, RESERVE_PRESENT, RESERVE_PENDING = 0, 1, 2
@@ -191,6 +194,7 @@ class HotTier:
         self.reserved_bytes = 0
         self.used_bytes = 0
         self.evictions = 0
+        self.evict_hook_errors = 0  # evictions whose on_evict raised (the block went, uncopied)
         self.expired_leases = 0
         self.expired_reservations = 0
         self.pinned_blocks = 0
@@ -198,7 +202,8 @@ class HotTier:
         # Hooks for the tiers below, called with the lock held (must be quick, must not call back in):
         # on_commit(blocks) after blocks became visible, returns the blocks to hold (kept from
         # eviction until unhold(), e.g. while they are written out); on_evict(block) before an
-        # evicted block's slot is freed (its bytes are still intact).
+        # evicted block's slot is freed (its bytes are still intact). An on_evict that raises
+        # does not stop the eviction: the block goes, without its copy below.
         self.on_commit: Callable[[list[Block]], list[Block]] = lambda blocks: []
         self.on_evict: Callable[[Block], None] = lambda block: None
         # on_trusted(blocks) after blocks committed with the client's checksums unverified (queue them
@@ -296,11 +301,21 @@ class HotTier:
         r = self.alloc.round(b.length)
         self.evictable_bytes -= r
         self.group_evictable[g] -= r
-        self.on_evict(b)
-        self._unindex(b)
-        self._free(b)
-        self.evictions += 1
-        self._ns(b.ns).evictions += 1
+        # The victim is out of the policy already: it leaves the index and frees its slot whatever
+        # on_evict does, else it would stay indexed and never be evicted again. Losing its copy
+        # below is allowed; a RAM tier that cannot evict while a lower tier fails is not.
+        try:
+            self.on_evict(b)
+        except Exception:
+            self.evict_hook_errors += 1
+            if self.evict_hook_errors & (self.evict_hook_errors - 1) == 0:  # 1st, 2nd, 4th...: no flood
+                log.exception("eviction hook failed for a block of %r (%d failures so far); "
+                              "evicted without its lower-tier copy", b.ns, self.evict_hook_errors)
+        finally:
+            self._unindex(b)
+            self._free(b)
+            self.evictions += 1
+            self._ns(b.ns).evictions += 1
         return True
 
     def _alloc(self, n: int, group: str = "") -> int:
@@ -773,6 +788,7 @@ class HotTier:
                 "used_bytes": self.used_bytes,
                 "blocks": self.block_count(),
                 "evictions": self.evictions,
+                "evict_hook_errors": self.evict_hook_errors,
                 "policy": self.policy.name,
                 "largest_free_bytes": self.alloc.largest_free(),
                 "reserved_bytes": self.reserved_bytes,

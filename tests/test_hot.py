@@ -836,6 +836,51 @@ def test_eviction_follows_the_policy(policy):
     check_consistent(t)
 
 
+
+@ALL_POLICIES
+def test_an_eviction_whose_hook_fails_still_frees_the_slot(policy, caplog):
+    t, _ = make(slots=4, policy=policy)
+    keys = fill(t)
+    failing, seen = [True], []
+
+    def on_evict(b):
+        seen.append(b.key)
+        if failing[0]:
+            raise OSError(12, "Cannot allocate memory")  # e.g. no buffer to copy the block out
+
+    t.on_evict = on_evict
+    put(t, [key(100)])  # the hook fails: the block goes all the same, without its lower-tier copy
+    assert len(seen) == 1 and not present(t, seen)[0] and present(t, [key(100)])[0]
+    assert t.evictions == 1 and t.evict_hook_errors == 1 and "eviction hook" in caplog.text
+    check_consistent(t)
+    for i in range(101, 104):  # no slot was lost: the arena turns over as before
+        put(t, [key(i)])
+    assert t.evict_hook_errors == 4 and t.evictions == 4
+    assert not any(present(t, keys)) and all(present(t, [key(i) for i in range(100, 104)]))
+    check_consistent(t)
+    failing[0] = False
+    put(t, [key(200)])
+    assert t.evictions == 5 and t.evict_hook_errors == 4
+    check_consistent(t)
+
+
+def test_an_interrupted_eviction_hook_leaves_the_tier_consistent():
+    t, _ = make(slots=2)
+    fill(t)
+
+    def on_evict(b):
+        raise KeyboardInterrupt
+
+    t.on_evict = on_evict
+    with pytest.raises(KeyboardInterrupt):
+        put(t, [key(100)])
+    check_consistent(t)
+    t.on_evict = lambda b: None
+    put(t, [key(100)])
+    put(t, [key(101)])
+    assert present(t, [key(100), key(101)]) == [True, True]
+    check_consistent(t)
+
 @ALL_POLICIES
 def test_pinned_and_leased_blocks_are_never_evicted(policy):
     t, clock = make(slots=16, policy=policy)
