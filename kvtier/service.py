@@ -293,8 +293,21 @@ class KVTierService(pb_grpc.KVTierServicer):
         status = bytearray()
         stored = 0
         cur = None  # [rid or 0, offset, length, written, hasher, given]
+        chunks = request_iterator.__aiter__()
         try:
-            async for chunk in request_iterator:
+            while True:
+                try:
+                    if cur is None:
+                        chunk = await chunks.__anext__()
+                    else:  # a client stalled mid-block must not hold its slot forever (as on the data channel)
+                        async with asyncio.timeout(datachannel.PAYLOAD_TIMEOUT_S):
+                            chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise errors.DeadlineExceeded(
+                        f"no data for {datachannel.PAYLOAD_TIMEOUT_S:g}s after {cur[3]} of {cur[2]} bytes of "
+                        f"block {len(sums)}; its reservation was aborted") from None
                 if chunk.HasField("header"):
                     if cur is not None:
                         raise errors.InvalidArgument(f"block {len(sums)} ended after {cur[3]} of {cur[2]} bytes")

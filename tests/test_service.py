@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import os
 import random
+import threading
 import time
 
 import grpc
@@ -18,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import kvtier
-from kvtier import errors
+from kvtier import datachannel, errors
 from kvtier.arena import DATA_OFFSET, HEADER, MAGIC
 from kvtier.client import AsyncClient, Client
 from kvtier.copying import HASH_CHUNK
@@ -329,6 +330,35 @@ def test_put_get_paths(daemon, path):
     for other in PATHS:
         with client(daemon, other) as c:
             assert c.get_many(NS, keys) == [d for _, d in items]
+
+
+def test_put_stream_stalled_mid_block_gives_its_reservation_back(make_daemon, monkeypatch):
+    """A gRPC Put whose client stops sending mid-block (its stream still open) is bounded like a
+    data-channel PUT: after PAYLOAD_TIMEOUT_S without bytes the reservation is aborted and the call
+    ends with DEADLINE_EXCEEDED."""
+    monkeypatch.setattr(datachannel, "PAYLOAD_TIMEOUT_S", 1.0)
+    d = make_daemon(ram={"capacity": "8MiB", "reservation_ms": 500})
+    stop = threading.Event()
+    k = key("stalled")
+
+    def chunks():
+        yield pb.PutChunk(header=pb.PutHeader(namespace=NS, key=k, length=6 * MiB), data=b"x" * 1024)
+        stop.wait(30)
+
+    ch = grpc.insecure_channel(d.address)
+    f = pb_grpc.KVTierStub(ch).Put.future(chunks())
+    try:
+        err = f.exception(timeout=10)
+        assert err is not None and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+        assert "no data" in err.details()
+        assert d.daemon.hot.snapshot()["reserved_bytes"] == 0
+        with Client(d.address) as c:  # the space is free again, and nothing half-written shows
+            assert c.lookup(NS, [k]) == ([0], 0)
+            assert c.put(NS, key("after"), blob(6 * MiB, "after")) is True
+    finally:
+        stop.set()
+        f.cancel()
+        ch.close()
 
 
 @path_param
