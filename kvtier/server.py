@@ -154,6 +154,7 @@ class Daemon:
         r = cfg.ram
         self.hot = HotTier(start=a.data_offset, end=a.size, policy=r.policy, max_block_bytes=r.max_block_bytes,
                            lease_ms=r.lease_ms, reservation_ms=r.reservation_ms, max_ttl_ms=r.max_ttl_ms)
+        self._apply_ram_tenants()  # before restore: each restored block is filed under its tenant's group
         if cfg.ram.persist:
             table = SlotTable(table_path(a.path, a.backing), fresh=not a.reattached)
             if a.reattached:
@@ -235,13 +236,17 @@ class Daemon:
             except asyncio.TimeoutError:
                 pass
 
+    def _apply_ram_tenants(self) -> None:
+        """Tenant groups and RAM quotas into the hot tier (new and restored blocks take them)."""
+        with self.hot.lock:
+            self.hot.group_of = self.access.group_of
+            self.hot.quotas = {t.name: t.ram_quota for t in self.access.tenants.values() if t.ram_quota}
+
     def _apply_tenants(self) -> None:
         """Tenant groups and RAM/NVMe/Redis quotas into the tiers (new blocks take the new groups);
         a lowered Redis quota is enforced at once, in the background (on the event loop)."""
         tenants = self.access.tenants.values()
-        with self.hot.lock:
-            self.hot.group_of = self.access.group_of
-            self.hot.quotas = {t.name: t.ram_quota for t in tenants if t.ram_quota}
+        self._apply_ram_tenants()
         cold = self.store.cold
         if hasattr(cold, "lock"):
             with cold.lock:

@@ -159,3 +159,23 @@ def test_sigterm_drains_nvme_writes(daemon_process, tmp_path):
     from kvtier.cold import check_dir
     rep = check_dir(str(nvme))
     assert rep.ok == 60 and not rep.corrupt and not rep.orphans  # every committed block reached NVMe
+
+
+def test_restored_blocks_count_against_their_tenants_ram_quota(cfg_pair, tmp_path):
+    import hashlib
+    token = "token-of-acme-" + "a" * 20
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(f'[tenants.acme]\ntoken_sha256 = ["{hashlib.sha256(token.encode()).hexdigest()}"]\n'
+                       f'namespaces = ["acme"]\nram_quota = "1MiB"\n')
+    cfg = cfg_pair(ram={"capacity": "16MiB"}, auth={"tenants_file": str(tenants)})
+    blk = 256 << 10
+    with DaemonThread(cfg) as d:
+        with Client(d.address, token=token) as c:
+            c.put_many("acme", [(bytes([i]) * 16, os.urandom(blk)) for i in range(4)])
+    with DaemonThread(cfg) as d:
+        hot = d.daemon.hot
+        assert hot.group_used.get("acme") == 4 * blk and not hot.group_used.get("")  # filed under acme
+        with Client(d.address, token=token) as c:
+            c.put_many("acme", [(bytes([100 + i]) * 16, os.urandom(blk)) for i in range(4)])
+            assert sum(c.lookup("acme", [bytes([i]) * 16 for i in range(4)])[0]) == 0  # the quota evicted them
+        assert hot.group_used.get("acme") <= 1 << 20 and not hot.group_used.get("")
