@@ -23,6 +23,13 @@ block bytes; what is committed where is recorded in the slot table beside it.
 Locking is best effort: when RLIMIT_MEMLOCK forbids it the daemon runs anyway
 and says so in its log and in Stats (``locked``, ``lock_detail``).
 
+Ownership: one daemon per arena. The daemon holds an exclusive ``flock`` on
+``<arena_path>.lock`` (beside the arena, on tmpfs or hugetlbfs alike) from before
+it touches the arena until it closes it; a second daemon on the same arena path
+fails to start instead of re-attaching or replacing the live arena. The lock
+dies with the process (kill -9 included), so a restart never finds it stale.
+Clients map the arena without it.
+
 Page size: on hugetlbfs the arena is 2 MiB pages by construction. On tmpfs it is
 2 MiB pages where the mount allows them (``huge=within_size`` or ``always``, or
 ``huge=advise``, for which the mapping is advised ``MADV_HUGEPAGE``) and the kernel
@@ -35,11 +42,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import mmap
 import os
 import pathlib
 import secrets
 import struct
+
+from .errors import ConfigError
 
 HEADER = struct.Struct("<8sIIQQQ")
 MAGIC = b"KVTARENA"
@@ -106,6 +116,35 @@ def huge_share(address: int, smaps: str = "/proc/self/smaps") -> float:
     return pmd / rss if rss else 0.0
 
 
+def lock_path(arena_path: str) -> str:
+    return arena_path + ".lock"
+
+
+def _own(arena_path: str) -> int:
+    """Take the arena's lock (exclusive, not waiting); the fd that holds it. ConfigError when another
+    daemon holds it."""
+    path = lock_path(arena_path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"another daemon holds the arena {arena_path} (lock {path}); stop it, "
+                              f"or give this one its own ram.arena_path") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # the previous holder removes the file as it lets go: a lock on the file it removed is no lock
+        try:
+            st, held = os.stat(path), os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 class Arena:
     """The daemon's side: create, map and lock the arena file."""
 
@@ -121,6 +160,14 @@ class Arena:
         self.data_offset = DATA_OFFSET
         self.generation = secrets.randbits(63) | 1
         pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self._owner = _own(self.path)  # before anything reads, replaces or unlinks the arena
+        try:
+            self._open(reattach, lock)
+        except BaseException:
+            self._disown()
+            raise
+
+    def _open(self, reattach: bool, lock: bool) -> None:
         self.reattached = reattach and self._reusable()
         if not self.reattached:
             # a new inode, never the old file truncated: a client that outlived a crashed daemon
@@ -173,6 +220,16 @@ class Arena:
             self.lock_detail = (f"mlock failed: {os.strerror(err)} (RLIMIT_MEMLOCK is {lim}; "
                                 f"set LimitMEMLOCK=infinity in the unit or run as root); running unlocked")
 
+    def _disown(self) -> None:
+        if self._owner < 0:
+            return
+        try:  # removed while still held: the next daemon checks it locked the file at the path
+            os.unlink(lock_path(self.path))
+        except FileNotFoundError:
+            pass
+        os.close(self._owner)
+        self._owner = -1
+
     def close(self, unlink: bool = True) -> None:
         self.view.release()
         try:
@@ -184,6 +241,7 @@ class Arena:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+        self._disown()  # last: the arena is ours until its files are in their final state
 
 
 class ArenaMapping:

@@ -4,12 +4,13 @@ import signal
 
 import pytest
 
-from kvtier import config
+from kvtier import config, errors
 from kvtier.client import Client
 from kvtier.server import DaemonThread
 from kvtier.slots import BASE, ENTRY
 
 from conftest import _dirs, make_config
+from test_hugepages import hugetlbfs  # noqa: F401 (a fixture)
 
 NS = "persist"
 
@@ -179,3 +180,61 @@ def test_restored_blocks_count_against_their_tenants_ram_quota(cfg_pair, tmp_pat
             c.put_many("acme", [(bytes([100 + i]) * 16, os.urandom(blk)) for i in range(4)])
             assert sum(c.lookup("acme", [bytes([i]) * 16 for i in range(4)])[0]) == 0  # the quota evicted them
         assert hot.group_used.get("acme") <= 1 << 20 and not hot.group_used.get("")
+
+
+@pytest.mark.parametrize("persist", [True, False])
+def test_a_second_daemon_on_the_same_arena_refuses_to_start(cfg_pair, persist):
+    import shutil
+    cfg = cfg_pair(ram={"persist": persist})
+    other_sock, _ = _dirs()
+    other = make_config(other_sock, os.path.dirname(cfg.arena_path), ram={"persist": persist})
+    assert other.arena_path == cfg.arena_path and other.socket_path != cfg.socket_path
+    data = blocks(5)
+    try:
+        with DaemonThread(cfg) as d:
+            with Client(d.address) as c:
+                c.put_many(NS, data)
+                second = DaemonThread(other)
+                try:
+                    with pytest.raises(errors.ConfigError, match="another daemon") as e:
+                        second.start()
+                finally:
+                    second.stop()
+                assert cfg.arena_path in str(e.value)
+                assert not os.path.exists(other.socket_path)
+                # the first daemon's arena and blocks are untouched, for old and new clients alike
+                assert c.get_many(NS, [k for k, _ in data]) == [v for _, v in data]
+            with Client(d.address) as c2:
+                assert c2.get_many(NS, [k for k, _ in data]) == [v for _, v in data]
+        with DaemonThread(other) as d:  # once the first is gone, the arena is free
+            with Client(d.address) as c:
+                assert c.lookup(NS, [data[0][0]])[0] == [1 if persist else 0]
+    finally:
+        shutil.rmtree(other_sock, ignore_errors=True)
+
+
+def test_a_second_daemon_on_an_arena_on_hugetlbfs_refuses_to_start(hugetlbfs):
+    import shutil
+    from kvtier.slots import table_path
+    dirs = [_dirs()[0] for _ in range(2)]
+    first, second = (make_config(s, hugetlbfs, ram={"capacity": "8MiB"}) for s in dirs)
+    try:
+        with DaemonThread(first) as d:
+            with Client(d.address) as c:
+                c.put(NS, b"h" * 16, b"on huge pages")
+                t = DaemonThread(second)
+                try:
+                    with pytest.raises(errors.ConfigError, match="another daemon"):
+                        t.start()
+                finally:
+                    t.stop()
+                assert c.get(NS, b"h" * 16) == b"on huge pages"
+        with DaemonThread(second) as d:  # the lock went with the first daemon
+            with Client(d.address) as c:
+                assert c.get(NS, b"h" * 16) == b"on huge pages"
+    finally:
+        for s in dirs:
+            shutil.rmtree(s, ignore_errors=True)
+        slots = table_path(first.arena_path, "hugetlbfs")
+        if os.path.exists(slots):
+            os.unlink(slots)
