@@ -87,6 +87,7 @@ class Daemon:
         self.server: grpc.aio.Server | None = None
         self.health: health.HealthServicer | None = None
         self.address = ""       # gRPC address clients dial ("unix:///..." or "host:port")
+        self._bound_socket = False  # ours to remove at shutdown; a refused start leaves another's alone
         self.tcp_port = 0
         self.data_address = ""  # advertised in Attach
         self.started = time.monotonic()
@@ -187,6 +188,7 @@ class Daemon:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.server.add_insecure_port(f"unix://{sock}")
+        self._bound_socket = True
         self.address = f"unix://{sock}"
         creds = self._tls_credentials()
         if cfg.server.listen:
@@ -317,10 +319,11 @@ class Daemon:
             self.hot.slots.close(unlink=not keep)
         if self.arena is not None:
             self.arena.close(unlink=not keep)
-        try:
-            os.unlink(self.cfg.socket_path)
-        except FileNotFoundError:
-            pass
+        if self._bound_socket:
+            try:
+                os.unlink(self.cfg.socket_path)
+            except FileNotFoundError:
+                pass
         log.info("stopped")
 
     async def serve(self, install_signals: bool = True) -> None:

@@ -671,6 +671,25 @@ def test_client_survives_daemon_restart(daemon_process, path, control):
         assert c.checksum_failures == 0
 
 
+def test_a_second_daemon_on_the_same_socket_leaves_it_to_the_first(daemon):
+    import shutil
+    from conftest import _dirs, make_config
+    from kvtier.server import DaemonThread
+    unused_sock_dir, arena_dir = _dirs()
+    second = DaemonThread(make_config(os.path.dirname(daemon.cfg.socket_path), arena_dir))
+    try:
+        with pytest.raises(errors.ConfigError, match="another daemon is listening"):
+            second.start()
+    finally:
+        second.stop()
+        shutil.rmtree(unused_sock_dir, ignore_errors=True)
+        shutil.rmtree(arena_dir, ignore_errors=True)
+    assert os.path.exists(daemon.cfg.socket_path)  # refused, and on its way out it removed nothing
+    with Client(daemon.address) as c:
+        c.put(NS, key("still"), b"served")
+        assert c.get(NS, key("still")) == b"served"
+
+
 def test_attach_names_the_data_channel_of_the_callers_transport(make_daemon):
     d = make_daemon(server={"listen": "127.0.0.1:0", "data_listen": "127.0.0.1:0", "insecure_tcp": True})
     with Client(d.address) as local, Client(d.tcp_address, attach=False) as remote:
