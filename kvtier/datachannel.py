@@ -90,6 +90,14 @@ class ProtocolError(Exception):
     """Framing is lost; the connection must close."""
 
 
+class BindError(OSError):
+    """A listener could not bind ``address``; ``tcp`` says whether it is the TCP one."""
+
+    def __init__(self, err: OSError, address: str, tcp: bool):
+        super().__init__(err.errno, err.strerror or str(err))
+        self.address, self.tcp = address, tcp
+
+
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
     """Fill view from sock (blocking); ConnectionError on EOF."""
     got, n = 0, len(view)
@@ -165,25 +173,35 @@ class DataServer:
         self._lock = threading.Lock()
         self._closed = False
         self.addresses: list[str] = []
-        if unix_path:
-            try:
-                os.unlink(unix_path)
-            except FileNotFoundError:
-                pass
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.bind(unix_path)
-            os.chmod(unix_path, socket_mode)
-            self._socks.append(s)
-            self.addresses.append(f"unix://{unix_path}")
-        if tcp:
-            host, port = tcp
-            fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-            s = socket.socket(fam, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, port))
-            self._socks.append(s)
-            h, p = s.getsockname()[:2]
-            self.addresses.append(f"tcp://{'[' + h + ']' if ':' in h else h}:{p}")
+        try:
+            if unix_path:
+                try:
+                    os.unlink(unix_path)
+                except FileNotFoundError:
+                    pass
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._socks.append(s)
+                try:
+                    s.bind(unix_path)
+                except OSError as e:
+                    raise BindError(e, unix_path, tcp=False) from None
+                self.addresses.append(f"unix://{unix_path}")
+                os.chmod(unix_path, socket_mode)
+            if tcp:
+                host, port = tcp
+                fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+                s = socket.socket(fam, socket.SOCK_STREAM)
+                self._socks.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((host, port))
+                except OSError as e:
+                    raise BindError(e, f"{host}:{port}", tcp=True) from None
+                h, p = s.getsockname()[:2]
+                self.addresses.append(f"tcp://{'[' + h + ']' if ':' in h else h}:{p}")
+        except BaseException:
+            self.close()  # what was bound before the failure: a daemon that does not start leaves nothing
+            raise
         for s in self._socks:
             s.listen(128)
             threading.Thread(target=self._accept_loop, args=(s,), daemon=True, name="kvtier-data-accept").start()

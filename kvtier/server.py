@@ -37,7 +37,7 @@ from .cluster import from_config as cluster_from_config
 from .auth import AllowAll, Tenants
 from . import config as config_mod
 from .config import Config
-from .datachannel import DataServer
+from .datachannel import BindError, DataServer
 from .errors import ConfigError
 from .gcfreeze import Freezer, Pauses
 from .hot import HotTier
@@ -193,18 +193,27 @@ class Daemon:
         creds = self._tls_credentials()
         if cfg.server.listen:
             host, port = _split_hostport(cfg.server.listen)
-            self.tcp_port = (self.server.add_secure_port(f"{host}:{port}", creds) if creds
-                             else self.server.add_insecure_port(f"{host}:{port}"))
+            try:
+                self.tcp_port = (self.server.add_secure_port(f"{host}:{port}", creds) if creds
+                                 else self.server.add_insecure_port(f"{host}:{port}"))
+            except RuntimeError:  # grpcio raises where older versions returned port 0
+                self.tcp_port = 0
             if not self.tcp_port:
-                raise ConfigError(f"server.listen: cannot bind {cfg.server.listen}")
+                raise ConfigError(f"server.listen: cannot bind {cfg.server.listen} "
+                                  f"(in use, or not an address of this host)")
         await self.server.start()
         mode = int(cfg.server.socket_mode, 8)
         os.chmod(sock, mode)
         if cfg.server.data_channel:
             tcp = _split_hostport(cfg.server.data_listen) if cfg.server.data_listen else None
-            self.data = DataServer(self.store, a.view, cfg.ram.verify_on_commit, unix_path=sock + ".data", tcp=tcp,
-                                   socket_mode=mode, access=self.access, tls=self._tls_context(),
-                                   calls=service.call, max_call_bytes=mm)
+            try:
+                self.data = DataServer(self.store, a.view, cfg.ram.verify_on_commit, unix_path=sock + ".data",
+                                       tcp=tcp, socket_mode=mode, access=self.access, tls=self._tls_context(),
+                                       calls=service.call, max_call_bytes=mm)
+            except BindError as e:
+                setting, where = (("server.data_listen", cfg.server.data_listen) if e.tcp
+                                  else ("server.socket", e.address))
+                raise ConfigError(f"{setting}: cannot bind {where}: {e.strerror}") from None
             # same-node clients prefer the Unix socket; remote ones use the TCP address via Attach
             tcp_addrs = [x for x in self.data.addresses if x.startswith("tcp://")]
             self.data_address = (tcp_addrs or self.data.addresses)[0] if cfg.server.listen else self.data.addresses[0]
@@ -212,7 +221,7 @@ class Daemon:
             try:
                 self.metrics = Metrics(self, cfg.metrics.listen)
             except OSError as e:
-                log.error("metrics: cannot listen on %s (%s); running without metrics", cfg.metrics.listen, e)
+                log.error("metrics.listen: cannot listen on %s (%s); running without metrics", cfg.metrics.listen, e)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.started = time.monotonic()

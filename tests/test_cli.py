@@ -366,6 +366,53 @@ def test_serve_with_bad_config_exits_2(tmp_path):
     assert p.returncode == 2 and b"ram.policy" in p.stderr, text(p)
 
 
+@pytest.mark.parametrize("setting", ["server.listen", "server.data_listen", "metrics.listen"])
+def test_serve_names_the_setting_whose_port_is_taken(setting):
+    import socket
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    taken = f"127.0.0.1:{busy.getsockname()[1]}"
+    tag = uuid.uuid4().hex[:10]
+    sock_dir = tempfile.mkdtemp(prefix=f"kvt-{tag}-")
+    arena_dir = f"/dev/shm/kvtier-test-{tag}" if os.path.isdir("/dev/shm") else os.path.join(sock_dir, "arena")
+    sock = os.path.join(sock_dir, "kvtier.sock")
+    listen = {"server.listen": "127.0.0.1:0", "server.data_listen": "127.0.0.1:0", "metrics.listen": ""}
+    listen[setting] = taken
+    cfg = os.path.join(sock_dir, "kvtier.toml")
+    with open(cfg, "w") as f:
+        f.write(f'[server]\nsocket = "{sock}"\ndrain_timeout_s = 1.0\ninsecure_tcp = true\n'
+                f'listen = "{listen["server.listen"]}"\ndata_listen = "{listen["server.data_listen"]}"\n'
+                f'[ram]\narena_path = "{arena_dir}/arena"\ncapacity = "16MiB"\n'
+                f'[metrics]\nlisten = "{listen["metrics.listen"]}"\n')
+    proc = subprocess.Popen([*KVTIER, "serve", "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        if setting == "metrics.listen":  # the daemon serves on without metrics, and says which setting
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and run("stats", "-a", f"unix://{sock}").returncode != 0:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+            err = proc.stderr.read().decode()
+            assert f"metrics.listen: cannot listen on {taken}" in err, err
+        else:  # a listener the daemon is for: it refuses to start, naming the setting and the address
+            rc = proc.wait(30)
+            err = proc.stderr.read().decode()
+            assert rc == 2, err
+            assert f"{setting}: cannot bind {taken}" in err, err
+            assert "Traceback" not in err, err
+            assert not os.path.exists(sock) and not os.path.exists(sock + ".data")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        busy.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+        shutil.rmtree(arena_dir, ignore_errors=True)
+
+
 # ---- unreachable daemon -----------------------------------------------------------------------------
 
 def test_unreachable_daemon_exits_3(tmp_path):
