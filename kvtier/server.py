@@ -8,8 +8,8 @@ startup   create and lock the arena, build the hot tier, bind the gRPC server
 main_loop wait for SIGTERM/SIGINT (or ``stop()``), expiring leases,
           reservations and pins every 100 ms, pinging the systemd watchdog;
           SIGHUP re-reads the config file and applies what can change live
-          (log level) and the tenants file (tokens, namespaces, quotas),
-          naming the settings that need a restart.
+          (log level) and the tenants file (tokens, namespaces, quotas; ""
+          turns tenants off), naming the settings that need a restart.
 shutdown  report NOT_SERVING and STOPPING=1, stop accepting, give in-flight
           calls up to ``server.drain_timeout_s``, close the data channel, wait
           (same budget) for queued NVMe writes, unmap and remove the arena and
@@ -280,13 +280,20 @@ class Daemon:
             log.error("reload refused, keeping the running configuration: %s", e)
             self.notify.ready("serving (reload refused: bad config)")
             return
-        if new.auth.tenants_file:
+        # the tenants file applies live, as at startup: a file (re-read, or another one), or ""
+        # for none (no tokens; the socket's permissions are the boundary again)
+        tenants_file = self.cfg.auth.tenants_file
+        if new.auth.tenants_file or self.access.enabled:
             try:
-                self.access = Tenants.load(new.auth.tenants_file)
+                self.access = Tenants.load(new.auth.tenants_file) if new.auth.tenants_file else AllowAll()
+                tenants_file = new.auth.tenants_file
                 if self.data is not None:
                     self.data.access = self.access
                 self._apply_tenants()
-                log.info("tenants reloaded: %s", ", ".join(sorted(self.access.tenants)))
+                if self.access.enabled:
+                    log.info("tenants reloaded: %s", ", ".join(sorted(self.access.tenants)))
+                else:
+                    log.info("tenants off (auth.tenants_file is empty): calls need no token")
             except ConfigError as e:
                 log.error("tenants reload refused, keeping the running tenants: %s", e)
         if new.server.log_level != self.cfg.server.log_level:
@@ -300,7 +307,8 @@ class Daemon:
             log.warning("reloaded; these changes need a restart to apply: %s", ", ".join(restart))
         else:
             log.info("reloaded")
-        self.cfg = config_mod.replace(self.cfg, server={"log_level": new.server.log_level})
+        self.cfg = config_mod.replace(self.cfg, server={"log_level": new.server.log_level},
+                                      auth={"tenants_file": tenants_file})
         self.notify.ready()
 
     async def shutdown(self) -> None:
