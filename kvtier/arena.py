@@ -168,7 +168,10 @@ class Arena:
             raise
 
     def _open(self, reattach: bool, lock: bool) -> None:
-        self.reattached = reattach and self._reusable()
+        # why an arena file left by the previous run is not re-attached ("" when none is there)
+        self.not_reused = self._why_not_reusable() if reattach else ""
+        self.reattached = reattach and self.not_reused is None
+        self.not_reused = self.not_reused or ""
         if not self.reattached:
             # a new inode, never the old file truncated: a client that outlived a crashed daemon
             # keeps its mapping of the old file and cannot write into the new arena
@@ -198,15 +201,22 @@ class Arena:
         self.huge_pages = self.backing == "hugetlbfs" or (
             self.backing == "tmpfs" and self.locked and huge_share(_address(self.mm)) >= HUGE_SHARE)
 
-    def _reusable(self) -> bool:
+    def _why_not_reusable(self) -> str | None:
+        """None when the file at the arena's path is an arena of this size to re-attach; else why
+        not ("" when there is no file)."""
         try:
             with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size != self.size:
-                    return False
+                have = os.fstat(f.fileno()).st_size
+                if have != self.size:
+                    return f"it is {have} bytes, this arena {self.size}"
                 magic, version, _, gen, size, data_offset = HEADER.unpack(f.read(HEADER.size))
-        except (OSError, struct.error):
-            return False
-        return magic == MAGIC and version == VERSION and size == self.size and data_offset == DATA_OFFSET
+        except FileNotFoundError:
+            return ""
+        except (OSError, struct.error) as e:
+            return f"it cannot be read: {e}"
+        if magic != MAGIC or version != VERSION or size != self.size or data_offset != DATA_OFFSET:
+            return "its header is not one of this version's arenas"
+        return None
 
     def _lock(self) -> None:
         addr = _address(self.mm)

@@ -152,6 +152,9 @@ class Daemon:
             log.info("arena %s: %d bytes on %s (%s), locked in RAM", a.path, a.size, a.backing, pages)
         else:
             log.warning("arena %s: %d bytes on %s, NOT locked: %s", a.path, a.size, a.backing, a.lock_detail)
+        if a.not_reused:
+            log.warning("arena %s: the previous run's arena is not re-attached (%s); the RAM tier starts empty",
+                        a.path, a.not_reused)
         r = cfg.ram
         self.hot = HotTier(start=a.data_offset, end=a.size, policy=r.policy, max_block_bytes=r.max_block_bytes,
                            lease_ms=r.lease_ms, reservation_ms=r.reservation_ms, max_ttl_ms=r.max_ttl_ms)

@@ -54,6 +54,22 @@ def test_restart_keeps_ram_and_its_rules(cfg_pair):
     c.close()
 
 
+def test_an_arena_that_cannot_be_re_attached_is_said_so(cfg_pair, caplog):
+    with DaemonThread(cfg_pair(ram={"capacity": "16MiB"})) as d:
+        with Client(d.address) as c:
+            c.put_many(NS, blocks(3))
+    caplog.set_level("WARNING", logger="kvtier")
+    with DaemonThread(cfg_pair(ram={"capacity": "32MiB"})) as d:   # resized: its RAM tier cannot be kept
+        with Client(d.address) as c:
+            assert c.lookup(NS, [k for k, _ in blocks(3)])[0] == [0, 0, 0]
+    said = [r.getMessage() for r in caplog.records if "not re-attached" in r.getMessage()]
+    assert len(said) == 1 and "16777216 bytes, this arena 33554432" in said[0] and "starts empty" in said[0], said
+    caplog.clear()
+    with DaemonThread(cfg_pair(ram={"capacity": "32MiB"})):         # the same size again: kept, nothing said
+        pass
+    assert not [r for r in caplog.records if "not re-attached" in r.getMessage()]
+
+
 def test_slots_reserved_at_a_crash_are_not_reused_at_once(cfg_pair):
     cfg = cfg_pair(ram={"reservation_ms": 1000, "capacity": "8MiB"})
     with DaemonThread(cfg) as d:
