@@ -22,6 +22,14 @@ Restart: the NVMe index comes from the file names and sizes, and the daemon
 serves at once; the headers are checked by a background thread meanwhile
 (``ColdTier.verify_pending``). Every read verifies header and checksum anyway.
 
+Delete against promotions: a promotion (from NVMe or the cluster tier) reads
+its block into a reservation that no other call sees, so Delete cannot remove
+it and the file or value it was read from may be gone by the time it commits.
+A promotion therefore commits only if no Delete of its key began since it
+started (checked and committed under one lock, ``_plock``); one that began
+later removes the committed block like any other. A promotion that starts
+while its key is being deleted is a miss.
+
 Writes that cannot be queued (``queue_bytes`` reached) are dropped and counted:
 a put never waits for the disk. Loss is allowed, corruption never: every NVMe
 read is verified, and a block deleted or replaced while its write was in
@@ -106,6 +114,14 @@ class _Join:
         self.lock = threading.Lock()
 
 
+class _Moving:
+    """The promotions of one key in flight, and the Deletes of it (in flight, and begun so far)."""
+    __slots__ = ("promoting", "deleting", "deletes")
+
+    def __init__(self):
+        self.promoting = self.deleting = self.deletes = 0
+
+
 class Store:
     def __init__(self, cfg: Config, hot: HotTier, view: memoryview, arena_huge_pages: bool = False):
         self.cfg, self.hot, self.view = cfg, hot, view
@@ -141,6 +157,11 @@ class Store:
         self._landing: dict[tuple[str, bytes], threading.Event] = {}
         self._seen_once: dict[tuple[str, bytes], None] = {}
         self._holding: dict[tuple[str, bytes], Block | None] = {}  # promotions to hold at commit (see promote)
+        # promotions and Deletes in flight, by key: a promotion commits only if no Delete of its key
+        # began since it started (_promotions_begin); _plock orders that check and the commit
+        # against a Delete's start. Taken before the hot lock, never under it.
+        self._moving: dict[tuple[str, bytes], _Moving] = {}
+        self._plock = threading.Lock()
         self._pool: dict[int, list[mmap.mmap | memoryview]] = {}  # demotion buffers by size, kept for reuse
         self._pool_bytes = 0  # of which free
         self._mapped = 0      # bytes of demotion buffers, free or in use
@@ -365,6 +386,15 @@ class Store:
         """Bring a block from NVMe into the arena (blocking). True if it is in RAM now. With hold,
         the block is held from the moment it is committed (no eviction can take it before the
         caller leases it) and returned; the caller unholds it."""
+        gen = self._promotions_begin(ns, [key])[0]
+        if gen is None:  # being deleted: a miss
+            return False
+        try:
+            return self._promote(ns, key, hold, gen)
+        finally:
+            self._promotions_end(ns, [key])
+
+    def _promote(self, ns: str, key: bytes, hold: bool, gen: int) -> Block | bool:
         landing = self._landing.get((ns, key))
         if landing is not None:  # evicted a moment ago: its demotion is being written
             landing.wait(LANDING_WAIT_S)
@@ -400,15 +430,66 @@ class Store:
                 self.hot.discard(rid)
             return False
         k = (ns, key)
-        if hold:
-            self._holding[k] = None  # _on_commit holds it and puts the block here
-        try:
-            self.hot.begin_commit(rid)
-            self.hot.finish_commit(rid, [meta.checksum], promoted=True)  # verified against the record by cold.read
-        finally:
-            b = self._holding.pop(k, None) if hold else None
+        with self._plock:
+            if self._moving[k].deletes != gen:  # deleted while we read: the bytes must not come back
+                b = False
+            else:
+                if hold:
+                    self._holding[k] = None  # _on_commit holds it and puts the block here
+                try:
+                    self.hot.begin_commit(rid)
+                    self.hot.finish_commit(rid, [meta.checksum], promoted=True)  # verified by cold.read
+                finally:
+                    b = self._holding.pop(k, None) if hold else None
+        if b is False:
+            self.hot.discard(rid)
+            return False
         self.promotions += 1
         return b if b is not None else True
+
+    def _promotions_begin(self, ns: str, keys: Sequence[bytes]) -> list[int | None]:
+        """Register promotions of keys; for each, the count of its Deletes so far (compared at
+        commit), or None for a key being deleted now (not registered: the caller misses)."""
+        out: list[int | None] = []
+        with self._plock:
+            for key in keys:
+                e = self._moving.get((ns, key))
+                if e is None:
+                    e = self._moving[(ns, key)] = _Moving()
+                elif e.deleting:
+                    out.append(None)
+                    continue
+                e.promoting += 1
+                out.append(e.deletes)
+        return out
+
+    def _promotions_end(self, ns: str, keys: Sequence[bytes]) -> None:
+        """End promotions registered by _promotions_begin (only the keys it gave a count for)."""
+        with self._plock:
+            for key in keys:
+                e = self._moving[(ns, key)]
+                e.promoting -= 1
+                if not e.promoting and not e.deleting:
+                    del self._moving[(ns, key)]
+
+    def _deletes_begin(self, ns: str, keys: Sequence[bytes]) -> None:
+        """A Delete of keys begins: promotions in flight will not commit, new ones miss until
+        _deletes_end."""
+        with self._plock:
+            for key in keys:
+                e = self._moving.get((ns, key))
+                if e is None:
+                    e = self._moving[(ns, key)] = _Moving()
+                e.deleting += 1
+                e.deletes += 1
+
+    def _deletes_end(self, ns: str, keys: Sequence[bytes]) -> None:
+        with self._plock:
+            for key in keys:
+                e = self._moving[(ns, key)]
+                e.deleting -= 1
+                if not e.promoting and not e.deleting:
+                    del self._moving[(ns, key)]
 
     def _acquire_ram(self, ns: str, keys: Sequence[bytes], lease_ms: int,
                      prefix_only: bool) -> tuple[Acquired, list[int]]:
@@ -539,11 +620,21 @@ class Store:
         return tiers, prefix
 
     async def promote_from_cluster(self, ns: str, keys: Sequence[bytes]) -> list[bool]:
-        """Read blocks from the cluster tier straight into fresh arena slots and commit them."""
+        """Read blocks from the cluster tier straight into fresh arena slots and commit them (not
+        those deleted meanwhile)."""
+        gens = self._promotions_begin(ns, keys)
+        try:
+            return await self._promote_from_cluster(ns, keys, gens)
+        finally:
+            self._promotions_end(ns, [k for k, g in zip(keys, gens) if g is not None])
+
+    async def _promote_from_cluster(self, ns: str, keys: Sequence[bytes], gens: list[int | None]) -> list[bool]:
         rids: dict[int, int] = {}
         hot = self.hot
 
         def into(i: int, n: int):
+            if gens[i] is None:
+                return None  # being deleted: a miss
             try:
                 r = hot.reserve(ns, [keys[i]], [n])
             except errors.KvtierError:
@@ -568,9 +659,14 @@ class Store:
                     hot.discard(rid)
                 out.append(g is not None and hot.contains(ns, keys[i]))
                 continue
-            hot.begin_commit(rid)
-            hot.finish_commit(rid, [g[1]], promoted=True)  # verified by the cluster tier
-            out.append(True)
+            with self._plock:
+                ok = self._moving[(ns, keys[i])].deletes == gens[i]  # else deleted while we read
+                if ok:
+                    hot.begin_commit(rid)
+                    hot.finish_commit(rid, [g[1]], promoted=True)  # verified by the cluster tier
+            if not ok:
+                hot.discard(rid)
+            out.append(ok)
         return out
 
     async def acquire_async(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0,
@@ -628,8 +724,12 @@ class Store:
     async def delete_async(self, ns: str, keys: Sequence[bytes]) -> int:
         """Delete from every tier; the count is of keys found in a local tier, or the cluster's
         count when no local tier had any."""
-        n = await asyncio.to_thread(self.delete, ns, keys)
-        c = await self.cluster.delete_many(ns, list(keys))
+        self._deletes_begin(ns, keys)  # until the cluster's copies are gone too: a promotion may read them
+        try:
+            n = await asyncio.to_thread(self.delete, ns, keys)
+            c = await self.cluster.delete_many(ns, list(keys))
+        finally:
+            self._deletes_end(ns, keys)
         return n or c
 
     def read_inline(self, ns: str, key: bytes) -> tuple[int, bytes, bytes] | None:
@@ -665,12 +765,17 @@ class Store:
             self.tokens_saved[ns] = self.tokens_saved.get(ns, 0) + tokens
 
     def delete(self, ns: str, keys: Sequence[bytes]) -> int:
-        """Remove keys from every tier; returns how many keys were present in any."""
+        """Remove keys from every local tier; returns how many keys were present in any. Promotions
+        of them in flight do not commit."""
         n = 0
-        for k in keys:
-            in_ram = self.hot.delete(ns, [k])
-            on_disk = self._forget_lower(ns, k)
-            n += bool(in_ram or on_disk)
+        self._deletes_begin(ns, keys)
+        try:
+            for k in keys:
+                in_ram = self.hot.delete(ns, [k])
+                on_disk = self._forget_lower(ns, k)
+                n += bool(in_ram or on_disk)
+        finally:
+            self._deletes_end(ns, keys)
         return n
 
     def snapshot(self) -> dict:

@@ -1,0 +1,117 @@
+"""Delete and overwrite against the movements already in flight, through real daemons and a
+real Valkey server on loopback.
+
+Once Delete has answered, no promotion that was under way (NVMe -> RAM, cluster -> RAM) may
+make the key visible again, and no write to the cluster tier that was queued or being sent may
+bring it back for the other nodes. Writes of one key to the cluster tier land in the order they
+were made. The daemons run in this process, so a test holds a read or a write in flight by
+wrapping the tier's method on the daemon's own object.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import pytest
+
+from kvtier.client import Client
+from conftest import wait_until
+
+pytest_plugins = ["valkey_servers"]  # fixtures: valkey, valkey_cluster, make_valkey, make_cluster
+
+KiB, MiB = 1 << 10, 1 << 20
+NS = "races"
+
+
+def _name(ns: str, key: bytes) -> bytes:
+    return b"kvt:%s:{%s}" % (ns.encode(), key.hex().encode())
+
+
+def _cluster(url: str, **kw) -> dict:
+    return {"url": url, "timeout_ms": 2000, "reconnect_max_s": 0.5, **kw}
+
+
+def _in_flight(gate: threading.Event):
+    """A coroutine that holds the loop's caller until gate is set, without holding the loop."""
+    return asyncio.to_thread(gate.wait, 10)
+
+
+# ---- promotions -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("client_kw", [{}, {"attach": False}], ids=["arena", "data"])
+def test_delete_during_a_promotion_from_nvme_is_not_undone(make_daemon, tmp_path, client_kw):
+    d = make_daemon(ram={"capacity": "8MiB"},
+                    nvme={"dirs": [str(tmp_path / "nv")], "capacity": "64MiB", "io_threads": 2})
+    st = d.daemon.store
+    k, data = os.urandom(16), os.urandom(100_000)
+    entered, go = threading.Event(), threading.Event()
+    with Client(d.address) as c:
+        assert c.put(NS, k, data)
+        wait_until(lambda: st.cold.contains(NS, k) and st.queued_bytes == 0, what="write-behind")
+        st.hot.delete(NS, [k])  # as an eviction would: on NVMe only now
+        real = st.cold.read
+
+        def slow_read(ns, key, dest):  # the bytes are read and verified; the commit waits
+            meta = real(ns, key, dest)
+            if key == k:
+                entered.set()
+                go.wait(10)
+            return meta
+
+        st.cold.read = slow_read
+        got = []
+        try:
+            def reader():
+                with Client(d.address, **client_kw) as r:
+                    got.append(r.get(NS, k))
+            t = threading.Thread(target=reader)
+            t.start()
+            assert entered.wait(10), "the promotion did not start"
+            assert c.delete(NS, [k]) == 1
+        finally:
+            go.set()
+        t.join(10)
+        assert not t.is_alive() and got and got[0] in (None, data)  # its own caller may still see it
+        wait_until(lambda: st.queued_bytes == 0, what="write queue drained")
+        assert c.lookup(NS, [k])[0] == [0]
+        assert c.get(NS, k) is None
+        assert not st.hot.contains(NS, k) and not st.cold.contains(NS, k)
+
+
+def test_delete_during_a_promotion_from_the_cluster_is_not_undone(make_daemon, valkey):
+    a = make_daemon(cluster=_cluster(valkey.url))
+    b = make_daemon(cluster=_cluster(valkey.url))
+    tier = b.daemon.cluster
+    k, data = os.urandom(16), os.urandom(200_000)
+    entered, go = threading.Event(), threading.Event()
+    real = tier.get_many
+
+    async def slow_get_many(ns, keys, into=None):  # read into the slot, then wait before the commit
+        out = await real(ns, keys, into)
+        if k in keys:
+            entered.set()
+            await _in_flight(go)
+        return out
+
+    with Client(a.address) as ca, Client(b.address) as cb:
+        assert ca.put(NS, k, data)
+        wait_until(lambda: cb.lookup(NS, [k])[0] == [3], what="A's block in the cluster tier")
+        tier.get_many = slow_get_many
+        got = []
+        try:
+            def reader():
+                with Client(b.address) as r:
+                    got.append(r.get(NS, k))
+            t = threading.Thread(target=reader)
+            t.start()
+            assert entered.wait(10), "the promotion did not start"
+            assert cb.delete(NS, [k]) == 1
+        finally:
+            go.set()
+        t.join(10)
+        assert not t.is_alive() and got and got[0] in (None, data)
+        assert cb.lookup(NS, [k])[0] == [0]
+        assert cb.get(NS, k) is None and not b.daemon.store.hot.contains(NS, k)
+        assert ca.delete(NS, [k]) == 1  # A's own RAM copy
+    assert not valkey.client().exists(_name(NS, k))
