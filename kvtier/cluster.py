@@ -43,7 +43,10 @@ Movement: ``enqueue_put`` queues the block (bounded by ``queue_bytes``; a full
 queue drops and counts, calling on_done at once) for writer tasks that
 pipeline over ``connections`` connections per server (small blocks queued
 together go out as one pipeline per server, ``BATCH_*``); on_done runs once the
-server acknowledged, failed or the put was dropped. Reads group keys by
+server acknowledged, failed or the put was dropped. Writes of one key land in
+the order they were made: a put of a key replaces its put still queued (whose
+on_done runs at once), and a key is never in two writes at a time (a put of a
+key being written waits for that write to end). Reads group keys by
 master (all masters at once; per master one block in flight, widening to about
 ``READ_WINDOW_BYTES`` of small blocks) and receive payloads straight into their
 final buffer (``kvtier.resp``): a fresh one, or the caller's when it passes ``into``
@@ -71,7 +74,8 @@ reshards are followed without manual action. Loss is allowed (it is a cache);
 wrong bytes never.
 
 Threads: ``enqueue_put`` may be called from any thread; on_done runs on the
-loop's thread (or at once in the caller's when the put is refused).
+loop's thread (or at once in the caller's when the put is refused, or when a
+later put of its key replaces it).
 Compression and decompression of large payloads run in the loop's default
 executor; checksums (xxh3, tens of GB/s) run inline.
 """
@@ -166,7 +170,12 @@ class ClusterTier:
         self.part_bytes = cfg.part_bytes
         self.ttls = dict(cfg.namespace_ttl_s)
         self.queue_limit = cfg.queue_bytes
+        # puts in the order made; one replaced by a later put of its key stays here, dead, until taken
         self._queue: collections.deque = collections.deque()
+        # key -> its put waiting to be written. In _queue, unless the key is being written (_sending):
+        # then it joins _queue when that write ends, so a key's writes never overtake each other.
+        self._queued: dict[tuple[str, bytes], tuple] = {}
+        self._sending: dict[tuple[str, bytes], asyncio.Future] = {}  # keys being written -> done when settled
         self._qlock = threading.Lock()
         self.queued_bytes = 0
         self._closing = False    # no new puts; writers stop when the queue is empty
@@ -207,7 +216,7 @@ class ClusterTier:
                 pass
         await self.servers.close()
         with self._qlock:
-            left, self._queue = list(self._queue), collections.deque()
+            left, self._queue, self._queued = list(self._queued.values()), collections.deque(), {}
             self.queued_bytes = 0
             self.stats.dropped += len(left)
         for item in left:
@@ -250,15 +259,25 @@ class ClusterTier:
 
     def enqueue_put(self, ns: str, key: bytes, data, checksum: bytes, on_done: Callable[[], None] | None = None) -> bool:
         """Queue a block for writing; never blocks. data must stay valid until on_done() is called
-        (exactly once: written, failed or dropped). False (and counted) when the queue is full."""
+        (exactly once: written, failed, dropped or replaced by a later put of the key before it was
+        sent). False (and counted) when the queue is full."""
         n = memoryview(data).nbytes
+        k = (ns, key)
+        item = (ns, key, data, checksum, on_done, n)
         with self._qlock:
+            old = self._queued.pop(k, None)  # superseded: its content is not the key's any more
+            if old is not None:
+                self.queued_bytes -= old[5]
             ok = not self._closing and self.queued_bytes + n <= self.queue_limit
             if ok:
-                self._queue.append((ns, key, data, checksum, on_done, n))
+                self._queued[k] = item
                 self.queued_bytes += n
+                if k not in self._sending:
+                    self._queue.append(item)
             else:
                 self.stats.dropped += 1
+        if old is not None:
+            _call(old[4])
         if not ok:
             _call(on_done)
             return False
@@ -269,21 +288,44 @@ class ClusterTier:
                 self._loop.call_soon_threadsafe(self._work.set)
         return True
 
+    def _head(self) -> tuple | None:
+        """The next put to write, left in the queue; replaced ones before it are discarded (queue
+        lock held)."""
+        q = self._queue
+        while q:
+            item = q[0]
+            if self._queued.get((item[0], item[1])) is item:
+                return item
+            q.popleft()
+        return None
+
+    def _take(self, sent: asyncio.Future) -> tuple:
+        """Take the put _head() returned: its key is being written until sent is done."""
+        item = self._queue.popleft()
+        k = (item[0], item[1])
+        del self._queued[k]
+        self._sending[k] = sent
+        return item
+
     async def _writer(self) -> None:
         while True:
             with self._qlock:
-                item = self._queue.popleft() if self._queue else None
+                item = self._head()
                 if item is None:
                     if self._closing:
                         return
                     self._work.clear()
-                batch = [item]
-                if item is not None and item[5] < BATCH_VALUE_MAX:  # small blocks queued behind it go along
-                    total = item[5]
-                    while (self._queue and len(batch) < BATCH_MAX and self._queue[0][5] < BATCH_VALUE_MAX
-                           and total + self._queue[0][5] <= BATCH_BYTES):
-                        batch.append(self._queue.popleft())
-                        total += batch[-1][5]
+                else:
+                    sent = self._loop.create_future()
+                    batch = [self._take(sent)]
+                    if item[5] < BATCH_VALUE_MAX:  # small blocks queued behind it go along
+                        total = item[5]
+                        while len(batch) < BATCH_MAX:
+                            nxt = self._head()
+                            if nxt is None or nxt[5] >= BATCH_VALUE_MAX or total + nxt[5] > BATCH_BYTES:
+                                break
+                            batch.append(self._take(sent))
+                            total += nxt[5]
             if item is None:
                 await self._work.wait()
                 continue
@@ -302,6 +344,15 @@ class ClusterTier:
                     with self._qlock:
                         self.queued_bytes -= n
                     _call(on_done)
+                with self._qlock:  # the keys' next puts may go now
+                    for it in batch:
+                        k = (it[0], it[1])
+                        del self._sending[k]
+                        nxt = self._queued.get(k)
+                        if nxt is not None:
+                            self._queue.append(nxt)
+                            self._work.set()
+                sent.set_result(None)
 
     async def _put_batch(self, items: list[tuple]) -> list[bool]:
         """Write queued blocks (one, or small ones queued together), per server in one pipeline
@@ -617,7 +668,7 @@ class ClusterTier:
 
     def snapshot(self) -> dict:
         with self._qlock:
-            queued, queued_bytes = len(self._queue), self.queued_bytes
+            queued, queued_bytes = len(self._queued), self.queued_bytes
         return {
             "mode": "cluster" if self.servers.cluster_mode else "standalone",
             "connected": self.servers.connected(),

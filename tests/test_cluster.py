@@ -434,6 +434,29 @@ def test_close_drains_the_queue_and_then_refuses(valkey):
     assert valkey.client().exists(*[name(NS, k) for k in blocks]) == 8
 
 
+def test_a_later_put_of_a_key_replaces_its_queued_one(valkey):
+    """Only the key's latest content is written: the put it replaced is done at once, unsent."""
+    k, other = os.urandom(16), os.urandom(16)
+    v1, v2, v3 = os.urandom(300_000), os.urandom(1000), os.urandom(2000)
+
+    async def go():
+        t = ClusterTier(cfg(valkey.url))
+        done = []
+        assert t.enqueue_put(NS, k, v1, record.checksum(v1), lambda: done.append(1))
+        assert t.enqueue_put(NS, other, v3, record.checksum(v3), lambda: done.append(3))
+        assert t.enqueue_put(NS, k, v2, record.checksum(v2), lambda: done.append(2))
+        assert done == [1]
+        s = t.snapshot()
+        assert (s["queued"], s["queued_bytes"]) == (2, 3000)
+        await t.start()
+        assert await t.close(10) is True
+        assert sorted(done) == [1, 2, 3] and t.snapshot()["puts"] == 2
+
+    run(go())
+    r = valkey.client()
+    assert record.decode(r.get(name(NS, k)))[1] == v2
+
+
 # ---- failures -----------------------------------------------------------------------------------
 
 async def traffic(t: ClusterTier, ns: str, stop: asyncio.Event, log: list, size: int = 100_000) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 
 import pytest
 
@@ -115,3 +116,35 @@ def test_delete_during_a_promotion_from_the_cluster_is_not_undone(make_daemon, v
         assert cb.get(NS, k) is None and not b.daemon.store.hot.contains(NS, k)
         assert ca.delete(NS, [k]) == 1  # A's own RAM copy
     assert not valkey.client().exists(_name(NS, k))
+
+
+# ---- writes to the cluster tier ---------------------------------------------------------------
+
+def test_overwrite_lands_after_the_write_it_replaces(make_daemon, valkey):
+    a = make_daemon(cluster=_cluster(valkey.url))
+    b = make_daemon(cluster=_cluster(valkey.url))
+    tier = a.daemon.cluster
+    k = os.urandom(16)
+    v1, v2 = os.urandom(300 * KiB), os.urandom(300 * KiB)
+    gate, entered = threading.Event(), threading.Event()
+    real = tier._put_batch
+
+    async def held(items):  # v1 reaches Redis late
+        if any(bytes(it[2][:16]) == v1[:16] for it in items):
+            entered.set()
+            await _in_flight(gate)
+        return await real(items)
+
+    tier._put_batch = held
+    with Client(a.address) as ca, Client(b.address) as cb:
+        try:
+            assert ca.put(NS, k, v1)
+            assert entered.wait(10), "v1's write did not start"
+            assert ca.put(NS, k, v2, overwrite=True)
+            time.sleep(0.5)  # room for v2's write to overtake v1's
+        finally:
+            gate.set()
+        wait_until(lambda: tier.queued_bytes == 0 and tier.stats.puts + tier.stats.put_failures == 2,
+                   what="both writes")
+        assert tier.stats.put_failures == 0
+        assert cb.get(NS, k) == v2
