@@ -46,7 +46,9 @@ together go out as one pipeline per server, ``BATCH_*``); on_done runs once the
 server acknowledged, failed or the put was dropped. Writes of one key land in
 the order they were made: a put of a key replaces its put still queued (whose
 on_done runs at once), and a key is never in two writes at a time (a put of a
-key being written waits for that write to end). Reads group keys by
+key being written waits for that write to end). A delete cancels the puts of
+its keys still queued and waits for those being written before it unlinks,
+so no write made before it lands after it. Reads group keys by
 master (all masters at once; per master one block in flight, widening to about
 ``READ_WINDOW_BYTES`` of small blocks) and receive payloads straight into their
 final buffer (``kvtier.resp``): a fresh one, or the caller's when it passes ``into``
@@ -640,9 +642,25 @@ class ClusterTier:
     # ---- removal -------------------------------------------------------------------------------
 
     async def delete_many(self, ns: str, keys: Sequence[bytes]) -> int:
-        """Unlink blocks (and their parts); returns how many existed. Failures count as 0."""
+        """Unlink blocks (and their parts); returns how many existed. Failures count as 0. Puts of
+        the keys still queued are cancelled (on_done at once); those being written finish first,
+        else they would land after the unlink and bring the block back for every node."""
         if not keys:
             return 0
+        cancelled, sending = [], set()
+        with self._qlock:
+            for k in keys:
+                item = self._queued.pop((ns, k), None)
+                if item is not None:
+                    self.queued_bytes -= item[5]
+                    cancelled.append(item)
+                f = self._sending.get((ns, k))
+                if f is not None:
+                    sending.add(f)
+        for item in cancelled:
+            _call(item[4])
+        if sending:
+            await asyncio.wait(sending)
         names = [self._name(ns, k) for k in keys]
         n = await self._unlink_names(names)
         self.stats.deletes += n

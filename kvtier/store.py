@@ -64,7 +64,7 @@ from .cluster import NullCluster
 from .cold import HUGE, huge_buffer, ColdTier
 from .commitcheck import CommitChecker
 from .config import Config
-from .hot import TIER_MISSING, TIER_RAM, Acquired, Block, HotTier
+from .hot import COMMITTED, TIER_MISSING, TIER_RAM, Acquired, Block, HotTier
 from .keys import CHECKSUM_SIZE
 
 log = logging.getLogger("kvtier.store")
@@ -277,6 +277,9 @@ class Store:
 
     def _cluster_put_held(self, blocks: list[Block]) -> None:  # on the loop, hot lock not held
         for b in blocks:
+            if b.state != COMMITTED:  # deleted or replaced since its commit: its bytes are nobody's now
+                self.hot.unhold(b)
+                continue
             view = self.view[b.offset:b.offset + b.length]
             self.cluster.enqueue_put(b.ns, b.key, view, b.checksum, on_done=lambda b=b: self.hot.unhold(b))
 

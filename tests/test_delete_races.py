@@ -120,6 +120,67 @@ def test_delete_during_a_promotion_from_the_cluster_is_not_undone(make_daemon, v
 
 # ---- writes to the cluster tier ---------------------------------------------------------------
 
+def test_delete_follows_a_cluster_write_being_sent(make_daemon, valkey):
+    a = make_daemon(cluster=_cluster(valkey.url))
+    b = make_daemon(cluster=_cluster(valkey.url))
+    tier = a.daemon.cluster
+    k, data = os.urandom(16), os.urandom(64 * KiB)
+    entered = threading.Event()
+    real = tier._put_batch
+
+    async def slow(items):  # the write is taken from the queue, then reaches Redis late
+        entered.set()
+        await asyncio.sleep(0.5)
+        return await real(items)
+
+    tier._put_batch = slow
+    with Client(a.address) as ca, Client(b.address) as cb:
+        assert ca.put(NS, k, data)
+        assert entered.wait(10), "the write did not start"
+        assert ca.delete(NS, [k]) == 1
+        wait_until(lambda: tier.stats.puts == 1, what="the write")
+        assert cb.get(NS, k) is None
+        assert cb.lookup(NS, [k])[0] == [0]
+    assert not valkey.client().exists(_name(NS, k))
+
+
+def test_delete_cancels_a_queued_cluster_write(make_daemon, valkey):
+    # one connection: two writer tasks, both kept busy, so the deleted block's write stays queued
+    a = make_daemon(cluster=_cluster(valkey.url, connections=1))
+    b = make_daemon(cluster=_cluster(valkey.url))
+    tier = a.daemon.cluster
+    busy = [os.urandom(16) for _ in range(2)]
+    k, data = os.urandom(16), os.urandom(300 * KiB)
+    gate, started = threading.Event(), []
+    real = tier._put_batch
+
+    async def held(items):
+        if any(it[1] in busy for it in items):
+            started.append(1)
+            await _in_flight(gate)
+        return await real(items)
+
+    tier._put_batch = held
+    with Client(a.address) as ca, Client(b.address) as cb:
+        try:
+            for x in busy:  # over the batching size: one writer each
+                assert ca.put(NS, x, os.urandom(300 * KiB))
+            wait_until(lambda: len(started) == 2, what="both writers busy")
+            assert ca.put(NS, k, data)
+            wait_until(lambda: tier.snapshot()["queued"] == 1, what="the write queued")
+            assert ca.delete(NS, [k]) == 1
+            assert tier.snapshot()["queued"] == 0
+        finally:
+            gate.set()
+        wait_until(lambda: tier.queued_bytes == 0 and tier.stats.puts == 2, what="the queue drained")
+        time.sleep(0.2)
+        assert tier.stats.puts == 2
+        assert cb.get(NS, k) is None
+        assert None not in cb.get_many(NS, busy)
+        assert a.daemon.store.hot.leased_blocks == 0  # the cancelled write's hold ended too
+    assert not valkey.client().exists(_name(NS, k))
+
+
 def test_overwrite_lands_after_the_write_it_replaces(make_daemon, valkey):
     a = make_daemon(cluster=_cluster(valkey.url))
     b = make_daemon(cluster=_cluster(valkey.url))
