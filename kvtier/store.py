@@ -309,10 +309,23 @@ class Store:
             if not self._admit(k, b.length):
                 return
             self._landing[k] = threading.Event()
-        data = self._buffer(self.hot.alloc.round(b.length))  # page-aligned: O_DIRECT writes it as is
-        data[:b.length] = self.view[b.offset:b.offset + b.length]
+        data = None
+        try:
+            data = self._buffer(self.hot.alloc.round(b.length))  # page-aligned: O_DIRECT writes it as is
+            data[:b.length] = self.view[b.offset:b.offset + b.length]
+            self.io.submit(self._write_copy, b.ns, b.key, data, b.length, b.checksum)
+        except BaseException:
+            # no memory for the copy, or the writers are shut down: the write is not queued after all,
+            # else the key would count as on its way to NVMe for good and its gets wait for it
+            if data is not None:
+                self._return_buffer(data)
+            self._finish(k, b.length)
+            with self._qlock:
+                landed = self._landing.pop(k, None)
+            if landed is not None:
+                landed.set()
+            raise
         self.demotions += 1
-        self.io.submit(self._write_copy, b.ns, b.key, data, b.length, b.checksum)
 
     def _write_copy(self, ns: str, key: bytes, data: mmap.mmap | memoryview, length: int, digest: bytes) -> None:
         try:

@@ -172,6 +172,35 @@ def test_demotion_on_eviction(make_daemon, tmp_path):
         assert 0 < store._mapped <= store.queue_limit < store.demotions * BLOCK
 
 
+def test_a_demotion_that_cannot_be_copied_leaves_no_write_pending(make_daemon, tmp_path, monkeypatch):
+    """No memory for a demotion's copy: the block is evicted without it, and nothing still counts
+    it as on its way to NVMe (else Lookup would report it there and every get wait for it)."""
+    d = make_daemon(**settings(tmp_path, write_policy="evict"))
+    store = d.daemon.store
+    buffer = store._buffer
+    failed = []
+
+    def no_memory(size):
+        if not failed:
+            failed.append(size)
+            raise MemoryError("no buffer for the copy")
+        return buffer(size)
+    monkeypatch.setattr(store, "_buffer", no_memory)
+    with Client(d.address) as c:
+        for i in range(24):  # 12 MiB into an 8 MiB arena
+            wait_for(lambda: nvme(c).queued_bytes == 0, what="the write queue to drain")
+            assert c.put(NS, key(i), blob(BLOCK, i))
+        wait_for(lambda: nvme(c).queued_bytes == 0, what="the write queue to drain")
+        ev = ram(c).evictions
+        assert failed and d.daemon.hot.evict_hook_errors == 1
+        tiers, _ = c.lookup(NS, [key(i) for i in range(24)])
+        assert tiers[0] == 0 and tiers[1:ev] == [2] * (ev - 1)   # the first victim is gone, the rest went down
+        assert not store._queued and not store._landing and store.queued_bytes == 0
+        t0 = time.monotonic()
+        assert c.get(NS, key(0)) is None and time.monotonic() - t0 < 1.0   # a plain miss, no wait for a landing
+        assert all(c.get(NS, key(i)) == blob(BLOCK, i) for i in range(1, 24))
+
+
 def test_demotion_copies_of_2_mib_blocks_use_huge_page_buffers(make_daemon, tmp_path):
     d = make_daemon(**settings(tmp_path, write_policy="evict"))
     blocks = [(key(500 + i), blob(2 * BLOCK * 2, ("huge", i))) for i in range(6)]  # 12 MiB into 8
