@@ -7,7 +7,7 @@ Interface (coroutines run on the daemon's event loop, the one that ran start()):
 
     tier = from_config(cfg.cluster)    # ClusterTier, or NullCluster (holds nothing) when url = ""
     await tier.start()                 # returns at once; connects in the background, never raises
-    tier.enqueue_put(ns, key, data, checksum, on_done=None) -> bool   # never blocks; any thread
+    tier.enqueue_put(ns, key, data, checksum, on_done=None, replaces=False) -> bool   # never blocks; any thread
     await tier.exists_many(ns, keys) -> [bool]
     await tier.get(ns, key, into=None) -> (block bytes, checksum) | None
     await tier.get_many(ns, keys, into=None) -> [(block bytes, checksum) | None]
@@ -48,7 +48,9 @@ the order they were made: a put of a key replaces its put still queued (whose
 on_done runs at once), and a key is never in two writes at a time (a put of a
 key being written waits for that write to end). A delete cancels the puts of
 its keys still queued and waits for those being written before it unlinks,
-so no write made before it lands after it. Reads group keys by
+so no write made before it lands after it. An overwrite (``replaces``) that is
+dropped or fails unlinks its key instead, unless a later put of the key is
+queued: other nodes then miss rather than read the old content. Reads group keys by
 master (all masters at once; per master one block in flight, widening to about
 ``READ_WINDOW_BYTES`` of small blocks) and receive payloads straight into their
 final buffer (``kvtier.resp``): a fresh one, or the caller's when it passes ``into``
@@ -185,6 +187,7 @@ class ClusterTier:
         self._thread = 0
         self._work: asyncio.Event | None = None
         self._writers: list[asyncio.Task] = []
+        self._unlinks: set[asyncio.Task] = set()  # keys whose new content could not be written (_unlink_soon)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -216,13 +219,17 @@ class ClusterTier:
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
-        await self.servers.close()
         with self._qlock:
             left, self._queue, self._queued = list(self._queued.values()), collections.deque(), {}
             self.queued_bytes = 0
             self.stats.dropped += len(left)
         for item in left:
             _call(item[4])
+            if item[6]:
+                self._unlink_soon(item[0], item[1])
+        if self._unlinks:
+            await asyncio.wait(list(self._unlinks), timeout=timeout)
+        await self.servers.close()
         if left:
             log.warning("cluster: %d queued writes dropped at close", len(left))
         return drained and not left
@@ -259,13 +266,16 @@ class ClusterTier:
 
     # ---- writes --------------------------------------------------------------------------------
 
-    def enqueue_put(self, ns: str, key: bytes, data, checksum: bytes, on_done: Callable[[], None] | None = None) -> bool:
+    def enqueue_put(self, ns: str, key: bytes, data, checksum: bytes, on_done: Callable[[], None] | None = None,
+                    replaces: bool = False) -> bool:
         """Queue a block for writing; never blocks. data must stay valid until on_done() is called
         (exactly once: written, failed, dropped or replaced by a later put of the key before it was
-        sent). False (and counted) when the queue is full."""
+        sent). False (and counted) when the queue is full. ``replaces``: the block is new content for
+        a key the servers may hold (an overwrite); if this put is dropped or fails, the key is
+        unlinked instead, so no node goes on reading the old content."""
         n = memoryview(data).nbytes
         k = (ns, key)
-        item = (ns, key, data, checksum, on_done, n)
+        item = (ns, key, data, checksum, on_done, n, replaces)
         with self._qlock:
             old = self._queued.pop(k, None)  # superseded: its content is not the key's any more
             if old is not None:
@@ -282,6 +292,8 @@ class ClusterTier:
             _call(old[4])
         if not ok:
             _call(on_done)
+            if replaces:
+                self._unlink_soon(ns, key)
             return False
         if self._work is not None:
             if threading.get_ident() == self._thread:
@@ -337,7 +349,12 @@ class ClusterTier:
             except Exception:
                 log.exception("cluster: write of %d block(s) failed", len(batch))
             finally:
-                for (_, _, _, _, on_done, n), ok in zip(batch, oks):
+                for (ns, key, _, _, on_done, n, replaces), ok in zip(batch, oks):
+                    if not ok and replaces:
+                        with self._qlock:
+                            later = (ns, key) in self._queued   # its next put replaces the content anyway
+                        if not later:
+                            self._unlink_soon(ns, key)
                     if ok:
                         self.stats.puts += 1
                         self.stats.put_bytes += n
@@ -361,7 +378,7 @@ class ClusterTier:
         (_set_whole). A block whose record is split is written on its own (_write_record)."""
         ok = [False] * len(items)
         recs: list[tuple[int, bytes, tuple, int]] = []   # (item index, name, value, ttl)
-        for i, (ns, key, data, checksum, _, _) in enumerate(items):
+        for i, (ns, key, data, checksum, *_) in enumerate(items):
             rec = await self._record(ns, key, data, checksum)
             if rec is None:
                 continue
@@ -641,6 +658,21 @@ class ClusterTier:
 
     # ---- removal -------------------------------------------------------------------------------
 
+    def _unlink_soon(self, ns: str, key: bytes) -> None:
+        """Unlink a key whose new content could not be written (any thread). Ordered like any
+        delete: after a write of the key being sent; a put of it queued meanwhile is cancelled
+        (a loss, which is allowed; the old content served as the new one would not be)."""
+        def start() -> None:
+            t = asyncio.ensure_future(self.delete_many(ns, [key]))
+            self._unlinks.add(t)
+            t.add_done_callback(self._unlinks.discard)
+        if self._loop is None or self._loop.is_closed():
+            return
+        if threading.get_ident() == self._thread:
+            start()
+        else:
+            self._loop.call_soon_threadsafe(start)
+
     async def delete_many(self, ns: str, keys: Sequence[bytes]) -> int:
         """Unlink blocks (and their parts); returns how many existed. Failures count as 0. Puts of
         the keys still queued are cancelled (on_done at once); those being written finish first,
@@ -711,7 +743,7 @@ class NullCluster:
     async def close(self, timeout: float = 0.0) -> bool:
         return True
 
-    def enqueue_put(self, ns, key, data, checksum, on_done=None) -> bool:
+    def enqueue_put(self, ns, key, data, checksum, on_done=None, replaces=False) -> bool:
         _call(on_done)
         return False
 

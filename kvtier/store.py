@@ -281,7 +281,8 @@ class Store:
                 self.hot.unhold(b)
                 continue
             view = self.view[b.offset:b.offset + b.length]
-            self.cluster.enqueue_put(b.ns, b.key, view, b.checksum, on_done=lambda b=b: self.hot.unhold(b))
+            self.cluster.enqueue_put(b.ns, b.key, view, b.checksum, on_done=lambda b=b: self.hot.unhold(b),
+                                     replaces=b.overwrite)
 
     def _cluster_delete_soon(self, ns: str, key: bytes) -> None:
         self.loop.create_task(self.cluster.delete_many(ns, [key]))

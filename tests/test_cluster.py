@@ -457,6 +457,34 @@ def test_a_later_put_of_a_key_replaces_its_queued_one(valkey):
     assert record.decode(r.get(name(NS, k)))[1] == v2
 
 
+@pytest.mark.parametrize("how", ["failed", "dropped"])
+def test_an_overwrite_that_is_not_written_unlinks_the_old_content(valkey, how):
+    """A node overwrote a key and could not write the new content up: the servers must not go on
+    serving the old content to every other node as the key's."""
+    k, plain = os.urandom(16), os.urandom(16)
+    v1, v2, p1, p2 = (os.urandom(n) for n in (5000, 6000, 7000, 8000))
+
+    async def go():
+        async with tier(valkey.url, queue_bytes="64KiB") as t:
+            await put_all(t, NS, {k: v1, plain: p1})
+            done = asyncio.Event()
+            if how == "failed":
+                async def refuse(items):
+                    return [False] * len(items)
+                t._put_batch = refuse
+                assert t.enqueue_put(NS, k, v2, record.checksum(v2), done.set, replaces=True)
+                assert t.enqueue_put(NS, plain, p2, record.checksum(p2), replaces=False)
+                await done.wait()
+            else:   # over queue_bytes
+                assert not t.enqueue_put(NS, k, os.urandom(100_000), b"\0" * 16, done.set, replaces=True)
+                assert not t.enqueue_put(NS, plain, os.urandom(100_000), b"\0" * 16)
+        # out of the block: closed, and whatever it had to unlink, unlinked
+    run(go())
+    r = valkey.client()
+    assert r.get(name(NS, k)) is None                       # the overwritten key: gone, not v1
+    assert record.decode(r.get(name(NS, plain)))[1] == p1   # a plain put that failed leaves what was there
+
+
 # ---- failures -----------------------------------------------------------------------------------
 
 async def traffic(t: ClusterTier, ns: str, stop: asyncio.Event, log: list, size: int = 100_000) -> None:
