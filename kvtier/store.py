@@ -157,6 +157,7 @@ class Store:
         self._landing: dict[tuple[str, bytes], threading.Event] = {}
         self._seen_once: dict[tuple[str, bytes], None] = {}
         self._holding: dict[tuple[str, bytes], Block | None] = {}  # promotions to hold at commit (see promote)
+        self._reading: dict[tuple[str, bytes], threading.Event] = {}  # promotions reading a key -> set when done
         # promotions and Deletes in flight, by key: a promotion commits only if no Delete of its key
         # began since it started (_promotions_begin); _plock orders that check and the commit
         # against a Delete's start. Taken before the hot lock, never under it.
@@ -406,16 +407,21 @@ class Store:
         gen = self._promotions_begin(ns, [key])[0]
         if gen is None:  # being deleted: a miss
             return False
+        holder: dict = {}
         try:
-            return self._promote(ns, key, hold, gen)
+            return self._promote(ns, key, hold, gen, holder)
         finally:
+            ev = holder.get("ev")
+            if ev is not None:  # promotions that found the key reserved by this one look again
+                self._reading.pop((ns, key), None)
+                ev.set()
             self._promotions_end(ns, [key])
 
-    def _promote(self, ns: str, key: bytes, hold: bool, gen: int) -> Block | bool:
-        landing = self._landing.get((ns, key))
+    def _promote(self, ns: str, key: bytes, hold: bool, gen: int, holder: dict) -> Block | bool:
+        k = (ns, key)
+        landing = self._landing.get(k)
         if landing is not None:  # evicted a moment ago: its demotion is being written
             landing.wait(LANDING_WAIT_S)
-        holder: dict = {}
 
         def dest(n: int) -> memoryview:
             if "r" in holder:  # asked again (a compressed record): the first slot had the wrong size
@@ -424,6 +430,10 @@ class Store:
             if not r.reservation_id:
                 raise _Present()
             holder["r"] = r.reservation_id
+            if "ev" not in holder:
+                ev = threading.Event()
+                if self._reading.setdefault(k, ev) is ev:
+                    holder["ev"] = ev
             off = r.offsets[0]
             return self.view[off:off + self.hot.alloc.round(n)]
 
@@ -432,7 +442,12 @@ class Store:
         except _Present:
             if "r" in holder:
                 self.hot.discard(holder["r"])
-            return True
+            # in RAM, or reserved: by a put (a miss until it commits) or by a promotion of the same
+            # key reading it now (two requests sharing a prefix): wait for that one, not a miss
+            ev = self._reading.get(k)
+            if ev is not None and not self.hot.contains(ns, key):
+                ev.wait(LANDING_WAIT_S)
+            return self.hot.contains(ns, key)
         except errors.ResourceExhausted:
             if "r" in holder:
                 self.hot.discard(holder["r"])
@@ -446,7 +461,6 @@ class Store:
             if rid:
                 self.hot.discard(rid)
             return False
-        k = (ns, key)
         with self._plock:
             if self._moving[k].deletes != gen:  # deleted while we read: the bytes must not come back
                 b = False

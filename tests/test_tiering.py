@@ -411,6 +411,50 @@ def test_acquire_promotes_a_batch_concurrently_and_answers_in_key_order(make_dae
         assert (n.hits, n.misses) == (len(ks), 0)
 
 
+@pytest.mark.parametrize("client_kw", [{}, {"attach": False}], ids=["arena", "data"])
+def test_two_gets_of_a_block_being_promoted_both_get_it(make_daemon, restart, tmp_path, monkeypatch, client_kw):
+    """Two requests sharing a prefix reach the same blocks on NVMe at once: the second waits for
+    the first one's read instead of answering a miss (which, prefix_only, cuts its prefix there)."""
+    blocks = {key(i): blob(BLOCK + i, ("shared", i)) for i in range(3)}
+    d = only_on_nvme(make_daemon, restart, tmp_path, blocks)
+    cold = d.daemon.store.cold
+    first, reserved, go = key(1), threading.Event(), threading.Event()
+    real = cold.read
+
+    reads_of_first = []
+
+    def slow_read(ns, k, dest):
+        reads_of_first.extend([k] if k == first else [])
+        if k != first or reserved.is_set():
+            return real(ns, k, dest)
+
+        def held(n):  # the slot is reserved; the read waits until the second get has asked
+            v = dest(n)
+            reserved.set()
+            go.wait(10)
+            return v
+        return real(ns, k, held)
+    monkeypatch.setattr(cold, "read", slow_read)
+    keys = list(blocks)
+    got = {}
+
+    def get(name):
+        with Client(d.address, **client_kw) as c:
+            got[name] = c.get_many(NS, keys)
+    a = threading.Thread(target=get, args=("a",))
+    a.start()
+    assert reserved.wait(10)
+    b = threading.Thread(target=get, args=("b",))
+    b.start()
+    wait_for(lambda: len(reads_of_first) == 2, what="the second get to reach the block being read")
+    time.sleep(0.2)  # it found the slot reserved
+    go.set()
+    a.join(20)
+    b.join(20)
+    assert got["a"] == got["b"] == list(blocks.values())
+    assert cold.stats.hits == len(blocks)   # each block read from NVMe once
+
+
 def test_acquire_mixes_ram_nvme_and_missing_keys(make_daemon, restart, tmp_path):
     blocks = {key(i): blob(64 * KiB, i) for i in range(6)}
     d = only_on_nvme(make_daemon, restart, tmp_path, blocks)
