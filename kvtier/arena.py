@@ -62,22 +62,42 @@ _libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 
 
-def backing_of(path: str) -> str:
-    """'tmpfs', 'hugetlbfs' or 'file' for the filesystem holding path."""
+def _mount_of(path: str) -> tuple[str, set[str]]:
+    """The type and options of the filesystem holding path ("" and none when unknown)."""
     p = os.path.realpath(path)
-    best, fstype = "", "file"
+    best, fstype, options = "", "", set()
     try:
         with open("/proc/mounts") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) < 3:
+                if len(parts) < 4:
                     continue
                 mnt = parts[1].replace("\\040", " ")
                 if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                    best, fstype = mnt, parts[2]
+                    best, fstype, options = mnt, parts[2], set(parts[3].split(","))
     except OSError:
         pass
+    return fstype, options
+
+
+def backing_of(path: str) -> str:
+    """'tmpfs', 'hugetlbfs' or 'file' for the filesystem holding path."""
+    fstype, _ = _mount_of(path)
     return fstype if fstype in ("tmpfs", "hugetlbfs") else "file"
+
+
+def tmpfs_may_be_huge(path: str, shmem_enabled: str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled") -> bool:
+    """Can the tmpfs holding path give its files 2 MiB pages: mounted huge=always, within_size or
+    advise, or forced system-wide (shmem_enabled "force"), and not denied ("deny")?"""
+    try:
+        with open(shmem_enabled) as f:
+            chosen = next((w[1:-1] for w in f.read().split() if w.startswith("[")), "")
+    except OSError:
+        chosen = ""
+    if chosen == "deny":
+        return False
+    _, options = _mount_of(path)
+    return chosen == "force" or bool(options & {"huge=always", "huge=within_size", "huge=advise"})
 
 
 def _address(mm: mmap.mmap) -> int:
@@ -197,9 +217,12 @@ class Arena:
         self.locked, self.lock_detail = False, "mlock disabled in config"
         if lock:
             self._lock()
-        # on tmpfs only a locked arena is known: unlocked, its pages are not there yet
+        # on tmpfs only a locked arena is known: unlocked, its pages are not there yet. smaps is read
+        # only where the mount can give huge pages: for a large arena of 4 KiB pages it is a walk of
+        # every page table entry
         self.huge_pages = self.backing == "hugetlbfs" or (
-            self.backing == "tmpfs" and self.locked and huge_share(_address(self.mm)) >= HUGE_SHARE)
+            self.backing == "tmpfs" and self.locked and tmpfs_may_be_huge(self.path)
+            and huge_share(_address(self.mm)) >= HUGE_SHARE)
 
     def _why_not_reusable(self) -> str | None:
         """None when the file at the arena's path is an arena of this size to re-attach; else why

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from kvtier.arena import backing_of, huge_share
+from kvtier.arena import _mount_of, backing_of, huge_share, tmpfs_may_be_huge
 from kvtier.client import Client
 from kvtier.server import DaemonThread
 from kvtier.slots import table_path
@@ -104,3 +104,15 @@ def test_huge_share_reads_the_mapping_that_starts_at_the_arena(tmp_path):
     assert huge_share(0x400000, str(smaps)) == 0.5         # its start is written zero-padded
     assert huge_share(0x7f5000001000, str(smaps)) == 0.0   # no mapping starts there
     assert huge_share(0x7f5000000000, str(tmp_path / "absent")) == 0.0
+
+
+def test_a_tmpfs_may_give_huge_pages_by_its_mount_options_or_when_forced(tmp_path):
+    """The smaps walk (every page table entry of the arena) is only taken where it can say yes."""
+    if any(o.startswith("huge=") for o in _mount_of(str(tmp_path))[1]):
+        pytest.skip("the test directory's own mount names a huge= option")
+    shmem = tmp_path / "shmem_enabled"
+    for chosen, huge in (("never", False), ("advise", False), ("force", True), ("deny", False)):
+        shmem.write_text(" ".join(f"[{w}]" if w == chosen else w
+                                  for w in ("always", "within_size", "advise", "never", "deny", "force")) + "\n")
+        assert tmpfs_may_be_huge(str(tmp_path), str(shmem)) is huge, chosen
+    assert tmpfs_may_be_huge(str(tmp_path), str(tmp_path / "absent")) is False
