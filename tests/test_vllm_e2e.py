@@ -229,6 +229,53 @@ def test_corrupt_chunk_recomputed_and_wrong_kv_changes_output(make_daemon, engin
     assert list(wrong.outputs[0].token_ids) != ref[0], "output did not depend on the loaded KV"
 
 
+def test_failed_sync_load_leaves_no_chunk_computed_on_it(make_daemon, engines, monkeypatch):
+    """A synchronous load puts the bytes into the blocks before their checksums are checked,
+    and the step's forward runs on them. The chunks that step fills are computed on the bad KV
+    (non-finite here) yet pass their own checksums: they must not be stored, or every later
+    request with the prefix loads them."""
+    import torch
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    from kvtier.vllm.worker import WorkerHalf
+    real_save = WorkerHalf.wait_for_save
+
+    def save_now(self, meta):  # each step's stores land before the next step rewrites blocks
+        real_save(self, meta)
+        assert self.flush(30)
+    monkeypatch.setattr(WorkerHalf, "wait_for_save", save_now)
+    d = make_daemon()
+    p = prompt(2, 257)
+    a = engines.make(d.address)
+    run(a, [p], max_tokens=1)
+    flush_stores()
+    digest = get_kv_transfer_group().worker._digest
+    engines.close(a)
+    x = p[:256] + prompt(5, 140)                      # p's 4 chunks, 2 more whole chunks, a tail
+    kx = chunk_keys(digest, _chunk_hashes(x))
+    with Client(d.address) as c:
+        assert c.lookup("vllm", kx)[1] == 4
+        lease = c.acquire("vllm", [kx[1]])             # chunk 1 ruined behind the daemon's back
+        lease.views[0][:] = b"\x7f" * len(lease.views[0])
+        c.release(lease)
+
+    b = engines.make(d.address, load_async=False)
+    w = get_kv_transfer_group().worker
+    ref = tokens(run(b, [x], max_tokens=4, kvtier={"skip": True}))[0]
+    first = run(b, [x], max_tokens=4)[0]
+    assert w.stats["checksum_failures"] == 1
+    assert list(first.outputs[0].token_ids) == ref
+    flush_stores()
+    with Client(d.address) as c:
+        tail = c.get_many("vllm", kx[4:6])
+    assert all(t is not None for t in tail), "the tail chunks were not stored once recomputed"
+    for t in tail:
+        assert torch.frombuffer(bytearray(t), dtype=torch.bfloat16).isfinite().all()
+    hit = run(b, [x], max_tokens=4)[0]
+    assert hit.num_cached_tokens == 384
+    assert list(hit.outputs[0].token_ids) == ref
+
+
 def _chunk_hashes(tokens_: list[int]) -> list[bytes]:
     """vLLM's sha256 block hashes of a token-only prompt, the last of each chunk."""
     from vllm.utils.hashing import get_hash_fn_by_name

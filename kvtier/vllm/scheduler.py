@@ -12,6 +12,9 @@ Stores: every step, ``build_connector_meta`` turns chunks that the step fills (p
 chunked prefill included, and with ``store_decode`` chunks filled by generated tokens) into
 store jobs for the workers. A request that had store jobs is freed only after every worker
 reports them done (``request_finished`` returns True), so a store never reads a reused block.
+A step whose synchronous load fails stores nothing (the workers drop its stores: its forward
+ran on the failed blocks); when vLLM reports the failed blocks, the requests that had stores
+in that step plan those chunks again.
 
 Namespaces: a request's chunks live in the engine's namespace, or with ``tenant_namespace``
 in its tenant's own (``RequestOptions.namespace``); lookups, loads and stores all use it.
@@ -22,6 +25,7 @@ within ``timeout_s``, and the link then skips the daemon for ``retry_s`` before 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +81,10 @@ class SchedulerHalf:
         self._reqs: dict[str, _Req] = {}
         self._leases: dict[str, Any] = {}
         self._loads: list[LoadSpec] = []
+        # recent steps with synchronous loads: (blocks loaded, {req_id: (next_store before the
+        # step, chunks the step planned)}): if one of those loads fails, the workers drop that
+        # step's stores. A few steps, as vLLM may build the next step before it reports one.
+        self._sync_steps: deque[tuple[set[int], dict[str, tuple[int, int]]]] = deque(maxlen=4)
         self._warned_layout = False
 
     # ---- setup --------------------------------------------------------------------------
@@ -225,6 +233,15 @@ class SchedulerHalf:
             self._release(req_id)
         invalid = getattr(output, "invalid_block_ids", None)
         if invalid:  # vLLM recomputes these blocks: store their chunks again afterwards
+            for loaded, planned in list(self._sync_steps):
+                if not loaded & invalid:
+                    continue
+                self._sync_steps.remove((loaded, planned))
+                for req_id, (before, n) in planned.items():  # the workers dropped these stores
+                    st = self._reqs.get(req_id)
+                    if st is not None:
+                        st.next_store = min(st.next_store, before)
+                        st.stored_chunks -= n
             for st in self._reqs.values():
                 b0, ids = st.load_at
                 bad = next((i for i, b in enumerate(ids) if b in invalid), None)
@@ -241,13 +258,16 @@ class SchedulerHalf:
         self._loads = []
         if not self._ready():
             return meta
+        planned: dict[str, tuple[int, int]] = {}
+        if meta.loads and not meta.load_async:
+            self._sync_steps.append(({b for s in meta.loads for b in s.block_ids}, planned))
         scheduled = so.num_scheduled_tokens
         for new in so.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
             if st is None:
                 continue
             st.block_ids = list(new.block_ids[0]) if new.block_ids else []
-            self._plan_store(st, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta)
+            self._plan_store(st, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta, planned)
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self._reqs.get(req_id)
@@ -258,10 +278,11 @@ class SchedulerHalf:
                 st.block_ids = list(nb[0]) if nb else []
             elif nb:
                 st.block_ids.extend(nb[0])
-            self._plan_store(st, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
+            self._plan_store(st, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta, planned)
         return meta
 
-    def _plan_store(self, st: _Req, done_tokens: int, meta: StepMeta) -> None:
+    def _plan_store(self, st: _Req, done_tokens: int, meta: StepMeta,
+                    planned: dict[str, tuple[int, int]]) -> None:
         if not st.opts.store:
             return
         req = st.request
@@ -275,6 +296,7 @@ class SchedulerHalf:
             [self._chunk_hash(req, c) for c in cs],
             [st.block_ids[c * self.cb:(c + 1) * self.cb] for c in cs],
             pin=st.opts.pin, pin_s=st.opts.pin_s, namespace=st.opts.namespace))
+        planned[req.request_id] = (st.next_store, n - st.next_store)
         st.stored_chunks += n - st.next_store
         st.next_store = n
         st.stores_issued = True

@@ -15,6 +15,9 @@ Failure: any error (daemon down, timeout, lease lost, checksum mismatch, no room
 the chunks concerned. A failed load reports its blocks as load errors (vLLM recomputes them
 with ``kv_load_failure_policy="recompute"``) and the request is still reported as received;
 a failed store is a future miss. Nothing waits longer than one daemon call's deadline.
+A synchronous load that fails has already put whatever it copied into the blocks, and the
+step's forward runs on them: that step stores nothing (its chunks may be computed on the bad
+KV; the scheduler half plans them again once vLLM has recomputed them).
 """
 from __future__ import annotations
 
@@ -134,6 +137,7 @@ class WorkerHalf:
         self._store_reqs: set[str] = set()
         self._finishing: set[str] = set()
         self._store_futures: list[Future] = []
+        self._sync_failed: StepMeta | None = None  # the step whose synchronous load failed
         self.stats = defaultdict(int)
         self._quiet = _Quiet()
 
@@ -183,16 +187,21 @@ class WorkerHalf:
     # ---- loads --------------------------------------------------------------------------
 
     def start_load_kv(self, meta: StepMeta) -> None:
-        if not meta.loads or self.copier is None:
-            if meta.loads:  # no KV registered: nothing can load, let vLLM recompute
-                self._finish_loads(meta.loads, {b for s in meta.loads for b in s.block_ids}, meta.load_async)
+        if not meta.loads:
             return
-        if meta.load_async:
+        if self.copier is None:  # no KV registered: nothing can load, let vLLM recompute
+            failed = {b for s in meta.loads for b in s.block_ids}
+            self._finish_loads(meta.loads, failed, meta.load_async)
+        elif meta.load_async:
             with self._lock:
                 self._loads_running += 1
             self._load_pool.submit(self._run_async_loads, list(meta.loads))
+            return
         else:
-            self._run_loads(meta.loads, False)
+            failed = self._run_loads(meta.loads, False)
+        if failed and not meta.load_async:
+            # this step's forward runs on the failed blocks: what it computes must not be stored
+            self._sync_failed = meta
 
     def _run_async_loads(self, specs: list[LoadSpec]) -> None:
         try:
@@ -202,7 +211,7 @@ class WorkerHalf:
                 self._loads_running -= 1
                 self._landed.notify_all()
 
-    def _run_loads(self, specs: list[LoadSpec], is_async: bool) -> None:
+    def _run_loads(self, specs: list[LoadSpec], is_async: bool) -> set[int]:
         failed: set[int] = set()
         try:
             jobs: dict[str, _Jobs] = {}  # per namespace: (key, first block in chunk, blocks)
@@ -225,6 +234,7 @@ class WorkerHalf:
             self._quiet.warn("load", "kvtier: load of %d request(s) failed (%s); vLLM recomputes them",
                              len(specs), e)
         self._finish_loads(specs, failed, is_async)
+        return failed
 
     def _finish_loads(self, specs, failed: set[int], is_async: bool) -> None:
         with self._lock:
@@ -299,6 +309,7 @@ class WorkerHalf:
     # ---- stores -------------------------------------------------------------------------
 
     def wait_for_save(self, meta: StepMeta) -> None:
+        bad_step, self._sync_failed = self._sync_failed is meta, None
         if not meta.stores:
             return
         specs = list(meta.stores)
@@ -306,6 +317,18 @@ class WorkerHalf:
             for s in specs:
                 self._store_pending[s.req_id] += 1
                 self._store_reqs.add(s.req_id)
+        if bad_step:
+            # A synchronous load of this step failed and the forward ran on what it left in
+            # the blocks. Every chunk of a request on those blocks (its own, or another's
+            # through vLLM's prefix cache) may be computed on bad KV and would pass its
+            # checksum: store nothing this step. The requests still count as sent, and the
+            # scheduler half plans these chunks again after vLLM recomputed them.
+            n = sum(len(s.chunk_hashes) for s in specs)
+            self.stats["stores_dropped"] += n
+            self._quiet.warn("dropped", "kvtier: a synchronous load failed; not storing the %d "
+                             "chunk(s) computed in that step", n)
+            self._stores_done(specs)
+            return
         if self.copier is None:
             self._stores_done(specs)
             return
