@@ -507,3 +507,54 @@ def test_failed_sync_load_stores_nothing_computed_on_it(make_daemon, harnesses, 
     assert h3.first_computed["x"] == 384 and h3.first_computed["o"] == 192
     assert not h3.load_errors
     assert _leases(d.address) == 0
+
+
+# ---- g. more keys than the daemon takes in one call ----------------------------------------------
+
+def test_prompt_with_more_keys_than_max_batch_hits(make_daemon, harnesses, monkeypatch):
+    """The daemon refuses a call with more than server.max_batch keys (4096 by default: at
+    TP=8 a prompt of ~131K tokens). The scheduler asks in parts of whole chunks, stops at the
+    first part not wholly present, and holds every part's lease until the load is done."""
+    d = make_daemon(server={"max_batch": 3})   # stands in for 4096 keys = chunks x ranks
+    p = prompt(201, 420)                        # 6 whole chunks of 64 tokens
+    h1 = harnesses(d.address)
+    _store(h1, "store", p)                      # the worker splits its stores by max_batch too
+    keys = _chunk_keys_of(h1, h1.add("probe", p, kvtier={"skip": True}))
+    h1.run()
+    with Client(d.address) as c:
+        assert c.lookup("vllm", keys)[1] == 6
+
+    from kvtier.vllm.scheduler import SchedulerHalf
+    sizes, held = [], []
+    real, real_match = Client.acquire, SchedulerHalf.get_num_new_matched_tokens
+
+    def spy(self, ns, keys_, *a, **kw):
+        sizes.append(len(keys_))
+        return real(self, ns, keys_, *a, **kw)
+
+    def match(self, request, n):
+        out = real_match(self, request, n)
+        held.append(len(self._leases.get(request.request_id, ())))
+        return out
+    monkeypatch.setattr(Client, "acquire", spy)
+    monkeypatch.setattr(SchedulerHalf, "get_num_new_matched_tokens", match)
+    h2 = harnesses(d.address)
+    h2.add("p", p)
+    h2.run()
+    _finished_ok(h2, "p")
+    assert sizes[:2] == [3, 3] and held == [2]
+    assert h2.prefill["p"].num_external_cached_tokens == 384
+    assert h2.first_computed["p"] == 384 and not h2.load_errors
+    assert _leases(d.address) == 0
+
+    # a part with a chunk missing ends the hit there, and no later part is asked
+    with Client(d.address) as c:
+        assert c.delete("vllm", [keys[1]]) == 1
+    sizes.clear()
+    h3 = harnesses(d.address)
+    h3.add("p", p)
+    h3.run()
+    _finished_ok(h3, "p")
+    assert sizes[0] == 3 and 3 not in sizes[1:]  # the workers' Acquires name fewer keys
+    assert h3.prefill["p"].num_external_cached_tokens == 64
+    assert _leases(d.address) == 0

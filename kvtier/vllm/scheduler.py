@@ -1,9 +1,11 @@
 """Scheduler half: decides what to load and what to store (engine core process, one per engine).
 
 Loads: when vLLM admits a request, ``get_num_new_matched_tokens`` derives the keys of the
-prompt's chunks past vLLM's own hit, for every TP x PP rank, and asks the daemon once
-(Acquire, prefix only): that both finds the longest prefix present on every rank and leases
-those chunks, so eviction cannot take them before a worker has copied them. The answer is
+prompt's chunks past vLLM's own hit, for every TP x PP rank, and asks the daemon (Acquire,
+prefix only): that both finds the longest prefix present on every rank and leases those
+chunks, so eviction cannot take them before a worker has copied them. A prompt with more
+keys than the daemon takes in one call (``max_batch``) is asked in parts of whole chunks,
+until a part is not wholly present; the request holds every part's lease. The answer is
 that prefix minus vLLM's hit, loaded asynchronously by default (``load_async``); a synchronous
 load never covers the whole prompt (vLLM must compute at least one token). The lease is
 released when every worker reported the load done (or when the request ends).
@@ -79,7 +81,7 @@ class SchedulerHalf:
                                token=settings.token, name="kvtier scheduler")
         self._use_lookup = False   # daemon on another node: Lookup instead of Acquire
         self._reqs: dict[str, _Req] = {}
-        self._leases: dict[str, Any] = {}
+        self._leases: dict[str, list[Any]] = {}
         self._loads: list[LoadSpec] = []
         # recent steps with synchronous loads: (blocks loaded, {req_id: (next_store before the
         # step, chunks the step planned)}): if one of those loads fails, the workers drop that
@@ -148,26 +150,21 @@ class SchedulerHalf:
         R = len(self.ranks)
         hashes = [self._chunk_hash(request, c) for c in range(first, n)]
         keys = [chunk_key(scope, h) for h in hashes for scope in st.scopes]
-        lease = None
+        leases: list[Any] = []
         try:
             if not self._use_lookup:
                 try:
-                    # a chunk found on every rank saves chunk_size tokens of prefill: the
-                    # daemon counts it per namespace (kvtier_prefill_tokens_saved_total)
-                    lease = self.link.call(lambda c: c.acquire(
-                        st.opts.namespace, keys, self.settings.lease_ms, prefix_only=True,
-                        tokens_per_key=self.chunk_size // R))
-                    tiers = list(lease.tiers)
+                    tiers, leases = self.link.call(lambda c: self._acquire_prefix(c, st.opts.namespace, keys))
                 except errors.FailedPrecondition:  # no arena here: the daemon is remote
                     self._use_lookup = True
-            if self._use_lookup:
+            if self._use_lookup:  # the client splits a Lookup by max_batch itself
                 tiers, _ = self.link.call(lambda c: c.lookup(st.opts.namespace, keys))
         except Exception as e:
             log.debug("kvtier: lookup for %s failed: %s", request.request_id, e)
             return 0, False
         present = next((i for i, t in enumerate(tiers) if not t), len(tiers)) // R
-        if lease is not None and lease.id:
-            self._leases[request.request_id] = lease
+        if leases:
+            self._leases[request.request_id] = leases
         hit = (first + present) * self.chunk_size
         if not self.settings.load_async and hit >= request.num_tokens:
             # a synchronous load must leave vLLM at least one token to compute: load every
@@ -181,6 +178,35 @@ class SchedulerHalf:
         st.ext = ext
         st.chunk_tiers = [max(tiers[c * R:(c + 1) * R]) for c in range(present)]
         return ext, self.settings.load_async
+
+    def _acquire_prefix(self, client, ns: str, keys: list[bytes]) -> tuple[list[int], list[Any]]:
+        """Tiers of ``keys`` (0 past the longest present prefix, or fewer of them) and the leases
+        that hold that prefix. The daemon refuses a call with more than ``max_batch`` keys, so
+        a long prompt (at TP=8, about 131K tokens with the defaults) is asked in parts of whole
+        chunks (every rank's key), each only if the part before it was wholly present."""
+        R = len(self.ranks)
+        per = max(1, (client.info.max_batch or 1024) // R) * R
+        tiers: list[int] = []
+        leases: list[Any] = []
+        try:
+            for i in range(0, len(keys), per):
+                # a chunk found on every rank saves chunk_size tokens of prefill: the daemon
+                # counts it per namespace (kvtier_prefill_tokens_saved_total)
+                lease = client.acquire(ns, keys[i:i + per], self.settings.lease_ms, prefix_only=True,
+                                       tokens_per_key=self.chunk_size // R)
+                if lease.id:
+                    leases.append(lease)
+                tiers += lease.tiers
+                if not all(lease.tiers):
+                    break
+        except BaseException:
+            for lease in leases:
+                try:
+                    client.release(lease)
+                except errors.KvtierError:
+                    pass  # expired or daemon gone: the lease ends by itself
+            raise
+        return tiers, leases
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         st = self._reqs.get(request.request_id)
@@ -220,13 +246,11 @@ class SchedulerHalf:
         return {k: v for k, v in st.hit_tiers.items() if v}
 
     def _release(self, req_id: str) -> None:
-        lease = self._leases.pop(req_id, None)
-        if lease is None:
-            return
-        try:
-            self.link.call(lambda c: c.release(lease))
-        except Exception:
-            pass  # expired or daemon gone: the lease ends by itself
+        for lease in self._leases.pop(req_id, ()):
+            try:
+                self.link.call(lambda c: c.release(lease))
+            except Exception:
+                pass  # expired or daemon gone: the lease ends by itself
 
     def update_connector_output(self, output) -> None:
         for req_id in getattr(output, "finished_recving", None) or ():
