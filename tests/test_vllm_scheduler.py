@@ -558,3 +558,37 @@ def test_prompt_with_more_keys_than_max_batch_hits(make_daemon, harnesses, monke
     assert sizes[0] == 3 and 3 not in sizes[1:]  # the workers' Acquires name fewer keys
     assert h3.prefill["p"].num_external_cached_tokens == 64
     assert _leases(d.address) == 0
+
+
+# ---- h. a load that keeps failing ------------------------------------------------------------------
+
+def test_load_that_keeps_failing_is_recomputed_not_retried(make_daemon, harnesses, monkeypatch):
+    """The scheduler's Acquire finds the chunks, but every copy on the worker fails (say its
+    lease expires during the copy). A load that fails before any valid block makes vLLM free
+    the blocks and ask again; the request is not offered the same hit again but recomputes."""
+    d = make_daemon()
+    p = prompt(301, 256)
+    h1 = harnesses(d.address)
+    _store(h1, "store", p)
+    tries = []
+
+    def lost(self, client, jobs):  # what a lease lost during the copy gives
+        tries.append(len(jobs))
+        return {b for _, _, blocks in jobs for b in blocks}
+    from kvtier.vllm.scheduler import SchedulerHalf
+    asked = []
+    real_match = SchedulerHalf.get_num_new_matched_tokens
+
+    def match(self, request, n):
+        asked.append((n, real_match(self, request, n)))
+        return asked[-1][1]
+    monkeypatch.setattr(WorkerHalf, "_load_jobs", lost)
+    monkeypatch.setattr(SchedulerHalf, "get_num_new_matched_tokens", match)
+    h2 = harnesses(d.address)
+    h2.add("p", p)
+    h2.run(timeout=5)
+    _finished_ok(h2, "p")
+    assert len(tries) == 1 and asked == [(0, (256, True)), (0, (0, False))]
+    assert h2.first_computed["p"] == 0 and h2.scheduled["p"][0] == 256
+    assert h2.prefill["p"].num_external_cached_tokens == 0
+    assert _leases(d.address) == 0

@@ -23,6 +23,9 @@ in its tenant's own (``RequestOptions.namespace``); lookups, loads and stores al
 
 Failure: a daemon that is down or slow makes ``get_num_new_matched_tokens`` answer 0 (a miss)
 within ``timeout_s``, and the link then skips the daemon for ``retry_s`` before reconnecting.
+A request whose load failed is never offered kvtier's KV from its first failed block on
+again: the same load would likely fail again, and when it fails before any valid block vLLM
+asks again, which would offer the same hit for ever instead of recomputing.
 """
 from __future__ import annotations
 
@@ -59,6 +62,7 @@ class _Req:
     load_at: tuple[int, list[int]] = (0, [])  # (vLLM block index of block_ids[0], block_ids) of a load
     stored_chunks: int = 0
     stores_issued: bool = False
+    failed_at: int | None = None    # first token of a block whose load failed: no hit past it
 
 
 class SchedulerHalf:
@@ -166,11 +170,13 @@ class SchedulerHalf:
         if leases:
             self._leases[request.request_id] = leases
         hit = (first + present) * self.chunk_size
+        if st.failed_at is not None and hit > st.failed_at:
+            hit = st.failed_at  # this request's load failed there: it recomputes from there
         if not self.settings.load_async and hit >= request.num_tokens:
             # a synchronous load must leave vLLM at least one token to compute: load every
             # whole block but the last (the last chunk is then loaded in part)
             hit = (request.num_tokens - 1) // self.block_size * self.block_size
-            present = -(-hit // self.chunk_size) - first
+        present = max(0, -(-hit // self.chunk_size) - first)
         ext = hit - num_computed_tokens
         if ext <= 0:
             self._release(request.request_id)
@@ -272,6 +278,8 @@ class SchedulerHalf:
                 if bad is not None:
                     st.next_store = min(st.next_store, (b0 + bad) // self.cb)
                     st.load_at = (0, [])
+                    failed = (b0 + bad) * self.block_size
+                    st.failed_at = failed if st.failed_at is None else min(st.failed_at, failed)
 
     # ---- stores -------------------------------------------------------------------------
 
