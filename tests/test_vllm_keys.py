@@ -148,6 +148,9 @@ def test_request_options():
     o = request_options({"kvtier": {"tenant": "acme", "pin": 3600}}, s)
     assert (o.tenant, o.pin, o.pin_s) == ("acme", True, 3600)
     assert request_options({"kvtier": {"pin": True}}, s).pin_s == 0
+    warned = []                     # pinned for 0 seconds is no pin, not one until unpinned
+    o = request_options({"kvtier": {"pin": 0}}, s, warn=warned.append)
+    assert (o.pin, o.pin_s) == (False, 0) and len(warned) == 1
     o = request_options({"kvtier": {"skip": True, "load": True}}, s)
     assert not o.load and not o.store
     o = request_options({"kvtier": {"store": False}}, s)

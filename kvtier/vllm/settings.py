@@ -28,7 +28,8 @@ Per request, ``kv_transfer_params={"kvtier": {...}}`` (a bad value is logged and
 never a failed request):
 
     tenant         tenant mixed into this request's keys
-    pin            pin this request's stored chunks (True, or seconds to pin them for)
+    pin            pin this request's stored chunks: True until unpinned, or a number of
+                   seconds > 0 to pin them for (0 is not a duration: ignored, with a warning)
     ttl            seconds to keep the stored chunks in RAM: a pin for that long (the daemon
                    has no per-block expiry; ``"pin": false`` turns it off)
     skip           neither load nor store this request (False)
@@ -193,7 +194,7 @@ def request_options(params: Mapping[str, Any] | None, settings: ConnectorSetting
             out["tenant"] = val
         elif name == "pin" and isinstance(val, bool):
             out["pin"] = val
-        elif name == "pin" and isinstance(val, int) and val >= 0:
+        elif name == "pin" and isinstance(val, int) and val > 0:  # the daemon's 0 is "for ever"
             out["pin"], out["pin_s"] = True, val
         elif name == "ttl" and isinstance(val, int) and not isinstance(val, bool) and val > 0:
             ttl = val
