@@ -224,6 +224,7 @@ class _Ops:
         self.arena: ArenaMapping | None = None
         self.path = ""
         self.checksum_failures = 0
+        self.timeout: float | None = 30.0  # the client's: bounds each wait for the daemon (None: none)
         self.ram_hits = False  # the last get_many over the arena promoted nothing (GET_CHUNK_MIN_RAM)
         self._pool: list[DataConnection] = []
         self._pool_lock = threading.Lock()
@@ -287,23 +288,33 @@ class _Ops:
             return conn
         try:
             return self._connect_data(self.info.data_address)
+        except TimeoutError:
+            raise errors.DeadlineExceeded(f"data channel {self.info.data_address}: no answer within "
+                                          f"{self.timeout}s") from None
         except OSError as e:
             raise errors.Unavailable(f"data channel {self.info.data_address}: {e}") from None
 
     def _connect_data(self, address: str) -> DataConnection:
-        conn = DataConnection(address, token=self.token, tls=self.tls.ssl_context() if self.tls else None,
+        # the client's timeout bounds every wait on the connection, as it bounds a gRPC call
+        conn = DataConnection(address, timeout=self.timeout, token=self.token,
+                              tls=self.tls.ssl_context() if self.tls else None,
                               server_hostname=self.tls.server_name if self.tls else None)
         conn.version = self.info.data_channel_version or 1
         return conn
 
     def _data(self, fn):
         """Run fn(conn) on a pooled data connection; a broken connection is dropped, and the
-        call is tried once more on a fresh one (puts and gets are idempotent)."""
+        call is tried once more on a fresh one (puts and gets are idempotent). A timeout is
+        DeadlineExceeded at once: the daemon may be alive but stalled, and a second try would
+        only double the wait the caller asked for."""
         def call():
             for attempt in (0, 1):
                 conn = self._data_conn()
                 try:
                     out = fn(conn)
+                except TimeoutError:
+                    conn.close()
+                    raise errors.DeadlineExceeded(f"data channel: no answer within {self.timeout}s") from None
                 except (OSError, ConnectionError) as e:
                     conn.close()
                     if attempt:
@@ -333,10 +344,14 @@ class _Ops:
                 return None
             if conn.owed:
                 rid, conn.owed = conn.owed, 0
+                wait = POST_TIMEOUT_S if self.timeout is None else min(self.timeout, POST_TIMEOUT_S)
                 try:
-                    conn.finish_call(rid, POST_TIMEOUT_S)
+                    conn.finish_call(rid, wait)
                 except errors.KvtierError:
                     pass  # the posted call's own error (an expired lease): nobody waits for it
+                except TimeoutError:  # a stalled daemon: the caller's call would wait as long again
+                    conn.close()
+                    raise errors.DeadlineExceeded(f"data channel: no answer within {wait}s") from None
                 except (OSError, ConnectionError):
                     conn.close()
                     continue
@@ -814,7 +829,7 @@ class Client:
                  verify: bool = True, timeout: float | None = 30.0, token: str | None = None,
                  tls: TLS | None = None, control: str = "auto"):
         self._ops = _Ops(address, attach, data_channel, verify, token, tls, control)
-        self.timeout = timeout
+        self._ops.timeout = timeout
         self._channel = _channel(grpc, self._ops.address, tls)
         self._stub = pb_grpc.KVTierStub(self._channel)
         self._attach_lock = threading.Lock()
@@ -860,6 +875,15 @@ class Client:
                     req = gen.send(resp)
         except StopIteration as stop:
             return stop.value
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds each wait for the daemon may take (None: no limit); past it, DeadlineExceeded."""
+        return self._ops.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._ops.timeout = value
 
     @property
     def path(self) -> str:
@@ -957,7 +981,7 @@ class AsyncClient:
                  verify: bool = True, timeout: float | None = 30.0, token: str | None = None,
                  tls: TLS | None = None, control: str = "auto"):
         self._ops = _Ops(address, attach, data_channel, verify, token, tls, control)
-        self.timeout = timeout
+        self._ops.timeout = timeout
         self._channel = _channel(grpc.aio, self._ops.address, tls)
         self._stub = pb_grpc.KVTierStub(self._channel)
 
@@ -1004,6 +1028,7 @@ class AsyncClient:
         except StopIteration as stop:
             return stop.value
 
+    timeout = Client.timeout
     path = Client.path
     control = Client.control
     checksum_failures = Client.checksum_failures
