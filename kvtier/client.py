@@ -869,7 +869,7 @@ class Client:
             while True:
                 try:
                     resp = self._call(req)
-                except errors.KvtierError as e:
+                except BaseException as e:  # Ctrl-C too: the operation lets go of what it holds, re-raises
                     req = gen.throw(e)
                 else:
                     req = gen.send(resp)
