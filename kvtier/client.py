@@ -206,6 +206,57 @@ def _copy_all(jobs: list[tuple[memoryview, memoryview, bool]]) -> list[bytes | N
     return copying.spread(_copy_pool(), run, jobs, k)
 
 
+class _DataCall:
+    """fn(conn) on a pooled data connection, run by calling it. A broken connection is dropped,
+    and the call is tried once more on a fresh one (puts and gets are idempotent). A timeout is
+    DeadlineExceeded at once: the daemon may be alive but stalled, and a second try would only
+    double the wait the caller asked for. ``stop()``, from another thread, ends it early: its
+    connection is shut down, so the blocking reads and writes fail and no more bytes move
+    between the socket and the caller's buffers (a cancelled AsyncClient call)."""
+
+    def __init__(self, ops: "_Ops", fn):
+        self.ops, self.fn = ops, fn
+        self.stopped = False
+        self.conn: DataConnection | None = None
+        self.lock = threading.Lock()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped, conn = True, self.conn
+        if conn is not None:
+            conn.stop()
+
+    def __call__(self):
+        for attempt in (0, 1):
+            conn = self.ops._data_conn()
+            with self.lock:
+                if self.stopped:
+                    conn.close()
+                    raise errors.Unavailable("data channel: call stopped")
+                self.conn = conn
+            try:
+                out = self.fn(conn)
+            except TimeoutError:
+                conn.close()
+                raise errors.DeadlineExceeded(f"data channel: no answer within {self.ops.timeout}s") from None
+            except (OSError, ConnectionError) as e:
+                conn.close()
+                if attempt or self.stopped:
+                    raise errors.Unavailable(f"data channel: {e}") from None
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            finally:
+                with self.lock:
+                    self.conn = None
+            if self.stopped:  # shut down while it ended: not fit to reuse
+                conn.close()
+            else:
+                self.ops._give_back(conn)
+            return out
+
+
 class _Ops:
     """The operations, written once as generators (see module docstring)."""
 
@@ -302,30 +353,8 @@ class _Ops:
         conn.version = self.info.data_channel_version or 1
         return conn
 
-    def _data(self, fn):
-        """Run fn(conn) on a pooled data connection; a broken connection is dropped, and the
-        call is tried once more on a fresh one (puts and gets are idempotent). A timeout is
-        DeadlineExceeded at once: the daemon may be alive but stalled, and a second try would
-        only double the wait the caller asked for."""
-        def call():
-            for attempt in (0, 1):
-                conn = self._data_conn()
-                try:
-                    out = fn(conn)
-                except TimeoutError:
-                    conn.close()
-                    raise errors.DeadlineExceeded(f"data channel: no answer within {self.timeout}s") from None
-                except (OSError, ConnectionError) as e:
-                    conn.close()
-                    if attempt:
-                        raise errors.Unavailable(f"data channel: {e}") from None
-                    continue
-                except BaseException:
-                    conn.close()
-                    raise
-                self._give_back(conn)
-                return out
-        return call
+    def _data(self, fn) -> "_DataCall":
+        return _DataCall(self, fn)
 
     def _give_back(self, conn: DataConnection) -> None:
         if conn.broken:
@@ -987,24 +1016,24 @@ class AsyncClient:
 
     async def _call(self, req):
         kind = req[0]
+        ops, thread = self._ops, _in_thread
         if kind == "post":
-            return self._ops.control == "data" and await asyncio.to_thread(self._ops.control_post, req[1], req[2])
+            return ops.control == "data" and await thread(ops.control_post, req[1], req[2])
         try:
             if kind == "call":
-                return await asyncio.to_thread(req[1])
+                return await thread(req[1], stop=req[1].stop)
             if kind == "start":
-                return await asyncio.to_thread(self._ops.control_start, req[1], req[2]) \
-                    if self._ops.control == "data" else None
+                return await thread(ops.control_start, req[1], req[2]) if ops.control == "data" else None
             if kind == "ready":
-                return await asyncio.to_thread(self._ops.control_ready, req[1], self.timeout)
+                return await thread(ops.control_ready, req[1], self.timeout)
             if kind == "finish":
                 if req[1] is not None:
-                    out = await asyncio.to_thread(self._ops.control_finish, req[1], self.timeout)
+                    out = await thread(ops.control_finish, req[1], self.timeout)
                     if out is not None:
                         return out
                 kind, req = "unary", req[1:]
-            if kind == "unary" and self._ops.control == "data" and req[1] != "Attach":
-                out = await asyncio.to_thread(self._ops.control_call, req[1], req[2], self.timeout)
+            if kind == "unary" and ops.control == "data" and req[1] != "Attach":
+                out = await thread(ops.control_call, req[1], req[2], self.timeout)
                 if out is not None:
                     return out
             rpc = getattr(self._stub, req[1])
@@ -1021,7 +1050,7 @@ class AsyncClient:
             while True:
                 try:
                     resp = await self._call(req)
-                except errors.KvtierError as e:
+                except BaseException as e:  # cancelled too: the operation lets go of what it holds, re-raises
                     req = gen.throw(e)
                 else:
                     req = gen.send(resp)
@@ -1042,6 +1071,25 @@ class AsyncClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+async def _in_thread(fn, *args, stop=None):
+    """fn(*args) in a worker thread. Cancelled, it raises CancelledError only once the thread
+    has ended (``stop()`` first, to make it end soon): a thread that went on after the caller
+    was told would read or write buffers the caller has already reused. The answer of a call
+    cut short that way is dropped (a lease or reservation in it runs out by itself)."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        if stop is not None:
+            stop()
+        while not fut.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([fut])
+        if not fut.cancelled():
+            fut.exception()  # retrieved: the caller hears of the cancel, not of what it caused
+        raise
 
 
 def _async_method(name: str):

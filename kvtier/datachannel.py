@@ -639,6 +639,15 @@ class DataConnection:
     def close(self) -> None:
         self.sock.close()
 
+    def stop(self) -> None:
+        """Shut the connection down from another thread: a read or write blocked on it (or the
+        next one) fails at once, and it is unfit for reuse. The socket stays open (its number is
+        not reused under the thread) until close()."""
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # the fd itself, under any TLS layer
+        except OSError:
+            pass  # closed or never connected: nothing moves on it either way
+
     def _request(self, op: int, ns: str, key: bytes, length: int = 0, flags: int = 0,
                  given: bytes = b"") -> tuple[bytes, int]:
         req_id = self._next
