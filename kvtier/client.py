@@ -147,6 +147,12 @@ class Lease:
     views: list[memoryview | None] = field(default_factory=list)
 
 
+def _same_daemon(a: pb.AttachResponse, b: pb.AttachResponse) -> bool:
+    """Whether two Attach answers come from one daemon run (same arena, same data channel)."""
+    return (a.generation, a.arena_path, a.arena_size, a.data_address) == \
+        (b.generation, b.arena_path, b.arena_size, b.data_address)
+
+
 def _lost(conn: DataConnection, rpc: str, e: BaseException) -> BaseException:
     """A call broke off mid-way: its connection is out of step and closed; what to raise (a lost
     connection is Unavailable, as on gRPC)."""
@@ -279,38 +285,48 @@ class _Ops:
         self.ram_hits = False  # the last get_many over the arena promoted nothing (GET_CHUNK_MIN_RAM)
         self._pool: list[DataConnection] = []
         self._pool_lock = threading.Lock()
+        self._attach_lock = threading.Lock()
 
     # ---- attach and batching ------------------------------------------------------------
 
     def _attach(self, force: bool = False):
+        """Attach (once, or again with ``force``). Calls in other threads may be using the arena
+        and the pooled connections meanwhile: the new arena is mapped before it replaces the
+        old one in one assignment, and a mapping is never closed here (it is unmapped once no
+        call holds a view of it); an Attach answered by the daemon already attached to changes
+        nothing."""
         if self.info is not None and not force:
             return self.info
         info = yield ("unary", "Attach", pb.AttachRequest())
-        if self.arena is not None:
-            self.arena.close()
-            self.arena = None
-        if self.want_arena:
-            try:
-                self.arena = ArenaMapping(info.arena_path, info.arena_size, info.generation)
-            except OSError:
-                self.arena = None
-        self.info = info
-        with self._pool_lock:  # connections to a daemon from before are dead or soon will be
-            old, self._pool = self._pool, []
-        for c in old:
-            c.close()
-        conn = None
-        if self.want_data and info.data_address and (self.arena is None or self.want_control):
-            try:
-                conn = self._connect_data(info.data_address)
-            except (OSError, errors.KvtierError):
-                conn = None
-        if conn is not None:
-            with self._pool_lock:
-                self._pool.append(conn)
-        self.path = "arena" if self.arena is not None else ("data" if conn is not None else "grpc")
-        self.control = "data" if conn is not None and self.want_control else "grpc"
-        return info
+        with self._attach_lock:  # never held across a yield: an AsyncClient's calls share a thread
+            if self.info is not None and (not force or _same_daemon(self.info, info)
+                                          and (self.arena is not None or not self.want_arena)):
+                self.info = info if force else self.info
+                return self.info
+            arena = None
+            if self.want_arena:
+                try:
+                    arena = ArenaMapping(info.arena_path, info.arena_size, info.generation)
+                except OSError:
+                    arena = None
+            self.arena = arena
+            self.info = info
+            with self._pool_lock:  # connections to a daemon from before are dead or soon will be
+                old, self._pool = self._pool, []
+            for c in old:
+                c.close()
+            conn = None
+            if self.want_data and info.data_address and (arena is None or self.want_control):
+                try:
+                    conn = self._connect_data(info.data_address)
+                except (OSError, errors.KvtierError):
+                    conn = None
+            if conn is not None:
+                with self._pool_lock:
+                    self._pool.append(conn)
+            self.path = "arena" if arena is not None else ("data" if conn is not None else "grpc")
+            self.control = "data" if conn is not None and self.want_control else "grpc"
+            return info
 
     def _batches(self, keys: Sequence[bytes]) -> Iterable[tuple[int, list[bytes]]]:
         step = self.info.max_batch or 1024
@@ -489,11 +505,15 @@ class _Ops:
         self._give_back(conn)
 
     def _stale_retry(self, op, *args):
-        """Run a sub-operation; if the daemon restarted (new arena), attach again and retry once."""
+        """Run a sub-operation; if the daemon restarted (new arena), attach again and retry once.
+        Another call may have attached to the new arena already: then the retry just uses it."""
+        yield from self._attach()
+        gen = self._gen()
         try:
             return (yield from op(*args))
         except errors.StaleArena:
-            yield from self._attach(force=True)
+            if self._gen() == gen:
+                yield from self._attach(force=True)
             return (yield from op(*args))
 
     def _verifies(self, digest: bytes) -> bool:
@@ -861,7 +881,6 @@ class Client:
         self._ops.timeout = timeout
         self._channel = _channel(grpc, self._ops.address, tls)
         self._stub = pb_grpc.KVTierStub(self._channel)
-        self._attach_lock = threading.Lock()
 
     def _call(self, req):
         kind = req[0]
@@ -936,13 +955,13 @@ class Client:
         return self._ops.info
 
     def attach(self) -> pb.AttachResponse:
-        with self._attach_lock:
-            return self._drive(self._ops.op_attach())
+        return self._drive(self._ops.op_attach())
 
     def arena_view(self) -> memoryview | None:
         """The whole arena mapping (to register it for DMA, e.g. cudaHostRegister), or None when
         the arena is not mapped. It changes when the daemon restarts (a new generation)."""
-        return self._ops.arena.view if self._ops.arena is not None else None
+        arena = self._ops.arena  # read once: another thread may attach meanwhile
+        return arena.view if arena is not None else None
 
     def lookup(self, ns: str, keys: Sequence[bytes]) -> tuple[list[int], int]:
         """(tier per key, longest present prefix). Tier: 0 missing, 1 RAM, 2 NVMe, 3 cluster."""
