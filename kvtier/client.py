@@ -816,6 +816,8 @@ class _Ops:
                 continue
             if into is not None:
                 dst = memoryview(into[i]).cast("B")
+                if len(dst) < len(data):  # as on the other paths, not memoryview's ValueError
+                    raise errors.InvalidArgument(f"buffer {i} holds {len(dst)} bytes, block has {len(data)}")
                 dst[:len(data)] = data
                 out[i] = dst[:len(data)]
             else:
