@@ -299,8 +299,9 @@ class _Ops:
             return self.info
         info = yield ("unary", "Attach", pb.AttachRequest())
         with self._attach_lock:  # never held across a yield: an AsyncClient's calls share a thread
-            if self.info is not None and (not force or _same_daemon(self.info, info)
-                                          and (self.arena is not None or not self.want_arena)):
+            arena = self.arena
+            mapped = arena.generation == info.generation if arena is not None else not self.want_arena
+            if self.info is not None and (not force or _same_daemon(self.info, info) and mapped):
                 self.info = info if force else self.info
                 return self.info
             arena = None
