@@ -277,6 +277,8 @@ def _validate(p: Plan) -> None:
         else:
             if parse_duration(p.deadline, "run.deadline") <= 0:
                 raise ConfigError("run.deadline: a duration must be > 0")
+    if p.promote and p.ram_budget <= 0:  # the run would refuse to start, every night
+        raise ConfigError("promote.ram_budget: must be set (e.g. \"200GiB\") when promote.enabled is true")
     if p.max_run_s <= 0 or p.max_run_s > 86400:
         raise ConfigError(f"run.max_run: must be more than 0 and at most 24h, got {p.max_run_s}s")
     for name, v in (("report.min_coverage", p.min_coverage), ("report.min_ram_coverage", p.min_ram_coverage)):

@@ -1,0 +1,26 @@
+"""kvtier prewarm: what ``--check`` must refuse and what the state file must keep, without a
+server or a daemon."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kvtier.errors import ConfigError
+from kvtier.prewarm import plan as P
+from kvtier.prewarm.state import Entry, State
+
+TENANT = '[[tenant]]\nname = "a"\n[[tenant.context]]\nname = "c"\ntext = "x"\n'
+
+
+def _load(tmp_path, text: str) -> P.Plan:
+    f = tmp_path / "plan.toml"
+    f.write_text(text + TENANT)
+    return P.load(str(f))
+
+
+def test_check_refuses_promote_enabled_without_a_budget(tmp_path):
+    # the run would stop with "ram_budget must be set" before any work, every night
+    with pytest.raises(ConfigError, match="promote.ram_budget"):
+        _load(tmp_path, "[promote]\nenabled = true\n")
+    assert _load(tmp_path, '[promote]\nenabled = true\nram_budget = "1GiB"\n').promote
