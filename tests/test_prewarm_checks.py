@@ -24,3 +24,15 @@ def test_check_refuses_promote_enabled_without_a_budget(tmp_path):
     with pytest.raises(ConfigError, match="promote.ram_budget"):
         _load(tmp_path, "[promote]\nenabled = true\n")
     assert _load(tmp_path, '[promote]\nenabled = true\nram_budget = "1GiB"\n').promote
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:abc", "http://127.0.0.1:99999", "http://127.0.0.1:8000 x"])
+def test_check_refuses_a_url_that_cannot_be_connected_to(tmp_path, url):
+    with pytest.raises(ConfigError, match="vllm.url"):
+        _load(tmp_path, f'[vllm]\nurl = "{url}"\n')
+
+
+def test_check_refuses_credentials_in_the_url_without_echoing_them(tmp_path):
+    with pytest.raises(ConfigError, match="vllm.url") as e:
+        _load(tmp_path, '[vllm]\nurl = "http://admin:s3cret@127.0.0.1:8000"\n')
+    assert "s3cret" not in str(e.value)

@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -252,7 +253,17 @@ def _context(tenant: str, j: int, c: Any, base: str) -> Context:
 
 
 def _validate(p: Plan) -> None:
+    u = urllib.parse.urlsplit(p.url)
+    if "@" in u.netloc:  # never sent (the key goes in a header), and not to be echoed in logs
+        raise ConfigError("vllm.url: credentials in the URL are not used: put the API key in the environment "
+                          "variable named by vllm.api_key_env")
     if not re.match(r"https?://[^/\s]+", p.url):
+        raise ConfigError(f"vllm.url: expected http://host:port, got {p.url!r}")
+    try:  # a port that is not a number, or out of range, would only fail when the run connects
+        u.port
+    except ValueError as e:
+        raise ConfigError(f"vllm.url: {e}, got {p.url!r}") from None
+    if any(c.isspace() for c in p.url) or not u.hostname:
         raise ConfigError(f"vllm.url: expected http://host:port, got {p.url!r}")
     if p.timeout_s <= 0:
         raise ConfigError(f"vllm.timeout_s: must be > 0, got {p.timeout_s}")
