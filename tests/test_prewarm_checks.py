@@ -36,3 +36,16 @@ def test_check_refuses_credentials_in_the_url_without_echoing_them(tmp_path):
     with pytest.raises(ConfigError, match="vllm.url") as e:
         _load(tmp_path, '[vllm]\nurl = "http://admin:s3cret@127.0.0.1:8000"\n')
     assert "s3cret" not in str(e.value)
+
+
+def test_state_entry_is_written_soon_even_when_no_other_context_finishes(tmp_path):
+    # a context that finishes right after another is saved within the 2 s window, not only
+    # when the next one finishes (hours later, for a long context) or at the end: a run killed
+    # (SIGKILL, OOM) meanwhile would send it again
+    path = str(tmp_path / "state.json")
+    st = State(path)
+    st.put("a/x", Entry("d1", "ns", 4, 1, 8, ["00" * 32]))
+    st.put("a/y", Entry("d2", "ns", 4, 1, 8, ["11" * 32]))
+    assert set(State.load(path).entries) == {"a/x"}
+    time.sleep(2.5)
+    assert set(State.load(path).entries) == {"a/x", "a/y"}

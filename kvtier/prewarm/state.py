@@ -51,6 +51,7 @@ class State:
         self._lock = threading.Lock()
         self._dirty = False
         self._last_save = 0.0
+        self._timer: threading.Timer | None = None
 
     @classmethod
     def load(cls, path: str) -> "State":
@@ -77,8 +78,25 @@ class State:
         with self._lock:
             self.entries[cid] = entry
             self._dirty = True
-        if time.monotonic() - self._last_save >= 2.0:
+        wait = 2.0 - (time.monotonic() - self._last_save)
+        if wait <= 0:
             self.save()
+            return
+        # within 2 s of the last write: write when they are up, not only when the next context
+        # finishes (hours later, for a long one) or at the end, so a killed run keeps it
+        with self._lock:
+            if self._timer is None:
+                self._timer = threading.Timer(wait, self._flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._timer = None
+        try:
+            self.save()
+        except OSError as e:  # the next put or the end of the run tries again
+            log.warning("prewarm state %s: cannot write it (%s)", self.path, e)
 
     def save(self) -> None:
         """Write the file if anything changed (crash-safe)."""
