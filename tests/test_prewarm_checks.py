@@ -49,3 +49,34 @@ def test_state_entry_is_written_soon_even_when_no_other_context_finishes(tmp_pat
     assert set(State.load(path).entries) == {"a/x"}
     time.sleep(2.5)
     assert set(State.load(path).entries) == {"a/x", "a/y"}
+
+
+class _Answers:
+    """A stand-in server: the answer for each prompt text."""
+
+    def __init__(self, answers: dict[str, dict]):
+        self.answers = answers
+
+    def first_model(self) -> str:
+        return "tiny"
+
+    def post(self, endpoint: str, body: dict) -> dict:
+        return self.answers[body["prompt"]]
+
+
+def test_an_odd_answer_for_one_context_fails_only_that_context(tmp_path):
+    import io
+
+    from kvtier.prewarm.report import Progress
+    from kvtier.prewarm.run import Run
+    ok = {"usage": {"prompt_tokens": 2}, "kv_transfer_params": {"kvtier": {
+        "keys": [], "namespace": "vllm", "chunk_size": 4, "ranks": 1}}}
+    server = _Answers({"one": {"usage": {"prompt_tokens": 2}, "kv_transfer_params": ["not", "a", "table"]},
+                       "two": {"usage": "2", **{k: v for k, v in ok.items() if k != "usage"}},
+                       "three": ok})
+    plan = P.from_dict({"run": {"concurrency": 1}, "tenant": [{"name": "a", "context": [
+        {"name": n, "text": n} for n in ("one", "two", "three")]}]}, str(tmp_path))
+    run = Run(plan, None, server, State(str(tmp_path / "state.json")), Progress(3, io.StringIO(), tty=False))
+    got = run.prewarm()
+    assert (got["a/one"].status, got["a/two"].status, got["a/three"].status) == ("failed", "failed", "stored")
+    assert "kv_transfer_params" in got["a/one"].error and "unexpected answer" in got["a/two"].error

@@ -160,7 +160,7 @@ class Run:
             self._context(tenant, ctx, r)
         except (Transient, Permanent, OSError, ValueError, errors.KvtierError) as e:
             r.status, r.error = "failed", str(e) or type(e).__name__
-        except (KeyError, TypeError) as e:  # an answer without the fields the connector sends
+        except (KeyError, TypeError, AttributeError) as e:  # an answer without the fields the connector sends
             r.status, r.error = "failed", f"unexpected answer from vLLM: {type(e).__name__}: {e}"
         r.ended = self.clock()
         r.seconds = r.ended - r.started
@@ -192,7 +192,8 @@ class Run:
         resp = self._send(prompt.endpoint, body, r)
         if resp is None:
             return
-        params = (resp.get("kv_transfer_params") or {}).get("kvtier")
+        params = resp.get("kv_transfer_params")
+        params = params.get("kvtier") if isinstance(params, dict) else None
         tokens = int((resp.get("usage") or {}).get("prompt_tokens") or 0)
         if not isinstance(params, dict) or "keys" not in params:
             raise Permanent("the response has no kv_transfer_params.kvtier.keys: is vLLM running with the "
