@@ -80,3 +80,44 @@ def test_an_odd_answer_for_one_context_fails_only_that_context(tmp_path):
     got = run.prewarm()
     assert (got["a/one"].status, got["a/two"].status, got["a/three"].status) == ("failed", "failed", "stored")
     assert "kv_transfer_params" in got["a/one"].error and "unexpected answer" in got["a/two"].error
+
+
+def test_the_api_key_does_not_follow_a_redirect():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kvtier.prewarm.run import OpenAIServer, Permanent
+    seen: list[str | None] = []
+
+    class Other(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            data = b'{"data": [{"id": "tiny"}]}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Other)
+
+    class Redirect(Other):
+        def do_GET(self):
+            self.send_response(307)
+            self.send_header("Location", f"http://127.0.0.1:{other.server_address[1]}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    first = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    for s in (first, other):
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(Permanent, match="redirect"):
+            OpenAIServer(f"http://127.0.0.1:{first.server_address[1]}", "sk-secret", 5).first_model()
+        assert seen == []
+    finally:
+        for s in (first, other):
+            s.shutdown()
+            s.server_close()

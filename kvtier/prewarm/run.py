@@ -26,6 +26,7 @@ import os
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import IO, Any
@@ -48,6 +49,17 @@ class Permanent(Exception):
     """Retrying would give the same answer."""
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error: urllib would resend the API key to wherever it points, and turn
+    the POST into a GET without its body."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
+
+
 class OpenAIServer:
     """The few calls prewarm makes to a vLLM OpenAI-compatible server (standard library only)."""
 
@@ -61,9 +73,14 @@ class OpenAIServer:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+            with _opener.open(req, timeout=self.timeout_s) as r:
                 raw = r.read()
         except urllib.error.HTTPError as e:
+            if 300 <= e.code < 400:
+                where = urllib.parse.urlsplit(e.headers.get("Location") or "")
+                host = where.netloc.rpartition("@")[2]  # no credentials in the message
+                raise Permanent(f"HTTP {e.code} from {path}: redirected to {where.scheme}://{host}; set "
+                                "vllm.url to the server itself") from None
             detail = e.read()[:300].decode("utf-8", "replace").strip()
             err = Transient if e.code in TRANSIENT_HTTP else Permanent
             raise err(f"HTTP {e.code} from {path}: {detail}") from None
