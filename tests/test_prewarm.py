@@ -555,3 +555,15 @@ def test_sigterm_saves_progress_and_the_next_run_resumes(tmp_path, daemon, fake_
     status = {c.id: c.status for t in rep.tenants for c in t.contexts}
     assert status == {cid: "resident" if i < sent else "stored" for i, cid in enumerate(order)}
     assert len(fake.requests) == 4
+
+
+def test_max_tokens_per_s_holds_with_requests_in_parallel(tmp_path, daemon, fake_vllm):
+    # four contexts, four at once: without booking tokens before sending, all four start at
+    # once and the whole plan (52 tokens) goes out in an instant at a 100 tokens/s limit
+    fake = fake_vllm()
+    fake.delay_s = 0.02
+    plan = P.load(write_plan(tmp_path, fake.url, daemon.address, "concurrency = 4\nmax_tokens_per_s = 100"))
+    t0 = time.monotonic()
+    rep = run_plan(plan, progress_out=io.StringIO(), tty=False)
+    assert all(c.status == "stored" for t in rep.tenants for c in t.contexts)
+    assert time.monotonic() - t0 >= 0.3

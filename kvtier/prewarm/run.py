@@ -8,7 +8,9 @@ vLLM's OpenAI API (``max_tokens: 1``, ``kv_transfer_params.kvtier``: tenant, pin
 (stores finish after the response), pin them, and record them in the state file.
 
 Pace: at most ``concurrency`` requests in flight and, with ``max_tokens_per_s``, prompt
-tokens paced to that rate (accounted when each response arrives, so it holds on average).
+tokens paced to that rate: each request books an estimate of its tokens before it is sent
+(last run's count, else about 4 characters a token), corrected by the count in its answer, so
+the rate holds on average with requests in parallel too.
 Deadline: no request starts after it; with ``after_deadline = "slow"`` the run goes on one
 request at a time at ``late_tokens_per_s`` instead, so a run that is late (or started late)
 leaves daytime traffic its GPUs. Transient errors (connection refused or reset, timeouts,
@@ -121,6 +123,35 @@ class Pacer:
             with self._lock:
                 self.next_at = max(self.next_at, time.monotonic()) + tokens / self.rate
 
+    def book(self, tokens: int) -> float:
+        """Take ``tokens`` (an estimate) now, before sending; seconds to wait first. Booked
+        before the answer, so that requests in parallel are spaced too, not only one after
+        the other."""
+        if not self.rate:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            start = max(self.next_at, now)
+            self.next_at = start + tokens / self.rate
+            return start - now
+
+    def correct(self, tokens: int) -> None:
+        """The answer's count differs from the booked estimate by ``tokens`` (may be < 0)."""
+        if self.rate:
+            with self._lock:
+                self.next_at += tokens / self.rate
+
+
+def estimate_tokens(body: dict) -> int:
+    """Prompt tokens of a request before the server counts them: exact for token ids, about
+    4 characters a token for text."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        return len(prompt)
+    text = prompt if isinstance(prompt, str) else json.dumps(body.get("messages") or []) + \
+        json.dumps(body.get("tools") or [])
+    return max(1, len(text) // 4)
+
 
 def request_digest(model: str, endpoint: str, body: dict) -> str:
     return hashlib.sha256(json.dumps({"model": model, "endpoint": endpoint, "body": body},
@@ -206,7 +237,9 @@ class Run:
             return
         body = {"model": self.model, **prompt.body, "max_tokens": 1, "temperature": 0,
                 "kv_transfer_params": {"kvtier": kvtier_params(tenant)}}
-        resp = self._send(prompt.endpoint, body, r)
+        # last time's count when there is one: the same context, most often about the same size
+        estimate = entry.tokens if entry is not None and entry.tokens else estimate_tokens(prompt.body)
+        resp = self._send(prompt.endpoint, body, r, estimate)
         if resp is None:
             return
         params = resp.get("kv_transfer_params")
@@ -225,7 +258,7 @@ class Run:
         self.state.put(ctx.id, Entry(digest, ns, cs, ranks, tokens, list(params["keys"]), time.time(),
                                      self.model))
 
-    def _send(self, endpoint: str, body: dict, r: ContextResult) -> dict | None:
+    def _send(self, endpoint: str, body: dict, r: ContextResult, estimate: int = 0) -> dict | None:
         p = self.plan
         for attempt in range(p.retries + 1):
             if self.must_stop():
@@ -238,7 +271,7 @@ class Run:
             if lock:
                 lock.acquire()
             try:
-                if not self._sleep(pacer.wait_s()):
+                if not self._sleep(pacer.book(estimate)):
                     self.stopped = True
                     r.error = "deadline"
                     return None
@@ -246,12 +279,16 @@ class Run:
                 try:
                     resp = self.server.post(endpoint, body)
                 except Transient as e:
+                    pacer.correct(-estimate)  # nothing was computed
                     if attempt == p.retries:
                         raise
                     log.info("prewarm %s/%s: %s; retrying", r.tenant, r.name, e)
                     err = e
+                except BaseException:
+                    pacer.correct(-estimate)
+                    raise
                 else:
-                    pacer.spend(int((resp.get("usage") or {}).get("prompt_tokens") or 0))
+                    pacer.correct(int((resp.get("usage") or {}).get("prompt_tokens") or 0) - estimate)
                     return resp
             finally:
                 if lock:
