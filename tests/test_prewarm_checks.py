@@ -121,3 +121,14 @@ def test_the_api_key_does_not_follow_a_redirect():
         for s in (first, other):
             s.shutdown()
             s.server_close()
+
+
+@pytest.mark.parametrize("text", ["[]", "null", '{"version": 1, "contexts": []}',
+                                  '{"version": 1, "contexts": {"a/x": {"digest": "d", "namespace": "ns", '
+                                  '"chunk_size": 4, "ranks": 1, "tokens": 8, "keys": ["not hex"]}}}'])
+def test_a_state_file_of_another_shape_is_an_empty_state(tmp_path, text):
+    # the state only saves work: a file that is not what this version writes must not stop
+    # the run (or fail a context every night until someone deletes it)
+    path = tmp_path / "state.json"
+    path.write_text(text)
+    assert State.load(str(path)).entries == {}

@@ -59,13 +59,14 @@ class State:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-            if data.get("version") != VERSION:
-                raise ValueError(f"version {data.get('version')!r}")
+            if not isinstance(data, dict) or data.get("version") != VERSION:
+                raise ValueError(f"version {data.get('version') if isinstance(data, dict) else None!r}")
             for cid, e in data["contexts"].items():
                 st.entries[cid] = Entry(**e)
+                st.entries[cid].key_bytes()  # keys that are not hex would fail the context every run
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("prewarm state %s is unreadable (%s): every context is sent again", path, e)
             st.entries = {}
         return st
