@@ -132,3 +132,31 @@ def test_a_state_file_of_another_shape_is_an_empty_state(tmp_path, text):
     path = tmp_path / "state.json"
     path.write_text(text)
     assert State.load(str(path)).entries == {}
+
+
+@pytest.mark.parametrize("answer", ['{"data": [{"name": "tiny"}]}', '{"data": "tiny"}', '{"data": [null]}'])
+def test_an_odd_model_list_is_a_clear_error(answer):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kvtier.prewarm.run import OpenAIServer, Permanent
+
+    class Models(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            data = answer.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(Permanent, match="/v1/models"):
+            OpenAIServer(f"http://127.0.0.1:{srv.server_address[1]}", None, 5).first_model()
+    finally:
+        srv.shutdown()
+        srv.server_close()

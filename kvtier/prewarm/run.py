@@ -100,7 +100,12 @@ class OpenAIServer:
         data = self._call("GET", "/v1/models").get("data") or []
         if not data:
             raise Permanent("the server lists no model")
-        return data[0]["id"]
+        first = data[0] if isinstance(data, list) else None
+        if not isinstance(first, dict) or not isinstance(first.get("id"), str):
+            # not an OpenAI server's answer (a proxy, another service on the port)
+            raise Permanent(f"/v1/models: no model id in the answer: {json.dumps(data)[:200]}; "
+                            "set vllm.model, or check vllm.url")
+        return first["id"]
 
     def post(self, path: str, body: dict) -> dict:
         return self._call("POST", path, body)
