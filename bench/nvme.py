@@ -544,22 +544,18 @@ def read_latency(path: str, rounds: int, src: Sources, n: int = 64) -> dict:
 
 PART_C_RAM = "256MiB"
 ARENA_HUGE = "arena on 2 MiB tmpfs pages"
-HUGE_TMPFS = ("huge=always", "huge=within_size", "huge=advise")   # the arena advises MADV_HUGEPAGE
-
-
 def huge_tmpfs(tmp: str, need: int, stack: contextlib.ExitStack) -> tuple[str | None, str]:
     """A directory on a tmpfs whose files get 2 MiB pages, with ``need`` bytes free: a writable
     mount that has them (its path), else, as root, a tmpfs mounted under tmp for this run and
     unmounted at its end. (None, why) where neither is possible."""
+    from kvtier.arena import tmpfs_may_be_huge   # the daemon's own test of such a mount
     with open("/proc/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) < 4 or parts[2] != "tmpfs" or not set(parts[3].split(",")) & set(HUGE_TMPFS):
-                continue
-            mnt = parts[1].replace("\\040", " ")
-            st = os.statvfs(mnt)
-            if os.access(mnt, os.W_OK) and st.f_bavail * st.f_frsize >= need:
-                return mnt, f"the tmpfs mounted at {mnt} ({[o for o in parts[3].split(',') if o.startswith('huge=')][0]})"
+        mounts = [parts[1].replace("\\040", " ") for parts in map(str.split, f)
+                  if len(parts) > 2 and parts[2] == "tmpfs"]
+    for mnt in mounts:
+        st = os.statvfs(mnt)
+        if tmpfs_may_be_huge(mnt) and os.access(mnt, os.W_OK) and st.f_bavail * st.f_frsize >= need:
+            return mnt, f"the tmpfs mounted at {mnt}, which gives huge pages"
     if os.geteuid() != 0:
         return None, "no writable tmpfs with huge pages, and not root to mount one"
     mnt = tempfile.mkdtemp(prefix="kvtier-bench-huge-", dir=tmp)

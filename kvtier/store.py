@@ -115,11 +115,13 @@ class _Join:
 
 
 class _Moving:
-    """The promotions of one key in flight, and the Deletes of it (in flight, and begun so far)."""
-    __slots__ = ("promoting", "deleting", "deletes")
+    """The promotions of one key in flight, and the Deletes of it (in flight, and begun so far);
+    ``reading``: set when the promotion that reserved the key's slot ends (the others wait for it)."""
+    __slots__ = ("promoting", "deleting", "deletes", "reading")
 
     def __init__(self):
         self.promoting = self.deleting = self.deletes = 0
+        self.reading: threading.Event | None = None
 
 
 class Store:
@@ -157,7 +159,6 @@ class Store:
         self._landing: dict[tuple[str, bytes], threading.Event] = {}
         self._seen_once: dict[tuple[str, bytes], None] = {}
         self._holding: dict[tuple[str, bytes], Block | None] = {}  # promotions to hold at commit (see promote)
-        self._reading: dict[tuple[str, bytes], threading.Event] = {}  # promotions reading a key -> set when done
         # promotions and Deletes in flight, by key: a promotion commits only if no Delete of its key
         # began since it started (_promotions_begin); _plock orders that check and the commit
         # against a Delete's start. Taken before the hot lock, never under it.
@@ -413,9 +414,10 @@ class Store:
         finally:
             ev = holder.get("ev")
             if ev is not None:  # promotions that found the key reserved by this one look again
-                self._reading.pop((ns, key), None)
+                with self._plock:
+                    self._moving[(ns, key)].reading = None
                 ev.set()
-            self._promotions_end(ns, [key])
+            self._moving_end(ns, [key], "promoting")
 
     def _promote(self, ns: str, key: bytes, hold: bool, gen: int, holder: dict) -> Block | bool:
         k = (ns, key)
@@ -431,9 +433,10 @@ class Store:
                 raise _Present()
             holder["r"] = r.reservation_id
             if "ev" not in holder:
-                ev = threading.Event()
-                if self._reading.setdefault(k, ev) is ev:
-                    holder["ev"] = ev
+                with self._plock:
+                    e = self._moving[k]
+                    if e.reading is None:
+                        e.reading = holder["ev"] = threading.Event()
             off = r.offsets[0]
             return self.view[off:off + self.hot.alloc.round(n)]
 
@@ -444,7 +447,8 @@ class Store:
                 self.hot.discard(holder["r"])
             # in RAM, or reserved: by a put (a miss until it commits) or by a promotion of the same
             # key reading it now (two requests sharing a prefix): wait for that one, not a miss
-            ev = self._reading.get(k)
+            with self._plock:
+                ev = self._moving[k].reading
             if ev is not None and not self.hot.contains(ns, key):
                 ev.wait(LANDING_WAIT_S)
             return self.hot.contains(ns, key)
@@ -494,18 +498,9 @@ class Store:
                 out.append(e.deletes)
         return out
 
-    def _promotions_end(self, ns: str, keys: Sequence[bytes]) -> None:
-        """End promotions registered by _promotions_begin (only the keys it gave a count for)."""
-        with self._plock:
-            for key in keys:
-                e = self._moving[(ns, key)]
-                e.promoting -= 1
-                if not e.promoting and not e.deleting:
-                    del self._moving[(ns, key)]
-
     def _deletes_begin(self, ns: str, keys: Sequence[bytes]) -> None:
         """A Delete of keys begins: promotions in flight will not commit, new ones miss until
-        _deletes_end."""
+        _moving_end."""
         with self._plock:
             for key in keys:
                 e = self._moving.get((ns, key))
@@ -514,13 +509,16 @@ class Store:
                 e.deleting += 1
                 e.deletes += 1
 
-    def _deletes_end(self, ns: str, keys: Sequence[bytes]) -> None:
+    def _moving_end(self, ns: str, keys: Sequence[bytes], what: str) -> None:
+        """End promotions ("promoting": those _promotions_begin gave a count for) or Deletes
+        ("deleting") of keys."""
         with self._plock:
             for key in keys:
-                e = self._moving[(ns, key)]
-                e.deleting -= 1
-                if not e.promoting and not e.deleting:
-                    del self._moving[(ns, key)]
+                k = (ns, key)
+                e = self._moving[k]
+                setattr(e, what, getattr(e, what) - 1)
+                if e.promoting == e.deleting == 0:
+                    del self._moving[k]
 
     def _acquire_ram(self, ns: str, keys: Sequence[bytes], lease_ms: int,
                      prefix_only: bool) -> tuple[Acquired, list[int]]:
@@ -657,7 +655,7 @@ class Store:
         try:
             return await self._promote_from_cluster(ns, keys, gens)
         finally:
-            self._promotions_end(ns, [k for k, g in zip(keys, gens) if g is not None])
+            self._moving_end(ns, [k for k, g in zip(keys, gens) if g is not None], "promoting")
 
     async def _promote_from_cluster(self, ns: str, keys: Sequence[bytes], gens: list[int | None]) -> list[bool]:
         rids: dict[int, int] = {}
@@ -760,7 +758,7 @@ class Store:
             n = await asyncio.to_thread(self.delete, ns, keys)
             c = await self.cluster.delete_many(ns, list(keys))
         finally:
-            self._deletes_end(ns, keys)
+            self._moving_end(ns, keys, "deleting")
         return n or c
 
     def read_inline(self, ns: str, key: bytes) -> tuple[int, bytes, bytes] | None:
@@ -806,7 +804,7 @@ class Store:
                 on_disk = self._forget_lower(ns, k)
                 n += bool(in_ram or on_disk)
         finally:
-            self._deletes_end(ns, keys)
+            self._moving_end(ns, keys, "deleting")
         return n
 
     def snapshot(self) -> dict:

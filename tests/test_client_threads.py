@@ -16,6 +16,15 @@ def key(i) -> bytes:
 ITEMS = [(key(i), bytes([i]) * 65536) for i in range(32)]
 
 
+def get_all(c: Client, failures: list) -> None:
+    """One get_many of ITEMS; wrong bytes or an error go into failures."""
+    try:
+        if c.get_many("ns", [k for k, _ in ITEMS]) != [v for _, v in ITEMS]:
+            failures.append("wrong bytes")
+    except Exception as e:
+        failures.append(f"{type(e).__name__}: {e}")
+
+
 def test_first_calls_from_many_threads_attach_once(daemon):
     with Client(daemon.address) as c0:
         c0.put_many("ns", ITEMS)
@@ -26,11 +35,7 @@ def test_first_calls_from_many_threads_attach_once(daemon):
 
             def work():
                 go.wait()
-                try:
-                    if c.get_many("ns", [k for k, _ in ITEMS]) != [v for _, v in ITEMS]:
-                        failures.append("wrong bytes")
-                except Exception as e:
-                    failures.append(f"{type(e).__name__}: {e}")
+                get_all(c, failures)
             ts = [threading.Thread(target=work) for _ in range(4)]
             for t in ts:
                 t.start()
@@ -47,11 +52,7 @@ def test_attach_while_other_threads_get(daemon):
 
         def getter():
             while not stop.is_set():
-                try:
-                    if c.get_many("ns", [k for k, _ in ITEMS]) != [v for _, v in ITEMS]:
-                        failures.append("wrong bytes")
-                except Exception as e:
-                    failures.append(f"{type(e).__name__}: {e}")
+                get_all(c, failures)
         ts = [threading.Thread(target=getter) for _ in range(2)]
         for t in ts:
             t.start()

@@ -38,6 +38,25 @@ def _in_flight(gate: threading.Event):
     return asyncio.to_thread(gate.wait, 10)
 
 
+def delete_while_got(c: Client, address: str, k: bytes, data: bytes, entered: threading.Event,
+                     go: threading.Event, client_kw: dict | None = None) -> None:
+    """A get of k in a thread of its own, held in its promotion until go; c deletes k meanwhile.
+    The get's own caller may still see the block (or a miss)."""
+    got = []
+    try:
+        def reader():
+            with Client(address, **(client_kw or {})) as r:
+                got.append(r.get(NS, k))
+        t = threading.Thread(target=reader)
+        t.start()
+        assert entered.wait(10), "the promotion did not start"
+        assert c.delete(NS, [k]) == 1
+    finally:
+        go.set()
+    t.join(10)
+    assert not t.is_alive() and got and got[0] in (None, data)
+
+
 # ---- promotions -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("client_kw", [{}, {"attach": False}], ids=["arena", "data"])
@@ -61,19 +80,7 @@ def test_delete_during_a_promotion_from_nvme_is_not_undone(make_daemon, tmp_path
             return meta
 
         st.cold.read = slow_read
-        got = []
-        try:
-            def reader():
-                with Client(d.address, **client_kw) as r:
-                    got.append(r.get(NS, k))
-            t = threading.Thread(target=reader)
-            t.start()
-            assert entered.wait(10), "the promotion did not start"
-            assert c.delete(NS, [k]) == 1
-        finally:
-            go.set()
-        t.join(10)
-        assert not t.is_alive() and got and got[0] in (None, data)  # its own caller may still see it
+        delete_while_got(c, d.address, k, data, entered, go, client_kw)
         wait_until(lambda: st.queued_bytes == 0, what="write queue drained")
         assert c.lookup(NS, [k])[0] == [0]
         assert c.get(NS, k) is None
@@ -99,19 +106,7 @@ def test_delete_during_a_promotion_from_the_cluster_is_not_undone(make_daemon, v
         assert ca.put(NS, k, data)
         wait_until(lambda: cb.lookup(NS, [k])[0] == [3], what="A's block in the cluster tier")
         tier.get_many = slow_get_many
-        got = []
-        try:
-            def reader():
-                with Client(b.address) as r:
-                    got.append(r.get(NS, k))
-            t = threading.Thread(target=reader)
-            t.start()
-            assert entered.wait(10), "the promotion did not start"
-            assert cb.delete(NS, [k]) == 1
-        finally:
-            go.set()
-        t.join(10)
-        assert not t.is_alive() and got and got[0] in (None, data)
+        delete_while_got(cb, b.address, k, data, entered, go)
         assert cb.lookup(NS, [k])[0] == [0]
         assert cb.get(NS, k) is None and not b.daemon.store.hot.contains(NS, k)
         assert ca.delete(NS, [k]) == 1  # A's own RAM copy
