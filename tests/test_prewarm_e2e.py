@@ -26,6 +26,7 @@ import pytest
 from kvtier import cli
 from kvtier.client import Client
 from kvtier.prewarm.state import State
+from tests.tiny_llama import write_tiny_llama
 
 pytestmark = [pytest.mark.timeout(480),
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -41,9 +42,8 @@ CHUNK = 64
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny random Llama with a word-level tokenizer: word "wN" is id N + 7."""
-    import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
     path = tmp_path_factory.mktemp("tiny-chat-llama")
     vocab = {w: i for i, w in enumerate(SPECIAL + [f"w{i}" for i in range(VOCAB - len(SPECIAL))])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -51,12 +51,7 @@ def tiny_model(tmp_path_factory):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
-    return str(path)
+    return write_tiny_llama(path, VOCAB, bos_token_id=1, eos_token_id=2)
 
 
 def _free_port() -> int:

@@ -27,6 +27,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install vl
 from kvtier.client import Client  # noqa: E402
 from kvtier.vllm import SUPPORTED_VLLM, is_supported  # noqa: E402
 from kvtier.vllm.keys import chunk_keys  # noqa: E402
+from tests.tiny_llama import write_tiny_llama  # noqa: E402
 
 BLOCK = 32          # CPU attention wants a multiple of 32
 CHUNK = 64          # two blocks per chunk: exercises partial-chunk loads too
@@ -40,14 +41,7 @@ def test_installed_vllm_is_supported():
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
-    return str(path)
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 class Engines:
