@@ -23,9 +23,13 @@ Lifecycle of a block:
 * A lease pins blocks against eviction and slot reuse until released or
   expired. An expired lease is unknown to ``release`` (NOT_FOUND): the client
   learns that the bytes it read may have been overwritten.
-* Only blocks that are neither pinned nor leased are known to the eviction
-  policy, so eviction never has to skip anything; a full arena whose blocks
-  are all pinned, leased or reserved is ``ArenaFull`` and changes nothing.
+* Committed blocks that are not pinned are known to the eviction policy. A
+  lease leaves its blocks there (taking a block out of the policy and putting
+  it back cost more than the rest of an Acquire and its Release); eviction
+  skips a leased block it is offered, which then stays out of the policy until
+  its last lease ends. Pinned blocks leave the policy. A full arena whose
+  blocks are all pinned, leased or reserved is ``ArenaFull`` and changes
+  nothing.
 
 Thread-safe: every public method takes ``self.lock``; the gRPC loop and the
 data-channel threads call straight in. Nothing under the lock touches block
@@ -82,6 +86,18 @@ def _content(b: Block) -> tuple[str, bytes]:
     return b.ns, b.key
 
 
+def _reads(b: Block) -> int:
+    """The reads counted on a queued block since the policy last asked; zeroes them."""
+    n = b.queued - 1 if b.queued else 0
+    if n:
+        b.queued = 1
+    return n
+
+
+def _new_policy(name: str):
+    return POLICIES[name](ghost_key=_content, reads=_reads)
+
+
 def checksum(buf) -> bytes:
     """xxh3-128 digest, 16 bytes, canonical (big-endian) form."""
     return xxhash.xxh3_128_digest(buf)
@@ -102,6 +118,9 @@ class Block:
     entry: int = -1          # its slot-table entry (kvtier.slots), -1 if none
     promoted: bool = False   # brought up from a lower tier (not written back up there)
     group: str = ""          # eviction group: the tenant owning the namespace ("" = none)
+    # in its group's eviction policy (evictable unless leased): 0 no; 1 + n: yes, with n reads
+    # the policy has not been told of (kvtier.policy, ``reads``)
+    queued: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -160,7 +179,7 @@ class HotTier:
                  clock: Callable[[], float] = time.monotonic):
         self.alloc = ExtentAllocator(start, end)
         # the default group's policy; policies track Block objects (see kvtier.policy)
-        self.policy = POLICIES[policy](ghost_key=_content)
+        self.policy = _new_policy(policy)
         # Tenants: each group (tenant) has its own policy and optional RAM quota. A group over its
         # quota evicts only its own blocks; global pressure evicts from the group furthest over
         # its quota, else the largest. group_of maps a namespace to its group.
@@ -236,21 +255,26 @@ class HotTier:
     def _pol(self, g: str):
         p = self.policies.get(g)
         if p is None:
-            p = self.policies[g] = POLICIES[self._policy_name](ghost_key=_content)
+            p = self.policies[g] = _new_policy(self._policy_name)
         return p
 
     def _policy_add(self, b: Block, touched: bool = False) -> None:
-        pol = self._pol(b.group)
+        """Into the policy: b is committed, not pinned, not leased, not queued."""
         r = self.alloc.round(b.length)
-        pol.insert(b, r, touched)
-        self.evictable_bytes += r
-        self.group_evictable[b.group] = self.group_evictable.get(b.group, 0) + r
+        b.queued = 1
+        self._pol(b.group).insert(b, r, touched)
+        self._count_evictable(b, r)
 
     def _policy_drop(self, b: Block) -> None:
-        if self._pol(b.group).remove(b):
-            r = self.alloc.round(b.length)
-            self.evictable_bytes -= r
-            self.group_evictable[b.group] -= r
+        if b.queued:
+            self._pol(b.group).remove(b)
+            b.queued = 0
+            if not b.leases:  # a leased block's bytes stopped counting when it was leased
+                self._count_evictable(b, -self.alloc.round(b.length))
+
+    def _count_evictable(self, b: Block, r: int) -> None:
+        self.evictable_bytes += r
+        self.group_evictable[b.group] = self.group_evictable.get(b.group, 0) + r
 
     def _use(self, g: str, r: int) -> None:
         self.used_bytes += r
@@ -295,12 +319,15 @@ class HotTier:
         g = self._victim_group() if group is None else group
         if g is None:
             return False
-        b = self._pol(g).victim()
+        pol = self._pol(g)
+        b = pol.victim()
+        while b is not None and b.leases:  # leased: out of the policy until its last release
+            b.queued = 0
+            b = pol.victim()
         if b is None:
             return False
-        r = self.alloc.round(b.length)
-        self.evictable_bytes -= r
-        self.group_evictable[g] -= r
+        b.queued = 0
+        self._count_evictable(b, -self.alloc.round(b.length))
         # The victim is out of the policy already: it leaves the index and frees its slot whatever
         # on_evict does, else it would stay indexed and never be evicted again. Losing its copy
         # below is allowed; a RAM tier that cannot evict while a lower tier fails is not.
@@ -394,19 +421,30 @@ class HotTier:
             self._unhold(b)
 
     def _hold(self, b: Block) -> None:
-        """Keep b from eviction and slot reuse (a lease, or a write to a lower tier)."""
+        """Keep b from eviction and slot reuse (a lease, or a write to a lower tier). It keeps
+        its place in the policy, whose victim() it may still come out of: _evict_one skips it."""
         if b.leases == 0:
-            self._policy_drop(b)
+            if b.queued:
+                self._count_evictable(b, -self.alloc.round(b.length))
             self.leased_blocks += 1
         b.leases += 1
 
     def _unhold(self, b: Block, touched: bool = True) -> None:
+        """End one hold; at the last, b is evictable again and (touched) counted as read."""
         b.leases -= 1
         if b.leases:
             return
         self.leased_blocks -= 1
         if b.state == DOOMED:
             self._free(b)
+        elif b.queued:
+            self._count_evictable(b, self.alloc.round(b.length))
+            if touched:
+                pol = self._pol(b.group)
+                if not pol.lazy_reads:
+                    pol.touch(b)
+                elif b.queued <= pol.MAX_FREQ:  # counted here; the policy takes it when it asks
+                    b.queued += 1
         elif self._evictable(b):
             self._policy_add(b, touched=touched)
 
@@ -651,7 +689,7 @@ class HotTier:
                     if prefix_only:
                         break
                     continue
-                self._hold(b)  # out of the policy while leased; counted as an access when it returns
+                self._hold(b)  # kept from eviction while leased; counted as a read when it returns
                 blocks.append(b)
                 tiers[i] = TIER_RAM
                 offsets[i], lengths[i], sums[i] = b.offset, b.length, b.checksum

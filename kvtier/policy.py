@@ -1,9 +1,11 @@
 """Eviction policies, chosen by name from ``POLICIES``.
 
 A policy only orders candidates; the hot tier decides what is evictable. It
-tracks exactly the blocks that may be evicted now: a block leaves the policy
-while it is pinned or leased and comes back afterwards, so ``victim()`` never
-returns something the tier must skip (races become no-ops, not loops).
+tracks the blocks the tier may evict: a block leaves the policy while it is
+pinned and comes back afterwards. A leased block keeps its place; if
+``victim()`` offers it, the tier skips it and it stays out of the policy until
+its last lease ends, so each block is skipped at most once per lease and
+skipping never loops.
 
 Interface (all O(1) amortised):
     insert(key, size, read=False)
@@ -20,6 +22,12 @@ identity: a lookup then compares pointers instead of following a (namespace, key
 its bytes, which matters once the index outgrows the CPU caches. A key that must be
 recognised after its object is gone (S3-FIFO's ghost) goes through ``ghost_key``, which maps
 a key to a value that identifies its content (the hot tier: ``(ns, key)``).
+
+``reads`` (S3-FIFO; its ``lazy_reads`` is then true, LRU's never is): the caller counts reads on the key
+itself instead of calling ``touch``, and ``reads(key)`` hands over (and zeroes) the count
+when the policy needs it: when the key comes round in its queue, and when it is inserted. A
+read then costs no lookup in the queues, which at a million blocks are each a few cache
+misses. LRU has no such hook: its order is the reads' order, kept by ``touch``.
 
 ``lru``: least recently used first. Simple; a scan of one-off blocks flushes it.
 ``s3fifo``: S3-FIFO (Yang et al., SOSP'23): new blocks enter a small FIFO
@@ -38,9 +46,12 @@ _GONE = object()
 
 class LRU:
     name = "lru"
+    lazy_reads = False
 
-    def __init__(self, ghost_key: Callable[[Hashable], Hashable] | None = None) -> None:
-        self._od: OrderedDict[Hashable, int] = OrderedDict()  # ghost_key: unused (no ghost)
+    def __init__(self, ghost_key: Callable[[Hashable], Hashable] | None = None,
+                 reads: Callable[[Hashable], int] | None = None) -> None:
+        # ghost_key: unused (no ghost); reads: unused (the order of reads is LRU's order)
+        self._od: OrderedDict[Hashable, int] = OrderedDict()
 
     def insert(self, key: Hashable, size: int, read: bool = False) -> None:
         self._od[key] = size  # read or not, it is now the most recent
@@ -71,9 +82,12 @@ class S3FIFO:
     SMALL_FRACTION = 0.10
     MAX_FREQ = 3  # a read count fits the two low bits of a queue entry
 
-    def __init__(self, ghost_key: Callable[[Hashable], Hashable] | None = None) -> None:
+    def __init__(self, ghost_key: Callable[[Hashable], Hashable] | None = None,
+                 reads: Callable[[Hashable], int] | None = None) -> None:
         # key -> size << 2 | frequency (0..MAX_FREQ): one entry per block, in one of the two
         # queues; no separate frequency table (a lookup fewer per call, ~40 B less per block)
+        self._reads = reads
+        self.lazy_reads = reads is not None
         self._small: OrderedDict[Hashable, int] = OrderedDict()
         self._main: OrderedDict[Hashable, int] = OrderedDict()
         self._ghost: OrderedDict[Hashable, None] = OrderedDict()  # ghost_key(key) of evicted keys
@@ -84,6 +98,8 @@ class S3FIFO:
     def insert(self, key: Hashable, size: int, read: bool = False) -> None:
         if key in self._main or key in self._small:
             self.remove(key)
+        if self._reads is not None:
+            self._reads(key)  # reads from before it left the policy are not carried over
         v = size << 2 | (1 if read else 0)
         if self._ghost and self._ghost.pop(self._gk(key), _GONE) is None:
             self._main[key] = v
@@ -117,11 +133,17 @@ class S3FIFO:
         while len(self._ghost) > max(64, len(self._main) + len(self._small)):
             self._ghost.popitem(last=False)
 
+    def _freq(self, key: Hashable, v: int) -> int:
+        """The queue entry v with the reads counted outside the policy added in."""
+        n = self._reads(key) if self._reads is not None else 0
+        return v if not n else (v & ~3) | min(self.MAX_FREQ, (v & 3) + n)
+
     def victim(self) -> Hashable | None:
         while self._small or self._main:
             total = self._small_bytes + self._main_bytes
             if self._small and (self._small_bytes >= self.SMALL_FRACTION * total or not self._main):
                 key, v = self._small.popitem(last=False)
+                v = self._freq(key, v)
                 size = v >> 2
                 self._small_bytes -= size
                 if v & 3:  # read while in small: on to main, its count reset
@@ -131,6 +153,7 @@ class S3FIFO:
                 self._remember(key)
                 return key
             key, v = self._main.popitem(last=False)
+            v = self._freq(key, v)
             if v & 3:  # read since it last came round: once more, one count less
                 self._main[key] = v - 1
                 continue

@@ -12,7 +12,7 @@ import pytest
 from kvtier import hot as H
 from kvtier.errors import (ArenaFull, DataLoss, FailedPrecondition, InvalidArgument, NotFound,
                            ResourceExhausted, TooLarge, UnknownLease, UnknownReservation)
-from kvtier.hot import (RESERVE_OK, RESERVE_PENDING, RESERVE_PRESENT, TIER_MISSING, TIER_RAM, HotTier,
+from kvtier.hot import (COMMITTED, RESERVE_OK, RESERVE_PENDING, RESERVE_PRESENT, TIER_MISSING, TIER_RAM, HotTier,
                         checksum)
 from kvtier.keys import CHECKSUM_SIZE, ZERO_CHECKSUM
 from kvtier.policy import POLICIES
@@ -75,7 +75,7 @@ def fill(t: HotTier, first: int = 0, ns: str = NS) -> list[bytes]:
 def tracked(t: HotTier, k: bytes, ns: str = NS) -> bool:
     """Whether the block indexed under k is one the eviction policy may take."""
     b = t._blocks(ns).get(k)
-    return b is not None and b in t._pol(b.group)
+    return b is not None and b in t._pol(b.group) and not b.leases
 
 
 def present(t: HotTier, keys, ns: str = NS) -> list[bool]:
@@ -100,8 +100,12 @@ def check_consistent(t: HotTier) -> None:
     r = t.alloc.round
     assert t.used_bytes == t.alloc.capacity - t.alloc.free_bytes
     evictable = [b for b in indexed(t).values() if t._evictable(b)]
-    assert len(t.policy) == len(evictable)
-    assert all(b in t.policy for b in evictable)  # the policy tracks the Block objects
+    # the policy tracks the Block objects: every evictable one, and leased ones not yet offered
+    # to eviction (skipped when they are); never a pinned, reserved or gone block
+    queued = [b for b in indexed(t).values() if b.queued]
+    assert set(map(id, evictable)) <= set(map(id, queued))
+    assert all(b.state == COMMITTED and not b.pin_until for b in queued)
+    assert len(t.policy) == len(queued) and all(b in t.policy for b in queued)
     assert t.evictable_bytes == sum(r(b.length) for b in evictable)
     quarantined = [b for _, _, b in t._quarantine]
     # reserved: slots of live reservations plus those of expired ones still in quarantine
@@ -588,7 +592,7 @@ def test_reservation_returned_to_reserved_keeps_its_deadline():
 
 # ---- leases ----------------------------------------------------------------------------------
 
-def test_leased_blocks_leave_the_policy_and_come_back_at_release():
+def test_leased_blocks_are_not_evictable_until_their_last_release():
     t, _ = make()
     put(t, [key(1), key(2)])
     a = t.acquire(NS, [key(1), key(2)])
@@ -600,6 +604,27 @@ def test_leased_blocks_leave_the_policy_and_come_back_at_release():
     assert t.leased_blocks == 1
     t.release(b.lease_id)
     assert tracked(t, key(1)) is True and t.leased_blocks == 0 and t.evictable_bytes == 2 * SLOT
+    check_consistent(t)
+
+
+@ALL_POLICIES
+def test_a_leased_block_offered_to_eviction_is_skipped_and_returns_at_release(policy):
+    t, _ = make(slots=4, policy=policy)
+    keys = fill(t)
+    a = t.acquire(NS, [keys[0]])               # the oldest: the first the policy offers
+    b0 = t._blocks(NS)[keys[0]]
+    assert b0.queued and b0 in t.policy        # a lease keeps the block's place in the policy
+    put(t, [key(100)])
+    assert present(t, keys) == [True, False, True, True]    # skipped; the next one went
+    assert not b0.queued and b0 not in t.policy and t.evictions == 1
+    check_consistent(t)
+    t.release(a.lease_id)
+    assert tracked(t, keys[0]) and t.evictable_bytes == 4 * SLOT
+    check_consistent(t)
+    others = [k for k in keys[1:] + [key(100)] if present(t, [k])[0]]
+    t.acquire(NS, others)                      # evictable again: the only block that is
+    put(t, [key(101)])
+    assert not present(t, [keys[0]])[0] and present(t, others + [key(101)]) == [True] * 4
     check_consistent(t)
 
 
@@ -773,6 +798,20 @@ def test_lru_eviction_order():
     assert present(t, keys) == [False, False, False, False]
     assert present(t, [key(10), key(11), key(12), key(13)]) == [True] * 4
     assert t.evictions == 4 and t.ns_stats[NS].evictions == 4
+    check_consistent(t)
+
+
+def test_s3fifo_a_block_read_while_new_outlives_the_unread_ones():
+    t, _ = make(slots=4, policy="s3fifo")
+    keys = fill(t)
+    for _ in range(2):  # reads are counted on the block; the policy takes them when it gets there
+        t.release(t.acquire(NS, [keys[0]]).lease_id)
+    t.lookup(NS, [keys[1]])                         # lookup is not a read
+    put(t, [key(10)])
+    assert present(t, keys) == [True, False, True, True]
+    put(t, [key(11)])
+    put(t, [key(12)])
+    assert present(t, keys) == [True, False, False, False]
     check_consistent(t)
 
 

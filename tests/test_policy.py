@@ -160,6 +160,42 @@ def test_random_ops_against_a_model(name, seed):
     assert len(rest) == len(set(rest)) and set(rest) == present
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_s3fifo_reads_counted_outside_evict_as_touch_does(seed):
+    """Reads handed over through ``reads`` (the hot tier counts them on its blocks) give the
+    same victims, in the same order, as the same reads told through touch()."""
+    rng = random.Random(seed)
+    counts: dict[int, int] = {}
+
+    def reads(k):
+        return counts.pop(k, 0)
+
+    eager, lazy = S3FIFO(), S3FIFO(reads=reads)
+    assert lazy.lazy_reads and not eager.lazy_reads and not LRU(reads=reads).lazy_reads
+    present: list[int] = []
+    next_key = 0
+    for _ in range(5000):
+        r = rng.random()
+        if r < 0.35 or not present:
+            k, next_key = next_key, next_key + 1
+            read = rng.random() < 0.2
+            eager.insert(k, 4096, read)
+            lazy.insert(k, 4096, read)
+            present.append(k)
+        elif r < 0.75:
+            k = rng.choice(present)
+            eager.touch(k)
+            counts[k] = min(S3FIFO.MAX_FREQ, counts.get(k, 0) + 1)
+        elif r < 0.8:
+            k = present.pop(rng.randrange(len(present)))
+            assert eager.remove(k) and lazy.remove(k)
+        else:
+            k = eager.victim()
+            assert lazy.victim() == k
+            present.remove(k)
+    assert drain(eager) == drain(lazy)
+
+
 @ALL
 def test_each_inserted_key_is_returned_exactly_once(name):
     rng = random.Random(11)
