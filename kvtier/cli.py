@@ -229,6 +229,9 @@ def cmd_prewarm(a) -> int:
     except (Transient, Permanent) as e:
         print(f"vLLM at {plan.url}: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except errors.Unavailable as e:  # --address is optional here: name the address the run used
+        print(f"daemon unreachable at {plan.address or default_address()}: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, old)

@@ -160,3 +160,19 @@ def test_an_odd_model_list_is_a_clear_error(answer):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_an_unreachable_daemon_is_named_by_the_address_the_run_used(tmp_path, monkeypatch, capsys):
+    from kvtier import cli
+    sock = tmp_path / "nobody.sock"
+    monkeypatch.setenv("KVTIER_ADDRESS", f"unix://{sock}")
+    f = tmp_path / "plan.toml"
+    f.write_text(f'[run]\nstate = "{tmp_path}/state.json"\n' + TENANT)
+    assert cli.main(["prewarm", "--quiet", str(f)]) == cli.EXIT_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert f"daemon unreachable at unix://{sock}:" in err and "None" not in err, err
+    # the plan's own address, where it gives one
+    f.write_text(f'[daemon]\naddress = "unix://{tmp_path}/plan.sock"\n[run]\nstate = "{tmp_path}/state.json"\n'
+                 + TENANT)
+    assert cli.main(["prewarm", "--quiet", str(f)]) == cli.EXIT_UNAVAILABLE
+    assert f"daemon unreachable at unix://{tmp_path}/plan.sock:" in capsys.readouterr().err
