@@ -23,7 +23,7 @@ import json
 import sys
 
 from . import __version__, errors
-from .config import default_address, format_size, load
+from .config import arena_room_problem, default_address, format_size, load, locate
 
 EXIT_OK, EXIT_MISSING, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_ERROR = 0, 1, 2, 3, 4
 EXIT_COVERAGE = 5  # prewarm: a customer's coverage is under the threshold
@@ -49,14 +49,19 @@ def _setup_logging(level: str) -> None:
 def cmd_serve(a) -> int:
     from .server import run
     cfg = load(a.config)
+    room = arena_room_problem(cfg)
+    if room:  # refused before anything is created: such an arena fills RAM and gets killed, or fails to map
+        line = locate(a.config, room) if a.config else None
+        raise errors.ConfigError(f"{a.config}:{line}: {room}" if line else room)
     _setup_logging(cfg.server.log_level)
     run(cfg, a.config)
     return EXIT_OK
 
 
-def files_needed(cfg) -> list[str]:
+def start_problems(cfg) -> list[str]:
     """What ``serve`` would fail on at start that the configuration's syntax cannot show: each file
-    it names that cannot be read now, and a tenants file that does not parse."""
+    it names that cannot be read now, a tenants file that does not parse, and an arena that does
+    not fit where it would live."""
     from .auth import Tenants
     s, c = cfg.server, cfg.cluster
     out = []
@@ -75,12 +80,15 @@ def files_needed(cfg) -> list[str]:
             Tenants.load(cfg.auth.tenants_file)
         except errors.ConfigError as e:
             out.append(f"auth.tenants_file: {e}")
+    room = arena_room_problem(cfg)
+    if room:
+        out.append(room)
     return out
 
 
 def cmd_config_check(a) -> int:
     cfg = load(a.file)
-    missing = files_needed(cfg)
+    missing = start_problems(cfg)
     if missing:
         for m in missing:
             print(f"config error: {a.file}: {m}", file=sys.stderr)

@@ -95,27 +95,68 @@ def default_address() -> str:
     return f"unix://{own}"
 
 
+def _arena_free(arena_path: str) -> tuple[pathlib.Path, os.statvfs_result | None, int]:
+    """The nearest existing directory of arena_path, its statvfs (None if unreadable), and the
+    bytes an arena file already at arena_path takes: the previous run's arena, which a restart
+    re-attaches (ram.persist) or replaces, so its space counts as free for the new one."""
+    d = pathlib.Path(arena_path).parent
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    try:
+        st = os.statvfs(d)
+    except OSError:
+        return d, None, 0
+    try:
+        old = os.stat(arena_path)
+        return d, st, min(old.st_blocks * 512, old.st_size)
+    except OSError:
+        return d, st, 0
+
+
 def auto_capacity(arena_path: str) -> int:
     """A quarter of physical RAM, capped by 90% of the free space where the arena lives. The space
     an arena file already at arena_path takes counts as free: it is the previous run's arena, kept
     (ram.persist) only if the new one has its size, so a restart must come to the same size."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cap = total // 4
-    d = pathlib.Path(arena_path).parent
-    while not d.exists() and d != d.parent:
-        d = d.parent
-    try:
-        st = os.statvfs(d)
-        free = st.f_bavail * st.f_frsize
-        try:
-            old = os.stat(arena_path)
-            free += min(old.st_blocks * 512, old.st_size)
-        except OSError:
-            pass
-        cap = min(cap, int(free * 0.9))
-    except OSError:
-        pass
+    _, st, old = _arena_free(arena_path)
+    if st is not None:
+        cap = min(cap, int((st.f_bavail * st.f_frsize + old) * 0.9))
     return max(MiB * 64, cap // MiB * MiB)
+
+
+def arena_room_problem(cfg: "Config", hugepages_dir: str = "/sys/kernel/mm/hugepages") -> str | None:
+    """Why a configured ram.capacity cannot be had where ram.arena_path lives, or None. The daemon
+    locks its whole arena in RAM: one larger than its tmpfs's free space, or than the machine's
+    memory, fills the tmpfs and gets the daemon (or another process) killed for memory, and one
+    larger than the free huge pages of a hugetlbfs fails to map."""
+    cap = cfg.ram.capacity
+    if not cap:
+        return None  # auto-sized to fit
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if cap > total:
+        return (f"ram.capacity: {format_size(cap)} is more than this machine's memory ({format_size(total)}); "
+                f"lower it (0 = auto)")
+    d, st, old = _arena_free(cfg.arena_path)
+    if st is None:
+        return None
+    if st.f_blocks:
+        free = st.f_bavail * st.f_frsize + old
+        if cap > free:
+            return (f"ram.capacity: {format_size(cap)} does not fit in {d} ({format_size(free)} free); "
+                    f"lower it (0 = auto) or free space there")
+        return None
+    # no size at all: hugetlbfs mounted without size=, bounded by the kernel's free huge pages
+    pages = os.path.join(hugepages_dir, f"hugepages-{st.f_bsize // KiB}kB")
+    try:
+        with open(os.path.join(pages, "free_hugepages")) as f, open(os.path.join(pages, "resv_hugepages")) as r:
+            free = (int(f.read()) - int(r.read())) * st.f_bsize + old
+    except (OSError, ValueError):
+        return None
+    if cap > free:
+        return (f"ram.capacity: {format_size(cap)} does not fit in the free huge pages under {d} "
+                f"({format_size(free)}, {pages}); reserve more (nr_hugepages) or lower ram.capacity")
+    return None
 
 
 @dataclass(frozen=True)

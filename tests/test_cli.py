@@ -366,6 +366,24 @@ def test_serve_with_bad_config_exits_2(tmp_path):
     assert p.returncode == 2 and b"ram.policy" in p.stderr, text(p)
 
 
+def test_serve_and_config_check_refuse_an_arena_larger_than_the_machine(tmp_path):
+    # it would be locked in RAM whole: the tmpfs fills and the daemon is killed for memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    arena_dir = f"/dev/shm/kvtier-test-{uuid.uuid4().hex[:10]}" if os.path.isdir("/dev/shm") else str(tmp_path / "a")
+    f = tmp_path / "big.toml"
+    f.write_text(f'[server]\nsocket = "{tmp_path}/kvtier.sock"\n[metrics]\nlisten = ""\n'
+                 f'[ram]\narena_path = "{arena_dir}/arena"\ncapacity = {2 * total}\n')
+    try:
+        p = run("config", "check", f)
+        assert p.returncode == 2 and b"ram.capacity" in p.stderr and b"memory" in p.stderr, text(p)
+        p = run("serve", "--config", f)
+        assert p.returncode == 2, text(p)
+        assert f"{f}:7: ram.capacity:".encode() in p.stderr and b"Traceback" not in p.stderr, text(p)
+        assert not os.path.exists(arena_dir) and not os.path.exists(tmp_path / "kvtier.sock")
+    finally:
+        shutil.rmtree(arena_dir, ignore_errors=True)
+
+
 @pytest.mark.parametrize("setting", ["server.listen", "server.data_listen", "metrics.listen"])
 def test_serve_names_the_setting_whose_port_is_taken(setting):
     import socket

@@ -141,6 +141,48 @@ def test_a_client_given_no_address_finds_the_system_daemon(tmp_path, monkeypatch
     assert config.default_address() == "unix:///elsewhere.sock"
 
 
+class _Fs:
+    """A statvfs answer: free bytes in 4 KiB blocks, or no size at all (hugetlbfs without size=)."""
+
+    def __init__(self, free: int | None, bsize: int = 4096):
+        self.f_frsize = self.f_bsize = bsize
+        self.f_blocks = 0 if free is None else (1 << 40) // bsize
+        self.f_bavail = 0 if free is None else free // bsize
+
+
+def test_a_configured_arena_that_does_not_fit_is_named(tmp_path, monkeypatch):
+    """ram.capacity beyond the free space of the arena's tmpfs would fill it while the daemon
+    locks the arena (and be killed for memory); beyond the free huge pages it fails to map."""
+    arena = tmp_path / "kv" / "arena"
+    cfg = config.from_dict({"ram": {"arena_path": str(arena), "capacity": "1GiB"}})
+    fs = {"now": _Fs(512 << 20)}
+    monkeypatch.setattr(config.os, "statvfs", lambda d: fs["now"])
+    problem = config.arena_room_problem(cfg)
+    assert problem.startswith("ram.capacity: 1.0 GiB does not fit in ") and "512.0 MiB free" in problem
+    arena.parent.mkdir()
+    with open(arena, "wb") as f:   # the previous run's arena: a restart takes its place
+        f.write(b"\1" * (600 << 20))
+    assert config.arena_room_problem(cfg) is None
+    arena.unlink()
+    fs["now"] = _Fs(2 << 30)
+    assert config.arena_room_problem(cfg) is None
+    assert config.arena_room_problem(config.from_dict({"ram": {"arena_path": str(arena)}})) is None  # auto
+
+    pages = tmp_path / "hugepages" / "hugepages-2048kB"
+    pages.mkdir(parents=True)
+    (pages / "free_hugepages").write_text("300\n")
+    (pages / "resv_hugepages").write_text("0\n")
+    fs["now"] = _Fs(None, bsize=2 << 20)
+    problem = config.arena_room_problem(cfg, hugepages_dir=str(tmp_path / "hugepages"))
+    assert "free huge pages" in problem and "600.0 MiB" in problem and "nr_hugepages" in problem
+    (pages / "free_hugepages").write_text("512\n")
+    assert config.arena_room_problem(cfg, hugepages_dir=str(tmp_path / "hugepages")) is None
+
+    total = config.os.sysconf("SC_PAGE_SIZE") * config.os.sysconf("SC_PHYS_PAGES")
+    huge = config.from_dict({"ram": {"arena_path": str(arena), "capacity": 2 * total}})
+    assert "more than this machine's memory" in config.arena_room_problem(huge)
+
+
 def test_auto_capacity_fits_the_machine():
     cfg = config.Config()
     cap = cfg.arena_capacity
