@@ -86,6 +86,20 @@ def start_problems(cfg) -> list[str]:
     return out
 
 
+def arena_warnings(cfg) -> list[str]:
+    """What ``serve`` would start with but not as configs/kvtier.toml describes: an arena outside
+    tmpfs and hugetlbfs (e.g. a hugetlbfs not mounted where ram.arena_path expects it) is an
+    ordinary file on whatever filesystem holds the path."""
+    import os
+
+    from .arena import _mount_of
+    fstype, _ = _mount_of(os.path.dirname(cfg.arena_path) or ".")
+    if fstype in ("tmpfs", "hugetlbfs"):
+        return []
+    return [f"ram.arena_path: {cfg.arena_path} is on {fstype or 'an unknown filesystem'}, not tmpfs or "
+            f"hugetlbfs: the arena would be an ordinary file there (is the filesystem meant for it mounted?)"]
+
+
 def cmd_config_check(a) -> int:
     cfg = load(a.file)
     missing = start_problems(cfg)
@@ -93,6 +107,8 @@ def cmd_config_check(a) -> int:
         for m in missing:
             print(f"config error: {a.file}: {m}", file=sys.stderr)
         return EXIT_USAGE
+    for w in arena_warnings(cfg):
+        print(f"warning: {a.file}: {w}", file=sys.stderr)
     print(f"{a.file}: ok (socket {cfg.socket_path}, arena {cfg.arena_path}, "
           f"{format_size(cfg.ram.capacity) if cfg.ram.capacity else 'auto-sized'} RAM, policy {cfg.ram.policy})")
     return EXIT_OK

@@ -286,6 +286,21 @@ def test_config_check_reads_the_files_serve_needs(tmp_path, extra, message):
     assert message in p.stderr.decode() and str(f) in p.stderr.decode(), text(p)
 
 
+@pytest.mark.parametrize("fstype,warned", [("devtmpfs", True), ("ext4", True), ("tmpfs", False),
+                                            ("hugetlbfs", False)])
+def test_config_check_warns_of_an_arena_outside_tmpfs_and_hugetlbfs(tmp_path, monkeypatch, capsys, fstype, warned):
+    # e.g. arena_path = "/dev/hugepages/kvtier/arena" with no hugetlbfs mounted there: the
+    # daemon would make the arena an ordinary file on /dev
+    from kvtier import arena, cli
+    monkeypatch.setattr(arena, "_mount_of", lambda path: (fstype, set()))
+    f = tmp_path / "k.toml"
+    f.write_text('[ram]\narena_path = "/dev/hugepages/kvtier/arena"\ncapacity = "64MiB"\n')
+    assert cli.main(["config", "check", str(f)]) == 0
+    out, err = capsys.readouterr()
+    assert "ok" in out
+    assert (f"warning: {f}: ram.arena_path: /dev/hugepages/kvtier/arena is on {fstype}" in err) == warned, err
+
+
 def test_config_check_accepts_the_shipped_config(tmp_path):
     shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "kvtier.toml")
     if not os.path.exists(shipped):
