@@ -179,10 +179,17 @@ def cmd_stats(a) -> int:
     print(f"{'tier':<8}{'policy':<8}{'blocks':>10}{'used':>12}{'capacity':>12}{'use%':>7}"
           f"{'evictions':>11}{'pinned':>8}{'leased':>8}  locked")
     for t in s.tiers:
-        pct = 100 * t.used_bytes / t.capacity_bytes if t.capacity_bytes else 0
-        locked = "yes" if t.locked else f"no ({t.lock_detail})" if t.lock_detail else "no"
-        print(f"{t.name:<8}{t.policy:<8}{t.blocks:>10}{format_size(t.used_bytes):>12}{format_size(t.capacity_bytes):>12}"
-              f"{pct:>6.1f}%{t.evictions:>11}{t.pinned_blocks:>8}{t.leased_blocks:>8}  {locked}")
+        # capacity: the cluster tier's is the server's own (none here); locked: only RAM is locked
+        cap, pct = ((format_size(t.capacity_bytes), f"{100 * t.used_bytes / t.capacity_bytes:.1f}%")
+                    if t.capacity_bytes else ("-", "-"))
+        locked = "-" if t.name != "ram" else "yes" if t.locked else f"no ({t.lock_detail})" if t.lock_detail else "no"
+        print(f"{t.name:<8}{t.policy:<8}{t.blocks:>10}{format_size(t.used_bytes):>12}{cap:>12}"
+              f"{pct:>7}{t.evictions:>11}{t.pinned_blocks:>8}{t.leased_blocks:>8}  {locked}")
+    for t in s.tiers:
+        if t.degraded and t.name == "nvme":
+            print(f"nvme: skipping {', '.join(t.degraded)} after ENOSPC or I/O errors (tried again every nvme.retry_s)")
+        elif t.degraded:
+            print(f"{t.name}: {', '.join(t.degraded)} (its blocks are misses until it is back)")
     print()
     if not s.namespaces:
         print("no namespaces yet")

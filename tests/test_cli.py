@@ -176,6 +176,23 @@ def test_stats_table_and_json(daemon):
     assert [n["name"] for n in json.loads(p.stdout)["namespaces"]] == ["second-ns"]
 
 
+def test_stats_table_says_which_tier_is_down_and_locks_only_ram(make_daemon, tmp_path):
+    import socket
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing listens there: the cluster tier is disconnected
+    d = make_daemon(cluster={"url": f"redis://127.0.0.1:{port}", "connect_timeout_ms": 200},
+                    nvme={"dirs": [str(tmp_path / "nvme")], "capacity": "64MiB"})
+    p = run("stats", "--address", d.address)
+    assert p.returncode == 0, text(p)
+    rows = {line.split()[0]: line.split() for line in p.stdout.decode().splitlines() if line.strip()}
+    assert rows["ram"][-1] == "yes"
+    assert rows["nvme"][-1] == "-" and rows["cluster"][-1] == "-", p.stdout.decode()
+    assert rows["cluster"][5:7] == ["-", "-"], p.stdout.decode()  # no capacity of its own, not "0 B 0.0%"
+    assert "cluster: disconnected" in p.stdout.decode(), p.stdout.decode()
+
+
 def test_stats_of_empty_daemon(daemon):
     p = run("stats", "--address", daemon.address)
     assert p.returncode == 0, text(p)
