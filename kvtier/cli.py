@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 
 from . import __version__, errors
@@ -370,6 +371,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tls_hint(args, message: str) -> str:
+    """A TCP listener of the daemon speaks TLS (server.tls_cert), perhaps asking for a client
+    certificate (server.tls_client_ca): a client without them sees its connection closed."""
+    address = getattr(args, "address", None) or ""
+    if address.startswith("unix:") or "refused" in message.lower():
+        return ""
+    if not getattr(args, "tls_ca", None):
+        return " (if the daemon's TCP listener has TLS, give --tls-ca PEM)"
+    if not getattr(args, "tls_cert", None):
+        return " (if the daemon asks for client certificates, give --tls-cert PEM and --tls-key PEM)"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -378,8 +392,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except errors.Unavailable as e:
-        print(f"daemon unreachable at {getattr(args, 'address', '?')}: {e}", file=sys.stderr)
+        print(f"daemon unreachable at {getattr(args, 'address', '?')}: {e}{_tls_hint(args, str(e))}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except errors.Unauthenticated as e:
+        hint = "" if getattr(args, "token", None) or os.environ.get("KVTIER_TOKEN") else \
+            " (the daemon has tenants: give --token TOKEN or set $KVTIER_TOKEN; `kvtier token` makes one)"
+        print(f"error ({e.code.name}): {e}{hint}", file=sys.stderr)
+        return EXIT_ERROR
     except (errors.InvalidArgument, errors.BadNamespace) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

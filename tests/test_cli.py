@@ -476,3 +476,51 @@ def test_unreachable_daemon_exits_3(tmp_path):
         assert p.returncode == 3, (args, text(p))
         assert b"unreachable" in p.stderr
         assert p.stdout == b""
+
+
+def test_a_closed_tcp_connection_suggests_tls(tmp_path):
+    # a daemon's TCP listener with TLS closes a plaintext client's connection; say what to give
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def close_each():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            conn.close()
+    t = threading.Thread(target=close_each, daemon=True)
+    t.start()
+    try:
+        addr = f"127.0.0.1:{srv.getsockname()[1]}"
+        p = run("stats", "--address", addr, timeout=60)
+        assert p.returncode == 3 and b"--tls-ca" in p.stderr, text(p)
+        ca = tmp_path / "ca.pem"
+        ca.write_text("")
+        p = run("stats", "--address", addr, "--tls-ca", ca, timeout=60)
+        assert p.returncode in (2, 3) and b"Traceback" not in p.stderr, text(p)
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
+    p = run("stats", "--address", "unix:///nonexistent/kvtier.sock")
+    assert p.returncode == 3 and b"--tls" not in p.stderr, text(p)
+
+
+def test_a_daemon_with_tenants_asks_for_a_token(make_daemon, tmp_path):
+    from kvtier.auth import new_token
+    tok, digest = new_token()
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(f'[tenants.ops]\ntoken_sha256 = ["{digest}"]\nnamespaces = ["*"]\n')
+    d = make_daemon(auth={"tenants_file": str(tenants)})
+    p = run("stats", "--address", d.address, env_extra={"KVTIER_TOKEN": ""})
+    assert p.returncode == 4 and b"--token" in p.stderr and b"KVTIER_TOKEN" in p.stderr, text(p)
+    p = run("stats", "--address", d.address, "--token", "wrong")
+    assert p.returncode == 4 and b"unknown token" in p.stderr and b"--token" not in p.stderr, text(p)
+    assert run("stats", "--address", d.address, "--token", tok).returncode == 0
