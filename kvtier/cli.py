@@ -245,8 +245,20 @@ def cmd_prewarm(a) -> int:
         plan = dataclasses.replace(plan, address=a.address)
     if a.state:
         plan = dataclasses.replace(plan, state=a.state)
-    if a.check:
+    if a.check:  # the plan, and every context's sources: a missing file would fail its context every night
+        from .prewarm.plan import load_context
+        bad = 0
+        for t in plan.tenants:
+            for c in t.contexts:
+                try:
+                    load_context(c)
+                except (OSError, ValueError) as e:
+                    print(f"{a.plan}: context {c.id}: {e}", file=sys.stderr)
+                    bad += 1
         n = sum(len(t.contexts) for t in plan.tenants)
+        if bad:
+            print(f"{a.plan}: {bad} of {n} contexts cannot be read", file=sys.stderr)
+            return EXIT_USAGE
         print(f"{a.plan}: ok ({len(plan.tenants)} customers, {n} contexts, vLLM {plan.url}, state {plan.state})")
         return EXIT_OK
 
@@ -366,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true",
                    help="send every context, also those still resident (after changing the engine: model "
                         "revision, dtype, chunk size, TP/PP)")
-    s.add_argument("--check", action="store_true", help="only validate the plan")
+    s.add_argument("--check", action="store_true",
+                   help="only validate the plan and read every context's sources (sends nothing)")
     s.set_defaults(fn=cmd_prewarm)
     return p
 

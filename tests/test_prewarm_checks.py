@@ -176,3 +176,27 @@ def test_an_unreachable_daemon_is_named_by_the_address_the_run_used(tmp_path, mo
                  + TENANT)
     assert cli.main(["prewarm", "--quiet", str(f)]) == cli.EXIT_UNAVAILABLE
     assert f"daemon unreachable at unix://{tmp_path}/plan.sock:" in capsys.readouterr().err
+
+
+def test_check_reads_every_context_and_names_those_it_cannot(tmp_path, capsys):
+    # the nightly run would fail them every night; --check is where the operator looks
+    from kvtier import cli
+    (tmp_path / "kb.txt").write_text("knowledge")
+    (tmp_path / "chat.jsonl").write_text('{"role": "system", "content": "hi"}\n')
+    f = tmp_path / "plan.toml"
+    f.write_text('[[tenant]]\nname = "a"\n'
+                 '[[tenant.context]]\nname = "kb"\nfiles = ["kb.txt"]\n'
+                 '[[tenant.context]]\nname = "chat"\nmessages = "chat.jsonl"\n'
+                 '[[tenant.context]]\nname = "code"\nfiles = ["repo/**/*.py"]\n'
+                 '[[tenant.context]]\nname = "ids"\ntokens = "absent.jsonl"\n')
+    assert cli.main(["prewarm", "--check", str(f)]) == cli.EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"context a/code: no file matches {tmp_path}/repo/**/*.py" in err, err
+    assert "context a/ids:" in err and "absent.jsonl" in err, err
+    assert "a/kb" not in err and "a/chat" not in err and "2 of 4 contexts cannot be read" in err, err
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "m.py").write_text("x = 1\n")
+    (tmp_path / "absent.jsonl").write_text("[1, 2, 3]\n")
+    assert cli.main(["prewarm", "--check", str(f)]) == cli.EXIT_OK
+    assert "ok (1 customers, 4 contexts" in capsys.readouterr().out
