@@ -55,8 +55,31 @@ def cmd_serve(a) -> int:
         line = locate(a.config, room) if a.config else None
         raise errors.ConfigError(f"{a.config}:{line}: {room}" if line else room)
     _setup_logging(cfg.server.log_level)
-    run(cfg, a.config)
+    try:
+        run(cfg, a.config)
+    except OSError as e:
+        setting = _setting_of(cfg, e.filename)
+        if setting is None:
+            raise
+        name, path = setting
+        print(f"error: {name}: cannot use {path}: {e.strerror} ({e.filename})", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
+
+
+def _setting_of(cfg, filename) -> tuple[str, str] | None:
+    """The setting whose path a failed file operation was on: that path, a file inside it (an
+    NVMe directory's files, the arena's .lock and .slots) or a directory above it."""
+    if not isinstance(filename, str) or not filename:
+        return None
+    f = filename.rstrip("/")
+    paths = [("ram.arena_path", cfg.arena_path), ("server.socket", cfg.socket_path),
+             *(("nvme.dirs", d) for d in cfg.nvme.dirs)]
+    for name, path in paths:
+        path = path.rstrip("/")
+        if f == path or f.startswith(path + ".") or f.startswith(path + "/") or path.startswith(f + "/"):
+            return name, path
+    return None
 
 
 def start_problems(cfg) -> list[str]:

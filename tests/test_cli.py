@@ -416,6 +416,29 @@ def test_serve_and_config_check_refuse_an_arena_larger_than_the_machine(tmp_path
         shutil.rmtree(arena_dir, ignore_errors=True)
 
 
+@pytest.mark.parametrize("setting", ["ram.arena_path", "nvme.dirs"])
+def test_serve_names_the_setting_whose_path_cannot_be_used(tmp_path, setting):
+    # under kvtier.service an NVMe directory that is missing lies on a read-only filesystem;
+    # here a plain file stands where a directory should be: the same kind of error
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    tag = uuid.uuid4().hex[:10]
+    arena_dir = f"/dev/shm/kvtier-test-{tag}" if os.path.isdir("/dev/shm") else str(tmp_path / "arena")
+    arena = f"{blocker}/arena" if setting == "ram.arena_path" else f"{arena_dir}/arena"
+    nvme = f"{blocker}/nvme" if setting == "nvme.dirs" else f"{tmp_path}/nvme"
+    f = tmp_path / "k.toml"
+    f.write_text(f'[server]\nsocket = "{tmp_path}/kvtier.sock"\ndrain_timeout_s = 1.0\n[metrics]\nlisten = ""\n'
+                 f'[ram]\narena_path = "{arena}"\ncapacity = "16MiB"\n[nvme]\ndirs = ["{nvme}"]\n')
+    try:
+        p = run("serve", "--config", f)
+        err = p.stderr.decode()
+        assert p.returncode == 2, err
+        path = arena if setting == "ram.arena_path" else nvme
+        assert f"error: {setting}: cannot use {path}: " in err and "Traceback" not in err, err
+    finally:
+        shutil.rmtree(arena_dir, ignore_errors=True)
+
+
 @pytest.mark.parametrize("setting", ["server.listen", "server.data_listen", "metrics.listen"])
 def test_serve_names_the_setting_whose_port_is_taken(setting):
     import socket
