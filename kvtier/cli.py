@@ -110,18 +110,24 @@ def start_problems(cfg) -> list[str]:
     return out
 
 
-def arena_warnings(cfg) -> list[str]:
-    """What ``serve`` would start with but not as configs/kvtier.toml describes: an arena outside
-    tmpfs and hugetlbfs (e.g. a hugetlbfs not mounted where ram.arena_path expects it) is an
-    ordinary file on whatever filesystem holds the path."""
+def start_warnings(cfg) -> list[str]:
+    """What ``serve`` would start with but not as the docs describe: an arena outside tmpfs and
+    hugetlbfs (e.g. a hugetlbfs not mounted where ram.arena_path expects it) is an ordinary file
+    on whatever filesystem holds the path; an NVMe directory that does not exist yet is created
+    by the daemon only where it may write (not under kvtier.service's ProtectSystem=strict)."""
     import os
 
     from .arena import _mount_of
+    out = []
     fstype, _ = _mount_of(os.path.dirname(cfg.arena_path) or ".")
-    if fstype in ("tmpfs", "hugetlbfs"):
-        return []
-    return [f"ram.arena_path: {cfg.arena_path} is on {fstype or 'an unknown filesystem'}, not tmpfs or "
-            f"hugetlbfs: the arena would be an ordinary file there (is the filesystem meant for it mounted?)"]
+    if fstype not in ("tmpfs", "hugetlbfs"):
+        out.append(f"ram.arena_path: {cfg.arena_path} is on {fstype or 'an unknown filesystem'}, not tmpfs or "
+                   f"hugetlbfs: the arena would be an ordinary file there (is the filesystem meant for it mounted?)")
+    for d in cfg.nvme.dirs:
+        if not os.path.isdir(d):
+            out.append(f"nvme.dirs: {d} does not exist; under kvtier.service create it owned by kvtier "
+                       f"(install -d -o kvtier -g kvtier {d}) and list it in ReadWritePaths")
+    return out
 
 
 def cmd_config_check(a) -> int:
@@ -131,7 +137,7 @@ def cmd_config_check(a) -> int:
         for m in missing:
             print(f"config error: {a.file}: {m}", file=sys.stderr)
         return EXIT_USAGE
-    for w in arena_warnings(cfg):
+    for w in start_warnings(cfg):
         print(f"warning: {a.file}: {w}", file=sys.stderr)
     print(f"{a.file}: ok (socket {cfg.socket_path}, arena {cfg.arena_path}, "
           f"{format_size(cfg.ram.capacity) if cfg.ram.capacity else 'auto-sized'} RAM, policy {cfg.ram.policy})")

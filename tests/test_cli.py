@@ -318,6 +318,16 @@ def test_config_check_warns_of_an_arena_outside_tmpfs_and_hugetlbfs(tmp_path, mo
     assert (f"warning: {f}: ram.arena_path: /dev/hugepages/kvtier/arena is on {fstype}" in err) == warned, err
 
 
+def test_config_check_warns_of_nvme_directories_that_do_not_exist(tmp_path):
+    (tmp_path / "nvme0").mkdir()
+    f = tmp_path / "k.toml"
+    f.write_text(f'[ram]\ncapacity = "64MiB"\n[nvme]\ndirs = ["{tmp_path}/nvme0", "{tmp_path}/nvme1"]\n')
+    p = run("config", "check", f)
+    err = p.stderr.decode()
+    assert p.returncode == 0 and b"ok" in p.stdout, text(p)
+    assert f"nvme.dirs: {tmp_path}/nvme1 does not exist" in err and f"{tmp_path}/nvme0 " not in err, err
+
+
 def test_config_check_accepts_the_shipped_config(tmp_path):
     shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "kvtier.toml")
     if not os.path.exists(shipped):
