@@ -115,7 +115,6 @@ def start_warnings(cfg) -> list[str]:
     hugetlbfs (e.g. a hugetlbfs not mounted where ram.arena_path expects it) is an ordinary file
     on whatever filesystem holds the path; an NVMe directory that does not exist yet is created
     by the daemon only where it may write (not under kvtier.service's ProtectSystem=strict)."""
-    import os
 
     from .arena import _mount_of
     out = []
@@ -150,7 +149,14 @@ def cmd_check(a) -> int:
     if a.config or not dirs:
         dirs += list(load(a.config).nvme.dirs)
     if not dirs:
-        print("no NVMe directories: give --config FILE (with [nvme] dirs) or --dir DIR", file=sys.stderr)
+        print(f"no NVMe directories in {a.config} ([nvme] dirs is empty): nothing to check; or give --dir DIR"
+              if a.config else "no NVMe directories: give --config FILE (with [nvme] dirs) or --dir DIR",
+              file=sys.stderr)
+        return EXIT_USAGE
+    absent = [d for d in dirs if not os.path.isdir(d)]
+    if absent:
+        for d in absent:
+            print(f"{d}: no such directory", file=sys.stderr)
         return EXIT_USAGE
     bad = 0
     for d in dirs:

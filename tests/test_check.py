@@ -65,3 +65,6 @@ def test_check_without_dirs_is_a_usage_error(tmp_path):
     cfg.write_text("")
     r = _cli("--config", str(cfg))
     assert r.returncode == 2 and "no NVMe directories" in r.stderr
+    assert str(cfg) in r.stderr and "give --config" not in r.stderr, r.stderr  # it was given
+    r = _cli("--dir", str(tmp_path / "absent"))
+    assert r.returncode == 2 and r.stderr == f"{tmp_path / 'absent'}: no such directory\n", r.stderr
