@@ -13,7 +13,8 @@ KEY is 32 or 64 hex digits (a 16- or 32-byte key), or ``name:TEXT`` to use
 the first 16 bytes of SHA-256(TEXT). Every client command takes --address
 (default: $KVTIER_ADDRESS or the default socket). Exit codes: 0 ok, 1 not
 found, 2 bad usage or input, 3 daemon unreachable, 4 other daemon error;
-prewarm: 3 also when vLLM is unreachable, 5 coverage under the threshold.
+prewarm: 3 also when vLLM is unreachable, 5 coverage under the threshold; 141 (quietly)
+when standard output is closed early (``kvtier stats | head``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .config import arena_room_problem, default_address, format_size, load, loca
 
 EXIT_OK, EXIT_MISSING, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_ERROR = 0, 1, 2, 3, 4
 EXIT_COVERAGE = 5  # prewarm: a customer's coverage is under the threshold
+EXIT_PIPE = 141  # stdout closed early, as a shell reports a process ended by SIGPIPE
 
 
 def parse_key(text: str) -> bytes:
@@ -453,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     except errors.KvtierError as e:
         print(f"error ({e.code.name}): {e}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # the reader went away (kvtier stats | head): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit's flush
+        return EXIT_PIPE
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -193,6 +193,21 @@ def test_stats_table_says_which_tier_is_down_and_locks_only_ram(make_daemon, tmp
     assert "cluster: disconnected" in p.stdout.decode(), p.stdout.decode()
 
 
+def test_stats_into_a_closed_pipe_is_quiet(daemon):
+    # kvtier stats | head -1: the reader is gone before the table is written
+    with Client(daemon.address) as c:
+        for i in range(200):
+            c.put(f"ns-{i:03d}", b"k" * 16, b"v")
+    r, w = os.pipe()
+    env = {k: v for k, v in os.environ.items() if k != "KVTIER_ADDRESS"}
+    proc = subprocess.Popen([*KVTIER, "stats", "--address", daemon.address], stdout=w, stderr=subprocess.PIPE,
+                            env=env)
+    os.close(w)
+    os.close(r)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 141 and err == b"", (proc.returncode, err)
+
+
 def test_stats_of_empty_daemon(daemon):
     p = run("stats", "--address", daemon.address)
     assert p.returncode == 0, text(p)
