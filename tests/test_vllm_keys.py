@@ -141,6 +141,15 @@ def test_settings():
             ConnectorSettings.from_extra(bad)
 
 
+def test_an_invalid_tenant_namespace_is_explained_in_full():
+    # "_x" is made of allowed characters: the message must say what else is wrong with it
+    s = ConnectorSettings.from_extra({"tenant_namespace": "{tenant}"})
+    with pytest.raises(ValueError, match="starting with a letter or digit"):
+        s.namespace_for("_x")
+    with pytest.raises(ConfigError, match="starting with a letter or digit"):
+        ConnectorSettings.from_extra({"tenant_namespace": "_{tenant}"})
+
+
 def test_request_options():
     s = ConnectorSettings(tenant="base")
     o = request_options(None, s)

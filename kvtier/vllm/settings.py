@@ -20,7 +20,8 @@ Engine-wide, from ``--kv-transfer-config '{..., "kv_connector_extra_config": {..
     tenant_namespace  namespace of a request with a tenant, a template over {namespace} and
                    {tenant}, e.g. "{namespace}-{tenant}": each tenant's chunks then live in
                    their own daemon namespace (quotas, stats, deletion per tenant). A tenant
-                   whose namespace would be invalid gets neither loads nor stores.
+                   whose namespace would be invalid (1-64 characters of [a-z0-9_.-], starting
+                   with a letter or digit) gets neither loads nor stores.
                    Default: one namespace for every tenant (the tenant is still in the keys)
     revision       model revision in the fingerprint (default: vLLM's model revision)
 
@@ -45,6 +46,8 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError
 from ..keys import NAMESPACE_RE
+
+_NS_RULE = "1-64 characters of [a-z0-9_.-], starting with a letter or digit"
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,7 @@ class ConnectorSettings:
             return self.namespace
         ns = self.tenant_namespace.format(namespace=self.namespace, tenant=tenant)
         if NAMESPACE_RE.fullmatch(ns) is None:
-            raise ValueError(f"tenant {tenant!r} gives namespace {ns!r}, which is not valid "
-                             "(1-64 characters of [a-z0-9_.-])")
+            raise ValueError(f"tenant {tenant!r} gives namespace {ns!r}, which is not valid ({_NS_RULE})")
         return ns
 
     def resolve_chunk_size(self, block_size: int) -> int:
@@ -130,8 +132,7 @@ def _check_template(template: str, namespace: str) -> None:
         raise ConfigError(f"{where}: {template!r} must contain {{tenant}} and may contain "
                           "{namespace}, nothing else in braces")
     if NAMESPACE_RE.fullmatch(template.format(namespace=namespace, tenant="t")) is None:
-        raise ConfigError(f"{where}: {template!r} does not make a valid namespace "
-                          "(1-64 characters of [a-z0-9_.-])")
+        raise ConfigError(f"{where}: {template!r} does not make a valid namespace ({_NS_RULE})")
 
 
 def _coerce(where: str, typ: str, val: Any) -> Any:
