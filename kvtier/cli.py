@@ -284,6 +284,12 @@ def cmd_prewarm(a) -> int:
         plan = dataclasses.replace(plan, state=a.state)
     if a.check:  # the plan, and every context's sources: a missing file would fail its context every night
         from .prewarm.plan import load_context
+        from .prewarm.promote import check_budget
+        if a.promote or a.promote_only:
+            check_budget(plan)
+        elif not plan.ram_budget:
+            print(f"{a.plan}: promote.ram_budget is not set: a run with --promote (as kvtier-prewarm.service "
+                  f"starts it) will refuse to start", file=sys.stderr)
         bad = 0
         for t in plan.tenants:
             for c in t.contexts:

@@ -200,3 +200,17 @@ def test_check_reads_every_context_and_names_those_it_cannot(tmp_path, capsys):
     (tmp_path / "absent.jsonl").write_text("[1, 2, 3]\n")
     assert cli.main(["prewarm", "--check", str(f)]) == cli.EXIT_OK
     assert "ok (1 customers, 4 contexts" in capsys.readouterr().out
+
+
+def test_check_says_when_a_promoting_run_would_refuse_to_start(tmp_path, capsys):
+    # kvtier-prewarm.service runs with --promote, which needs promote.ram_budget
+    from kvtier import cli
+    f = tmp_path / "plan.toml"
+    f.write_text(TENANT)
+    assert cli.main(["prewarm", "--check", str(f)]) == cli.EXIT_OK
+    assert "promote.ram_budget is not set" in capsys.readouterr().err
+    assert cli.main(["prewarm", "--check", "--promote", str(f)]) == cli.EXIT_USAGE
+    assert "promote.ram_budget must be set" in capsys.readouterr().err
+    f.write_text('[promote]\nram_budget = "1GiB"\n' + TENANT)
+    assert cli.main(["prewarm", "--check", "--promote", str(f)]) == cli.EXIT_OK
+    assert capsys.readouterr().err == ""
