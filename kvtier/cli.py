@@ -427,11 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _tls_hint(args, message: str) -> str:
-    """A TCP listener of the daemon speaks TLS (server.tls_cert), perhaps asking for a client
+def _unreachable_hint(args, message: str) -> str:
+    """What to try: no socket at a Unix address means no daemon there (or another address);
+    a TCP listener of the daemon speaks TLS (server.tls_cert), perhaps asking for a client
     certificate (server.tls_client_ca): a client without them sees its connection closed."""
     address = getattr(args, "address", None) or ""
-    if address.startswith("unix:") or "refused" in message.lower():
+    if address.startswith("unix:"):
+        return (" (is `kvtier serve` running? Give its server.socket as --address unix://PATH or in "
+                "$KVTIER_ADDRESS)" if "No such file" in message else "")
+    if "refused" in message.lower():
         return ""
     if not getattr(args, "tls_ca", None):
         return " (if the daemon's TCP listener has TLS, give --tls-ca PEM)"
@@ -448,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except errors.Unavailable as e:
-        print(f"daemon unreachable at {getattr(args, 'address', '?')}: {e}{_tls_hint(args, str(e))}", file=sys.stderr)
+        print(f"daemon unreachable at {getattr(args, 'address', '?')}: {e}{_unreachable_hint(args, str(e))}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except errors.Unauthenticated as e:
         hint = "" if getattr(args, "token", None) or os.environ.get("KVTIER_TOKEN") else \

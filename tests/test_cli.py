@@ -524,6 +524,8 @@ def test_unreachable_daemon_exits_3(tmp_path):
         assert p.returncode == 3, (args, text(p))
         assert b"unreachable" in p.stderr
         assert p.stdout == b""
+        if addr in args:  # no socket: say what to check
+            assert b"is `kvtier serve` running?" in p.stderr and b"--address" in p.stderr, text(p)
 
 
 def test_a_closed_tcp_connection_suggests_tls(tmp_path):
