@@ -230,7 +230,8 @@ class Daemon:
         self.started = time.monotonic()
         self.gc_pauses.install()
         log.info("serving on %s%s; data channel %s; policy %s", self.address,
-                 f" and tcp port {self.tcp_port}" if self.tcp_port else "", self.data_address or "off", r.policy)
+                 f" and tcp port {self.tcp_port}" if self.tcp_port else "",
+                 " and ".join(self.data.addresses) if self.data else "off", r.policy)
         self.ready.set()
 
     async def main_loop(self) -> None:
@@ -315,7 +316,9 @@ class Daemon:
         self.notify.ready()
 
     async def shutdown(self) -> None:
-        log.info("stopping: draining for up to %.1fs", self.cfg.server.drain_timeout_s)
+        served = self.ready.is_set()  # else a start that failed, cleaning up what it made
+        if served:
+            log.info("stopping: draining for up to %.1fs", self.cfg.server.drain_timeout_s)
         self.notify.stopping()
         if self.health is not None:
             for name in ("", SERVICE_NAME):
@@ -344,7 +347,8 @@ class Daemon:
                 os.unlink(self.cfg.socket_path)
             except FileNotFoundError:
                 pass
-        log.info("stopped")
+        if served:
+            log.info("stopped")
 
     async def serve(self, install_signals: bool = True) -> None:
         loop = asyncio.get_running_loop()

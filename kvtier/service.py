@@ -405,8 +405,13 @@ class KVTierService(pb_grpc.KVTierServicer):
         s = self.hot.snapshot()
         a = self.d.arena
         cc = s["commit_checks"]
+        # RAM's hits are the reads no lower tier served (as the metrics count them); its misses,
+        # the reads it could not serve, whether a lower tier then did or not
+        below = sum(s.get("nvme_hits_by_namespace", {}).values()) + sum(s.get("cluster_hits_by_namespace", {}).values())
+        hits = sum(n.hits for n in s["namespaces"].values())
         ram = pb.TierStats(
             name="ram", capacity_bytes=s["capacity_bytes"], used_bytes=s["used_bytes"], blocks=s["blocks"],
+            hits=max(0, hits - below), misses=sum(n.misses for n in s["namespaces"].values()) + below,
             checksum_failures=cc["failures"] if cc is not None else 0,
             evictions=s["evictions"], policy=s["policy"], largest_free_bytes=s["largest_free_bytes"],
             reserved_bytes=s["reserved_bytes"], pinned_blocks=s["pinned_blocks"],

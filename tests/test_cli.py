@@ -495,12 +495,14 @@ def test_serve_names_the_setting_whose_port_is_taken(setting):
             assert proc.wait(20) == 0
             err = proc.stderr.read().decode()
             assert f"metrics.listen: cannot listen on {taken}" in err, err
+            assert f"data channel unix://{sock}.data and tcp://127.0.0.1:" in err, err  # both served
         else:  # a listener the daemon is for: it refuses to start, naming the setting and the address
             rc = proc.wait(30)
             err = proc.stderr.read().decode()
             assert rc == 2, err
             assert f"{setting}: cannot bind {taken}" in err, err
             assert "Traceback" not in err, err
+            assert "stopping" not in err and "stopped" not in err, err  # it never served
             assert not os.path.exists(sock) and not os.path.exists(sock + ".data")
     finally:
         if proc.poll() is None:

@@ -463,6 +463,7 @@ def test_stats_counters_move(daemon):
         c.get_many(NS, [keys[0], key("st", "missing"), keys[2]])
         n = ns_stats(c, NS)
         assert (n.hits, n.misses, n.get_bytes) == (2, 1, sizes[0] + sizes[2])
+        assert (ram(c).hits, ram(c).misses) == (2, 1)  # the tier's own, not only the namespace's
         c.lookup(NS, keys + [key("st", "missing")])
         assert ns_stats(c, NS).lookups == 4
 

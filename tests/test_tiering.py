@@ -409,6 +409,7 @@ def test_acquire_promotes_a_batch_concurrently_and_answers_in_key_order(make_dae
         assert ram(c).leased_blocks == 0
         n = ns_stats(c)
         assert (n.hits, n.misses) == (len(ks), 0)
+        assert (ram(c).hits, ram(c).misses) == (0, len(ks))  # each read missed RAM, hit NVMe
 
 
 @pytest.mark.parametrize("client_kw", [{}, {"attach": False}], ids=["arena", "data"])
