@@ -178,9 +178,12 @@ class Servers:
 
     # ---- connections and failure ---------------------------------------------------------------
 
-    async def conns(self, node: Node) -> list[Connection]:
-        """The server's live connections, opening them if none; Unavailable while it is down."""
-        if node.down_until > time.monotonic():
+    async def conns(self, node: Node, probe: bool = False) -> list[Connection]:
+        """The server's live connections, opening them if none. Unavailable while it is down: from
+        the failure that marked it until a probe (probe=True, the maintenance task's PING, at most
+        once per backoff step) gets an answer. A server that accepts connections and answers
+        nothing (stopped, swapping) thus costs callers one timeout, not one per backoff step."""
+        if node.reason and not probe or node.down_until > time.monotonic():
             raise Unavailable(node.addr)
         live = node.live()
         if len(live) < self.cfg.connections:
@@ -207,7 +210,7 @@ class Servers:
         node.conns = node.live() + ok
         if not node.conns:
             raise next(e for e in res if isinstance(e, BaseException))  # the caller's on() marks the node
-        self._succeeded(node)
+        # not up yet: a stopped server's kernel still completes the handshake; an answer (on()) marks it up
 
     def _succeeded(self, node: Node) -> None:
         if not node.up:
@@ -262,6 +265,7 @@ class Servers:
         try:
             async with asyncio.timeout(self.timeout):
                 await work(node)
+            self._succeeded(node)
             return True
         except Unavailable:
             self.stats.unavailable += 1
@@ -399,8 +403,7 @@ class Servers:
                 pass
 
     async def _ping(self, node: Node) -> None:
-        conns = await self.conns(node)
+        conns = await self.conns(node, probe=True)
         reply = (await conns[0].request([(b"PING",)]))[0]
         if isinstance(reply, ReplyError):
             raise reply
-        self._succeeded(node)
