@@ -42,6 +42,15 @@ log = logging.getLogger("kvtier.cluster")
 
 PART_MAGIC = b"KVTP"
 ENVELOPE = struct.Struct("<4s8sIIQQ")  # magic, write id, index, count, offset in record, record length
+MIN_PART = 64 * 1024    # the smallest cluster.part_bytes the settings allow
+MAX_PARTS = 1 << 16     # more parts than any write makes
+
+
+def _most_parts(total: int) -> int:
+    """The most parts a write of a record of total bytes makes (one per MIN_PART bytes): a
+    flipped bit in an envelope's count must not make a reader ask for, or a delete unlink,
+    millions of parts."""
+    return min(MAX_PARTS, -(-total // MIN_PART))
 
 
 def block_name(prefix: bytes, ns: str, key: bytes) -> bytes:
@@ -55,7 +64,9 @@ def part_name(base: bytes, i: int) -> bytes:
 def part_count(head: object) -> int:
     """Parts of the write whose first bytes (GETRANGE 0..35 of the block's key) are head; 1 if unsplit."""
     if isinstance(head, bytes) and len(head) == ENVELOPE.size and head[:4] == PART_MAGIC:
-        return ENVELOPE.unpack(head)[3]
+        _, _, idx, count, off, total = ENVELOPE.unpack(head)
+        if idx == 0 and off == 0:
+            return max(1, min(count, _most_parts(total)))  # a damaged count: every part the record could have
     return 1
 
 
@@ -116,9 +127,12 @@ class BlockSink:
                 if len(head) < ENVELOPE.size:
                     raise CorruptRecord("truncated part envelope")
                 _, self.wid, idx, count, off, total = ENVELOPE.unpack_from(head)
-                if idx != 0 or off != 0 or count < 2:
+                self.count = max(1, min(count, _most_parts(total)))  # what unlinking the record removes
+                # part 0 is one part long: a write of that part size made this many parts
+                made = -(-total // (n - ENVELOPE.size)) if n > ENVELOPE.size else 0
+                if idx != 0 or off != 0 or count < 2 or count != made or count > _most_parts(total):
                     raise CorruptRecord("first part has a bad envelope")
-                start, self.count, self.total = ENVELOPE.size, count, total
+                start, self.total = ENVELOPE.size, total
             else:
                 self.total = n
             meta = record.decode_header(head[start:])

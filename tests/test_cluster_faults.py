@@ -4,14 +4,19 @@ and stopped by each test (``valkey_servers``)."""
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 
-from kvtier import record
-from test_cluster import put_all, run, tier
+from kvtier.clustervalue import ENVELOPE
+from test_cluster import name as block_name, put_all, run, tier
 
 pytest_plugins = ["valkey_servers"]  # fixtures: valkey, valkey_cluster, make_valkey, make_cluster
 
 NS = "faults"
+
+
+def name(key: bytes) -> bytes:
+    return block_name(NS, key)
 
 
 def test_a_stopped_server_costs_one_timeout_then_misses_at_once_until_it_answers(make_valkey):
@@ -50,5 +55,51 @@ def test_a_stopped_server_costs_one_timeout_then_misses_at_once_until_it_answers
                     break
             assert t.snapshot()["connected"] and t.snapshot()["reconnects"] == 1
             assert bytes((await t.get(NS, k))[0]) == b"v" * 1000
+
+    run(go())
+
+
+# ---- values kvtier cannot read --------------------------------------------------------------
+
+def _count_commands(monkeypatch) -> dict:
+    """Count the commands every Connection sends, by name, and the arguments of each UNLINK."""
+    from kvtier import resp
+    sent = {"GET": 0, "UNLINK args": 0}
+    real = resp.Connection.request
+
+    def request(self, cmds, sinks=None, weight=0):
+        for c in cmds:
+            sent["GET"] += c[0] == b"GET"
+            sent["UNLINK args"] += len(c) - 1 if c[0] == b"UNLINK" else 0
+        return real(self, cmds, sinks, weight)
+
+    monkeypatch.setattr(resp.Connection, "request", request)
+    return sent
+
+
+def test_a_damaged_part_count_is_corruption_not_a_million_requests(valkey, monkeypatch):
+    """One flipped bit in the part count of a split value's envelope: a get is a counted miss that
+    asks for no more parts than the value's size allows, and removing the record (after that get,
+    or by a delete) unlinks its real parts, not 65536 names."""
+    read, deleted, fine = b"r" * 16, b"d" * 16, b"f" * 16
+    blocks = {k: bytes([i]) * 300_000 for i, k in enumerate((read, deleted, fine))}
+    r = valkey.client()
+
+    async def go():
+        async with tier(valkey.url, part_bytes=64 * 1024) as t:
+            await put_all(t, NS, blocks)
+            for k in (read, deleted):
+                head = bytearray(r.getrange(name(k), 0, ENVELOPE.size - 1))
+                struct.pack_into("<I", head, 16, struct.unpack_from("<I", head, 16)[0] | 1 << 16)
+                r.setrange(name(k), 0, bytes(head))
+            sent = _count_commands(monkeypatch)
+            assert await t.get(NS, read) is None
+            assert sent["GET"] <= 10 and sent["UNLINK args"] <= 10, sent
+            assert await t.delete_many(NS, [deleted]) == 1
+            assert sent["UNLINK args"] <= 20, sent
+            s = t.snapshot()
+            assert (s["checksum_failures"], s["torn_reads"], s["errors"], s["connected"]) == (1, 0, 0, True)
+            assert bytes((await t.get(NS, fine))[0]) == blocks[fine]
+        assert r.keys(name(read) + b"*") == [] and r.keys(name(deleted) + b"*") == []
 
     run(go())
