@@ -144,6 +144,8 @@ class BlockSink:
             seg = n - pay0                           # payload bytes this value carries
             if seg < 0 or seg > meta.stored_len or (self.count == 1 and seg != meta.stored_len):
                 raise CorruptRecord("truncated record")
+            if meta.codec == record.CODEC_RAW and meta.raw_len != meta.stored_len:
+                raise CorruptRecord("raw payload length disagrees with the stored length")
             self.meta = meta
             dest = None
             if meta.codec == record.CODEC_RAW and self.into is not None:

@@ -7,6 +7,7 @@ import asyncio
 import struct
 import time
 
+from kvtier import record
 from kvtier.clustervalue import ENVELOPE
 from test_cluster import name as block_name, put_all, run, tier
 
@@ -103,3 +104,26 @@ def test_a_damaged_part_count_is_corruption_not_a_million_requests(valkey, monke
         assert r.keys(name(read) + b"*") == [] and r.keys(name(deleted) + b"*") == []
 
     run(go())
+
+
+def test_a_record_whose_lengths_disagree_is_a_miss_into_a_callers_buffer(valkey):
+    """A record with an intact header check whose raw length is shorter than its stored payload
+    (another writer's bug): a get into the caller's buffer (an arena slot) is a counted miss; the
+    buffer is not overrun and the connection stays in step (the server is not marked down)."""
+    bad, fine = b"b" * 16, b"f" * 16
+    r = valkey.client()
+    meta = record.Meta(NS, bad, 100_000, 300_000, record.checksum(b"x" * 100_000))
+    r.set(name(bad), record.encode(meta, b"x" * 300_000))
+
+    async def go():
+        async with tier(valkey.url) as t:
+            await put_all(t, NS, {fine: b"y" * 300_000})
+            assert await t.get(NS, bad, into=bytearray) is None
+            got = await t.get_many(NS, [bad, fine], into=lambda i, n: bytearray(n))
+            assert got[0] is None and bytes(got[1][0]) == b"y" * 300_000
+            s = t.snapshot()
+            assert (s["checksum_failures"], s["errors"], s["connected"]) == (1, 0, True), s
+            assert not r.exists(name(bad))
+
+    run(go())
+
