@@ -355,6 +355,8 @@ class Connection(asyncio.BufferedProtocol):
         head = bytes(self._mv[pos:pos + h])
         rest = n - h
         dest = memoryview(sink.begin(n, head)).cast("B")[:rest]
+        if len(dest) < rest:  # reading on would take the value's tail for the next replies
+            raise ConnectionError(f"a reply of {n} bytes from {self.label} had {len(dest)} bytes to land in")
         pos += h
         avail = min(self._end - pos, rest)
         if avail:

@@ -7,13 +7,17 @@ import asyncio
 import struct
 import time
 
+import pytest
+
 from kvtier import record
 from kvtier.clustervalue import ENVELOPE
+from kvtier.resp import Connection
 from test_cluster import name as block_name, put_all, run, tier
 
 pytest_plugins = ["valkey_servers"]  # fixtures: valkey, valkey_cluster, make_valkey, make_cluster
 
 NS = "faults"
+MiB = 1 << 20
 
 
 def name(key: bytes) -> bytes:
@@ -127,3 +131,21 @@ def test_a_record_whose_lengths_disagree_is_a_miss_into_a_callers_buffer(valkey)
 
     run(go())
 
+
+def test_a_sink_with_too_little_room_drops_the_connection_rather_than_read_out_of_step(valkey):
+    """The tail of a value that did not fit must not be read as the replies after it: here it
+    would answer the PING with "FAKE"."""
+    valkey.client().set(b"kvt:faults:long", b"z" * (4096 + MiB) + b"\r\n+FAKE")
+
+    class Short:
+        def begin(self, n, head):
+            return bytearray(MiB)  # 7 bytes short
+
+    async def go():
+        c = await Connection.open("127.0.0.1", valkey.port)
+        f = c.request([(b"GET", b"kvt:faults:long"), (b"PING",)], [Short(), None])
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(f, 5)
+        assert c.closed
+
+    run(go())
