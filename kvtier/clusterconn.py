@@ -244,10 +244,18 @@ class Servers:
             self._kick.set()
 
     def reply_error(self, err: ReplyError) -> None:
-        """An error reply about one key: count it; reload the slot map when it says so."""
+        """An error reply about one key: count it (a redirect as ``moved``, any other as one of
+        ``errors``); reload the slot map when it says so."""
+        if err.redirect is not None:
+            self.stats.moved += 1
+        else:
+            self.stats.errors += 1
         if err.redirect is not None or err.code in ("CLUSTERDOWN", "TRYAGAIN"):
-            self.stats.moved += err.redirect is not None
             self._refresh_soon()
+        elif err.code == "OOM":
+            self.warn("OOM", f"cluster: writes refused, the server is out of memory ({err}): blocks stay in "
+                             "local tiers only and are not retried; raise its maxmemory or give it an eviction "
+                             "policy (maxmemory-policy allkeys-lru)")
         else:
             self.warn(err.code, f"cluster: server replied {err}")
 

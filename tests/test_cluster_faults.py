@@ -69,12 +69,13 @@ def test_a_stopped_server_costs_one_timeout_then_misses_at_once_until_it_answers
 def _count_commands(monkeypatch) -> dict:
     """Count the commands every Connection sends, by name, and the arguments of each UNLINK."""
     from kvtier import resp
-    sent = {"GET": 0, "UNLINK args": 0}
+    sent = {"GET": 0, "SET": 0, "UNLINK args": 0}
     real = resp.Connection.request
 
     def request(self, cmds, sinks=None, weight=0):
         for c in cmds:
             sent["GET"] += c[0] == b"GET"
+            sent["SET"] += c[0] == b"SET"
             sent["UNLINK args"] += len(c) - 1 if c[0] == b"UNLINK" else 0
         return real(self, cmds, sinks, weight)
 
@@ -149,3 +150,32 @@ def test_a_sink_with_too_little_room_drops_the_connection_rather_than_read_out_o
         assert c.closed
 
     run(go())
+
+
+# ---- a full server ---------------------------------------------------------------------------
+
+def test_out_of_memory_writes_fail_once_each_are_counted_and_logged_clearly(make_valkey, monkeypatch, caplog):
+    """maxmemory with noeviction: SETs are refused with -OOM. Each put is tried once (no retry),
+    counted as a failed write and an error (what Stats and metrics show), the server is not
+    marked down (reads go on), and the log says why, once."""
+    srv = make_valkey("--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
+    blocks = {bytes([i]) * 16: bytes([i]) * 500_000 for i in range(12)}
+    sent = _count_commands(monkeypatch)
+
+    async def go():
+        async with tier(srv.url) as t:
+            for k, v in blocks.items():  # one at a time: each put is its own SET
+                await put_all(t, NS, {k: v})
+            s = t.snapshot()
+            assert s["put_failures"] >= 6 and s["puts"] + s["put_failures"] == len(blocks), s
+            assert sent["SET"] == len(blocks)  # tried once each
+            assert s["errors"] >= s["put_failures"] and s["connected"] and s["timeouts"] == 0
+            stored = [k for k in blocks if await t.get(NS, k) is not None]
+            assert len(stored) == s["puts"]
+            await asyncio.sleep(0.5)
+            assert sent["SET"] == len(blocks)  # and never again
+
+    with caplog.at_level("WARNING", logger="kvtier.cluster"):
+        run(go())
+    oom = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    assert len(oom) == 1 and "maxmemory" in oom[0], [r.getMessage() for r in caplog.records]
