@@ -74,7 +74,10 @@ runs), counted, and logged once per change of state. The server is marked
 down: calls routed to it miss at once while a background task reconnects with
 backoff (0.1 s doubling to ``reconnect_max_s``). In Cluster mode a failed
 master, MOVED/ASK or CLUSTERDOWN reloads the slot map, so failovers and
-reshards are followed without manual action. Loss is allowed (it is a cache);
+reshards are followed without manual action. Reads and writes that meet a
+redirect miss or fail; an unlink (a delete, a quota eviction, or the unlink
+that replaces a failed overwrite) is sent where the redirect points, so a
+block removed while its slot moves does not stay on the slot's new master. Loss is allowed (it is a cache);
 wrong bytes never.
 
 Threads: ``enqueue_put`` may be called from any thread; on_done runs on the
@@ -651,10 +654,33 @@ class ClusterTier:
             return None
 
     async def _unlink(self, conns: list[Connection], bases: list[bytes], counts: list[int]) -> int:
+        """Unlink blocks with their parts on one server; a block whose slot moved (MOVED, or ASK
+        while its slot migrates) is unlinked where the reply points (_unlink_there)."""
         cmds = [(b"UNLINK", base) + tuple(part_name(base, i) for i in range(1, count))
                 for base, count in zip(bases, counts)]
         replies = await conns[0].request(cmds)
-        return sum(1 for r in replies if isinstance(r, int) and r > 0)
+        n = 0
+        for base, r in zip(bases, replies):
+            if isinstance(r, ReplyError) and r.redirect is not None:
+                self.servers.reply_error(r)
+                r = await self._unlink_there(r, base)
+            n += isinstance(r, int) and r > 0
+        return n
+
+    async def _unlink_there(self, redirect: ReplyError, base: bytes):
+        """UNLINK's reply for a block (with its parts, counted there) on the server a redirect
+        names, or None. Else a delete, or an overwrite that failed, would leave the block on its
+        slot's new master for every node to read once the slot has moved."""
+        head = await self.servers.redirected(redirect, (b"GETRANGE", base, 0, 35))
+        if isinstance(head, bytes):
+            r = await self.servers.redirected(
+                redirect, (b"UNLINK", base) + tuple(part_name(base, i) for i in range(1, part_count(head))))
+            if not isinstance(r, ReplyError):
+                return r
+            head = r
+        if isinstance(head, ReplyError):
+            self.servers.reply_error(head)
+        return None
 
     # ---- removal -------------------------------------------------------------------------------
 

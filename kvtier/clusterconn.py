@@ -259,6 +259,23 @@ class Servers:
         else:
             self.warn(err.code, f"cluster: server replied {err}")
 
+    async def redirected(self, err: ReplyError, cmd: tuple):
+        """cmd's reply from the server a MOVED or ASK reply names (after ASKING for an ASK), or
+        None when that server failed (counted, as any call). One hop: a further redirect is the
+        reply."""
+        _, host, port = err.redirect
+        node = self.node(host or self.host, port)
+        out: list = [None]
+
+        async def work(node: Node) -> None:
+            conns = await self.conns(node)
+            c = min(conns, key=lambda c: c.inflight)
+            replies = await c.request([(b"ASKING",), cmd] if err.code == "ASK" else [cmd])
+            out[0] = replies[-1]
+
+        await self.on(node, work)
+        return out[0]
+
     def warn(self, what: str, msg: str) -> None:
         """Log at most once per 10 s for each kind of trouble."""
         now = time.monotonic()

@@ -4,6 +4,7 @@ and stopped by each test (``valkey_servers``)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 import time
 
@@ -179,3 +180,70 @@ def test_out_of_memory_writes_fail_once_each_are_counted_and_logged_clearly(make
         run(go())
     oom = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
     assert len(oom) == 1 and "maxmemory" in oom[0], [r.getMessage() for r in caplog.records]
+
+
+# ---- slots that move --------------------------------------------------------------------------
+
+def _keys_in_one_slot(n: int) -> list[bytes]:
+    from redis.crc import key_slot
+    keys = [os.urandom(16)]
+    while len(keys) < n:
+        k = os.urandom(16)
+        if key_slot(name(k)) == key_slot(name(keys[0])):
+            keys.append(k)
+    return keys
+
+
+def test_a_delete_or_failed_overwrite_during_a_slot_migration_reaches_the_new_master(make_cluster):
+    """While a slot migrates (MIGRATING / IMPORTING, MIGRATE key by key), the old master answers
+    ASK for the keys already moved. A delete of such a key, and an overwrite of one (its SET is
+    refused with ASK, so the tier unlinks the old content instead), must remove it where it now
+    lives: once the slot has moved, no node may read the deleted or the old content."""
+    from redis.crc import key_slot
+    cl = make_cluster(masters=3, replicas=0)
+    gone, overwritten, stays = keys = _keys_in_one_slot(3)
+    blocks = {k: os.urandom(100_000) for k in keys}
+    slot = key_slot(name(gone))
+
+    async def go():
+        async with tier(cl.url, cluster=True, timeout_ms=2000) as t:
+            await put_all(t, NS, blocks)
+            port = next(int(e[2][1]) for e in cl.slot_map() if e[0] <= slot <= e[1])
+            src = cl.by_port(port)
+            dst = next(m for m in cl.masters() if m is not src)
+            sid, did = (m.client().execute_command("CLUSTER", "MYID") for m in (src, dst))
+
+            def on_dst(k: bytes) -> bool:  # the importing master answers a key only after ASKING
+                c = dst.client(single_connection_client=True)
+                c.execute_command("ASKING")
+                return bool(c.exists(name(k)))
+            dst.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", sid)
+            src.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", did)
+            for k in (gone, overwritten):
+                src.client().execute_command("MIGRATE", "127.0.0.1", dst.port, name(k), 0, 5000)
+            assert await t.get(NS, gone) is None  # ASK: a miss, never an error
+            assert await t.delete_many(NS, [gone]) == 1
+            new = os.urandom(100_000)
+            done = asyncio.Event()
+            t.enqueue_put(NS, overwritten, new, record.checksum(new), done.set, replaces=True)
+            await asyncio.wait_for(done.wait(), 10)
+            for _ in range(100):  # the unlink that replaces the failed write runs in the background
+                if not on_dst(overwritten):
+                    break
+                await asyncio.sleep(0.05)
+            src.client().execute_command("MIGRATE", "127.0.0.1", dst.port, name(stays), 0, 5000)
+            for m in cl.masters():
+                m.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", did)
+            assert await t.get(NS, gone) is None
+            g = await t.get(NS, overwritten)
+            assert g is None or bytes(g[0]) == new  # never the old content
+            for _ in range(100):  # MOVED reloads the slot map
+                g = await t.get(NS, stays)
+                if g is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert bytes(g[0]) == blocks[stays]
+            assert t.snapshot()["moved"] >= 1
+            assert not on_dst(gone) and not on_dst(overwritten)
+
+    run(go())
