@@ -73,12 +73,12 @@ False (exists), 0 (delete) or a failed write (``put_failures``; on_done still
 runs), counted, and logged once per change of state. The server is marked
 down: calls routed to it miss at once while a background task reconnects with
 backoff (0.1 s doubling to ``reconnect_max_s``). In Cluster mode a failed
-master, MOVED/ASK or CLUSTERDOWN reloads the slot map, so failovers and
+master, MOVED or CLUSTERDOWN reloads the slot map, so failovers and
 reshards are followed without manual action. Reads and writes that meet a
 redirect miss or fail; an unlink (a delete, a quota eviction, or the unlink
 that replaces a failed overwrite) is sent where the redirect points, so a
-block removed while its slot moves does not stay on the slot's new master. Loss is allowed (it is a cache);
-wrong bytes never.
+block removed while its slot moves does not stay on the slot's new master.
+Loss is allowed (it is a cache); wrong bytes never.
 
 Threads: ``enqueue_put`` may be called from any thread; on_done runs on the
 loop's thread (or at once in the caller's when the put is refused, or when a
@@ -140,7 +140,7 @@ class ClusterStats:
     unavailable: int = 0         # calls refused at once because their server was marked down
     checksum_failures: int = 0   # corrupt records found (and unlinked)
     torn_reads: int = 0          # split blocks overwritten or expired while read (a miss)
-    moved: int = 0               # MOVED/ASK replies (the slot map is then reloaded)
+    moved: int = 0               # MOVED/ASK replies (MOVED reloads the slot map)
     reconnects: int = 0
     topology_refreshes: int = 0
     evictions: int = 0           # blocks unlinked to keep a tenant within its redis quota

@@ -12,7 +12,7 @@ marks it down: its connections are cut (so no late reply lands in a buffer a
 caller has reused), calls routed to it fail at once (``_Unavailable``) and a
 maintenance task reconnects with backoff (0.1 s doubling to
 ``reconnect_max_s``), logging once when it goes down and once when it is back.
-In Cluster mode a down master, MOVED/ASK or CLUSTERDOWN reloads the slot map
+In Cluster mode a down master, MOVED or CLUSTERDOWN reloads the slot map
 from any node that answers, which is how failovers and reshards are followed.
 Nothing here raises to the tier's callers: ``on()`` turns trouble into False.
 """
@@ -250,7 +250,7 @@ class Servers:
             self.stats.moved += 1
         else:
             self.stats.errors += 1
-        if err.redirect is not None or err.code in ("CLUSTERDOWN", "TRYAGAIN"):
+        if err.code in ("MOVED", "CLUSTERDOWN", "TRYAGAIN"):  # not ASK: the slot map stays until the move ends
             self._refresh_soon()
         elif err.code == "OOM":
             self.warn("OOM", f"cluster: writes refused, the server is out of memory ({err}): blocks stay in "
