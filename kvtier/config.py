@@ -243,7 +243,7 @@ class NvmeConfig:
     codec: str = "none"
     # Promote a block from NVMe into RAM on its "first" read, or only on its "second" read (a first read is served from a transient slot).
     promote: str = "first"
-    # Bytes of blocks waiting to be written; beyond this new writes are dropped and counted.
+    # Bytes of blocks waiting to be written; beyond this new writes are dropped and counted. At most half of ram.capacity.
     queue_bytes: int = 1 * GiB
     # Threads doing NVMe I/O.
     io_threads: int = 4
@@ -282,7 +282,7 @@ class ClusterConfig:
     codec: str = "none"
     # Prefix of every key, so several deployments can share one server.
     prefix: str = "kvt"
-    # Bytes of blocks waiting to be written; beyond this new writes are dropped and counted.
+    # Bytes of blocks waiting to be written; beyond this new writes are dropped and counted. At most a quarter of ram.capacity.
     queue_bytes: int = 256 * MiB
     # Connections per server (per master in Cluster mode).
     connections: int = 2

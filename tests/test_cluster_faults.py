@@ -252,3 +252,24 @@ def test_a_delete_or_failed_overwrite_during_a_slot_migration_reaches_the_new_ma
             assert not on_dst(gone) and not on_dst(overwritten)
 
     run(go())
+
+
+def test_blocks_waiting_for_a_stopped_server_leave_room_for_new_puts(make_daemon, make_valkey):
+    """Blocks queued for the cluster hold their RAM slots until written: with the server stopped
+    the queue (cluster.queue_bytes, 256 MiB by default) filled a 16 MiB arena and every put
+    after it was refused. The queue is bounded by a quarter of the arena."""
+    from kvtier.client import Client
+    v = make_valkey()
+    d = make_daemon(ram={"capacity": "16MiB"}, cluster={"url": v.url, "timeout_ms": 20000})
+    cl, cap = d.daemon.store.cluster, d.daemon.hot.alloc.capacity
+    assert cl.queue_limit == cap // 4
+    with Client(d.address, timeout=30) as c:
+        assert c.put_many(NS, [(os.urandom(16), os.urandom(1000))]) == [True]  # connected
+        v.pause()
+        try:
+            for i in range(40):  # 20 MiB through a 16 MiB arena: older blocks are evicted
+                assert c.put_many(NS, [(os.urandom(16), os.urandom(MiB // 2))]) == [True], i
+            s = cl.snapshot()
+            assert s["queued_bytes"] <= cap // 4 and s["dropped"] > 0
+        finally:
+            v.resume()
