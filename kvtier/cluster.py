@@ -64,7 +64,9 @@ own least recently used blocks (``evictions``), never another tenant's.
 
 Integrity: every read is verified: header check, names and lengths, then the
 xxh3-128 of the raw bytes after decompression. A corrupt record is a miss; it
-is unlinked (with all its parts) and counted in ``checksum_failures``.
+is unlinked (with all its parts) and counted in ``checksum_failures``. A record
+of a format version this daemon does not read (another kvtier's, during a
+rolling upgrade) is a miss counted in ``version_skips`` and left in place.
 
 Failure (``kvtier.clusterconn``): nothing raises to the caller for Redis
 trouble. A refused connection, a reset, an error reply, a failed TLS
@@ -139,6 +141,7 @@ class ClusterStats:
     timeouts: int = 0
     unavailable: int = 0         # calls refused at once because their server was marked down
     checksum_failures: int = 0   # corrupt records found (and unlinked)
+    version_skips: int = 0       # records of a format version this daemon does not read (a miss, kept)
     torn_reads: int = 0          # split blocks overwritten or expired while read (a miss)
     moved: int = 0               # MOVED/ASK replies (MOVED reloads the slot map)
     reconnects: int = 0
@@ -620,6 +623,11 @@ class ClusterTier:
     async def _finish(self, b: BlockSink):
         """The block of a completed read, verified, or None (a miss; b.bad set if corrupt)."""
         if not b.present or b.refused:
+            return None
+        if b.version:
+            self.stats.version_skips += 1
+            self.servers.warn("version", f"cluster: records of format version {b.version} found (this kvtier "
+                                         f"reads {record.VERSION}): misses here, left for the daemons that read them")
             return None
         meta = b.meta
         if not b.bad and b.torn:

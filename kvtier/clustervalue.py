@@ -36,7 +36,7 @@ import os
 import struct
 
 from . import record
-from .record import CorruptRecord, Meta
+from .record import CorruptRecord, Meta, UnknownVersion
 
 log = logging.getLogger("kvtier.cluster")
 
@@ -92,7 +92,7 @@ class BlockSink:
     into(index, n), when given, returns the caller's buffer for a raw payload of n bytes, or
     None to decline (the block is then a miss and nothing is written to it)."""
     __slots__ = ("ns", "key", "index", "into", "meta", "buf", "dest", "got", "wid", "count", "total",
-                 "bad", "torn", "refused", "present")
+                 "bad", "torn", "refused", "present", "version")
 
     def __init__(self, ns: str, key: bytes, index: int, into=None):
         self.ns, self.key, self.index, self.into = ns, key, index, into
@@ -107,6 +107,7 @@ class BlockSink:
         self.torn = False                    # a part of another write, or a part missing
         self.refused = False                 # into() declined
         self.present = False
+        self.version = 0                     # a record of this format version, unknown here: a miss, kept
 
     def caller_buffer(self, n: int) -> memoryview | None:
         try:
@@ -161,12 +162,15 @@ class BlockSink:
             dest[:have] = head[pay0:]
             self.got = seg
             return dest[have:seg]
+        except UnknownVersion as e:
+            self.version = e.version
+            return bytearray(n - len(head))
         except Exception as e:  # CorruptRecord, or anything odd in a value: never break the stream
             self.bad = str(e) or type(e).__name__
             return bytearray(n - len(head))
 
     def wants_parts(self) -> bool:
-        return self.present and self.count > 1 and not (self.bad or self.refused)
+        return self.present and self.count > 1 and not (self.bad or self.refused or self.version)
 
 
 class PartSink:

@@ -177,6 +177,9 @@ class _StoreCollector:
                                      ("cluster_dropped_writes", "dropped", "Writes dropped: queue full or closing."),
                                      ("cluster_checksum_failures", "checksum_failures",
                                       "Cluster records that failed verification (deleted, served as misses)."),
+                                     ("cluster_version_skips", "version_skips",
+                                      "Cluster records of a format version this daemon does not read (misses, "
+                                      "left for the daemons that read them)."),
                                      ("cluster_quota_refused", "quota_refused",
                                       "Writes refused: a block larger than its tenant's whole redis quota.")))
             g = gauge("cluster_queue_bytes", "Bytes waiting to be written to Redis/Valkey.")

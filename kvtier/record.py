@@ -24,6 +24,12 @@
 A reader trusts nothing: the header check catches a torn or flipped header,
 the payload checksum (over the decompressed bytes) catches the rest. Either
 failure is ``CorruptRecord``, which the tiers turn into a counted miss.
+
+A record with the right magic and another format version is ``UnknownVersion``
+(a ``CorruptRecord`` too, for readers that make no difference): written by a
+kvtier that reads a format this one does not, e.g. a newer daemon sharing one
+Redis during a rolling upgrade. The cluster tier serves it as a miss and leaves
+it in place for the daemons that read it.
 """
 from __future__ import annotations
 
@@ -46,6 +52,14 @@ PAGE = 4096
 
 class CorruptRecord(Exception):
     """The record's header or payload does not check out."""
+
+
+class UnknownVersion(CorruptRecord):
+    """A record of a format version this reader does not know: not damaged, another kvtier's."""
+
+    def __init__(self, version: int):
+        super().__init__(f"format version {version}, this kvtier reads {VERSION}")
+        self.version = version
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +101,10 @@ def decode_header(buf) -> Meta:
     if len(mv) < FIXED_SIZE:
         raise CorruptRecord("truncated header")
     magic, version, codec, n, k, raw_len, stored_len, digest, created, expires, pin, hs = FIXED.unpack_from(mv, 0)
-    if magic != MAGIC or version != VERSION:
-        raise CorruptRecord("bad magic or version")
+    if magic != MAGIC:
+        raise CorruptRecord("bad magic")
+    if version != VERSION:
+        raise UnknownVersion(version)
     if len(mv) < FIXED_SIZE + n + k:
         raise CorruptRecord("truncated header")
     names = bytes(mv[FIXED_SIZE:FIXED_SIZE + n + k])

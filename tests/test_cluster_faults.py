@@ -153,6 +153,38 @@ def test_a_sink_with_too_little_room_drops_the_connection_rather_than_read_out_o
     run(go())
 
 
+@pytest.mark.parametrize("part_bytes", [0, 64 * 1024])
+def test_a_record_of_another_format_version_is_a_miss_and_stays(valkey, monkeypatch, part_bytes):
+    """A rolling upgrade: daemons of two record format versions share one server. Each reads the
+    other's records as misses (counted as version skips, not corruption) and never removes
+    them, so both go on serving their own blocks; a record that is truly damaged is still
+    removed."""
+    newer, damaged, fine = b"n" * 16, b"d" * 16, b"f" * 16
+    blocks = {k: bytes([i + 1]) * 300_000 for i, k in enumerate((newer, damaged, fine))}
+    r = valkey.client()
+
+    async def go():
+        async with tier(valkey.url, part_bytes=part_bytes) as t:
+            monkeypatch.setattr(record, "VERSION", record.VERSION + 1)  # a newer daemon writes
+            await put_all(t, NS, {newer: blocks[newer]})
+            monkeypatch.undo()
+            await put_all(t, NS, {damaged: blocks[damaged], fine: blocks[fine]})
+            key, at = (name(damaged) + b":1", 1000) if part_bytes else (name(damaged), 250_000)  # payload
+            r.setrange(key, at, bytes([r.getrange(key, at, at)[0] ^ 1]))
+            got = await t.get_many(NS, [newer, damaged, fine])
+            assert got[0] is None and got[1] is None and bytes(got[2][0]) == blocks[fine]
+            assert await t.get(NS, newer) is None
+            s = t.snapshot()
+            assert (s["version_skips"], s["checksum_failures"], s["errors"]) == (2, 1, 0), s
+            assert r.exists(name(newer)) and not r.keys(name(damaged) + b"*")
+            if part_bytes:
+                assert len(r.keys(name(newer) + b"*")) == 5  # every part of it stays
+            monkeypatch.setattr(record, "VERSION", record.VERSION + 1)  # the newer daemon still reads it
+            assert bytes((await t.get(NS, newer))[0]) == blocks[newer]
+
+    run(go())
+
+
 # ---- a full server ---------------------------------------------------------------------------
 
 def test_out_of_memory_writes_fail_once_each_are_counted_and_logged_clearly(make_valkey, monkeypatch, caplog):
