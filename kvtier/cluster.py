@@ -67,6 +67,9 @@ xxh3-128 of the raw bytes after decompression. A corrupt record is a miss; it
 is unlinked (with all its parts) and counted in ``checksum_failures``. A record
 of a format version this daemon does not read (another kvtier's, during a
 rolling upgrade) is a miss counted in ``version_skips`` and left in place.
+A value of another type (a hash, a list) at a block's name is a corrupt record
+too: the prefix is kvtier's namespace. exists_many reads each value's first
+bytes (GETRANGE), so a lookup and a get agree on all of this.
 
 Failure (``kvtier.clusterconn``): nothing raises to the caller for Redis
 trouble. A refused connection, a reset, an error reply, a failed TLS
@@ -103,7 +106,7 @@ from typing import Callable, Sequence
 from . import record
 from .clusterconn import Node, Servers
 from .clusterquota import Accounts
-from .clustervalue import BlockSink, PartSink, block_name, part_count, part_name, split
+from .clustervalue import PEEK, BlockSink, PartSink, block_name, part_count, part_name, peek_state, split
 from .config import ClusterConfig
 from .errors import ConfigError
 from .record import CorruptRecord, Meta
@@ -488,25 +491,51 @@ class ClusterTier:
     # ---- reads ---------------------------------------------------------------------------------
 
     async def exists_many(self, ns: str, keys: Sequence[bytes]) -> list[bool]:
-        """Which blocks the cluster holds: one pipelined round trip per server. A server that
-        fails or is down answers False for its keys (counted)."""
+        """Which blocks the cluster holds: one pipelined round trip per server, reading the first
+        bytes of each value, so that Lookup and get agree: a record of a format version this
+        daemon does not read is absent (counted in ``version_skips``, left in place), and a value
+        that is no record (another type under kvtier's name) is absent, counted as corrupt and
+        unlinked, as a get would. A server that fails or is down answers False for its keys
+        (counted)."""
         out = [False] * len(keys)
         if not keys:
             return out
         names = [self._name(ns, k) for k in keys]
+        corrupt: list[bytes] = []
 
         async def one(node: Node, idxs: list[int]) -> None:
             conns = await self.servers.conns(node)
             c = min(conns, key=lambda c: c.inflight)
-            replies = await c.request([(b"EXISTS", names[i]) for i in idxs])
+            replies = await c.request([(b"GETRANGE", names[i], 0, PEEK - 1) for i in idxs])
+            doomed = []
             for i, r in zip(idxs, replies):
-                if isinstance(r, ReplyError):
+                state, version = peek_state(r)
+                out[i] = state == "record"
+                if state == "version":
+                    self._version_skipped(version)
+                elif state == "corrupt":
+                    self._corrupt(ns, keys[i], "not a kvtier record" if isinstance(r, bytes) else str(r))
+                    doomed.append(names[i])
+                elif isinstance(r, ReplyError):
                     self.servers.reply_error(r)
-                else:
-                    out[i] = r == 1
+            if doomed:
+                await self._unlink(conns, doomed, [1] * len(doomed))
+                corrupt.extend(doomed)
 
         await self.servers.run(await self.servers.group(names), one)
+        tenant = self.accounts.group_of(ns)
+        if tenant and corrupt:
+            await self.accounts.release(tenant, corrupt)
         return out
+
+    def _version_skipped(self, version: int) -> None:
+        self.stats.version_skips += 1
+        self.servers.warn("version", f"cluster: records of format version {version} found (this kvtier reads "
+                                     f"{record.VERSION}): misses here, left for the daemons that read them")
+
+    def _corrupt(self, ns: str, key: bytes, why: str) -> None:
+        self.stats.checksum_failures += 1
+        self.servers.warn("corrupt", f"cluster: corrupt record {ns}/{key.hex()}: {why}; removed")
 
     async def get(self, ns: str, key: bytes, into: Callable[[int], object] | None = None):
         """(raw block bytes, checksum) or None. The checksum is verified. into(n), if given, returns
@@ -593,7 +622,9 @@ class ClusterTier:
             state["reading"] -= 1
             if settle(f):
                 b, r = blocks[i], f.result()[0]
-                if isinstance(r, ReplyError):
+                if isinstance(r, ReplyError) and r.code == "WRONGTYPE":  # kvtier's name, not its value
+                    b.present, b.bad = True, str(r)
+                elif isinstance(r, ReplyError):
                     self.servers.reply_error(r)
                     b.present = False
                 else:
@@ -625,9 +656,7 @@ class ClusterTier:
         if not b.present or b.refused:
             return None
         if b.version:
-            self.stats.version_skips += 1
-            self.servers.warn("version", f"cluster: records of format version {b.version} found (this kvtier "
-                                         f"reads {record.VERSION}): misses here, left for the daemons that read them")
+            self._version_skipped(b.version)
             return None
         meta = b.meta
         if not b.bad and b.torn:
@@ -657,8 +686,7 @@ class ClusterTier:
             return raw, meta.checksum
         except CorruptRecord as e:
             b.bad = b.bad or str(e)
-            self.stats.checksum_failures += 1
-            self.servers.warn("corrupt", f"cluster: corrupt record {b.ns}/{b.key.hex()}: {b.bad}; removed")
+            self._corrupt(b.ns, b.key, b.bad)
             return None
 
     async def _unlink(self, conns: list[Connection], bases: list[bytes], counts: list[int]) -> int:

@@ -70,6 +70,24 @@ def part_count(head: object) -> int:
     return 1
 
 
+PEEK = ENVELOPE.size + 5  # the first bytes of a value that tell a record, and its format version, apart
+
+
+def peek_state(head: object) -> tuple[str, int]:
+    """What the first PEEK bytes of the value at a block's key (GETRANGE 0..PEEK-1, or its error
+    reply) say, and the record's format version: "" (no value), "record", "version" (a record
+    of a format version this kvtier does not read) or "corrupt" (not a record: damaged, or a
+    value of another type)."""
+    if not isinstance(head, bytes):
+        return ("corrupt" if getattr(head, "code", "") == "WRONGTYPE" else ""), 0
+    if not head:
+        return "", 0
+    rec = head[ENVELOPE.size:] if head[:4] == PART_MAGIC else head
+    if rec[:4] != record.MAGIC or len(rec) < 5:
+        return "corrupt", 0
+    return ("record" if rec[4] == record.VERSION else "version"), rec[4]
+
+
 def split(header: bytes, payload: memoryview, part_bytes: int) -> list[tuple]:
     """The values of a record: [(pieces of value 0), (pieces of value 1), ...], each a tuple of
     buffers sent back to back. One value (the record itself) when it fits in part_bytes."""

@@ -185,6 +185,37 @@ def test_a_record_of_another_format_version_is_a_miss_and_stays(valkey, monkeypa
     run(go())
 
 
+def test_a_value_of_another_type_under_a_block_name_is_a_miss_for_lookup_and_get_and_removed(valkey):
+    """A hash, a list or a string that is no record at a block's name (kvtier's namespace, under
+    its prefix): Lookup and get agree that the block is absent; each is counted as corrupt and
+    removed, and the server is not counted as failing. Lookup also skips (and keeps) a record
+    of another format version, as get does."""
+    h, lst, junk, got_h, fine = (bytes([c]) * 16 for c in b"hljgf")
+    r = valkey.client()
+    r.hset(name(h), "a", "1")
+    r.rpush(name(lst), "x")
+    r.set(name(junk), b"not a record" * 10)
+    r.hset(name(got_h), "a", "1")
+
+    async def go():
+        async with tier(valkey.url) as t:
+            await put_all(t, NS, {fine: b"y" * 5000})
+            assert await t.exists_many(NS, [h, lst, junk, fine]) == [False, False, False, True]
+            assert await t.get(NS, got_h) is None
+            s = t.snapshot()
+            assert (s["checksum_failures"], s["errors"], s["version_skips"], s["connected"]) == (4, 0, 0, True), s
+            assert not any(r.exists(name(k)) for k in (h, lst, junk, got_h))
+            assert bytes((await t.get(NS, fine))[0]) == b"y" * 5000
+            newer = record.Meta(NS, h, 10, 10, record.checksum(b"z" * 10))
+            value = bytearray(record.encode(newer, b"z" * 10))
+            value[4] = record.VERSION + 1
+            r.set(name(h), bytes(value))
+            assert await t.exists_many(NS, [h]) == [False]
+            assert t.snapshot()["version_skips"] == 1 and r.exists(name(h))
+
+    run(go())
+
+
 # ---- a full server ---------------------------------------------------------------------------
 
 def test_out_of_memory_writes_fail_once_each_are_counted_and_logged_clearly(make_valkey, monkeypatch, caplog):
