@@ -175,6 +175,9 @@ class _StoreCollector:
                                      ("cluster_puts", "puts", "Blocks written to Redis/Valkey."),
                                      ("cluster_errors", "errors", "Redis/Valkey errors and timeouts."),
                                      ("cluster_dropped_writes", "dropped", "Writes dropped: queue full or closing."),
+                                     ("cluster_put_failures", "put_failures",
+                                      "Writes queued but not stored: server down, error reply (e.g. out of "
+                                      "memory) or timeout."),
                                      ("cluster_checksum_failures", "checksum_failures",
                                       "Cluster records that failed verification (deleted, served as misses)."),
                                      ("cluster_version_skips", "version_skips",

@@ -172,3 +172,23 @@ def test_grafana_dashboard_queries_only_exported_metrics(make_daemon, valkey, tm
         for grouping in re.findall(r"\bby \(([^)]*)\)", q):
             by = {x.strip() for x in grouping.split(",")}
             assert by <= on_metrics, f"grouping by {by - on_metrics}, which no metric of {q!r} has"
+
+
+def test_failed_cluster_puts_are_in_stats_and_metrics(make_daemon, make_valkey):
+    """Writes the server refuses (out of memory) are counted where operators look: the cluster
+    tier's dropped_writes in Stats and kvtier_cluster_put_failures_total."""
+    import time
+    v = make_valkey("--maxmemory", "1mb", "--maxmemory-policy", "noeviction")
+    d = make_daemon(metrics={"listen": "127.0.0.1:0"}, ram={"capacity": "16MiB"},
+                    cluster={"url": v.url, "timeout_ms": 5000})
+    cl = d.daemon.store.cluster
+    with Client(d.address, timeout=30) as c:
+        c.put_many("team-a", [(os.urandom(16), os.urandom(400_000)) for _ in range(6)])
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and cl.snapshot()["puts"] + cl.snapshot()["put_failures"] < 6:
+            time.sleep(0.05)
+        failed = cl.snapshot()["put_failures"]
+        assert failed >= 2, cl.snapshot()
+        tier = next(t for t in c.stats().tiers if t.name == "cluster")
+        assert tier.dropped_writes == failed
+    assert _value(_scrape(d), "kvtier_cluster_put_failures_total") == failed
