@@ -79,10 +79,12 @@ runs), counted, and logged once per change of state. The server is marked
 down: calls routed to it miss at once while a background task reconnects with
 backoff (0.1 s doubling to ``reconnect_max_s``). In Cluster mode a failed
 master, MOVED or CLUSTERDOWN reloads the slot map, so failovers and
-reshards are followed without manual action. Reads and writes that meet a
-redirect miss or fail; an unlink (a delete, a quota eviction, or the unlink
-that replaces a failed overwrite) is sent where the redirect points, so a
-block removed while its slot moves does not stay on the slot's new master.
+reshards are followed without manual action. A read, a lookup, a write of
+an unsplit value and an unlink (a delete, a quota eviction, or the unlink
+that replaces a failed overwrite) that meet MOVED or ASK follow it once (ASK
+after ASKING): while a slot migrates, keys already moved are read and
+written on the slot's new master, and a block removed meanwhile does not
+stay there. A split value written into a moving slot fails (``put_failures``).
 Loss is allowed (it is a cache); wrong bytes never.
 
 Threads: ``enqueue_put`` may be called from any thread; on_done runs on the
@@ -419,6 +421,9 @@ class ClusterTier:
         ok, stale = [], []
         for k, (base, _, _) in enumerate(recs):
             old, r = replies[2 * k], replies[2 * k + 1]
+            if isinstance(r, ReplyError) and r.redirect is not None:  # a new key in a slot that moves
+                ok.append(await self._set_there(r, cmds[2 * k:2 * k + 2]))
+                continue
             ok.append(r == "OK")
             if r == "OK":
                 stale += _stale_parts(base, old, 1)
@@ -427,6 +432,23 @@ class ClusterTier:
         if stale:
             await c.request([(b"UNLINK",) + tuple(stale)])
         return ok
+
+    async def _set_there(self, redirect: ReplyError, cmds: list) -> bool:
+        """An unsplit record's GETRANGE and SET on the server a MOVED or ASK reply names, then the
+        UNLINK of the parts it leaves unreachable there; whether that server stored it."""
+        self.servers.reply_error(redirect)
+        replies = await self.servers.redirected(redirect, cmds)
+        if replies is None:
+            return False
+        old, r = replies
+        if r != "OK":
+            if isinstance(r, ReplyError):
+                self.servers.reply_error(r)
+            return False
+        stale = _stale_parts(cmds[0][1], old, 1)
+        if stale:
+            await self._there(redirect, (b"UNLINK",) + tuple(stale))
+        return True
 
     async def _record(self, ns: str, key: bytes, data, checksum: bytes) -> tuple[bytes, list, int] | None:
         """The block's name, its record's values and TTL, with room made in its tenant's quota;
@@ -507,6 +529,13 @@ class ClusterTier:
             conns = await self.servers.conns(node)
             c = min(conns, key=lambda c: c.inflight)
             replies = await c.request([(b"GETRANGE", names[i], 0, PEEK - 1) for i in idxs])
+
+            async def there(j: int, redirect: ReplyError) -> None:  # the key's slot is moving, or moved
+                self.servers.reply_error(redirect)
+                replies[j] = await self._there(redirect, (b"GETRANGE", names[idxs[j]], 0, PEEK - 1))
+
+            await asyncio.gather(*(there(j, r) for j, r in enumerate(replies)
+                                   if isinstance(r, ReplyError) and r.redirect is not None))
             doomed = []
             for i, r in zip(idxs, replies):
                 state, version = peek_state(r)
@@ -624,6 +653,8 @@ class ClusterTier:
                 b, r = blocks[i], f.result()[0]
                 if isinstance(r, ReplyError) and r.code == "WRONGTYPE":  # kvtier's name, not its value
                     b.present, b.bad = True, str(r)
+                elif isinstance(r, ReplyError) and r.redirect is not None:
+                    moved.append((i, r))     # read where it points once this server's reads are done
                 elif isinstance(r, ReplyError):
                     self.servers.reply_error(r)
                     b.present = False
@@ -646,10 +677,33 @@ class ClusterTier:
                     ps.blk.torn = True
             done_if_idle()
 
+        moved: list[tuple[int, ReplyError]] = []
         ask_next()
         await settled
         if errors:
             raise errors[0]
+        if moved:
+            await asyncio.gather(*(self._read_there(err, names[i], blocks[i]) for i, err in moved))
+
+    async def _read_there(self, redirect: ReplyError, name: bytes, b: BlockSink) -> None:
+        """Read a block (and its parts) from the server a MOVED or ASK reply names: while a slot
+        migrates, the keys already moved are read from the slot's new master, not missed."""
+        self.servers.reply_error(redirect)  # counted; a MOVED reloads the slot map
+        lent = b.into is not None
+        r = await self.servers.redirected(redirect, [(b"GET", name)], [b], lent)
+        r = None if r is None else r[0]
+        if isinstance(r, ReplyError):
+            self.servers.reply_error(r)
+        if r is not b or not b.wants_parts():
+            return
+        sinks = [PartSink(b, j) for j in range(1, b.count)]
+        replies = await self.servers.redirected(redirect, [(b"GET", part_name(name, j)) for j in range(1, b.count)],
+                                                sinks, lent)
+        for ps, r in zip(sinks, replies or [None] * len(sinks)):
+            if r is not ps:                          # nil (not moved yet, or gone) or an error
+                if isinstance(r, ReplyError):
+                    self.servers.reply_error(r)
+                b.torn = True
 
     async def _finish(self, b: BlockSink):
         """The block of a completed read, verified, or None (a miss; b.bad set if corrupt)."""
@@ -707,9 +761,9 @@ class ClusterTier:
         """UNLINK's reply for a block (with its parts, counted there) on the server a redirect
         names, or None. Else a delete, or an overwrite that failed, would leave the block on its
         slot's new master for every node to read once the slot has moved."""
-        head = await self.servers.redirected(redirect, (b"GETRANGE", base, 0, 35))
+        head = await self._there(redirect, (b"GETRANGE", base, 0, 35))
         if isinstance(head, bytes):
-            r = await self.servers.redirected(
+            r = await self._there(
                 redirect, (b"UNLINK", base) + tuple(part_name(base, i) for i in range(1, part_count(head))))
             if not isinstance(r, ReplyError):
                 return r
@@ -717,6 +771,11 @@ class ClusterTier:
         if isinstance(head, ReplyError):
             self.servers.reply_error(head)
         return None
+
+    async def _there(self, redirect: ReplyError, cmd: tuple):
+        """One command's reply from the server a redirect names, or None if that server failed."""
+        replies = await self.servers.redirected(redirect, [cmd])
+        return None if replies is None else replies[0]
 
     # ---- removal -------------------------------------------------------------------------------
 

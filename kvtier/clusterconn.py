@@ -259,21 +259,24 @@ class Servers:
         else:
             self.warn(err.code, f"cluster: server replied {err}")
 
-    async def redirected(self, err: ReplyError, cmd: tuple):
-        """cmd's reply from the server a MOVED or ASK reply names (after ASKING for an ASK), or
-        None when that server failed (counted, as any call). One hop: a further redirect is the
-        reply."""
+    async def redirected(self, err: ReplyError, cmds: list, sinks: list | None = None, lent: bool = False):
+        """The replies to cmds from the server a MOVED or ASK reply names (each after ASKING for
+        an ASK, which holds for one command), or None when that server failed (counted, as any
+        call). sinks and lent as in request() and on(). One hop: a further redirect is a reply."""
         _, host, port = err.redirect
         node = self.node(host or self.host, port)
         out: list = [None]
+        if err.code == "ASK":
+            cmds = [c for cmd in cmds for c in ((b"ASKING",), cmd)]
+            sinks = None if sinks is None else [s for sink in sinks for s in (None, sink)]
 
         async def work(node: Node) -> None:
             conns = await self.conns(node)
             c = min(conns, key=lambda c: c.inflight)
-            replies = await c.request([(b"ASKING",), cmd] if err.code == "ASK" else [cmd])
-            out[0] = replies[-1]
+            replies = await c.request(cmds, sinks)
+            out[0] = replies[1::2] if err.code == "ASK" else replies
 
-        await self.on(node, work)
+        await self.on(node, work, lent)
         return out[0]
 
     def warn(self, what: str, msg: str) -> None:
