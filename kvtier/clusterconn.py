@@ -11,7 +11,8 @@ an error reply that is not about one key, no answer within ``timeout_ms``)
 marks it down: its connections are cut (so no late reply lands in a buffer a
 caller has reused), calls routed to it fail at once (``_Unavailable``) and a
 maintenance task reconnects with backoff (0.1 s doubling to
-``reconnect_max_s``), logging once when it goes down and once when it is back.
+``reconnect_max_s``; every server's probe runs on its own, so one that answers
+nothing delays no other's recovery), logging once when it goes down and once when it is back.
 In Cluster mode a down master, MOVED or CLUSTERDOWN reloads the slot map
 from any node that answers, which is how failovers and reshards are followed.
 Nothing here raises to the tier's callers: ``on()`` turns trouble into False.
@@ -46,7 +47,7 @@ class Unavailable(Exception):
 
 
 class Node:
-    __slots__ = ("host", "port", "conns", "opening", "up", "down_until", "backoff", "reason", "seen_up")
+    __slots__ = ("host", "port", "conns", "opening", "up", "down_until", "backoff", "reason", "seen_up", "probe")
 
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
@@ -57,6 +58,7 @@ class Node:
         self.down_until = 0.0
         self.backoff = 0.0
         self.reason = ""
+        self.probe: asyncio.Task | None = None  # the maintenance task's PING in flight
 
     @property
     def addr(self) -> str:
@@ -123,6 +125,7 @@ class Servers:
         self._kick: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._quiet: dict[str, float] = {}
+        self._probes: set[asyncio.Task] = set()  # PINGs of the maintenance task in flight
         self.shut = False
         if not cfg.cluster:
             self.single = self.node(self.host, self.port)
@@ -141,6 +144,10 @@ class Servers:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
+        probes = list(self._probes)
+        for t in probes:
+            t.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
         for node in self.nodes.values():
             node.cut()
 
@@ -404,8 +411,10 @@ class Servers:
             log.info("cluster: slot map loaded, masters %s", ", ".join(sorted(f"{h}:{p}" for h, p in masters)))
 
     async def _maintain(self) -> None:
-        """Reconnect failed servers with backoff and keep the slot map current."""
+        """Reconnect failed servers with backoff and keep the slot map current. Each server's probe
+        runs on its own, so one that answers nothing (stopped) delays no other's recovery."""
         while not self.shut:
+            self._kick.clear()  # a probe that ends from here on wakes the next round
             delay = self.backoff_max
             try:
                 if self.cluster_mode and (self.want_refresh or not self.slots):
@@ -413,22 +422,25 @@ class Servers:
                         await self._ensure_topology()
                     delay = min(delay, max(0.05, self._topo_until - time.monotonic()) if self._topo_until else 0.1)
                 for node in list(self.nodes.values()):
-                    if node.up and node.live():
+                    if node.up and node.live() or node.probe is not None and not node.probe.done():
                         continue
                     wait = node.down_until - time.monotonic()
                     if wait > 0:
                         delay = min(delay, wait)
                         continue
-                    await self.on(node, self._ping)
-                    if not node.up:
-                        delay = min(delay, max(0.05, node.down_until - time.monotonic()))
+                    node.probe = asyncio.ensure_future(self.on(node, self._ping))
+                    self._probes.add(node.probe)
+                    node.probe.add_done_callback(self._probed)
             except Exception:
                 log.exception("cluster: maintenance failed")
-            self._kick.clear()
             try:
                 await asyncio.wait_for(self._kick.wait(), delay)
             except TimeoutError:
                 pass
+
+    def _probed(self, task: asyncio.Task) -> None:
+        self._probes.discard(task)
+        self._kick.set()
 
     async def _ping(self, node: Node) -> None:
         conns = await self.conns(node, probe=True)

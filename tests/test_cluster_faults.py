@@ -65,6 +65,32 @@ def test_a_stopped_server_costs_one_timeout_then_misses_at_once_until_it_answers
     run(go())
 
 
+def test_a_stopped_server_does_not_delay_the_recovery_of_another(make_valkey):
+    """The maintenance task probes every down server at once: a stopped one (whose PING waits
+    the whole timeout_ms) does not hold back the reconnection of one that answers."""
+    stopped, other = make_valkey(), make_valkey()
+
+    async def go():
+        async with tier(stopped.url, timeout_ms=8000, reconnect_max_s=0.2) as t:
+            await put_all(t, NS, {b"k" * 16: b"v" * 100})
+            s = t.servers
+            back = s.node("127.0.0.1", other.port)  # a second server, as a redirect adds one
+            stopped.pause()
+            try:
+                s.failed(s.single, ConnectionError("test"))
+                await asyncio.sleep(0.5)  # its probe is now waiting for an answer
+                s.failed(back, ConnectionError("test"))
+                t0 = time.monotonic()
+                while not back.up and time.monotonic() - t0 < 6:
+                    await asyncio.sleep(0.05)
+                assert back.up and time.monotonic() - t0 < 4, time.monotonic() - t0
+                assert not s.single.up
+            finally:
+                stopped.resume()
+
+    run(go())
+
+
 # ---- values kvtier cannot read --------------------------------------------------------------
 
 def _count_commands(monkeypatch) -> dict:
