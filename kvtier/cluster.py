@@ -108,7 +108,7 @@ from typing import Callable, Sequence
 from . import record
 from .clusterconn import Node, Servers
 from .clusterquota import Accounts
-from .clustervalue import PEEK, BlockSink, PartSink, block_name, part_count, part_name, peek_state, split
+from .clustervalue import ENVELOPE, PEEK, BlockSink, PartSink, block_name, part_count, part_name, peek_state, split
 from .config import ClusterConfig
 from .errors import ConfigError
 from .record import CorruptRecord, Meta
@@ -536,7 +536,7 @@ class ClusterTier:
 
             await asyncio.gather(*(there(j, r) for j, r in enumerate(replies)
                                    if isinstance(r, ReplyError) and r.redirect is not None))
-            doomed = []
+            doomed, counts = [], []
             for i, r in zip(idxs, replies):
                 state, version = peek_state(r)
                 out[i] = state == "record"
@@ -545,10 +545,11 @@ class ClusterTier:
                 elif state == "corrupt":
                     self._corrupt(ns, keys[i], "not a kvtier record" if isinstance(r, bytes) else str(r))
                     doomed.append(names[i])
+                    counts.append(part_count(r[:ENVELOPE.size]) if isinstance(r, bytes) else 1)
                 elif isinstance(r, ReplyError):
                     self.servers.reply_error(r)
             if doomed:
-                await self._unlink(conns, doomed, [1] * len(doomed))
+                await self._unlink(conns, doomed, counts)
                 corrupt.extend(doomed)
 
         await self.servers.run(await self.servers.group(names), one)

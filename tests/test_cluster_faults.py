@@ -242,6 +242,22 @@ def test_a_value_of_another_type_under_a_block_name_is_a_miss_for_lookup_and_get
     run(go())
 
 
+def test_a_damaged_split_value_found_by_lookup_is_removed_with_its_parts(valkey):
+    """Lookup reads the envelope and the record magic behind it: a split value whose record
+    magic is damaged is absent, and removing it removes every part of it."""
+    k = b"s" * 16
+    r = valkey.client()
+
+    async def go():
+        async with tier(valkey.url, part_bytes=64 * 1024) as t:
+            await put_all(t, NS, {k: os.urandom(300_000)})
+            r.setrange(name(k), ENVELOPE.size, b"XXXX")
+            assert await t.exists_many(NS, [k]) == [False]
+            assert t.snapshot()["checksum_failures"] == 1 and r.keys(name(k) + b"*") == []
+
+    run(go())
+
+
 # ---- a full server ---------------------------------------------------------------------------
 
 def test_out_of_memory_writes_fail_once_each_are_counted_and_logged_clearly(make_valkey, monkeypatch, caplog):
