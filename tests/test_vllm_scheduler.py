@@ -592,3 +592,51 @@ def test_load_that_keeps_failing_is_recomputed_not_retried(make_daemon, harnesse
     assert h2.first_computed["p"] == 0 and h2.scheduled["p"][0] == 256
     assert h2.prefill["p"].num_external_cached_tokens == 0
     assert _leases(d.address) == 0
+
+
+# ---- h. a resumed request aborted during its load ---------------------------------------------
+
+def test_resumed_request_aborted_during_its_load_is_freed_once(make_daemon, harnesses, monkeypatch):
+    """A preempted request had stores before; resumed, it loads asynchronously, and the client
+    goes away meanwhile. vLLM frees its blocks when the load is reported (finished-recving);
+    the connector must not also delay them for its earlier stores (finished-sending), or vLLM
+    frees the request twice and its engine stops."""
+    from vllm.v1.request import RequestStatus
+    d = make_daemon()
+    pa, pb = prompt(151, 160), prompt(152, 160)
+    gate = threading.Event()
+    real = WorkerHalf._load_jobs
+    h = harnesses(d.address, num_blocks=12, max_num_seqs=2)
+
+    def held(self, client, jobs):
+        if h.preempted:                                     # loads of a resumed request wait
+            assert gate.wait(20)
+        return real(self, client, jobs)
+    monkeypatch.setattr(WorkerHalf, "_load_jobs", held)
+
+    h.add("a", pa, max_tokens=70)
+    h.add("b", pb, max_tokens=70)
+    resumed = None
+    deadline = time.monotonic() + 30
+    while resumed is None:
+        assert time.monotonic() < deadline, "no preempted request resumed with a load"
+        h.step()
+        resumed = next((r for r in h.preempted if r in h.scheduler.requests and
+                        h.scheduler.requests[r].status == RequestStatus.WAITING_FOR_REMOTE_KVS), None)
+    h.scheduler.finish_requests(resumed, RequestStatus.FINISHED_ABORTED)
+    for _ in range(5):
+        h.step()                                            # the abort reaches the worker
+    gate.set()
+    h.run(timeout=60)
+    w = h.worker.worker
+    deadline = time.monotonic() + 20
+    while w._loads_running or w._recv_done:                 # the load lands and is reported
+        assert time.monotonic() < deadline
+        h.step()
+        time.sleep(0.01)
+    h.step()
+    assert resumed not in h.scheduler.requests
+    km = h.scheduler.kv_cache_manager
+    assert km.block_pool.get_num_free_blocks() == km.block_pool.num_gpu_blocks - 1
+    assert _leases(d.address) == 0
+    assert not h.connector.scheduler._leases and not h.connector.scheduler._reqs

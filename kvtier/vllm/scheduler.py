@@ -290,6 +290,14 @@ class SchedulerHalf:
         self._loads = []
         if not self._ready():
             return meta
+        for req_id in meta.preempted:
+            # the workers finish a preempted request's stores before its blocks are reused and
+            # then forget them: vLLM need not wait for them when it frees the request (a resumed
+            # request aborted during its load is freed when the load is reported, and a second
+            # report as sent would free it twice)
+            st = self._reqs.get(req_id)
+            if st is not None:
+                st.stores_issued = False
         planned: dict[str, tuple[int, int]] = {}
         if meta.loads and not meta.load_async:
             self._sync_steps.append(({b for s in meta.loads for b in s.block_ids}, planned))

@@ -418,6 +418,10 @@ class WorkerHalf:
             futs = list(self._store_futures)
         if busy:
             wait(futs)
+        with self._lock:  # done: the scheduler half no longer waits for them (build_connector_meta)
+            for r in meta.preempted:
+                self._store_reqs.discard(r)
+                self._store_pending.pop(r, None)
 
     # ---- completion ---------------------------------------------------------------------
 
