@@ -96,11 +96,11 @@ class Harness:
     def digest(self) -> bytes:
         return self.worker.worker._digest
 
-    def add(self, req_id: str, tokens: list[int], max_tokens: int = 4, kvtier: dict | None = None):
+    def add(self, req_id: str, tokens: list[int], max_tokens: int = 4, kvtier: dict | None = None, **sampling):
         from vllm import SamplingParams
         from vllm.v1.request import Request
         extra = {"kv_transfer_params": {"kvtier": kvtier}} if kvtier else None
-        sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, extra_args=extra)
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, extra_args=extra, **sampling)
         req = Request(request_id=req_id, prompt_token_ids=list(tokens), sampling_params=sp,
                       pooling_params=None, block_hasher=self._hasher)
         self.scheduler.add_request(req)
@@ -640,3 +640,27 @@ def test_resumed_request_aborted_during_its_load_is_freed_once(make_daemon, harn
     assert km.block_pool.get_num_free_blocks() == km.block_pool.num_gpu_blocks - 1
     assert _leases(d.address) == 0
     assert not h.connector.scheduler._leases and not h.connector.scheduler._reqs
+
+
+# ---- i. prompt logprobs -------------------------------------------------------------------------
+
+def test_request_with_prompt_logprobs_does_not_look_up(make_daemon, harnesses):
+    """vLLM computes every prompt token of a request that wants prompt logprobs and drops any
+    hit offered for it: the connector does not ask the daemon at all, so no chunk is leased
+    for nothing and the daemon does not count hits (and prefill tokens saved) that never load."""
+    d = make_daemon()
+    p = prompt(161, 300)
+    h = harnesses(d.address)
+    _store(h, "store", p)
+    with Client(d.address) as c:
+        before = c.stats().tiers[0].hits
+    h.add("plp", p, prompt_logprobs=1)
+    h.run()
+    _finished_ok(h, "plp")
+    assert h.first_computed["plp"] == 0
+    assert h.finished["plp"].kv_transfer_params["kvtier"]["loaded_tokens"] == 0
+    with Client(d.address) as c:
+        assert c.stats().tiers[0].hits == before
+    h.add("again", p)                                        # the same prompt without: a hit
+    h.run()
+    assert h.first_computed["again"] == 256

@@ -145,7 +145,9 @@ class SchedulerHalf:
         st = self._state(request)
         self._release(request.request_id)  # asked again (not admitted last time): look again
         st.local, st.ext, st.chunk_tiers = num_computed_tokens, 0, []
-        if not st.opts.load:
+        if not st.opts.load or getattr(request, "skip_reading_prefix_cache", False):
+            # prompt logprobs (or an explicit skip): vLLM computes every prompt token and drops
+            # any hit offered, so leasing chunks (and counting them as hits) would be for nothing
             return 0, False
         first = num_computed_tokens // self.chunk_size
         n = self._num_chunks(request, request.num_tokens)
