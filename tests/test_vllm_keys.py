@@ -160,6 +160,11 @@ def test_request_options():
     warned = []                     # pinned for 0 seconds is no pin, not one until unpinned
     o = request_options({"kvtier": {"pin": 0}}, s, warn=warned.append)
     assert (o.pin, o.pin_s) == (False, 0) and len(warned) == 1
+    for name in ("pin", "ttl"):     # longer than the daemon's Pin takes (uint32): not a failed store
+        warned = []
+        o = request_options({"kvtier": {name: 2**32}}, s, warn=warned.append)
+        assert (o.pin, o.pin_s) == (False, 0) and len(warned) == 1
+        assert request_options({"kvtier": {name: 2**32 - 1}}, s).pin_s == 2**32 - 1
     o = request_options({"kvtier": {"skip": True, "load": True}}, s)
     assert not o.load and not o.store
     o = request_options({"kvtier": {"store": False}}, s)

@@ -30,9 +30,10 @@ never a failed request):
 
     tenant         tenant mixed into this request's keys
     pin            pin this request's stored chunks: True until unpinned, or a number of
-                   seconds > 0 to pin them for (0 is not a duration: ignored, with a warning)
-    ttl            seconds to keep the stored chunks in RAM: a pin for that long (the daemon
-                   has no per-block expiry; ``"pin": false`` turns it off)
+                   seconds from 1 to 2**32-1 to pin them for (0 is not a duration, and the
+                   daemon takes no longer one: ignored, with a warning)
+    ttl            seconds (1 to 2**32-1) to keep the stored chunks in RAM: a pin for that long
+                   (the daemon has no per-block expiry; ``"pin": false`` turns it off)
     skip           neither load nor store this request (False)
     load, store    load / store for this request (True, True)
     return_keys    list the keys of the request's cached chunks (hex, every rank) in the
@@ -48,6 +49,7 @@ from ..errors import ConfigError
 from ..keys import NAMESPACE_RE
 
 _NS_RULE = "1-64 characters of [a-z0-9_.-], starting with a letter or digit"
+MAX_PIN_S = 2**32 - 1  # the longest pin the daemon takes (Pin's ttl_s is a uint32)
 
 
 @dataclass(frozen=True)
@@ -195,9 +197,9 @@ def request_options(params: Mapping[str, Any] | None, settings: ConnectorSetting
             out["tenant"] = val
         elif name == "pin" and isinstance(val, bool):
             out["pin"] = val
-        elif name == "pin" and isinstance(val, int) and val > 0:  # the daemon's 0 is "for ever"
+        elif name == "pin" and isinstance(val, int) and 0 < val <= MAX_PIN_S:  # the daemon's 0 is "for ever"
             out["pin"], out["pin_s"] = True, val
-        elif name == "ttl" and isinstance(val, int) and not isinstance(val, bool) and val > 0:
+        elif name == "ttl" and isinstance(val, int) and not isinstance(val, bool) and 0 < val <= MAX_PIN_S:
             ttl = val
         elif name == "return_keys" and isinstance(val, bool):
             out["return_keys"] = val
