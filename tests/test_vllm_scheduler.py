@@ -664,3 +664,29 @@ def test_request_with_prompt_logprobs_does_not_look_up(make_daemon, harnesses):
     h.add("again", p)                                        # the same prompt without: a hit
     h.run()
     assert h.first_computed["again"] == 256
+
+
+# ---- j. a request that waits for room -----------------------------------------------------------
+
+def test_request_waiting_for_room_is_looked_up_once(make_daemon, harnesses):
+    """vLLM asks for a waiting request's hit at every step until it has room for it. The
+    connector holds the chunks it offered (leased) and answers again from that, instead of
+    one Acquire and one Release per step, which the daemon would count as hits (and prefill
+    tokens saved) each time."""
+    d = make_daemon()
+    pb = prompt(172, 160)
+    _store(harnesses(d.address), "sb", pb)
+    h = harnesses(d.address, num_blocks=12, max_num_seqs=2)
+    h.add("a", prompt(171, 300), max_tokens=30)             # 10 to 11 of the 11 usable blocks
+    h.step()
+    with Client(d.address) as c:
+        before = c.stats().tiers[0].hits
+    h.add("b", pb)                                          # waits until "a" is done
+    h.run(timeout=60)
+    _finished_ok(h, "a")
+    _finished_ok(h, "b")
+    assert h.scheduled["a"][0] == 300 and len(h.scheduled["a"]) >= 20   # "b" waited that long
+    assert h.first_computed["b"] == 128 and not h.load_errors
+    with Client(d.address) as c:
+        assert c.stats().tiers[0].hits - before == 4        # 2 chunks: one lookup, one load
+    assert _leases(d.address) == 0

@@ -8,7 +8,9 @@ keys than the daemon takes in one call (``max_batch``) is asked in parts of whol
 until a part is not wholly present; the request holds every part's lease. The answer is
 that prefix minus vLLM's hit, loaded asynchronously by default (``load_async``); a synchronous
 load never covers the whole prompt (vLLM must compute at least one token). The lease is
-released when every worker reported the load done (or when the request ends).
+released when every worker reported the load done (or when the request ends). vLLM asks
+again at every step for a request it has no room for yet: the lease and the answer are kept
+for it meanwhile (up to half of ``lease_ms``), not asked of the daemon each time.
 
 Stores: every step, ``build_connector_meta`` turns chunks that the step fills (prompt chunks,
 chunked prefill included, and with ``store_decode`` chunks filled by generated tokens) into
@@ -30,6 +32,7 @@ asks again, which would offer the same hit for ever instead of recomputing.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +66,7 @@ class _Req:
     stored_chunks: int = 0
     stores_issued: bool = False
     failed_at: int | None = None    # first token of a block whose load failed: no hit past it
+    asked_at: float = 0.0           # time.monotonic() of the lookup that offered ``ext``
 
 
 class SchedulerHalf:
@@ -143,7 +147,12 @@ class SchedulerHalf:
         if not self._ready():
             return 0, False
         st = self._state(request)
-        self._release(request.request_id)  # asked again (not admitted last time): look again
+        if (st.ext and st.local == num_computed_tokens and request.request_id in self._leases
+                and time.monotonic() - st.asked_at < self.settings.lease_ms / 2000):
+            # asked again, not admitted last time (no room yet): the chunks offered then are
+            # still leased; asking the daemon at every step would count them as hits each time
+            return st.ext, self.settings.load_async
+        self._release(request.request_id)  # asked again after a while: look again
         st.local, st.ext, st.chunk_tiers = num_computed_tokens, 0, []
         if not st.opts.load or getattr(request, "skip_reading_prefix_cache", False):
             # prompt logprobs (or an explicit skip): vLLM computes every prompt token and drops
@@ -183,7 +192,7 @@ class SchedulerHalf:
         if ext <= 0:
             self._release(request.request_id)
             return 0, False
-        st.ext = ext
+        st.ext, st.asked_at = ext, time.monotonic()
         st.chunk_tiers = [max(tiers[c * R:(c + 1) * R]) for c in range(present)]
         return ext, self.settings.load_async
 
