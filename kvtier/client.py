@@ -162,6 +162,14 @@ def _lost(conn: DataConnection, rpc: str, e: BaseException) -> BaseException:
     return e
 
 
+def _u32(what: str, v: int) -> int:
+    """v if the protocol's 32-bit field takes it, else InvalidArgument naming it (not protobuf's
+    bare ValueError)."""
+    if not 0 <= v <= 0xFFFFFFFF:
+        raise errors.InvalidArgument(f"{what} must be 0..{0xFFFFFFFF}, got {v}")
+    return v
+
+
 def _get_chunks(n: int, max_batch: int, least: int = GET_CHUNK_MIN) -> list[tuple[int, int]]:
     """[i, j) ranges a get_many of n keys is acquired in: one below 2 * least keys, else
     GET_CHUNKS about equal ones of at least ``least`` keys (more where max_batch says)."""
@@ -558,7 +566,7 @@ class _Ops:
 
     def _reserve_request(self, ns, keys, sizes, ttl_ms=0, overwrite=False):
         packed, ks = pack_keys(keys)
-        return pb.ReserveRequest(namespace=ns, key_size=ks, keys=packed, sizes=list(sizes), ttl_ms=ttl_ms,
+        return pb.ReserveRequest(namespace=ns, key_size=ks, keys=packed, sizes=list(sizes), ttl_ms=_u32("ttl_ms", ttl_ms),
                                  overwrite=overwrite, generation=self._gen())
 
     def _reservation(self, sizes, r: pb.ReserveResponse) -> Reservation:
@@ -601,8 +609,9 @@ class _Ops:
 
     def _acquire_request(self, ns, keys, lease_ms=0, prefix_only=False, tokens_per_key=0):
         packed, ks = pack_keys(keys)
-        return pb.AcquireRequest(namespace=ns, key_size=ks, keys=packed, lease_ms=lease_ms, prefix_only=prefix_only,
-                                 generation=self._gen(), tokens_per_key=tokens_per_key)
+        return pb.AcquireRequest(namespace=ns, key_size=ks, keys=packed, lease_ms=_u32("lease_ms", lease_ms),
+                                 prefix_only=prefix_only, generation=self._gen(),
+                                 tokens_per_key=_u32("tokens_per_key", tokens_per_key))
 
     def _lease(self, n: int, r: pb.AcquireResponse) -> Lease:
         view = self.arena.view
@@ -838,7 +847,7 @@ class _Ops:
         return sum(r.deleted for r in (yield from self._per_batch("Delete", pb.DeleteRequest, ns, keys)))
 
     def op_pin(self, ns: str, keys: Sequence[bytes], ttl_s: int = 0):
-        rs = yield from self._per_batch("Pin", pb.PinRequest, ns, keys, ttl_s=ttl_s)
+        rs = yield from self._per_batch("Pin", pb.PinRequest, ns, keys, ttl_s=_u32("ttl_s", ttl_s))
         return [bool(x) for r in rs for x in r.pinned]
 
     def op_unpin(self, ns: str, keys: Sequence[bytes]):

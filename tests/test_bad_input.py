@@ -354,6 +354,14 @@ def test_ttl_out_of_range(env):
                                                      lease_ms=too_long)) == SC.INVALID_ARGUMENT
         with pytest.raises(errors.InvalidArgument):
             env.client.acquire(NS, [k], lease_ms=too_long)
+        # beyond the 32-bit fields: the client says which argument, rather than protobuf's ValueError
+        for call, arg in ((lambda v: env.client.acquire(NS, [k], lease_ms=v), "lease_ms"),
+                          (lambda v: env.client.acquire(NS, [k], tokens_per_key=v), "tokens_per_key"),
+                          (lambda v: env.client.reserve(NS, [key("ttl")], [10], ttl_ms=v), "ttl_ms"),
+                          (lambda v: env.client.pin(NS, [k], ttl_s=v), "ttl_s")):
+            for v in (1 << 32, -1):
+                with pytest.raises(errors.InvalidArgument, match=arg):
+                    call(v)
 
 
 # ---- reservations ---------------------------------------------------------------------------------
