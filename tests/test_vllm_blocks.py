@@ -108,29 +108,36 @@ def test_save_many_reports_each_record_once_it_holds_its_bytes():
         assert all(any(g) for g in got)
 
 
+def _worker(address: str):
+    """A worker half (no vLLM engine) on CPU caches of the test layouts, storing to address."""
+    from types import SimpleNamespace
+
+    from bench.gpu import stub_vllm_base
+    stub_vllm_base()
+    from kvtier.vllm import worker as worker_mod
+    from kvtier.vllm.settings import ConnectorSettings
+    cfg = SimpleNamespace(
+        cache_config=SimpleNamespace(block_size=4, prefix_caching_hash_algo="sha256"),
+        model_config=SimpleNamespace(model="tiny", revision=""),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, rank=0))
+    w = worker_mod.WorkerHalf(cfg, SimpleNamespace(num_blocks=NB), ConnectorSettings(address=address, chunk_size=8))
+    w.register_kv_caches({k: v for k, v in layouts().items() if k != "no_dense_last"})
+    return w
+
+
 def test_worker_stores_send_checksums_the_daemon_verifies(make_daemon, monkeypatch):
     """With hash_stores on, a store commits with the xxh3-128 of each record (on a GPU this is the
     default); a daemon that verifies them at commit ("sync") accepts them, and refuses wrong ones
     (the store then fails and nothing is stored)."""
     import os
-    from types import SimpleNamespace
 
     import xxhash
 
-    from bench.gpu import stub_vllm_base
-    stub_vllm_base()
     from kvtier.client import Client
-    from kvtier.vllm import worker as worker_mod
     from kvtier.vllm.meta import StepMeta, StoreSpec
-    from kvtier.vllm.settings import ConnectorSettings
 
     d = make_daemon(ram={"verify_on_commit": "sync"})
-    cfg = SimpleNamespace(
-        cache_config=SimpleNamespace(block_size=4, prefix_caching_hash_algo="sha256"),
-        model_config=SimpleNamespace(model="tiny", revision=""),
-        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, rank=0))
-    w = worker_mod.WorkerHalf(cfg, SimpleNamespace(num_blocks=NB), ConnectorSettings(address=d.address, chunk_size=8))
-    w.register_kv_caches({k: v for k, v in layouts().items() if k != "no_dense_last"})
+    w = _worker(d.address)
     assert not w._hash_stores()                     # CPU: the daemon hashes at commit
     w.hash_stores = True
     sent = []
@@ -164,6 +171,30 @@ def test_worker_stores_send_checksums_the_daemon_verifies(make_daemon, monkeypat
     assert w.flush(30) and w.stats["store_failures"] == 1
     with Client(d.address) as c:
         assert c.lookup(w.ns, w._keys("", "", more)) == ([0, 0], 0)
+    w.shutdown()
+
+
+def test_a_pin_that_fails_after_the_store_is_not_a_failed_store(make_daemon, monkeypatch):
+    """"pin": the chunks are stored, then pinned; a pin the daemon refuses leaves them stored
+    (hits, evictable) and is counted and reported as a failed pin, not as a failed store."""
+    import os
+
+    from kvtier.client import Client
+    from kvtier.vllm.meta import StepMeta, StoreSpec
+
+    d = make_daemon()
+    w = _worker(d.address)
+
+    def refused(self, ns, keys, ttl_s=0):
+        raise RuntimeError("pin refused")
+    monkeypatch.setattr(Client, "pin", refused)
+    hashes = [os.urandom(32) for _ in range(2)]
+    w.wait_for_save(StepMeta(stores=[StoreSpec("r1", "", "", hashes, [[0, 1], [2, 3]], pin=True)]))
+    assert w.flush(30)
+    assert (w.stats["store_failures"], w.stats["pin_failures"], w.stats["stored_chunks"]) == (0, 1, 2)
+    monkeypatch.undo()
+    with Client(d.address) as c:
+        assert c.lookup(w.ns, w._keys("", "", hashes)) == ([1, 1], 2)
     w.shutdown()
 
 

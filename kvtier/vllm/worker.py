@@ -348,12 +348,18 @@ class WorkerHalf:
             for (ns, pin, pin_s), jobs in groups.items():
                 try:
                     self.link.call(lambda c: self._store_jobs(c, jobs, after))
-                    if pin:
-                        self.link.call(lambda c: c.pin(ns, [k for k, _ in jobs], pin_s))
                 except Exception as e:
                     self.stats["store_failures"] += 1
                     self._quiet.warn("store", "kvtier: store of %d chunk(s) failed (%s); they stay misses",
                                      len(jobs), e)
+                    continue
+                if pin:
+                    try:
+                        self.link.call(lambda c: c.pin(ns, [k for k, _ in jobs], pin_s))
+                    except Exception as e:  # stored all the same: hits, evictable as any block
+                        self.stats["pin_failures"] += 1
+                        self._quiet.warn("pin", "kvtier: pin of %d stored chunk(s) failed (%s); they stay "
+                                         "stored, unpinned", len(jobs), e)
         finally:
             self._stores_done(specs)
 
