@@ -35,7 +35,10 @@ buffer; the header is checked after. A compressed record, found only then,
 is decompressed and ``dest`` is asked again for its raw size.
 
 Bounds: each directory has a hard capacity (bytes on disk); a write evicts
-that directory's least recently used files first.
+that directory's least recently used files first. A capacity of 0 is
+automatic: 90% of the filesystem's free space plus the tier's own files found
+by ``scan()``, so a restart does not count the files of the last run as taken
+by someone else (and evict them).
 
 Thread-safe: the index is under one lock; file I/O happens outside it, in
 the caller's thread (the store runs it in worker threads, never on the event
@@ -62,6 +65,7 @@ from .record import PAGE, CorruptRecord, Meta
 
 log = logging.getLogger("kvtier.nvme")
 SUFFIX = ".kvb"
+AUTO_SHARE = 0.9  # an automatic capacity: this share of the filesystem's free space plus the tier's own files
 _DEGRADING = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
 
 
@@ -156,6 +160,7 @@ class Dir:
     lru: OrderedDict = field(default_factory=OrderedDict)  # (ns, key) -> bytes on disk
     degraded_until: float = 0.0
     degraded_reason: str = ""
+    auto: bool = False   # capacity 0 in the settings: AUTO_SHARE of what the tier may use on the filesystem
 
 
 @dataclass
@@ -181,7 +186,9 @@ class ColdTier:
         self.dirs: list[Dir] = []
         for path, cap in dirs:
             os.makedirs(path, exist_ok=True)
-            d = Dir(os.path.abspath(path), cap)
+            d = Dir(os.path.abspath(path), cap, auto=not cap)
+            if d.auto:  # scan() adds the files already there
+                d.capacity = _auto_capacity(d.path, 0)
             d.direct = direct_io == "on" or (direct_io == "auto" and probe_direct(d.path))
             if direct_io == "on" and not probe_direct(d.path):
                 raise OSError(f"nvme.direct_io = 'on' but {path} does not accept O_DIRECT")
@@ -263,6 +270,9 @@ class ColdTier:
                 self._groups.setdefault(g, OrderedDict())[k] = size
                 used[g] = used.get(g, 0) + size
                 unverified.add(k)
+            for d in self.dirs:
+                if d.auto:  # the files of an earlier run take space the tier may use again
+                    d.capacity = _auto_capacity(d.path, d.used)
         self._verify_order = [k for _, k in sorted([(f[4], f[2]) for f in found])]  # inode order: about disk order
         if self.stats.orphans_removed or self.stats.corrupt_removed:
             log.warning("nvme scan: removed %d orphan temp files and %d files that cannot be records",
@@ -696,6 +706,12 @@ class ColdTier:
                          for d in self.dirs],
                 **{f: getattr(self.stats, f) for f in self.stats.__dataclass_fields__},
             }
+
+
+def _auto_capacity(path: str, own: int) -> int:
+    """AUTO_SHARE of the free space at path plus own, the bytes of the tier's files there."""
+    st = os.statvfs(path)
+    return int((st.f_bavail * st.f_frsize + own) * AUTO_SHARE)
 
 
 def _pwritev_all(fd: int, bufs: list, offset: int) -> None:

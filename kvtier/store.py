@@ -53,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import mmap
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -129,15 +128,7 @@ class Store:
         self.cfg, self.hot, self.view = cfg, hot, view
         n = cfg.nvme
         if n.dirs:
-            cap = n.capacity
-            dirs = []
-            for d in n.dirs:
-                os.makedirs(d, exist_ok=True)
-                if not cap:
-                    st = os.statvfs(d)
-                    dirs.append((d, int(st.f_bavail * st.f_frsize * 0.9)))
-                else:
-                    dirs.append((d, cap))
+            dirs = [(d, n.capacity) for d in n.dirs]  # 0: automatic, from the free space (kvtier.cold)
             # a 2 MiB slot of an arena on 4 KiB pages is physically contiguous only by luck, and a read
             # into it is split into as many requests as it has runs of pages (kvtier.cold)
             bounce = n.bounce_reads == "on" or (n.bounce_reads == "auto" and not arena_huge_pages)

@@ -1,0 +1,76 @@
+"""The NVMe tier against its filesystem changing under it: space taken by the files of an earlier
+run, a directory removed or unmounted, a capacity lowered between runs, a filesystem that refuses
+to remove files. Faults are made without mounts: a fake ``statvfs``, removed directories and an
+injected ``os.unlink`` failure, so these run anywhere.
+"""
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import random
+import shutil
+
+from kvtier import cold as C
+from kvtier import record as R
+from kvtier.client import Client
+from kvtier.cold import ColdTier
+from kvtier.server import DaemonThread
+from test_cold import Dest, write
+from test_tiering import blob, key, nvme, wait_for
+
+KiB, MiB = 1024, 1024 * 1024
+NS = "nvme-faults"
+
+
+def block_files(d) -> list[str]:
+    return sorted(glob.glob(os.path.join(str(d), "??", "*" + C.SUFFIX)))
+
+
+def disk_bytes(d) -> int:
+    return sum(os.path.getsize(p) for p in block_files(d))
+
+
+def test_automatic_capacity_counts_the_files_of_the_last_run(tmp_path, monkeypatch):
+    """nvme.capacity = 0 takes 90% of the free space; after a restart the tier's own files are not
+    free space any more, and must not shrink the capacity below them (which would evict them)."""
+    nv = tmp_path / "nvme0"
+    size = 7 * MiB  # a small virtual filesystem: its free space is what our files leave
+    real = os.statvfs
+
+    class St:
+        def __init__(self, free: int):
+            self.f_bavail, self.f_frsize, self.f_bsize = free // 4096, 4096, 4096
+
+    def statvfs(p):
+        if os.path.abspath(str(p)).startswith(str(nv)):
+            return St(size - disk_bytes(nv))
+        return real(p)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    cfg = {"ram": {"capacity": "8MiB", "policy": "lru", "persist": False},
+           "nvme": {"dirs": [str(nv)], "capacity": 0, "io_threads": 2, "write_policy": "commit"}}
+    from conftest import _dirs, make_config
+    sock_dir, arena_dir = _dirs()
+    d = DaemonThread(make_config(sock_dir, arena_dir, **cfg)).start()
+    try:
+        with Client(d.address) as c:
+            for i in range(10):
+                c.put(NS, key(i), blob(512 * KiB, i))
+            wait_for(lambda: nvme(c).blocks == 10 and nvme(c).queued_bytes == 0, what="10 blocks on NVMe")
+            assert nvme(c).evictions == 0
+        d.stop()
+        d = DaemonThread(d.cfg).start()
+        with Client(d.address) as c:
+            t = nvme(c)
+            assert t.blocks == 10 and t.capacity_bytes >= t.used_bytes, t
+            c.put(NS, key(10), blob(512 * KiB, 10))
+            wait_for(lambda: nvme(c).blocks == 11 and nvme(c).queued_bytes == 0, what="the new block on NVMe",
+                     show=lambda: nvme(c))
+            assert nvme(c).evictions == 0
+            for i in range(11):
+                assert c.get(NS, key(i)) == blob(512 * KiB, i)
+    finally:
+        d.stop()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+        shutil.rmtree(arena_dir, ignore_errors=True)
