@@ -13,7 +13,9 @@ fdatasync'd, renamed into place, and optionally the directory fsync'd
 (``durability``: "none" survives a process crash, "data" and "full" survive
 power loss with increasing cost). A reader therefore never sees a partial
 file. Blocks are placed by key hash on a directory with room; a directory that
-returns ENOSPC or an I/O error is skipped for ``retry_s`` (logged, counted)
+returns ENOSPC or an I/O error, was removed, or is no longer on the filesystem
+it was on at start (a drive unmounted under it; the tier creates subdirectories,
+never the directory itself) is skipped for ``retry_s`` (logged, counted)
 and retried after, so the tier degrades to the other directories, or to
 RAM-only, and recovers when space returns.
 
@@ -66,7 +68,8 @@ from .record import PAGE, CorruptRecord, Meta
 log = logging.getLogger("kvtier.nvme")
 SUFFIX = ".kvb"
 AUTO_SHARE = 0.9  # an automatic capacity: this share of the filesystem's free space plus the tier's own files
-_DEGRADING = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+# ENOENT: the directory is gone; ENODEV: it is on another filesystem than at start (a drive unmounted)
+_DEGRADING = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.ENOENT, errno.ENODEV}
 
 
 def _round(n: int) -> int:
@@ -160,6 +163,7 @@ class Dir:
     lru: OrderedDict = field(default_factory=OrderedDict)  # (ns, key) -> bytes on disk
     degraded_until: float = 0.0
     degraded_reason: str = ""
+    dev: int = 0         # st_dev at start: files go nowhere else
     auto: bool = False   # capacity 0 in the settings: AUTO_SHARE of what the tier may use on the filesystem
 
 
@@ -186,7 +190,7 @@ class ColdTier:
         self.dirs: list[Dir] = []
         for path, cap in dirs:
             os.makedirs(path, exist_ok=True)
-            d = Dir(os.path.abspath(path), cap, auto=not cap)
+            d = Dir(os.path.abspath(path), cap, dev=os.stat(path).st_dev, auto=not cap)
             if d.auto:  # scan() adds the files already there
                 d.capacity = _auto_capacity(d.path, 0)
             d.direct = direct_io == "on" or (direct_io == "auto" and probe_direct(d.path))
@@ -516,9 +520,17 @@ class ColdTier:
                     self.group_used[g] -= size
         return ok
 
+    @staticmethod
+    def _make_sub(d: Dir, sub: str) -> None:
+        """Create a subdirectory of d, never d itself: a directory removed or unmounted while the
+        daemon runs is an error (the directory is skipped), not a new one on the root filesystem."""
+        if os.stat(d.path).st_dev != d.dev:
+            raise OSError(errno.ENODEV, f"{d.path} is no longer on the filesystem it was on at start")
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(sub)
+
     def _write_file(self, d: Dir, path: str, meta: Meta, payload, src) -> None:
         sub = os.path.dirname(path)
-        os.makedirs(sub, exist_ok=True)
         tmp = os.path.join(sub, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
         head = record.encode_header(meta, aligned=True)
         hs, stored = len(head), meta.stored_len
@@ -526,7 +538,11 @@ class ColdTier:
         direct = d.direct
         if direct:
             flags |= os.O_DIRECT
-        fd = os.open(tmp, flags, 0o640)
+        try:
+            fd = os.open(tmp, flags, 0o640)
+        except FileNotFoundError:
+            self._make_sub(d, sub)
+            fd = os.open(tmp, flags, 0o640)
         try:
             if direct:
                 padded = _round(stored)

@@ -16,7 +16,7 @@ from kvtier import record as R
 from kvtier.client import Client
 from kvtier.cold import ColdTier
 from kvtier.server import DaemonThread
-from test_cold import Dest, write
+from test_cold import key as cold_key, read, write
 from test_tiering import blob, key, nvme, wait_for
 
 KiB, MiB = 1024, 1024 * 1024
@@ -25,6 +25,10 @@ NS = "nvme-faults"
 
 def block_files(d) -> list[str]:
     return sorted(glob.glob(os.path.join(str(d), "??", "*" + C.SUFFIX)))
+
+
+def ckey(i: int) -> bytes:
+    return random.Random(f"fault-{i}").randbytes(16)
 
 
 def disk_bytes(d) -> int:
@@ -74,3 +78,39 @@ def test_automatic_capacity_counts_the_files_of_the_last_run(tmp_path, monkeypat
         d.stop()
         shutil.rmtree(sock_dir, ignore_errors=True)
         shutil.rmtree(arena_dir, ignore_errors=True)
+
+
+def test_a_removed_directory_is_skipped_not_created_again(tmp_path):
+    """A directory removed while the daemon runs (or a drive unmounted under it) is not created
+    again, which would put the blocks on whatever filesystem holds its parent: writes there fail,
+    the directory is skipped, the other one takes the blocks, and it is used again once restored."""
+    gone, fine = tmp_path / "mnt" / "kv", tmp_path / "fine"
+    tier = ColdTier([(str(gone), 1 << 30), (str(fine), 1 << 30)], direct_io="off", retry_s=60)
+    first = cold_key(0, dir_of=0)
+    assert write(tier, first, b"a" * 5000)
+    shutil.rmtree(gone)
+    # keys spread over both directories: the first write to the removed one fails, then it is skipped
+    landed = [i for i in range(1, 11) if write(tier, ckey(i), bytes([i]) * 5000)]
+    assert len(landed) == 9 and not gone.exists()
+    s = tier.snapshot()
+    assert s["dirs"][0]["degraded"] and s["dirs"][0]["degraded_reason"] == os.strerror(errno.ENOENT), s
+    assert s["io_errors"] == 1 and len(block_files(fine)) == 9
+    assert all(read(tier, ckey(i)) == bytes([i]) * 5000 for i in landed)
+    assert read(tier, first) is None  # its file went with the directory: a plain miss
+    gone.mkdir()
+    tier.dirs[0].degraded_until = 0  # the retry time is up
+    for i in range(20, 40):
+        assert write(tier, ckey(i), b"c" * 5000)
+    assert block_files(gone) and not tier.snapshot()["dirs"][0]["degraded"]
+
+
+def test_a_directory_on_another_filesystem_than_at_start_is_skipped(tmp_path):
+    """A drive unmounted from under its directory leaves the mount point, on the root filesystem:
+    the tier sees the directory's device change and writes nothing there."""
+    d0 = tmp_path / "d0"
+    tier = ColdTier([(str(d0), 1 << 30)], direct_io="off", retry_s=60)
+    tier.dirs[0].dev += 1  # as if what was mounted there is gone
+    assert not write(tier, ckey(1), b"x" * 5000)
+    s = tier.snapshot()
+    assert s["dirs"][0]["degraded"] and s["io_errors"] == 1 and s["used_bytes"] == 0
+    assert os.listdir(d0) == []
