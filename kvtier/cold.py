@@ -21,7 +21,8 @@ RAM-only, and recovers when space returns.
 
 Restart: ``scan()`` rebuilds the index from the file names and sizes alone
 (one ``stat`` per file, no file opened), so the daemon serves within about a
-second of listing the directories; orphan temp files are removed.
+second of listing the directories; orphan temp files are removed, and so are
+the oldest files beyond a capacity lowered since the last run.
 ``verify_pending()`` then checks every header in the background: a file
 whose header is corrupt, names another block, disagrees with the file's size
 or has expired is dropped from the index and removed. Until then a block is
@@ -274,9 +275,15 @@ class ColdTier:
                 self._groups.setdefault(g, OrderedDict())[k] = size
                 used[g] = used.get(g, 0) + size
                 unverified.add(k)
+            doomed = []
             for d in self.dirs:
                 if d.auto:  # the files of an earlier run take space the tier may use again
                     d.capacity = _auto_capacity(d.path, d.used)
+                doomed += self._make_room(d, 0)  # a capacity lowered since: the oldest files go
+        if doomed:
+            self._remove(doomed)
+            log.warning("nvme scan: removed %d files over the capacity", len(doomed))
+            found = [f for f in found if f[2] in self._index]
         self._verify_order = [k for _, k in sorted([(f[4], f[2]) for f in found])]  # inode order: about disk order
         if self.stats.orphans_removed or self.stats.corrupt_removed:
             log.warning("nvme scan: removed %d orphan temp files and %d files that cannot be records",

@@ -16,7 +16,7 @@ from kvtier import record as R
 from kvtier.client import Client
 from kvtier.cold import ColdTier
 from kvtier.server import DaemonThread
-from test_cold import key as cold_key, read, write
+from test_cold import NS as COLD_NS, key as cold_key, read, write
 from test_tiering import blob, key, nvme, wait_for
 
 KiB, MiB = 1024, 1024 * 1024
@@ -114,3 +114,19 @@ def test_a_directory_on_another_filesystem_than_at_start_is_skipped(tmp_path):
     s = tier.snapshot()
     assert s["dirs"][0]["degraded"] and s["io_errors"] == 1 and s["used_bytes"] == 0
     assert os.listdir(d0) == []
+
+
+def test_a_capacity_lowered_between_runs_is_kept_from_the_start(tmp_path):
+    """Files beyond a capacity lowered since the last run are evicted by the startup scan, oldest
+    first, so the bound and the used bytes (those of the files on disk) hold before any write."""
+    d0 = tmp_path / "d0"
+    tier = ColdTier([(str(d0), 16 * MiB)], direct_io="off")
+    for i in range(6):
+        assert write(tier, ckey(i), bytes([i]) * MiB)
+        os.utime(tier._path(0, COLD_NS, ckey(i)), (1000 + i, 1000 + i))  # the order of age, whatever the clock
+    tier2 = ColdTier([(str(d0), 3 * MiB + 3 * 8192)], direct_io="off")
+    assert tier2.scan() == 3
+    s = tier2.snapshot()
+    assert s["used_bytes"] <= s["capacity_bytes"] and s["used_bytes"] == disk_bytes(d0) and s["blocks"] == 3
+    assert [tier2.contains(COLD_NS, ckey(i)) for i in range(6)] == [False] * 3 + [True] * 3
+    assert all(read(tier2, ckey(i)) == bytes([i]) * MiB for i in range(3, 6))
