@@ -428,11 +428,7 @@ class ColdTier:
         start. A file that cannot be unlinked is logged and counted, not raised."""
         try:
             for _, path in doomed:
-                try:
-                    self._unlink(path)
-                except OSError as e:
-                    self.stats.io_errors += 1
-                    log.error("nvme unlink %s: %s", path, e)
+                self._try_unlink(path)
         finally:
             with self.lock:
                 self._removing.difference_update(k for k, _ in doomed)
@@ -692,7 +688,7 @@ class ColdTier:
             path = self._evict_key(k)
             self.stats.evictions -= 1  # a removal, not an eviction
             if unlink:
-                self._unlink(path)
+                self._try_unlink(path)
         return True
 
     def delete(self, ns: str, key: bytes) -> bool:
@@ -711,6 +707,14 @@ class ColdTier:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+    def _try_unlink(self, path: str) -> None:
+        """Unlink; a failure (a read-only or failing filesystem) is logged and counted, not raised."""
+        try:
+            self._unlink(path)
+        except OSError as e:
+            self.stats.io_errors += 1
+            log.error("nvme unlink %s: %s", path, e)
 
     # ---- stats ------------------------------------------------------------------------
 

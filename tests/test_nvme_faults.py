@@ -130,3 +130,30 @@ def test_a_capacity_lowered_between_runs_is_kept_from_the_start(tmp_path):
     assert s["used_bytes"] <= s["capacity_bytes"] and s["used_bytes"] == disk_bytes(d0) and s["blocks"] == 3
     assert [tier2.contains(COLD_NS, ckey(i)) for i in range(6)] == [False] * 3 + [True] * 3
     assert all(read(tier2, ckey(i)) == bytes([i]) * MiB for i in range(3, 6))
+
+
+def test_a_corrupt_file_that_cannot_be_removed_is_still_a_miss(tmp_path, monkeypatch):
+    """On a filesystem gone read-only, a corrupt file found by a read or by the check after a
+    restart cannot be removed: still a counted miss, never an exception out of the tier."""
+    d0 = tmp_path / "d0"
+    tier = ColdTier([(str(d0), 1 << 30)], direct_io="off")
+    for i in range(2):
+        assert write(tier, ckey(i), bytes([i + 1]) * 8192)
+    for p in block_files(d0):
+        with open(p, "r+b") as f:  # a flipped payload bit, and a flipped header bit
+            f.seek(R.PAGE + 100 if p == tier._path(0, COLD_NS, ckey(0)) else 20)
+            b = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([b[0] ^ 1]))
+    after = ColdTier([(str(d0), 1 << 30)], direct_io="off")
+    assert after.scan() == 2
+
+    def unlink(p, *a, **kw):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), p)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert read(tier, ckey(0)) is None
+    assert after.verify_pending(threads=1) == (2, 1)  # headers only: the flipped header bit
+    s, s2 = tier.snapshot(), after.snapshot()
+    assert s["checksum_failures"] == 1 and s["io_errors"] == 1 and s["blocks"] == 1
+    assert s2["corrupt_removed"] == 1 and s2["io_errors"] == 1 and s2["blocks"] == 1
