@@ -611,6 +611,8 @@ class ColdTier:
             self._drop_entry(k, di, size, unlink=False)
             self.stats.misses += 1
             return None
+        except OSError as e:  # EIO, EACCES: a failing drive is a counted miss, never an exception
+            return self._read_error(path, e)
         try:
             hs = record.header_size(ns, key, aligned=True)
             n = size - hs  # the payload, raw or compressed
@@ -663,10 +665,7 @@ class ColdTier:
                 self._drop_entry(k, di, size, unlink=False)
                 self.stats.misses += 1
                 return None
-            self.stats.io_errors += 1
-            log.error("nvme read %s: %s", path, e)
-            self.stats.misses += 1
-            return None
+            return self._read_error(path, e)
         finally:
             os.close(fd)
         if k in self._unverified:  # checked now: the background pass can skip it
@@ -675,6 +674,11 @@ class ColdTier:
         self.stats.hits += 1
         self.stats.read_bytes += meta.raw_len
         return meta
+
+    def _read_error(self, path: str, e: OSError) -> None:
+        self.stats.io_errors += 1
+        log.error("nvme read %s: %s", path, e)
+        self.stats.misses += 1
 
     # ---- removal ----------------------------------------------------------------------
 

@@ -157,3 +157,24 @@ def test_a_corrupt_file_that_cannot_be_removed_is_still_a_miss(tmp_path, monkeyp
     s, s2 = tier.snapshot(), after.snapshot()
     assert s["checksum_failures"] == 1 and s["io_errors"] == 1 and s["blocks"] == 1
     assert s2["corrupt_removed"] == 1 and s2["io_errors"] == 1 and s2["blocks"] == 1
+
+
+def test_a_file_that_cannot_be_opened_is_a_counted_miss(tmp_path, monkeypatch):
+    """A failing drive (EIO on open) makes a read a miss counted as an I/O error, not an exception
+    out of the tier; the block is served again once the drive answers."""
+    d0 = tmp_path / "d0"
+    tier = ColdTier([(str(d0), 1 << 30)], direct_io="off")
+    assert write(tier, ckey(1), b"z" * 8192)
+    real = os.open
+
+    def failing_open(p, *a, **kw):
+        if str(p).endswith(C.SUFFIX):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), p)
+        return real(p, *a, **kw)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    assert read(tier, ckey(1)) is None
+    s = tier.snapshot()
+    assert s["io_errors"] == 1 and s["misses"] == 1 and s["blocks"] == 1
+    monkeypatch.undo()
+    assert read(tier, ckey(1)) == b"z" * 8192
