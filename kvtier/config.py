@@ -228,7 +228,7 @@ class RamConfig:
 class NvmeConfig:
     # Directories for block files, typically one per drive; empty = no NVMe tier.
     dirs: tuple = ()
-    # Capacity of EACH directory in bytes; 0 = auto (90% of the filesystem's free space at start).
+    # Capacity of EACH directory in bytes; 0 = auto (90% of the filesystem's free space at start plus the tier's files there).
     capacity: int = 0
     # When blocks go to NVMe: "commit" (write-behind right after each commit) or "evict" (only when RAM evicts them).
     write_policy: str = "commit"
