@@ -54,6 +54,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -83,6 +84,7 @@ MAX_TOKEN = 4096
 F_OVERWRITE, F_CHECKSUM = 1, 2
 SOCK_BUF = 4 << 20
 PAYLOAD_TIMEOUT_S = 60.0
+ACCEPT_BACKOFF_S = 0.1  # after a failed accept (EMFILE...): retry, without spinning
 _ZERO = bytes(CHECKSUM_SIZE)
 
 
@@ -218,14 +220,25 @@ class DataServer:
         while not self._closed:
             try:
                 conn, _ = lsock.accept()
-            except OSError:
-                return
-            tune(conn)
+            except OSError as e:
+                if self._closed:
+                    return
+                # out of file descriptors or memory, or a connection reset before it was accepted:
+                # the listener must outlive it (the clients that hold the descriptors go away)
+                log.warning("data channel: accept failed: %s", e)
+                time.sleep(ACCEPT_BACKOFF_S)
+                continue
             with self._lock:
                 if self._closed:
                     conn.close()
                     return
-            threading.Thread(target=self._serve_wrapped, args=(conn,), daemon=True, name="kvtier-data-conn").start()
+            try:
+                tune(conn)
+                threading.Thread(target=self._serve_wrapped, args=(conn,), daemon=True,
+                                 name="kvtier-data-conn").start()
+            except (OSError, RuntimeError) as e:  # reset already, or no thread to be had: drop this one
+                log.warning("data channel: connection dropped: %s", e)
+                conn.close()
 
     def _serve_wrapped(self, conn: socket.socket) -> None:
         try:

@@ -1,0 +1,111 @@
+"""Hostile and broken data-channel clients: whatever one does, the daemon serves the others,
+and nothing it held (threads, memory, leases, reservations) outlives the connection.
+
+The daemon here has tenants and a TCP data listener, as on a network with untrusted peers.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import socket
+
+import pytest
+
+from kvtier import datachannel, errors
+from kvtier.client import Client
+from kvtier.datachannel import (OP_CALL, OP_GET, OP_GET_MANY, OP_HELLO, OP_PING, REQ, REQ_MAGIC, RESP,
+                                RESP_MAGIC, DataConnection, parse_address, recv_exact)
+
+from conftest import wait_until
+
+TOKEN = "token-of-a"
+NS = "a-faults"
+MiB = 1 << 20
+
+
+def _sha(t: str) -> str:
+    return hashlib.sha256(t.encode()).hexdigest()
+
+
+@pytest.fixture
+def tenants_file(tmp_path):
+    p = tmp_path / "tenants.toml"
+    p.write_text(f'[tenants.a]\ntoken_sha256 = ["{_sha(TOKEN)}"]\nnamespaces = ["a-*"]\n')
+    return str(p)
+
+
+@pytest.fixture
+def secured(make_daemon, tenants_file):
+    return make_daemon(auth={"tenants_file": tenants_file},
+                       server={"data_listen": "127.0.0.1:0", "insecure_tcp": True})
+
+
+def _tcp(d) -> str:
+    return next(a for a in d.daemon.data.addresses if a.startswith("tcp://"))
+
+
+def _sock(d) -> socket.socket:
+    s = socket.create_connection(parse_address(_tcp(d))[1], timeout=10)
+    return s
+
+
+def _frame(op, ns=b"", k=b"", length=0, req_id=1, flags=0) -> bytes:
+    return REQ.pack(REQ_MAGIC, op, flags, len(ns), len(k), length, req_id) + ns + k
+
+
+def _answer(s):
+    head = bytearray(RESP.size)
+    recv_exact(s, memoryview(head))
+    magic, status, info, msg_len, length, rid, digest = RESP.unpack(head)
+    msg = bytearray(msg_len)
+    if msg_len:
+        recv_exact(s, memoryview(msg))
+    assert magic == RESP_MAGIC
+    return status, msg.decode(), length, rid
+
+
+def _hello(s, token=TOKEN) -> int:
+    tok = token.encode()
+    s.sendall(_frame(OP_HELLO, length=len(tok)) + tok)
+    return _answer(s)[0]
+
+
+def _closed(s) -> bool:
+    try:
+        return s.recv(1) == b""
+    except (ConnectionResetError, socket.timeout):
+        return isinstance(s, socket.socket)
+
+
+def _serves(d, k=b"k" * 16) -> None:
+    """A well-behaved client stores and reads a block on a fresh connection, and the daemon holds
+    no lease or reservation once it is done."""
+    conn = DataConnection(_tcp(d), token=TOKEN, timeout=10)
+    try:
+        conn.version = 2
+        data = k * 64
+        assert not isinstance(conn.put_many(NS, [(k, data)], overwrite=True)[0], errors.KvtierError)
+        assert bytes(conn.get_many(NS, [k])[0][0]) == data
+    finally:
+        conn.close()
+    with Client(d.address, token=TOKEN) as c:
+        wait_until(lambda: (c.stats().leases, c.stats().reservations) == (0, 0), what="leases and reservations gone")
+
+
+def test_the_listener_outlives_a_failed_accept(secured, monkeypatch):
+    """accept() failing (out of file descriptors, EMFILE) must not stop the listener for good."""
+    lsock = next(s for s in secured.daemon.data._socks if s.family == socket.AF_INET)
+    real, failed = socket.socket.accept, []
+
+    def accept(self):
+        if self.fileno() == lsock.fileno() and not failed:
+            failed.append(1)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(self)
+    monkeypatch.setattr(socket.socket, "accept", accept)
+    monkeypatch.setattr(datachannel, "ACCEPT_BACKOFF_S", 0.01, raising=False)
+    s = _sock(secured)  # taken by the accept already waiting; the next one fails
+    assert _hello(s) == 0
+    wait_until(lambda: failed, what="the failed accept")
+    s.close()
+    _serves(secured)
