@@ -293,6 +293,12 @@ class DataServer:
                                     f"call of {length} bytes exceeds the largest accepted "
                                     f"({self.max_call_bytes} bytes)")
                         return
+                    if self.access.enabled and token is None:
+                        # its handler would refuse it: drain it rather than hold up to max_call_bytes
+                        # for a peer that has not authenticated
+                        self._drain(conn, ns_len + key_len + length, scratch)
+                        self._refuse(conn, req_id)
+                        continue
                     if peer is None:
                         peer = _peer(conn)
                     self._call(conn, req_id, ns_len + key_len, length, token, peer)
@@ -358,6 +364,15 @@ class DataServer:
         conn.sendall(head)
         if payload is not None:
             conn.sendall(payload)
+
+    def _refuse(self, conn, req_id) -> None:
+        """Answer as a handler does a caller without a token (UNAUTHENTICATED)."""
+        try:
+            self.access.identify(None)
+        except errors.KvtierError as e:
+            self._reply(conn, req_id, e.code, str(e))
+            return
+        raise AssertionError("no token accepted")
 
     def _call(self, conn, req_id, name_len, length, token, peer) -> None:
         body = bytearray(name_len + length)

@@ -109,3 +109,33 @@ def test_the_listener_outlives_a_failed_accept(secured, monkeypatch):
     wait_until(lambda: failed, what="the failed accept")
     s.close()
     _serves(secured)
+
+
+def test_a_call_before_hello_costs_no_memory(secured, monkeypatch):
+    """A CALL announcing max_message_bytes from a peer without a token is refused as its handler
+    would (UNAUTHENTICATED) without a buffer of that size held for it while its bytes trickle in."""
+    size = secured.daemon.data.max_call_bytes
+    allocated, drained = [], []
+    real_drain = datachannel.DataServer._drain
+
+    class Watch(bytearray):
+        def __init__(self, *a):
+            if a and isinstance(a[0], int) and a[0] >= size:
+                allocated.append(a[0])
+            super().__init__(*a)
+
+    def drain(self, conn, n, scratch):
+        if n >= size:
+            drained.append(n)
+        return real_drain(self, conn, n, scratch)
+    monkeypatch.setattr(datachannel, "bytearray", Watch, raising=False)
+    monkeypatch.setattr(datachannel.DataServer, "_drain", drain)
+    s = _sock(secured)
+    body = b"\0" * (1 << 16)
+    s.sendall(_frame(OP_CALL, b"Lookup", length=len(body), req_id=3) + body)
+    assert _answer(s)[:1] == (errors.Unauthenticated.code.value[0],)
+    s.sendall(_frame(OP_CALL, b"Lookup", length=size, req_id=4) + body)  # the rest never comes
+    wait_until(lambda: allocated or drained, what="the CALL read")
+    assert not allocated
+    s.close()
+    _serves(secured)
