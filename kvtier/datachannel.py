@@ -84,6 +84,7 @@ MAX_TOKEN = 4096
 F_OVERWRITE, F_CHECKSUM = 1, 2
 SOCK_BUF = 4 << 20
 PAYLOAD_TIMEOUT_S = 60.0
+HELLO_TIMEOUT_S = 10.0  # a daemon with tenants closes a connection with no valid HELLO by then
 ACCEPT_BACKOFF_S = 0.1  # after a failed accept (EMFILE...): retry, without spinning
 _ZERO = bytes(CHECKSUM_SIZE)
 
@@ -172,6 +173,8 @@ class DataServer:
         self.stopping = False  # new CALLs are UNAVAILABLE, as gRPC answers new calls while it drains
         self._socks: list[socket.socket] = []
         self._conns: set[socket.socket] = set()
+        self._unauthenticated: dict[socket.socket, float] = {}  # conn -> when it must have sent HELLO
+        self._reaping = False
         self._lock = threading.Lock()
         self._closed = False
         self.addresses: list[str] = []
@@ -251,7 +254,35 @@ class DataServer:
             return
         with self._lock:
             self._conns.add(conn)
+            if self.access.enabled:  # a peer without a token gets HELLO_TIMEOUT_S, then is cut off
+                self._unauthenticated[conn] = time.monotonic() + HELLO_TIMEOUT_S
+                if not self._reaping:
+                    self._reaping = True
+                    threading.Thread(target=self._reap, daemon=True, name="kvtier-data-reaper").start()
         self._serve(conn)
+
+    def _authenticated(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._unauthenticated.pop(conn, None)
+
+    def _reap(self) -> None:
+        """Shut down the connections that did not authenticate in time (stalled, or trickling
+        bytes): their threads end. Runs while any connection waits for its HELLO."""
+        while True:
+            time.sleep(min(1.0, HELLO_TIMEOUT_S / 4))
+            now = time.monotonic()
+            with self._lock:
+                for c in [c for c, t in self._unauthenticated.items() if t <= now]:
+                    del self._unauthenticated[c]
+                    try:  # under the lock: its thread closes it only after taking it off the list
+                        c.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                done = self._closed or not self._unauthenticated
+                if done:
+                    self._reaping = False
+            if done:
+                return
 
     def close(self) -> None:
         self._closed = True
@@ -315,6 +346,7 @@ class DataServer:
                     except errors.KvtierError as e:
                         self._reply(conn, req_id, e.code, str(e))
                         return
+                    self._authenticated(conn)
                     self._reply(conn, req_id, grpc.StatusCode.OK, "")
                     continue
                 if self.access.enabled and tenant is None:
@@ -356,6 +388,7 @@ class DataServer:
         finally:
             with self._lock:
                 self._conns.discard(conn)
+                self._unauthenticated.pop(conn, None)
             conn.close()
 
     def _reply(self, conn, req_id, code, msg, info=0, length=0, digest=_ZERO, payload=None) -> None:
