@@ -112,8 +112,9 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += r
 
 
-def send_all(sock: socket.socket, bufs) -> None:
-    """Send every buffer: gathered by sendmsg (IOV_MAX at a time), partial sends resumed."""
+def send_all(sock: socket.socket, bufs, deadline: float | None = None) -> None:
+    """Send every buffer: gathered by sendmsg (IOV_MAX at a time), partial sends resumed; past
+    ``deadline`` (time.monotonic()), TimeoutError. The socket's own timeout bounds each send."""
     bufs = [memoryview(b).cast("B") for b in bufs if len(b)]
     if isinstance(sock, ssl.SSLSocket):
         for b in bufs:
@@ -122,6 +123,8 @@ def send_all(sock: socket.socket, bufs) -> None:
     i = 0
     while i < len(bufs):
         sent = sock.sendmsg(bufs[i:i + IOV_MAX])
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("send timed out")
         while i < len(bufs) and sent >= len(bufs[i]):
             sent -= len(bufs[i])
             i += 1
@@ -470,9 +473,15 @@ class DataServer:
             return None
         return out
 
-    def _table(self, conn, req_id, entries: list[bytes], payloads=()) -> None:
+    def _table(self, conn, req_id, entries: list[bytes], payloads=(), within: float | None = None) -> None:
         table = b"".join(entries)
-        send_all(conn, [RESP.pack(RESP_MAGIC, 0, 0, 0, len(table), req_id, _ZERO) + table, *payloads])
+        bufs = [RESP.pack(RESP_MAGIC, 0, 0, 0, len(table), req_id, _ZERO) + table, *payloads]
+        if within is None:
+            send_all(conn, bufs)
+            return
+        conn.settimeout(within)
+        send_all(conn, bufs, time.monotonic() + within)
+        conn.settimeout(None)
 
     def _put_many(self, conn, req_id, ns, entries, flags, scratch, tenant) -> None:
         n = len(entries)
@@ -584,7 +593,7 @@ class DataServer:
                 else:
                     table.append(GET_ENTRY.pack(0, f[0], 0, len(f[1]), f[2]))
                     payloads.append(f[1])
-            self._table(conn, req_id, table, payloads)
+            self._table(conn, req_id, table, payloads, _send_limit(a.lease_ms if a is not None and a.lease_id else 0))
         finally:
             if a is not None and a.lease_id:
                 try:
@@ -646,13 +655,22 @@ class DataServer:
             return
         off, n = a.offsets[0], a.lengths[0]
         try:
+            conn.settimeout(_send_limit(a.lease_ms))
             self._reply(conn, req_id, grpc.StatusCode.OK, "", info=a.tiers[0], length=n, digest=a.checksums,
                         payload=self.view[off:off + n])
+            conn.settimeout(None)
         finally:
             try:
                 self.hot.release(a.lease_id)
             except errors.KvtierError:
                 pass
+
+
+def _send_limit(lease_ms: int) -> float:
+    """Seconds an answer may take to send: a client that does not read it loses its connection
+    (and the thread and lease it held) well before a lease on the bytes could expire under the send,
+    letting their slot be reused."""
+    return min(PAYLOAD_TIMEOUT_S, lease_ms / 3000) if lease_ms else PAYLOAD_TIMEOUT_S
 
 
 def _peer(conn: socket.socket) -> str:

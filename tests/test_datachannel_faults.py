@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import socket
+import struct
 import time
 
 import pytest
@@ -168,3 +169,37 @@ def test_a_peer_without_a_token_is_cut_off(secured, monkeypatch):
     for s in (idle, trickle, calls, ok):
         s.close()
     _serves(secured)
+
+
+@pytest.mark.parametrize("op", [OP_GET, OP_GET_MANY])
+def test_a_client_that_does_not_read_its_answer_loses_the_connection(make_daemon, tenants_file, op):
+    """A GET answer nobody reads: the daemon gives up on the connection before the lease on the
+    block expires (its slot could then be reused while still being sent) and holds nothing after."""
+    d = make_daemon(auth={"tenants_file": tenants_file}, ram={"lease_ms": 3000},
+                    server={"data_listen": "127.0.0.1:0", "insecure_tcp": True})
+    k, data = b"g" * 16, bytes(range(256)) * (96 * 1024)  # 24 MiB: more than socket buffers hold
+    with Client(d.address, token=TOKEN) as c:
+        c.put(NS, k, data)
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.connect(parse_address(_tcp(d))[1])
+        assert _hello(s) == 0
+        if op == OP_GET:
+            s.sendall(_frame(OP_GET, NS.encode(), k, req_id=2))
+        else:
+            man = struct.pack("<IB", 1, 16) + k
+            s.sendall(_frame(OP_GET_MANY, NS.encode(), length=len(man), req_id=2) + man)
+        wait_until(lambda: c.stats().leases == 1, what="the block leased for the answer")
+        wait_until(lambda: c.stats().leases == 0, what="the lease ended")
+        st = c.stats()
+        got = 0
+        try:
+            while chunk := s.recv(1 << 20):  # what the daemon sent before it gave up, then the end
+                got += len(chunk)
+        except ConnectionResetError:
+            pass
+        s.close()
+        assert got < len(data), "the answer was sent in full"
+        assert st.expired_leases == 0, "the lease expired while its block was being sent"
+    _serves(d)
