@@ -308,6 +308,7 @@ class DataServer:
 
     def _serve(self, conn: socket.socket) -> None:
         tenant = token = peer = None
+        access = self.access  # the tenants tenant was identified by: a reload (SIGHUP) replaces them
         hdr = bytearray(REQ.size + 255 + 255 + CHECKSUM_SIZE)
         hview = memoryview(hdr)
         scratch = memoryview(bytearray(1 << 20))
@@ -349,9 +350,17 @@ class DataServer:
                     except errors.KvtierError as e:
                         self._reply(conn, req_id, e.code, str(e))
                         return
+                    access = self.access
                     self._authenticated(conn)
                     self._reply(conn, req_id, grpc.StatusCode.OK, "")
                     continue
+                if access is not self.access:  # tenants reloaded: the token must still be valid
+                    access = self.access
+                    try:
+                        tenant = access.identify(token) if token is not None else None
+                    except errors.KvtierError as e:
+                        self._reply(conn, req_id, e.code, str(e))
+                        return
                 if self.access.enabled and tenant is None:
                     self._reply(conn, req_id, grpc.StatusCode.UNAUTHENTICATED,
                                 "send HELLO with a bearer token first")

@@ -203,3 +203,26 @@ def test_a_client_that_does_not_read_its_answer_loses_the_connection(make_daemon
         assert got < len(data), "the answer was sent in full"
         assert st.expired_leases == 0, "the lease expired while its block was being sent"
     _serves(d)
+
+
+def test_a_revoked_token_stops_working_on_open_connections(make_daemon, tmp_path):
+    """Tenants reloaded (SIGHUP) without a token: connections that sent it before lose access
+    at their next request, as new ones do."""
+    p = tmp_path / "tenants.toml"
+    p.write_text(f'[tenants.a]\ntoken_sha256 = ["{_sha(TOKEN)}"]\nnamespaces = ["a-*"]\n')
+    d = make_daemon(auth={"tenants_file": str(p)}, server={"data_listen": "127.0.0.1:0", "insecure_tcp": True})
+    conn = DataConnection(_tcp(d), token=TOKEN, timeout=10)
+    conn.version = 2
+    assert not isinstance(conn.put_many(NS, [(b"r" * 16, b"before")])[0], errors.KvtierError)
+    old = d.daemon.data.access
+    p.write_text(f'[tenants.c]\ntoken_sha256 = ["{_sha("other")}"]\nnamespaces = ["a-*"]\n')
+    d.daemon.request_reload()
+    wait_until(lambda: d.daemon.data.access is not old, what="the tenants reloaded")
+    try:
+        res = conn.put_many(NS, [(b"s" * 16, b"after")])
+    except OSError:
+        res = []
+    conn.close()
+    assert res and isinstance(res[0], errors.Unauthenticated)
+    with Client(d.address, token="other") as c:
+        assert c.lookup(NS, [b"s" * 16])[0] == [0]
