@@ -15,14 +15,14 @@ import pytest
 
 from kvtier import datachannel, errors
 from kvtier.client import Client
-from kvtier.datachannel import (OP_CALL, OP_GET, OP_GET_MANY, OP_HELLO, OP_PING, REQ, REQ_MAGIC, RESP,
-                                RESP_MAGIC, DataConnection, parse_address, recv_exact)
+from kvtier.datachannel import (OP_CALL, OP_GET, OP_GET_MANY, OP_HELLO, OP_PING, RESP_MAGIC,
+                                DataConnection, parse_address)
 
 from conftest import wait_until
+from test_bad_input import _request, _response
 
 TOKEN = "token-of-a"
 NS = "a-faults"
-MiB = 1 << 20
 
 
 def _sha(t: str) -> str:
@@ -51,24 +51,15 @@ def _sock(d) -> socket.socket:
     return s
 
 
-def _frame(op, ns=b"", k=b"", length=0, req_id=1, flags=0) -> bytes:
-    return REQ.pack(REQ_MAGIC, op, flags, len(ns), len(k), length, req_id) + ns + k
-
-
 def _answer(s):
-    head = bytearray(RESP.size)
-    recv_exact(s, memoryview(head))
-    magic, status, info, msg_len, length, rid, digest = RESP.unpack(head)
-    msg = bytearray(msg_len)
-    if msg_len:
-        recv_exact(s, memoryview(msg))
+    magic, status, _, msg, length, rid, _ = _response(s)
     assert magic == RESP_MAGIC
-    return status, msg.decode(), length, rid
+    return status, msg, length, rid
 
 
 def _hello(s, token=TOKEN) -> int:
     tok = token.encode()
-    s.sendall(_frame(OP_HELLO, length=len(tok)) + tok)
+    s.sendall(_request(OP_HELLO, b"", b"", length=len(tok)) + tok)
     return _answer(s)[0]
 
 
@@ -134,9 +125,9 @@ def test_a_call_before_hello_costs_no_memory(secured, monkeypatch):
     monkeypatch.setattr(datachannel.DataServer, "_drain", drain)
     s = _sock(secured)
     body = b"\0" * (1 << 16)
-    s.sendall(_frame(OP_CALL, b"Lookup", length=len(body), req_id=3) + body)
+    s.sendall(_request(OP_CALL, b"Lookup", b"", length=len(body), req_id=3) + body)
     assert _answer(s)[:1] == (errors.Unauthenticated.code.value[0],)
-    s.sendall(_frame(OP_CALL, b"Lookup", length=size, req_id=4) + body)  # the rest never comes
+    s.sendall(_request(OP_CALL, b"Lookup", b"", length=size, req_id=4) + body)  # the rest never comes
     wait_until(lambda: allocated or drained, what="the CALL read")
     assert not allocated
     s.close()
@@ -149,14 +140,14 @@ def test_a_peer_without_a_token_is_cut_off(secured, monkeypatch):
     monkeypatch.setattr(datachannel, "HELLO_TIMEOUT_S", 1.0, raising=False)
     idle, trickle, calls, ok = (_sock(secured) for _ in range(4))
     assert _hello(ok) == 0
-    ping = _frame(OP_PING, req_id=5)
+    ping = _request(OP_PING, b"", b"", req_id=5)
     trickle.sendall(ping[:3])
     wait_until(lambda: _closed(idle), timeout=15, what="the idle connection closed")
     calls.settimeout(5)
     give_up = time.monotonic() + 15
     with pytest.raises((ConnectionError, socket.timeout, AssertionError)):
         while time.monotonic() < give_up:
-            calls.sendall(_frame(OP_CALL, b"Stats", req_id=1))
+            calls.sendall(_request(OP_CALL, b"Stats", b"", req_id=1))
             assert _answer(calls)[0] == errors.Unauthenticated.code.value[0]
             time.sleep(0.05)
     try:
@@ -186,10 +177,10 @@ def test_a_client_that_does_not_read_its_answer_loses_the_connection(make_daemon
         s.connect(parse_address(_tcp(d))[1])
         assert _hello(s) == 0
         if op == OP_GET:
-            s.sendall(_frame(OP_GET, NS.encode(), k, req_id=2))
+            s.sendall(_request(OP_GET, NS.encode(), k, req_id=2))
         else:
             man = struct.pack("<IB", 1, 16) + k
-            s.sendall(_frame(OP_GET_MANY, NS.encode(), length=len(man), req_id=2) + man)
+            s.sendall(_request(OP_GET_MANY, NS.encode(), b"", length=len(man), req_id=2) + man)
         wait_until(lambda: c.stats().leases == 1, what="the block leased for the answer")
         wait_until(lambda: c.stats().leases == 0, what="the lease ended")
         st = c.stats()
