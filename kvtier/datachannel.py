@@ -117,19 +117,29 @@ def send_all(sock: socket.socket, bufs, deadline: float | None = None) -> None:
     ``deadline`` (time.monotonic()), TimeoutError. The socket's own timeout bounds each send."""
     bufs = [memoryview(b).cast("B") for b in bufs if len(b)]
     if isinstance(sock, ssl.SSLSocket):
-        for b in bufs:
-            sock.sendall(b)
+        within = sock.gettimeout()
+        try:
+            for b in bufs:
+                if deadline is not None:  # the deadline bounds the whole answer, not each buffer
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("send timed out")
+                    sock.settimeout(left if within is None else min(within, left))
+                sock.sendall(b)
+        finally:
+            if deadline is not None:
+                sock.settimeout(within)
         return
     i = 0
     while i < len(bufs):
         sent = sock.sendmsg(bufs[i:i + IOV_MAX])
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError("send timed out")
         while i < len(bufs) and sent >= len(bufs[i]):
             sent -= len(bufs[i])
             i += 1
         if sent:
             bufs[i] = bufs[i][sent:]
+        if i < len(bufs) and deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("send timed out")  # an answer sent in full is not cut short
 
 
 def _key_field(key: bytes) -> bytes:
@@ -344,13 +354,13 @@ class DataServer:
                         return
                     tok = bytearray(length)
                     recv_exact(conn, memoryview(tok))
+                    access = self.access  # the tenants the token is checked against (a reload swaps them)
                     try:
                         token = tok.decode("utf-8", "replace")
-                        tenant = self.access.identify(token)
+                        tenant = access.identify(token)
                     except errors.KvtierError as e:
                         self._reply(conn, req_id, e.code, str(e))
                         return
-                    access = self.access
                     self._authenticated(conn)
                     self._reply(conn, req_id, grpc.StatusCode.OK, "")
                     continue
