@@ -323,6 +323,7 @@ class HotTier:
         b = pol.victim()
         while b is not None and b.leases:  # leased: out of the policy until its last release
             b.queued = 0
+            pol.spare(b)
             b = pol.victim()
         if b is None:
             return False

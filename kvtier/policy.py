@@ -12,9 +12,11 @@ Interface (all O(1) amortised):
                         a block became evictable (new, or unpinned/released); read: it was
                         just read (a lease ended), the same as insert then touch
     touch(key)          the block was read
-    remove(key) -> bool the block is no longer evictable (pinned, leased, deleted); False if
+    remove(key) -> bool the block is no longer evictable (pinned, deleted); False if
                         the key was not tracked
     victim() -> key     remove and return the next block to evict, or None
+    spare(key)          the key victim() just returned was not evicted (leased): forget that
+                        it was (S3-FIFO's ghost), so it comes back as a block that was not
     __len__, __contains__
 
 Keys are any hashable. The hot tier passes its Block objects themselves, which hash by
@@ -69,6 +71,9 @@ class LRU:
             return None
         key, _ = self._od.popitem(last=False)
         return key
+
+    def spare(self, key: Hashable) -> None:
+        pass  # no ghost
 
     def __len__(self) -> int:
         return len(self._od)
@@ -126,6 +131,9 @@ class S3FIFO:
             return False
         self._small_bytes -= v >> 2
         return True
+
+    def spare(self, key: Hashable) -> None:
+        self._ghost.pop(self._gk(key), None)
 
     def _remember(self, key: Hashable) -> None:
         self._ghost[self._gk(key)] = None

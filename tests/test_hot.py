@@ -105,7 +105,11 @@ def check_consistent(t: HotTier) -> None:
     queued = [b for b in indexed(t).values() if b.queued]
     assert set(map(id, evictable)) <= set(map(id, queued))
     assert all(b.state == COMMITTED and not b.pin_until for b in queued)
-    assert len(t.policy) == len(queued) and all(b in t.policy for b in queued)
+    for g, pol in t.policies.items():  # each group's policy, and its evictable bytes
+        mine = [b for b in queued if b.group == g]
+        assert len(pol) == len(mine) and all(b in pol for b in mine)
+        assert t.group_evictable.get(g, 0) == sum(r(b.length) for b in evictable if b.group == g)
+    assert all(b.group in t.policies for b in queued)
     assert t.evictable_bytes == sum(r(b.length) for b in evictable)
     quarantined = [b for _, _, b in t._quarantine]
     # reserved: slots of live reservations plus those of expired ones still in quarantine
@@ -617,6 +621,7 @@ def test_a_leased_block_offered_to_eviction_is_skipped_and_returns_at_release(po
     put(t, [key(100)])
     assert present(t, keys) == [True, False, True, True]    # skipped; the next one went
     assert not b0.queued and b0 not in t.policy and t.evictions == 1
+    assert (NS, keys[0]) not in getattr(t.policy, "_ghost", {})  # skipped, not evicted: no ghost of it
     check_consistent(t)
     t.release(a.lease_id)
     assert tracked(t, keys[0]) and t.evictable_bytes == 4 * SLOT

@@ -294,6 +294,22 @@ def test_s3fifo_ghost_hit_goes_straight_to_main():
     assert order[-1] == 0, "a ghost hit must outlive the small-FIFO blocks inserted around it"
 
 
+@ALL
+def test_a_spared_victim_comes_back_as_a_block_that_was_not_evicted(name):
+    """The hot tier skips a victim that is leased and inserts it again at its release: it must
+    not count as a ghost hit (it was never evicted) and go straight to S3-FIFO's main queue."""
+    p = POLICIES[name]()
+    for k in range(20):
+        p.insert(k, 4096)
+    assert p.victim() == 0
+    p.spare(0)
+    p.insert(0, 4096)               # released: back as new
+    for k in range(20, 40):
+        p.insert(k, 4096)
+    order = drain(p)
+    assert order.index(0) < order.index(20), "a spared block must not outlive the ones inserted after it"
+
+
 class _Obj:
     """A block-like key that hashes by identity, as the hot tier's Block objects do."""
 
