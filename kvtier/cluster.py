@@ -416,7 +416,7 @@ class ClusterTier:
         c = min(conns, key=lambda c: c.inflight)
         cmds = []
         for base, value, ttl in recs:
-            cmds += [(b"GETRANGE", base, 0, 35), (b"SET", base, value) + ((b"PX", ttl * 1000) if ttl else ())]
+            cmds += [(b"GETRANGE", base, 0, ENVELOPE.size - 1), (b"SET", base, value) + ((b"PX", ttl * 1000) if ttl else ())]
         replies = await c.request(cmds, weight=sum(memoryview(p).nbytes for _, value, _ in recs for p in value))
         ok, stale = [], []
         for k, (base, _, _) in enumerate(recs):
@@ -494,7 +494,7 @@ class ClusterTier:
         if len(values) == 1:
             return (await self._set_whole(conns, [(base, values[0], ttl)]))[0]
         px = (b"PX", ttl * 1000) if ttl else ()
-        peek = (b"GETRANGE", base, 0, 35)  # the old value's envelope, if it was split
+        peek = (b"GETRANGE", base, 0, ENVELOPE.size - 1)  # the old value's envelope, if it was split
         rest = [(b"SET", part_name(base, i), v) + px for i, v in enumerate(values) if i]
         old, *replies = await self.servers.fanout(conns, [peek] + rest, self.part_bytes)
         if all(r == "OK" for r in replies):   # part 0 last: it makes the others reachable
@@ -762,7 +762,7 @@ class ClusterTier:
         """UNLINK's reply for a block (with its parts, counted there) on the server a redirect
         names, or None. Else a delete, or an overwrite that failed, would leave the block on its
         slot's new master for every node to read once the slot has moved."""
-        head = await self._there(redirect, (b"GETRANGE", base, 0, 35))
+        head = await self._there(redirect, (b"GETRANGE", base, 0, ENVELOPE.size - 1))
         if isinstance(head, bytes):
             r = await self._there(
                 redirect, (b"UNLINK", base) + tuple(part_name(base, i) for i in range(1, part_count(head))))
@@ -829,7 +829,7 @@ class ClusterTier:
 
         async def one(node: Node, idxs: list[int]) -> None:
             conns = await self.servers.conns(node)
-            heads = await conns[0].request([(b"GETRANGE", names[i], 0, 35) for i in idxs])
+            heads = await conns[0].request([(b"GETRANGE", names[i], 0, ENVELOPE.size - 1) for i in idxs])
             removed = await self._unlink(conns, [names[i] for i in idxs], [part_count(h) for h in heads])
             n[0] += removed  # not "+= await": another server's coroutine may add meanwhile
 

@@ -282,7 +282,8 @@ class ClusterConfig:
     codec: str = "none"
     # Prefix of every key, so several deployments can share one server.
     prefix: str = "kvt"
-    # Bytes of blocks waiting to be written; beyond this new writes are dropped and counted. At most a quarter of ram.capacity.
+    # Bytes of blocks waiting to be written; beyond this new writes are dropped and counted. At most a quarter of
+    # ram.capacity (under write_policy "commit" waiting blocks hold their RAM slots).
     queue_bytes: int = 256 * MiB
     # Connections per server (per master in Cluster mode).
     connections: int = 2

@@ -423,7 +423,8 @@ class KVTierService(pb_grpc.KVTierServicer):
             tiers.append(pb.TierStats(
                 name="cluster", hits=cl["hits"], misses=cl["misses"], checksum_failures=cl["checksum_failures"],
                 evictions=cl["evictions"],
-                io_errors=cl["errors"], dropped_writes=cl["dropped"] + cl["put_failures"] + cl["quota_refused"],
+                # writes not done: dropped from the queue, or failed (a quota refusal is one of those)
+                io_errors=cl["errors"], dropped_writes=cl["dropped"] + cl["put_failures"],
                 queued_bytes=cl["queued_bytes"],
                 policy=cl["write_policy"], backing=cl["mode"],
                 degraded=[] if cl["connected"] else ["disconnected"]))

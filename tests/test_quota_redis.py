@@ -109,6 +109,7 @@ def test_quota_evicts_the_tenants_own_lru_blocks_only(make_daemon, valkey, tmp_p
         a.put("a-x", b"L" * 16, os.urandom(quota + 1))  # larger than the whole quota: never written
         wait_until(lambda: _cluster_tier(a).queued_bytes == 0, what="refused write")
         assert b"L" * 16 not in st.blocks("a-x") and len(st.blocks("a-x")) == fit
+        assert _cluster_tier(a).dropped_writes == 1  # the refused write, counted once
         assert a.get("a-x", b"L" * 16) is not None  # still served from this node's RAM
     text = urllib.request.urlopen(f"http://{d.daemon.metrics.address}/metrics", timeout=5).read().decode()
     assert _sample(text, "kvtier_cluster_quota_refused_total") == 1
