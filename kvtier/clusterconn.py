@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import ssl
 import time
@@ -40,6 +41,12 @@ DEPTH = 4               # requests in flight per connection in fanout()
 # Measured with bench/cluster.py (2 MiB blocks): 4 MiB socket buffers beat the kernel's autotuning.
 SOCK_BUF = 4 << 20      # SO_SNDBUF/SO_RCVBUF of each connection (the kernel caps it at net.core.*mem_max)
 NET_ERRORS = (OSError, TimeoutError, ReplyError, EOFError)
+
+
+# the servers redirects (MOVED/ASK) are being followed to inside an on(), a list per on(): when
+# its time runs out while they keep it waiting, they are the slow ones, not the server that
+# answered with the redirect (a list shared with the tasks its work starts)
+_following: contextvars.ContextVar = contextvars.ContextVar("kvtier_cluster_following", default=None)
 
 
 class Unavailable(Exception):
@@ -283,7 +290,12 @@ class Servers:
             replies = await c.request(cmds, sinks)
             out[0] = replies[1::2] if err.code == "ASK" else replies
 
+        waiting = _following.get()  # the caller's on(): this server keeps it waiting meanwhile
+        if waiting is not None:
+            waiting.append(node)
         await self.on(node, work, lent)
+        if waiting is not None:
+            waiting.remove(node)
         return out[0]
 
     def warn(self, what: str, msg: str) -> None:
@@ -297,6 +309,8 @@ class Servers:
         """Run work(node) against one server within the timeout. Redis trouble is counted, marks
         the server down and returns False. lent: the call writes into buffers of the caller, so
         if it is cancelled the connections are cut before the cancellation goes on."""
+        waiting: list[Node] = []
+        outer = _following.set(waiting)
         try:
             async with asyncio.timeout(self.timeout):
                 await work(node)
@@ -309,11 +323,14 @@ class Servers:
             if isinstance(e, TimeoutError):
                 self.stats.timeouts += 1
                 e = TimeoutError(f"no answer within {self.cfg.timeout_ms} ms")
-            self.failed(node, e)
+            for slow in set(waiting) if isinstance(e, TimeoutError) and waiting else (node,):
+                self.failed(slow, e)
         except asyncio.CancelledError:
             if lent:
                 node.cut()
             raise
+        finally:
+            _following.reset(outer)
         return False
 
     async def run(self, groups: dict[Node, list[int]], fn, lent: bool = False) -> None:

@@ -358,6 +358,38 @@ def test_reads_writes_and_deletes_during_a_slot_migration_follow_ask_to_the_new_
     run(go())
 
 
+def test_a_redirect_to_a_stopped_master_marks_that_master_down_not_the_one_that_redirected(make_cluster):
+    """A key whose slot is migrating is followed (ASK) to the importing master. If that master
+    answers nothing, the time runs out while following: it is the one marked down. The master
+    that sent the ASK answered, and keeps serving its other keys."""
+    from redis.crc import key_slot
+    cl = make_cluster(masters=3, replicas=0)
+    gone, stays = _keys_in_one_slot(2)
+    blocks = {k: os.urandom(50_000) for k in (gone, stays)}
+    slot = key_slot(name(gone))
+
+    async def go():
+        async with tier(cl.url, cluster=True, timeout_ms=500, reconnect_max_s=0.5) as t:
+            await put_all(t, NS, blocks)
+            port = next(int(e[2][1]) for e in cl.slot_map() if e[0] <= slot <= e[1])
+            src = cl.by_port(port)
+            dst = next(m for m in cl.masters() if m is not src)
+            sid, did = (m.client().execute_command("CLUSTER", "MYID") for m in (src, dst))
+            dst.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", sid)
+            src.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", did)
+            src.client().execute_command("MIGRATE", "127.0.0.1", dst.port, name(gone), 0, 5000)
+            dst.pause()
+            try:
+                assert await t.get(NS, gone) is None          # followed to a master that answers nothing
+                nodes = {n.port: n for n in t.servers.nodes.values()}
+                assert nodes[dst.port].reason and not nodes[src.port].reason
+                assert bytes((await t.get(NS, stays))[0]) == blocks[stays]  # the redirecting master serves on
+            finally:
+                dst.resume()
+
+    run(go())
+
+
 def test_blocks_waiting_for_a_stopped_server_leave_room_for_new_puts(make_daemon, make_valkey):
     """Blocks queued for the cluster hold their RAM slots until written: with the server stopped
     the queue (cluster.queue_bytes, 256 MiB by default) filled a 16 MiB arena and every put
