@@ -84,6 +84,9 @@ MAX_TOKEN = 4096
 F_OVERWRITE, F_CHECKSUM = 1, 2
 SOCK_BUF = 4 << 20
 PAYLOAD_TIMEOUT_S = 60.0
+# a payload holding reserved slots must arrive whole within PAYLOAD_TIMEOUT_S plus its size at this
+# rate, however it trickles (each read has PAYLOAD_TIMEOUT_S on its own)
+PAYLOAD_MIN_RATE = 1 << 20  # bytes per second
 HELLO_TIMEOUT_S = 10.0  # a daemon with tenants closes a connection with no valid HELLO by then
 ACCEPT_BACKOFF_S = 0.1  # after a failed accept (EMFILE...): retry, without spinning
 _ZERO = bytes(CHECKSUM_SIZE)
@@ -101,11 +104,18 @@ class BindError(OSError):
         self.address, self.tcp = address, tcp
 
 
-def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill view from sock (blocking); ConnectionError on EOF."""
+def recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill view from sock (blocking); ConnectionError on EOF. Past ``deadline`` (time.monotonic()),
+    TimeoutError; the socket's own timeout bounds each read until its last stretch."""
     got, n = 0, len(view)
     flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
     while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("payload not received in time")
+            if left < PAYLOAD_TIMEOUT_S:
+                sock.settimeout(left)
         r = sock.recv_into(view[got:], n - got, flags)
         if r == 0:
             raise ConnectionError("peer closed the connection")
@@ -140,6 +150,10 @@ def send_all(sock: socket.socket, bufs, deadline: float | None = None) -> None:
             bufs[i] = bufs[i][sent:]
         if i < len(bufs) and deadline is not None and time.monotonic() > deadline:
             raise TimeoutError("send timed out")  # an answer sent in full is not cut short
+
+
+def _payload_deadline(size: int) -> float:
+    return time.monotonic() + PAYLOAD_TIMEOUT_S + size / PAYLOAD_MIN_RATE
 
 
 def _key_field(key: bytes) -> bytes:
@@ -446,10 +460,10 @@ class DataServer:
         # one send (header and the small message together): one wake-up of the reader
         conn.sendall(RESP.pack(RESP_MAGIC, 0, 0, 0, len(resp), req_id, _ZERO) + resp)
 
-    def _drain(self, conn, n: int, scratch: memoryview) -> None:
+    def _drain(self, conn, n: int, scratch: memoryview, deadline: float | None = None) -> None:
         while n:
             k = min(n, len(scratch))
-            recv_exact(conn, scratch[:k])
+            recv_exact(conn, scratch[:k], deadline)
             n -= k
 
     def _manifest(self, conn, req_id, op, flags, key_len, length) -> list[tuple[bytes, int, bytes]] | None:
@@ -541,12 +555,13 @@ class DataServer:
         computed: list[bytes] | None = [] if written and hash_at_commit(self.verify, given) else None
         try:
             conn.settimeout(PAYLOAD_TIMEOUT_S)  # a client stalled mid-payload must not hold the slots forever
+            by = _payload_deadline(sum(size for _, size, _ in entries))  # nor one that trickles
             for i, (_, size, _) in enumerate(entries):
                 off = slots.get(i)
                 if off is None:
-                    self._drain(conn, size, scratch)
+                    self._drain(conn, size, scratch, by)
                 else:
-                    recv_exact(conn, self.view[off:off + size])
+                    recv_exact(conn, self.view[off:off + size], by)
                     if computed is not None:  # hashed now, while the block is in cache
                         computed.append(checksum(self.view[off:off + size]))
             conn.settimeout(None)
@@ -639,7 +654,7 @@ class DataServer:
         off = r.offsets[0]
         try:
             conn.settimeout(PAYLOAD_TIMEOUT_S)  # a client stalled mid-payload must not hold the slot forever
-            recv_exact(conn, self.view[off:off + length])
+            recv_exact(conn, self.view[off:off + length], _payload_deadline(length))  # nor one that trickles
             conn.settimeout(None)
         except BaseException:
             self.hot.discard(r.reservation_id)

@@ -15,7 +15,7 @@ import pytest
 
 from kvtier import datachannel, errors
 from kvtier.client import Client
-from kvtier.datachannel import (OP_CALL, OP_GET, OP_GET_MANY, OP_HELLO, OP_PING, RESP_MAGIC,
+from kvtier.datachannel import (OP_CALL, OP_GET, OP_GET_MANY, OP_HELLO, OP_PING, OP_PUT, RESP_MAGIC,
                                 DataConnection, parse_address)
 
 from conftest import wait_until
@@ -245,3 +245,30 @@ def test_the_deadline_bounds_a_whole_answer_over_tls():
     with pytest.raises(TimeoutError):
         datachannel.send_all(s, [b"x"] * 20, deadline=time.monotonic() + 0.5)
     assert s.sent < 20 and s.timeout_s == 5.0
+
+
+def test_a_put_that_trickles_loses_its_reservation(make_daemon, monkeypatch):
+    """Each read of a payload has its own timeout; a PUT whose bytes come one at a time, each
+    just within it, must still end: the whole payload has a deadline, and the slot reserved
+    for it is freed."""
+    monkeypatch.setattr(datachannel, "PAYLOAD_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(datachannel, "PAYLOAD_MIN_RATE", 1 << 30, raising=False)  # the deadline: about 1 s
+    d = make_daemon()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(d.daemon.data.addresses[0][len("unix://"):])
+    size = 64 * 1024
+    s.sendall(_request(OP_PUT, NS.encode(), b"t" * 16, length=size, req_id=1))
+    with Client(d.address) as c:
+        wait_until(lambda: c.stats().reservations == 1, what="the PUT's slot reserved")
+        start = time.monotonic()
+        with pytest.raises(OSError):
+            while time.monotonic() - start < 8:  # one byte every 0.3 s: each read well within 1 s
+                s.send(b"x")
+                time.sleep(0.3)
+        assert time.monotonic() - start < 6, "the trickle was not cut off"
+        wait_until(lambda: c.stats().reservations == 0, what="the slot freed")
+        assert c.lookup(NS, [b"t" * 16])[0] == [0]
+        c.put(NS, b"t" * 16, b"whole")  # the daemon serves on
+        assert c.get(NS, b"t" * 16) == b"whole"
+    s.close()
