@@ -858,6 +858,7 @@ class NullCluster:
     """The cluster tier when none is configured: holds nothing, every read misses."""
     name = "cluster"
     write_policy = "off"
+    queue_limit = 0  # nothing waits for a write
 
     async def start(self) -> None:
         return None

@@ -243,8 +243,7 @@ class Store:
         self.cluster, self.loop = cluster, loop
         # blocks waiting for a cluster write hold their RAM slots: a slow or stopped server must
         # not hold most of the arena (with NVMe's half, at most three quarters wait for writing)
-        if hasattr(cluster, "queue_limit"):
-            cluster.queue_limit = min(cluster.queue_limit, self.hot.alloc.capacity // 4)
+        cluster.queue_limit = min(cluster.queue_limit, self.hot.alloc.capacity // 4)
 
     def _on_commit(self, blocks: list[Block]) -> list[Block]:  # hot lock held
         if self._holding and blocks[0].promoted:  # a promotion whose caller leases it next: hold it till then

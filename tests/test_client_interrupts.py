@@ -43,6 +43,18 @@ def test_ctrl_c_while_waiting_for_an_answer_releases_the_leases(daemon, monkeypa
         assert c.get_many("ns", [k for k, _ in items]) == [v for _, v in items]
 
 
+async def cancel_then_reuse(t: asyncio.Future, bufs, fill: bytes) -> None:
+    """Cancel a call still running, then reuse its buffers as a caller would, and give anything
+    still working on them the time to show."""
+    assert not t.done()
+    t.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await t
+    for b in bufs:
+        b[:] = fill
+    await asyncio.sleep(0.3)
+
+
 def test_a_cancelled_get_many_stops_writing_into_the_buffers(make_daemon):
     d = make_daemon(ram={"capacity": "256MiB"})
     n, size = 32, 2 * MiB
@@ -56,13 +68,7 @@ def test_a_cancelled_get_many_stops_writing_into_the_buffers(make_daemon):
             t = asyncio.ensure_future(c.get_many("ns", [k for k, _ in items], into=bufs))
             while not bufs[0][0] and not t.done():  # the blocks are coming in
                 await asyncio.sleep(0.0005)
-            assert not t.done()
-            t.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await t
-            for b in bufs:  # the caller reuses its buffers
-                b[:] = bytes(size)
-            await asyncio.sleep(0.3)
+            await cancel_then_reuse(t, bufs, bytes(size))
             assert [i for i, b in enumerate(bufs) if any(b)] == []
             got = await c.get_many("ns", [k for k, _ in items[:4]])  # the next call is in step
             assert got == [v for _, v in items[:4]]
@@ -80,13 +86,7 @@ def test_a_cancelled_put_many_stores_only_what_it_read_before(make_daemon):
             bufs = [bytearray(b"A" * size) for _ in range(n)]
             t = asyncio.ensure_future(c.put_many("ns", list(zip(keys, bufs))))
             await asyncio.sleep(0.01)
-            assert not t.done()
-            t.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await t
-            for b in bufs:  # the caller reuses its buffers
-                b[:] = b"B" * size
-            await asyncio.sleep(0.3)
+            await cancel_then_reuse(t, bufs, b"B" * size)
             got = await c.get_many("ns", keys)
             assert all(g is None or g == b"A" * size for g in got)
             st = await c.stats()
