@@ -402,12 +402,16 @@ class DaemonThread:
         if not self.daemon.ready.wait(timeout):
             raise TimeoutError("daemon did not start")
         if self._error is not None:
+            self._thread.join(timeout)  # the loop closes after ready is set
             raise self._error
         return self
 
     def stop(self, timeout: float = 30) -> None:
         if self._loop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self.daemon.stop)
+            try:
+                self._loop.call_soon_threadsafe(self.daemon.stop)
+            except RuntimeError:  # the loop closed meanwhile: the daemon has ended
+                pass
         self._thread.join(timeout)
 
     @property

@@ -681,6 +681,7 @@ def test_a_second_daemon_on_the_same_socket_leaves_it_to_the_first(daemon):
     try:
         with pytest.raises(errors.ConfigError, match="another daemon is listening"):
             second.start()
+        assert not second._thread.is_alive()  # a refused start has closed its loop when it raises
     finally:
         second.stop()
         shutil.rmtree(unused_sock_dir, ignore_errors=True)
@@ -689,6 +690,23 @@ def test_a_second_daemon_on_the_same_socket_leaves_it_to_the_first(daemon):
     with Client(daemon.address) as c:
         c.put(NS, key("still"), b"served")
         assert c.get(NS, key("still")) == b"served"
+
+
+def test_daemon_thread_stop_tolerates_a_loop_that_closed_meanwhile():
+    import asyncio
+    import threading
+    import types
+    from kvtier.server import DaemonThread
+    t = DaemonThread.__new__(DaemonThread)
+    t._loop = asyncio.new_event_loop()
+    t._loop.close()
+    ending = threading.Event()
+    t._thread = threading.Thread(target=ending.wait, args=(5,))
+    t._thread.start()
+    t.daemon = types.SimpleNamespace(stop=lambda: None)
+    threading.Timer(0.2, ending.set).start()
+    t.stop(timeout=5)  # the thread was alive, its loop already closed: no RuntimeError
+    assert not t._thread.is_alive()
 
 
 def test_attach_names_the_data_channel_of_the_callers_transport(make_daemon):
