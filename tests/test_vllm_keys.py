@@ -23,6 +23,7 @@ from kvtier.vllm.keys import (
     chunk_keys,
     layout_tag,
     scope_digest,
+    weights_variant,
 )
 from kvtier.vllm.settings import ConnectorSettings, request_options
 
@@ -73,7 +74,7 @@ def test_derivation_matches_the_documented_formula():
 OTHER = {"model": "other/model", "revision": "abc", "kv_dtype": "float8_e4m3fn",
          "layout": layout_tag([("l0", (16, 8, 256), "bfloat16")]), "block_size": 32, "chunk_size": 512,
          "tp_size": 4, "tp_rank": 0, "pp_size": 2, "pp_rank": 1, "hash_algo": "sha256_cbor",
-         "format_version": 2}
+         "format_version": 2, "variant": "quantization=fp8"}
 
 
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(Fingerprint)])
@@ -90,6 +91,36 @@ def test_tenant_and_salt_scope_keys():
             for t, s in [("", ""), ("a", ""), ("", "a"), ("ab", "c"), ("a", "bc")]}
     assert len(keys) == 5  # length-prefixed: ("ab","c") and ("a","bc") differ
     assert chunk_key(scope_digest(d), b"\x01" * 32) != chunk_key(scope_digest(d), b"\x02" * 32)
+
+
+def test_a_weights_variant_changes_the_keys_and_none_keeps_them():
+    assert FP.variant == "" and b"variant" not in FP.canonical()  # the golden vectors hold
+    fp8 = dataclasses.replace(FP, variant=weights_variant("fp8"))
+    assert fp8.canonical() == FP.canonical() + b"variant=quantization=fp8\n"
+    rope = dataclasses.replace(FP, variant=weights_variant(None, {"rope_scaling": {"type": "yarn", "factor": 4}}))
+    assert len({FP.digest(), fp8.digest(), rope.digest()}) == 3
+    # the same overrides in another order are the same variant; another value is not
+    assert weights_variant(None, {"b": 1, "a": {"y": 2, "x": 1}}) == weights_variant(None, {"a": {"x": 1, "y": 2}, "b": 1})
+    assert weights_variant(None, {"a": 1}) != weights_variant(None, {"a": 2})
+    assert weights_variant(None, {}) == weights_variant() == ""
+    assert "\n" not in weights_variant(None, {"a": "x\ny"})
+
+
+def test_engine_fingerprint_reads_quantization_and_overrides_from_vllm_config():
+    from types import SimpleNamespace as NS
+    from kvtier.vllm.worker import fingerprint
+
+    def cfg(**model):
+        mc = NS(model="m", revision=None, **model)
+        return NS(model_config=mc, cache_config=NS(block_size=16, prefix_caching_hash_algo="sha256"),
+                  parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1))
+
+    def fp(c):
+        return fingerprint(c, ConnectorSettings(), 64, LAYOUT, "bfloat16", 0, 0)
+    plain = fp(cfg(quantization=None, hf_overrides={}))
+    assert plain.variant == "" and plain == fp(cfg())  # an older vLLM without the fields
+    assert fp(cfg(quantization="fp8", hf_overrides={})).variant == "quantization=fp8"
+    assert fp(cfg(quantization=None, hf_overrides={"rope_theta": 1e6})).digest() != plain.digest()
 
 
 def test_fingerprint_rejects_bad_values():

@@ -12,8 +12,10 @@ last block names the chunk and everything before it. A kvtier key is
 
 where ``engine_digest`` is ``Fingerprint.digest()``: sha256 over the fingerprint's fields
 written as ``name=value`` lines in a fixed order. Every field that changes the bytes of a
-chunk is in the fingerprint (model and revision, KV dtype, layout, block size, chunk size,
-TP size and rank, PP size and rank, the block-hash algorithm, this format's version), so KV
+chunk is in the fingerprint (model and revision, what else changes the weights' numbers under
+the same model name: a quantization method or config overrides, KV dtype, layout, block size,
+chunk size, TP size and rank, PP size and rank, the block-hash algorithm, this format's
+version), so KV
 computed by other weights, another layout or another rank is never served: it simply has
 other keys. The tenant and the request's cache salt scope keys per request.
 
@@ -29,6 +31,7 @@ pinned.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
 from dataclasses import dataclass, fields
@@ -81,6 +84,9 @@ class Fingerprint:
     pp_rank: int
     hash_algo: str          # vLLM's prefix_caching_hash_algo
     format_version: int = FORMAT_VERSION
+    # other numbers from the same model name: vLLM's quantization method and hf_overrides, as
+    # one line (weights_variant()); "" = neither, and then no line (the keys stay as they were)
+    variant: str = ""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.chunk_size <= 0 or self.chunk_size % self.block_size:
@@ -91,10 +97,13 @@ class Fingerprint:
                              f"pp {self.pp_rank}/{self.pp_size}")
 
     def canonical(self) -> bytes:
-        """The fields as ``name=value`` lines, in declaration order (what digest() hashes)."""
+        """The fields as ``name=value`` lines, in declaration order (what digest() hashes); an
+        empty ``variant`` has no line."""
         lines = []
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name == "variant" and not v:
+                continue
             if isinstance(v, str) and ("\n" in v or "\r" in v):
                 raise ValueError(f"fingerprint field {f.name} must be one line")
             lines.append(f"{f.name}={v}")
@@ -102,6 +111,22 @@ class Fingerprint:
 
     def digest(self) -> bytes:
         return hashlib.sha256(b"kvtier-vllm-fingerprint\0" + self.canonical()).digest()
+
+
+def weights_variant(quantization=None, hf_overrides=None) -> str:
+    """The fingerprint's ``variant``: what makes an engine's KV differ from another's with the
+    same model name and revision. ``hf_overrides`` given as a function (vLLM allows one) cannot
+    be compared across engines: its qualified name stands in for it."""
+    parts = []
+    if quantization:
+        parts.append(f"quantization={quantization}")
+    if hf_overrides:
+        if callable(hf_overrides):
+            text = f"{getattr(hf_overrides, '__module__', '')}.{getattr(hf_overrides, '__qualname__', repr(hf_overrides))}"
+        else:
+            text = json.dumps(hf_overrides, sort_keys=True, separators=(",", ":"), default=str)
+        parts.append(f"hf_overrides={text}")
+    return " ".join(parts).replace("\n", " ").replace("\r", " ")
 
 
 def layout_tag(layers: Iterable[tuple[str, Sequence[int], str]]) -> str:

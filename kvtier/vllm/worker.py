@@ -34,7 +34,7 @@ import xxhash
 from .. import errors
 from ..keys import ZERO_CHECKSUM
 from .blocks import BlockCopier
-from .keys import Fingerprint, chunk_key, layout_tag, scope_digest
+from .keys import Fingerprint, chunk_key, layout_tag, scope_digest, weights_variant
 from .link import DaemonLink
 from .meta import LoadSpec, RankLayout, StepMeta, StoreSpec
 from .settings import ConnectorSettings
@@ -101,7 +101,8 @@ def fingerprint(vllm_config, settings: ConnectorSettings, chunk_size: int, layou
         kv_dtype=kv_dtype, layout=layout, block_size=cc.block_size, chunk_size=chunk_size,
         tp_size=pc.tensor_parallel_size, tp_rank=tp_rank,
         pp_size=pc.pipeline_parallel_size, pp_rank=pp_rank,
-        hash_algo=str(getattr(cc, "prefix_caching_hash_algo", "sha256")))
+        hash_algo=str(getattr(cc, "prefix_caching_hash_algo", "sha256")),
+        variant=weights_variant(getattr(mc, "quantization", None), getattr(mc, "hf_overrides", None)))
 
 
 class WorkerHalf:
