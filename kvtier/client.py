@@ -597,27 +597,29 @@ class _Ops:
                 raise errors.UnknownReservation(str(e)) from None
 
     def op_acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False,
-                   tokens_per_key: int = 0):
-        return (yield from self._stale_retry(self._acquire, ns, keys, lease_ms, prefix_only, tokens_per_key))
+                   tokens_per_key: int = 0, background: bool = False):
+        return (yield from self._stale_retry(self._acquire, ns, keys, lease_ms, prefix_only, tokens_per_key,
+                                             background))
 
-    def _acquire(self, ns, keys, lease_ms, prefix_only, tokens_per_key=0):
+    def _acquire(self, ns, keys, lease_ms, prefix_only, tokens_per_key=0, background=False):
         yield from self._attach()
         if self.arena is None:
             raise errors.FailedPrecondition("the arena is not mapped (not on the daemon's node)")
-        req = self._acquire_request(ns, keys, lease_ms, prefix_only, tokens_per_key)
+        req = self._acquire_request(ns, keys, lease_ms, prefix_only, tokens_per_key, background)
         return self._lease(len(keys), (yield ("unary", "Acquire", req)))
 
-    def _acquire_request(self, ns, keys, lease_ms=0, prefix_only=False, tokens_per_key=0):
+    def _acquire_request(self, ns, keys, lease_ms=0, prefix_only=False, tokens_per_key=0, background=False):
         packed, ks = pack_keys(keys)
         return pb.AcquireRequest(namespace=ns, key_size=ks, keys=packed, lease_ms=_u32("lease_ms", lease_ms),
                                  prefix_only=prefix_only, generation=self._gen(),
-                                 tokens_per_key=_u32("tokens_per_key", tokens_per_key))
+                                 tokens_per_key=_u32("tokens_per_key", tokens_per_key), background=background)
 
     def _lease(self, n: int, r: pb.AcquireResponse) -> Lease:
         view = self.arena.view
         c = r.checksums
         sums = [c[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] for i in range(n)]
-        views = [view[o:o + m] if t else None for t, o, m in zip(r.tiers, r.offsets, r.lengths)]
+        # a background Acquire reports blocks still landing with their tier and no slot (length 0)
+        views = [view[o:o + m] if t and m else None for t, o, m in zip(r.tiers, r.offsets, r.lengths)]
         return Lease(r.lease_id, r.tiers, list(r.offsets), list(r.lengths), sums, views)
 
     def op_release(self, lease: Lease):
@@ -990,10 +992,12 @@ class Client:
         return self._drive(self._ops.op_abort(res))
 
     def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False,
-                tokens_per_key: int = 0) -> Lease:
+                tokens_per_key: int = 0, background: bool = False) -> Lease:
         """Lease blocks in the arena. tokens_per_key: tokens of prefill one found key saves (0:
-        unknown); the daemon counts found keys x tokens_per_key per namespace."""
-        return self._drive(self._ops.op_acquire(ns, keys, lease_ms, prefix_only, tokens_per_key))
+        unknown); the daemon counts found keys x tokens_per_key per namespace. background: do not
+        wait for blocks on NVMe or in the cluster tier; they are reported with their tier and no
+        view, and join this lease as they land in RAM (acquire them again to read them)."""
+        return self._drive(self._ops.op_acquire(ns, keys, lease_ms, prefix_only, tokens_per_key, background))
 
     def release(self, lease: Lease) -> None:
         return self._drive(self._ops.op_release(lease))

@@ -712,6 +712,16 @@ class HotTier:
                 lease_id = lease.id
             return Acquired(lease_id, bytes(tiers), offsets, lengths, b"".join(sums), ttl)
 
+    def open_lease(self, lease_ms: int = 0) -> int:
+        """A lease holding nothing yet, for blocks that join it as they arrive (acquire with its
+        ``lease_id``); it ends as any other, at release or expiry."""
+        ttl = self._ttl(lease_ms, self.lease_ms, "lease_ms")
+        with self.lock:
+            lease = Lease(next(self._ids), [], self.clock() + ttl / 1000)
+            self._leases[lease.id] = lease
+            heapq.heappush(self._deadlines, (lease.expires, 1, lease.id))
+            return lease.id
+
     def count_misses(self, ns: str, n: int) -> None:
         with self.lock:
             self._ns(ns).misses += n

@@ -332,6 +332,7 @@ class Daemon:
         self.metrics.close()
         self.gc_pauses.remove()
         if self.store is not None:
+            await self.store.stop_background()
             await asyncio.to_thread(self.store.close, self.cfg.server.drain_timeout_s)
         for task in list(self._enforcing):
             task.cancel()

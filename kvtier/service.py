@@ -214,7 +214,10 @@ class KVTierService(pb_grpc.KVTierServicer):
             return blocking(*args)
         return self._loop_run(on_loop(*args))
 
-    async def _acquire(self, ns, keys, lease_ms=0, prefix_only=False):
+    async def _acquire(self, ns, keys, lease_ms=0, prefix_only=False, background=False):
+        if background:  # its promotions are tasks on the loop, whatever the tiers
+            coro = self.hot.acquire_async(ns, keys, lease_ms, prefix_only, background=True)
+            return await coro if _on_loop() else self._loop_run(coro)
         return await self._tiered(self.hot.acquire_async, self.hot.acquire, ns, keys, lease_ms, prefix_only)
 
     async def _lookup(self, ns, keys):
@@ -274,7 +277,7 @@ class KVTierService(pb_grpc.KVTierServicer):
     async def Acquire(self, request, context):
         self._check_generation(request.generation)
         ns, keys = self._keys(request, context)
-        a = await self._acquire(ns, keys, request.lease_ms, request.prefix_only)
+        a = await self._acquire(ns, keys, request.lease_ms, request.prefix_only, request.background)
         if request.tokens_per_key:
             with self._count_lock:
                 self.hot.count_tokens_saved(ns, (len(a.tiers) - a.tiers.count(0)) * request.tokens_per_key)

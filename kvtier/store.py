@@ -167,6 +167,10 @@ class Store:
         self.cluster = NullCluster()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.cluster_hits: dict[str, int] = {}
+        # background Acquires (acquire_async(background=True)): their promotion tasks, and the
+        # cluster keys they are reading (a future each, done when the key has landed or missed)
+        self._background: set[asyncio.Task] = set()
+        self._arriving: dict[tuple[str, bytes], asyncio.Future] = {}
         self.tokens_saved: dict[str, int] = {}  # per namespace: found keys x the client's tokens_per_key
         hot.on_commit = self._on_commit
         hot.on_evict = self._on_evict
@@ -693,11 +697,16 @@ class Store:
         return out
 
     async def acquire_async(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0,
-                            prefix_only: bool = False) -> Acquired:
+                            prefix_only: bool = False, background: bool = False) -> Acquired:
         """acquire() (in a worker thread when it touches NVMe), then the cluster tier for keys
         still missing: found blocks are promoted and join the same lease. With prefix_only,
-        nothing past the first key found in no tier is leased or reported."""
+        nothing past the first key found in no tier is leased or reported. With background,
+        see _acquire_background: the answer does not wait for NVMe or cluster reads."""
+        if self._arriving:
+            await self._await_arriving(ns, keys)
         a, todo = self._acquire_ram(ns, keys, lease_ms, prefix_only)
+        if background:
+            return await self._acquire_background(ns, keys, a, todo, lease_ms, prefix_only)
         if todo:
             a = await asyncio.to_thread(self._promote_all, ns, keys, a, todo, lease_ms, prefix_only)
         if prefix_only:
@@ -736,6 +745,98 @@ class Store:
         a.tiers, a.checksums = bytes(tiers), bytes(sums)
         self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
         return a
+
+    async def _acquire_background(self, ns: str, keys: Sequence[bytes], a: Acquired, todo: list[int],
+                                  lease_ms: int, prefix_only: bool) -> Acquired:
+        """The answer of an Acquire that leaves promotions to a task on the loop: RAM's blocks
+        leased now; blocks on NVMe or (after one existence check) in the cluster tier reported
+        with their tier but no slot (offset and length 0), read into RAM after the answer, each
+        joining the lease when it lands (the lease is opened empty when RAM had none). A caller
+        that needs the bytes acquires them again: it waits for those still landing. What the
+        scheduler of an inference engine asks while every running request waits for it: it
+        needs to know the hit, not the bytes."""
+        tiers = bytearray(a.tiers)
+        for i in todo:
+            tiers[i] = TIER_NVME
+        cl: list[int] = []
+        gap = tiers.find(TIER_MISSING)
+        if gap >= 0 and not isinstance(self.cluster, NullCluster):
+            ask = [i for i in range(gap if prefix_only else 0, len(keys)) if tiers[i] == TIER_MISSING]
+            found = await self.cluster.exists_many(ns, [keys[i] for i in ask]) if ask else []
+            for i, f in zip(ask, found):
+                if f:
+                    tiers[i] = TIER_CLUSTER
+            cl = [i for i, f in zip(ask, found) if f]
+        a.tiers = bytes(tiers)
+        if prefix_only:
+            _cut(a)
+            gap = a.tiers.find(TIER_MISSING)
+            if gap >= 0:
+                todo, cl = [i for i in todo if i < gap], [i for i in cl if i < gap]
+        self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
+        if not todo and not cl:
+            return a
+        if not a.lease_id:
+            a.lease_id = self.hot.open_lease(lease_ms)
+        owned = []  # cluster keys this task lands: other Acquires of them wait for it
+        for i in cl:
+            k = (ns, keys[i])
+            if k not in self._arriving:
+                self._arriving[k] = self.loop.create_future()
+                owned.append(i)
+        task = asyncio.ensure_future(self._land(ns, keys, todo, owned, a.lease_id, lease_ms))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return a
+
+    async def _land(self, ns: str, keys: Sequence[bytes], nvme: list[int], cl: list[int],
+                    lease_id: int, lease_ms: int) -> None:
+        """Promote a background Acquire's blocks (NVMe and cluster at once) into its lease."""
+        async def from_nvme() -> None:
+            n = len(keys)
+            stub = Acquired(lease_id, bytes(n), [0] * n, [0] * n, bytes(n * CHECKSUM_SIZE), lease_ms)
+            await asyncio.to_thread(self._promote_all, ns, keys, stub, nvme, lease_ms, False)
+
+        async def from_cluster() -> None:
+            ks = [keys[i] for i in cl]
+            ok = await self.promote_from_cluster(ns, ks)
+            found = 0
+            for k, good in zip(ks, ok):
+                if not good:
+                    continue
+                found += 1
+                try:
+                    self.hot.acquire(ns, [k], lease_ms, lease_id=lease_id, count_misses=False)
+                except errors.UnknownLease:
+                    pass  # released or expired meanwhile: the block stays in RAM, unleased
+            if found:
+                self.cluster_hits[ns] = self.cluster_hits.get(ns, 0) + found
+        try:
+            jobs = ([from_nvme()] if nvme else []) + ([from_cluster()] if cl else [])
+            for r in await asyncio.gather(*jobs, return_exceptions=True):
+                if isinstance(r, Exception):
+                    log.error("a background promotion failed; its blocks are misses: %s", r)
+        finally:
+            for i in cl:
+                f = self._arriving.pop((ns, keys[i]), None)
+                if f is not None and not f.done():
+                    f.set_result(None)
+
+    async def _await_arriving(self, ns: str, keys: Sequence[bytes]) -> None:
+        """Wait (up to LANDING_WAIT_S) for the blocks of keys that a background Acquire is
+        reading from the cluster tier: reading them again would find their slots reserved and
+        answer a miss."""
+        futs = {f for f in (self._arriving.get((ns, k)) for k in keys) if f is not None}
+        if futs:
+            await asyncio.wait(futs, timeout=LANDING_WAIT_S)
+
+    async def stop_background(self) -> None:
+        """Cancel background promotions (shutdown): their reads end as misses."""
+        tasks = list(self._background)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def acquire_blocking(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0) -> Acquired:
         """acquire_async() from a thread that is not the loop's (the data channel)."""

@@ -1357,3 +1357,18 @@ def test_a_namespace_moved_to_another_tenant_keeps_ram_accounting_straight():
         check_groups(t)
     assert t.group_used == {"A": 4 * SLOT, "B": 2 * SLOT}
     assert all(present(t, [key(100 + i) for i in range(4)], ns="y"))
+
+
+def test_an_empty_lease_takes_blocks_as_they_join_and_ends_as_any_other():
+    t, clock = make()
+    lid = t.open_lease(500)
+    assert lid and t.snapshot()["leases"] == 1
+    put(t, [key(1)])
+    got = t.acquire(NS, [key(1)], 500, lease_id=lid)
+    assert got.lease_id == lid and t.leased_blocks == 1
+    t.release(lid)
+    assert t.leased_blocks == 0 and t.snapshot()["leases"] == 0
+    gone = t.open_lease(500)
+    clock.advance(1.0)
+    with pytest.raises(UnknownLease):
+        t.acquire(NS, [key(1)], 500, lease_id=gone)

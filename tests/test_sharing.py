@@ -85,3 +85,48 @@ def test_cluster_metrics(make_daemon, valkey):
     text = urllib.request.urlopen(f"http://{b.daemon.metrics.address}/metrics", timeout=5).read().decode()
     assert f'kvtier_hits_total{{namespace="{NS}",tier="cluster"}} 2.0' in text
     assert "kvtier_cluster_hits_total 2.0" in text and "kvtier_cluster_connected 1.0" in text
+
+
+def test_a_background_acquire_answers_before_the_cluster_reads_and_leases_what_lands(
+        make_daemon, valkey, monkeypatch):
+    """A scheduler's Acquire (background) hears of B's cluster-tier hits after one existence
+    check, not after reading them; an ordinary Acquire of those blocks waits for the reads
+    already under way (reading them again would find their slots reserved: a miss)."""
+    import asyncio
+    import threading
+    a, b = _pair(make_daemon, valkey.url)
+    blocks = [(os.urandom(16), os.urandom(200_000 + i)) for i in range(4)]
+    keys = [k for k, _ in blocks]
+    cluster = b.daemon.store.cluster
+    real, go, reads = cluster.get_many, threading.Event(), []
+
+    async def slow_get_many(ns, ks, into):
+        reads.append(list(ks))
+        await asyncio.to_thread(go.wait, 10)  # a slow network, until the test says so
+        return await real(ns, ks, into)
+    monkeypatch.setattr(cluster, "get_many", slow_get_many)
+    with Client(a.address) as ca, Client(b.address) as cb:
+        ca.put_many(NS, blocks)
+        wait_until(lambda: cb.lookup(NS, keys)[0] == [3] * 4, what="A's blocks in the cluster tier")
+        t0 = time.monotonic()
+        bg = cb.acquire(NS, keys + [os.urandom(16)], prefix_only=True, background=True)
+        assert time.monotonic() - t0 < 2
+        assert list(bg.tiers) == [3] * 4 + [0] and bg.views == [None] * 5 and bg.id
+        got = {}
+        reader = threading.Thread(target=lambda: got.update(lease=cb.acquire(NS, keys)))
+        reader.start()
+        time.sleep(0.3)
+        assert reader.is_alive()  # waits for the blocks under way
+        go.set()
+        reader.join(20)
+        lease = got["lease"]
+        try:
+            assert [bytes(v) for v in lease.views] == [v for _, v in blocks]
+        finally:
+            cb.release(lease)
+        assert reads == [keys]  # read from the cluster once, by the background Acquire
+        ram = _tier(cb, "ram")
+        assert ram.leased_blocks == 4  # held by the background lease
+        assert _tier(cb, "cluster").hits == 4
+        cb.release(bg)
+        assert _tier(cb, "ram").leased_blocks == 0

@@ -456,6 +456,80 @@ def test_two_gets_of_a_block_being_promoted_both_get_it(make_daemon, restart, tm
     assert cold.stats.hits == len(blocks)   # each block read from NVMe once
 
 
+@pytest.mark.parametrize("client_kw", [{}, {"control": "grpc"}], ids=["data-call", "grpc"])
+def test_a_background_acquire_answers_before_its_nvme_reads_and_leases_what_lands(
+        make_daemon, restart, tmp_path, monkeypatch, client_kw):
+    """What an engine's scheduler asks: the hit at once, not the bytes. Blocks on NVMe are
+    reported as such with no view, read after the answer into RAM and into the same lease; an
+    ordinary Acquire of them waits for those reads and gets the bytes."""
+    blocks = {key(i): blob(BLOCK + i, ("bg", i)) for i in range(6)}
+    d = only_on_nvme(make_daemon, restart, tmp_path, blocks, io_threads=2)
+    cold = d.daemon.store.cold
+    real, go = cold.read, threading.Event()
+
+    def slow_read(ns, k, dest):
+        go.wait(10)  # a disk that answers only when the test says so
+        return real(ns, k, dest)
+    monkeypatch.setattr(cold, "read", slow_read)
+    ks = list(blocks)
+    missing = key(99)
+    with Client(d.address, **client_kw) as c:
+        t0 = time.monotonic()
+        bg = c.acquire(NS, ks + [missing], prefix_only=True, background=True)
+        assert time.monotonic() - t0 < 2  # the reads wait for go: the answer did not
+        assert list(bg.tiers) == [2] * len(ks) + [0]
+        assert bg.views == [None] * (len(ks) + 1) and bg.id  # a lease opened empty, joined later
+        assert ram(c).leased_blocks == 0
+        got = {}
+        reader = threading.Thread(target=lambda: got.update(lease=c.acquire(NS, ks)))
+        reader.start()
+        time.sleep(0.3)
+        assert reader.is_alive()  # an ordinary Acquire waits for the bytes
+        go.set()
+        reader.join(20)
+        lease = got["lease"]
+        try:
+            assert set(lease.tiers) <= {1, 2}  # read by this Acquire, or landed just before it asked
+            assert [bytes(v) for v in lease.views] == list(blocks.values())
+        finally:
+            c.release(lease)
+        # every block read once, and held by the background lease until it is released
+        wait_for(lambda: ram(c).leased_blocks == len(ks), what="the landed blocks to join the lease",
+                 show=lambda: ram(c).leased_blocks)
+        assert cold.stats.hits == len(ks)
+        c.release(bg)
+        assert ram(c).leased_blocks == 0
+        assert c.lookup(NS, ks)[0] == [1] * len(ks)
+
+
+def test_a_background_acquire_released_before_its_blocks_land(make_daemon, restart, tmp_path, monkeypatch):
+    blocks = {key(i): blob(BLOCK, ("early", i)) for i in range(3)}
+    d = only_on_nvme(make_daemon, restart, tmp_path, blocks)
+    cold = d.daemon.store.cold
+    real, go = cold.read, threading.Event()
+    monkeypatch.setattr(cold, "read", lambda ns, k, dest: (go.wait(10), real(ns, k, dest))[1])
+    with Client(d.address) as c:
+        bg = c.acquire(NS, list(blocks), background=True)
+        assert list(bg.tiers) == [2, 2, 2]
+        c.release(bg)  # the request went away while its blocks were read
+        go.set()
+        wait_for(lambda: c.lookup(NS, list(blocks))[0] == [1, 1, 1], what="the reads to land")
+        assert ram(c).leased_blocks == 0  # landed, in no lease
+        assert c.get_many(NS, list(blocks)) == list(blocks.values())
+
+
+def test_a_background_acquire_of_blocks_in_ram_is_an_ordinary_one(make_daemon, tmp_path):
+    d = make_daemon(**settings(tmp_path))
+    with Client(d.address) as c:
+        c.put_many(NS, [(key(i), blob(4096, i)) for i in range(3)])
+        bg = c.acquire(NS, [key(0), key(1), key(7), key(2)], prefix_only=True, background=True)
+        assert list(bg.tiers) == [1, 1, 0, 0]
+        assert [bytes(v) for v in bg.views[:2]] == [blob(4096, 0), blob(4096, 1)] and bg.views[2:] == [None, None]
+        c.release(bg)
+        none = c.acquire(NS, [key(8)], background=True)
+        assert (none.id, list(none.tiers)) == (0, [0])  # nothing found: no lease to release
+
+
 def test_acquire_mixes_ram_nvme_and_missing_keys(make_daemon, restart, tmp_path):
     blocks = {key(i): blob(64 * KiB, i) for i in range(6)}
     d = only_on_nvme(make_daemon, restart, tmp_path, blocks)

@@ -257,6 +257,51 @@ def test_partial_hit_beyond_vllms_own_prefix(make_daemon, harnesses, monkeypatch
     assert _leases(d.address) == 0
 
 
+def test_chunks_on_nvme_are_a_hit_at_once_and_loaded_by_the_worker(make_daemon, harnesses, monkeypatch,
+                                                                      tmp_path):
+    """vLLM's scheduler waits for get_num_new_matched_tokens, and every running request with it:
+    chunks that are on NVMe only are answered at once (the daemon reads them afterwards) and the
+    worker's load gets their bytes."""
+    from kvtier.server import DaemonThread
+    from kvtier.vllm.connector import KVTierConnector
+    d = make_daemon(ram={"capacity": "32MiB", "persist": False},
+                    nvme={"dirs": [str(tmp_path / "nvme")], "capacity": "64MiB", "write_policy": "commit"})
+    p = prompt(111, 300)
+    h1 = harnesses(d.address)
+    _store(h1, "store", p)
+    with Client(d.address) as c:
+        wait = time.monotonic() + 10
+        while next(t for t in c.stats().tiers if t.name == "nvme").blocks < 4:
+            assert time.monotonic() < wait, "write-behind"
+            time.sleep(0.02)
+    d.stop()
+    d2 = DaemonThread(d.cfg).start()  # RAM empty: the chunks are on NVMe only
+    try:
+        cold = d2.daemon.store.cold
+        real, go = cold.read, threading.Event()
+        monkeypatch.setattr(cold, "read", lambda ns, k, dest: (go.wait(10), real(ns, k, dest))[1])
+        asked = []
+        real_match = KVTierConnector.get_num_new_matched_tokens
+
+        def timed(self, request, n):
+            t0 = time.monotonic()
+            out = real_match(self, request, n)
+            asked.append((out, time.monotonic() - t0))
+            go.set()  # the disk answers from now on
+            return out
+        monkeypatch.setattr(KVTierConnector, "get_num_new_matched_tokens", timed)
+        h2 = harnesses(d2.address)
+        h2.add("p", p)
+        h2.run()
+        _finished_ok(h2, "p")
+        (out, took), = asked
+        assert out == (256, True) and took < 2  # the four chunks, before any was read
+        assert h2.first_computed["p"] == 256 and not h2.load_errors
+        assert _leases(d2.address) == 0
+    finally:
+        d2.stop()
+
+
 # ---- b. load failure -> recompute ------------------------------------------------------------
 
 def test_failed_load_is_recomputed_not_failed(make_daemon, harnesses):

@@ -2,8 +2,12 @@
 
 Loads: when vLLM admits a request, ``get_num_new_matched_tokens`` derives the keys of the
 prompt's chunks past vLLM's own hit, for every TP x PP rank, and asks the daemon (Acquire,
-prefix only): that both finds the longest prefix present on every rank and leases those
-chunks, so eviction cannot take them before a worker has copied them. A prompt with more
+prefix only, background): that both finds the longest prefix present on every rank and leases
+those chunks, so eviction cannot take them before a worker has copied them. Chunks on NVMe or
+in the cluster tier are answered at once and read into RAM after the answer, joining the
+lease as they land (the worker's own Acquire waits for those still landing): vLLM's scheduler
+waits for this call, and with it every running request, so it must not wait for disk or
+network reads (gigabytes for a long context). A prompt with more
 keys than the daemon takes in one call (``max_batch``) is asked in parts of whole chunks,
 until a part is not wholly present; the request holds every part's lease. The answer is
 that prefix minus vLLM's hit, loaded asynchronously by default (``load_async``); a synchronous
@@ -209,8 +213,10 @@ class SchedulerHalf:
             for i in range(0, len(keys), per):
                 # a chunk found on every rank saves chunk_size tokens of prefill: the daemon
                 # counts it per namespace (kvtier_prefill_tokens_saved_total)
+                # background: chunks on NVMe or in the cluster tier are read into RAM after the
+                # answer (joining the lease), not while every running request waits for this step
                 lease = client.acquire(ns, keys[i:i + per], self.settings.lease_ms, prefix_only=True,
-                                       tokens_per_key=self.chunk_size // R)
+                                       tokens_per_key=self.chunk_size // R, background=True)
                 if lease.id:
                     leases.append(lease)
                 tiers += lease.tiers
