@@ -216,6 +216,19 @@ def rows_nvme(r: dict) -> list[dict]:
                 out.append(row(f"daemon {name} ({policy}{', ' + arena if arena else ''}), 2 MiB blocks",
                                cs[name]["median_gbs"], "GB/s", cs[base]["median_gbs"], f"{base} O_DIRECT",
                                cs[name]["ratio"], ">= 0.9x", cs[name]["ratio"] >= 0.9, why))
+    sc = r.get("s")
+    if sc:
+        from bench.nvme import SCHED_CASES, TARGET_SCHED_RATIO
+        raw = sc["cases"]["raw read"]["median_s"]
+        n = f"{sc['blocks']} x {size(sc['block_bytes'])}"
+        for k in SCHED_CASES:
+            c = sc["cases"][k]
+            main = k == "background: answer"
+            out.append(row(f"scheduler Acquire of {n} only on NVMe, {k}", c["median_s"] * 1e3, "ms", raw * 1e3,
+                           "raw O_DIRECT read of as many", c["ratio"],
+                           f"<= {TARGET_SCHED_RATIO}x" if main else "", c["ratio"] <= TARGET_SCHED_RATIO if main else None,
+                           "the answer waits for a read again (it would grow with the bytes)" if main else
+                           "other I/O shares the disk while it runs"))
     e = r.get("e")
     if e:
         for n in sorted(e["sizes"], key=int):

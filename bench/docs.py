@@ -67,6 +67,7 @@ HEADLINE = [
     ("nvme", "daemon read-back 4 clients (commit)"),
     ("nvme", "daemon read-back 1 client (commit, arena on 2 MiB"),
     ("nvme", "daemon read-back 4 clients (commit, arena on 2 MiB"),
+    ("nvme", "scheduler Acquire of 64 x 2 MiB only on NVMe, background: answer"),
     ("nvme", "restart with 100,000"),
     ("cluster", "GET into, 2 MiB, single valkey-server (best"),
     ("cluster", "PUT, 2 MiB, single valkey-server"),

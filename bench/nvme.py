@@ -45,6 +45,14 @@ D. ColdTier.read taken apart on its own files (payload only; header and payload 
    the cost of copying a demoted block into a fresh anonymous mapping (what Store._on_evict
    would pay without its buffer pool) against the same copy into a reused buffer, and the
    latency of one read at a time (256 KiB and 2 MiB) in one preadv, in two, and by ColdTier.read;
+S. what an engine's scheduler waits for when a prompt's prefix is only on NVMe: a daemon as in
+   C spills SCHED_BLOCKS x 2 MiB (put, written behind, then evicted from RAM by more puts) and
+   is asked for them with one Acquire (prefix only), as the vLLM connector's scheduler asks:
+   with ``background`` (the answer, then an ordinary Acquire of the same keys, as the worker's
+   load, until the bytes are in RAM) and without (the answer waits for the reads), alternating
+   by round, each on blocks only on NVMe. Baseline: a raw O_DIRECT read of as many 2 MiB files
+   (A's code, THREADS threads) in the same round. Target: the background answer <= 0.1x the raw
+   read (it must not grow with the bytes);
 E. restart: directories of 10k and 100k block files (4 KiB payload, valid records written
    directly), then (i) ``ColdTier(...)`` + ``scan()`` in this process (the index from names and
    sizes), then ``verify_pending()`` on 8 threads (the header check a daemon runs in the
@@ -1176,6 +1184,28 @@ def markdown(res: dict, command: str) -> str:
                       f"Spill: the put phase took {cs['spill']['put_phase_s_median']:.2f} s (median) of the "
                       f"round; the producer polled Stats {cs['spill']['stats_polls_median']:.0f} times per round.", "",
                       noise_line(p["noise"]), ""]
+    sc = res.get("s")
+    if sc:
+        cs = sc["cases"]
+        raw_ms = cs["raw read"]["median_s"] * 1e3
+        lines += ["## S: the scheduler's Acquire of a prefix only on NVMe", "",
+                  f"{cs['raw read']['runs']} timed rounds (after 1 warm-up): one Acquire (prefix only) of "
+                  f"{sc['blocks']} blocks of 2 MiB ({sc['blocks'] * sc['block_bytes'] // MiB} MiB) that are only on "
+                  "NVMe, as an engine's scheduler asks, with `background` and without, alternating; then, for "
+                  "`background`, an ordinary Acquire of the same keys (a worker's load) until the bytes are in RAM. "
+                  f"Ratio: to a raw O_DIRECT read of as many files ({THREADS} threads) in the same round. Target: "
+                  f"the background answer <= {TARGET_SCHED_RATIO}x the raw read.", "",
+                  "| case | median ms | p90 ms | max ms | ratio | target |", "|---|---:|---:|---:|---:|---|",
+                  f"| raw O_DIRECT read | {raw_ms:.1f} | {cs['raw read']['p90_s'] * 1e3:.1f} | "
+                  f"{cs['raw read']['max_s'] * 1e3:.1f} | 1 | |"]
+        for k in SCHED_CASES:
+            c = cs[k]
+            tgt = ""
+            if k == "background: answer":
+                tgt = f"<= {TARGET_SCHED_RATIO}x: " + ("holds" if c["ratio"] <= TARGET_SCHED_RATIO else "missed")
+            lines.append(f"| {k} | {c['median_s'] * 1e3:.1f} | {c['p90_s'] * 1e3:.1f} | {c['max_s'] * 1e3:.1f} | "
+                         f"{c['ratio']:.3f} | {tgt} |")
+        lines += ["", noise_line(sc["noise"]), ""]
     if an:
         n = an["blocks_per_round"]
         lines += ["## D: where ColdTier.read's time goes; the demotion copy", "",
@@ -1228,6 +1258,78 @@ def markdown(res: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+# ---- S: the scheduler's Acquire of a prefix on NVMe ----------------------------------------------
+
+SCHED_BLOCKS = 64
+TARGET_SCHED_RATIO = 0.1
+SCHED_CASES = ("background: answer", "background: bytes in RAM", "waiting: answer")
+
+
+def part_sched(path: str, tmp: str, rounds: int, src: Sources, pool: ThreadPoolExecutor,
+               stack: contextlib.ExitStack, device: str, arena_root: str | None = None,
+               ram: str = PART_C_RAM, n: int = SCHED_BLOCKS) -> dict:
+    from kvtier.client import Client
+    ddir = os.path.join(path, "daemon-sched")
+    d = Daemon(tmp, ddir, ram=ram, write_policy="commit", arena_root=arena_root)
+    raw = Raw(ddir, src, pool)
+    stack.callback(d.stop)
+    d.start()
+    client = stack.enter_context(Client(d.address, timeout=120))
+    ram_cap = tier_stats(client, "ram").capacity_bytes
+    queue_limit = min(GiB, ram_cap // 2)
+    spill = 2 * ram_cap // BLOCK + 2 * n   # twice RAM: the first keys are only on NVMe after it
+    log(f"S: daemon pid {d.p.pid}, Acquire of {n} x 2 MiB only on NVMe, {rounds} rounds")
+    rows: dict[str, list[float]] = {"raw read": [], **{k: [] for k in SCHED_CASES}}
+    noise = Noise(device, [d])
+    own = 0
+    for r in range(rounds + 1):
+        raw.write(n)
+        rd = raw.read(n)
+        raw.clear()
+        sp = spill_round(client, d, spill, src, "commit", queue_limit)
+        tiers, _ = client.lookup(NS, sp["keys"])
+        cold = [k for k, t in zip(sp["keys"], tiers) if t == 2]
+        if len(cold) < 2 * n:
+            raise RuntimeError(f"S: {len(cold)} blocks only on NVMe after the spill, {2 * n} needed")
+        got = {}
+        for mode in (("background", "waiting") if r % 2 else ("waiting", "background")):
+            keys = cold[:n] if mode == "background" else cold[n:2 * n]
+            t0 = time.perf_counter()
+            lease = client.acquire(NS, keys, prefix_only=True, background=mode == "background")
+            t1 = time.perf_counter()
+            held = [lease]
+            try:
+                if list(lease.tiers) != [2] * n:
+                    raise RuntimeError(f"S ({mode}): tiers {sorted(set(lease.tiers))}, expected NVMe for all")
+                if mode == "background":
+                    held.append(client.acquire(NS, keys))
+                    t2 = time.perf_counter()
+                    if 0 in held[1].tiers:
+                        raise RuntimeError("S: a block answered as on NVMe did not land")
+                    got["background: answer"], got["background: bytes in RAM"] = t1 - t0, t2 - t0
+                else:
+                    got["waiting: answer"] = t1 - t0
+            finally:
+                for lease in held:
+                    client.release(lease)
+        client.delete(NS, sp["keys"] + sp["fillers"])
+        own += (2 * n + sp["spilled"] + 2 * n) * BLOCK
+        if not r:
+            continue   # warm-up
+        rows["raw read"].append(rd)
+        for k in SCHED_CASES:
+            rows[k].append(got[k])
+        log(f"  round {r}/{rounds}: raw read {rd * 1e3:.1f} ms, " +
+            ", ".join(f"{k} {got[k] * 1e3:.1f} ms" for k in SCHED_CASES))
+    cases = {k: time_summary(v) for k, v in rows.items()}
+    for k in SCHED_CASES:
+        cases[k]["ratio"] = cases[k]["median_s"] / cases["raw read"]["median_s"]
+    client.close()
+    d.stop()
+    shutil.rmtree(ddir, ignore_errors=True)
+    return {"blocks": n, "block_bytes": BLOCK, "cases": cases, "noise": noise.done(own)}
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
 def run(args) -> dict:
@@ -1263,6 +1365,8 @@ def run(args) -> dict:
                 res["c_huge"] = {"skipped": how} if where is None else {
                     **part_c(path, tmp, rounds, spill, ["commit"], src, pool, stack, dev, args.settle, where),
                     "arena_how": how}
+        if "s" in parts:
+            res["s"] = part_sched(path, tmp, 3 if quick else 7, src, pool, stack, dev, args.arena_dir)
         if "d" in parts:
             res["d"] = part_anatomy(path, 3 if quick else 9, 64 if quick else 256, src, pool, dev)
         if "e" in parts:
@@ -1278,7 +1382,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer and smaller rounds, one write policy")
     ap.add_argument("--dir", help="put the test directory under this one (default /tmp, or /var/tmp if /tmp is tmpfs)")
-    ap.add_argument("--parts", default="ab,c,d,e", help="comma-separated subset of ab, c, d, e (default all)")
+    ap.add_argument("--parts", default="ab,c,s,d,e", help="comma-separated subset of ab, c, s, d, e (default all)")
     ap.add_argument("--policies", help="part C's write policies, comma-separated (default: commit with --quick, "
                     "else commit,evict)")
     ap.add_argument("--settle", type=float, default=0.0,
@@ -1309,7 +1413,7 @@ def main() -> None:
             (f" --settle {args.settle:g}" if args.settle else "") + \
             (f" --arena-dir {args.arena_dir}" if args.arena_dir else "") + \
             ("" if args.huge_arena else " --no-huge-arena") + \
-            (f" --parts {','.join(args.parts)}" if args.parts != ["ab", "c", "d", "e"] else "") + \
+            (f" --parts {','.join(args.parts)}" if args.parts != ["ab", "c", "s", "d", "e"] else "") + \
             (f" --policies {','.join(args.policies)}" if args.policies else "")
     emit(markdown(res, command), {"command": command, "result": res}, args)
 

@@ -105,3 +105,29 @@ def test_the_disk_view_of_a_read_case_comes_from_diskstats_counters():
     assert nvme.disk_lines({"spill": {}}) == []
     got = nvme.disk_reads(nvme.machine(nvme.default_base())["device"])
     assert len(got) == 4 and all(x >= 0 for x in got)
+
+
+def test_the_scheduler_part_times_both_acquires_against_a_raw_read(tmp_path):
+    path = tempfile.mkdtemp(prefix="kvtier-test-bench-nvme-", dir=nvme.default_base())
+    try:
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(nvme.THREADS) as pool:
+            device = nvme.machine(path)["device"]
+            s = nvme.part_sched(path, str(tmp_path), 1, nvme.Sources(), pool, stack, device, ram="80MiB", n=8)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    cs = s["cases"]
+    assert s["blocks"] == 8 and set(cs) == {"raw read", *nvme.SCHED_CASES}
+    for k in nvme.SCHED_CASES:
+        assert cs[k]["runs"] == 1 and cs[k]["median_s"] > 0
+        assert abs(cs[k]["ratio"] - cs[k]["median_s"] / cs["raw read"]["median_s"]) < 1e-9
+    # the answer that did not wait came before the bytes it announced were in RAM
+    assert cs["background: answer"]["median_s"] < cs["background: bytes in RAM"]["median_s"]
+    rows = rows_nvme({"s": s})
+    assert [r["measure"] for r in rows] == [f"scheduler Acquire of 8 x 2 MiB only on NVMe, {k}"
+                                            for k in nvme.SCHED_CASES]
+    assert [r["target"] for r in rows] == ["<= 0.1x", "", ""]
+    assert rows[0]["holds"] == (cs["background: answer"]["ratio"] <= 0.1)
+    res = {"machine_start": nvme.machine(str(tmp_path)), "machine_end": nvme.machine(str(tmp_path)), "s": s}
+    text = nvme.markdown(res, "python -m bench.nvme --parts s")
+    assert "## S: the scheduler's Acquire of a prefix only on NVMe" in text
+    assert "| background: answer |" in text and "| raw O_DIRECT read |" in text
