@@ -291,6 +291,9 @@ class ClusterConfig:
     part_bytes: int = 0
     # Longest one call may take (a batch on one server), milliseconds; past it the call is a miss.
     timeout_ms: int = 2000
+    # Longest an engine scheduler's lookup (Acquire with background) waits for the existence check, milliseconds;
+    # past it the keys are misses (the engine computes them) and the server is not marked down.
+    lookup_timeout_ms: int = 100
     # Longest a connection attempt may take, milliseconds.
     connect_timeout_ms: int = 1000
     # Longest wait between reconnection attempts to a failed server (backoff from 0.1 s doubles up to it), seconds.
@@ -483,6 +486,7 @@ def _validate_cluster(c: ClusterConfig) -> None:
     if c.part_bytes and c.part_bytes < 64 * KiB:
         raise ConfigError(f"cluster.part_bytes: 0 (whole values) or at least 64KiB, got {c.part_bytes}")
     for name, val in (("cluster.timeout_ms", c.timeout_ms), ("cluster.connect_timeout_ms", c.connect_timeout_ms),
+                      ("cluster.lookup_timeout_ms", c.lookup_timeout_ms),
                       ("cluster.reconnect_max_s", c.reconnect_max_s), ("cluster.queue_bytes", c.queue_bytes)):
         if val <= 0:
             raise ConfigError(f"{name}: must be > 0, got {val}")

@@ -762,7 +762,7 @@ class Store:
         gap = tiers.find(TIER_MISSING)
         if gap >= 0 and not isinstance(self.cluster, NullCluster):
             ask = [i for i in range(gap if prefix_only else 0, len(keys)) if tiers[i] == TIER_MISSING]
-            found = await self.cluster.exists_many(ns, [keys[i] for i in ask]) if ask else []
+            found = await self._exists_within(ns, [keys[i] for i in ask]) if ask else []
             for i, f in zip(ask, found):
                 if f:
                     tiers[i] = TIER_CLUSTER
@@ -788,6 +788,16 @@ class Store:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return a
+
+    async def _exists_within(self, ns: str, keys: list[bytes]) -> list[bool]:
+        """The cluster tier's existence check within cluster.lookup_timeout_ms: a slow server (not a
+        down one: that answers at once) makes the keys misses rather than hold the caller."""
+        try:
+            async with asyncio.timeout(self.cluster.cfg.lookup_timeout_ms / 1000):
+                return await self.cluster.exists_many(ns, keys)
+        except TimeoutError:
+            self.cluster.stats.lookups_cut += 1
+            return [False] * len(keys)
 
     async def _land(self, ns: str, keys: Sequence[bytes], nvme: list[int], cl: list[int],
                     lease_id: int, lease_ms: int) -> None:

@@ -130,3 +130,37 @@ def test_a_background_acquire_answers_before_the_cluster_reads_and_leases_what_l
         assert _tier(cb, "cluster").hits == 4
         cb.release(bg)
         assert _tier(cb, "ram").leased_blocks == 0
+
+
+def test_a_slow_cluster_makes_a_background_acquire_miss_within_lookup_timeout(make_daemon, valkey, monkeypatch):
+    """Every running request waits for a scheduler's lookup: a cluster tier that answers slowly
+    (not down: that is refused at once) turns its keys into misses after lookup_timeout_ms,
+    without marking the server down."""
+    import asyncio
+    section = {"url": valkey.url, "timeout_ms": 5000, "lookup_timeout_ms": 150}
+    a, b = make_daemon(cluster=section), make_daemon(cluster=section)
+    blocks = [(os.urandom(16), os.urandom(50_000)) for _ in range(3)]
+    keys = [k for k, _ in blocks]
+    cluster = b.daemon.store.cluster
+    real, slow = cluster.exists_many, {"s": 0.0}
+
+    async def exists_many(ns, ks):
+        await asyncio.sleep(slow["s"])
+        return await real(ns, ks)
+    monkeypatch.setattr(cluster, "exists_many", exists_many)
+    with Client(a.address) as ca, Client(b.address) as cb:
+        ca.put_many(NS, blocks)
+        wait_until(lambda: cb.lookup(NS, keys)[0] == [3] * 3, what="A's blocks in the cluster tier")
+        slow["s"] = 1.0
+        t0 = time.monotonic()
+        lease = cb.acquire(NS, keys, prefix_only=True, background=True)
+        took = time.monotonic() - t0
+        assert list(lease.tiers) == [0, 0, 0] and lease.id == 0 and took < 0.9
+        assert cluster.stats.lookups_cut == 1 and cluster.servers.connected()
+        t0 = time.monotonic()
+        assert cb.lookup(NS, keys)[0] == [3] * 3  # an ordinary Lookup waits up to timeout_ms
+        assert time.monotonic() - t0 >= 1.0
+        slow["s"] = 0.0
+        lease = cb.acquire(NS, keys, prefix_only=True, background=True)
+        assert list(lease.tiers) == [3, 3, 3]
+        cb.release(lease)
