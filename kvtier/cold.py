@@ -73,6 +73,28 @@ AUTO_SHARE = 0.9  # an automatic capacity: this share of the filesystem's free s
 _DEGRADING = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.ENOENT, errno.ENODEV}
 
 
+class _DestinationGone(Exception):
+    """The buffer a read was to land in is gone (its arena closed): not the file's fault."""
+
+
+def _destination(dest: Callable[[int], memoryview], n: int) -> memoryview:
+    try:
+        return dest(n)
+    except ValueError as e:  # e.g. a slice of a released memoryview
+        raise _DestinationGone(str(e)) from e
+
+
+def _released(buf) -> bool:
+    """Whether buf is a memoryview that was released (or over a closed mapping)."""
+    if buf is None:
+        return False
+    try:
+        memoryview(buf).nbytes
+        return False
+    except ValueError:
+        return True
+
+
 def _round(n: int) -> int:
     return -(-n // PAGE) * PAGE
 
@@ -613,12 +635,13 @@ class ColdTier:
             return None
         except OSError as e:  # EIO, EACCES: a failing drive is a counted miss, never an exception
             return self._read_error(path, e)
+        out = None
         try:
             hs = record.header_size(ns, key, aligned=True)
             n = size - hs  # the payload, raw or compressed
             if n <= 0:
                 raise CorruptRecord(f"file is {size} bytes")
-            out = dest(n)
+            out = _destination(dest, n)
             pad = _round(n) if d.direct else n
             # O_DIRECT needs an aligned target; a bounced read lands in one contiguous buffer
             staged = d.direct and (self.bounce_reads or len(out) < pad or not aligned(out))
@@ -650,10 +673,13 @@ class ColdTier:
                     record.verify(meta, out[:n])
             else:
                 raw = record.decompress(meta.codec, body[:n], meta.raw_len)
-                out = dest(meta.raw_len)
+                out = _destination(dest, meta.raw_len)
                 out[:meta.raw_len] = raw
                 record.verify(meta, out[:meta.raw_len])
-        except (CorruptRecord, ValueError) as e:
+        except (CorruptRecord, ValueError, _DestinationGone) as e:
+            if isinstance(e, _DestinationGone) or (isinstance(e, ValueError) and _released(out)):
+                self.stats.misses += 1  # the buffer to read into went away (shutdown): the file is fine
+                return None
             if self._drop_entry(k, di, size):  # else replaced while we read: what we saw was a mix
                 log.warning("nvme %s: %s; removed", path, e)
                 self.stats.checksum_failures += 1

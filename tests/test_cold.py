@@ -1026,3 +1026,25 @@ def test_a_key_rewritten_while_its_old_file_is_removed_keeps_the_new_file(tmp_pa
     assert rewrites[1:] == [True]
     assert read(tier, k) == rnd(BLK, "new")
     check_tenants(tier, d0)
+
+
+@pytest.mark.parametrize("bounce", [True, False], ids=["bounced", "in-place"])
+def test_a_read_whose_buffer_went_away_is_a_miss_and_keeps_the_file(tmp_path, bounce):
+    """At shutdown the arena closes under a promotion still reading: its slot is a released
+    memoryview. That is no fault of the file, which must stay (it used to be removed as corrupt)."""
+    tier = ColdTier([(str(tmp_path / "d0"), 1 << 30)], direct_io="auto", bounce_reads=bounce)
+    data = rnd(300_000, "gone")
+    assert write(tier, key(1), data)
+
+    def released(n):
+        v = memoryview(mmap.mmap(-1, rounded(n)))
+        v.release()
+        return v
+
+    def refusing(n):
+        raise ValueError("operation forbidden on released memoryview object")
+    for dest in (released, refusing):
+        assert tier.read(NS, key(1), dest) is None
+        assert os.path.exists(path_of(tier, key(1)))
+    assert tier.stats.checksum_failures == 0 and tier.stats.misses == 2
+    assert read(tier, key(1)) == data
