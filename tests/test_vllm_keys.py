@@ -106,6 +106,23 @@ def test_a_weights_variant_changes_the_keys_and_none_keeps_them():
     assert "\n" not in weights_variant(None, {"a": "x\ny"})
 
 
+def test_overrides_given_as_a_function_are_told_apart_by_the_config_they_made():
+    from types import SimpleNamespace as NS
+
+    def overrides(factor):  # two closures with one qualified name
+        return lambda cfg: cfg
+
+    def made(factor):
+        return NS(to_dict=lambda: {"rope_scaling": {"factor": factor}, "hidden_size": 64})
+    four, eight = overrides(4), overrides(8)
+    assert four.__qualname__ == eight.__qualname__
+    v4, v8 = weights_variant(None, four, made(4)), weights_variant(None, eight, made(8))
+    assert v4 != v8 and v4.startswith("hf_overrides=config-sha256:")
+    assert weights_variant(None, eight, made(4)) == v4  # the same config, the same KV
+    with pytest.raises(ValueError, match="function"):
+        weights_variant(None, four)
+
+
 def test_engine_fingerprint_reads_quantization_and_overrides_from_vllm_config():
     from types import SimpleNamespace as NS
     from kvtier.vllm.worker import fingerprint

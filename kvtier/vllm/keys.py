@@ -113,16 +113,22 @@ class Fingerprint:
         return hashlib.sha256(b"kvtier-vllm-fingerprint\0" + self.canonical()).digest()
 
 
-def weights_variant(quantization=None, hf_overrides=None) -> str:
+def weights_variant(quantization=None, hf_overrides=None, hf_config=None) -> str:
     """The fingerprint's ``variant``: what makes an engine's KV differ from another's with the
     same model name and revision. ``hf_overrides`` given as a function (vLLM allows one) cannot
-    be compared across engines: its qualified name stands in for it."""
+    be compared across engines (two closures share a name): the model config it produced
+    (``hf_config.to_dict()``) stands in for it, hashed."""
     parts = []
     if quantization:
         parts.append(f"quantization={quantization}")
     if hf_overrides:
         if callable(hf_overrides):
-            text = f"{getattr(hf_overrides, '__module__', '')}.{getattr(hf_overrides, '__qualname__', repr(hf_overrides))}"
+            to_dict = getattr(hf_config, "to_dict", None)
+            if to_dict is None:
+                raise ValueError("hf_overrides is a function and the model config it made is not known: "
+                                 "kvtier cannot tell its KV from another engine's")
+            text = "config-sha256:" + hashlib.sha256(json.dumps(
+                to_dict(), sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
         else:
             text = json.dumps(hf_overrides, sort_keys=True, separators=(",", ":"), default=str)
         parts.append(f"hf_overrides={text}")

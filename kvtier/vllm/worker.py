@@ -102,7 +102,8 @@ def fingerprint(vllm_config, settings: ConnectorSettings, chunk_size: int, layou
         tp_size=pc.tensor_parallel_size, tp_rank=tp_rank,
         pp_size=pc.pipeline_parallel_size, pp_rank=pp_rank,
         hash_algo=str(getattr(cc, "prefix_caching_hash_algo", "sha256")),
-        variant=weights_variant(getattr(mc, "quantization", None), getattr(mc, "hf_overrides", None)))
+        variant=weights_variant(getattr(mc, "quantization", None), getattr(mc, "hf_overrides", None),
+                                getattr(mc, "hf_config", None)))
 
 
 class WorkerHalf:
