@@ -215,9 +215,12 @@ class KVTierService(pb_grpc.KVTierServicer):
         return self._loop_run(on_loop(*args))
 
     async def _acquire(self, ns, keys, lease_ms=0, prefix_only=False, background=False):
-        if background:  # its promotions are tasks on the loop, whatever the tiers
-            coro = self.hot.acquire_async(ns, keys, lease_ms, prefix_only, background=True)
-            return await coro if _on_loop() else self._loop_run(coro)
+        if background:
+            if _on_loop():
+                return await self.hot.acquire_async(ns, keys, lease_ms, prefix_only, background=True)
+            if isinstance(self.hot.cluster, NullCluster):  # no cluster reads to hand to the loop
+                return self.hot.acquire_background(ns, keys, lease_ms, prefix_only)
+            return self._loop_run(self.hot.acquire_async(ns, keys, lease_ms, prefix_only, background=True))
         return await self._tiered(self.hot.acquire_async, self.hot.acquire, ns, keys, lease_ms, prefix_only)
 
     async def _lookup(self, ns, keys):

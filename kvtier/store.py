@@ -69,6 +69,7 @@ from .keys import CHECKSUM_SIZE
 log = logging.getLogger("kvtier.store")
 TIER_NVME, TIER_CLUSTER = 2, 3
 VERIFY_THREADS = 8  # header reads in flight while the NVMe index is checked after a restart
+BACKGROUND_THREADS = 4  # background Acquires landing NVMe blocks at once (more wait their turn)
 LANDING_WAIT_S = 5.0  # at most this long a read waits for a demotion being written (then: a miss)
 
 
@@ -171,6 +172,9 @@ class Store:
         # cluster keys they are reading (a future each, done when the key has landed or missed)
         self._background: set[asyncio.Task] = set()
         self._arriving: dict[tuple[str, bytes], asyncio.Future] = {}
+        # their NVMe reads: a few coordinating threads (each hands its batch to the read threads)
+        self._bg_pool = ThreadPoolExecutor(BACKGROUND_THREADS, thread_name_prefix="kvtier-landing")
+        self._background_closed = False
         self.tokens_saved: dict[str, int] = {}  # per namespace: found keys x the client's tokens_per_key
         hot.on_commit = self._on_commit
         hot.on_evict = self._on_evict
@@ -204,6 +208,8 @@ class Store:
     def close(self, timeout: float) -> bool:
         """Wait up to timeout seconds for queued writes; True if they all finished."""
         self._stop.set()
+        self._background_closed = True
+        self._bg_pool.shutdown(wait=False, cancel_futures=True)  # stop_background waited for them
         if self.checker is not None:  # before the arena goes: nothing may hash it after
             self.checker.close(timeout)
         if self.io is None:
@@ -444,11 +450,20 @@ class Store:
             if "r" in holder:
                 self.hot.discard(holder["r"])
             # in RAM, or reserved: by a put (a miss until it commits) or by a promotion of the same
-            # key reading it now (two requests sharing a prefix): wait for that one, not a miss
-            with self._plock:
-                ev = self._moving[k].reading
-            if ev is not None and not self.hot.contains(ns, key):
-                ev.wait(LANDING_WAIT_S)
+            # key reading it now (two requests sharing a prefix): wait for that one, not a miss.
+            # The other promotion reserves first and says it reads a moment later: while the slot
+            # is reserved and it has not said so yet, look again.
+            deadline = time.monotonic() + LANDING_WAIT_S
+            while not self.hot.contains(ns, key):
+                with self._plock:
+                    e = self._moving[k]
+                    ev, others = e.reading, e.promoting - 1
+                if ev is not None:
+                    ev.wait(max(0.0, deadline - time.monotonic()))
+                    break
+                if not others or time.monotonic() >= deadline:
+                    break  # a put holds the slot (a miss until it commits), or nothing came
+                time.sleep(0.0005)
             return self.hot.contains(ns, key)
         except errors.ResourceExhausted:
             if "r" in holder:
@@ -548,9 +563,9 @@ class Store:
             i = tiers.find(TIER_MISSING, i + 1)
         return a, todo
 
-    def _promote_join(self, ns: str, key: bytes, join: _Join) -> tuple[int, int, bytes] | None:
-        """Promote one block and add it to the lease at once; its (offset, length, checksum), or
-        None for a miss."""
+    def _promote_join(self, ns: str, key: bytes, join: _Join) -> tuple[int, int, bytes, bool] | None:
+        """Promote one block and add it to the lease at once; its (offset, length, checksum, read
+        here: False when another promotion read it), or None for a miss."""
         held = None
         try:
             held = self.promote(ns, key, hold=True)
@@ -561,7 +576,7 @@ class Store:
                 if not b.tiers[0]:
                     return None
                 join.lease_id = join.lease_id or b.lease_id
-            return b.offsets[0], b.lengths[0], b.checksums
+            return b.offsets[0], b.lengths[0], b.checksums, isinstance(held, Block)
         except errors.UnknownLease:  # the lease ran out while we promoted: a miss
             return None
         except Exception:
@@ -608,7 +623,7 @@ class Store:
             tiers[i] = TIER_NVME
             a.offsets[i], a.lengths[i] = r[0], r[1]
             sums[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] = r[2]
-            found += 1
+            found += r[3]  # one NVMe hit per read: not again for an Acquire that waited for another's
         if found:
             self.nvme_hits[ns] = self.nvme_hits.get(ns, 0) + found
         a.lease_id = join.lease_id
@@ -702,7 +717,7 @@ class Store:
         still missing: found blocks are promoted and join the same lease. With prefix_only,
         nothing past the first key found in no tier is leased or reported. With background,
         see _acquire_background: the answer does not wait for NVMe or cluster reads."""
-        if self._arriving:
+        if self._arriving and not background:
             await self._await_arriving(ns, keys)
         a, todo = self._acquire_ram(ns, keys, lease_ms, prefix_only)
         if background:
@@ -746,48 +761,132 @@ class Store:
         self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
         return a
 
+    def acquire_background(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0,
+                           prefix_only: bool = False) -> Acquired:
+        """acquire_async(background=True) for a daemon without a cluster tier, on the calling
+        thread (no I/O here: NVMe reads go to the background pool)."""
+        a, todo = self._acquire_ram(ns, keys, lease_ms, prefix_only)
+        tiers = bytearray(a.tiers)
+        for i in todo:
+            tiers[i] = TIER_NVME
+        return self._background_finish(ns, keys, a, tiers, todo, [], lease_ms, prefix_only)
+
     async def _acquire_background(self, ns: str, keys: Sequence[bytes], a: Acquired, todo: list[int],
                                   lease_ms: int, prefix_only: bool) -> Acquired:
-        """The answer of an Acquire that leaves promotions to a task on the loop: RAM's blocks
-        leased now; blocks on NVMe or (after one existence check) in the cluster tier reported
-        with their tier but no slot (offset and length 0), read into RAM after the answer, each
-        joining the lease when it lands (the lease is opened empty when RAM had none). A caller
-        that needs the bytes acquires them again: it waits for those still landing. What the
-        scheduler of an inference engine asks while every running request waits for it: it
-        needs to know the hit, not the bytes."""
+        """The answer of an Acquire that leaves promotions for later: RAM's blocks leased now;
+        blocks on NVMe or (after one existence check, within cluster.lookup_timeout_ms) in the
+        cluster tier reported with their tier but no slot (offset and length 0), read into RAM
+        after the answer, each joining the lease when it lands (the lease is opened empty when
+        RAM had none). A caller that needs the bytes acquires them again: it waits for those
+        still landing. What the scheduler of an inference engine asks while every running
+        request waits for it: it needs to know the hit, not the bytes."""
         tiers = bytearray(a.tiers)
         for i in todo:
             tiers[i] = TIER_NVME
         cl: list[int] = []
         gap = tiers.find(TIER_MISSING)
         if gap >= 0 and not isinstance(self.cluster, NullCluster):
+            if prefix_only:
+                # RAM stopped at the gap: the blocks it holds past it count if the cluster fills it
+                self._lease_past_gap(ns, keys, a, tiers, gap, lease_ms)
             ask = [i for i in range(gap if prefix_only else 0, len(keys)) if tiers[i] == TIER_MISSING]
             found = await self._exists_within(ns, [keys[i] for i in ask]) if ask else []
-            for i, f in zip(ask, found):
-                if f:
-                    tiers[i] = TIER_CLUSTER
             cl = [i for i, f in zip(ask, found) if f]
+            for i in cl:
+                tiers[i] = TIER_CLUSTER
+        return self._background_finish(ns, keys, a, tiers, todo, cl, lease_ms, prefix_only)
+
+    def _lease_past_gap(self, ns: str, keys: Sequence[bytes], a: Acquired, tiers: bytearray, gap: int,
+                        lease_ms: int) -> None:
+        rest = [i for i in range(gap + 1, len(keys)) if tiers[i] == TIER_MISSING]
+        if not rest:
+            return
+        try:
+            r = self.hot.acquire(ns, [keys[i] for i in rest], lease_ms, lease_id=a.lease_id, count_misses=False)
+        except errors.UnknownLease:  # the lease ran out already: stop at the gap
+            return
+        sums = bytearray(a.checksums)
+        for j, i in enumerate(rest):
+            if r.tiers[j]:
+                tiers[i] = r.tiers[j]
+                a.offsets[i], a.lengths[i] = r.offsets[j], r.lengths[j]
+                sums[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] = r.checksums[j * CHECKSUM_SIZE:(j + 1) * CHECKSUM_SIZE]
+        a.checksums, a.lease_id = bytes(sums), a.lease_id or r.lease_id
+
+    def _background_finish(self, ns: str, keys: Sequence[bytes], a: Acquired, tiers: bytearray, nvme: list[int],
+                           cl: list[int], lease_ms: int, prefix_only: bool) -> Acquired:
+        """The answer of a background Acquire, and the reads that land its blocks: NVMe reads on
+        the background pool, cluster reads in a task on the loop."""
         a.tiers = bytes(tiers)
         if prefix_only:
             _cut(a)
             gap = a.tiers.find(TIER_MISSING)
             if gap >= 0:
-                todo, cl = [i for i in todo if i < gap], [i for i in cl if i < gap]
+                nvme, cl = [i for i in nvme if i < gap], [i for i in cl if i < gap]
         self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
-        if not todo and not cl:
-            return a
+        if (not nvme and not cl) or self._background_closed:
+            return a  # nothing to land (or shutting down: a worker's own Acquire reads or misses)
         if not a.lease_id:
             a.lease_id = self.hot.open_lease(lease_ms)
-        owned = []  # cluster keys this task lands: other Acquires of them wait for it
-        for i in cl:
-            k = (ns, keys[i])
-            if k not in self._arriving:
-                self._arriving[k] = self.loop.create_future()
-                owned.append(i)
-        task = asyncio.ensure_future(self._land(ns, keys, todo, owned, a.lease_id, lease_ms))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        if nvme:
+            n = len(keys)
+            stub = Acquired(a.lease_id, bytes(n), [0] * n, [0] * n, bytes(n * CHECKSUM_SIZE), lease_ms)
+            try:
+                self._bg_pool.submit(self._promote_all, ns, keys, stub, nvme, lease_ms, False)
+            except RuntimeError:  # the pool shut down meanwhile
+                pass
+        if cl:
+            owned, others = [], []  # keys this Acquire reads / keys another one is reading already
+            for i in cl:
+                k = (ns, keys[i])
+                if k in self._arriving:
+                    others.append(i)
+                else:
+                    self._arriving[k] = self.loop.create_future()
+                    owned.append(i)
+            task = asyncio.ensure_future(self._land(ns, keys, owned, others, a.lease_id, lease_ms))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return a
+
+    async def _land(self, ns: str, keys: Sequence[bytes], owned: list[int], others: list[int],
+                    lease_id: int, lease_ms: int) -> None:
+        """Read a background Acquire's cluster-tier blocks into its lease: those it owns (each
+        key's waiters are told as soon as its read ended) and those another Acquire is reading
+        (joined when they have landed)."""
+        def join(key: bytes) -> bool:
+            try:
+                return bool(self.hot.acquire(ns, [key], lease_ms, lease_id=lease_id, count_misses=False).tiers[0])
+            except errors.UnknownLease:
+                return False  # released or expired meanwhile: the block stays in RAM, unleased
+
+        async def mine() -> None:
+            ks = [keys[i] for i in owned]
+            try:
+                ok = await self.promote_from_cluster(ns, ks)
+            finally:
+                self._arrived(ns, ks)
+            found = sum(1 for k, good in zip(ks, ok) if good and join(k))
+            if found:
+                self.cluster_hits[ns] = self.cluster_hits.get(ns, 0) + found
+
+        async def theirs() -> None:
+            await self._await_arriving(ns, [keys[i] for i in others])
+            for i in others:
+                join(keys[i])
+        try:
+            jobs = ([mine()] if owned else []) + ([theirs()] if others else [])
+            for r in await asyncio.gather(*jobs, return_exceptions=True):
+                if isinstance(r, Exception):
+                    log.error("a background promotion from the cluster tier failed; its blocks are misses: %s", r)
+        finally:
+            self._arrived(ns, [keys[i] for i in owned])
+
+    def _arrived(self, ns: str, ks: Sequence[bytes]) -> None:
+        for k in ks:
+            f = self._arriving.pop((ns, k), None)
+            if f is not None and not f.done():
+                f.set_result(None)
 
     async def _exists_within(self, ns: str, keys: list[bytes]) -> list[bool]:
         """The cluster tier's existence check within cluster.lookup_timeout_ms: a slow server (not a
@@ -799,54 +898,28 @@ class Store:
             self.cluster.stats.lookups_cut += 1
             return [False] * len(keys)
 
-    async def _land(self, ns: str, keys: Sequence[bytes], nvme: list[int], cl: list[int],
-                    lease_id: int, lease_ms: int) -> None:
-        """Promote a background Acquire's blocks (NVMe and cluster at once) into its lease."""
-        async def from_nvme() -> None:
-            n = len(keys)
-            stub = Acquired(lease_id, bytes(n), [0] * n, [0] * n, bytes(n * CHECKSUM_SIZE), lease_ms)
-            await asyncio.to_thread(self._promote_all, ns, keys, stub, nvme, lease_ms, False)
-
-        async def from_cluster() -> None:
-            ks = [keys[i] for i in cl]
-            ok = await self.promote_from_cluster(ns, ks)
-            found = 0
-            for k, good in zip(ks, ok):
-                if not good:
-                    continue
-                found += 1
-                try:
-                    self.hot.acquire(ns, [k], lease_ms, lease_id=lease_id, count_misses=False)
-                except errors.UnknownLease:
-                    pass  # released or expired meanwhile: the block stays in RAM, unleased
-            if found:
-                self.cluster_hits[ns] = self.cluster_hits.get(ns, 0) + found
-        try:
-            jobs = ([from_nvme()] if nvme else []) + ([from_cluster()] if cl else [])
-            for r in await asyncio.gather(*jobs, return_exceptions=True):
-                if isinstance(r, Exception):
-                    log.error("a background promotion failed; its blocks are misses: %s", r)
-        finally:
-            for i in cl:
-                f = self._arriving.pop((ns, keys[i]), None)
-                if f is not None and not f.done():
-                    f.set_result(None)
-
     async def _await_arriving(self, ns: str, keys: Sequence[bytes]) -> None:
-        """Wait (up to LANDING_WAIT_S) for the blocks of keys that a background Acquire is
-        reading from the cluster tier: reading them again would find their slots reserved and
-        answer a miss."""
+        """Wait for the blocks of keys that a background Acquire is reading from the cluster
+        tier (reading them again would find their slots reserved and answer a miss), at most
+        as long as such a read may take."""
         futs = {f for f in (self._arriving.get((ns, k)) for k in keys) if f is not None}
         if futs:
-            await asyncio.wait(futs, timeout=LANDING_WAIT_S)
+            await asyncio.wait(futs, timeout=LANDING_WAIT_S + self.cluster.cfg.timeout_ms / 1000)
 
     async def stop_background(self) -> None:
-        """Cancel background promotions (shutdown): their reads end as misses."""
+        """Shutdown: no new background reads; cancel those from the cluster, let those from NVMe
+        finish (they write into the arena, which closes next)."""
+        self._background_closed = True
         tasks = list(self._background)
         for t in tasks:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        for f in self._arriving.values():
+            if not f.done():
+                f.set_result(None)
+        self._arriving.clear()
+        await asyncio.to_thread(self._bg_pool.shutdown, True, cancel_futures=True)
 
     def acquire_blocking(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0) -> Acquired:
         """acquire_async() from a thread that is not the loop's (the data channel)."""

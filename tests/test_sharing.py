@@ -164,3 +164,40 @@ def test_a_slow_cluster_makes_a_background_acquire_miss_within_lookup_timeout(ma
         lease = cb.acquire(NS, keys, prefix_only=True, background=True)
         assert list(lease.tiers) == [3, 3, 3]
         cb.release(lease)
+
+
+def test_a_second_background_acquire_of_blocks_under_way_answers_at_once_and_gets_them_leased(
+        make_daemon, valkey, monkeypatch):
+    """Two requests sharing a prompt: the second scheduler lookup must not wait for the first
+    one's reads, and the blocks join both leases when they land."""
+    import asyncio
+    import threading
+    a, b = _pair(make_daemon, valkey.url)
+    blocks = [(os.urandom(16), os.urandom(100_000 + i)) for i in range(3)]
+    keys = [k for k, _ in blocks]
+    cluster = b.daemon.store.cluster
+    real, go, reads = cluster.get_many, threading.Event(), []
+
+    async def slow_get_many(ns, ks, into):
+        reads.append(list(ks))
+        await asyncio.to_thread(go.wait, 10)
+        return await real(ns, ks, into)
+    monkeypatch.setattr(cluster, "get_many", slow_get_many)
+    with Client(a.address) as ca, Client(b.address) as cb:
+        ca.put_many(NS, blocks)
+        wait_until(lambda: cb.lookup(NS, keys)[0] == [3] * 3, what="A's blocks in the cluster tier")
+        first = cb.acquire(NS, keys, prefix_only=True, background=True)
+        t0 = time.monotonic()
+        second = cb.acquire(NS, keys, prefix_only=True, background=True)
+        assert time.monotonic() - t0 < 1.5
+        assert list(first.tiers) == list(second.tiers) == [3] * 3 and first.id != second.id
+        go.set()
+        leases = b.daemon.store.hot._leases
+        wait_until(lambda: [len(leases[x.id].blocks) for x in (first, second)] == [3, 3],
+                   what="the blocks to land in both leases")
+        assert reads == [keys]  # read once
+        cb.release(first)
+        assert _tier(cb, "ram").leased_blocks == 3  # still in the second request's lease
+        cb.release(second)
+        assert _tier(cb, "ram").leased_blocks == 0
+        assert _tier(cb, "cluster").hits == 3

@@ -462,14 +462,22 @@ def test_a_background_acquire_answers_before_its_nvme_reads_and_leases_what_land
     """What an engine's scheduler asks: the hit at once, not the bytes. Blocks on NVMe are
     reported as such with no view, read after the answer into RAM and into the same lease; an
     ordinary Acquire of them waits for those reads and gets the bytes."""
-    blocks = {key(i): blob(BLOCK + i, ("bg", i)) for i in range(6)}
+    blocks = {key(i): blob(BLOCK + i, ("bg", i)) for i in range(3)}
     d = only_on_nvme(make_daemon, restart, tmp_path, blocks, io_threads=2)
     cold = d.daemon.store.cold
-    real, go = cold.read, threading.Event()
+    real, go, lock = cold.read, threading.Event(), threading.Lock()
+    reserved: dict[bytes, int] = {}
 
     def slow_read(ns, k, dest):
-        go.wait(10)  # a disk that answers only when the test says so
-        return real(ns, k, dest)
+        def held(n):  # the first read of each block reserves its slot, then waits for the test
+            v = dest(n)
+            with lock:
+                first = k not in reserved
+                reserved[k] = reserved.get(k, 0) + 1
+            if first:
+                go.wait(10)
+            return v
+        return real(ns, k, held)
     monkeypatch.setattr(cold, "read", slow_read)
     ks = list(blocks)
     missing = key(99)
@@ -480,16 +488,17 @@ def test_a_background_acquire_answers_before_its_nvme_reads_and_leases_what_land
         assert list(bg.tiers) == [2] * len(ks) + [0]
         assert bg.views == [None] * (len(ks) + 1) and bg.id  # a lease opened empty, joined later
         assert ram(c).leased_blocks == 0
+        wait_for(lambda: len(reserved) == len(ks), what="the background reads to reserve their slots")
         got = {}
         reader = threading.Thread(target=lambda: got.update(lease=c.acquire(NS, ks)))
         reader.start()
         time.sleep(0.3)
-        assert reader.is_alive()  # an ordinary Acquire waits for the bytes
+        assert reader.is_alive()  # an ordinary Acquire finds the slots reserved: it waits, no miss
         go.set()
         reader.join(20)
         lease = got["lease"]
         try:
-            assert set(lease.tiers) <= {1, 2}  # read by this Acquire, or landed just before it asked
+            assert list(lease.tiers) == [2] * len(ks)
             assert [bytes(v) for v in lease.views] == list(blocks.values())
         finally:
             c.release(lease)
@@ -497,9 +506,55 @@ def test_a_background_acquire_answers_before_its_nvme_reads_and_leases_what_land
         wait_for(lambda: ram(c).leased_blocks == len(ks), what="the landed blocks to join the lease",
                  show=lambda: ram(c).leased_blocks)
         assert cold.stats.hits == len(ks)
+        assert nvme(c).hits == len(ks)  # one hit per block read, not one more for the Acquire that waited
         c.release(bg)
         assert ram(c).leased_blocks == 0
         assert c.lookup(NS, ks)[0] == [1] * len(ks)
+
+
+def test_a_promotion_that_finds_the_slot_just_reserved_by_another_waits_for_it(make_daemon, restart, tmp_path,
+                                                                                 monkeypatch):
+    """A promotion reserves its slot, then says it is reading: one that comes in between finds
+    the slot taken and nobody reading yet. It must wait for the bytes, not answer a miss."""
+    blocks = {key(1): blob(BLOCK, "window")}
+    d = only_on_nvme(make_daemon, restart, tmp_path, blocks)
+    store = d.daemon.store
+    real, between, go = store.hot.reserve, threading.Event(), threading.Event()
+
+    def reserve(*a, **kw):
+        r = real(*a, **kw)
+        if r.reservation_id and not between.is_set():  # the first promotion, before it says it reads
+            between.set()
+            go.wait(10)
+        return r
+    monkeypatch.setattr(store.hot, "reserve", reserve)
+    out = {}
+    first = threading.Thread(target=lambda: out.update(first=store.promote(NS, key(1))))
+    first.start()
+    assert between.wait(10)
+    second = threading.Thread(target=lambda: out.update(second=store.promote(NS, key(1))))
+    second.start()
+    time.sleep(0.2)
+    assert second.is_alive()  # waiting, not a miss
+    go.set()
+    first.join(10)
+    second.join(10)
+    assert out == {"first": True, "second": True}
+
+
+def test_a_daemon_stops_while_background_reads_are_under_way(make_daemon, restart, tmp_path, monkeypatch):
+    blocks = {key(i): blob(BLOCK, ("stop", i)) for i in range(3)}
+    d = only_on_nvme(make_daemon, restart, tmp_path, blocks)
+    cold = d.daemon.store.cold
+    real, go = cold.read, threading.Event()
+    monkeypatch.setattr(cold, "read", lambda ns, k, dest: (go.wait(10), real(ns, k, dest))[1])
+    with Client(d.address) as c:
+        bg = c.acquire(NS, list(blocks), background=True)
+        assert list(bg.tiers) == [2, 2, 2]
+    threading.Timer(0.5, go.set).start()
+    t0 = time.monotonic()
+    d.stop()
+    assert not d._thread.is_alive() and time.monotonic() - t0 < 10
 
 
 def test_a_background_acquire_released_before_its_blocks_land(make_daemon, restart, tmp_path, monkeypatch):
