@@ -87,24 +87,32 @@ def test_cluster_metrics(make_daemon, valkey):
     assert "kvtier_cluster_hits_total 2.0" in text and "kvtier_cluster_connected 1.0" in text
 
 
+def _cluster_reads_held(d, monkeypatch):
+    """Hold daemon d's cluster-tier reads (a slow network) until the returned event is set; the
+    second value lists the keys of each read."""
+    import asyncio
+    import threading
+    cluster = d.daemon.store.cluster
+    real, go, reads = cluster.get_many, threading.Event(), []
+
+    async def slow_get_many(ns, ks, into):
+        reads.append(list(ks))
+        await asyncio.to_thread(go.wait, 10)
+        return await real(ns, ks, into)
+    monkeypatch.setattr(cluster, "get_many", slow_get_many)
+    return go, reads
+
+
 def test_a_background_acquire_answers_before_the_cluster_reads_and_leases_what_lands(
         make_daemon, valkey, monkeypatch):
     """A scheduler's Acquire (background) hears of B's cluster-tier hits after one existence
     check, not after reading them; an ordinary Acquire of those blocks waits for the reads
     already under way (reading them again would find their slots reserved: a miss)."""
-    import asyncio
     import threading
     a, b = _pair(make_daemon, valkey.url)
     blocks = [(os.urandom(16), os.urandom(200_000 + i)) for i in range(4)]
     keys = [k for k, _ in blocks]
-    cluster = b.daemon.store.cluster
-    real, go, reads = cluster.get_many, threading.Event(), []
-
-    async def slow_get_many(ns, ks, into):
-        reads.append(list(ks))
-        await asyncio.to_thread(go.wait, 10)  # a slow network, until the test says so
-        return await real(ns, ks, into)
-    monkeypatch.setattr(cluster, "get_many", slow_get_many)
+    go, reads = _cluster_reads_held(b, monkeypatch)
     with Client(a.address) as ca, Client(b.address) as cb:
         ca.put_many(NS, blocks)
         wait_until(lambda: cb.lookup(NS, keys)[0] == [3] * 4, what="A's blocks in the cluster tier")
@@ -170,19 +178,10 @@ def test_a_second_background_acquire_of_blocks_under_way_answers_at_once_and_get
         make_daemon, valkey, monkeypatch):
     """Two requests sharing a prompt: the second scheduler lookup must not wait for the first
     one's reads, and the blocks join both leases when they land."""
-    import asyncio
-    import threading
     a, b = _pair(make_daemon, valkey.url)
     blocks = [(os.urandom(16), os.urandom(100_000 + i)) for i in range(3)]
     keys = [k for k, _ in blocks]
-    cluster = b.daemon.store.cluster
-    real, go, reads = cluster.get_many, threading.Event(), []
-
-    async def slow_get_many(ns, ks, into):
-        reads.append(list(ks))
-        await asyncio.to_thread(go.wait, 10)
-        return await real(ns, ks, into)
-    monkeypatch.setattr(cluster, "get_many", slow_get_many)
+    go, reads = _cluster_reads_held(b, monkeypatch)
     with Client(a.address) as ca, Client(b.address) as cb:
         ca.put_many(NS, blocks)
         wait_until(lambda: cb.lookup(NS, keys)[0] == [3] * 3, what="A's blocks in the cluster tier")
