@@ -87,6 +87,15 @@ def test_cluster_metrics(make_daemon, valkey):
     assert "kvtier_cluster_hits_total 2.0" in text and "kvtier_cluster_connected 1.0" in text
 
 
+def _in_the_cluster(ca, cb, n: int, size: int):
+    """n fresh blocks put through A (client ca) until B (cb) sees them all in the cluster tier."""
+    blocks = [(os.urandom(16), os.urandom(size + i)) for i in range(n)]
+    keys = [k for k, _ in blocks]
+    ca.put_many(NS, blocks)
+    wait_until(lambda: cb.lookup(NS, keys)[0] == [3] * n, what="A's blocks in the cluster tier")
+    return blocks, keys
+
+
 def _cluster_reads_held(d, monkeypatch):
     """Hold daemon d's cluster-tier reads (a slow network) until the returned event is set; the
     second value lists the keys of each read."""
@@ -110,12 +119,9 @@ def test_a_background_acquire_answers_before_the_cluster_reads_and_leases_what_l
     already under way (reading them again would find their slots reserved: a miss)."""
     import threading
     a, b = _pair(make_daemon, valkey.url)
-    blocks = [(os.urandom(16), os.urandom(200_000 + i)) for i in range(4)]
-    keys = [k for k, _ in blocks]
     go, reads = _cluster_reads_held(b, monkeypatch)
     with Client(a.address) as ca, Client(b.address) as cb:
-        ca.put_many(NS, blocks)
-        wait_until(lambda: cb.lookup(NS, keys)[0] == [3] * 4, what="A's blocks in the cluster tier")
+        blocks, keys = _in_the_cluster(ca, cb, 4, 200_000)
         t0 = time.monotonic()
         bg = cb.acquire(NS, keys + [os.urandom(16)], prefix_only=True, background=True)
         assert time.monotonic() - t0 < 2
@@ -147,8 +153,6 @@ def test_a_slow_cluster_makes_a_background_acquire_miss_within_lookup_timeout(ma
     import asyncio
     section = {"url": valkey.url, "timeout_ms": 5000, "lookup_timeout_ms": 150}
     a, b = make_daemon(cluster=section), make_daemon(cluster=section)
-    blocks = [(os.urandom(16), os.urandom(50_000)) for _ in range(3)]
-    keys = [k for k, _ in blocks]
     cluster = b.daemon.store.cluster
     real, slow = cluster.exists_many, {"s": 0.0}
 
@@ -157,8 +161,7 @@ def test_a_slow_cluster_makes_a_background_acquire_miss_within_lookup_timeout(ma
         return await real(ns, ks)
     monkeypatch.setattr(cluster, "exists_many", exists_many)
     with Client(a.address) as ca, Client(b.address) as cb:
-        ca.put_many(NS, blocks)
-        wait_until(lambda: cb.lookup(NS, keys)[0] == [3] * 3, what="A's blocks in the cluster tier")
+        blocks, keys = _in_the_cluster(ca, cb, 3, 50_000)
         slow["s"] = 1.0
         t0 = time.monotonic()
         lease = cb.acquire(NS, keys, prefix_only=True, background=True)
@@ -179,12 +182,9 @@ def test_a_second_background_acquire_of_blocks_under_way_answers_at_once_and_get
     """Two requests sharing a prompt: the second scheduler lookup must not wait for the first
     one's reads, and the blocks join both leases when they land."""
     a, b = _pair(make_daemon, valkey.url)
-    blocks = [(os.urandom(16), os.urandom(100_000 + i)) for i in range(3)]
-    keys = [k for k, _ in blocks]
     go, reads = _cluster_reads_held(b, monkeypatch)
     with Client(a.address) as ca, Client(b.address) as cb:
-        ca.put_many(NS, blocks)
-        wait_until(lambda: cb.lookup(NS, keys)[0] == [3] * 3, what="A's blocks in the cluster tier")
+        blocks, keys = _in_the_cluster(ca, cb, 3, 100_000)
         first = cb.acquire(NS, keys, prefix_only=True, background=True)
         t0 = time.monotonic()
         second = cb.acquire(NS, keys, prefix_only=True, background=True)
