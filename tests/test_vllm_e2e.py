@@ -184,6 +184,43 @@ def test_second_engine_loads_the_prefix(make_daemon, engines, monkeypatch):
     assert [{k.value: v for k, v in s.items()} for s in sources] == [{"host": 64}, {"host": 160}]
 
 
+def test_a_prefix_only_on_nvme_is_a_hit_and_loads_right(make_daemon, engines, monkeypatch, tmp_path):
+    """The daemon restarted with an empty RAM: the prompt's chunks are on NVMe only. The
+    scheduler hears of them at once (background Acquire), the worker's load gets the bytes."""
+    from kvtier.server import DaemonThread
+    from kvtier.vllm.connector import KVTierConnector
+    d = make_daemon(ram={"persist": False},
+                    nvme={"dirs": [str(tmp_path / "nvme")], "capacity": "256MiB", "write_policy": "commit"})
+    p = prompt(7, 300)
+    a = engines.make(d.address)
+    first = run(a, [p])[0]
+    flush_stores()
+    engines.close(a)
+    deadline = time.monotonic() + 10
+    with Client(d.address) as c:
+        while next(t for t in c.stats().tiers if t.name == "nvme").blocks < 4:
+            assert time.monotonic() < deadline, "write-behind"
+            time.sleep(0.02)
+    d.stop()
+    d2 = DaemonThread(d.cfg).start()
+    try:
+        sources = []
+        real = KVTierConnector.get_external_cache_hit_sources
+        monkeypatch.setattr(KVTierConnector, "get_external_cache_hit_sources",
+                            lambda self, request, n: sources.append(real(self, request, n)) or sources[-1])
+        b = engines.make(d2.address, llm_kwargs={"disable_log_stats": False})
+        second = run(b, [p])[0]
+        assert second.num_cached_tokens == 256
+        assert list(second.outputs[0].token_ids) == list(first.outputs[0].token_ids)
+        assert [{k.value: v for k, v in s.items()} for s in sources] == [{"disk": 256}]
+        engines.close(b)
+        with Client(d2.address) as c:
+            assert c.stats().leases == 0
+            assert next(t for t in c.stats().tiers if t.name == "nvme").hits == 4
+    finally:
+        d2.stop()
+
+
 # ---- b. bad chunks are recomputed; the control: wrong KV gives other output -------------------
 
 def test_corrupt_chunk_recomputed_and_wrong_kv_changes_output(make_daemon, engines):
