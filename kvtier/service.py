@@ -215,12 +215,9 @@ class KVTierService(pb_grpc.KVTierServicer):
         return self._loop_run(on_loop(*args))
 
     async def _acquire(self, ns, keys, lease_ms=0, prefix_only=False, background=False):
-        if background:
-            if _on_loop():
-                return await self.hot.acquire_async(ns, keys, lease_ms, prefix_only, background=True)
-            if isinstance(self.hot.cluster, NullCluster):  # no cluster reads to hand to the loop
-                return self.hot.acquire_background(ns, keys, lease_ms, prefix_only)
-            return self._loop_run(self.hot.acquire_async(ns, keys, lease_ms, prefix_only, background=True))
+        if background:  # without a cluster tier, on this thread: its NVMe reads go to a pool
+            return await self._tiered(functools.partial(self.hot.acquire_async, background=True),
+                                      self.hot.acquire_background, ns, keys, lease_ms, prefix_only)
         return await self._tiered(self.hot.acquire_async, self.hot.acquire, ns, keys, lease_ms, prefix_only)
 
     async def _lookup(self, ns, keys):
