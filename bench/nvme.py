@@ -67,7 +67,7 @@ Throughput is GB/s (1e9 bytes) of block bytes: median over rounds, and the p90 /
 rounds (90% / 99% / all of the rounds were at least that fast). Ratio = median kvtier / median raw
 of the same direction. Times are seconds, median / p90 / p99 / max. Targets (issue): spill and
 read-back >= 0.9x raw O_DIRECT of the same size on the same directory; restart with 100k blocks on
-disk serving in <= 5 s. The report goes to stdout, progress to stderr.
+disk serving in <= 5 s; the scheduler's background answer (part S) <= 0.1x the raw read of its bytes. The report goes to stdout, progress to stderr.
 """
 from __future__ import annotations
 
