@@ -456,13 +456,15 @@ def test_two_gets_of_a_block_being_promoted_both_get_it(make_daemon, restart, tm
     assert cold.stats.hits == len(blocks)   # each block read from NVMe once
 
 
-def on_nvme_reads_held(make_daemon, restart, tmp_path, blocks: dict, monkeypatch):
-    """only_on_nvme(), with every NVMe read held until the returned event is set."""
+def on_nvme_reads_held(make_daemon, restart, tmp_path, monkeypatch, tag: str, n: int = 3):
+    """only_on_nvme() of n fresh blocks, with every NVMe read held until the returned event is
+    set; (daemon, event, blocks)."""
+    blocks = {key(i): blob(BLOCK, (tag, i)) for i in range(n)}
     d = only_on_nvme(make_daemon, restart, tmp_path, blocks)
     cold = d.daemon.store.cold
     real, go = cold.read, threading.Event()
     monkeypatch.setattr(cold, "read", lambda ns, k, dest: (go.wait(10), real(ns, k, dest))[1])
-    return d, go
+    return d, go, blocks
 
 
 @pytest.mark.parametrize("client_kw", [{}, {"control": "grpc"}], ids=["data-call", "grpc"])
@@ -552,8 +554,7 @@ def test_a_promotion_that_finds_the_slot_just_reserved_by_another_waits_for_it(m
 
 
 def test_a_daemon_stops_while_background_reads_are_under_way(make_daemon, restart, tmp_path, monkeypatch):
-    blocks = {key(i): blob(BLOCK, ("stop", i)) for i in range(3)}
-    d, go = on_nvme_reads_held(make_daemon, restart, tmp_path, blocks, monkeypatch)
+    d, go, blocks = on_nvme_reads_held(make_daemon, restart, tmp_path, monkeypatch, "stop")
     with Client(d.address) as c:
         bg = c.acquire(NS, list(blocks), background=True)
         assert list(bg.tiers) == [2, 2, 2]
@@ -564,8 +565,7 @@ def test_a_daemon_stops_while_background_reads_are_under_way(make_daemon, restar
 
 
 def test_a_background_acquire_released_before_its_blocks_land(make_daemon, restart, tmp_path, monkeypatch):
-    blocks = {key(i): blob(BLOCK, ("early", i)) for i in range(3)}
-    d, go = on_nvme_reads_held(make_daemon, restart, tmp_path, blocks, monkeypatch)
+    d, go, blocks = on_nvme_reads_held(make_daemon, restart, tmp_path, monkeypatch, "early")
     with Client(d.address) as c:
         bg = c.acquire(NS, list(blocks), background=True)
         assert list(bg.tiers) == [2, 2, 2]
