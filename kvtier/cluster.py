@@ -144,7 +144,7 @@ class ClusterStats:
     deletes: int = 0
     errors: int = 0              # calls to a server that failed (connection, error reply, timeout)
     timeouts: int = 0
-    lookups_cut: int = 0         # existence checks for a scheduler's lookup past lookup_timeout_ms (misses)
+    lookups_cut: int = 0         # existence checks (Lookup, background Acquire) past lookup_timeout_ms (misses)
     unavailable: int = 0         # calls refused at once because their server was marked down
     checksum_failures: int = 0   # corrupt records found (and unlinked)
     version_skips: int = 0       # records of a format version this daemon does not read (a miss, kept)

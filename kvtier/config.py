@@ -291,8 +291,8 @@ class ClusterConfig:
     part_bytes: int = 0
     # Longest one call may take (a batch on one server), milliseconds; past it the call is a miss.
     timeout_ms: int = 2000
-    # Longest an engine scheduler's lookup (Acquire with background) waits for the existence check, milliseconds;
-    # past it the keys are misses (the engine computes them) and the server is not marked down.
+    # Longest a Lookup or an engine scheduler's lookup (Acquire with background) waits for the existence check,
+    # milliseconds; past it the keys are misses (the engine computes them) and the server is not marked down.
     lookup_timeout_ms: int = 100
     # Longest a connection attempt may take, milliseconds.
     connect_timeout_ms: int = 1000

@@ -175,8 +175,8 @@ class _StoreCollector:
                                      ("cluster_puts", "puts", "Blocks written to Redis/Valkey."),
                                      ("cluster_errors", "errors", "Redis/Valkey errors and timeouts."),
                                      ("cluster_lookups_cut", "lookups_cut",
-                                      "Existence checks for an engine scheduler's lookup that ran past "
-                                      "cluster.lookup_timeout_ms (their keys were misses)."),
+                                      "Existence checks (Lookup, an engine scheduler's Acquire) that ran "
+                                      "past cluster.lookup_timeout_ms (their keys were misses)."),
                                      ("cluster_dropped_writes", "dropped", "Writes dropped: queue full or closing."),
                                      ("cluster_put_failures", "put_failures",
                                       "Writes queued but not stored: server down, error reply (e.g. out of "

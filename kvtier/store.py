@@ -646,11 +646,12 @@ class Store:
     # ---- the cluster tier (coroutines on the daemon's loop) ----------------------------------
 
     async def lookup_async(self, ns: str, keys: Sequence[bytes]) -> tuple[bytes, int]:
-        """lookup() that also asks the cluster tier for keys no local tier has."""
+        """lookup() that also asks the cluster tier for keys no local tier has (within
+        cluster.lookup_timeout_ms)."""
         tiers, prefix = self.lookup(ns, keys)
         missing = [i for i, t in enumerate(tiers) if t == TIER_MISSING]
         if missing:
-            found = await self.cluster.exists_many(ns, [keys[i] for i in missing])
+            found = await self._exists_within(ns, [keys[i] for i in missing])
             if any(found):
                 t = bytearray(tiers)
                 for i, f in zip(missing, found):
