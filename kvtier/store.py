@@ -892,6 +892,8 @@ class Store:
     async def _exists_within(self, ns: str, keys: list[bytes]) -> list[bool]:
         """The cluster tier's existence check within cluster.lookup_timeout_ms: a slow server (not a
         down one: that answers at once) makes the keys misses rather than hold the caller."""
+        if isinstance(self.cluster, NullCluster):
+            return [False] * len(keys)
         try:
             async with asyncio.timeout(self.cluster.cfg.lookup_timeout_ms / 1000):
                 return await self.cluster.exists_many(ns, keys)
