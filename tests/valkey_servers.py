@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import os
+import random
 import shutil
 import signal
 import socket
@@ -49,22 +50,38 @@ def valkey_bin(name: str = "valkey-server") -> str | None:
     return shutil.which(name)
 
 
+_RANDOM = random.SystemRandom()  # whatever the tests seed
+_GIVEN: set[int] = set()  # ports (and bus ports) handed out in this process
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(bus: bool = False) -> int:
-    """A free loopback port; with bus, one whose cluster bus port (port + 10000) is free too."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not bus:
-            return port
-        if port + 10000 > 65535:
+    """A free loopback port; with bus, one whose cluster bus port (port + 10000) is free too.
+    Both lie below the kernel's ephemeral range: a port found free there could be taken by some
+    outgoing connection before the server binds it."""
+    top = _ephemeral_start() - (10000 if bus else 0)
+    lo = 10000 if top > 11000 else 1024
+    for _ in range(500):
+        port = _RANDOM.randrange(lo, top)
+        if port in _GIVEN or port + 10000 in _GIVEN:  # handed to a server not started yet
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-                return port
-            except OSError:
-                continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+            if bus:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + 10000))
+            _GIVEN.update((port, port + 10000) if bus else (port,))
+            return port
+        except OSError:
+            continue
     raise RuntimeError("no free port pair found")
 
 
