@@ -97,9 +97,17 @@ class Env:
         assert e.value.details(), "an error status must say what is wrong"
         return e.value.code()
 
+    def settled(self):
+        """The daemon's state once this client's own calls have landed: a get's Release is posted
+        on the data channel and not waited for, so its lease may still be open just after."""
+        deadline = time.monotonic() + 10
+        while self.stub.Stats(pb.StatsRequest(), timeout=10).leases and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.snapshot()
+
     @contextlib.contextmanager
     def unchanged(self):
-        before = self.snapshot()
+        before = self.settled()
         yield
         assert self.snapshot() == before, "a failed call changed the daemon's state"
         self.assert_serving()
