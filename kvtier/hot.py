@@ -723,10 +723,7 @@ class HotTier:
                 existing.blocks.extend(blocks)
                 lease_id = existing.id
             elif blocks:
-                lease = Lease(next(self._ids), blocks, now + ttl / 1000)
-                self._leases[lease.id] = lease
-                heapq.heappush(self._deadlines, (lease.expires, 1, lease.id))
-                lease_id = lease.id
+                lease_id = self._new_lease(blocks, now + ttl / 1000)
             return Acquired(lease_id, bytes(tiers), offsets, lengths, b"".join(sums), ttl)
 
     def open_lease(self, lease_ms: int = 0) -> int:
@@ -734,10 +731,13 @@ class HotTier:
         ``lease_id``); it ends as any other, at release or expiry."""
         ttl = self._ttl(lease_ms, self.lease_ms, "lease_ms")
         with self.lock:
-            lease = Lease(next(self._ids), [], self.clock() + ttl / 1000)
-            self._leases[lease.id] = lease
-            heapq.heappush(self._deadlines, (lease.expires, 1, lease.id))
-            return lease.id
+            return self._new_lease([], self.clock() + ttl / 1000)
+
+    def _new_lease(self, blocks: list[Block], expires: float) -> int:  # lock held
+        lease = Lease(next(self._ids), blocks, expires)
+        self._leases[lease.id] = lease
+        heapq.heappush(self._deadlines, (lease.expires, 1, lease.id))
+        return lease.id
 
     def count_misses(self, ns: str, n: int) -> None:
         with self.lock:

@@ -537,22 +537,14 @@ class Store:
                      prefix_only: bool) -> tuple[Acquired, list[int]]:
         """Lease what RAM holds (no I/O: fit for the event loop); returns the lease and the
         positions to promote from NVMe. Only the keys RAM lacks are looked up on NVMe."""
-        hot = self.hot
-        a = hot.acquire(ns, keys, lease_ms, prefix_only, count_misses=False)
+        a = self.hot.acquire(ns, keys, lease_ms, prefix_only, count_misses=False)
         i = a.tiers.find(TIER_MISSING)
         if i < 0:
             return a, []
         if prefix_only and i + 1 < len(keys) and self._on_nvme(ns, keys[i]):
             # the gap is on NVMe: what RAM holds past it belongs to the answer too
-            try:
-                rest = hot.acquire(ns, keys[i + 1:], lease_ms, lease_id=a.lease_id, count_misses=False)
-            except errors.UnknownLease:  # the lease ran out already: stop at the gap
-                return a, []
-            tiers, sums = bytearray(a.tiers), bytearray(a.checksums)
-            tiers[i + 1:] = rest.tiers
-            sums[(i + 1) * CHECKSUM_SIZE:] = rest.checksums
-            a.offsets[i + 1:], a.lengths[i + 1:] = rest.offsets, rest.lengths
-            a.tiers, a.checksums, a.lease_id = bytes(tiers), bytes(sums), a.lease_id or rest.lease_id
+            if not self._lease_into(ns, keys, a, range(i + 1, len(keys)), lease_ms):
+                return a, []  # the lease ran out already: stop at the gap
         todo = []
         tiers = a.tiers
         while i >= 0:
@@ -767,10 +759,7 @@ class Store:
         """acquire_async(background=True) for a daemon without a cluster tier, on the calling
         thread (no I/O here: NVMe reads go to the background pool)."""
         a, todo = self._acquire_ram(ns, keys, lease_ms, prefix_only)
-        tiers = bytearray(a.tiers)
-        for i in todo:
-            tiers[i] = TIER_NVME
-        return self._background_finish(ns, keys, a, tiers, todo, [], lease_ms, prefix_only)
+        return self._background_finish(ns, keys, a, self._with_nvme(a, todo), todo, [], lease_ms, prefix_only)
 
     async def _acquire_background(self, ns: str, keys: Sequence[bytes], a: Acquired, todo: list[int],
                                   lease_ms: int, prefix_only: bool) -> Acquired:
@@ -781,15 +770,15 @@ class Store:
         RAM had none). A caller that needs the bytes acquires them again: it waits for those
         still landing. What the scheduler of an inference engine asks while every running
         request waits for it: it needs to know the hit, not the bytes."""
-        tiers = bytearray(a.tiers)
-        for i in todo:
-            tiers[i] = TIER_NVME
+        tiers = self._with_nvme(a, todo)
         cl: list[int] = []
         gap = tiers.find(TIER_MISSING)
         if gap >= 0 and not isinstance(self.cluster, NullCluster):
             if prefix_only:
                 # RAM stopped at the gap: the blocks it holds past it count if the cluster fills it
-                self._lease_past_gap(ns, keys, a, tiers, gap, lease_ms)
+                if self._lease_into(ns, keys, a, [i for i in range(gap + 1, len(keys))
+                                                  if tiers[i] == TIER_MISSING], lease_ms):
+                    tiers = self._with_nvme(a, todo)
             ask = [i for i in range(gap if prefix_only else 0, len(keys)) if tiers[i] == TIER_MISSING]
             found = await self._exists_within(ns, [keys[i] for i in ask]) if ask else []
             cl = [i for i, f in zip(ask, found) if f]
@@ -797,22 +786,33 @@ class Store:
                 tiers[i] = TIER_CLUSTER
         return self._background_finish(ns, keys, a, tiers, todo, cl, lease_ms, prefix_only)
 
-    def _lease_past_gap(self, ns: str, keys: Sequence[bytes], a: Acquired, tiers: bytearray, gap: int,
-                        lease_ms: int) -> None:
-        rest = [i for i in range(gap + 1, len(keys)) if tiers[i] == TIER_MISSING]
-        if not rest:
-            return
+    def _lease_into(self, ns: str, keys: Sequence[bytes], a: Acquired, positions: Sequence[int],
+                    lease_ms: int) -> bool:
+        """Lease the blocks RAM holds at these positions of keys into a's lease (a new one when a
+        has none), filling in their tier, slot and checksum; False when a's lease ran out."""
+        if not positions:
+            return True
         try:
-            r = self.hot.acquire(ns, [keys[i] for i in rest], lease_ms, lease_id=a.lease_id, count_misses=False)
-        except errors.UnknownLease:  # the lease ran out already: stop at the gap
-            return
-        sums = bytearray(a.checksums)
-        for j, i in enumerate(rest):
+            r = self.hot.acquire(ns, [keys[i] for i in positions], lease_ms, lease_id=a.lease_id,
+                                 count_misses=False)
+        except errors.UnknownLease:
+            return False
+        tiers, sums = bytearray(a.tiers), bytearray(a.checksums)
+        for j, i in enumerate(positions):
             if r.tiers[j]:
                 tiers[i] = r.tiers[j]
                 a.offsets[i], a.lengths[i] = r.offsets[j], r.lengths[j]
                 sums[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] = r.checksums[j * CHECKSUM_SIZE:(j + 1) * CHECKSUM_SIZE]
-        a.checksums, a.lease_id = bytes(sums), a.lease_id or r.lease_id
+        a.tiers, a.checksums, a.lease_id = bytes(tiers), bytes(sums), a.lease_id or r.lease_id
+        return True
+
+    @staticmethod
+    def _with_nvme(a: Acquired, nvme: list[int]) -> bytearray:
+        """a's tiers with the positions being read from NVMe marked so."""
+        tiers = bytearray(a.tiers)
+        for i in nvme:
+            tiers[i] = TIER_NVME
+        return tiers
 
     def _background_finish(self, ns: str, keys: Sequence[bytes], a: Acquired, tiers: bytearray, nvme: list[int],
                            cl: list[int], lease_ms: int, prefix_only: bool) -> Acquired:

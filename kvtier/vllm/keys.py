@@ -113,6 +113,10 @@ class Fingerprint:
         return hashlib.sha256(b"kvtier-vllm-fingerprint\0" + self.canonical()).digest()
 
 
+def _canonical_json(v) -> str:
+    return json.dumps(v, sort_keys=True, separators=(",", ":"), default=str)
+
+
 def weights_variant(quantization=None, hf_overrides=None, hf_config=None) -> str:
     """The fingerprint's ``variant``: what makes an engine's KV differ from another's with the
     same model name and revision. ``hf_overrides`` given as a function (vLLM allows one) cannot
@@ -127,10 +131,9 @@ def weights_variant(quantization=None, hf_overrides=None, hf_config=None) -> str
             if to_dict is None:
                 raise ValueError("hf_overrides is a function and the model config it made is not known: "
                                  "kvtier cannot tell its KV from another engine's")
-            text = "config-sha256:" + hashlib.sha256(json.dumps(
-                to_dict(), sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+            text = "config-sha256:" + hashlib.sha256(_canonical_json(to_dict()).encode()).hexdigest()
         else:
-            text = json.dumps(hf_overrides, sort_keys=True, separators=(",", ":"), default=str)
+            text = _canonical_json(hf_overrides)
         parts.append(f"hf_overrides={text}")
     return " ".join(parts).replace("\n", " ").replace("\r", " ")
 
