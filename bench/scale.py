@@ -15,15 +15,17 @@ everything started is stopped and its files removed at the end, also on error or
 
 Parts:
 
-index    One daemon, blocks of 4 KiB (the arena's slot size: smaller blocks take a 4 KiB slot
-         anyway), filled with fresh 16-byte keys through Reserve/copy/Commit in batches of
-         4,096 to 10k, then 100k, then 1M blocks (a 4 GiB arena plus headroom: 4.3 GiB of
-         /dev/shm and RAM; --quick stops at 100k). At each size: the daemon's private memory
-         (RssAnon of /proc/PID/status) and its slot table (``ram.persist``: one 160-byte
-         entry per block on the arena's tmpfs) per block, measured from the empty daemon;
-         then, interleaved, calls of 1 and of 256 keys: Lookup and Acquire of random present
-         keys, Release of that lease, Reserve of fresh keys, Commit of that reservation
-         (its slots written first, untimed; the new blocks are deleted again, untimed).
+index    One daemon per size, blocks of 4 KiB (the arena's slot size: smaller blocks take a
+         4 KiB slot anyway), filled with fresh 16-byte keys through Reserve/copy/Commit in
+         batches of 4,096: 10k, 100k and 1M blocks (the last a 4 GiB arena plus headroom: 4.7
+         GiB of /dev/shm and RAM for the three; --quick stops at 100k). Of each: the daemon's
+         private memory (RssAnon of /proc/PID/status) and its slot table (``ram.persist``: one
+         160-byte entry per block on the arena's tmpfs) per block, measured from the empty
+         daemon. Then calls of 1 and of 256 keys, the sizes taking turns: each size's calls
+         in 6 runs, one run of each size per phase (a few untimed calls first, the order
+         turning by one each phase): Lookup and Acquire of random present keys, Release of
+         that lease, Reserve of fresh keys, Commit of that reservation (its slots written
+         first, untimed; the new blocks are deleted again, untimed).
          Baselines in the same run, one round trip on the same Unix-socket kind with a
          payload as large as the request's keys: a raw socket echo and a bare gRPC echo
          (the servers of ``bench.core``).
@@ -144,6 +146,7 @@ def proc_status(pid: int) -> dict:
 # A daemon that has run a while holds its index on 2 MiB pages (server.huge_pages_s, 30 s by
 # default); this one collapses every 2 s, and each size is measured once that has settled.
 INDEX_DAEMON_SETTINGS = (("server", "huge_pages_s", "2.0"),)
+INDEX_PHASES = 6        # each size's calls in 6 runs, the sizes taking turns (measure_calls)
 
 
 def settle_huge_pages(pid: int, limit_s: float = 15.0) -> int:
@@ -207,98 +210,113 @@ class EchoBaselines:
         self.grpc_call(payload, timeout=10)
 
 
-def measure_calls(c, base: EchoBaselines, present: list[bytes], n_keys: int, calls: int, block: int) -> dict:
-    """Interleaved timed calls of n_keys keys; milliseconds per call, by kind."""
+def measure_calls(targets: list, base: EchoBaselines, n_keys: int, calls: int, block: int,
+                  phases: int = 1) -> list[dict]:
+    """Timed calls of n_keys keys against each (client, present keys) of targets: the calls are
+    split into phases, and each phase runs its share of every target's calls, target after
+    target, each run back to back after a few untimed ones (the order turns by one each phase).
+    So each target's calls are timed as a daemon's calls follow each other, while the machine's
+    drift over the minutes of the measurement weighs on every target alike. The two echoes
+    follow each set of calls. Milliseconds per call, by kind, per target."""
     kinds = ("Lookup", "Acquire", "Release", "Reserve", "Commit", "raw socket echo", "bare gRPC echo")
-    ts: dict[str, list[float]] = {k: [] for k in kinds}
+    ts: list[dict[str, list[float]]] = [{k: [] for k in kinds} for _ in targets]
     payload = os.urandom(KEY * n_keys)
     into = memoryview(bytearray(len(payload)))
     data = memoryview(bytes(block))
     rng = random.Random(n_keys)
-    for r in range(calls + max(5, calls // 20)):     # the first few: warm-up
-        warm = r >= max(5, calls // 20)
-        keys = rng.sample(present, n_keys)
-        t0 = time.perf_counter()
-        tiers, _ = c.lookup(NS, keys)
-        t1 = time.perf_counter()
-        lease = c.acquire(NS, keys)
-        t2 = time.perf_counter()
-        c.release(lease)
-        t3 = time.perf_counter()
-        fresh = new_keys(n_keys)
-        t4 = time.perf_counter()
-        res = c.reserve(NS, fresh, [block] * n_keys)
-        t5 = time.perf_counter()
-        for v in res.views:
-            v[:] = data
-        t6 = time.perf_counter()
-        c.commit(res)
-        t7 = time.perf_counter()
-        c.delete(NS, fresh)
-        t8 = time.perf_counter()
-        base.raw_echo(payload, into)
-        t9 = time.perf_counter()
-        base.grpc_echo(payload)
-        t10 = time.perf_counter()
-        if not all(tiers) or sum(1 for t in lease.tiers if t) != n_keys or any(s != 0 for s in res.status):
-            raise RuntimeError("index part: a present key missed or a fresh key was not reservable")
-        if warm:
-            for k, dt in zip(kinds, (t1 - t0, t2 - t1, t3 - t2, t5 - t4, t7 - t6, t9 - t8, t10 - t9)):
-                ts[k].append(dt * 1e3)
-    return {k: ms_stats(v) for k, v in ts.items()}
+    per = max(1, -(-calls // phases))
+    warmup = max(3, per // 10) if phases > 1 else max(5, calls // 20)
+    for p in range(phases):
+        for j in range(len(targets)):
+            i = (p + j) % len(targets)
+            c, present = targets[i]
+            for r in range(warmup + max(0, min(per, calls - p * per))):     # the first few: warm-up
+                keys = rng.sample(present, n_keys)
+                t0 = time.perf_counter()
+                tiers, _ = c.lookup(NS, keys)
+                t1 = time.perf_counter()
+                lease = c.acquire(NS, keys)
+                t2 = time.perf_counter()
+                c.release(lease)
+                t3 = time.perf_counter()
+                fresh = new_keys(n_keys)
+                t4 = time.perf_counter()
+                res = c.reserve(NS, fresh, [block] * n_keys)
+                t5 = time.perf_counter()
+                for v in res.views:
+                    v[:] = data
+                t6 = time.perf_counter()
+                c.commit(res)
+                t7 = time.perf_counter()
+                c.delete(NS, fresh)
+                t8 = time.perf_counter()
+                base.raw_echo(payload, into)
+                t9 = time.perf_counter()
+                base.grpc_echo(payload)
+                t10 = time.perf_counter()
+                if not all(tiers) or sum(1 for t in lease.tiers if t) != n_keys or any(s != 0 for s in res.status):
+                    raise RuntimeError("index part: a present key missed or a fresh key was not reservable")
+                if r >= warmup:
+                    for k, dt in zip(kinds, (t1 - t0, t2 - t1, t3 - t2, t5 - t4, t7 - t6, t9 - t8, t10 - t9)):
+                        ts[i][k].append(dt * 1e3)
+    return [{k: ms_stats(v) for k, v in t.items()} for t in ts]
 
 
 def part_index(s: Settings, tmp: str, stack: contextlib.ExitStack) -> dict:
+    """One daemon per size, each filled to its size; then the calls of all sizes in phases that
+    take turns, so that the machine's drift (this VM's neighbours) weighs on each size alike.
+    Filling the sizes one after another in one daemon put minutes between the 10k and the 1M
+    calls, and the bare echoes of those rounds grew up to 1.13x between them."""
     from bench import core
     from kvtier.client import Client
     block = s.index_block
-    top = max(s.index_sizes)
-    capacity = top * block + 256 * MiB      # headroom for the calls' fresh reservations
-    out = {"block_bytes": block, "key_bytes": KEY, "arena_bytes": capacity, "sizes": {}}
+    out = {"block_bytes": block, "key_bytes": KEY, "arena_bytes": {}, "sizes": {},
+           "calls": "interleaved", "phases": INDEX_PHASES}
     base = EchoBaselines(stack, tmp)
-    with contextlib.ExitStack() as dstack:
-        daemon, addrs = core.start_daemon(dstack, tmp, f"{capacity // MiB}MiB", tcp=False,
-                                          settings=INDEX_DAEMON_SETTINGS)
-        pid = daemon.p.pid
-        c = dstack.enter_context(Client(addrs["unix"]))
-        c.attach()
-        assert c.path == "arena", c.path
-        arena_path = c.info.arena_path
-        # warm the daemon's code paths and its gRPC buffers on a few blocks, then take the empty state
-        warm = new_keys(300)
-        fill(c, warm, block)
-        measure_calls(c, base, warm, 256, 3, block)
-        c.delete(NS, warm)
-        empty = proc_status(pid)
-        out["empty"] = empty
-        keys: list[bytes] = []
+    with contextlib.ExitStack() as dstack:     # the daemons go before the next part starts
+        targets = []
         for n in sorted(s.index_sizes):
-            more = new_keys(n - len(keys))
-            secs = fill(c, more, block)
-            keys += more
+            capacity = n * block + 256 * MiB      # headroom for the calls' fresh reservations
+            daemon, addrs = core.start_daemon(dstack, tmp, f"{capacity // MiB}MiB", tcp=False,
+                                              settings=INDEX_DAEMON_SETTINGS)
+            pid = daemon.p.pid
+            c = dstack.enter_context(Client(addrs["unix"]))
+            c.attach()
+            assert c.path == "arena", c.path
+            arena_path = c.info.arena_path
+            # warm the daemon's code paths and its gRPC buffers on a few blocks, then take the empty state
+            warm = new_keys(300)
+            fill(c, warm, block)
+            measure_calls([(c, warm)], base, 256, 3, block)
+            c.delete(NS, warm)
+            empty = proc_status(pid)
+            keys = new_keys(n)
+            secs = fill(c, keys, block)
             settle_huge_pages(pid)
-            st = c.stats()
-            blocks = st.tiers[0].blocks
+            blocks = c.stats().tiers[0].blocks
             if blocks != n:
                 raise RuntimeError(f"daemon holds {blocks} blocks, expected {n}")
             mem = proc_status(pid)
             slots = os.path.getsize(arena_path + ".slots") if os.path.exists(arena_path + ".slots") else 0
-            row = {"blocks": n, "fill_s": secs, "fill_blocks_per_s": len(more) / secs, "memory": mem,
-                   "anon_bytes_per_block": (mem["RssAnon"] - empty["RssAnon"]) / n,
-                   "slot_table_bytes": slots, "slot_table_bytes_per_block": slots / n}
-            log(f"index: {n:,} blocks (filled {len(more):,} at {len(more) / secs:,.0f}/s); "
-                f"daemon private memory +{(mem['RssAnon'] - empty['RssAnon']) / MiB:.1f} MiB "
+            out["arena_bytes"][n] = capacity
+            out["sizes"][n] = {"blocks": n, "fill_s": secs, "fill_blocks_per_s": n / secs, "empty": empty,
+                               "memory": mem, "anon_bytes_per_block": (mem["RssAnon"] - empty["RssAnon"]) / n,
+                               "slot_table_bytes": slots, "slot_table_bytes_per_block": slots / n}
+            log(f"index: {n:,} blocks in a daemon of their own (filled at {n / secs:,.0f}/s); "
+                f"private memory +{(mem['RssAnon'] - empty['RssAnon']) / MiB:.1f} MiB "
                 f"({mem.get('AnonHugePages', 0) / MiB:.0f} MiB in huge pages) "
-                f"({row['anon_bytes_per_block']:.0f} B/block); calls of 1 and 256 keys")
-            row["calls_1"] = measure_calls(c, base, keys, 1, s.calls_1, block)
-            row["calls_256"] = measure_calls(c, base, keys, 256, s.calls_256, block)
-            row["memory_after_calls"] = proc_status(pid)
-            out["sizes"][n] = row
-        c.delete(NS, keys)
+                f"({out['sizes'][n]['anon_bytes_per_block']:.0f} B/block)")
+            targets.append((c, keys, pid))
+        log(f"index: calls of 1 and 256 keys, the {len(targets)} sizes taking turns, {INDEX_PHASES} times")
+        pairs = [(c, keys) for c, keys, _ in targets]
+        for name, n_keys, calls in (("calls_1", 1, s.calls_1), ("calls_256", 256, s.calls_256)):
+            got_all = measure_calls(pairs, base, n_keys, calls, block, INDEX_PHASES)
+            for n, got in zip(sorted(s.index_sizes), got_all):
+                out["sizes"][n][name] = got
+        for n, (_, _, pid) in zip(sorted(s.index_sizes), targets):
+            out["sizes"][n]["memory_after_calls"] = proc_status(pid)
     return out
 
-
-# ---- part: clients -----------------------------------------------------------------------------
 
 def worker(spec: dict) -> None:
     """One client process: rounds of put_many + get_many + delete (or the same copies with numpy)
@@ -510,13 +528,15 @@ def rows(r: dict) -> list[dict]:
                 a, b = lo[f"calls_{n_keys}"][kind], hi[f"calls_{n_keys}"][kind]
                 raw = hi[f"calls_{n_keys}"]["raw socket echo"]["median"]
                 growth = b["median"] / a["median"]
-                # the bare gRPC echo of the same rounds slows down too at the large size (the machine
-                # drifts, and the big index evicts every process's cache lines): shown, not used
+                # the bare gRPC echo between the large index's calls can be slower too (that index
+                # evicts every process's cache lines; in runs before the sizes took turns, the
+                # machine's drift too): shown, not used
                 echo = hi[f"calls_{n_keys}"]["bare gRPC echo"]["median"] / lo[f"calls_{n_keys}"]["bare gRPC echo"]["median"]
+                beside = "between each size's calls" if ix.get("calls") == "interleaved" else "of the same rounds"
                 add(f"{kind} of {n_keys} key{'s' if n_keys > 1 else ''} at {fmt_count(int(sizes[-1]))} blocks, "
                     f"median (p99 {b['p99']:.3f} ms)", b["median"], "ms", raw, "raw socket echo", b["median"] / raw,
                     f"<= {TARGET_GROWTH}x its median at {fmt_count(int(sizes[0]))} ({growth:.2f}x; the bare gRPC "
-                    f"echo of the same rounds {echo:.2f}x)",
+                    f"echo {beside} {echo:.2f}x)",
                     growth <= TARGET_GROWTH, "a per-call cost grows with the index (a scan, a rehash stall)")
     cs = r.get("clients")
     if cs:
@@ -561,9 +581,13 @@ def markdown(r: dict, command: str) -> str:
     ix = r.get("index")
     if ix:
         sizes = sorted(ix["sizes"], key=int)
+        interleaved = ix.get("calls") == "interleaved"
+        where = ("one daemon per size, each arena its blocks plus 256 MiB; the calls of all sizes in the same "
+                 "rounds" if interleaved else f"one daemon filled size after size, arena "
+                 f"{ix['arena_bytes'] / GiB:.2f} GiB; each size's calls after its fill")
         lines += ["### Index memory and call latency against block count", "",
-                  f"Blocks of {fmt_size(ix['block_bytes'])}, {ix['key_bytes']}-byte keys, arena "
-                  f"{ix['arena_bytes'] / GiB:.2f} GiB. Memory: the daemon's private memory (RssAnon) above the "
+                  f"Blocks of {fmt_size(ix['block_bytes'])}, {ix['key_bytes']}-byte keys, {where}. "
+                  "Memory: the daemon's private memory (RssAnon) above the "
                   "empty, warmed-up daemon, and the slot table file, per block. The daemon collapses its "
                   "index into 2 MiB pages every 2 s here (`server.huge_pages_s`, 30 s by default); each size "
                   "is measured once that has settled.", "",
@@ -571,8 +595,9 @@ def markdown(r: dict, command: str) -> str:
                   "on 2 MiB pages | slot table per block |", "|---:|---:|---:|---:|---:|---:|"]
         for n in sizes:
             x = ix["sizes"][n]
+            empty = x.get("empty", ix.get("empty"))
             lines.append(f"| {int(n):,} | {x['fill_blocks_per_s']:,.0f} | "
-                         f"{(x['memory']['RssAnon'] - ix['empty']['RssAnon']) / MiB:,.1f} MiB | "
+                         f"{(x['memory']['RssAnon'] - empty['RssAnon']) / MiB:,.1f} MiB | "
                          f"{x['anon_bytes_per_block']:.0f} B | "
                          f"{x['memory'].get('AnonHugePages', 0) / MiB:,.0f} MiB | {x['slot_table_bytes_per_block']:.0f} B |")
         for n_keys in (1, 256):
