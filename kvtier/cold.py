@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -776,7 +777,13 @@ def _pwritev_all(fd: int, bufs: list, offset: int) -> None:
     done = os.pwritev(fd, bufs, offset)
     if done == total:
         return
-    flat = memoryview(b"".join(bytes(b) for b in bufs))  # rare: short write, finish buffered-style
+    # rare (a filesystem filling up): a short write; finish buffered. The rest starts at no page
+    # boundary in no aligned buffer, which O_DIRECT refuses (EINVAL, hiding the real error), so
+    # the descriptor leaves O_DIRECT first
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & getattr(os, "O_DIRECT", 0):
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+    flat = memoryview(b"".join(bytes(b) for b in bufs))
     while done < total:
         done += os.pwrite(fd, flat[done:], offset + done)
 

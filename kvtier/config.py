@@ -171,6 +171,9 @@ class ServerConfig:
     data_listen: str = ""
     # Serve the framed data channel (fast inline bytes) beside gRPC.
     data_channel: bool = True
+    # Data-channel connections served at once, Unix and TCP together (each holds a thread of the
+    # daemon); further ones are closed at once, logged and counted (kvtier_data_connections_refused_total).
+    data_max_connections: int = 1024
     # Largest gRPC message accepted or sent, bytes.
     max_message_bytes: int = 64 * MiB
     # Most keys in one batch call.
@@ -430,6 +433,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"ram.capacity: at least 4MiB, got {r.capacity}")
     for name, val in (("ram.lease_ms", r.lease_ms), ("ram.reservation_ms", r.reservation_ms),
                       ("ram.max_ttl_ms", r.max_ttl_ms), ("server.max_batch", s.max_batch),
+                      ("server.data_max_connections", s.data_max_connections),
                       ("ram.max_block_bytes", r.max_block_bytes), ("server.max_message_bytes", s.max_message_bytes)):
         if val <= 0:
             raise ConfigError(f"{name}: must be > 0, got {val}")

@@ -88,6 +88,8 @@ PAYLOAD_TIMEOUT_S = 60.0
 # rate, however it trickles (each read has PAYLOAD_TIMEOUT_S on its own)
 PAYLOAD_MIN_RATE = 1 << 20  # bytes per second
 HELLO_TIMEOUT_S = 10.0  # a daemon with tenants closes a connection with no valid HELLO by then
+HANDSHAKE_TIMEOUT_S = 10.0  # a TLS handshake must be over by then, however its bytes trickle
+REFUSED_LOG_S = 10.0    # a full connection table is logged at most this often
 ACCEPT_BACKOFF_S = 0.1  # after a failed accept (EMFILE...): retry, without spinning
 _ZERO = bytes(CHECKSUM_SIZE)
 
@@ -190,13 +192,18 @@ class DataServer:
 
     def __init__(self, hot, view: memoryview, verify: str, unix_path: str | None = None,
                  tcp: tuple[str, int] | None = None, socket_mode: int = 0o660, access=None, tls=None,
-                 calls=None, max_call_bytes: int = 4 << 20):
+                 calls=None, max_call_bytes: int = 4 << 20, max_connections: int = 1024):
         from .auth import AllowAll
         self.hot, self.view, self.verify = hot, view, verify  # ram.verify_on_commit: "sync", "background", "off"
         self.access = access or AllowAll()
         self.tls = tls  # ssl.SSLContext for TCP connections, or None
         self.calls = calls  # (method, payload, token, peer) -> (status, details, response), or None
         self.max_call_bytes = max_call_bytes
+        # connections served at once (each holds a thread); one more is closed at accept
+        self.max_connections = max_connections
+        self.open_connections = 0
+        self.refused_connections = 0  # closed at accept because max_connections were open
+        self._refused_logged = float("-inf")
         self.stopping = False  # new CALLs are UNAVAILABLE, as gRPC answers new calls while it drains
         self._socks: list[socket.socket] = []
         self._conns: set[socket.socket] = set()
@@ -241,7 +248,9 @@ class DataServer:
     def _wrap(self, conn: socket.socket) -> socket.socket:
         if self.tls is None or conn.family == socket.AF_UNIX:
             return conn
-        conn.settimeout(10)
+        # one deadline for the whole handshake (CPython's do_handshake takes the socket's timeout
+        # as that, not per read): a peer trickling its bytes cannot keep this thread
+        conn.settimeout(HANDSHAKE_TIMEOUT_S)
         tconn = self.tls.wrap_socket(conn, server_side=True)  # handshake; raises on a bad client cert
         tconn.settimeout(None)
         return tconn
@@ -262,21 +271,42 @@ class DataServer:
                 if self._closed:
                     conn.close()
                     return
+                full = self.open_connections >= self.max_connections
+                if full:
+                    self.refused_connections += 1
+                else:
+                    self.open_connections += 1
+            if full:
+                conn.close()
+                now = time.monotonic()
+                if now - self._refused_logged >= REFUSED_LOG_S:
+                    self._refused_logged = now
+                    log.warning("data channel: %d connections open (server.data_max_connections), "
+                                "closing new ones; %d closed so far", self.max_connections,
+                                self.refused_connections)
+                continue
             try:
                 tune(conn)
-                threading.Thread(target=self._serve_wrapped, args=(conn,), daemon=True,
+                threading.Thread(target=self._serve_counted, args=(conn,), daemon=True,
                                  name="kvtier-data-conn").start()
             except (OSError, RuntimeError) as e:  # reset already, or no thread to be had: drop this one
                 log.warning("data channel: connection dropped: %s", e)
                 conn.close()
+                with self._lock:
+                    self.open_connections -= 1
+
+    def _serve_counted(self, conn: socket.socket) -> None:
+        try:
+            self._serve_wrapped(conn)
+        finally:
+            with self._lock:
+                self.open_connections -= 1
 
     def _serve_wrapped(self, conn: socket.socket) -> None:
         try:
             conn = self._wrap(conn)
         except (OSError, ValueError) as e:
             log.warning("data channel: TLS handshake failed: %s", e)
-            with self._lock:
-                self._conns.discard(conn)
             conn.close()
             return
         with self._lock:

@@ -85,6 +85,14 @@ class _StoreCollector:
                             "2 MiB pages (MADV_COLLAPSE).")
         collapsed.add_metric([], hp.collapsed_bytes)
         yield from (huge, collapsed)
+        if self.d.data is not None:
+            dc = self.d.data
+            conns = gauge("data_connections", "Data-channel connections open (server.data_max_connections at most).")
+            conns.add_metric([], dc.open_connections)
+            refused = counter("data_connections_refused", "Data-channel connections closed at accept: "
+                              "server.data_max_connections were open.")
+            refused.add_metric([], dc.refused_connections)
+            yield from (conns, refused)
 
         info = gauge("info", "Daemon version.", ["version"])
         info.add_metric([__version__], 1)

@@ -1,7 +1,10 @@
 """Tenants, tokens and TLS: isolation for every RPC, on every transport."""
 import hashlib
 import os
+import select
+import socket
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -11,6 +14,8 @@ from kvtier.client import TLS, Client
 from kvtier.datachannel import DataConnection
 from kvtier.v1 import kvtier_pb2 as pb
 from kvtier.v1 import kvtier_pb2_grpc as pb_grpc
+
+from conftest import wait_until
 
 TOKEN_A, TOKEN_B = "token-of-a-" + "x" * 20, "token-of-b-" + "y" * 20
 
@@ -238,6 +243,34 @@ def test_mutual_tls(make_daemon, pki):
         assert c.get("t", KEY) == b"mutual" and c.path == "data"
     with pytest.raises(errors.KvtierError):
         Client(d.tcp_address, tls=TLS(ca=str(pki / "ca.pem")), attach=False, timeout=2).stats()
+
+
+def test_a_tls_handshake_that_trickles_is_cut_off(make_daemon, pki, monkeypatch):
+    """The data channel's TLS handshake has HANDSHAKE_TIMEOUT_S in all, not per read: a peer
+    sending a byte now and then would otherwise keep a thread of the daemon for ever."""
+    from kvtier import datachannel
+    monkeypatch.setattr(datachannel, "HANDSHAKE_TIMEOUT_S", 1.0, raising=False)
+    d = _tls_daemon(make_daemon, pki, mutual=False)
+    dc = d.daemon.data
+    host, port = datachannel.parse_address(next(a for a in dc.addresses if a.startswith("tcp://")))[1]
+    hello = b"\x16\x03\x01\x02\x00" + b"\x01" * 64      # a TLS record header, then slowly its body
+    s = socket.create_connection((host, port), timeout=5)
+    closed, t0 = False, time.monotonic()
+    try:
+        for b in hello:
+            s.sendall(bytes([b]))
+            r, _, _ = select.select([s], [], [], 0.25)
+            if r and not s.recv(1):
+                closed = True
+                break
+    except ConnectionError:
+        closed = True
+    s.close()
+    assert closed and time.monotonic() - t0 < 8
+    wait_until(lambda: dc.open_connections == 0, what="the connection's thread gone")
+    with Client(d.tcp_address, tls=TLS(ca=str(pki / "ca.pem")), attach=False, timeout=5) as c:
+        c.put("t", KEY, b"after")
+        assert c.get("t", KEY) == b"after" and c.path == "data"
 
 
 def test_example_tenants_file_loads():

@@ -1048,3 +1048,28 @@ def test_a_read_whose_buffer_went_away_is_a_miss_and_keeps_the_file(tmp_path, bo
         assert os.path.exists(path_of(tier, key(1)))
     assert tier.stats.checksum_failures == 0 and tier.stats.misses == 2
     assert read(tier, key(1)) == data
+
+
+def test_a_short_direct_write_is_finished_without_o_direct(tmp_path, monkeypatch):
+    """A short O_DIRECT write (a filesystem filling up) is finished buffered: the rest starts off
+    a page boundary, which O_DIRECT refuses with EINVAL."""
+    if not probe_direct(str(tmp_path)):
+        pytest.skip("no O_DIRECT on this filesystem")
+    buf = mmap.mmap(-1, 4 * C.PAGE)
+    buf[:] = os.urandom(len(buf))
+    path = str(tmp_path / "f")
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
+    real, calls = os.pwritev, []
+
+    def short(fd_, bufs, offset):
+        calls.append(offset)
+        if len(calls) == 1:
+            return real(fd_, [memoryview(bufs[0])[:C.PAGE]], offset) - 100  # 1 page written, 100 B "lost"
+        return real(fd_, bufs, offset)
+    monkeypatch.setattr(os, "pwritev", short)
+    try:
+        C._pwritev_all(fd, [memoryview(buf)], 0)
+    finally:
+        os.close(fd)
+    with open(path, "rb") as f:
+        assert f.read() == bytes(buf)

@@ -272,3 +272,38 @@ def test_a_put_that_trickles_loses_its_reservation(make_daemon, monkeypatch):
         c.put(NS, b"t" * 16, b"whole")  # the daemon serves on
         assert c.get(NS, b"t" * 16) == b"whole"
     s.close()
+
+
+def test_connections_beyond_the_limit_are_closed_at_accept(make_daemon):
+    """server.data_max_connections: one connection more is closed at once and counted; the open
+    ones keep being served, and a place freed by a closed connection is taken again."""
+    d = make_daemon(server={"data_max_connections": 3})
+    dc = d.daemon.data
+    path = parse_address(next(a for a in dc.addresses if a.startswith("unix://")))[1]
+    ping = _request(OP_PING, b"", b"", req_id=7)
+
+    def connect() -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(path)
+        return s
+
+    held = [connect() for _ in range(3)]
+    for s in held:
+        s.sendall(ping)
+        assert _answer(s)[0] == 0
+    assert dc.open_connections == 3
+    extra = connect()
+    assert extra.recv(1) == b""                      # closed without an answer
+    assert dc.refused_connections == 1
+    held[0].sendall(ping)
+    assert _answer(held[0])[0] == 0
+    held.pop(0).close()
+    wait_until(lambda: dc.open_connections == 2, what="the closed connection's place freed")
+    again = connect()
+    again.sendall(ping)
+    assert _answer(again)[0] == 0
+    for s in (*held, extra, again):
+        s.close()
+    wait_until(lambda: dc.open_connections == 0, what="every connection's place freed")
+    assert dc.refused_connections == 1
