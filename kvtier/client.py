@@ -254,7 +254,10 @@ class _DataCall:
                 conn.close()
                 raise errors.DeadlineExceeded(f"data channel: no answer within {self.ops.timeout}s") from None
             except (OSError, ConnectionError) as e:
+                refused = conn.refusal()  # turned away (server.data_max_connections): say so
                 conn.close()
+                if refused is not None:
+                    raise refused from None
                 if attempt or self.stopped:
                     raise errors.Unavailable(f"data channel: {e}") from None
                 continue

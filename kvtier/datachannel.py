@@ -90,6 +90,7 @@ PAYLOAD_MIN_RATE = 1 << 20  # bytes per second
 HELLO_TIMEOUT_S = 10.0  # a daemon with tenants closes a connection with no valid HELLO by then
 HANDSHAKE_TIMEOUT_S = 10.0  # a TLS handshake must be over by then, however its bytes trickle
 REFUSED_LOG_S = 10.0    # a full connection table is logged at most this often
+REFUSAL_ID = 0          # the request id of the frame a connection turned away gets (clients start at 1)
 ACCEPT_BACKOFF_S = 0.1  # after a failed accept (EMFILE...): retry, without spinning
 _ZERO = bytes(CHECKSUM_SIZE)
 
@@ -277,7 +278,7 @@ class DataServer:
                 else:
                     self.open_connections += 1
             if full:
-                conn.close()
+                self._turn_away(conn)
                 now = time.monotonic()
                 if now - self._refused_logged >= REFUSED_LOG_S:
                     self._refused_logged = now
@@ -294,6 +295,21 @@ class DataServer:
                 conn.close()
                 with self._lock:
                     self.open_connections -= 1
+
+    def _turn_away(self, conn: socket.socket) -> None:
+        """Close a connection past max_connections. Without TLS it first gets one frame that says
+        why (request id 0, RESOURCE_EXHAUSTED), sent without waiting: the client raises that in
+        place of a bare reset. A TLS client expects a handshake, which would need a thread."""
+        if self.tls is None or conn.family == socket.AF_UNIX:
+            msg = (f"the daemon serves {self.max_connections} data-channel connections at once "
+                   "(server.data_max_connections), all taken").encode()
+            try:
+                conn.setblocking(False)
+                conn.send(RESP.pack(RESP_MAGIC, errors.ResourceExhausted.code.value[0], 0, len(msg), 0,
+                                    REFUSAL_ID, _ZERO) + msg)
+            except OSError:
+                pass
+        conn.close()
 
     def _serve_counted(self, conn: socket.socket) -> None:
         try:
@@ -806,7 +822,7 @@ class DataConnection:
         """Read one response header (+ message); raise on error status. Returns (info, length, digest)."""
         recv_exact(self.sock, memoryview(self._hdr))
         magic, status, info, msg_len, length, rid, digest = RESP.unpack(self._hdr)
-        if magic != RESP_MAGIC or rid != req_id:
+        if magic != RESP_MAGIC or (rid != req_id and not (rid == REFUSAL_ID and status)):
             self.broken = True
             raise errors.Internal(f"data channel out of sync (got request {rid}, expected {req_id})")
         msg = b""
@@ -814,8 +830,28 @@ class DataConnection:
             msg = bytearray(msg_len)
             recv_exact(self.sock, memoryview(msg))
         if status:
+            if rid == REFUSAL_ID:  # the daemon turned this connection away
+                self.broken = True
             raise errors.from_status(status, bytes(msg).decode("utf-8", "replace"))
         return info, length, digest
+
+    def refusal(self) -> errors.KvtierError | None:
+        """After a send on this connection failed: the daemon's reason for turning it away, when
+        it sent one before closing it (read without waiting), else None."""
+        if isinstance(self.sock, ssl.SSLSocket):
+            return None
+        try:
+            self.sock.setblocking(False)
+            got = self.sock.recv(RESP.size + 65535, socket.MSG_PEEK)
+        except OSError:
+            return None
+        if len(got) < RESP.size:
+            return None
+        magic, status, _, msg_len, _, rid, _ = RESP.unpack_from(got)
+        if magic != RESP_MAGIC or rid != REFUSAL_ID or not status:
+            return None
+        self.broken = True
+        return errors.from_status(status, got[RESP.size:RESP.size + msg_len].decode("utf-8", "replace"))
 
     def call(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
         """A unary RPC (CALL frame): the serialized request in, the serialized response out;

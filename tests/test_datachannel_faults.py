@@ -294,8 +294,15 @@ def test_connections_beyond_the_limit_are_closed_at_accept(make_daemon):
         assert _answer(s)[0] == 0
     assert dc.open_connections == 3
     extra = connect()
-    assert extra.recv(1) == b""                      # closed without an answer
+    status, msg, _, rid = _answer(extra)             # one frame that says why, then the end
+    assert (status, rid) == (errors.ResourceExhausted.code.value[0], datachannel.REFUSAL_ID)
+    assert "server.data_max_connections" in msg
+    assert extra.recv(1) == b""
     assert dc.refused_connections == 1
+    with Client(d.address, attach=False, timeout=5) as c:  # a client turned away says why
+        with pytest.raises(errors.ResourceExhausted, match="data_max_connections"):
+            c.put(NS, b"k" * 16, b"v" * 100)
+    assert dc.refused_connections >= 2
     held[0].sendall(ping)
     assert _answer(held[0])[0] == 0
     held.pop(0).close()
@@ -306,4 +313,3 @@ def test_connections_beyond_the_limit_are_closed_at_accept(make_daemon):
     for s in (*held, extra, again):
         s.close()
     wait_until(lambda: dc.open_connections == 0, what="every connection's place freed")
-    assert dc.refused_connections == 1
