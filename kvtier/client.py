@@ -254,10 +254,7 @@ class _DataCall:
                 conn.close()
                 raise errors.DeadlineExceeded(f"data channel: no answer within {self.ops.timeout}s") from None
             except (OSError, ConnectionError) as e:
-                refused = conn.refusal()  # turned away (server.data_max_connections): say so
                 conn.close()
-                if refused is not None:
-                    raise refused from None
                 if attempt or self.stopped:
                     raise errors.Unavailable(f"data channel: {e}") from None
                 continue
@@ -375,9 +372,11 @@ class _Ops:
 
     def _connect_data(self, address: str) -> DataConnection:
         # the client's timeout bounds every wait on the connection, as it bounds a gRPC call
+        # confirmed by a first round trip: a connection the daemon turns away (all of
+        # server.data_max_connections taken) fails here, and unary calls then go over gRPC
         conn = DataConnection(address, timeout=self.timeout, token=self.token,
                               tls=self.tls.ssl_context() if self.tls else None,
-                              server_hostname=self.tls.server_name if self.tls else None)
+                              server_hostname=self.tls.server_name if self.tls else None, confirm=True)
         conn.version = self.info.data_channel_version or 1
         return conn
 

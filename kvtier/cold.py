@@ -785,7 +785,10 @@ def _pwritev_all(fd: int, bufs: list, offset: int) -> None:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
     flat = memoryview(b"".join(bytes(b) for b in bufs))
     while done < total:
-        done += os.pwrite(fd, flat[done:], offset + done)
+        n = os.pwrite(fd, flat[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "a write made no progress")
+        done += n
 
 
 def _preadv_full(fd: int, bufs: list, offset: int) -> int:

@@ -172,7 +172,8 @@ class ServerConfig:
     # Serve the framed data channel (fast inline bytes) beside gRPC.
     data_channel: bool = True
     # Data-channel connections served at once, Unix and TCP together (each holds a thread of the
-    # daemon); further ones are closed at once, logged and counted (kvtier_data_connections_refused_total).
+    # daemon); further ones are closed at once, told why, logged and counted
+    # (kvtier_data_connections_refused_total).
     data_max_connections: int = 1024
     # Largest gRPC message accepted or sent, bytes.
     max_message_bytes: int = 64 * MiB

@@ -307,6 +307,11 @@ class DataServer:
                 conn.setblocking(False)
                 conn.send(RESP.pack(RESP_MAGIC, errors.ResourceExhausted.code.value[0], 0, len(msg), 0,
                                     REFUSAL_ID, _ZERO) + msg)
+                # what the client sent already: left unread, TCP would answer the close with a
+                # reset, which can reach the client before it reads the frame
+                for _ in range(4):
+                    if not conn.recv(1 << 16):
+                        break
             except OSError:
                 pass
         conn.close()
@@ -326,6 +331,9 @@ class DataServer:
             conn.close()
             return
         with self._lock:
+            if self._closed:  # close() ran meanwhile and did not see this one
+                conn.close()
+                return
             self._conns.add(conn)
             if self.access.enabled:  # a peer without a token gets HELLO_TIMEOUT_S, then is cut off
                 self._unauthenticated[conn] = time.monotonic() + HELLO_TIMEOUT_S
@@ -773,27 +781,46 @@ class DataConnection:
     """One blocking client connection. Not thread-safe: use one per thread."""
 
     def __init__(self, address: str, timeout: float | None = 30.0, token: str | None = None, tls=None,
-                 server_hostname: str | None = None):
+                 server_hostname: str | None = None, confirm: bool = False):
+        """confirm: without a token (whose HELLO is answered), PING once, so that a connection the
+        daemon turns away (server.data_max_connections) raises here, not at its first use."""
         fam, sa = parse_address(address)
         self.timeout = timeout
         self.broken = False  # out of step with the daemon: close, never reuse
         self.owed = 0  # id of a call sent whose answer nobody waited for (read before the next use)
         self.sock = socket.socket(fam, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        tune(self.sock)
-        self.sock.connect(sa)
-        if tls is not None and fam != socket.AF_UNIX:
-            self.sock = tls.wrap_socket(self.sock, server_hostname=server_hostname or sa[0])
-        self._poll = select.poll()
-        self._poll.register(self.sock, select.POLLIN)
-        self._hdr = bytearray(RESP.size)
-        self._next = 1
-        self.version = 1  # the daemon's data_channel_version (Attach); 2 and up: batched frames
-        if token:
-            tok = token.encode()
-            head, rid = self._request(OP_HELLO, "", b"", len(tok))
-            self.sock.sendall(head + tok)
+        try:
+            self.sock.settimeout(timeout)
+            tune(self.sock)
+            self.sock.connect(sa)
+            if tls is not None and fam != socket.AF_UNIX:
+                self.sock = tls.wrap_socket(self.sock, server_hostname=server_hostname or sa[0])
+            self._poll = select.poll()
+            self._poll.register(self.sock, select.POLLIN)
+            self._hdr = bytearray(RESP.size)
+            self._next = 1
+            self.version = 1  # the daemon's data_channel_version (Attach); 2 and up: batched frames
+            if token:
+                tok = token.encode()
+                head, rid = self._request(OP_HELLO, "", b"", len(tok))
+                self._greet(head + tok, rid)
+            elif confirm:
+                self._greet(*self._request(OP_PING, "", b""))
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _greet(self, frame: bytes, rid: int) -> None:
+        """The connection's first round trip. Closed on us, it raises the daemon's reason for
+        turning it away when one is waiting unread (the send can fail before it is read)."""
+        try:
+            self.sock.sendall(frame)
             self._response(rid)
+        except OSError:
+            refused = self.refusal()
+            if refused is not None:
+                raise refused from None
+            raise
 
     def close(self) -> None:
         self.sock.close()
@@ -836,8 +863,8 @@ class DataConnection:
         return info, length, digest
 
     def refusal(self) -> errors.KvtierError | None:
-        """After a send on this connection failed: the daemon's reason for turning it away, when
-        it sent one before closing it (read without waiting), else None."""
+        """After this connection failed: the daemon's reason for turning it away, when it sent
+        one before closing it (looked for without waiting), else None."""
         if isinstance(self.sock, ssl.SSLSocket):
             return None
         try:

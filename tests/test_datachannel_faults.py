@@ -299,10 +299,16 @@ def test_connections_beyond_the_limit_are_closed_at_accept(make_daemon):
     assert "server.data_max_connections" in msg
     assert extra.recv(1) == b""
     assert dc.refused_connections == 1
-    with Client(d.address, attach=False, timeout=5) as c:  # a client turned away says why
-        with pytest.raises(errors.ResourceExhausted, match="data_max_connections"):
-            c.put(NS, b"k" * 16, b"v" * 100)
-    assert dc.refused_connections >= 2
+    with pytest.raises(errors.ResourceExhausted, match="data_max_connections"):  # told at its first round trip
+        DataConnection(dc.addresses[0], timeout=5, confirm=True)
+    assert dc.refused_connections == 2
+    for attach, bytes_path in ((True, "arena"), (False, "grpc")):  # clients turned away go over gRPC
+        with Client(d.address, attach=attach, timeout=5) as c:
+            c.put(NS, b"k" * 16, b"v" * 100, overwrite=True)
+            assert c.get(NS, b"k" * 16) == b"v" * 100
+            assert (c.path, c.control) == (bytes_path, "grpc")
+            wait_until(lambda: (c.stats().leases, c.stats().reservations) == (0, 0), what="nothing held")
+    assert dc.refused_connections == 4
     held[0].sendall(ping)
     assert _answer(held[0])[0] == 0
     held.pop(0).close()
