@@ -1098,6 +1098,13 @@ class AsyncClient:
     path = Client.path
     control = Client.control
     checksum_failures = Client.checksum_failures
+    arena_view = Client.arena_view
+
+    @property
+    def info(self) -> pb.AttachResponse | None:
+        """The daemon's Attach answer (arena path and size, limits, version): None until the
+        first call, or ``await attach()``, has attached."""
+        return self._ops.info
 
     async def close(self) -> None:
         self._ops.close()

@@ -545,6 +545,10 @@ def test_async_client(daemon, path):
 def test_async_client_zero_copy(daemon, control):
     async def main():
         async with AsyncClient(daemon.address, control=control) as c:
+            assert c.info is None and c.arena_view() is None
+            info = await c.attach()
+            assert c.info is info and info.arena_size > 0
+            assert len(c.arena_view()) == info.arena_size  # what a GPU registers for DMA
             k = key("async-zc")
             res = await c.reserve(NS, [k], [9])
             res.views[0][:] = b"zerocopy!"
