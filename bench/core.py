@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.core --json bench-core.json           # full run, about a minute
     .venv/bin/python -m bench.core --quick --json bench-quick.json  # under a minute
     .venv/bin/python -m bench.core --settle 900 --json bench-core.json   # shared machine: wait for quiet
-    .venv/bin/python -m bench.core --parts arena                    # the arena path against memcpy alone, ~40 s
+    .venv/bin/python -m bench.core --parts arena                    # the arena path against memcpy alone, ~50 s
 
 Run from the repository root. Every server is its own process, so the client and
 the server never share a GIL: the daemon (``python -m kvtier.cli serve``, arena on

@@ -582,8 +582,8 @@ def markdown(r: dict, command: str) -> str:
     if ix:
         sizes = sorted(ix["sizes"], key=int)
         interleaved = ix.get("calls") == "interleaved"
-        where = ("one daemon per size, each arena its blocks plus 256 MiB; the calls of all sizes in the same "
-                 "rounds" if interleaved else f"one daemon filled size after size, arena "
+        where = (f"one daemon per size, each arena its blocks plus 256 MiB; the sizes' calls in "
+                 f"{ix.get('phases', 1)} phases that take turns" if interleaved else f"one daemon filled size after size, arena "
                  f"{ix['arena_bytes'] / GiB:.2f} GiB; each size's calls after its fill")
         lines += ["### Index memory and call latency against block count", "",
                   f"Blocks of {fmt_size(ix['block_bytes'])}, {ix['key_bytes']}-byte keys, {where}. "
