@@ -203,12 +203,16 @@ class DataServer:
         # connections served at once (each holds a thread); one more is closed at accept
         self.max_connections = max_connections
         self.open_connections = 0
-        self.refused_connections = 0  # closed at accept because max_connections were open
+        # closed at accept because max_connections were open, or cut off while waiting to
+        # authenticate because max_pending others waited
+        self.refused_connections = 0
+        self.max_pending = max(8, max_connections // 16)
         self._refused_logged = float("-inf")
         self.stopping = False  # new CALLs are UNAVAILABLE, as gRPC answers new calls while it drains
         self._socks: list[socket.socket] = []
         self._conns: set[socket.socket] = set()
-        self._unauthenticated: dict[socket.socket, float] = {}  # conn -> when it must have sent HELLO
+        # conn -> when it must have finished its TLS handshake / sent its HELLO; oldest first
+        self._unauthenticated: dict[socket.socket, float] = {}
         self._reaping = False
         self._lock = threading.Lock()
         self._closed = False
@@ -246,16 +250,6 @@ class DataServer:
             s.listen(128)
             threading.Thread(target=self._accept_loop, args=(s,), daemon=True, name="kvtier-data-accept").start()
 
-    def _wrap(self, conn: socket.socket) -> socket.socket:
-        if self.tls is None or conn.family == socket.AF_UNIX:
-            return conn
-        # one deadline for the whole handshake (CPython's do_handshake takes the socket's timeout
-        # as that, not per read): a peer trickling its bytes cannot keep this thread
-        conn.settimeout(HANDSHAKE_TIMEOUT_S)
-        tconn = self.tls.wrap_socket(conn, server_side=True)  # handshake; raises on a bad client cert
-        tconn.settimeout(None)
-        return tconn
-
     def _accept_loop(self, lsock: socket.socket) -> None:
         while not self._closed:
             try:
@@ -279,12 +273,8 @@ class DataServer:
                     self.open_connections += 1
             if full:
                 self._turn_away(conn)
-                now = time.monotonic()
-                if now - self._refused_logged >= REFUSED_LOG_S:
-                    self._refused_logged = now
-                    log.warning("data channel: %d connections open (server.data_max_connections), "
-                                "closing new ones; %d closed so far", self.max_connections,
-                                self.refused_connections)
+                self._log_refused(f"{self.max_connections} connections open (server.data_max_connections), "
+                                  "closing new ones")
                 continue
             try:
                 tune(conn)
@@ -295,6 +285,12 @@ class DataServer:
                 conn.close()
                 with self._lock:
                     self.open_connections -= 1
+
+    def _log_refused(self, what: str) -> None:
+        now = time.monotonic()
+        if now - self._refused_logged >= REFUSED_LOG_S:  # at most every REFUSED_LOG_S
+            self._refused_logged = now
+            log.warning("data channel: %s; %d refused so far", what, self.refused_connections)
 
     def _turn_away(self, conn: socket.socket) -> None:
         """Close a connection past max_connections. Without TLS it first gets one frame that says
@@ -324,23 +320,50 @@ class DataServer:
                 self.open_connections -= 1
 
     def _serve_wrapped(self, conn: socket.socket) -> None:
-        try:
-            conn = self._wrap(conn)
-        except (OSError, ValueError) as e:
-            log.warning("data channel: TLS handshake failed: %s", e)
-            conn.close()
-            return
+        tls = self.tls is not None and conn.family != socket.AF_UNIX
+        if tls:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+                with self._lock:
+                    self._pend(conn, HANDSHAKE_TIMEOUT_S)
+                # one deadline for the whole handshake (CPython's do_handshake takes the socket's
+                # timeout as that, not per read): a peer trickling its bytes cannot keep this thread
+                conn.settimeout(HANDSHAKE_TIMEOUT_S)
+                conn.do_handshake()  # raises on a bad client cert
+                conn.settimeout(None)
+            except (OSError, ValueError) as e:
+                log.warning("data channel: TLS handshake failed: %s", e)
+                with self._lock:  # off the list before its descriptor closes
+                    self._unauthenticated.pop(conn, None)
+                conn.close()
+                return
         with self._lock:
+            if tls:
+                self._unauthenticated.pop(conn, None)
             if self._closed:  # close() ran meanwhile and did not see this one
                 conn.close()
                 return
             self._conns.add(conn)
             if self.access.enabled:  # a peer without a token gets HELLO_TIMEOUT_S, then is cut off
-                self._unauthenticated[conn] = time.monotonic() + HELLO_TIMEOUT_S
-                if not self._reaping:
-                    self._reaping = True
-                    threading.Thread(target=self._reap, daemon=True, name="kvtier-data-reaper").start()
+                self._pend(conn, HELLO_TIMEOUT_S)
         self._serve(conn)
+
+    def _pend(self, conn: socket.socket, seconds: float) -> None:
+        """Under the lock: conn must authenticate (its TLS handshake; its HELLO with tenants)
+        within seconds, or it is cut off. At most max_pending connections wait at once: the one
+        waiting longest is cut off to make room, so peers that never authenticate cannot fill
+        the connection table, while a client that authenticates at once still gets in."""
+        while len(self._unauthenticated) >= self.max_pending:
+            oldest = next(iter(self._unauthenticated))
+            del self._unauthenticated[oldest]
+            self.refused_connections += 1
+            _cut(oldest)
+            self._log_refused(f"{self.max_pending} connections waiting to authenticate, cutting off "
+                              "the longest waiting")
+        self._unauthenticated[conn] = time.monotonic() + seconds
+        if not self._reaping:
+            self._reaping = True
+            threading.Thread(target=self._reap, daemon=True, name="kvtier-data-reaper").start()
 
     def _authenticated(self, conn: socket.socket) -> None:
         with self._lock:
@@ -348,17 +371,14 @@ class DataServer:
 
     def _reap(self) -> None:
         """Shut down the connections that did not authenticate in time (stalled, or trickling
-        bytes): their threads end. Runs while any connection waits for its HELLO."""
+        bytes): their threads end. Runs while any connection waits for its handshake or HELLO."""
         while True:
             time.sleep(min(1.0, HELLO_TIMEOUT_S / 4))
             now = time.monotonic()
             with self._lock:
                 for c in [c for c, t in self._unauthenticated.items() if t <= now]:
                     del self._unauthenticated[c]
-                    try:  # under the lock: its thread closes it only after taking it off the list
-                        c.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                    _cut(c)  # under the lock: its thread closes it only after taking it off the list
                 done = self._closed or not self._unauthenticated
                 if done:
                     self._reaping = False
@@ -752,6 +772,15 @@ class DataServer:
                 self.hot.release(a.lease_id)
             except errors.KvtierError:
                 pass
+
+
+def _cut(conn: socket.socket) -> None:
+    """Shut a connection down so its thread's reads and writes fail and it ends; the socket's own
+    shutdown, not SSLSocket's (which drops the TLS object under a thread still using it)."""
+    try:
+        socket.socket.shutdown(conn, socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _send_limit(lease_ms: int) -> float:

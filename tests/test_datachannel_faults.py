@@ -319,3 +319,25 @@ def test_connections_beyond_the_limit_are_closed_at_accept(make_daemon):
     for s in (*held, extra, again):
         s.close()
     wait_until(lambda: dc.open_connections == 0, what="every connection's place freed")
+
+
+def test_peers_that_never_authenticate_cannot_fill_the_table(make_daemon, tenants_file):
+    """With tenants, at most max_pending connections wait for their HELLO at once; each new one
+    cuts off the one waiting longest. A flood of peers without a token then holds a few places,
+    not all of server.data_max_connections, and a client with a token still gets in."""
+    d = make_daemon(auth={"tenants_file": tenants_file},
+                    server={"data_listen": "127.0.0.1:0", "insecure_tcp": True, "data_max_connections": 16})
+    dc = d.daemon.data
+    assert dc.max_pending == 8
+    flood = []
+    for i in range(24):
+        flood.append(_sock(d))
+        wait_until(lambda: (len(dc._unauthenticated), dc.refused_connections)
+                   == (min(i + 1, dc.max_pending), max(0, i + 1 - dc.max_pending)),
+                   what="the connection waiting, the one waiting longest cut off")
+    wait_until(lambda: dc.open_connections == dc.max_pending, what="the cut-off connections' threads gone")
+    _serves(d)  # a client with a token: served
+    assert sum(_closed(s) for s in flood[:-dc.max_pending]) == len(flood) - dc.max_pending
+    for s in flood:
+        s.close()
+    wait_until(lambda: dc.open_connections == 0, what="every place freed")
