@@ -23,6 +23,17 @@ from kvtier import config
 from kvtier.server import DaemonThread
 
 
+# vLLM opens its engine's ZeroMQ sockets under VLLM_RPC_BASE_PATH (the system's temp directory
+# unless set) and leaves them there; the tests' engines, in process or not, use one directory of
+# the run's own, removed at its end
+_VLLM_RPC_DIR = tempfile.mkdtemp(prefix="kvt-vllm-rpc-")
+os.environ.setdefault("VLLM_RPC_BASE_PATH", _VLLM_RPC_DIR)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_VLLM_RPC_DIR, ignore_errors=True)
+
+
 def _dirs():
     tag = uuid.uuid4().hex[:10]
     sock_dir = tempfile.mkdtemp(prefix=f"kvt-{tag}-")  # short: AF_UNIX paths are limited to 107 bytes
