@@ -43,6 +43,7 @@ import os
 import select
 import ssl
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generator, Iterable, Sequence
@@ -82,6 +83,9 @@ COPY_PARALLEL_MIN = 4 << 20
 COPY_BLOCK_MIN = 256 << 10
 _MAX_MSG = 256 << 20
 _RESPONSES = {m.name: getattr(pb, m.output_type.name) for m in pb.DESCRIPTOR.services_by_name["KVTier"].methods}
+# a client whose data connection the daemon turned away (all of server.data_max_connections
+# taken) or that could not be opened goes over gRPC, and tries the data channel again this much later
+DATA_RETRY_S = 5.0
 CONTROLS = ("auto", "grpc")  # where unary calls go: the data channel when there is one, or always gRPC
 
 
@@ -220,6 +224,29 @@ def _copy_all(jobs: list[tuple[memoryview, memoryview, bool]]) -> list[bytes | N
     return copying.spread(_copy_pool(), run, jobs, k)
 
 
+class _NoDataConnection(errors.Unavailable):
+    """No data connection could be had: none pooled, and a new one was turned away or could not
+    be opened. Nothing of the call was sent; the operation makes it over gRPC instead."""
+
+
+class _Probe:
+    """Open and confirm a new data connection, as a "call" (an AsyncClient makes it in a worker
+    thread, off its event loop): the connection, or None when the daemon turned it away or it
+    could not be opened."""
+
+    def __init__(self, ops: "_Ops", address: str, version: int):
+        self.ops, self.address, self.version = ops, address, version
+
+    def stop(self) -> None:
+        pass  # the connect is bounded by the client's timeout
+
+    def __call__(self) -> "DataConnection | None":
+        try:
+            return self.ops._connect_data(self.address, self.version)
+        except (OSError, errors.KvtierError):
+            return None
+
+
 class _DataCall:
     """fn(conn) on a pooled data connection, run by calling it. A broken connection is dropped,
     and the call is tried once more on a fresh one (puts and gets are idempotent). A timeout is
@@ -294,6 +321,7 @@ class _Ops:
         self._pool: list[DataConnection] = []
         self._pool_lock = threading.Lock()
         self._attach_lock = threading.Lock()
+        self._retry_at = 0.0  # when to try the data channel again after it was not to be had (0: no need)
 
     # ---- attach and batching ------------------------------------------------------------
 
@@ -304,6 +332,8 @@ class _Ops:
         call holds a view of it); an Attach answered by the daemon already attached to changes
         nothing."""
         if self.info is not None and not force:
+            if self._retry_at and time.monotonic() >= self._retry_at:
+                yield from self._retry_data()
             return self.info
         info = yield ("unary", "Attach", pb.AttachRequest())
         with self._attach_lock:  # never held across a yield: an AsyncClient's calls share a thread
@@ -324,18 +354,48 @@ class _Ops:
                 old, self._pool = self._pool, []
             for c in old:
                 c.close()
-            conn = None
-            if self.want_data and info.data_address and (arena is None or self.want_control):
-                try:
-                    conn = self._connect_data(info.data_address)
-                except (OSError, errors.KvtierError):
-                    conn = None
-            if conn is not None:
-                with self._pool_lock:
-                    self._pool.append(conn)
-            self.path = "arena" if arena is not None else ("data" if conn is not None else "grpc")
-            self.control = "data" if conn is not None and self.want_control else "grpc"
-            return info
+            self._retry_at = 0.0
+            self._data_off()  # until a data connection is confirmed below
+            wanted = self.want_data and info.data_address and (arena is None or self.want_control)
+        if wanted:
+            conn = yield ("call", _Probe(self, info.data_address, info.data_channel_version))
+            self._data_on(info, conn)
+        return info
+
+    def _data_off(self) -> None:
+        """Blocks and unary calls over gRPC (the arena's blocks stay in the arena)."""
+        self.path = "arena" if self.arena is not None else "grpc"
+        self.control = "grpc"
+
+    def _data_on(self, info: pb.AttachResponse, conn: "DataConnection | None") -> None:
+        """After a probe of the data channel for the daemon attached as info: conn pooled and
+        used, or (None) a try again DATA_RETRY_S later."""
+        with self._attach_lock:
+            if self.info is not info:  # attached again meanwhile: that attach probed for itself
+                if conn is not None:
+                    conn.close()
+                return
+            if conn is None:
+                self._retry_at = time.monotonic() + DATA_RETRY_S
+                return
+            self._retry_at = 0.0
+            with self._pool_lock:
+                self._pool.append(conn)
+            self.path = "arena" if self.arena is not None else "data"
+            self.control = "data" if self.want_control else "grpc"
+
+    def _retry_data(self):
+        info, self._retry_at = self.info, 0.0  # one try at a time: the others go on as they are
+        conn = yield ("call", _Probe(self, info.data_address, info.data_channel_version))
+        self._data_on(info, conn)
+
+    def _data_lost(self) -> None:
+        """No data connection could be had for a call: the following ones go over gRPC until the
+        data channel is tried again."""
+        with self._attach_lock:
+            if not self._retry_at:
+                self._data_off()
+                self._retry_at = time.monotonic() + DATA_RETRY_S
 
     def _batches(self, keys: Sequence[bytes]) -> Iterable[tuple[int, list[bytes]]]:
         step = self.info.max_batch or 1024
@@ -363,21 +423,24 @@ class _Ops:
         if conn is not None:
             return conn
         try:
-            return self._connect_data(self.info.data_address)
+            return self._connect_data(self.info.data_address, self.info.data_channel_version)
         except TimeoutError:
             raise errors.DeadlineExceeded(f"data channel {self.info.data_address}: no answer within "
                                           f"{self.timeout}s") from None
-        except OSError as e:
-            raise errors.Unavailable(f"data channel {self.info.data_address}: {e}") from None
+        except (OSError, errors.KvtierError) as e:
+            if isinstance(e, errors.DeadlineExceeded):
+                raise
+            self._data_lost()
+            raise _NoDataConnection(f"data channel {self.info.data_address}: {e}") from None
 
-    def _connect_data(self, address: str) -> DataConnection:
+    def _connect_data(self, address: str, version: int) -> DataConnection:
         # the client's timeout bounds every wait on the connection, as it bounds a gRPC call
         # confirmed by a first round trip: a connection the daemon turns away (all of
-        # server.data_max_connections taken) fails here, and unary calls then go over gRPC
+        # server.data_max_connections taken) fails here, and calls then go over gRPC
         conn = DataConnection(address, timeout=self.timeout, token=self.token,
                               tls=self.tls.ssl_context() if self.tls else None,
                               server_hostname=self.tls.server_name if self.tls else None, confirm=True)
-        conn.version = self.info.data_channel_version or 1
+        conn.version = version or 1
         return conn
 
     def _data(self, fn) -> "_DataCall":
@@ -424,8 +487,9 @@ class _Ops:
         conn = self._pooled()
         if conn is None:
             try:
-                conn = self._connect_data(self.info.data_address)
+                conn = self._connect_data(self.info.data_address, self.info.data_channel_version)
             except (OSError, errors.KvtierError):
+                self._data_lost()
                 return None
         return conn
 
@@ -703,11 +767,15 @@ class _Ops:
             for d in datas:  # the server would refuse and close the connection mid-send
                 if limit and len(d) > limit:
                     raise errors.TooLarge(f"block of {len(d)} bytes exceeds the largest accepted ({limit} bytes)")
-            res = yield ("call", self._data(lambda c: c.put_many(ns, list(zip(keys, datas)), overwrite)))
-            for r in res:
-                if isinstance(r, errors.KvtierError):
-                    raise r
-            return [r.status == 0 for r in res]
+            try:
+                res = yield ("call", self._data(lambda c: c.put_many(ns, list(zip(keys, datas)), overwrite)))
+            except _NoDataConnection:
+                res = None  # made over gRPC below
+            if res is not None:
+                for r in res:
+                    if isinstance(r, errors.KvtierError):
+                        raise r
+                return [r.status == 0 for r in res]
         chunk = max(4096, min(PUT_CHUNK, (self.info.max_message_bytes or PUT_CHUNK) - 4096))
         r = yield ("client_stream", "Put", _put_chunks(ns, keys, datas, overwrite, chunk))
         return [s == 0 for s in r.status]
@@ -799,8 +867,12 @@ class _Ops:
         if self.path == "arena":
             return (yield from self._stale_retry(self._arena_get, ns, list(keys), into))
         if self.path == "data":
-            res = yield ("call", self._data(lambda c: c.get_many(ns, list(keys), into, check=self._check)))
-            return [None if r is None else r[0] if into is not None else bytes(r[0]) for r in res]
+            try:
+                res = yield ("call", self._data(lambda c: c.get_many(ns, list(keys), into, check=self._check)))
+            except _NoDataConnection:
+                res = None  # made over gRPC below
+            if res is not None:
+                return [None if r is None else r[0] if into is not None else bytes(r[0]) for r in res]
         out = []
         for i, batch in self._batches(keys):
             packed, ks = pack_keys(batch)

@@ -89,7 +89,8 @@ PAYLOAD_TIMEOUT_S = 60.0
 PAYLOAD_MIN_RATE = 1 << 20  # bytes per second
 HELLO_TIMEOUT_S = 10.0  # a daemon with tenants closes a connection with no valid HELLO by then
 HANDSHAKE_TIMEOUT_S = 10.0  # a TLS handshake must be over by then, however its bytes trickle
-REFUSED_LOG_S = 10.0    # a full connection table is logged at most this often
+REFUSED_LOG_S = 10.0    # a full connection table (and failed TLS handshakes) logged at most this often
+CLOSE_WAIT_S = 2.0      # close() waits this long at most for the connections' threads to end
 REFUSAL_ID = 0          # the request id of the frame a connection turned away gets (clients start at 1)
 ACCEPT_BACKOFF_S = 0.1  # after a failed accept (EMFILE...): retry, without spinning
 _ZERO = bytes(CHECKSUM_SIZE)
@@ -204,18 +205,17 @@ class DataServer:
         self.max_connections = max_connections
         self.open_connections = 0
         # closed at accept because max_connections were open, or cut off while waiting to
-        # authenticate because max_pending others waited
+        # authenticate to make room for a new one at a full table
         self.refused_connections = 0
-        self.max_pending = max(8, max_connections // 16)
-        self._refused_logged = float("-inf")
+        self._logged: dict[str, float] = {}  # what _log_limited last logged, and when
         self.stopping = False  # new CALLs are UNAVAILABLE, as gRPC answers new calls while it drains
         self._socks: list[socket.socket] = []
         self._conns: set[socket.socket] = set()
         # conn -> when it must have finished its TLS handshake / sent its HELLO; oldest first
         self._unauthenticated: dict[socket.socket, float] = {}
-        self._reaping = False
         self._lock = threading.Lock()
         self._closed = False
+        self._closing = threading.Event()
         self.addresses: list[str] = []
         try:
             if unix_path:
@@ -247,8 +247,9 @@ class DataServer:
             self.close()  # what was bound before the failure: a daemon that does not start leaves nothing
             raise
         for s in self._socks:
-            s.listen(128)
+            s.listen(min(socket.SOMAXCONN, max(128, max_connections)))
             threading.Thread(target=self._accept_loop, args=(s,), daemon=True, name="kvtier-data-accept").start()
+        threading.Thread(target=self._reap, daemon=True, name="kvtier-data-reaper").start()
 
     def _accept_loop(self, lsock: socket.socket) -> None:
         while not self._closed:
@@ -267,13 +268,25 @@ class DataServer:
                     conn.close()
                     return
                 full = self.open_connections >= self.max_connections
+                cut = full and bool(self._unauthenticated)
+                if cut:
+                    # a full table with connections still to authenticate (a TLS handshake, a HELLO
+                    # with tenants): the one waiting longest makes room, so peers that never
+                    # authenticate cannot keep clients out, and none is cut while there is room.
+                    # Its thread ends at once; until then the table holds one more.
+                    oldest = next(iter(self._unauthenticated))
+                    del self._unauthenticated[oldest]
+                    _cut(oldest)
                 if full:
                     self.refused_connections += 1
-                else:
+                if not full or cut:
                     self.open_connections += 1
-            if full:
+            if cut:
+                self._log_limited("cut", f"{self.max_connections} connections open (server.data_max_connections), "
+                                  "cutting off the one waiting longest to authenticate for each new one")
+            elif full:
                 self._turn_away(conn)
-                self._log_refused(f"{self.max_connections} connections open (server.data_max_connections), "
+                self._log_limited("full", f"{self.max_connections} connections open (server.data_max_connections), "
                                   "closing new ones")
                 continue
             try:
@@ -286,10 +299,12 @@ class DataServer:
                 with self._lock:
                     self.open_connections -= 1
 
-    def _log_refused(self, what: str) -> None:
+    def _log_limited(self, kind: str, what: str) -> None:
+        """A warning of this kind at most every REFUSED_LOG_S: a flood of connections must not
+        become a flood of log lines."""
         now = time.monotonic()
-        if now - self._refused_logged >= REFUSED_LOG_S:  # at most every REFUSED_LOG_S
-            self._refused_logged = now
+        if now - self._logged.get(kind, float("-inf")) >= REFUSED_LOG_S:
+            self._logged[kind] = now
             log.warning("data channel: %s; %d refused so far", what, self.refused_connections)
 
     def _turn_away(self, conn: socket.socket) -> None:
@@ -325,6 +340,9 @@ class DataServer:
             try:
                 conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
                 with self._lock:
+                    if self._closed:  # close() ran meanwhile and did not see this one
+                        conn.close()
+                        return
                     self._pend(conn, HANDSHAKE_TIMEOUT_S)
                 # one deadline for the whole handshake (CPython's do_handshake takes the socket's
                 # timeout as that, not per read): a peer trickling its bytes cannot keep this thread
@@ -332,9 +350,10 @@ class DataServer:
                 conn.do_handshake()  # raises on a bad client cert
                 conn.settimeout(None)
             except (OSError, ValueError) as e:
-                log.warning("data channel: TLS handshake failed: %s", e)
                 with self._lock:  # off the list before its descriptor closes
-                    self._unauthenticated.pop(conn, None)
+                    waited = self._unauthenticated.pop(conn, None) is not None
+                if waited:  # (one cut off, by the reaper or for a new one, was counted then)
+                    self._log_limited("tls", f"TLS handshake failed: {e}")
                 conn.close()
                 return
         with self._lock:
@@ -350,20 +369,9 @@ class DataServer:
 
     def _pend(self, conn: socket.socket, seconds: float) -> None:
         """Under the lock: conn must authenticate (its TLS handshake; its HELLO with tenants)
-        within seconds, or it is cut off. At most max_pending connections wait at once: the one
-        waiting longest is cut off to make room, so peers that never authenticate cannot fill
-        the connection table, while a client that authenticates at once still gets in."""
-        while len(self._unauthenticated) >= self.max_pending:
-            oldest = next(iter(self._unauthenticated))
-            del self._unauthenticated[oldest]
-            self.refused_connections += 1
-            _cut(oldest)
-            self._log_refused(f"{self.max_pending} connections waiting to authenticate, cutting off "
-                              "the longest waiting")
+        within seconds, or the reaper cuts it off; at a full table a new connection cuts off the
+        one waiting longest (_accept_loop)."""
         self._unauthenticated[conn] = time.monotonic() + seconds
-        if not self._reaping:
-            self._reaping = True
-            threading.Thread(target=self._reap, daemon=True, name="kvtier-data-reaper").start()
 
     def _authenticated(self, conn: socket.socket) -> None:
         with self._lock:
@@ -371,30 +379,36 @@ class DataServer:
 
     def _reap(self) -> None:
         """Shut down the connections that did not authenticate in time (stalled, or trickling
-        bytes): their threads end. Runs while any connection waits for its handshake or HELLO."""
-        while True:
-            time.sleep(min(1.0, HELLO_TIMEOUT_S / 4))
+        bytes): their threads end. One thread for the server's life, started with it (a thread
+        started on demand could fail to start under the load it is there for)."""
+        while not self._closing.wait(min(1.0, HELLO_TIMEOUT_S / 4)):
             now = time.monotonic()
             with self._lock:
                 for c in [c for c, t in self._unauthenticated.items() if t <= now]:
                     del self._unauthenticated[c]
                     _cut(c)  # under the lock: its thread closes it only after taking it off the list
-                done = self._closed or not self._unauthenticated
-                if done:
-                    self._reaping = False
-            if done:
-                return
 
     def close(self) -> None:
+        """Stop listening, shut every connection down and wait (CLOSE_WAIT_S at most) for their
+        threads to end. A connection is shut down with the socket's own shutdown and closed by
+        its own thread: closing it here could hand its descriptor number to another file while
+        that thread still uses it, and SSLSocket's shutdown drops the TLS object first, so a
+        send in that gap would go out unencrypted."""
         self._closed = True
+        self._closing.set()
         with self._lock:
-            socks = list(self._socks) + list(self._conns)
-        for s in socks:
+            conns = list(self._conns) + list(self._unauthenticated)
+        for s in self._socks:
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             s.close()
+        for c in conns:
+            _cut(c)
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while self.open_connections > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         for a in self.addresses:
             if a.startswith("unix://"):
                 try:

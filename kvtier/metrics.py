@@ -90,8 +90,8 @@ class _StoreCollector:
             conns = gauge("data_connections", "Data-channel connections open (server.data_max_connections at most).")
             conns.add_metric([], dc.open_connections)
             refused = counter("data_connections_refused", "Data-channel connections closed at accept "
-                              "(server.data_max_connections were open) or cut off while waiting to "
-                              "authenticate (as many as may wait at once were waiting).")
+                              "(server.data_max_connections were open), or cut off while waiting to "
+                              "authenticate to make room for a new one at a full table.")
             refused.add_metric([], dc.refused_connections)
             yield from (conns, refused)
 

@@ -329,7 +329,8 @@ class Daemon:
         if self.server is not None:
             await self.server.stop(self.cfg.server.drain_timeout_s)
         if self.data is not None:
-            self.data.close()
+            # in a thread: it waits for the connections' threads, which may wait for this loop
+            await asyncio.to_thread(self.data.close)
         self.metrics.close()
         self.gc_pauses.remove()
         if self.store is not None:

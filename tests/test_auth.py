@@ -274,6 +274,27 @@ def test_a_tls_handshake_that_trickles_is_cut_off(make_daemon, pki, monkeypatch)
         assert c.get("t", KEY) == b"after" and c.path == "data"
 
 
+def test_closing_ends_tls_connections_at_once_and_waits_for_their_threads(make_daemon, pki):
+    """close() shuts down every connection (one that never started its TLS handshake too, which
+    would otherwise keep its thread for HANDSHAKE_TIMEOUT_S) with the socket's own shutdown, and
+    returns once their threads have ended: a daemon stopping sends nothing more on them."""
+    from kvtier import datachannel
+    d = _tls_daemon(make_daemon, pki, mutual=False)
+    dc = d.daemon.data
+    host, port = datachannel.parse_address(next(a for a in dc.addresses if a.startswith("tcp://")))[1]
+    silent = socket.create_connection((host, port), timeout=5)  # no ClientHello: waits in the handshake
+    with Client(d.tcp_address, tls=TLS(ca=str(pki / "ca.pem")), attach=False, timeout=5) as c:
+        c.put("t", KEY, b"x" * 4096)
+        wait_until(lambda: dc.open_connections == 2 and len(dc._unauthenticated) == 1,
+                   what="one connection served, one in its handshake")
+        t0 = time.monotonic()
+        dc.close()
+        assert time.monotonic() - t0 < datachannel.CLOSE_WAIT_S and dc.open_connections == 0
+        silent.settimeout(5)
+        assert silent.recv(1) == b""
+    silent.close()
+
+
 def test_example_tenants_file_loads():
     import pathlib
     from kvtier.auth import Tenants

@@ -114,7 +114,7 @@ def test_large_batches_split_by_bytes_over_tcp(make_daemon, monkeypatch):
     data = [(key("t", i), os.urandom((1 << 20) + i)) for i in range(9)] + [(key("big"), os.urandom(5 << 20))]
     with Client(d.tcp_address, attach=False) as c:
         assert c.info.data_address.startswith("tcp://")
-        conn = c._ops._connect_data(c.info.data_address)
+        conn = c._ops._connect_data(c.info.data_address, c.info.data_channel_version)
     try:
         assert conn._frames([len(v) for _, v in data]) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 9), (9, 10)]
         assert [r.status for r in conn.put_many(NS, data)] == [0] * 10

@@ -63,6 +63,19 @@ def _hello(s, token=TOKEN) -> int:
     return _answer(s)[0]
 
 
+def _still_open(s) -> bool:
+    """Nothing is sent to s: only its end would make recv return within the wait."""
+    s.settimeout(0.2)
+    try:
+        return s.recv(1) != b""
+    except TimeoutError:
+        return True
+    except ConnectionResetError:
+        return False
+    finally:
+        s.settimeout(10)
+
+
 def _serves(d, k=b"k" * 16) -> None:
     """A well-behaved client stores and reads a block on a fresh connection, and the daemon holds
     no lease or reservation once it is done."""
@@ -321,23 +334,83 @@ def test_connections_beyond_the_limit_are_closed_at_accept(make_daemon):
     wait_until(lambda: dc.open_connections == 0, what="every connection's place freed")
 
 
+def test_a_client_without_a_data_connection_goes_over_grpc_and_comes_back(make_daemon, monkeypatch):
+    """A client that finds the table full, at attach or later with none of its own pooled, makes
+    its puts, gets and control calls over gRPC (nothing raised, nothing held) and tries the data
+    channel again DATA_RETRY_S later: once a place is free it is back on it."""
+    from kvtier import client as client_mod
+    monkeypatch.setattr(client_mod, "DATA_RETRY_S", 0.3)
+    d = make_daemon(server={"data_max_connections": 2})
+    dc = d.daemon.data
+    path = parse_address(next(a for a in dc.addresses if a.startswith("unix://")))[1]
+
+    def hold() -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(_request(OP_PING, b"", b"", req_id=7))
+        assert _answer(s)[0] == 0
+        return s
+
+    def works(c, k: bytes) -> None:
+        data = k * 4096
+        assert c.put_many(NS, [(k, data)], overwrite=True) == [True]
+        assert c.get_many(NS, [k]) == [data]
+        assert c.lookup(NS, [k])[0] == [1]
+        wait_until(lambda: (c.stats().leases, c.stats().reservations) == (0, 0), what="nothing held")
+
+    for attach, data_path in ((False, "data"), (True, "arena")):
+        with Client(d.address, attach=attach, timeout=5) as c:
+            works(c, b"a" * 16)
+            assert (c.path, c.control) == (data_path, "data")
+            # later, with no connection of its own pooled: the table full of others'
+            for conn in list(c._ops._pool):
+                conn.close()
+            c._ops._pool.clear()
+            wait_until(lambda: dc.open_connections == 0, what="the client's connection gone")
+            held = [hold(), hold()]
+            refused = dc.refused_connections
+            works(c, b"b" * 16)
+            assert dc.refused_connections > refused  # it tried, and went over gRPC
+            assert (c.path, c.control) == ("grpc" if not attach else "arena", "grpc")
+            held.pop().close()
+            wait_until(lambda: dc.open_connections == 1, what="a place freed")
+            time.sleep(0.4)
+            works(c, b"c" * 16)
+            assert (c.path, c.control) == (data_path, "data")
+            for s in held:
+                s.close()
+    # full at attach: over gRPC from the start, then back
+    held = [hold(), hold()]
+    with Client(d.address, attach=False, timeout=5) as c:
+        works(c, b"d" * 16)
+        assert (c.path, c.control) == ("grpc", "grpc")
+        for s in held:
+            s.close()
+        wait_until(lambda: dc.open_connections == 0, what="places freed")
+        time.sleep(0.4)
+        works(c, b"e" * 16)
+        assert (c.path, c.control) == ("data", "data")
+
+
 def test_peers_that_never_authenticate_cannot_fill_the_table(make_daemon, tenants_file):
-    """With tenants, at most max_pending connections wait for their HELLO at once; each new one
-    cuts off the one waiting longest. A flood of peers without a token then holds a few places,
-    not all of server.data_max_connections, and a client with a token still gets in."""
+    """With tenants, connections wait for their HELLO; none is cut while the table has room, and
+    at a full table each new one cuts off the one waiting longest. A flood of peers without a
+    token then cannot keep a client with a token out."""
     d = make_daemon(auth={"tenants_file": tenants_file},
                     server={"data_listen": "127.0.0.1:0", "insecure_tcp": True, "data_max_connections": 16})
     dc = d.daemon.data
-    assert dc.max_pending == 8
     flood = []
     for i in range(24):
         flood.append(_sock(d))
         wait_until(lambda: (len(dc._unauthenticated), dc.refused_connections)
-                   == (min(i + 1, dc.max_pending), max(0, i + 1 - dc.max_pending)),
-                   what="the connection waiting, the one waiting longest cut off")
-    wait_until(lambda: dc.open_connections == dc.max_pending, what="the cut-off connections' threads gone")
-    _serves(d)  # a client with a token: served
-    assert sum(_closed(s) for s in flood[:-dc.max_pending]) == len(flood) - dc.max_pending
+                   == (min(i + 1, 16), max(0, i + 1 - 16)),
+                   what="the connection waiting; past 16, the one waiting longest cut off")
+    wait_until(lambda: dc.open_connections == 16, what="the cut-off connections' threads gone")
+    assert all(_closed(s) for s in flood[:8]) and all(_still_open(s) for s in flood[8:])
+    _serves(d)  # a client with a token: gets in (cutting off one more), is served
+    assert dc.refused_connections == 9 and _closed(flood[8])
+    assert all(_still_open(s) for s in flood[9:])
     for s in flood:
         s.close()
     wait_until(lambda: dc.open_connections == 0, what="every place freed")
