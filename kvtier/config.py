@@ -528,6 +528,9 @@ def read_toml(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8; tomllib lets a bad byte through as this
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x})") from None
 
 
 def load(path: str | os.PathLike | None) -> Config:

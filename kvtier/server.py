@@ -246,7 +246,11 @@ class Daemon:
                 next_ping = time.monotonic() + self.notify.watchdog_interval
             if self._reload.is_set():
                 self._reload.clear()
-                self.reload()
+                try:
+                    self.reload()
+                except Exception:  # a reload must never take the serving daemon down with it
+                    log.exception("reload failed, keeping the running configuration")
+                    self.notify.ready("serving (reload failed)")
             try:
                 await asyncio.wait_for(self._stop.wait(), 0.1)
             except asyncio.TimeoutError:

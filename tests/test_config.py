@@ -208,3 +208,10 @@ def test_example_node_config_is_valid():
     cfg = config.load(ROOT / "configs" / "h200-node.toml")
     assert cfg.ram.capacity == 1200 << 30 and len(cfg.nvme.dirs) == 4 and cfg.cluster.cluster
     assert cfg.server.tls_cert and cfg.auth.tenants_file
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error_naming_the_line(tmp_path):
+    p = tmp_path / "latin1.toml"
+    p.write_bytes(b'[server]\nlog_level = "info"\n# caf\xe9\n')
+    with pytest.raises(config.ConfigError, match=r"latin1.toml:3: not UTF-8 text \(byte 0xe9\)"):
+        config.load(str(p))

@@ -64,3 +64,20 @@ def test_reload_turns_tenants_on_and_off(daemon_process, tmp_path):
         assert dc.put("other", KEY, b"anyone's") is True
     wait_until(lambda: "tenants off" in _log(d), 10, "the second reload's log line")
     assert "need a restart" not in _log(d)
+
+
+def test_a_reload_of_a_file_that_is_not_utf8_is_refused_and_the_daemon_serves_on(daemon_process):
+    """A stray byte (a Latin-1 comment) is a config error naming the file and line, at reload as
+    at `kvtier config check`: the running daemon keeps its configuration."""
+    d = daemon_process('[auth]\ntenants_file = ""\n')
+    with open(d.cfg_path) as f:
+        text = f.read()
+    with Client(d.address) as c:
+        c.put("acme", KEY, b"kept")
+    with open(d.cfg_path, "wb") as f:
+        f.write(text.encode() + b"# caf\xe9\n")
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in _log(d), 10, "the refusal's log line")
+    assert "not UTF-8" in _log(d) and d.proc.poll() is None
+    with Client(d.address) as c:
+        assert c.get("acme", KEY) == b"kept"
