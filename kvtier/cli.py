@@ -106,6 +106,13 @@ def start_problems(cfg) -> list[str]:
             Tenants.load(cfg.auth.tenants_file)
         except errors.ConfigError as e:
             out.append(f"auth.tenants_file: {e}")
+    for d in cfg.nvme.dirs:
+        probe = os.path.abspath(d)
+        while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            out.append(f"nvme.dirs: {d} is not a directory" if probe == os.path.abspath(d) else
+                       f"nvme.dirs: {d} cannot be created: {probe} is not a directory")
     room = arena_room_problem(cfg)
     if room:
         out.append(room)
@@ -188,8 +195,33 @@ def _client(a):
 
 
 def stats_dict(s) -> dict:
+    """The StatsResponse as JSON-ready data, 64-bit counters as numbers (proto's JSON mapping
+    writes them as strings, which `jq` then compares as text)."""
     from google.protobuf.json_format import MessageToDict
-    return MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    d = MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    _numbers(s.DESCRIPTOR, d)
+    return d
+
+
+def _numbers(desc, d: dict) -> None:
+    from google.protobuf.descriptor import FieldDescriptor as F
+    wide = (F.CPPTYPE_INT64, F.CPPTYPE_UINT64)
+    for f in desc.fields:
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            val = f.message_type.fields_by_name["value"]
+            for k in v:
+                if val.message_type is not None:
+                    _numbers(val.message_type, v[k])
+                elif val.cpp_type in wide:
+                    v[k] = int(v[k])
+        elif f.message_type is not None:
+            for x in (v if isinstance(v, list) else [v]):
+                _numbers(f.message_type, x)
+        elif f.cpp_type in wide:
+            d[f.name] = [int(x) for x in v] if isinstance(v, list) else int(v)
 
 
 def _tokens(n: int) -> str:
@@ -221,7 +253,10 @@ def cmd_stats(a) -> int:
         cap, pct = ((format_size(t.capacity_bytes), f"{100 * t.used_bytes / t.capacity_bytes:.1f}%")
                     if t.capacity_bytes else ("-", "-"))
         locked = "-" if t.name != "ram" else "yes" if t.locked else f"no ({t.lock_detail})" if t.lock_detail else "no"
-        print(f"{t.name:<8}{t.policy:<8}{t.blocks:>10}{format_size(t.used_bytes):>12}{cap:>12}"
+        # the cluster tier's blocks and bytes are the server's (not counted here)
+        blocks, used = (("-", "-") if t.name == "cluster" and not t.blocks
+                        else (t.blocks, format_size(t.used_bytes)))
+        print(f"{t.name:<8}{t.policy:<8}{blocks:>10}{used:>12}{cap:>12}"
               f"{pct:>7}{t.evictions:>11}{t.pinned_blocks:>8}{t.leased_blocks:>8}  {locked}")
     for t in s.tiers:
         if t.degraded and t.name == "nvme":

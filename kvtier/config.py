@@ -466,11 +466,17 @@ def _validate_cluster(c: ClusterConfig) -> None:
             raise ConfigError(f"cluster.url: {c.url!r} must start with one of "
                               f"{', '.join(s + '://' for s in CLUSTER_SCHEMES)}")
         try:
-            host = urllib.parse.urlsplit(c.url).hostname
+            parts = urllib.parse.urlsplit(c.url)
+            host, _ = parts.hostname, parts.port  # .port: a port that is not a number (or > 65535) raises
         except ValueError as e:
             raise ConfigError(f"cluster.url: {e}") from None
         if not host:
             raise ConfigError(f"cluster.url: a host is required, got {c.url!r}")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ConfigError(f"cluster.url: the database after the host must be a number, got {db!r}")
+        if db and int(db) and c.cluster:
+            raise ConfigError(f"cluster.url: a Valkey Cluster has only database 0, got {db}")
     elif c.cluster or c.seeds:
         raise ConfigError("cluster.url: required when cluster.cluster or cluster.seeds is set")
     for seed in c.seeds:
@@ -533,11 +539,33 @@ def read_toml(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x})") from None
 
 
+# settings that name files or directories: in a config file, a relative one is relative to the
+# file's directory (as a prewarm plan's are to the plan's), not to wherever the daemon was started
+# (systemd starts it in /)
+PATH_SETTINGS = (("server", "socket"), ("server", "tls_cert"), ("server", "tls_key"), ("server", "tls_client_ca"),
+                 ("ram", "arena_path"), ("nvme", "dirs"), ("auth", "tenants_file"),
+                 ("cluster", "tls_ca"), ("cluster", "tls_cert"), ("cluster", "tls_key"))
+
+
+def _relative_to(data: dict, base: str) -> dict:
+    def resolve(v):
+        return os.path.join(base, v) if isinstance(v, str) and v and not os.path.isabs(v) else v
+    out = dict(data)
+    for section, key in PATH_SETTINGS:
+        sec = out.get(section)
+        if not isinstance(sec, dict) or key not in sec:
+            continue
+        v = sec[key]
+        out[section] = {**sec, key: [resolve(x) for x in v] if isinstance(v, list) else resolve(v)}
+    return out
+
+
 def load(path: str | os.PathLike | None) -> Config:
-    """Read a TOML file (None: embedded defaults)."""
+    """Read a TOML file (None: embedded defaults). Relative paths in it are relative to its
+    directory (PATH_SETTINGS)."""
     if path is None:
         return from_dict({})
-    data = read_toml(path)
+    data = _relative_to(read_toml(path), os.path.dirname(os.path.abspath(path)))
     try:
         return from_dict(data)
     except ConfigError as e:

@@ -745,6 +745,10 @@ def test_null_cluster_holds_nothing():
 
 @pytest.mark.parametrize("data,field", [
     ({"url": "http://x:1"}, "cluster.url"),
+    ({"url": "redis://x:abc"}, "cluster.url"),       # `config check` passed these; `serve` failed
+    ({"url": "redis://x:99999"}, "cluster.url"),     # only after the arena was made and locked
+    ({"url": "redis://x:6379/abc"}, "cluster.url"),  # (was ignored: database 0)
+    ({"url": "redis://x:6379/2", "cluster": True}, "cluster.url"),
     ({"cluster": True}, "cluster.url"),
     ({"url": "redis://x", "seeds": ["x:1"]}, "cluster.seeds"),
     ({"url": "redis://x", "cluster": True, "seeds": ["nowhere"]}, "cluster.seeds"),

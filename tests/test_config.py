@@ -215,3 +215,21 @@ def test_a_file_that_is_not_utf8_is_a_config_error_naming_the_line(tmp_path):
     p.write_bytes(b'[server]\nlog_level = "info"\n# caf\xe9\n')
     with pytest.raises(config.ConfigError, match=r"latin1.toml:3: not UTF-8 text \(byte 0xe9\)"):
         config.load(str(p))
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    """systemd starts the daemon in /: a relative path in the file must not depend on that, nor
+    differ between `kvtier config check` run beside the file and `kvtier serve` under the unit."""
+    d = tmp_path / "etc"
+    d.mkdir()
+    (d / "tenants.toml").write_text("")
+    p = d / "kvtier.toml"
+    p.write_text('[server]\nsocket = "run/k.sock"\n[ram]\narena_path = "/dev/shm/kvt/arena"\n'
+                 '[nvme]\ndirs = ["nv0", "/abs/nv1"]\n[auth]\ntenants_file = "tenants.toml"\n')
+    monkeypatch.chdir("/")
+    cfg = config.load(str(p))
+    assert cfg.server.socket == str(d / "run" / "k.sock")
+    assert cfg.ram.arena_path == "/dev/shm/kvt/arena"
+    assert list(cfg.nvme.dirs) == [str(d / "nv0"), "/abs/nv1"]
+    assert cfg.auth.tenants_file == str(d / "tenants.toml")
+    assert config.from_dict({"nvme": {"dirs": ["nv0"]}}).nvme.dirs == ("nv0",)  # a dict: as given
