@@ -140,13 +140,17 @@ def start_warnings(cfg) -> list[str]:
 
 def cmd_config_check(a) -> int:
     cfg = load(a.file)
+
+    def where(m: str) -> str:
+        line = locate(a.file, m)
+        return f"{a.file}:{line}" if line else str(a.file)
     missing = start_problems(cfg)
     if missing:
         for m in missing:
-            print(f"config error: {a.file}: {m}", file=sys.stderr)
+            print(f"config error: {where(m)}: {m}", file=sys.stderr)
         return EXIT_USAGE
     for w in start_warnings(cfg):
-        print(f"warning: {a.file}: {w}", file=sys.stderr)
+        print(f"warning: {where(w)}: {w}", file=sys.stderr)
     print(f"{a.file}: ok (socket {cfg.socket_path}, arena {cfg.arena_path}, "
           f"{format_size(cfg.ram.capacity) if cfg.ram.capacity else 'auto-sized'} RAM, policy {cfg.ram.policy})")
     return EXIT_OK
@@ -467,10 +471,14 @@ def _unreachable_hint(args, message: str) -> str:
     a TCP listener of the daemon speaks TLS (server.tls_cert), perhaps asking for a client
     certificate (server.tls_client_ca): a client without them sees its connection closed."""
     address = getattr(args, "address", None) or ""
+    if "permission denied" in message.lower():
+        return (" (the daemon's sockets are for its user and group: run as a member of group kvtier "
+                "under kvtier.service, or of the daemon's user's group)")
     if address.startswith("unix:"):
         return (" (is `kvtier serve` running? Give its server.socket as --address unix://PATH or in "
                 "$KVTIER_ADDRESS)" if "No such file" in message else "")
-    if "refused" in message.lower():
+    low = message.lower()
+    if "refused" in low or "dns" in low or "name resolution" in low or "resolve" in low:
         return ""
     if not getattr(args, "tls_ca", None):
         return " (if the daemon's TCP listener has TLS, give --tls-ca PEM)"

@@ -510,7 +510,8 @@ def from_dict(data: dict[str, Any]) -> Config:
     for section, value in data.items():
         cls = _SECTIONS.get(section)
         if cls is None:
-            raise ConfigError(f"unknown section [{section}] (known: {', '.join(_SECTIONS)})")
+            hint = " (a tenants file? name it in [auth] tenants_file)" if section == "tenants" else ""
+            raise ConfigError(f"unknown section [{section}] (known: {', '.join(_SECTIONS)}){hint}")
         if not isinstance(value, dict):
             raise ConfigError(f"[{section}] must be a table")
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -583,7 +584,7 @@ def locate(path, message: str) -> int | None:
         lines = open(path, encoding="utf-8").read().splitlines()
     except OSError:
         return None
-    head = re.compile(rf"\s*\[\s*{re.escape(section)}\s*\]\s*(#.*)?$")
+    head = re.compile(rf"\s*\[\s*{re.escape(section)}\s*(\]\s*(#.*)?$|\.)")  # [section], or [section.sub]
     for i, line in enumerate(lines):
         if head.match(line):
             if key is None:

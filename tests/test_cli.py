@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -320,6 +322,16 @@ def test_config_check_reads_the_files_serve_needs(tmp_path, extra, message):
     p = run("config", "check", f)
     assert p.returncode == 2, text(p)
     assert message.format(d=tmp_path) in p.stderr.decode() and str(f) in p.stderr.decode(), text(p)
+    assert re.search(rf"{re.escape(str(f))}:\d+: ", p.stderr.decode()), text(p)  # the line named
+
+
+def test_config_check_of_a_tenants_file_says_what_it_is():
+    f = pathlib.Path(__file__).resolve().parent.parent / "configs" / "tenants.example.toml"
+    p = run("config", "check", f)
+    assert p.returncode == 2
+    first = next(i for i, ln in enumerate(f.read_text().splitlines(), 1) if ln.startswith("[tenants"))
+    assert f"{f}:{first}: unknown section [tenants]" in p.stderr.decode(), text(p)
+    assert "a tenants file? name it in [auth] tenants_file" in p.stderr.decode(), text(p)
 
 
 @pytest.mark.parametrize("fstype,warned", [("devtmpfs", True), ("ext4", True), ("tmpfs", False),
@@ -334,7 +346,7 @@ def test_config_check_warns_of_an_arena_outside_tmpfs_and_hugetlbfs(tmp_path, mo
     assert cli.main(["config", "check", str(f)]) == 0
     out, err = capsys.readouterr()
     assert "ok" in out
-    assert (f"warning: {f}: ram.arena_path: /dev/hugepages/kvtier/arena is on {fstype}" in err) == warned, err
+    assert (f"warning: {f}:2: ram.arena_path: /dev/hugepages/kvtier/arena is on {fstype}" in err) == warned, err
 
 
 def test_config_check_warns_of_nvme_directories_that_do_not_exist(tmp_path):
