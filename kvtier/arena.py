@@ -30,6 +30,15 @@ fails to start instead of re-attaching or replacing the live arena. The lock
 dies with the process (kill -9 included), so a restart never finds it stale.
 Clients map the arena without it.
 
+Who else can touch it: the arena's directory, when it is the per-user default
+(``/dev/shm/kvtier-<uid>``), must be a real directory of the daemon's user that
+no one else may write; a configured one may be writable by everyone only with
+the sticky bit (as /tmp). The arena, its lock and its slot table are opened
+without following a symbolic link and used only when the opened file is a
+regular file of the daemon's user: a file another user left or swapped in at
+the path is never re-attached (its bytes would be theirs to read), nor removed;
+the daemon refuses to start and names it.
+
 Page size: on hugetlbfs the arena is 2 MiB pages by construction. On tmpfs it is
 2 MiB pages where the mount allows them (``huge=within_size`` or ``always``, or
 ``huge=advise``, for which the mapping is advised ``MADV_HUGEPAGE``) and the kernel
@@ -42,11 +51,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import mmap
 import os
 import pathlib
 import secrets
+import stat
 import struct
 
 from .errors import ConfigError
@@ -136,6 +147,77 @@ def huge_share(address: int, smaps: str = "/proc/self/smaps") -> float:
     return pmd / rss if rss else 0.0
 
 
+def secure_dir(path: str, private: bool, what: str) -> None:
+    """Create directory ``path`` (and its parents) if missing, then refuse one that lets another
+    user read or replace the daemon's files in it (ConfigError naming it and the fix).
+
+    ``private``: a per-user default the daemon makes for itself (``/dev/shm/kvtier-<uid>``,
+    ``/tmp/kvtier-<uid>``): it must be a directory, not a symbolic link, owned by the daemon's
+    effective uid and writable by no one else. Otherwise (a configured path, which a deployment
+    may make a symbolic link, own by root or share with a group) it must be a directory that
+    everyone may write only with the sticky bit; the files in it are checked as they are opened."""
+    try:  # an OSError (a file in the way, a read-only filesystem) names its path for the caller
+        pathlib.Path(path).mkdir(parents=True, exist_ok=True, mode=0o755)
+    except FileExistsError:
+        if not (private and os.path.islink(path)):  # a dangling link: said below
+            raise
+    st = os.lstat(path) if private else os.stat(path)
+    euid, mode = os.geteuid(), stat.S_IMODE(st.st_mode)
+    remove = f"remove it (rm -r {path}) and start the daemon again: it creates the directory itself"
+    if stat.S_ISLNK(st.st_mode):
+        problem, fix = "is a symbolic link", remove
+    elif not stat.S_ISDIR(st.st_mode):
+        problem, fix = "is not a directory", remove
+    elif private and st.st_uid != euid:
+        problem, fix = f"is owned by uid {st.st_uid}, not by the daemon's uid {euid}", remove
+    elif private and mode & 0o022:
+        who = {0o020: "group", 0o002: "others", 0o022: "group and others"}[mode & 0o022]
+        problem, fix = f"is writable by {who} (mode {mode:04o})", f"chmod go-w {path}, or {remove}"
+    elif mode & 0o002 and not mode & stat.S_ISVTX:
+        problem, fix = (f"is writable by every user without the sticky bit (mode {mode:04o})",
+                        f"chmod o-w {path} (or chmod +t), or choose another directory")
+    else:
+        return
+    raise ConfigError(f"{what} {path} {problem}: another user could read or replace the daemon's files "
+                      f"in it; {fix}")
+
+
+def open_own(path: str, flags: int, what: str, mode: int = 0o600) -> int:
+    """Open ``path`` without following a symbolic link, and return the fd only when the opened file
+    is a regular file of the daemon's effective uid (checked on the fd: no race with a swap at the
+    path); else ConfigError naming it. FileNotFoundError passes through. Nothing is removed."""
+    fix = f"if it is not the daemon's own, remove it (rm {path}) and start the daemon again"
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NOCTTY, mode)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"{what} {path} is a symbolic link, which the daemon does not follow; "
+                              f"remove it (rm {path}) and start the daemon again") from None
+        try:
+            owner = os.lstat(path).st_uid
+        except OSError:
+            owner = os.geteuid()
+        if owner == os.geteuid():
+            raise  # not another user's doing (a read-only filesystem, no space): as it is
+        raise ConfigError(f"{what} {path} cannot be opened ({e.strerror}) and is owned by uid {owner}, "
+                          f"not by the daemon's uid {os.geteuid()}; {fix}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            problem = "is not a regular file"
+        elif st.st_uid != os.geteuid():
+            problem = f"is owned by uid {st.st_uid}, not by the daemon's uid {os.geteuid()}"
+        else:
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    raise ConfigError(f"{what} {path} {problem}: the daemon neither uses nor removes it; {fix}")
+
+
 def lock_path(arena_path: str) -> str:
     return arena_path + ".lock"
 
@@ -145,7 +227,7 @@ def _own(arena_path: str) -> int:
     daemon holds it."""
     path = lock_path(arena_path)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
+        fd = open_own(path, os.O_RDWR | os.O_CREAT, "arena lock", 0o660)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -168,9 +250,12 @@ def _own(arena_path: str) -> int:
 class Arena:
     """The daemon's side: create, map and lock the arena file."""
 
-    def __init__(self, path: str, size: int, lock: bool = True, reattach: bool = False):
+    def __init__(self, path: str, size: int, lock: bool = True, reattach: bool = False,
+                 private_dir: bool = False):
         """Create the arena, or with ``reattach`` reuse an existing arena file of the same size
-        (its bytes kept, a new generation written) so a restarted daemon keeps its RAM tier."""
+        (its bytes kept, a new generation written) so a restarted daemon keeps its RAM tier.
+        ``private_dir``: the directory is the per-user default, held to ``secure_dir``'s
+        stricter rule."""
         self.path = os.path.abspath(path)
         self.backing = backing_of(os.path.dirname(self.path) or ".")
         align = HUGEPAGE if self.backing == "hugetlbfs" else 4096
@@ -179,7 +264,7 @@ class Arena:
             raise ValueError(f"arena of {size} bytes is too small")
         self.data_offset = DATA_OFFSET
         self.generation = secrets.randbits(63) | 1
-        pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        secure_dir(os.path.dirname(self.path), private_dir, "arena directory")
         self._owner = _own(self.path)  # before anything reads, replaces or unlinks the arena
         try:
             self._open(reattach, lock)
@@ -188,25 +273,34 @@ class Arena:
             raise
 
     def _open(self, reattach: bool, lock: bool) -> None:
-        # why an arena file left by the previous run is not re-attached ("" when none is there)
-        self.not_reused = self._why_not_reusable() if reattach else ""
-        self.reattached = reattach and self.not_reused is None
-        self.not_reused = self.not_reused or ""
-        if not self.reattached:
-            # a new inode, never the old file truncated: a client that outlived a crashed daemon
-            # keeps its mapping of the old file and cannot write into the new arena
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | (0 if self.reattached else os.O_EXCL), 0o660)
+        # the file the previous run left, if any, opened once: what is checked is what is mapped
         try:
+            fd = open_own(self.path, os.O_RDWR, "arena")
+        except FileNotFoundError:
+            fd = -1
+        try:
+            # why an arena file left by the previous run is not re-attached ("" when none is there)
+            why = self._why_not_reusable(fd) if fd >= 0 else ""
+            self.reattached = reattach and why is None
+            self.not_reused = (why or "") if reattach else ""
+            if not self.reattached:
+                # a new inode, never the old file truncated: a client that outlived a crashed daemon
+                # keeps its mapping of the old file and cannot write into the new arena
+                if fd >= 0:
+                    os.close(fd)
+                    fd = -1
+                    try:
+                        os.unlink(self.path)
+                    except FileNotFoundError:
+                        pass
+                fd = open_own(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, "arena", 0o660)
             os.fchmod(fd, 0o660)
             if not self.reattached:
                 os.ftruncate(fd, self.size)
             self.mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self.mm[:HEADER.size] = HEADER.pack(MAGIC, VERSION, 0, self.generation, self.size, self.data_offset)
         self.view = memoryview(self.mm)
         if self.backing == "tmpfs":  # honoured by a tmpfs mounted huge=advise; ignored elsewhere
@@ -224,17 +318,14 @@ class Arena:
             self.backing == "tmpfs" and self.locked and tmpfs_may_be_huge(self.path)
             and huge_share(_address(self.mm)) >= HUGE_SHARE)
 
-    def _why_not_reusable(self) -> str | None:
-        """None when the file at the arena's path is an arena of this size to re-attach; else why
-        not ("" when there is no file)."""
+    def _why_not_reusable(self, fd: int) -> str | None:
+        """None when the open file ``fd`` (the daemon's own, found at the arena's path) is an arena
+        of this size to re-attach; else why not."""
         try:
-            with open(self.path, "rb") as f:
-                have = os.fstat(f.fileno()).st_size
-                if have != self.size:
-                    return f"it is {have} bytes, this arena {self.size}"
-                magic, version, _, gen, size, data_offset = HEADER.unpack(f.read(HEADER.size))
-        except FileNotFoundError:
-            return ""
+            have = os.fstat(fd).st_size
+            if have != self.size:
+                return f"it is {have} bytes, this arena {self.size}"
+            magic, version, _, gen, size, data_offset = HEADER.unpack(os.pread(fd, HEADER.size, 0))
         except (OSError, struct.error) as e:
             return f"it cannot be read: {e}"
         if magic != MAGIC or version != VERSION or size != self.size or data_offset != DATA_OFFSET:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pathlib
 import signal
 import socket
 import threading
@@ -32,7 +31,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .arena import Arena
+from .arena import Arena, secure_dir
 from .cluster import from_config as cluster_from_config
 from .auth import AllowAll, Tenants
 from . import config as config_mod
@@ -140,12 +139,15 @@ class Daemon:
     async def startup(self) -> None:
         cfg = self.cfg
         sock = cfg.socket_path
-        pathlib.Path(sock).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        # the per-user default directory must be ours alone; a configured one (a RuntimeDirectory,
+        # a directory shared with group kvtier) only not writable by everyone without the sticky bit
+        secure_dir(os.path.dirname(os.path.abspath(sock)), not cfg.server.socket, "socket directory")
         if os.path.exists(sock):
             if _socket_in_use(sock):
                 raise ConfigError(f"another daemon is listening on {sock}; stop it or set server.socket")
             os.unlink(sock)
-        self.arena = Arena(cfg.arena_path, cfg.arena_capacity, cfg.ram.mlock, reattach=cfg.ram.persist)
+        self.arena = Arena(cfg.arena_path, cfg.arena_capacity, cfg.ram.mlock, reattach=cfg.ram.persist,
+                           private_dir=not cfg.ram.arena_path)
         a = self.arena
         pages = "2 MiB pages" if a.huge_pages else "4 KiB pages"
         if a.locked:

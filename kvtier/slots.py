@@ -36,6 +36,8 @@ from typing import Iterator
 
 import xxhash
 
+from .arena import open_own
+
 HEADER = struct.Struct("<8sII Q")
 MAGIC = b"KVTSLOTS"
 VERSION = 1
@@ -60,8 +62,10 @@ def table_path(arena_path: str, backing: str, shm_dir: str = "/dev/shm") -> str:
 class SlotTable:
     def __init__(self, path: str, fresh: bool):
         self.path = path
-        flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if fresh else 0)
-        self.fd = os.open(path, flags, 0o600)
+        # in /dev/shm (hugetlbfs arenas) anyone may have made the name first: only a regular file
+        # of the daemon's own is used, and it is emptied (fresh) only once that is known
+        self.fd = open_own(path, os.O_RDWR | os.O_CREAT, "slot table")
+        os.fchmod(self.fd, 0o600)
         size = os.fstat(self.fd).st_size
         if fresh or size < BASE + ENTRY or not self._header_ok():
             self._format(1024)
