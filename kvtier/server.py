@@ -146,6 +146,9 @@ class Daemon:
             if _socket_in_use(sock):
                 raise ConfigError(f"another daemon is listening on {sock}; stop it or set server.socket")
             os.unlink(sock)
+        # mapping, touching and locking a large arena takes seconds to minutes: say so first
+        log.info("arena %s: %s%s", cfg.arena_path, config_mod.format_size(cfg.arena_capacity),
+                 ", locking it in RAM" if cfg.ram.mlock else "")
         self.arena = Arena(cfg.arena_path, cfg.arena_capacity, cfg.ram.mlock, reattach=cfg.ram.persist,
                            private_dir=not cfg.ram.arena_path)
         a = self.arena
