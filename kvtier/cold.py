@@ -43,6 +43,15 @@ automatic: 90% of the filesystem's free space plus the tier's own files found
 by ``scan()``, so a restart does not count the files of the last run as taken
 by someone else (and evict them).
 
+Ownership: one daemon per directory. A daemon's tier (``exclusive``) holds an exclusive
+``flock`` on ``<dir>/.kvtier.lock`` from before it probes, scans or writes the directory
+until ``close()``; a second daemon on the same directory (by any path to it) fails to start
+with a ConfigError instead of taking the first one's writes in flight for orphans and evicting
+its files. The lock dies with the process (kill -9 included); the empty file stays. It is at the
+top of the directory, where neither ``scan()`` nor ``check_dir()`` looks (they read only the
+two-hex-digit subdirectories). ``check_dir`` reads without the lock (a daemon may run meanwhile);
+with ``repair`` it takes it, so it never removes a running daemon's files.
+
 Thread-safe: the index is under one lock; file I/O happens outside it, in
 the caller's thread (the store runs it in worker threads, never on the event
 loop). A key whose old file is being unlinked is written again only once that
@@ -57,6 +66,7 @@ import logging
 import mmap
 import os
 import secrets
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -65,10 +75,13 @@ from typing import Callable
 
 from . import copying, record
 from .arena import _address
+from .errors import ConfigError
 from .record import PAGE, CorruptRecord, Meta
 
 log = logging.getLogger("kvtier.nvme")
 SUFFIX = ".kvb"
+LOCK_NAME = ".kvtier.lock"  # at the top of each directory: held by the daemon that uses it
+LOCK_PATIENCE_S = 0.5  # a lock held this briefly is a `kvtier check` looking, not another daemon
 AUTO_SHARE = 0.9  # an automatic capacity: this share of the filesystem's free space plus the tier's own files
 # ENOENT: the directory is gone; ENODEV: it is on another filesystem than at start (a drive unmounted)
 _DEGRADING = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.ENOENT, errno.ENODEV}
@@ -143,6 +156,53 @@ def probe_direct(path: str) -> bool:
             pass
 
 
+def _open_lock(path: str, create: bool) -> int:
+    """The lock file of directory path, opened (never through a symlink, never waiting on a FIFO)."""
+    lp = os.path.join(path, LOCK_NAME)
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_CREAT if create else 0)
+    fd = os.open(lp, flags, 0o640)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"nvme.dirs: {lp} is not a regular file; remove it")
+    return fd
+
+
+def own_dir(path: str, remedy: str = "stop it, or give this daemon a directory of its own") -> int:
+    """Take directory path's lock (exclusive); the fd that holds it. ConfigError when another
+    process holds it past LOCK_PATIENCE_S: a kvtier daemon using the directory, or a repair."""
+    fd = _open_lock(path, create=True)
+    try:
+        deadline = time.monotonic() + LOCK_PATIENCE_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ConfigError(f"nvme.dirs: another kvtier daemon uses {path} (it holds "
+                                      f"{os.path.join(path, LOCK_NAME)}); {remedy}") from None
+                time.sleep(0.05)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _in_use(path: str) -> bool:
+    """Does a process hold directory path's lock right now? Looked at, not kept: a shared lock
+    taken and dropped at once (own_dir waits out such a look)."""
+    try:
+        fd = _open_lock(path, create=False)
+    except (OSError, ConfigError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # drops the shared lock
+
+
 HUGE = 2 << 20  # a transparent huge page (x86-64, and arm64 with 4 KiB pages)
 
 
@@ -210,17 +270,18 @@ class ColdTier:
     name = "nvme"
 
     def __init__(self, dirs: list[tuple[str, int]], *, durability: str = "none", direct_io: str = "auto",
-                 codec: str = "none", retry_s: float = 10.0, bounce_reads: bool = False):
+                 codec: str = "none", retry_s: float = 10.0, bounce_reads: bool = False,
+                 exclusive: bool = False):
+        """``exclusive`` (the daemon): take each directory's lock before touching it, and refuse
+        (ConfigError) a directory another process holds; close() lets them go. A failure here
+        leaves none of them held."""
         self.dirs: list[Dir] = []
-        for path, cap in dirs:
-            os.makedirs(path, exist_ok=True)
-            d = Dir(os.path.abspath(path), cap, dev=os.stat(path).st_dev, auto=not cap)
-            if d.auto:  # scan() adds the files already there
-                d.capacity = _auto_capacity(d.path, 0)
-            d.direct = direct_io == "on" or (direct_io == "auto" and probe_direct(d.path))
-            if direct_io == "on" and not probe_direct(d.path):
-                raise OSError(f"nvme.direct_io = 'on' but {path} does not accept O_DIRECT")
-            self.dirs.append(d)
+        self._owners: list[int] = []  # fds holding the directories' locks
+        try:
+            self._open_dirs(dirs, direct_io, exclusive)
+        except BaseException:
+            self.close()
+            raise
         self.durability = durability
         # O_DIRECT reads go through a per-thread huge-page buffer, then one copy into the target:
         # into 4 KiB pages a 2 MiB read is a list of 512 segments, which the block layer splits
@@ -247,6 +308,31 @@ class ColdTier:
         self._scratch = _Scratch()
         self._unverified: set[tuple[str, bytes]] = set()  # indexed by scan(), header not checked yet
         self._verify_order: list[tuple[str, bytes]] = []
+
+    def _open_dirs(self, dirs: list[tuple[str, int]], direct_io: str, exclusive: bool) -> None:
+        seen: dict[tuple[int, int], str] = {}
+        for path, cap in dirs:
+            os.makedirs(path, exist_ok=True)
+            st = os.stat(path)
+            if exclusive:
+                other = seen.setdefault((st.st_dev, st.st_ino), path)
+                if other != path:  # its second lock would be refused as another daemon's
+                    raise ConfigError(f"nvme.dirs: {other} and {path} are the same directory")
+                self._owners.append(own_dir(path))  # before the probe, the scan or any write
+            d = Dir(os.path.abspath(path), cap, dev=st.st_dev, auto=not cap)
+            if d.auto:  # scan() adds the files already there
+                d.capacity = _auto_capacity(d.path, 0)
+            d.direct = direct_io == "on" or (direct_io == "auto" and probe_direct(d.path))
+            if direct_io == "on" and not probe_direct(d.path):
+                raise OSError(f"nvme.direct_io = 'on' but {path} does not accept O_DIRECT")
+            self.dirs.append(d)
+
+    def close(self) -> None:
+        """Let the directories' locks go (idempotent). Only once no write of this tier is left:
+        another daemon may take the directories at once."""
+        owners, self._owners = self._owners, []
+        for fd in owners:
+            os.close(fd)
 
     # ---- startup ----------------------------------------------------------------------
 
@@ -844,26 +930,45 @@ def verify_file(path: str) -> Meta:
 
 
 def check_dir(path: str, repair: bool = False) -> CheckReport:
-    """Verify every block file under one NVMe directory; with repair, remove what fails."""
-    rep = CheckReport()
-    for sub in sorted(os.listdir(path)):
-        sp = os.path.join(path, sub)
-        if len(sub) != 2 or not os.path.isdir(sp):
-            continue
-        for name in sorted(os.listdir(sp)):
-            p = os.path.join(sp, name)
-            if name.endswith(".tmp"):
-                rep.orphans.append(p)
-            elif parse_name(name) is not None:
-                rep.files += 1
-                try:
-                    meta = verify_file(p)
+    """Verify every block file under one NVMe directory; with repair, remove what fails.
+
+    Without repair it reads only and takes no lock, so it may run beside the daemon: a file the
+    daemon evicts meanwhile is skipped, and while the daemon holds the directory its temp files
+    are writes in flight, not orphans. With repair it holds the directory's lock throughout
+    (ConfigError when a daemon uses it): removing files under a running daemon could take a
+    write in flight or a new file at a corrupt one's path, and the daemon removes the corrupt
+    files it finds itself. The lock file, at the top of the directory, is never reported or removed."""
+    owner = own_dir(path, "--repair would remove files under it: stop it first, or check without "
+                          "--repair (the daemon removes the corrupt files it reads)") if repair else -1
+    try:
+        live = not repair and _in_use(path)
+        rep = CheckReport()
+        for sub in sorted(os.listdir(path)):
+            sp = os.path.join(path, sub)
+            if len(sub) != 2 or not os.path.isdir(sp):
+                continue
+            for name in sorted(os.listdir(sp)):
+                p = os.path.join(sp, name)
+                if name.endswith(".tmp"):
+                    if not live:
+                        rep.orphans.append(p)
+                elif parse_name(name) is not None:
+                    try:
+                        meta = verify_file(p)
+                    except FileNotFoundError:
+                        continue  # evicted by the daemon since the listing
+                    except (CorruptRecord, OSError, ValueError) as e:
+                        rep.files += 1
+                        rep.corrupt.append((p, str(e)))
+                        continue
+                    rep.files += 1
                     rep.ok += 1
                     rep.bytes += meta.raw_len
-                except (CorruptRecord, OSError, ValueError) as e:
-                    rep.corrupt.append((p, str(e)))
-    if repair:
-        for p in rep.orphans + [p for p, _ in rep.corrupt]:
-            ColdTier._unlink(p)
-            rep.removed += 1
-    return rep
+        if repair:
+            for p in rep.orphans + [p for p, _ in rep.corrupt]:
+                ColdTier._unlink(p)
+                rep.removed += 1
+        return rep
+    finally:
+        if owner >= 0:
+            os.close(owner)

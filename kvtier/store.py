@@ -101,6 +101,9 @@ class NullTier:
     def snapshot(self) -> None:
         return None
 
+    def close(self) -> None:
+        pass
+
 
 class _Present(Exception):
     pass
@@ -133,13 +136,24 @@ class Store:
             # a 2 MiB slot of an arena on 4 KiB pages is physically contiguous only by luck, and a read
             # into it is split into as many requests as it has runs of pages (kvtier.cold)
             bounce = n.bounce_reads == "on" or (n.bounce_reads == "auto" and not arena_huge_pages)
+            # exclusive: each directory's lock, or a ConfigError when another daemon uses it
             self.cold = ColdTier(dirs, durability=n.durability, direct_io=n.direct_io, codec=n.codec,
-                                 retry_s=n.retry_s, bounce_reads=bounce)
+                                 retry_s=n.retry_s, bounce_reads=bounce, exclusive=True)
+        else:
+            self.cold = NullTier()
+        try:
+            self._init(cfg, hot, view)
+        except BaseException:
+            self.cold.close()  # a store never made is never closed: its directories go now
+            raise
+
+    def _init(self, cfg: Config, hot: HotTier, view: memoryview) -> None:
+        n = cfg.nvme
+        if n.dirs:
             self.io = ThreadPoolExecutor(n.io_threads, thread_name_prefix="kvtier-nvme")
             # promotions have threads of their own: a read never queues behind the write-behind backlog
             self.reads = ThreadPoolExecutor(n.io_threads, thread_name_prefix="kvtier-nvme-read")
         else:
-            self.cold = NullTier()
             self.io = self.reads = None
         self.write_at_commit = bool(n.dirs) and n.write_policy == "commit"
         self.promote_first = n.promote == "first"
@@ -161,6 +175,7 @@ class Store:
         self._mapped = 0      # bytes of demotion buffers, free or in use
         self._qlock = threading.Lock()
         self._stop = threading.Event()  # ends the background header check at shutdown
+        self._verifier: threading.Thread | None = None
         self.demotions = 0
         self.promotions = 0
         self.nvme_hits: dict[str, int] = {}  # per namespace: reads served by promoting from NVMe
@@ -192,7 +207,8 @@ class Store:
         the headers in a background thread while the daemon serves."""
         n = self.cold.scan()
         if n:
-            threading.Thread(target=self._verify, name="kvtier-nvme-verify", daemon=True).start()
+            self._verifier = threading.Thread(target=self._verify, name="kvtier-nvme-verify", daemon=True)
+            self._verifier.start()
         return n
 
     def _verify(self) -> None:
@@ -216,7 +232,19 @@ class Store:
             return True
         self.reads.shutdown(wait=False)
         done = threading.Event()
-        threading.Thread(target=lambda: (self.io.shutdown(wait=True), done.set()), daemon=True).start()
+
+        def drain() -> None:
+            try:
+                self.io.shutdown(wait=True)
+                self.reads.shutdown(wait=True)
+                if self._verifier is not None:
+                    self._verifier.join()
+            finally:
+                # the directories are ours until nothing of ours touches them: a late write ends
+                # first, else the next daemon's scan would take it for an orphan
+                self.cold.close()
+                done.set()
+        threading.Thread(target=drain, daemon=True, name="kvtier-nvme-drain").start()
         ok = done.wait(timeout)
         if not ok:
             log.warning("%d bytes of NVMe writes still queued at exit; they are lost (the RAM copies too)",
