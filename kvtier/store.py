@@ -159,6 +159,9 @@ class Store:
         self.promote_first = n.promote == "first"
         # a stuck disk must not hold most of RAM: at most half the arena waits for writing
         self.queue_limit = min(n.queue_bytes, hot.alloc.capacity // 2)
+        if n.dirs and self.queue_limit < n.queue_bytes:
+            log.info("nvme.queue_bytes: %d bytes, more than half the arena: %d bytes may wait for "
+                     "writing", n.queue_bytes, self.queue_limit)
         self.queued_bytes = 0
         self._queued: dict[tuple[str, bytes], bool] = {}  # key -> cancelled (deleted/overwritten meanwhile)
         # demotions being written: evicted from RAM, not yet on NVMe (reads wait for them)
@@ -281,7 +284,11 @@ class Store:
         self.cluster, self.loop = cluster, loop
         # blocks waiting for a cluster write hold their RAM slots: a slow or stopped server must
         # not hold most of the arena (with NVMe's half, at most three quarters wait for writing)
-        cluster.queue_limit = min(cluster.queue_limit, self.hot.alloc.capacity // 4)
+        limit = min(cluster.queue_limit, self.hot.alloc.capacity // 4)
+        if limit < cluster.queue_limit:
+            log.info("cluster.queue_bytes: %d bytes, more than a quarter of the arena: %d bytes may "
+                     "wait for writing", cluster.queue_limit, limit)
+        cluster.queue_limit = limit
 
     def _on_commit(self, blocks: list[Block]) -> list[Block]:  # hot lock held
         if self._holding and blocks[0].promoted:  # a promotion whose caller leases it next: hold it till then

@@ -58,3 +58,14 @@ def test_daemon_logs_never_contain_the_token(tmp_path):
     text = err.decode()
     assert "<6>level=info logger=kvtier.server" in text
     assert token not in text and "payload-that-must-not-be-logged" not in text
+
+
+def test_write_queues_larger_than_the_arena_allows_are_capped_and_said(make_daemon, tmp_path, caplog):
+    """nvme.queue_bytes is at most half the arena, cluster.queue_bytes a quarter: a larger setting is
+    capped at start, and the log says to what (configs/kvtier.toml promises nothing silently clamped)."""
+    caplog.set_level(logging.INFO, logger="kvtier.store")
+    d = make_daemon(ram={"capacity": "16MiB"}, nvme={"dirs": [str(tmp_path / "nv")], "queue_bytes": "1GiB"})
+    assert d.daemon.store.queue_limit < 1 << 30
+    said = [r.getMessage() for r in caplog.records if r.name == "kvtier.store"]
+    assert any(m.startswith(f"nvme.queue_bytes: {1 << 30} bytes, more than half the arena: "
+                            f"{d.daemon.store.queue_limit} bytes") for m in said), said
