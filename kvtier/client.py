@@ -226,7 +226,8 @@ def _copy_all(jobs: list[tuple[memoryview, memoryview, bool]]) -> list[bytes | N
 
 class _NoDataConnection(errors.Unavailable):
     """No data connection could be had: none pooled, and a new one was turned away or could not
-    be opened. Nothing of the call was sent; the operation makes it over gRPC instead."""
+    be opened; the operation makes its call over gRPC instead. (After a first try broken off
+    mid-call, puts and gets are made again, as a second try on the data channel would.)"""
 
 
 class _Probe:
@@ -236,15 +237,29 @@ class _Probe:
 
     def __init__(self, ops: "_Ops", address: str, version: int):
         self.ops, self.address, self.version = ops, address, version
+        self.lock = threading.Lock()
+        self.stopped = False
+        self.conn: DataConnection | None = None
 
     def stop(self) -> None:
-        pass  # the connect is bounded by the client's timeout
+        """The caller gave up (a cancelled AsyncClient call): a connection opened is closed, now or
+        when its connect ends (which the client's timeout bounds)."""
+        with self.lock:
+            self.stopped, conn, self.conn = True, self.conn, None
+        if conn is not None:
+            conn.close()
 
     def __call__(self) -> "DataConnection | None":
         try:
-            return self.ops._connect_data(self.address, self.version)
+            conn = self.ops._connect_data(self.address, self.version)
         except (OSError, errors.KvtierError):
             return None
+        with self.lock:
+            if not self.stopped:
+                self.conn = conn
+                return conn
+        conn.close()
+        return None
 
 
 class _DataCall:
@@ -322,6 +337,7 @@ class _Ops:
         self._pool_lock = threading.Lock()
         self._attach_lock = threading.Lock()
         self._retry_at = 0.0  # when to try the data channel again after it was not to be had (0: no need)
+        self._attaches = 0  # attaches that mapped or probed anew: a probe of an earlier one is stale
 
     # ---- attach and batching ------------------------------------------------------------
 
@@ -355,28 +371,43 @@ class _Ops:
             for c in old:
                 c.close()
             self._retry_at = 0.0
+            self._attaches += 1
+            attach = self._attaches
             self._data_off()  # until a data connection is confirmed below
             wanted = self.want_data and info.data_address and (arena is None or self.want_control)
         if wanted:
-            conn = yield ("call", _Probe(self, info.data_address, info.data_channel_version))
-            self._data_on(info, conn)
+            yield from self._probe(attach, info)
         return info
+
+    def _probe(self, attach: int, info: pb.AttachResponse):
+        """Open a data connection for the attach numbered ``attach`` and use it, or try again
+        DATA_RETRY_S later: also when the caller is interrupted meanwhile (a cancelled
+        AsyncClient call, Ctrl-C), so no interruption leaves the client on gRPC for good."""
+        probe = _Probe(self, info.data_address, info.data_channel_version)
+        try:
+            conn = yield ("call", probe)
+        except BaseException:
+            probe.stop()
+            self._data_on(attach, None)
+            raise
+        self._data_on(attach, conn)
 
     def _data_off(self) -> None:
         """Blocks and unary calls over gRPC (the arena's blocks stay in the arena)."""
         self.path = "arena" if self.arena is not None else "grpc"
         self.control = "grpc"
 
-    def _data_on(self, info: pb.AttachResponse, conn: "DataConnection | None") -> None:
-        """After a probe of the data channel for the daemon attached as info: conn pooled and
-        used, or (None) a try again DATA_RETRY_S later."""
+    def _data_on(self, attach: int, conn: "DataConnection | None") -> None:
+        """After a probe of the data channel for attach number ``attach``: conn pooled and used, or
+        (None) a try again DATA_RETRY_S later, unless another probe got the channel meanwhile."""
         with self._attach_lock:
-            if self.info is not info:  # attached again meanwhile: that attach probed for itself
+            if attach != self._attaches:  # attached anew meanwhile: that attach probes for itself
                 if conn is not None:
                     conn.close()
                 return
             if conn is None:
-                self._retry_at = time.monotonic() + DATA_RETRY_S
+                if self.path != "data" and self.control != "data" and not self._retry_at:
+                    self._retry_at = time.monotonic() + DATA_RETRY_S
                 return
             self._retry_at = 0.0
             with self._pool_lock:
@@ -385,9 +416,13 @@ class _Ops:
             self.control = "data" if self.want_control else "grpc"
 
     def _retry_data(self):
-        info, self._retry_at = self.info, 0.0  # one try at a time: the others go on as they are
-        conn = yield ("call", _Probe(self, info.data_address, info.data_channel_version))
-        self._data_on(info, conn)
+        with self._attach_lock:  # one try at a time: the others go on as they are
+            due = self._retry_at and time.monotonic() >= self._retry_at
+            if due:
+                self._retry_at = 0.0
+            attach, info = self._attaches, self.info
+        if due:
+            yield from self._probe(attach, info)
 
     def _data_lost(self) -> None:
         """No data connection could be had for a call: the following ones go over gRPC until the

@@ -352,7 +352,7 @@ class DataServer:
             except (OSError, ValueError) as e:
                 with self._lock:  # off the list before its descriptor closes
                     waited = self._unauthenticated.pop(conn, None) is not None
-                if waited:  # (one cut off, by the reaper or for a new one, was counted then)
+                if waited:  # (one cut off, by the reaper or for a new one, was logged then)
                     self._log_limited("tls", f"TLS handshake failed: {e}")
                 conn.close()
                 return
@@ -384,9 +384,12 @@ class DataServer:
         while not self._closing.wait(min(1.0, HELLO_TIMEOUT_S / 4)):
             now = time.monotonic()
             with self._lock:
-                for c in [c for c, t in self._unauthenticated.items() if t <= now]:
+                late = [c for c, t in self._unauthenticated.items() if t <= now]
+                for c in late:
                     del self._unauthenticated[c]
                     _cut(c)  # under the lock: its thread closes it only after taking it off the list
+            if late:
+                self._log_limited("late", f"{len(late)} connection(s) cut off: no TLS handshake or HELLO in time")
 
     def close(self) -> None:
         """Stop listening, shut every connection down and wait (CLOSE_WAIT_S at most) for their
@@ -396,16 +399,15 @@ class DataServer:
         send in that gap would go out unencrypted."""
         self._closed = True
         self._closing.set()
-        with self._lock:
-            conns = list(self._conns) + list(self._unauthenticated)
         for s in self._socks:
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             s.close()
-        for c in conns:
-            _cut(c)
+        with self._lock:  # under the lock: a thread closes its socket only once off these lists
+            for c in list(self._conns) + list(self._unauthenticated):
+                _cut(c)
         deadline = time.monotonic() + CLOSE_WAIT_S
         while self.open_connections > 0 and time.monotonic() < deadline:
             time.sleep(0.01)
