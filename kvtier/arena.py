@@ -163,7 +163,9 @@ def secure_dir(path: str, private: bool, what: str) -> None:
             raise
     st = os.lstat(path) if private else os.stat(path)
     euid, mode = os.geteuid(), stat.S_IMODE(st.st_mode)
-    remove = f"remove it (rm -r {path}) and start the daemon again: it creates the directory itself"
+    remove = (f"remove it (rm -r {path}; another user's needs root) and start the daemon again: it "
+              f"creates the directory itself; or set ram.arena_path and server.socket to a directory "
+              f"of the daemon's own")
     if stat.S_ISLNK(st.st_mode):
         problem, fix = "is a symbolic link", remove
     elif not stat.S_ISDIR(st.st_mode):
@@ -209,6 +211,8 @@ def open_own(path: str, flags: int, what: str, mode: int = 0o600) -> int:
             problem = "is not a regular file"
         elif st.st_uid != os.geteuid():
             problem = f"is owned by uid {st.st_uid}, not by the daemon's uid {os.geteuid()}"
+        elif st.st_nlink != 1:  # a hard link to another file of ours: writing it would write that one
+            problem = f"has {st.st_nlink} names (hard links)"
         else:
             return fd
     except BaseException:

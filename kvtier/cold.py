@@ -44,13 +44,14 @@ by ``scan()``, so a restart does not count the files of the last run as taken
 by someone else (and evict them).
 
 Ownership: one daemon per directory. A daemon's tier (``exclusive``) holds an exclusive
-``flock`` on ``<dir>/.kvtier.lock`` from before it probes, scans or writes the directory
-until ``close()``; a second daemon on the same directory (by any path to it) fails to start
-with a ConfigError instead of taking the first one's writes in flight for orphans and evicting
-its files. The lock dies with the process (kill -9 included); the empty file stays. It is at the
-top of the directory, where neither ``scan()`` nor ``check_dir()`` looks (they read only the
-two-hex-digit subdirectories). ``check_dir`` reads without the lock (a daemon may run meanwhile);
-with ``repair`` it takes it, so it never removes a running daemon's files.
+``flock`` on the directory itself (an open descriptor of it) from before it probes, scans or
+writes it until ``close()``; a second daemon on the same directory (by any path to it) fails to
+start with a ConfigError instead of taking the first one's writes in flight for orphans and
+evicting its files. The lock dies with the process (kill -9 included) and leaves no file behind
+(a lock file could be created by root and then be unreadable to the service user, or be deleted
+under a running daemon). The held descriptor keeps the filesystem busy: unmount a drive after
+stopping the daemon, or with ``umount -l``. ``check_dir`` reads without the lock (a daemon may
+run meanwhile); with ``repair`` it takes it, so it never removes a running daemon's files.
 
 Thread-safe: the index is under one lock; file I/O happens outside it, in
 the caller's thread (the store runs it in worker threads, never on the event
@@ -66,7 +67,6 @@ import logging
 import mmap
 import os
 import secrets
-import stat
 import threading
 import time
 from collections import OrderedDict
@@ -80,7 +80,6 @@ from .record import PAGE, CorruptRecord, Meta
 
 log = logging.getLogger("kvtier.nvme")
 SUFFIX = ".kvb"
-LOCK_NAME = ".kvtier.lock"  # at the top of each directory: held by the daemon that uses it
 LOCK_PATIENCE_S = 0.5  # a lock held this briefly is a `kvtier check` looking, not another daemon
 AUTO_SHARE = 0.9  # an automatic capacity: this share of the filesystem's free space plus the tier's own files
 # ENOENT: the directory is gone; ENODEV: it is on another filesystem than at start (a drive unmounted)
@@ -156,21 +155,15 @@ def probe_direct(path: str) -> bool:
             pass
 
 
-def _open_lock(path: str, create: bool) -> int:
-    """The lock file of directory path, opened (never through a symlink, never waiting on a FIFO)."""
-    lp = os.path.join(path, LOCK_NAME)
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_CREAT if create else 0)
-    fd = os.open(lp, flags, 0o640)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ConfigError(f"nvme.dirs: {lp} is not a regular file; remove it")
-    return fd
+def _open_dir(path: str) -> int:
+    """A descriptor of directory path itself, to flock: the lock is the directory's, no file."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def own_dir(path: str, remedy: str = "stop it, or give this daemon a directory of its own") -> int:
     """Take directory path's lock (exclusive); the fd that holds it. ConfigError when another
     process holds it past LOCK_PATIENCE_S: a kvtier daemon using the directory, or a repair."""
-    fd = _open_lock(path, create=True)
+    fd = _open_dir(path)
     try:
         deadline = time.monotonic() + LOCK_PATIENCE_S
         while True:
@@ -179,8 +172,8 @@ def own_dir(path: str, remedy: str = "stop it, or give this daemon a directory o
                 return fd
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise ConfigError(f"nvme.dirs: another kvtier daemon uses {path} (it holds "
-                                      f"{os.path.join(path, LOCK_NAME)}); {remedy}") from None
+                    raise ConfigError(f"nvme.dirs: another process holds {path} (a kvtier daemon using it, "
+                                      f"or `kvtier check --repair`); {remedy}") from None
                 time.sleep(0.05)
     except BaseException:
         os.close(fd)
@@ -191,8 +184,8 @@ def _in_use(path: str) -> bool:
     """Does a process hold directory path's lock right now? Looked at, not kept: a shared lock
     taken and dropped at once (own_dir waits out such a look)."""
     try:
-        fd = _open_lock(path, create=False)
-    except (OSError, ConfigError):
+        fd = _open_dir(path)
+    except OSError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -937,7 +930,7 @@ def check_dir(path: str, repair: bool = False) -> CheckReport:
     are writes in flight, not orphans. With repair it holds the directory's lock throughout
     (ConfigError when a daemon uses it): removing files under a running daemon could take a
     write in flight or a new file at a corrupt one's path, and the daemon removes the corrupt
-    files it finds itself. The lock file, at the top of the directory, is never reported or removed."""
+    files it finds itself."""
     owner = own_dir(path, "--repair would remove files under it: stop it first, or check without "
                           "--repair (the daemon removes the corrupt files it reads)") if repair else -1
     try:

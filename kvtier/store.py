@@ -249,9 +249,11 @@ class Store:
                 done.set()
         threading.Thread(target=drain, daemon=True, name="kvtier-nvme-drain").start()
         ok = done.wait(timeout)
-        if not ok:
+        if not ok and self.queued_bytes:
             log.warning("%d bytes of NVMe writes still queued at exit; they are lost (the RAM copies too)",
                         self.queued_bytes)
+        elif not ok:
+            log.warning("NVMe reads or the background header check still running at exit; nothing is lost")
         return ok
 
     # ---- write-behind ---------------------------------------------------------------------

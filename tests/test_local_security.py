@@ -218,3 +218,17 @@ def test_a_slot_table_of_another_user_beside_the_arena_stops_the_start(scratch):
     os.chown(cfg.arena_path + ".slots", NOBODY, NOBODY)
     assert cfg.arena_path + ".slots" in refused(cfg, f"owned by uid {NOBODY}")
     assert os.path.exists(cfg.arena_path + ".slots")
+
+
+def test_a_file_with_a_second_name_is_refused(tmp_path):
+    """A hard link at the arena's or slot table's name to another file of the daemon's would have
+    the daemon write (format, truncate) that other file."""
+    from kvtier.arena import open_own
+    other = tmp_path / "other-file-of-ours"
+    other.write_bytes(b"precious")
+    os.link(other, tmp_path / "arena.slots")
+    with pytest.raises(errors.ConfigError, match=r"has 2 names \(hard links\)"):
+        open_own(str(tmp_path / "arena.slots"), os.O_RDWR | os.O_CREAT, "slot table")
+    assert other.read_bytes() == b"precious"
+    (tmp_path / "arena.slots").unlink()
+    os.close(open_own(str(tmp_path / "arena.slots"), os.O_RDWR | os.O_CREAT, "slot table"))  # a name of its own: fine
