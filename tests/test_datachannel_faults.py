@@ -414,3 +414,53 @@ def test_peers_that_never_authenticate_cannot_fill_the_table(make_daemon, tenant
     for s in flood:
         s.close()
     wait_until(lambda: dc.open_connections == 0, what="every place freed")
+
+
+def test_a_probe_cut_short_or_made_stale_leaves_the_client_able_to_come_back(make_daemon, monkeypatch):
+    """An AsyncClient call cancelled while its attach probes the data channel, and a probe whose
+    attach was renewed meanwhile (Client.attach() of the same daemon): neither leaves the client on
+    gRPC for good, and the cancelled probe's connection is closed, not leaked."""
+    import asyncio
+    import threading
+    from kvtier import client as client_mod
+    from kvtier.client import AsyncClient
+    monkeypatch.setattr(client_mod, "DATA_RETRY_S", 0.2)
+    d = make_daemon()
+    dc = d.daemon.data
+    real = client_mod._Ops._connect_data
+    gate, entered = threading.Event(), threading.Event()
+
+    def slow(self, address, version):
+        entered.set()
+        gate.wait(10)
+        return real(self, address, version)
+    monkeypatch.setattr(client_mod._Ops, "_connect_data", slow)
+
+    async def cancelled() -> None:
+        async with AsyncClient(d.address, attach=False, timeout=5) as c:
+            task = asyncio.ensure_future(c.put(NS, b"p" * 16, b"x" * 100))
+            assert await asyncio.to_thread(entered.wait, 10)
+            task.cancel()
+            await asyncio.sleep(0.05)
+            gate.set()  # the probe's connect ends after its caller gave up
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.to_thread(wait_until, lambda: dc.open_connections == 0, 10,
+                                    "the abandoned probe's connection closed")
+            assert (c.path, c.control) == ("grpc", "grpc")
+            await asyncio.sleep(0.3)
+            await c.put(NS, b"q" * 16, b"y" * 100)  # the retry, due now
+            assert (c.path, c.control) == ("data", "data")
+    asyncio.run(cancelled())
+
+    gate.clear(), entered.clear()
+    with Client(d.address, attach=False, timeout=5) as c:
+        t = threading.Thread(target=c.lookup, args=(NS, [b"r" * 16]))  # attaches, and waits in its probe
+        t.start()
+        assert entered.wait(10)
+        c.attach()  # the same daemon attached anew meanwhile
+        gate.set()
+        t.join(10)
+        time.sleep(0.3)
+        c.put(NS, b"r" * 16, b"z" * 100)
+        assert (c.path, c.control) == ("data", "data")
