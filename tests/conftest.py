@@ -8,6 +8,7 @@ Every daemon is stopped and its files removed at the end of the test.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -76,10 +77,11 @@ def make_daemon():
         return d
 
     yield factory
-    for d in started:
-        d.stop()
-    for p in dirs:
-        shutil.rmtree(p, ignore_errors=True)
+    with contextlib.ExitStack() as stack:  # every daemon stopped and every directory removed,
+        for p in dirs:                     # also when a stop raises (that is raised after)
+            stack.callback(shutil.rmtree, p, True)
+        for d in started:
+            stack.callback(d.stop)
 
 
 @pytest.fixture
