@@ -25,7 +25,7 @@ import os
 import sys
 
 from . import __version__, errors
-from .config import arena_room_problem, default_address, format_size, load, locate
+from .config import FILE_SETTINGS, arena_room_problem, default_address, format_size, load, locate
 
 EXIT_OK, EXIT_MISSING, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_ERROR = 0, 1, 2, 3, 4
 EXIT_COVERAGE = 5  # prewarm: a customer's coverage is under the threshold
@@ -89,12 +89,9 @@ def start_problems(cfg) -> list[str]:
     it names that cannot be read now, a tenants file that does not parse, and an arena that does
     not fit where it would live."""
     from .auth import Tenants
-    s, c = cfg.server, cfg.cluster
     out = []
-    for name, path in (("server.tls_cert", s.tls_cert), ("server.tls_key", s.tls_key),
-                       ("server.tls_client_ca", s.tls_client_ca), ("cluster.tls_ca", c.tls_ca),
-                       ("cluster.tls_cert", c.tls_cert), ("cluster.tls_key", c.tls_key),
-                       ("auth.tenants_file", cfg.auth.tenants_file)):
+    for section, key in FILE_SETTINGS:
+        name, path = f"{section}.{key}", getattr(getattr(cfg, section), key)
         if path:
             try:
                 with open(path, "rb"):

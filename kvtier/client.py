@@ -462,9 +462,9 @@ class _Ops:
         except TimeoutError:
             raise errors.DeadlineExceeded(f"data channel {self.info.data_address}: no answer within "
                                           f"{self.timeout}s") from None
+        except errors.DeadlineExceeded:
+            raise
         except (OSError, errors.KvtierError) as e:
-            if isinstance(e, errors.DeadlineExceeded):
-                raise
             self._data_lost()
             raise _NoDataConnection(f"data channel {self.info.data_address}: {e}") from None
 

@@ -315,8 +315,8 @@ class ColdTier:
             d = Dir(os.path.abspath(path), cap, dev=st.st_dev, auto=not cap)
             if d.auto:  # scan() adds the files already there
                 d.capacity = _auto_capacity(d.path, 0)
-            d.direct = direct_io == "on" or (direct_io == "auto" and probe_direct(d.path))
-            if direct_io == "on" and not probe_direct(d.path):
+            d.direct = direct_io != "off" and probe_direct(d.path)
+            if direct_io == "on" and not d.direct:
                 raise OSError(f"nvme.direct_io = 'on' but {path} does not accept O_DIRECT")
             self.dirs.append(d)
 
@@ -951,12 +951,11 @@ def check_dir(path: str, repair: bool = False) -> CheckReport:
                     except FileNotFoundError:
                         continue  # evicted by the daemon since the listing
                     except (CorruptRecord, OSError, ValueError) as e:
-                        rep.files += 1
                         rep.corrupt.append((p, str(e)))
-                        continue
+                    else:
+                        rep.ok += 1
+                        rep.bytes += meta.raw_len
                     rep.files += 1
-                    rep.ok += 1
-                    rep.bytes += meta.raw_len
         if repair:
             for p in rep.orphans + [p for p, _ in rep.corrupt]:
                 ColdTier._unlink(p)

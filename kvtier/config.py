@@ -543,9 +543,9 @@ def read_toml(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
 # settings that name files or directories: in a config file, a relative one is relative to the
 # file's directory (as a prewarm plan's are to the plan's), not to wherever the daemon was started
 # (systemd starts it in /)
-PATH_SETTINGS = (("server", "socket"), ("server", "tls_cert"), ("server", "tls_key"), ("server", "tls_client_ca"),
-                 ("ram", "arena_path"), ("nvme", "dirs"), ("auth", "tenants_file"),
-                 ("cluster", "tls_ca"), ("cluster", "tls_cert"), ("cluster", "tls_key"))
+FILE_SETTINGS = (("server", "tls_cert"), ("server", "tls_key"), ("server", "tls_client_ca"),
+                 ("cluster", "tls_ca"), ("cluster", "tls_cert"), ("cluster", "tls_key"), ("auth", "tenants_file"))
+PATH_SETTINGS = FILE_SETTINGS + (("server", "socket"), ("ram", "arena_path"), ("nvme", "dirs"))
 
 
 def _relative_to(data: dict, base: str) -> dict:

@@ -211,7 +211,8 @@ class DataServer:
         self.stopping = False  # new CALLs are UNAVAILABLE, as gRPC answers new calls while it drains
         self._socks: list[socket.socket] = []
         self._conns: set[socket.socket] = set()
-        # conn -> when it must have finished its TLS handshake / sent its HELLO; oldest first
+        # conn -> when it must have finished its TLS handshake / sent its HELLO (with tenants), or
+        # the reaper cuts it off; oldest first (at a full table a new connection cuts off the first)
         self._unauthenticated: dict[socket.socket, float] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -343,7 +344,7 @@ class DataServer:
                     if self._closed:  # close() ran meanwhile and did not see this one
                         conn.close()
                         return
-                    self._pend(conn, HANDSHAKE_TIMEOUT_S)
+                    self._unauthenticated[conn] = time.monotonic() + HANDSHAKE_TIMEOUT_S
                 # one deadline for the whole handshake (CPython's do_handshake takes the socket's
                 # timeout as that, not per read): a peer trickling its bytes cannot keep this thread
                 conn.settimeout(HANDSHAKE_TIMEOUT_S)
@@ -364,14 +365,8 @@ class DataServer:
                 return
             self._conns.add(conn)
             if self.access.enabled:  # a peer without a token gets HELLO_TIMEOUT_S, then is cut off
-                self._pend(conn, HELLO_TIMEOUT_S)
+                self._unauthenticated[conn] = time.monotonic() + HELLO_TIMEOUT_S
         self._serve(conn)
-
-    def _pend(self, conn: socket.socket, seconds: float) -> None:
-        """Under the lock: conn must authenticate (its TLS handshake; its HELLO with tenants)
-        within seconds, or the reaper cuts it off; at a full table a new connection cuts off the
-        one waiting longest (_accept_loop)."""
-        self._unauthenticated[conn] = time.monotonic() + seconds
 
     def _authenticated(self, conn: socket.socket) -> None:
         with self._lock:
