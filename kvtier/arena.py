@@ -56,9 +56,12 @@ import fcntl
 import mmap
 import os
 import pathlib
+import resource
 import secrets
 import stat
 import struct
+import threading
+from typing import Callable
 
 from .errors import ConfigError
 
@@ -67,6 +70,10 @@ MAGIC = b"KVTARENA"
 VERSION = 1
 DATA_OFFSET = 4096
 HUGEPAGE = 2 << 20
+
+# The arena is locked (its pages faulted in, which is most of making it) this much at a time: a stop
+# asked for meanwhile is seen within one piece, and progress can be told between them.
+LOCK_CHUNK = 1 << 30
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
@@ -251,15 +258,22 @@ def _own(arena_path: str) -> int:
         os.close(fd)
 
 
+class Interrupted(Exception):
+    """A stop was asked for while the arena was being locked; nothing of it is left (an arena
+    file re-attached is kept, with the blocks of the run before)."""
+
+
 class Arena:
     """The daemon's side: create, map and lock the arena file."""
 
     def __init__(self, path: str, size: int, lock: bool = True, reattach: bool = False,
-                 private_dir: bool = False):
+                 private_dir: bool = False, stop: threading.Event | None = None,
+                 progress: Callable[[int, int], None] | None = None):
         """Create the arena, or with ``reattach`` reuse an existing arena file of the same size
         (its bytes kept, a new generation written) so a restarted daemon keeps its RAM tier.
         ``private_dir``: the directory is the per-user default, held to ``secure_dir``'s
-        stricter rule."""
+        stricter rule. ``stop`` set while the arena is locked ends it with Interrupted;
+        ``progress(bytes locked, size)`` is called after each LOCK_CHUNK."""
         self.path = os.path.abspath(path)
         self.backing = backing_of(os.path.dirname(self.path) or ".")
         align = HUGEPAGE if self.backing == "hugetlbfs" else 4096
@@ -271,12 +285,12 @@ class Arena:
         secure_dir(os.path.dirname(self.path), private_dir, "arena directory")
         self._owner = _own(self.path)  # before anything reads, replaces or unlinks the arena
         try:
-            self._open(reattach, lock)
+            self._open(reattach, lock, stop, progress)
         except BaseException:
             self._disown()
             raise
 
-    def _open(self, reattach: bool, lock: bool) -> None:
+    def _open(self, reattach: bool, lock: bool, stop, progress) -> None:
         # the file the previous run left, if any, opened once: what is checked is what is mapped
         try:
             fd = open_own(self.path, os.O_RDWR, "arena")
@@ -305,16 +319,22 @@ class Arena:
         finally:
             if fd >= 0:
                 os.close(fd)
-        self.mm[:HEADER.size] = HEADER.pack(MAGIC, VERSION, 0, self.generation, self.size, self.data_offset)
-        self.view = memoryview(self.mm)
-        if self.backing == "tmpfs":  # honoured by a tmpfs mounted huge=advise; ignored elsewhere
-            try:
-                self.mm.madvise(mmap.MADV_HUGEPAGE)
-            except (AttributeError, OSError):
-                pass
-        self.locked, self.lock_detail = False, "mlock disabled in config"
-        if lock:
-            self._lock()
+        try:
+            self.mm[:HEADER.size] = HEADER.pack(MAGIC, VERSION, 0, self.generation, self.size, self.data_offset)
+            self.view = memoryview(self.mm)
+            if self.backing == "tmpfs":  # honoured by a tmpfs mounted huge=advise; ignored elsewhere
+                try:
+                    self.mm.madvise(mmap.MADV_HUGEPAGE)
+                except (AttributeError, OSError):
+                    pass
+            self.locked, self.lock_detail = False, "mlock disabled in config"
+            if lock:
+                self._lock(stop, progress)
+        except BaseException:  # a new arena goes again; a re-attached one keeps the last run's blocks
+            if not hasattr(self, "view"):
+                self.view = memoryview(b"")
+            self.close(unlink=not self.reattached, disown=False)
+            raise
         # on tmpfs only a locked arena is known: unlocked, its pages are not there yet. smaps is read
         # only where the mount can give huge pages: for a large arena of 4 KiB pages it is a walk of
         # every page table entry
@@ -336,17 +356,36 @@ class Arena:
             return "its header is not one of this version's arenas"
         return None
 
-    def _lock(self) -> None:
+    def _lock(self, stop: threading.Event | None, progress) -> None:
         addr = _address(self.mm)
-        if _libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(self.size)) == 0:
-            self.locked, self.lock_detail = True, ""
-        else:
-            err = ctypes.get_errno()
-            import resource
-            soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-            lim = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
-            self.lock_detail = (f"mlock failed: {os.strerror(err)} (RLIMIT_MEMLOCK is {lim}; "
-                                f"set LimitMEMLOCK=infinity in the unit or run as root); running unlocked")
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        # over the limit mlock fails before it faults a page in: asked for at once, it says so at once
+        # (root may lock past the limit)
+        step = LOCK_CHUNK if os.geteuid() == 0 or soft == resource.RLIM_INFINITY or soft >= self.size else self.size
+        done = 0
+        while done < self.size:
+            if stop is not None and stop.is_set():
+                self._lock_range(addr, done, unlock=True)
+                raise Interrupted(f"stopped while locking the arena ({done} of {self.size} bytes)")
+            n = min(step, self.size - done)
+            if not self._lock_range(addr + done, n):
+                err = ctypes.get_errno()
+                self._lock_range(addr, done, unlock=True)
+                lim = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+                self.lock_detail = (f"mlock failed: {os.strerror(err)} (RLIMIT_MEMLOCK is {lim}; "
+                                    f"set LimitMEMLOCK=infinity in the unit or run as root); running unlocked")
+                return
+            done += n
+            if progress is not None:
+                progress(done, self.size)
+        self.locked, self.lock_detail = True, ""
+
+    @staticmethod
+    def _lock_range(addr: int, n: int, unlock: bool = False) -> bool:
+        if not n:
+            return True
+        fn = _libc.munlock if unlock else _libc.mlock
+        return fn(ctypes.c_void_p(addr), ctypes.c_size_t(n)) == 0
 
     def _disown(self) -> None:
         if self._owner < 0:
@@ -358,7 +397,7 @@ class Arena:
         os.close(self._owner)
         self._owner = -1
 
-    def close(self, unlink: bool = True) -> None:
+    def close(self, unlink: bool = True, disown: bool = True) -> None:
         self.view.release()
         try:
             self.mm.close()
@@ -369,7 +408,8 @@ class Arena:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-        self._disown()  # last: the arena is ours until its files are in their final state
+        if disown:
+            self._disown()  # last: the arena is ours until its files are in their final state
 
 
 class ArenaMapping:

@@ -67,7 +67,11 @@ def runtime_dir() -> pathlib.Path:
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base:
         d = pathlib.Path(base) / "kvtier"
-        if (d.is_dir() and os.access(d, os.W_OK)) or (os.path.isdir(base) and os.access(base, os.W_OK)):
+        try:  # one there already must be ours (root may write another user's: the unit's /run/kvtier)
+            ours = d.stat().st_uid == os.geteuid() and d.is_dir() and os.access(d, os.W_OK)
+        except OSError:
+            ours = not os.path.lexists(d) and os.path.isdir(base) and os.access(base, os.W_OK)
+        if ours:
             return d
     return pathlib.Path(f"/tmp/kvtier-{os.getuid()}")
 

@@ -1,6 +1,9 @@
 """The daemon's lifecycle: ``startup()``, ``main_loop()``, ``shutdown()``.
 
-startup   create and lock the arena, build the hot tier, bind the gRPC server
+startup   take the NVMe directories (a second daemon given them is refused
+          here), create and lock the arena (in a thread, a piece at a time:
+          a stop meanwhile ends the start, and systemd hears of the progress),
+          build the hot tier, bind the gRPC server
           (Unix socket, plus TCP when configured) with the health and
           reflection services, start the data channel (which also carries
           unary calls to the same service) and the expiry reaper, then report
@@ -31,7 +34,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .arena import Arena, secure_dir
+from .arena import Arena, Interrupted, secure_dir
 from .cluster import from_config as cluster_from_config
 from .auth import AllowAll, Tenants
 from . import config as config_mod
@@ -45,12 +48,22 @@ from .metrics import Metrics, NullMetrics
 from .notify import Notifier
 from .service import KVTierService
 from .slots import SlotTable, table_path
-from .store import Store
+from .store import Store, open_cold
 from .v1 import kvtier_pb2 as pb
 from .v1 import kvtier_pb2_grpc as pb_grpc
 
 log = logging.getLogger("kvtier.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVTier"].full_name
+# while the arena is being locked (minutes for a large one), systemd hears of its progress at least
+# this often and is asked to wait this much longer each time (EXTEND_TIMEOUT_USEC): a start that is
+# making progress is not killed at TimeoutStartSec
+ARENA_STATUS_S = 1.0
+ARENA_EXTEND_S = 120.0
+ARENA_LOG_S = 10.0
+
+
+class _Stopped(Exception):
+    """stop() was asked for before the daemon served: the start ends there, as a stop."""
 
 
 def _socket_in_use(path: str) -> bool:
@@ -81,6 +94,7 @@ class Daemon:
         self.hot: HotTier | None = None
         self.store: Store | None = None
         self.cluster = None
+        self._cold = None  # the NVMe tier, opened before the arena, until the Store owns it
         self._enforcing: set[asyncio.Task] = set()
         self.data: DataServer | None = None
         self.server: grpc.aio.Server | None = None
@@ -91,6 +105,8 @@ class Daemon:
         self.data_address = ""  # advertised in Attach
         self.started = time.monotonic()
         self._stop = asyncio.Event()
+        self._stopping = threading.Event()  # as _stop, for the threads that make the arena
+        self._arena_told = (0.0, 0.0)  # when systemd and the log last heard of the arena's locking
         self._reload = threading.Event()
         self.ready = threading.Event()
         self.gc_pauses = Pauses()  # installed while serving (startup .. shutdown)
@@ -98,7 +114,24 @@ class Daemon:
         self.huge_pages = Collapser(cfg.server.huge_pages_s)
 
     def stop(self) -> None:
+        self._stopping.set()
         self._stop.set()
+
+    def _check_stop(self) -> None:
+        if self._stopping.is_set():
+            raise _Stopped()
+
+    def _arena_progress(self, done: int, size: int) -> None:
+        """Called from the thread locking the arena after each piece."""
+        now, (told, logged) = time.monotonic(), self._arena_told
+        if done < size and now < told + ARENA_STATUS_S:
+            return
+        pct = f"{done * 100 // size}% of {config_mod.format_size(size)}"
+        self.notify.send(f"STATUS=locking the arena in RAM: {pct}", f"EXTEND_TIMEOUT_USEC={int(ARENA_EXTEND_S * 1e6)}")
+        if done < size and now >= logged + ARENA_LOG_S:
+            log.info("arena: %s locked", pct)
+            logged = now
+        self._arena_told = (now, logged)
 
     def data_address_for(self, peer: str) -> str:
         """The data channel on the transport the client came in on: its Unix socket for a client
@@ -139,18 +172,28 @@ class Daemon:
     async def startup(self) -> None:
         cfg = self.cfg
         sock = cfg.socket_path
+        in_use = ConfigError(f"another daemon is listening on {sock}; stop it or set server.socket")
+        if os.path.exists(sock) and _socket_in_use(sock):  # said first: its directory is that daemon's
+            raise in_use
         # the per-user default directory must be ours alone; a configured one (a RuntimeDirectory,
         # a directory shared with group kvtier) only not writable by everyone without the sticky bit
         secure_dir(os.path.dirname(os.path.abspath(sock)), not cfg.server.socket, "socket directory")
         if os.path.exists(sock):
             if _socket_in_use(sock):
-                raise ConfigError(f"another daemon is listening on {sock}; stop it or set server.socket")
+                raise in_use
             os.unlink(sock)
-        # mapping, touching and locking a large arena takes seconds to minutes: say so first
+        # the NVMe directories are taken before the arena is made: a daemon given another's is
+        # refused at once, not after locking (and giving back) its RAM
+        if cfg.nvme.dirs:
+            self._cold = await asyncio.to_thread(open_cold, cfg)
+        # mapping, touching and locking a large arena takes seconds to minutes: say so first, and
+        # do it in a thread, so a stop (SIGTERM, Ctrl-C) ends it
         log.info("arena %s: %s%s", cfg.arena_path, config_mod.format_size(cfg.arena_capacity),
                  ", locking it in RAM" if cfg.ram.mlock else "")
-        self.arena = Arena(cfg.arena_path, cfg.arena_capacity, cfg.ram.mlock, reattach=cfg.ram.persist,
-                           private_dir=not cfg.ram.arena_path)
+        self.arena = await asyncio.to_thread(
+            Arena, cfg.arena_path, cfg.arena_capacity, cfg.ram.mlock, reattach=cfg.ram.persist,
+            private_dir=not cfg.ram.arena_path, stop=self._stopping, progress=self._arena_progress)
+        self._check_stop()
         a = self.arena
         pages = "2 MiB pages" if a.huge_pages else "4 KiB pages"
         if a.locked:
@@ -173,7 +216,8 @@ class Daemon:
                          time.monotonic() - t0)
             else:
                 self.hot.slots = table
-        self.store = Store(cfg, self.hot, a.view, a.huge_pages)
+        self._check_stop()
+        self.store = Store(cfg, self.hot, a.view, a.huge_pages, cold=self._cold)
         self.cluster = cluster_from_config(cfg.cluster)
         await self.cluster.start()
         self.store.attach_cluster(self.cluster, asyncio.get_running_loop())
@@ -183,6 +227,7 @@ class Daemon:
         if cfg.nvme.dirs:
             log.info("nvme: %d blocks indexed from %d directories in %.2fs", n, len(cfg.nvme.dirs),
                      time.monotonic() - t0)
+        self._check_stop()
         mm = cfg.server.max_message_bytes
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", mm),
@@ -345,6 +390,8 @@ class Daemon:
         if self.store is not None:
             await self.store.stop_background()
             await asyncio.to_thread(self.store.close, self.cfg.server.drain_timeout_s)
+        elif self._cold is not None:  # a start that ended before the store was made
+            self._cold.close()
         for task in list(self._enforcing):
             task.cancel()
         if self.cluster is not None:
@@ -369,7 +416,11 @@ class Daemon:
                 loop.add_signal_handler(sig, self.stop)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
-            await self.startup()
+            try:
+                await self.startup()
+            except (_Stopped, Interrupted):
+                log.info("stopped before serving")
+                return
             self.notify.ready(f"serving on {self.address}")
             await self.main_loop()
         finally:
@@ -399,6 +450,8 @@ class DaemonThread:
         self._loop = asyncio.new_event_loop()
         try:
             self._loop.run_until_complete(self._main())
+            if not self.daemon.ready.is_set():
+                raise RuntimeError("the daemon was stopped before it served")
         except BaseException as e:  # reported to start()
             self._error = e
             self.daemon.ready.set()

@@ -127,18 +127,27 @@ class _Moving:
         self.reading: threading.Event | None = None
 
 
+def open_cold(cfg: Config) -> ColdTier:
+    """The NVMe tier of cfg.nvme.dirs, each directory locked for this daemon (ConfigError when
+    another daemon uses one); closed by the Store it is given to."""
+    n = cfg.nvme
+    return ColdTier([(d, n.capacity) for d in n.dirs],  # 0: automatic, from the free space (kvtier.cold)
+                    durability=n.durability, direct_io=n.direct_io, codec=n.codec, retry_s=n.retry_s,
+                    exclusive=True)
+
+
 class Store:
-    def __init__(self, cfg: Config, hot: HotTier, view: memoryview, arena_huge_pages: bool = False):
+    def __init__(self, cfg: Config, hot: HotTier, view: memoryview, arena_huge_pages: bool = False,
+                 cold: ColdTier | None = None):
+        """``cold``: the NVMe tier, already opened (``open_cold``: the daemon takes its directories
+        before it makes the arena); made here when not given. The store closes it from now on."""
         self.cfg, self.hot, self.view = cfg, hot, view
         n = cfg.nvme
         if n.dirs:
-            dirs = [(d, n.capacity) for d in n.dirs]  # 0: automatic, from the free space (kvtier.cold)
+            self.cold = cold if cold is not None else open_cold(cfg)
             # a 2 MiB slot of an arena on 4 KiB pages is physically contiguous only by luck, and a read
             # into it is split into as many requests as it has runs of pages (kvtier.cold)
-            bounce = n.bounce_reads == "on" or (n.bounce_reads == "auto" and not arena_huge_pages)
-            # exclusive: each directory's lock, or a ConfigError when another daemon uses it
-            self.cold = ColdTier(dirs, durability=n.durability, direct_io=n.direct_io, codec=n.codec,
-                                 retry_s=n.retry_s, bounce_reads=bounce, exclusive=True)
+            self.cold.bounce_reads = n.bounce_reads == "on" or (n.bounce_reads == "auto" and not arena_huge_pages)
         else:
             self.cold = NullTier()
         try:

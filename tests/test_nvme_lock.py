@@ -183,3 +183,20 @@ def test_check_ignores_the_lock_file_and_repair_waits_for_the_daemon(make_daemon
     assert not held(nv)  # the repair let it go
     r = _cli("check", "--dir", str(nv))
     assert r.returncode == 0 and f"{N} block files, {N} ok" in r.stdout, r.stdout
+
+
+def test_a_refused_daemon_makes_no_arena(make_daemon, tmp_path, monkeypatch):
+    """The directories are taken before the arena is made: a second daemon given one is refused
+    before it locks (minutes, for a large arena) and gives back any RAM."""
+    from kvtier import server
+    nv = tmp_path / "nv"
+    make_daemon(nvme=nvme(nv))
+    made = []
+
+    def arena(*a, **k):
+        made.append(a)
+        raise RuntimeError("an arena was made")
+    monkeypatch.setattr(server, "Arena", arena)
+    with pytest.raises(ConfigError, match="another process holds"):
+        make_daemon(nvme=nvme(nv))
+    assert made == []
