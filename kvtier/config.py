@@ -228,6 +228,9 @@ class RamConfig:
     verify_on_commit: str = "background"
     # Keep the RAM tier across daemon restarts: re-attach the arena file and rebuild the index from its slot table.
     persist: bool = True
+    # Share of the arena that pinned blocks may hold (0 < x <= 1): a Pin past it leaves those blocks
+    # unpinned (answered as not pinned, counted, logged), so pins never take the RAM tier from traffic.
+    max_pinned: float = 0.5
     # On such a restart, re-hash every block and drop those whose bytes no longer match.
     verify_on_restart: bool = True
 
@@ -447,6 +450,8 @@ def _validate(cfg: Config) -> None:
     if r.lease_ms > r.max_ttl_ms or r.reservation_ms > r.max_ttl_ms:
         raise ConfigError(f"ram.lease_ms and ram.reservation_ms: at most ram.max_ttl_ms ({r.max_ttl_ms}), got "
                           f"{r.lease_ms} and {r.reservation_ms}")
+    if not 0 < r.max_pinned <= 1:
+        raise ConfigError(f"ram.max_pinned: a share of the arena, more than 0 and at most 1, got {r.max_pinned}")
     if n.queue_bytes <= 0:
         raise ConfigError(f"nvme.queue_bytes: must be > 0 (writes beyond it are dropped), got {n.queue_bytes}")
     for section in (s, r, n, cfg.metrics, cfg.auth, cfg.cluster):

@@ -194,7 +194,7 @@ class Reserved:
 class HotTier:
     def __init__(self, *, start: int, end: int, policy: str = "s3fifo", max_block_bytes: int,
                  lease_ms: int = 30_000, reservation_ms: int = 30_000, max_ttl_ms: int = 600_000,
-                 clock: Callable[[], float] = time.monotonic):
+                 max_pinned: float = 1.0, clock: Callable[[], float] = time.monotonic):
         self.alloc = ExtentAllocator(start, end)
         # the default group's policy; policies track Block objects (see kvtier.policy)
         self.policy = _new_policy(policy)
@@ -235,6 +235,9 @@ class HotTier:
         self.expired_leases = 0
         self.expired_reservations = 0
         self.pinned_blocks = 0
+        self.pinned_bytes = 0   # slot bytes of the pinned blocks, at most max_pinned_bytes
+        self.max_pinned_bytes = int(self.alloc.capacity * max_pinned)
+        self.pins_refused = 0   # blocks a Pin left unpinned: pinning them would have passed max_pinned_bytes
         self.leased_blocks = 0
         # Hooks for the tiers below, called with the lock held (must be quick, must not call back in):
         # on_commit(blocks) after blocks became visible, returns the blocks to hold (kept from
@@ -311,6 +314,7 @@ class HotTier:
         self._policy_drop(b)
         if b.pin_until:
             self.pinned_blocks -= 1
+            self.pinned_bytes -= self.alloc.round(b.length)
             b.pin_until = 0.0
         s = self._ns(b.ns)
         s.blocks -= 1
@@ -499,6 +503,7 @@ class HotTier:
     def _unpin(self, b: Block) -> None:
         b.pin_until = 0.0
         self.pinned_blocks -= 1
+        self.pinned_bytes -= self.alloc.round(b.length)
         if self._evictable(b):
             self._policy_add(b)
 
@@ -766,6 +771,9 @@ class HotTier:
             return n
 
     def pin(self, ns: str, keys: Sequence[bytes], ttl_s: int = 0) -> bytes:
+        """Per key 1 if the block is pinned now (for ttl_s seconds, 0 = until unpinned; a pin already
+        there is extended, never shortened), 0 if it is not in RAM or pinning it would take the
+        pinned blocks past max_pinned_bytes (counted in pins_refused)."""
         if ttl_s < 0:
             raise InvalidArgument(f"ttl_s must be >= 0, got {ttl_s}")
         with self.lock:
@@ -777,8 +785,13 @@ class HotTier:
                 if b is None:
                     continue
                 if b.pin_until == 0.0:
+                    size = self.alloc.round(b.length)
+                    if self.pinned_bytes + size > self.max_pinned_bytes:
+                        self.pins_refused += 1
+                        continue
                     self._policy_drop(b)
                     self.pinned_blocks += 1
+                    self.pinned_bytes += size
                     b.pin_until = until
                 else:
                     b.pin_until = max(b.pin_until, until) if b.pin_until != FOREVER else FOREVER
@@ -859,6 +872,8 @@ class HotTier:
                 "largest_free_bytes": self.alloc.largest_free(),
                 "reserved_bytes": self.reserved_bytes,
                 "pinned_blocks": self.pinned_blocks,
+                "pinned_bytes": self.pinned_bytes,
+                "pins_refused": self.pins_refused,
                 "leased_blocks": self.leased_blocks,
                 "leases": len(self._leases),
                 "reservations": len(self._reservations),

@@ -125,11 +125,15 @@ class _StoreCollector:
                                ("reservations", "reservations", "Open reservations."),
                                ("reserved_bytes", "reserved_bytes", "Bytes in open reservations."),
                                ("pinned_blocks", "pinned_blocks", "Pinned blocks in RAM."),
+                               ("pinned_bytes", "pinned_bytes", "Slot bytes of the pinned blocks (at most "
+                                "ram.max_pinned of the arena)."),
                                ("leased_blocks", "leased_blocks", "Leased blocks in RAM.")):
             g = gauge(name, doc)
             g.add_metric([], s[key])
             yield g
-        yield from counters(s, (("expired_leases", "expired_leases", "Leases that expired before release."),
+        yield from counters(s, (("pins_refused", "pins_refused",
+                                 "Blocks a Pin left unpinned: pinned blocks would have passed ram.max_pinned."),
+                                ("expired_leases", "expired_leases", "Leases that expired before release."),
                                 ("expired_reservations", "expired_reservations",
                                  "Reservations that expired before commit.")))
 

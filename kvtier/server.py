@@ -205,7 +205,8 @@ class Daemon:
                         a.path, a.not_reused)
         r = cfg.ram
         self.hot = HotTier(start=a.data_offset, end=a.size, policy=r.policy, max_block_bytes=r.max_block_bytes,
-                           lease_ms=r.lease_ms, reservation_ms=r.reservation_ms, max_ttl_ms=r.max_ttl_ms)
+                           lease_ms=r.lease_ms, reservation_ms=r.reservation_ms, max_ttl_ms=r.max_ttl_ms,
+                           max_pinned=r.max_pinned)
         self._apply_ram_tenants()  # before restore: each restored block is filed under its tenant's group
         if cfg.ram.persist:
             table = SlotTable(table_path(a.path, a.backing), fresh=not a.reattached)

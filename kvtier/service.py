@@ -137,6 +137,7 @@ class KVTierService(pb_grpc.KVTierServicer):
         self.max_batch = daemon.cfg.server.max_batch
         self.loop = asyncio.get_running_loop()
         self._count_lock = threading.Lock()  # handlers run on the loop and on data-channel threads
+        self._pin_warned = 0.0  # when a Pin last logged blocks left unpinned (ram.max_pinned)
 
     def call(self, method: str, payload, token: str | None, peer: str) -> tuple[grpc.StatusCode, str, bytes]:
         """Run a unary RPC for a caller on the data channel, on the calling thread. Returns (status,
@@ -393,7 +394,17 @@ class KVTierService(pb_grpc.KVTierServicer):
     @_handler
     async def Pin(self, request, context):
         ns, keys = self._keys(request, context)
-        return pb.PinResponse(pinned=self.hot.pin(ns, keys, request.ttl_s))
+        hot = self.d.hot
+        refused = hot.pins_refused
+        pinned = self.hot.pin(ns, keys, request.ttl_s)
+        refused = hot.pins_refused - refused  # (a concurrent Pin's refusals may be counted in too)
+        now = time.monotonic()
+        if refused > 0 and now >= self._pin_warned + 10.0:  # at most every 10 s
+            self._pin_warned = now
+            log.warning("%d blocks left unpinned: pinned blocks would pass ram.max_pinned (%d of at most %d "
+                        "bytes pinned); raise it, or pin less (prewarm: promote.ram_budget)",
+                        refused, hot.pinned_bytes, hot.max_pinned_bytes)
+        return pb.PinResponse(pinned=pinned)
 
     @_handler
     async def Unpin(self, request, context):

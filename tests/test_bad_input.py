@@ -576,7 +576,7 @@ def test_release_expired_lease(env):
 
 @path_param
 def test_full_arena_pinned_or_leased(make_daemon, path):
-    d = make_daemon(ram={"capacity": "8MiB", "policy": "lru"})
+    d = make_daemon(ram={"capacity": "8MiB", "policy": "lru", "max_pinned": 1.0})  # half of it pinned
     with Client(d.address) as c, grpc.insecure_channel(d.address) as ch:
         stub = pb_grpc.KVTierStub(ch)
         region = c.stats().tiers[0].capacity_bytes

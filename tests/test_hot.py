@@ -125,6 +125,8 @@ def check_consistent(t: HotTier) -> None:
     assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), "two blocks share a slot"
     assert t.used_bytes == sum(end - start for start, end in spans)
     assert t.pinned_blocks == sum(1 for b in indexed(t).values() if b.pin_until)
+    assert t.pinned_bytes == sum(t.alloc.round(b.length) for b in indexed(t).values() if b.pin_until)
+    assert t.pinned_bytes <= t.max_pinned_bytes
     assert t.snapshot()["blocks"] == len(indexed(t))
     assert all(b.ns == ns and b.key == k for (ns, k), b in indexed(t).items())  # filed where it belongs
     leased = {id(b): b for lease in t._leases.values() for b in lease.blocks}
@@ -1078,6 +1080,28 @@ def test_pin_reports_which_keys_it_pinned():
     assert t.pinned_blocks == 2
     assert tracked(t, key(1)) is False and tracked(t, key(3)) is False
     check_consistent(t)
+
+
+def test_pins_stop_at_max_pinned_and_the_rest_stay_evictable():
+    t, clock = make(slots=8, max_pinned=0.5)  # 4 of the 8 slots
+    keys = fill(t)
+    assert t.pin(NS, keys[:3], ttl_s=10) == bytes([1, 1, 1])
+    assert t.pin(NS, keys[3:6]) == bytes([1, 0, 0])  # the fourth fits, the rest would pass the share
+    assert t.pinned_blocks == 4 and t.pinned_bytes == 4 * SLOT and t.pins_refused == 2
+    assert tracked(t, keys[4]) and tracked(t, keys[5])  # left to the eviction policy
+    assert t.pin(NS, keys[:4]) == bytes([1, 1, 1, 1])  # already pinned: extended, not refused
+    assert t.pins_refused == 2
+    check_consistent(t)
+    clock.advance(10)
+    t.expire()  # ttl_s=10 pins of keys[:3] were made forever by the second pin: still pinned
+    assert t.pinned_blocks == 4
+    t.unpin(NS, keys[:1])
+    t.delete(NS, keys[1:2])
+    assert t.pinned_bytes == 2 * SLOT
+    assert t.pin(NS, keys[4:7]) == bytes([1, 1, 0])  # room for two again
+    check_consistent(t)
+    snap = t.snapshot()
+    assert snap["pinned_bytes"] == 4 * SLOT and snap["pins_refused"] == 3
 
 
 def test_pin_ttl_expiry():

@@ -192,3 +192,19 @@ def test_failed_cluster_puts_are_in_stats_and_metrics(make_daemon, make_valkey):
         tier = next(t for t in c.stats().tiers if t.name == "cluster")
         assert tier.dropped_writes == failed
     assert _value(_scrape(d), "kvtier_cluster_put_failures_total") == failed
+
+
+def test_pins_past_max_pinned_are_refused_logged_and_counted(make_daemon, caplog):
+    d = make_daemon(metrics={"listen": "127.0.0.1:0"}, ram={"capacity": "8MiB", "max_pinned": 0.3})
+    keys = [os.urandom(16) for _ in range(5)]
+    with Client(d.address) as c:
+        c.put_many("pins", [(k, os.urandom(1 << 20)) for k in keys])
+        with caplog.at_level("WARNING", logger="kvtier.service"):
+            assert c.pin("pins", keys) == [True, True, False, False, False]  # 2 MiB of at most 2.4
+            assert c.pin("pins", keys[:2]) == [True, True]  # pinned already: extended
+        c.put_many("pins", [(os.urandom(16), os.urandom(1 << 20)) for _ in range(12)])  # evicts the unpinned
+        assert None not in c.get_many("pins", keys[:2])  # the pinned ones stayed
+    text = _scrape(d)
+    assert _value(text, "kvtier_pins_refused_total") == 3
+    assert _value(text, "kvtier_pinned_bytes") == 2 << 20
+    assert [r for r in caplog.records if "ram.max_pinned" in r.getMessage()], "no warning"
