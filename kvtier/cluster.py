@@ -8,7 +8,7 @@ Interface (coroutines run on the daemon's event loop, the one that ran start()):
     tier = from_config(cfg.cluster)    # ClusterTier, or NullCluster (holds nothing) when url = ""
     await tier.start()                 # returns at once; connects in the background, never raises
     tier.enqueue_put(ns, key, data, checksum, on_done=None, replaces=False) -> bool   # never blocks; any thread
-    await tier.exists_many(ns, keys) -> [bool]
+    await tier.exists_many(ns, keys, timeout_s=None) -> [bool]   # within lookup_timeout_ms by default
     await tier.get(ns, key, into=None) -> (block bytes, checksum) | None
     await tier.get_many(ns, keys, into=None) -> [(block bytes, checksum) | None]
     await tier.delete_many(ns, keys) -> int
@@ -35,7 +35,12 @@ written first and part 0 (at the block's key) last. A reader reads part 0,
 then the others, and accepts a part only with part 0's write id. Each SET is
 atomic, so a read racing an overwrite gets the old block, the new one, or a
 miss (``torn_reads``), never a mix; the checksum is still checked over the
-whole. An overwrite with fewer parts unlinks the parts it no longer uses.
+whole. An overwrite with fewer parts unlinks the parts it no longer uses. A
+split write that fails once any of its parts may have landed (a part or part 0
+refused, e.g. out of memory; the connection lost) unlinks the block with every
+part name it, or the value it replaces, made: else those parts stay for ever
+(a delete finds parts through part 0) and an old part 0 over new parts is
+present for Lookup and a torn miss for get.
 Default: whole values (one GET is atomic by itself): parts cost on PUT and win
 GET only sometimes, on one server (``docs/benchmarks-cluster.md``).
 
@@ -50,7 +55,12 @@ key being written waits for that write to end). A delete cancels the puts of
 its keys still queued and waits for those being written before it unlinks,
 so no write made before it lands after it. An overwrite (``replaces``) that is
 dropped or fails unlinks its key instead, unless a later put of the key is
-queued: other nodes then miss rather than read the old content. Reads group keys by
+queued: other nodes then miss rather than read the old content. An unlink
+that cannot be made (its server down or unreachable: a delete, a quota
+eviction, that unlink, the removal of a failed split write) waits in a
+bounded set (``unlinks_pending``; ``PENDING_MAX`` names, past it lost: logged,
+``unlinks_lost``) and is made once the server answers; meanwhile a get of
+such a key is a miss, and the key's next write makes the unlink first. Reads group keys by
 master (all masters at once; per master one block in flight, widening to about
 ``READ_WINDOW_BYTES`` of small blocks) and receive payloads straight into their
 final buffer (``kvtier.resp``): a fresh one, or the caller's when it passes ``into``
@@ -60,7 +70,11 @@ are one pipelined round trip per batch per master.
 Quotas (``kvtier.clusterquota``): with tenants, each tenant's bytes in Redis
 are accounted in Redis itself (one sorted set and hash per tenant), so daemons
 sharing a server enforce one quota; a write over it first evicts the tenant's
-own least recently used blocks (``evictions``), never another tenant's.
+own least recently used blocks (``evictions``), never another tenant's. A
+block this daemon has reserved but not written yet (an earlier one of the same
+batch, or one another writer task holds) that a later reservation gives up is
+not written, or is unlinked once written (``evictions``, not ``put_failures``),
+so what a tenant holds in Redis stays what its accounting holds.
 
 Integrity: every read is verified: header check, names and lengths, then the
 xxh3-128 of the raw bytes after decompression. A corrupt record is a miss; it
@@ -73,7 +87,7 @@ bytes (GETRANGE), so a lookup and a get agree on all of this.
 
 Failure (``kvtier.clusterconn``): nothing raises to the caller for Redis
 trouble. A refused connection, a reset, an error reply, a failed TLS
-handshake or AUTH, or a call slower than ``timeout_ms`` is a miss (get),
+handshake or AUTH, or a call that receives nothing for ``timeout_ms`` is a miss (get),
 False (exists), 0 (delete) or a failed write (``put_failures``; on_done still
 runs), counted, and logged once per change of state. The server is marked
 down: calls routed to it miss at once while a background task reconnects with
@@ -105,6 +119,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from redis.crc import key_slot
+
 from . import record
 from .clusterconn import Node, Servers
 from .clusterquota import Accounts
@@ -130,6 +146,11 @@ THREAD_MIN = 256 * 1024  # compress / decompress payloads at least this large in
 BATCH_VALUE_MAX = 256 * 1024
 BATCH_MAX = 64
 BATCH_BYTES = 1 << 20
+# Unlinks that could not be made (their server down or unreachable) wait, at most PENDING_MAX block
+# names (past it they are lost: logged, counted in unlinks_lost), and are retried every
+# PENDING_RETRY_S while any waits, on the servers that answer again.
+PENDING_MAX = 1 << 15
+PENDING_RETRY_S = 0.05
 
 
 @dataclass
@@ -152,8 +173,9 @@ class ClusterStats:
     moved: int = 0               # MOVED/ASK replies (MOVED reloads the slot map)
     reconnects: int = 0
     topology_refreshes: int = 0
-    evictions: int = 0           # blocks unlinked to keep a tenant within its redis quota
+    evictions: int = 0           # blocks unlinked, or not written, to keep a tenant within its redis quota
     quota_refused: int = 0       # writes refused: one block larger than its tenant's whole quota
+    unlinks_lost: int = 0        # unlinks that could not be made and found the pending set full (logged)
 
 
 def _stale_parts(base: bytes, old, kept: int) -> list[bytes]:
@@ -200,6 +222,14 @@ class ClusterTier:
         self._work: asyncio.Event | None = None
         self._writers: list[asyncio.Task] = []
         self._unlinks: set[asyncio.Task] = set()  # keys whose new content could not be written (_unlink_soon)
+        # unlinks not made yet (server down): block name -> least part count to unlink with it (_defer)
+        self._pending: dict[bytes, int] = {}
+        self._flusher: asyncio.Task | None = None   # makes them once their servers answer (_flush_loop)
+        self._flush_stopped = False
+        self._flush_seen: tuple | None = None      # the servers' state when a scan last left all of them waiting
+        # blocks reserved in their tenant's quota and not written yet -> given up by a later reservation
+        # meanwhile (then the write is dropped, or unlinked once made; _put_batch)
+        self._inflight: dict[bytes, bool] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -241,6 +271,7 @@ class ClusterTier:
                 self._unlink_soon(item[0], item[1])
         if self._unlinks:
             await asyncio.wait(list(self._unlinks), timeout=timeout)
+        await self._stop_flushing(timeout)
         await self.servers.close()
         if left:
             log.warning("cluster: %d queued writes dropped at close", len(left))
@@ -263,10 +294,19 @@ class ClusterTier:
         n = 0
         for tenant in list(self.accounts.quotas):
             try:
-                n += await self._evict(await self.accounts.trim(tenant))
+                victims = await self.accounts.trim(tenant)
+                self._doom(victims)
+                n += await self._evict(victims)
             except Exception:
                 log.exception("cluster: enforcing the quota of tenant %s failed", tenant)
         return n
+
+    def _doom(self, names: list[bytes]) -> None:
+        """Blocks the accounting just gave up: any of them reserved here and not written yet is not
+        written, or is unlinked once written (_put_batch). Call it with no await since the script."""
+        for n in names:
+            if n in self._inflight:
+                self._inflight[n] = True
 
     async def _evict(self, names: list[bytes]) -> int:
         """Unlink blocks the accounting gave up (with their parts); returns how many existed."""
@@ -362,7 +402,7 @@ class ClusterTier:
                 log.exception("cluster: write of %d block(s) failed", len(batch))
             finally:
                 for (ns, key, _, _, on_done, n, replaces), ok in zip(batch, oks):
-                    if not ok and replaces:
+                    if ok is False and replaces:   # (None: evicted for its quota, and unlinked as such)
                         with self._qlock:
                             later = (ns, key) in self._queued   # its next put replaces the content anyway
                         if not later:
@@ -370,50 +410,89 @@ class ClusterTier:
                     if ok:
                         self.stats.puts += 1
                         self.stats.put_bytes += n
-                    else:
+                    elif ok is False:
                         self.stats.put_failures += 1
                     with self._qlock:
                         self.queued_bytes -= n
                     _call(on_done)
-                with self._qlock:  # the keys' next puts may go now
-                    for it in batch:
-                        k = (it[0], it[1])
-                        del self._sending[k]
-                        nxt = self._queued.get(k)
-                        if nxt is not None:
-                            self._queue.append(nxt)
-                            self._work.set()
-                sent.set_result(None)
+                self._release([(it[0], it[1]) for it in batch], sent)
 
-    async def _put_batch(self, items: list[tuple]) -> list[bool]:
+    def _release(self, keys: list[tuple[str, bytes]], sent: asyncio.Future) -> None:
+        """Keys held (being written, or their pending unlinks made) are free: their next puts may go."""
+        with self._qlock:
+            for k in keys:
+                del self._sending[k]
+                nxt = self._queued.get(k)
+                if nxt is not None:
+                    self._queue.append(nxt)
+                    self._work.set()
+        sent.set_result(None)
+
+    async def _put_batch(self, items: list[tuple]) -> list[bool | None]:
         """Write queued blocks (one, or small ones queued together), per server in one pipeline
-        (_set_whole). A block whose record is split is written on its own (_write_record)."""
-        ok = [False] * len(items)
-        recs: list[tuple[int, bytes, tuple, int]] = []   # (item index, name, value, ttl)
-        for i, (ns, key, data, checksum, *_) in enumerate(items):
-            rec = await self._record(ns, key, data, checksum)
-            if rec is None:
-                continue
-            base, values, ttl = rec
-            if len(values) > 1:
-                ok[i] = await self._write_one(base, values, ttl)
-            else:
-                recs.append((i, base, values[0], ttl))
-        if not recs:
+        (_set_whole). A block whose record is split is written on its own (_write_one).
+
+        Quotas: every block of the batch is reserved first, then the blocks the reservations gave
+        up are unlinked, then the writes go out. A block given up by a reservation made after its
+        own (a later one of this batch, another writer's, enforce_quotas) is not written, or is
+        unlinked once written: the accounting has forgotten it, so it must not stay in Redis.
+        Per block: True (stored), False (not stored) or None (evicted for its tenant's quota)."""
+        ok: list = [False] * len(items)
+        recs: list[tuple[int, bytes, list, int]] = []   # (item index, name, values, ttl)
+
+        def evicted(rs: list) -> list:
+            """rs less the blocks given up since their reservation (those are evictions)."""
+            keep = []
+            for r in rs:
+                if self._inflight.get(r[1]):
+                    ok[r[0]] = None
+                    self.stats.evictions += 1
+                else:
+                    keep.append(r)
+            return keep
+
+        try:
+            victims: list[bytes] = []
+            for i, (ns, key, data, checksum, *_) in enumerate(items):
+                rec = await self._record(ns, key, data, checksum)
+                if rec is None:
+                    continue
+                base, values, ttl, evict = rec
+                self._doom(evict)                 # no await since the script: no write of them starts
+                self._inflight[base] = False
+                victims += evict
+                recs.append((i, base, values, ttl))
+            if victims:
+                await self._evict(victims)        # room first (and any old value of a victim of this batch)
+            live = evicted(recs)
+            for r in live:
+                if len(r[2]) > 1 and evicted([r]):
+                    ok[r[0]] = await self._write_one(*r[1:])
+            whole = evicted([r for r in live if len(r[2]) == 1])
+
+            async def work(node: Node, idxs: list[int]) -> None:
+                done = await self._set_whole(await self.servers.conns(node),
+                                             [(whole[j][1], whole[j][2][0], whole[j][3]) for j in idxs])
+                for j, d in zip(idxs, done):
+                    ok[whole[j][0]] = d
+
+            if whole:
+                await self.servers.run(await self.servers.group([r[1] for r in whole]), work)
+            late = [r for r in live if ok[r[0]] and self._inflight.get(r[1])]
+            if late:  # given up while being written: the accounting does not hold it any more
+                await self._evict([r[1] for r in late])
+                for r in late:
+                    ok[r[0]] = None
             return ok
-
-        async def work(node: Node, idxs: list[int]) -> None:
-            done = await self._set_whole(await self.servers.conns(node), [recs[j][1:] for j in idxs])
-            for j, d in zip(idxs, done):
-                ok[recs[j][0]] = d
-
-        await self.servers.run(await self.servers.group([r[1] for r in recs]), work)
-        return ok
+        finally:
+            for r in recs:
+                self._inflight.pop(r[1], None)
 
     async def _set_whole(self, conns: list[Connection], recs: list[tuple[bytes, tuple, int]]) -> list[bool]:
         """SET unsplit records (name, value, ttl) on one server in one pipeline, each after a
         GETRANGE of the value it replaces; then one UNLINK of the parts that replaced split
         values leave unreachable. Which SETs the server acknowledged."""
+        await self._unlink_pending(conns, [base for base, _, _ in recs])
         c = min(conns, key=lambda c: c.inflight)
         cmds = []
         for base, value, ttl in recs:
@@ -451,9 +530,10 @@ class ClusterTier:
             await self._there(redirect, (b"UNLINK",) + tuple(stale))
         return True
 
-    async def _record(self, ns: str, key: bytes, data, checksum: bytes) -> tuple[bytes, list, int] | None:
-        """The block's name, its record's values and TTL, with room made in its tenant's quota;
-        None if the quota refused it."""
+    async def _record(self, ns: str, key: bytes, data, checksum: bytes) -> tuple[bytes, list, int, list] | None:
+        """The block's name, its record's values and TTL, and the blocks its tenant's quota gave
+        up to make room for it (to evict before it is written); None if the quota refused it. It
+        returns with no await since the quota's script answered (_put_batch relies on it)."""
         mv = memoryview(data).cast("B")
         codec, payload = record.CODEC_RAW, mv
         if self.codec != record.CODEC_RAW:
@@ -469,35 +549,52 @@ class ClusterTier:
         base = self._name(ns, key)
         values = split(header, payload, self.part_bytes)
         tenant = self.accounts.group_of(ns)
-        if tenant:  # room within the tenant's quota first, or no write
-            size = sum(memoryview(p).nbytes for v in values for p in v)
-            res = await self.accounts.reserve(tenant, base, size,
-                                              meta.expires_ms + self.cfg.timeout_ms if ttl else 0)
-            if res is None or not res[0]:
-                return None
-            await self._evict(res[1])
-        return base, values, ttl
+        if not tenant:
+            return base, values, ttl, []
+        size = sum(memoryview(p).nbytes for v in values for p in v)  # room within the quota first, or no write
+        res = await self.accounts.reserve(tenant, base, size, meta.expires_ms + self.cfg.timeout_ms if ttl else 0)
+        if res is None or not res[0]:
+            return None
+        return base, values, ttl, res[1]
 
     async def _write_one(self, base: bytes, values: list, ttl: int) -> bool:
+        """Write a split record (_write_record). If it fails once any of its parts may have landed
+        (a part or part 0 refused, e.g. out of memory; the connection lost; no answer), the block
+        is unlinked with every part name this write or the one it replaces made: now, or once its
+        server answers (_defer). Its parts are unreachable otherwise (a delete finds parts through
+        part 0), and its part 0 may be the old one over new parts: present for Lookup, a torn
+        miss for get, for ever without a TTL."""
         groups = await self.servers.group([base])
         if not groups:
             return False
         (node, _), = groups.items()
-        ok = [False]
+        state = {"ok": False, "sent": False, "old": None}
 
         async def work(node: Node) -> None:
-            ok[0] = await self._write_record(node, base, values, ttl)
+            state["ok"] = await self._write_record(node, base, values, ttl, state)
 
-        return await self.servers.on(node, work) and ok[0]
+        if await self.servers.on(node, work) and state["ok"]:
+            return True
+        if state["sent"]:
+            await self._unlink_names([base], [max(len(values), part_count(state["old"]))])
+        return False
 
-    async def _write_record(self, node: Node, base: bytes, values: list[tuple], ttl: int) -> bool:
+    async def _write_record(self, node: Node, base: bytes, values: list[tuple], ttl: int,
+                            state: dict | None = None) -> bool:
+        """Write a record on one server: whole (_set_whole) or in parts, part 0 last. state, for a
+        split one: "sent" once parts may land, "old" the envelope of the value it replaces."""
         conns = await self.servers.conns(node)
         if len(values) == 1:
             return (await self._set_whole(conns, [(base, values[0], ttl)]))[0]
+        await self._unlink_pending(conns, [base])
         px = (b"PX", ttl * 1000) if ttl else ()
         peek = (b"GETRANGE", base, 0, ENVELOPE.size - 1)  # the old value's envelope, if it was split
         rest = [(b"SET", part_name(base, i), v) + px for i, v in enumerate(values) if i]
+        if state is not None:
+            state["sent"] = True
         old, *replies = await self.servers.fanout(conns, [peek] + rest, self.part_bytes)
+        if state is not None:
+            state["old"] = old
         if all(r == "OK" for r in replies):   # part 0 last: it makes the others reachable
             c = min(conns, key=lambda c: c.inflight)
             replies = await c.request([(b"SET", base, values[0]) + px], weight=self.part_bytes)
@@ -513,13 +610,15 @@ class ClusterTier:
 
     # ---- reads ---------------------------------------------------------------------------------
 
-    async def exists_many(self, ns: str, keys: Sequence[bytes]) -> list[bool]:
+    async def exists_many(self, ns: str, keys: Sequence[bytes], timeout_s: float | None = None) -> list[bool]:
         """Which blocks the cluster holds: one pipelined round trip per server, reading the first
         bytes of each value, so that Lookup and get agree: a record of a format version this
         daemon does not read is absent (counted in ``version_skips``, left in place), and a value
         that is no record (another type under kvtier's name) is absent, counted as corrupt and
         unlinked, as a get would. A server that fails or is down answers False for its keys
-        (counted)."""
+        (counted). A server that has not answered within timeout_s (None: lookup_timeout_ms)
+        answers False too (counted once per call in ``lookups_cut``); one that sent nothing
+        during three such lookups in a row is marked down."""
         out = [False] * len(keys)
         if not keys:
             return out
@@ -553,7 +652,9 @@ class ClusterTier:
                 await self._unlink(conns, doomed, counts)
                 corrupt.extend(doomed)
 
-        await self.servers.run(await self.servers.group(names), one)
+        limit = self.cfg.lookup_timeout_ms / 1000 if timeout_s is None else timeout_s
+        if await self.servers.run(self._not_pending(await self.servers.group(names), names), one, cut_s=limit):
+            self.stats.lookups_cut += 1
         tenant = self.accounts.group_of(ns)
         if tenant and corrupt:
             await self.accounts.release(tenant, corrupt)
@@ -601,7 +702,7 @@ class ClusterTier:
                 corrupt.extend(names[b.index] for b in doomed)
 
         corrupt: list[bytes] = []
-        await self.servers.run(await self.servers.group(names), one, lent=into is not None)
+        await self.servers.run(self._not_pending(await self.servers.group(names), names), one, lent=into is not None)
         for r in out:
             if r is None:
                 self.stats.misses += 1
@@ -745,9 +846,11 @@ class ClusterTier:
             self._corrupt(b.ns, b.key, b.bad)
             return None
 
-    async def _unlink(self, conns: list[Connection], bases: list[bytes], counts: list[int]) -> int:
+    async def _unlink(self, conns: list[Connection], bases: list[bytes], counts: list[int],
+                      failed: list | None = None) -> int:
         """Unlink blocks with their parts on one server; a block whose slot moved (MOVED, or ASK
-        while its slot migrates) is unlinked where the reply points (_unlink_there)."""
+        while its slot migrates) is unlinked where the reply points (_unlink_there); those whose
+        server there failed are appended to failed."""
         cmds = [(b"UNLINK", base) + tuple(part_name(base, i) for i in range(1, count))
                 for base, count in zip(bases, counts)]
         replies = await conns[0].request(cmds)
@@ -756,6 +859,8 @@ class ClusterTier:
             if isinstance(r, ReplyError) and r.redirect is not None:
                 self.servers.reply_error(r)
                 r = await self._unlink_there(r, base)
+                if r is None and failed is not None:
+                    failed.append(base)
             n += isinstance(r, int) and r > 0
         return n
 
@@ -797,7 +902,8 @@ class ClusterTier:
             self._loop.call_soon_threadsafe(start)
 
     async def delete_many(self, ns: str, keys: Sequence[bytes]) -> int:
-        """Unlink blocks (and their parts); returns how many existed. Failures count as 0. Puts of
+        """Unlink blocks (and their parts); returns how many existed. Failures count as 0 (and the
+        unlink is made once the server answers: _defer). Puts of
         the keys still queued are cancelled (on_done at once); those being written finish first,
         else they would land after the unlink and bring the block back for every node."""
         if not keys:
@@ -824,18 +930,142 @@ class ClusterTier:
             await self.accounts.release(tenant, names)
         return n
 
-    async def _unlink_names(self, names: list[bytes]) -> int:
-        """Unlink blocks by name, each with its parts, on whichever servers hold them."""
+    async def _unlink_names(self, names: list[bytes], least: list[int] | None = None) -> int:
+        """Unlink blocks by name, each with its parts (as part 0's envelope says, and at least
+        least[i] of them with part 0), on whichever servers hold them. Those that cannot be
+        unlinked now (server down, unreachable) wait in the pending set (_defer); those made
+        leave it. Returns how many existed."""
+        least = [max(self._pending.get(nm, 1), least[i] if least else 1) for i, nm in enumerate(names)]
         n = [0]
+        made: set[int] = set()
 
         async def one(node: Node, idxs: list[int]) -> None:
             conns = await self.servers.conns(node)
-            heads = await conns[0].request([(b"GETRANGE", names[i], 0, ENVELOPE.size - 1) for i in idxs])
-            removed = await self._unlink(conns, [names[i] for i in idxs], [part_count(h) for h in heads])
+            removed, failed = await self._unlink_here(conns, [names[i] for i in idxs], [least[i] for i in idxs])
             n[0] += removed  # not "+= await": another server's coroutine may add meanwhile
+            made.update(i for i in idxs if names[i] not in failed)
 
         await self.servers.run(await self.servers.group(names), one)
+        for i, nm in enumerate(names):
+            if i in made:
+                self._pending.pop(nm, None)
+            else:
+                self._defer(nm, least[i])
         return n[0]
+
+    async def _unlink_here(self, conns: list[Connection], bases: list[bytes], least: list[int]):
+        """Unlink blocks on one server, each with the parts its envelope names and at least
+        least[i]: (how many existed, the names whose redirect could not be followed)."""
+        heads = await conns[0].request([(b"GETRANGE", b, 0, ENVELOPE.size - 1) for b in bases])
+        failed: list[bytes] = []
+        n = await self._unlink(conns, bases, [max(m, part_count(h)) for m, h in zip(least, heads)], failed)
+        return n, failed
+
+    async def _unlink_pending(self, conns: list[Connection], bases: list[bytes]) -> None:
+        """Before blocks are written on this server: make the unlinks still pending for them (else
+        the unlink, made later, would remove the new content, or the parts it leaves)."""
+        pend = [b for b in bases if b in self._pending]
+        if pend:
+            _, failed = await self._unlink_here(conns, pend, [self._pending[b] for b in pend])
+            for b in pend:
+                if b not in failed:
+                    self._pending.pop(b, None)
+
+    def _not_pending(self, groups: dict[Node, list[int]], names: list[bytes]) -> dict[Node, list[int]]:
+        """groups less the blocks whose unlink is not made yet: what a server holds there is no
+        node's to read (a Lookup and a get of them are misses)."""
+        if not self._pending:
+            return groups
+        return {node: kept for node, idxs in groups.items() if (kept := [i for i in idxs if names[i] not in self._pending])}
+
+    def _defer(self, name: bytes, least: int) -> None:
+        """An unlink that could not be made: keep it until its server answers (bounded)."""
+        self._flush_seen = None  # scan again
+        if name in self._pending:
+            self._pending[name] = max(self._pending[name], least)
+        elif len(self._pending) >= PENDING_MAX:
+            self.stats.unlinks_lost += 1
+            self.servers.warn("unlinks", f"cluster: {len(self._pending)} unlinks already wait for their servers to "
+                                         f"answer; more are not made (unlinks_lost): blocks deleted, evicted or "
+                                         f"overwritten meanwhile may be read again once their server is back")
+        else:
+            self._pending[name] = least
+        if self._pending and not self._flush_stopped and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.ensure_future(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while self._pending and not self._flush_stopped:
+            await asyncio.sleep(PENDING_RETRY_S)
+            try:
+                await self._flush_pending()
+            except Exception:
+                log.exception("cluster: pending unlinks failed")
+
+    def _node_of(self, name: bytes) -> Node | None:
+        s = self.servers
+        if not s.cluster_mode:
+            return s.single
+        return s.slots[key_slot(name)] if s.slots else None
+
+    def _key_of(self, name: bytes) -> tuple[str, bytes] | None:
+        """(namespace, key) of a block name; None if it is no block name of this prefix."""
+        head, sep, tail = name.rpartition(b":{")
+        pre = self.prefix + b":"
+        if not sep or not tail.endswith(b"}") or not head.startswith(pre):
+            return None
+        try:
+            return head[len(pre):].decode(), bytes.fromhex(tail[:-1].decode())
+        except ValueError:
+            return None
+
+    async def _flush_pending(self) -> None:
+        """Make the pending unlinks whose servers answer again (not marked down). A key being
+        written is left to that write, which makes its unlink first (_unlink_pending); the others
+        are held as if being written meanwhile, so no put of them lands before the unlink. The
+        names are scanned again only once a server or the slot map changed, or unlinks were added."""
+        s = self.servers
+        seen = (id(s.slots), tuple((n.addr, not n.reason) for n in s.nodes.values()))
+        if seen == self._flush_seen:
+            return
+        ready = [nm for nm in self._pending if (node := self._node_of(nm)) is not None and not node.reason]
+        if not ready:
+            self._flush_seen = seen
+            return
+        sent = self._loop.create_future()
+        names, keys = [], []
+        with self._qlock:
+            for nm in ready:
+                k = self._key_of(nm)
+                if k is not None:
+                    if k in self._sending:
+                        continue
+                    self._sending[k] = sent
+                    keys.append(k)
+                names.append(nm)
+        try:
+            if names:
+                await self._unlink_names(names)
+        finally:
+            self._release(keys, sent)
+
+    async def _stop_flushing(self, timeout: float) -> None:
+        """At close: one last try at the pending unlinks, then log what is left."""
+        self._flush_stopped = True
+        f, self._flusher = self._flusher, None
+        if f is not None:
+            f.cancel()
+            try:
+                await f
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._pending:
+            try:
+                await asyncio.wait_for(self._flush_pending(), timeout)
+            except (TimeoutError, Exception):
+                pass
+        if self._pending:
+            log.warning("cluster: %d unlinks not made at close (their servers did not answer): blocks deleted, "
+                        "evicted or overwritten may be read again by other nodes", len(self._pending))
 
     # ---- stats ---------------------------------------------------------------------------------
 
@@ -850,6 +1080,7 @@ class ClusterTier:
             "queued": queued,
             "queued_bytes": queued_bytes,
             "queue_limit_bytes": self.queue_limit,
+            "unlinks_pending": len(self._pending),
             "tenants": self.accounts.snapshot(),
             **{f: getattr(self.stats, f) for f in self.stats.__dataclass_fields__},
         }
@@ -871,7 +1102,7 @@ class NullCluster:
         _call(on_done)
         return False
 
-    async def exists_many(self, ns, keys) -> list[bool]:
+    async def exists_many(self, ns, keys, timeout_s=None) -> list[bool]:
         return [False] * len(keys)
 
     async def get(self, ns, key, into=None):

@@ -7,12 +7,19 @@ pipelined connections (``kvtier.resp``), opened lazily, authenticated (AUTH,
 ACL user) and optionally over TLS.
 
 Failure model: any trouble on a server (refused, reset, TLS or AUTH failure,
-an error reply that is not about one key, no answer within ``timeout_ms``)
-marks it down: its connections are cut (so no late reply lands in a buffer a
-caller has reused), calls routed to it fail at once (``_Unavailable``) and a
-maintenance task reconnects with backoff (0.1 s doubling to
-``reconnect_max_s``; every server's probe runs on its own, so one that answers
-nothing delays no other's recovery), logging once when it goes down and once when it is back.
+an error reply that is not about one key, a call that received nothing from
+it for ``timeout_ms``, three lookups in a row cut at ``lookup_timeout_ms``
+with nothing received) marks it down: its connections are cut (so no late
+reply lands in a buffer a caller has reused), calls routed to it fail at once
+(``Unavailable``) and a maintenance task reconnects with backoff (0.1 s when
+it goes down, doubling at each failed probe up to ``reconnect_max_s``; the
+other calls that fail in the same outage change nothing; every server's
+probe runs on its own, so one that answers nothing delays no other's
+recovery), logging once when it goes down and once when it is back. A call
+that lends the caller's memory and is cancelled disowns its own requests
+(``kvtier.resp.Lending``): their replies are read aside, other calls on the
+same connections go on, and the server stays up. A connection this process
+dropped itself (``resp.Aborted``) is never a failure of its server.
 In Cluster mode a down master, MOVED or CLUSTERDOWN reloads the slot map
 from any node that answers, which is how failovers and reshards are followed.
 Nothing here raises to the tier's callers: ``on()`` turns trouble into False.
@@ -32,7 +39,7 @@ from redis.crc import key_slot
 
 from .config import ClusterConfig
 from .errors import ConfigError
-from .resp import Connection, ReplyError
+from .resp import Aborted, Connection, Lending, ReplyError
 
 log = logging.getLogger("kvtier.cluster")
 
@@ -41,6 +48,8 @@ DEPTH = 4               # requests in flight per connection in fanout()
 # Measured with bench/cluster.py (2 MiB blocks): 4 MiB socket buffers beat the kernel's autotuning.
 SOCK_BUF = 4 << 20      # SO_SNDBUF/SO_RCVBUF of each connection (the kernel caps it at net.core.*mem_max)
 NET_ERRORS = (OSError, TimeoutError, ReplyError, EOFError)
+LOOKUP_CUTS = 3         # lookups in a row cut with nothing received that mark a server down
+CUT_SLACK = 0.005       # a lookup cancelled this close to its deadline (by its caller's) counts as cut
 
 
 # the servers redirects (MOVED/ASK) are being followed to inside an on(), a list per on(): when
@@ -54,7 +63,8 @@ class Unavailable(Exception):
 
 
 class Node:
-    __slots__ = ("host", "port", "conns", "opening", "up", "down_until", "backoff", "reason", "seen_up", "probe")
+    __slots__ = ("host", "port", "conns", "opening", "up", "down_until", "backoff", "reason", "seen_up", "probe",
+                 "cuts")
 
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
@@ -66,6 +76,11 @@ class Node:
         self.backoff = 0.0
         self.reason = ""
         self.probe: asyncio.Task | None = None  # the maintenance task's PING in flight
+        self.cuts = 0                            # lookups cut in a row with nothing received
+
+    def last_read(self) -> float:
+        """When any of its connections last received bytes (0.0: never)."""
+        return max((c.last_read for c in self.conns), default=0.0)
 
     @property
     def addr(self) -> str:
@@ -237,14 +252,21 @@ class Servers:
         node.backoff = 0.0
         node.down_until = 0.0
         node.reason = ""
+        node.cuts = 0
 
-    def failed(self, node: Node, exc: BaseException) -> None:
-        """Mark a server down: cut its connections, retry it after the next backoff step."""
+    def failed(self, node: Node, exc: BaseException, probe: bool = False) -> None:
+        """Mark a server down: cut its connections, retry it after the next backoff step. The
+        backoff steps when an outage starts and at each failed probe (probe=True, the maintenance
+        task's PING); any other call failing on a server already down changes nothing: one outage
+        met by many calls at once is one step, not one per call."""
+        if node.reason and not probe:
+            return
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if node.up or not node.reason:
             log.warning("cluster: %s unavailable (%s); serving from local tiers, retrying with backoff",
                         node.addr, reason)
         node.up = False
+        node.cuts = 0
         node.reason = reason
         node.backoff = min(max(0.1, node.backoff * 2), self.backoff_max)
         node.down_until = time.monotonic() + node.backoff
@@ -305,41 +327,107 @@ class Servers:
             self._quiet[what] = now + 10.0
             log.warning("%s", msg)
 
-    async def on(self, node: Node, work, lent: bool = False) -> bool:
-        """Run work(node) against one server within the timeout. Redis trouble is counted, marks
-        the server down and returns False. lent: the call writes into buffers of the caller, so
-        if it is cancelled the connections are cut before the cancellation goes on."""
+    async def on(self, node: Node, work, lent: bool = False, *, probe: bool = False, cut_at: float | None = None,
+                 cuts: list | None = None) -> bool:
+        """Run work(node) against one server. Redis trouble is counted, marks the server down and
+        returns False. The call times out when none of the servers it waits on (the node, and
+        those it follows redirects to meanwhile) sent any bytes for timeout_ms: a batch that keeps
+        receiving may take longer, a server that answers nothing is found out within timeout_ms.
+
+        lent: the call writes into buffers of the caller; however it ends, its requests still
+        unanswered are disowned (``Lending``), so none of their replies lands there afterwards.
+        probe: the maintenance task's PING (a failure steps the backoff, failed()).
+        cut_at: a lookup's deadline (loop time): past it the call stops and returns False, the
+        node is appended to cuts, and it is not a failure unless the server sent nothing during
+        its last LOOKUP_CUTS cut lookups in a row."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         waiting: list[Node] = []
         outer = _following.set(waiting)
+        lending = Lending().__enter__() if lent else None
+        why: list[str] = []       # what ended the call early: "stalled" or "cut"
+        timer = asyncio.timeout(None)
+        watch: asyncio.TimerHandle | None = None
+
+        def last_read() -> float:
+            return max([start, node.last_read()] + [n.last_read() for n in waiting])
+
+        def check() -> None:
+            nonlocal watch
+            due = last_read() + self.timeout
+            if cut_at is not None and cut_at < due:
+                due, what = cut_at, "cut"
+            else:
+                what = "stalled"
+            if due <= loop.time() + 0.001:
+                why.append(what)
+                timer.reschedule(loop.time())
+            else:
+                watch = loop.call_at(due, check)
+
         try:
-            async with asyncio.timeout(self.timeout):
+            async with timer:
+                watch = loop.call_at(start + self.timeout if cut_at is None else min(cut_at, start + self.timeout),
+                                     check)
                 await work(node)
             self._succeeded(node)
             return True
         except Unavailable:
             self.stats.unavailable += 1
+        except Aborted:  # this process dropped the connection (the server was marked down, or left the map)
+            self.stats.unavailable += 1
+        except asyncio.CancelledError:
+            if cut_at is not None and loop.time() >= cut_at - CUT_SLACK:
+                self._cut(node, waiting, start, None)  # its caller's own deadline for the lookup came first
+            raise
         except NET_ERRORS as e:
+            ours = isinstance(e, TimeoutError) and timer.expired() and bool(why)
+            if ours and why[0] == "cut":
+                self._cut(node, waiting, start, cuts)
+                return False
             self.stats.errors += 1
             if isinstance(e, TimeoutError):
                 self.stats.timeouts += 1
-                e = TimeoutError(f"no answer within {self.cfg.timeout_ms} ms")
-            for slow in set(waiting) if isinstance(e, TimeoutError) and waiting else (node,):
-                self.failed(slow, e)
-        except asyncio.CancelledError:
-            if lent:
-                node.cut()
-            raise
+                if ours:
+                    e = TimeoutError(f"nothing received for {self.cfg.timeout_ms} ms")
+            for slow in set(waiting) if ours and waiting else (node,):
+                self.failed(slow, e, probe)
         finally:
+            if watch is not None:
+                watch.cancel()
+            if lending is not None:
+                lending.__exit__(None, None, None)
             _following.reset(outer)
         return False
 
-    async def run(self, groups: dict[Node, list[int]], fn, lent: bool = False) -> None:
-        """on() for each server's share of a batch, all servers at once."""
+    def _cut(self, node: Node, waiting: list[Node], start: float, cuts: list | None) -> None:
+        """A lookup cut at its deadline: a server (the one it waited on) that sent nothing
+        meanwhile is marked down at its LOOKUP_CUTS-th such lookup in a row."""
+        if cuts is not None:
+            cuts.append(node)
+        for slow in set(waiting) or (node,):
+            if slow.last_read() >= start:     # it is answering, only not fast enough
+                slow.cuts = 0
+                continue
+            slow.cuts += 1
+            if slow.cuts >= LOOKUP_CUTS:
+                self.stats.errors += 1
+                self.stats.timeouts += 1
+                self.failed(slow, TimeoutError(f"no answer to {LOOKUP_CUTS} lookups in a row within "
+                                               f"lookup_timeout_ms = {self.cfg.lookup_timeout_ms} ms"))
+
+    async def run(self, groups: dict[Node, list[int]], fn, lent: bool = False, cut_s: float | None = None) -> int:
+        """on() for each server's share of a batch, all servers at once. cut_s: a lookup's deadline
+        from now, seconds (on()'s cut_at); returns how many servers' shares it cut."""
+        cut_at = None if cut_s is None else asyncio.get_running_loop().time() + cut_s
+        cuts: list[Node] = []
         if len(groups) == 1:
             (node, idxs), = groups.items()
-            await self.on(node, lambda n: fn(n, idxs), lent)
+            await self.on(node, lambda n: fn(n, idxs), lent, cut_at=cut_at, cuts=cuts)
         elif groups:
-            await asyncio.gather(*(self.on(node, lambda n, i=idxs: fn(n, i), lent) for node, idxs in groups.items()))
+            await asyncio.gather(*(self.on(node, lambda n, i=idxs: fn(n, i), lent, cut_at=cut_at, cuts=cuts)
+                                   for node, idxs in groups.items()))
+        return len(cuts)
 
     @staticmethod
     async def fanout(conns: list[Connection], cmds: list, weight: int, depth: int = DEPTH) -> list:
@@ -445,7 +533,7 @@ class Servers:
                     if wait > 0:
                         delay = min(delay, wait)
                         continue
-                    node.probe = asyncio.ensure_future(self.on(node, self._ping))
+                    node.probe = asyncio.ensure_future(self.on(node, self._ping, probe=True))
                     self._probes.add(node.probe)
                     node.probe.add_done_callback(self._probed)
             except Exception:

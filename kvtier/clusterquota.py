@@ -15,7 +15,11 @@ two daemons writing for one tenant see one quota) forgets blocks past their
 expiry (Redis removed them), replaces the block's old size by the new one and,
 while the tenant would be over its quota, takes its least recently used blocks
 out of the accounting and returns them. The writer unlinks those (on whichever
-masters hold them), then writes. A block larger than the whole quota is
+masters hold them; an unlink its server refuses now is made once it answers),
+then writes. A victim the same daemon has reserved and not written yet (an
+earlier block of the same batch: all of a batch is reserved before any of it
+is written; or another writer task's) is not written, or unlinked once its
+write ends. A block larger than the whole quota is
 refused (``quota_refused``); so is any write whose accounting call failed.
 Deletes and corrupt records leave the accounting through a second script;
 reads refresh their blocks' recency (``ZADD XX``) off the read path.
@@ -25,8 +29,8 @@ Drift, and why the quota still bounds: a block that vanished another way
 evicted comes (unlinking a missing key frees nothing and costs nothing); a
 write that fails after its script stays accounted the same way. Both count too
 much, never too little. The one undercount: a block one daemon evicts while
-another rewrites it can survive unaccounted until its TTL or its next write or
-delete. Sizes are value bytes; Redis's own per-key overhead is not counted.
+another daemon rewrites it can survive unaccounted until its TTL or its next
+write or delete. Sizes are value bytes; Redis's own per-key overhead is not counted.
 
 Every tenant is accounted, with a quota or not, so a quota added by a reload
 starts from true usage; namespaces no tenant owns (no tenants file) are not.

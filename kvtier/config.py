@@ -300,10 +300,12 @@ class ClusterConfig:
     connections: int = 2
     # Values larger than this are split into parts of this size, bytes; 0 = whole values (fastest in bench/cluster.py).
     part_bytes: int = 0
-    # Longest one call may take (a batch on one server), milliseconds; past it the call is a miss.
+    # Longest a call (a batch on one server) may go without receiving anything from it, milliseconds; past it the
+    # call is a miss and the server is marked down. A batch that keeps receiving may take longer.
     timeout_ms: int = 2000
     # Longest a Lookup or an engine scheduler's lookup (Acquire with background) waits for the existence check,
-    # milliseconds; past it the keys are misses (the engine computes them) and the server is not marked down.
+    # milliseconds; past it the keys are misses (the engine computes them). A server that sent nothing during three
+    # such cut lookups in a row is marked down; one that is only slow is not.
     lookup_timeout_ms: int = 100
     # Longest a connection attempt may take, milliseconds.
     connect_timeout_ms: int = 1000

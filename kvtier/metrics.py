@@ -200,9 +200,16 @@ class _StoreCollector:
                                       "Cluster records of a format version this daemon does not read (misses, "
                                       "left for the daemons that read them)."),
                                      ("cluster_quota_refused", "quota_refused",
-                                      "Writes refused: a block larger than its tenant's whole redis quota.")))
+                                      "Writes refused: a block larger than its tenant's whole redis quota."),
+                                     ("cluster_unlinks_lost", "unlinks_lost",
+                                      "Unlinks (delete, eviction, failed overwrite) not made: their server was down "
+                                      "and too many waited already.")))
             g = gauge("cluster_queue_bytes", "Bytes waiting to be written to Redis/Valkey.")
             g.add_metric([], cl["queued_bytes"])
+            yield g
+            g = gauge("cluster_unlinks_pending", "Unlinks waiting for their Redis/Valkey server to answer again "
+                      "(their blocks are misses meanwhile).")
+            g.add_metric([], cl["unlinks_pending"])
             yield g
             g = gauge("cluster_connected", "1 while every Redis/Valkey server is reachable.")
             g.add_metric([], 1 if cl["connected"] else 0)

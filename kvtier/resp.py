@@ -28,17 +28,32 @@ Contract:
   the rest; the reply's value is then the sink itself.
 * A cancelled request's replies are still consumed in order, so the
   connection stays in step; its sinks may still be written to. A caller that
-  lent its own memory to a sink must therefore ``abort()`` the connection
-  before reusing that memory (``ClusterTier`` does).
+  lends its own memory to sinks does so within ``with Lending():``: the
+  requests with sinks made in that context (and in the tasks it starts) are
+  recorded, and leaving it *disowns* those not answered yet, on every
+  connection: their futures are cancelled, and the rest of a reply being
+  received into a sink right now, as well as each later reply meant for one
+  of their sinks, is read into scratch memory and dropped. The connection
+  stays in step and goes on serving its other requests; the lent memory is
+  not written after the ``with`` ends. A request with sinks made under a
+  ``Lending`` that ended is refused (its future is cancelled, nothing is
+  sent).
 * When the connection dies every pending future fails with
-  ``ConnectionError`` and ``closed`` becomes true. Nothing here reconnects:
-  that policy belongs to the tier.
+  ``ConnectionError`` and ``closed`` becomes true; ``Aborted`` (a
+  ``ConnectionError``) when this process dropped it (``abort()``), which says
+  nothing about the server. Nothing here reconnects: that policy belongs to
+  the tier.
+* ``last_read`` is the ``time.monotonic()`` of the last bytes received (0.0
+  before any): how a caller tells a server that is slow to finish from one
+  that sends nothing.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import socket
+import time
 
 HEAD = 4096                 # bytes of a sunk bulk reply handed to sink.begin()
 SCRATCH = 256 * 1024        # initial parse buffer; grows for larger small replies
@@ -68,8 +83,47 @@ class ReplyError(Exception):
         return None
 
 
+class Aborted(ConnectionError):
+    """The connection was dropped by this process (abort()), not by the server."""
+
+
 class _Incomplete(Exception):
     pass
+
+
+_DROP = object()  # the sink of a disowned reply: its payload is read aside and dropped
+
+# the Lending of the context a request is made in (set by ``with Lending():``)
+_LENDING: contextvars.ContextVar = contextvars.ContextVar("kvtier_resp_lending", default=None)
+
+
+class Lending:
+    """Requests with sinks made while a caller lends its memory; see the module's contract.
+
+    ``with Lending():`` records them (a task started inside shares the record) and on leaving
+    disowns every one not answered yet; ``disown()`` does the same at any time."""
+    __slots__ = ("requests", "closed", "_token")
+
+    def __init__(self):
+        self.requests: list[tuple[Connection, _Pending]] = []
+        self.closed = False
+        self._token = None
+
+    def __enter__(self) -> "Lending":
+        self._token = _LENDING.set(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _LENDING.reset(self._token)
+        self.disown()
+
+    def disown(self) -> None:
+        """No reply of these requests is written into their sinks from now on; later requests
+        with sinks made under this Lending are refused."""
+        self.closed = True
+        requests, self.requests = self.requests, []
+        for conn, p in requests:
+            conn._disown(p)
 
 
 class _Pending:
@@ -134,6 +188,7 @@ class Connection(asyncio.BufferedProtocol):
         self.closed = False
         self.error: BaseException | None = None
         self.inflight = 0                         # bytes requested and not yet answered (approx.)
+        self.last_read = 0.0                      # time.monotonic() of the last bytes received
         self.label = ""
 
     # ---- opening ---------------------------------------------------------------------------
@@ -175,10 +230,17 @@ class Connection(asyncio.BufferedProtocol):
         fut = asyncio.get_running_loop().create_future()
         fut.add_done_callback(_retrieved)
         if self.closed:
-            fut.set_exception(ConnectionError(f"connection to {self.label} is closed: {self.error}"))
+            fut.set_exception(self._lost("is closed"))
+            return fut
+        lending = _LENDING.get() if sinks else None
+        if lending is not None and lending.closed:  # its caller gave up: nothing may land in its memory
+            fut.cancel()
             return fut
         chunks = encode(cmds)
-        self._pending.append(_Pending(fut, len(cmds), sinks, weight))
+        p = _Pending(fut, len(cmds), sinks, weight)
+        self._pending.append(p)
+        if lending is not None:
+            lending.requests.append((self, p))
         self.inflight += weight
         for c in chunks:
             self.transport.write(c)
@@ -186,7 +248,7 @@ class Connection(asyncio.BufferedProtocol):
 
     async def drain(self) -> None:
         if self.closed:
-            raise ConnectionError(f"connection to {self.label} is closed: {self.error}")
+            raise self._lost("is closed")
         if self._paused:
             f = asyncio.get_running_loop().create_future()
             self._drainers.append(f)
@@ -196,9 +258,29 @@ class Connection(asyncio.BufferedProtocol):
         """Drop the connection now: nothing more is read into any buffer."""
         if self.transport is not None and not self.closed:
             self.transport.abort()
-        self._fail(ConnectionError(f"connection to {self.label} aborted"))
+        self._fail(Aborted(f"connection to {self.label} aborted"))
 
     close = abort
+
+    def _lost(self, how: str) -> ConnectionError:
+        """The exception for a request on this closed connection: Aborted if we dropped it."""
+        kind = Aborted if isinstance(self.error, Aborted) else ConnectionError
+        return kind(f"connection to {self.label} {how}: {self.error}")
+
+    def _disown(self, p: _Pending) -> None:
+        """Lending.disown() for one request: its replies still to come are read aside."""
+        if not p.fut.done():
+            p.fut.cancel()
+        if self.closed or p.left == 0:           # answered, or failed with the connection
+            return
+        if p.sinks:
+            p.sinks = [None if s is None else _DROP for s in p.sinks]
+        if self._body is not None and self._pending[0] is p:
+            # its reply is being received into the caller's memory: read the rest of it (and
+            # its CRLF) into the scratch buffer, which holds nothing unparsed meanwhile
+            self._skip = len(self._body) - self._body_got + 2
+            self._body = self._body_value = None
+            self._deliver(None)
 
     # ---- protocol callbacks ----------------------------------------------------------------
 
@@ -222,14 +304,14 @@ class Connection(asyncio.BufferedProtocol):
         if not self.closed:
             self.closed = True
             self.error = exc
-        self._body = None
+        self._body = self._body_value = None
         while self._pending:
             p = self._pending.popleft()
             if not p.fut.done():
-                p.fut.set_exception(ConnectionError(f"connection to {self.label} lost: {exc}"))
+                p.fut.set_exception(self._lost("lost"))
         for f in self._drainers:
             if not f.done():
-                f.set_exception(ConnectionError(f"connection to {self.label} lost: {exc}"))
+                f.set_exception(self._lost("lost"))
         self._drainers.clear()
 
     def get_buffer(self, sizehint: int):
@@ -250,6 +332,7 @@ class Connection(asyncio.BufferedProtocol):
         return self._mv[self._end:]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.last_read = time.monotonic()
         try:
             if self._body is not None:
                 self._body_got += nbytes
@@ -345,8 +428,9 @@ class Connection(asyncio.BufferedProtocol):
         except _Incomplete:
             return False
         n = int(line)
-        if n < 0:
+        if n < 0 or sink is _DROP:               # nil, or a disowned reply: read aside
             self._start = pos
+            self._skip = n + 2 if n >= 0 else 0
             self._deliver(None)
             return True
         h = min(n, HEAD)

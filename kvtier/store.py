@@ -937,11 +937,14 @@ class Store:
 
     async def _exists_within(self, ns: str, keys: list[bytes]) -> list[bool]:
         """The cluster tier's existence check within cluster.lookup_timeout_ms: a slow server (not a
-        down one: that answers at once) makes the keys misses rather than hold the caller."""
+        down one: that answers at once) makes the keys misses rather than hold the caller. The
+        tier cuts each server's share at that deadline itself (counted in lookups_cut; a server
+        that sends nothing during three cut lookups in a row is marked down); the deadline here,
+        twice as long, only bounds what it spends before (waiting for a slot map)."""
         if isinstance(self.cluster, NullCluster):
             return [False] * len(keys)
         try:
-            async with asyncio.timeout(self.cluster.cfg.lookup_timeout_ms / 1000):
+            async with asyncio.timeout(2 * self.cluster.cfg.lookup_timeout_ms / 1000):
                 return await self.cluster.exists_many(ns, keys)
         except TimeoutError:
             self.cluster.stats.lookups_cut += 1

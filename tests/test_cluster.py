@@ -48,7 +48,7 @@ async def tier(url: str, **kw):
         await t.close(2)
 
 
-async def put_all(t: ClusterTier, ns: str, blocks: dict) -> None:
+async def put_all(t: ClusterTier, ns: str, blocks: dict, replaces: bool = False) -> None:
     """Queue every block and wait until each write finished (on_done)."""
     done = asyncio.Event()
     left = [len(blocks)]
@@ -59,7 +59,7 @@ async def put_all(t: ClusterTier, ns: str, blocks: dict) -> None:
             done.set()
 
     for k, v in blocks.items():
-        assert t.enqueue_put(ns, k, v, record.checksum(v), on_done)
+        assert t.enqueue_put(ns, k, v, record.checksum(v), on_done, replaces=replaces)
     await asyncio.wait_for(done.wait(), 20)
 
 

@@ -1,0 +1,268 @@
+"""The cluster tier's write path when writes fail partway or race quota evictions: a split
+write cut short leaves no parts behind, an overwrite that could not be made is never served
+as the old content once the server is back, and a tenant's bytes in Redis stay within its
+quota and exactly accounted however its puts are batched. Real Valkey servers on loopback
+(``valkey_servers``)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+
+from kvtier import cluster as cluster_mod
+from kvtier.clusterquota import tenant_keys
+from test_cluster import name as block_name, put_all, run, tier
+
+pytest_plugins = ["valkey_servers"]  # fixtures: valkey, make_valkey
+
+NS = "writes"
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def name(key: bytes, prefix: str = "kvt") -> bytes:
+    return block_name(NS, key).replace(b"kvt:", prefix.encode() + b":", 1)
+
+
+async def put(t, blocks: dict, replaces: bool = False, ns: str = NS) -> None:
+    """Queue every block at once (the writers batch small ones) and wait for every on_done."""
+    await put_all(t, ns, blocks, replaces)
+
+
+async def until(cond, timeout: float = 5.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+# ---- a split write that fails partway ------------------------------------------------------------
+
+def test_a_split_write_refused_for_memory_leaves_no_parts_behind(make_valkey):
+    """noeviction: a 3 MiB block in 64 KiB parts fills a 4 MB server, and its later parts (and
+    part 0) are refused. The parts that landed are unreachable (a delete finds parts through
+    part 0): they must be removed at once, else the server stays full and every later put fails."""
+    srv = make_valkey("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+    r = srv.client()
+    big, small = os.urandom(16), os.urandom(16)
+
+    async def go():
+        async with tier(srv.url, part_bytes=64 * KiB) as t:
+            await put(t, {big: os.urandom(3 * MiB)})
+            s = t.snapshot()
+            assert (s["puts"], s["put_failures"]) == (0, 1), s
+            assert r.keys(b"kvt:*") == []
+            assert await t.get(NS, big) is None and await t.exists_many(NS, [big]) == [False]
+            await put(t, {small: b"s" * 100 * KiB})  # the memory is free again
+            assert t.snapshot()["puts"] == 1
+            assert bytes((await t.get(NS, small))[0]) == b"s" * 100 * KiB
+
+    run(go())
+
+
+def test_a_split_overwrite_that_fails_is_not_left_torn(make_valkey):
+    """An overwrite whose parts land and whose part 0 (or a later part) is refused would leave
+    the old part 0 over the new write's parts: Lookup present, get a torn miss, forever (no
+    TTL). The torn block is removed with every part either write made."""
+    srv = make_valkey()
+    r = srv.client()
+    k = os.urandom(16)
+    base = name(k)
+
+    async def go():
+        async with tier(srv.url, part_bytes=64 * KiB) as t:
+            await put(t, {k: os.urandom(300 * KiB)})  # 5 parts
+            assert len(r.keys(base + b"*")) == 5
+            r.config_set("maxmemory", r.info("memory")["used_memory"] + 100 * KiB)
+            r.config_set("maxmemory-policy", "noeviction")
+            await put(t, {k: os.urandom(800 * KiB)})  # 13 parts: some land, then OOM
+            assert t.snapshot()["put_failures"] == 1
+            assert await t.exists_many(NS, [k]) == [False]
+            assert await t.get(NS, k) is None
+            assert r.keys(base + b"*") == []
+
+    run(go())
+
+
+def test_a_split_write_cut_off_before_part_0_is_removed_once_the_server_answers(make_valkey, monkeypatch):
+    """The connection is reset as part 0 goes out: the parts already written cannot be removed
+    now (the server is marked down); their unlink waits, and is made once the server answers."""
+    from kvtier import resp
+    srv = make_valkey()
+    r = srv.client()
+    k = os.urandom(16)
+    base = name(k)
+    real = resp.Connection.request
+    cut = {"armed": True}
+
+    def request(self, cmds, sinks=None, weight=0):
+        if cut["armed"] and any(c[0] == b"SET" and c[1] == base for c in cmds):
+            cut["armed"] = False  # as if the server reset the connection: part 0 never arrives
+            f = asyncio.get_running_loop().create_future()
+            f.set_exception(ConnectionResetError("reset by the test"))
+            return f
+        return real(self, cmds, sinks, weight)
+
+    async def go():
+        async with tier(srv.url, part_bytes=64 * KiB, reconnect_max_s=0.2) as t:
+            monkeypatch.setattr(resp.Connection, "request", request)
+            await put(t, {k: os.urandom(300 * KiB)})
+            assert t.snapshot()["put_failures"] == 1 and not cut["armed"]
+            assert len(r.keys(base + b":*")) == 4  # the parts that landed, for now
+            await until(lambda: not r.keys(base + b"*"), what="the parts to be unlinked")
+            assert t.snapshot()["connected"] and await t.get(NS, k) is None
+            assert t.snapshot()["unlinks_pending"] == 0
+
+    run(go())
+
+
+# ---- quotas and batches --------------------------------------------------------------------------
+
+def _stored(r, prefix: str) -> tuple[int, int]:
+    """(bytes, blocks) a namespace really holds, parts included."""
+    names = r.keys(f"{prefix}:{NS}:*".encode())
+    return sum(r.strlen(n) for n in names), len([n for n in names if n.endswith(b"}")])
+
+
+def _accounted(r, prefix: str, tenant: str) -> tuple[int, int]:
+    _, size, _, used = tenant_keys(prefix.encode(), tenant)
+    return int(r.get(used) or 0), sum(int(v) for v in r.hgetall(size).values())
+
+
+def test_a_batch_of_small_puts_keeps_within_the_quota_and_is_accounted_exactly(valkey):
+    """64 small puts queued at once go out as one batch: each reservation ran before any block
+    of the batch was written, so later reservations 'evicted' earlier blocks of the batch
+    (unlinking nothing) which were then written unaccounted, 2.6x over the quota."""
+    prefix = "w" + uuid.uuid4().hex[:8]
+    quota = 100 * KiB
+    r = valkey.client()
+    blocks = {os.urandom(16): os.urandom(4 * KiB) for _ in range(64)}
+
+    async def go():
+        async with tier(valkey.url, prefix=prefix) as t:
+            t.set_tenants(lambda ns: "t1", {"t1": quota})
+            await put(t, blocks)
+            stored, n = _stored(r, prefix)
+            used, hashed = _accounted(r, prefix, "t1")
+            assert stored <= quota and stored == used == hashed and n >= 20, (stored, used, hashed, n)
+            got = await t.get_many(NS, list(blocks))
+            assert sum(g is not None for g in got) == n
+            assert all(bytes(g[0]) == v for g, v in zip(got, blocks.values()) if g is not None)
+            assert all(g is not None for g in got[-n:])  # the newest are the ones kept
+            assert t.snapshot()["tenants"]["used"]["t1"] == used
+
+    run(go())
+
+
+def test_concurrent_writers_keep_within_the_quota_and_are_accounted_exactly(valkey):
+    """Blocks too large to batch go out on several writers at once: one writer's reservation
+    evicts a block another writer is about to write (or writing). That block must not stay in
+    Redis unaccounted."""
+    prefix = "w" + uuid.uuid4().hex[:8]
+    quota = 1 * MiB
+    r = valkey.client()
+    blocks = {os.urandom(16): os.urandom(300 * KiB) for _ in range(16)}
+
+    async def go():
+        async with tier(valkey.url, prefix=prefix, connections=4) as t:
+            t.set_tenants(lambda ns: "t1", {"t1": quota})
+            for _ in range(2):
+                await put(t, blocks)
+                stored, n = _stored(r, prefix)
+                used, hashed = _accounted(r, prefix, "t1")
+                assert stored <= quota and stored == used == hashed and n >= 1, (stored, used, hashed, n)
+                got = await t.get_many(NS, list(blocks))
+                assert sum(g is not None for g in got) == n
+
+    run(go())
+
+
+# ---- overwrites and deletes while the server is down -----------------------------------------------
+
+async def _down(t, srv, k) -> None:
+    """Pause the server until a get times out (marks it down)."""
+    srv.pause()
+    assert await t.get(NS, k) is None
+    assert not t.snapshot()["connected"]
+
+
+async def _back(t, srv) -> None:
+    srv.resume()
+    await until(lambda: t.snapshot()["connected"], what="the server to be back")
+
+
+def test_an_overwrite_failed_while_the_server_is_down_never_serves_the_old_content(make_valkey):
+    """The overwrite fails at once (server marked down) and so would the unlink it promises: it
+    waits, and is made once the server answers. No node reads the old content meanwhile."""
+    srv = make_valkey()
+    r = srv.client()
+    k, gone = os.urandom(16), os.urandom(16)
+
+    async def go():
+        async with tier(srv.url, timeout_ms=300, reconnect_max_s=0.2) as t:
+            await put(t, {k: b"1" * 5000, gone: b"g" * 5000})
+            await _down(t, srv, k)
+            try:
+                await put(t, {k: b"2" * 6000}, replaces=True)  # fails: Unavailable
+                assert await t.delete_many(NS, [gone]) == 0      # so does the delete
+                await asyncio.sleep(0.1)
+            finally:
+                await _back(t, srv)
+            assert await t.get(NS, k) is None and await t.get(NS, gone) is None
+            await until(lambda: not r.exists(name(k)) and not r.exists(name(gone)), what="the unlinks")
+            assert t.snapshot()["unlinks_pending"] == 0
+            assert await t.get(NS, k) is None and await t.exists_many(NS, [k, gone]) == [False, False]
+
+    run(go())
+
+
+def test_a_pending_unlink_is_a_miss_for_reads_and_is_made_before_the_keys_next_write(make_valkey, monkeypatch):
+    """Before the pending unlinks are made (here: never, in the background), a get of such a key
+    is a miss, and the next write of the key makes the unlink first (a split value's old parts
+    do not survive it); its new content is then served."""
+    monkeypatch.setattr(cluster_mod, "PENDING_RETRY_S", 3600.0, raising=False)
+    srv = make_valkey()
+    r = srv.client()
+    k = os.urandom(16)
+    old, new = os.urandom(700 * KiB), os.urandom(100 * KiB)
+
+    async def go():
+        async with tier(srv.url, timeout_ms=300, reconnect_max_s=0.2, part_bytes=64 * KiB) as t:
+            await put(t, {k: old})
+            await _down(t, srv, k)
+            try:
+                await put(t, {k: b"x" * 300 * KiB}, replaces=True)
+                await asyncio.sleep(0.1)
+            finally:
+                await _back(t, srv)
+            assert await t.get(NS, k) is None and await t.get_many(NS, [k]) == [None]
+            assert await t.exists_many(NS, [k]) == [False]  # Lookup agrees
+            assert r.exists(name(k)) and t.snapshot()["unlinks_pending"] == 1
+            await put(t, {k: new})
+            assert bytes((await t.get(NS, k))[0]) == new
+            assert sorted(r.keys(name(k) + b"*")) == [name(k), name(k) + b":1"]
+            assert t.snapshot()["unlinks_pending"] == 0
+
+    run(go())
+
+
+def test_pending_unlinks_are_bounded(make_valkey, monkeypatch, caplog):
+    monkeypatch.setattr(cluster_mod, "PENDING_MAX", 3)
+    srv = make_valkey()
+    keys = [os.urandom(16) for _ in range(5)]
+
+    async def go():
+        async with tier(srv.url, timeout_ms=300, reconnect_max_s=0.2) as t:
+            await put(t, {k: b"v" * 100 for k in keys})
+            await _down(t, srv, keys[0])
+            try:
+                assert await t.delete_many(NS, keys) == 0
+                s = t.snapshot()
+                assert (s["unlinks_pending"], s["unlinks_lost"]) == (3, 2), s
+            finally:
+                await _back(t, srv)
+            await until(lambda: t.snapshot()["unlinks_pending"] == 0, what="the unlinks")
+
+    with caplog.at_level("WARNING", logger="kvtier.cluster"):
+        run(go())
+    assert any("not made" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
