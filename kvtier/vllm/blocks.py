@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -45,6 +46,9 @@ log = logging.getLogger("kvtier.vllm")
 # the bus the other's is gathered or scattered. A record larger than a buffer is copied layer
 # by layer.
 STAGE_MAX = 64 << 20
+
+# Unpinning the arena waits this long at most for copies under way to or from it to end.
+UNPIN_WAIT_S = 30.0
 
 
 @dataclass
@@ -66,6 +70,29 @@ def _bytes_view(t: torch.Tensor) -> torch.Tensor:
     if t.dim() and t.stride(-1) == 1:
         return t.view(torch.uint8)
     return t
+
+
+class _InFlight:
+    """Copies under way on CUDA (to or from host memory, the arena perhaps): the arena is
+    unpinned only once none is, so no DMA runs on pages that are being unpinned."""
+
+    def __init__(self):
+        self.cv = threading.Condition(threading.Lock())
+        self.n = 0
+
+    def __enter__(self):
+        with self.cv:
+            self.n += 1
+
+    def __exit__(self, *exc):
+        with self.cv:
+            self.n -= 1
+            if not self.n:
+                self.cv.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self.cv:
+            return self.cv.wait_for(lambda: not self.n, timeout)
 
 
 class BlockCopier:
@@ -101,7 +128,14 @@ class BlockCopier:
         self._streams = ({d: (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
                           for d in ("save", "load")} if self.cuda else {})
         self._staging: dict[str, torch.Tensor] = {}
+        # the arena mapping registered for DMA: (address, size) while pinned, and the mapping
+        # itself (its view): a daemon's new arena can be mapped at the address of its old one,
+        # so the address does not tell one mapping from another. Holding the view keeps a
+        # mapping its client replaced (without closing it) mapped until it is unregistered.
         self._registered: tuple[int, int] | None = None
+        self._reg_view: memoryview | None = None
+        self._reg_lock = threading.Lock()
+        self._dma = _InFlight()
 
     def layout(self) -> list[tuple[str, tuple, str]]:
         return [(L.name, L.block_shape, str(L.dtype).replace("torch.", "")) for L in self.layers]
@@ -115,26 +149,47 @@ class BlockCopier:
     # ---- CUDA helpers (no-ops on CPU) --------------------------------------------------
 
     def register_host(self, view: memoryview | None) -> None:
-        """Pin the arena for DMA (CUDA only). Best effort: unpinned memory still works."""
+        """Pin the arena mapping ``view`` (``Client.arena_view()``) for DMA (CUDA only), once per
+        mapping: another mapping (a restarted daemon's arena, at the old address or not) replaces
+        the registration. Best effort: unpinned memory still works."""
         if not self.cuda or view is None:
             return
+        with self._reg_lock:
+            if view is self._reg_view:  # this mapping: pinned, or tried and refused
+                return
+            self._unregister()
+            self._reg_view = view
+            try:
+                base = torch.frombuffer(view, dtype=torch.uint8)
+                ptr, size = base.data_ptr(), base.numel()
+                del base
+                err = torch.cuda.cudart().cudaHostRegister(ptr, size, 0)
+                if int(getattr(err, "value", err)) != 0:
+                    log.warning("cudaHostRegister of the kvtier arena failed (%s): copies stay correct, "
+                                "only slower", err)
+                    return
+                self._registered = (ptr, size)
+            except Exception as e:  # pinning is a bandwidth optimisation only
+                log.warning("could not pin the kvtier arena for DMA (%s): copies stay correct, only slower", e)
+
+    def unregister_host(self) -> None:
+        """Unpin the registered arena mapping (before it is unmapped: the daemon's link dropped
+        it), once no copy is under way. The next register_host pins whatever it is given."""
+        if not self.cuda:
+            return
+        with self._reg_lock:
+            self._unregister()
+
+    def _unregister(self) -> None:  # _reg_lock held
+        reg, self._registered, self._reg_view = self._registered, None, None
+        if reg is None:
+            return
+        if not self._dma.wait_idle(UNPIN_WAIT_S):
+            log.warning("unpinning the kvtier arena while copies still run after %.0fs", UNPIN_WAIT_S)
         try:
-            base = torch.frombuffer(view, dtype=torch.uint8)
-            ptr, size = base.data_ptr(), base.numel()
-            if self._registered == (ptr, size):
-                return
-            cudart = torch.cuda.cudart()
-            if self._registered is not None:
-                cudart.cudaHostUnregister(self._registered[0])
-                self._registered = None
-            err = cudart.cudaHostRegister(ptr, size, 0)
-            if int(getattr(err, "value", err)) != 0:
-                log.warning("cudaHostRegister of the kvtier arena failed (%s): copies stay correct, "
-                            "only slower", err)
-                return
-            self._registered = (ptr, size)
-        except Exception as e:  # pinning is a bandwidth optimisation only
-            log.warning("could not pin the kvtier arena for DMA (%s): copies stay correct, only slower", e)
+            torch.cuda.cudart().cudaHostUnregister(reg[0])
+        except Exception as e:
+            log.warning("cudaHostUnregister of the kvtier arena failed (%s)", e)
 
     def compute_done_event(self):
         """An event after the work queued so far on the compute stream (None on CPU)."""
@@ -205,6 +260,10 @@ class BlockCopier:
                 if landed is not None:
                     landed(k, k + 1)
             return
+        with self._dma:
+            self._save_many_cuda(items, recs, after, landed)
+
+    def _save_many_cuda(self, items, recs, after, landed) -> None:
         bus, work = self._streams["save"]
         with torch.cuda.stream(work):
             if after is not None:
@@ -331,6 +390,10 @@ class BlockCopier:
             for (buf, cb, first), item in zip(recs, items):
                 self._load_cpu(item[0], buf, cb, first, item[3])
             return
+        with self._dma:
+            self._load_many_cuda(items, recs)
+
+    def _load_many_cuda(self, items, recs) -> None:
         bus, work = self._streams["load"]
         with torch.cuda.stream(work):
             flat, starts = self._flat_index([item[3] for item in items])
@@ -393,12 +456,7 @@ class BlockCopier:
             off += size
 
     def close(self) -> None:
-        if self.cuda and self._registered is not None:
-            try:
-                torch.cuda.cudart().cudaHostUnregister(self._registered[0])
-            except Exception:
-                pass
-            self._registered = None
+        self.unregister_host()
 
 
 def _block_dim(name: str, t: torch.Tensor, num_blocks: int) -> int:

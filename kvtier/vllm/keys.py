@@ -13,9 +13,10 @@ last block names the chunk and everything before it. A kvtier key is
 where ``engine_digest`` is ``Fingerprint.digest()``: sha256 over the fingerprint's fields
 written as ``name=value`` lines in a fixed order. Every field that changes the bytes of a
 chunk is in the fingerprint (model and revision, what else changes the weights' numbers under
-the same model name: a quantization method or config overrides, KV dtype, layout, block size,
-chunk size, TP size and rank, PP size and rank, the block-hash algorithm, this format's
-version), so KV
+the same model name: a quantization method or config overrides, the KV encoding (element
+type; for a quantized cache also vLLM's cache dtype, e.g. fp8_e4m3 vs fp8_e5m2 that are both
+uint8 tensors, and the KV scales), layout, block size, chunk size, TP size and rank, PP size
+and rank, the block-hash algorithm, this format's version), so KV
 computed by other weights, another layout or another rank is never served: it simply has
 other keys. The tenant and the request's cache salt scope keys per request.
 
@@ -74,7 +75,9 @@ class Fingerprint:
     """What must match for two engines' KV chunks to be interchangeable (one per rank)."""
     model: str              # model name or path as given to vLLM
     revision: str           # model revision ("" when none was given)
-    kv_dtype: str           # KV cache element type, e.g. "torch.bfloat16"
+    kv_dtype: str           # KV encoding: element type, e.g. "bfloat16"; a quantized cache adds
+                            # its cache dtype and scales (worker.kv_encoding()), e.g. "uint8
+                            # cache_dtype=fp8_e4m3 kv_scales=sha256:..."
     layout: str             # per-layer block shapes as the worker sees them (layout_tag())
     block_size: int         # tokens per vLLM block
     chunk_size: int         # tokens per kvtier chunk (a multiple of block_size)

@@ -21,14 +21,17 @@ KV; the scheduler half plans them again once vLLM has recomputed them).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
+import torch
 import xxhash
 
 from .. import errors
@@ -82,6 +85,35 @@ class _Quiet:
         log.warning(msg + (f" ({n} more like it since the last report)" if n else ""), *args)
 
 
+class _WorkerLink(DaemonLink):
+    """The worker's link to the daemon: before it drops a client (a failed call, close), and
+    with it the client's arena mapping, ``unpin`` unregisters the arena for DMA. A restarted
+    daemon's arena is a new file, often mapped at the old address: pages pinned for the old
+    one must not stay registered there."""
+
+    def __init__(self, *args, unpin=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unpin = unpin
+
+    def _unpin(self) -> None:
+        if self.unpin is not None:
+            try:
+                self.unpin()
+            except Exception as e:  # never into the engine
+                log.warning("%s: could not unpin the arena (%s)", self.name, e)
+
+    def _fail(self, client, exc) -> None:
+        # only when this client is the current one: once replaced, it was unpinned when it
+        # was dropped, and what is pinned now may be the new client's arena
+        if self._client is client:
+            self._unpin()
+        super()._fail(client, exc)
+
+    def close(self) -> None:
+        self._unpin()
+        super().close()
+
+
 def rank_of(vllm_config) -> tuple[int, int]:
     """(tp_rank, pp_rank) of this worker."""
     try:
@@ -93,8 +125,79 @@ def rank_of(vllm_config) -> tuple[int, int]:
         return rank % pc.tensor_parallel_size, rank // pc.tensor_parallel_size
 
 
+# vLLM cache dtypes stored as they are computed (no quantization, no scales): "auto" is the
+# model's dtype, which the KV tensors' element type names
+_UNQUANTIZED = frozenset({"auto", "float16", "bfloat16", "float32", "half", "float"})
+
+
+def _fp8_fnuz() -> bool:
+    """Whether this platform stores fp8 as float8_e4m3fnuz (ROCm MI300), which reads the bytes
+    of float8_e4m3fn otherwise. Asked of vLLM only where it is loaded (it is in a worker)."""
+    mod = sys.modules.get("vllm.platforms")
+    try:
+        return bool(mod is not None and mod.current_platform.is_fp8_fnuz())
+    except Exception:
+        return False
+
+
+def _layer_scales(layer) -> list | None:
+    """The K and V scales an attention layer quantizes its KV with (per tensor or per head)."""
+    if layer is None:
+        return None
+    out = []
+    for name in ("_k_scale", "_v_scale"):
+        t = getattr(layer, name, None)
+        if isinstance(t, torch.Tensor):
+            out.append(t.detach().to("cpu", torch.float64).reshape(-1).tolist())
+        else:
+            v = getattr(layer, name + "_float", None)
+            out.append(None if v is None else float(v))
+    return out
+
+
+def kv_encoding(vllm_config, tensor_dtype: str, layer_names) -> str:
+    """The fingerprint's ``kv_dtype``: how this worker's KV bytes encode the K and V values.
+
+    The tensors' element type(s) say it all for an unquantized cache (and then nothing is
+    added: the keys stay what they were). A quantized cache adds what the tensors cannot tell:
+    vLLM allocates fp8, fp8_e4m3 and fp8_e5m2 alike as uint8, and the scales each layer
+    quantizes with (from the checkpoint, 1.0 without one) are not in the tensors at all:
+
+        "<element types> cache_dtype=<each layer's cache dtype> kv_scales=<source>[ fp8=fnuz]"
+
+    The layers (vLLM's attention modules, in ``compilation_config.static_forward_context``)
+    give their effective cache dtype and scales; without them (another vLLM), the config's
+    cache dtype and ``kv_scales=model`` (the scales follow from model, revision and
+    quantization, which the fingerprint holds). ``calculate_kv_scales`` (older vLLM) gives
+    ``kv_scales=calculated``: scales from the engine's first batch, which no other engine shares.
+    Only the worker can read this: the scheduler half takes it from the worker's handshake.
+    """
+    cc = vllm_config.cache_config
+    ctx = getattr(getattr(vllm_config, "compilation_config", None), "static_forward_context", None)
+    layers = [ctx.get(n) for n in layer_names] if isinstance(ctx, dict) else []
+    found = [L for L in layers if L is not None]
+    dtypes = {str(getattr(L, "kv_cache_dtype", None) or "auto") for L in found}
+    if len(found) < len(layer_names) or not found:
+        dtypes.add(str(getattr(cc, "cache_dtype", None) or "auto"))
+    if dtypes <= _UNQUANTIZED:
+        return tensor_dtype
+    if getattr(cc, "calculate_kv_scales", False):
+        scales = "calculated"
+    elif found:
+        values = repr([_layer_scales(L) for L in layers]).encode()
+        scales = "sha256:" + hashlib.sha256(values).hexdigest()[:32]
+    else:
+        scales = "model"
+    enc = f"{tensor_dtype} cache_dtype={','.join(sorted(dtypes))} kv_scales={scales}"
+    if any(d.startswith("fp8") for d in dtypes) and _fp8_fnuz():
+        enc += " fp8=fnuz"
+    return enc
+
+
 def fingerprint(vllm_config, settings: ConnectorSettings, chunk_size: int, layout: str,
                 kv_dtype: str, tp_rank: int, pp_rank: int) -> Fingerprint:
+    """The fingerprint of one rank's KV. ``layout`` and ``kv_dtype`` come from the worker
+    (layout_tag() and kv_encoding()): the scheduler half gets them from its handshake."""
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     return Fingerprint(
         model=str(mc.model), revision=str(settings.revision or getattr(mc, "revision", None) or ""),
@@ -115,9 +218,10 @@ class WorkerHalf:
         self.cb = self.chunk_size // self.block_size
         self.num_blocks = kv_cache_config.num_blocks
         self.tp_rank, self.pp_rank = rank_of(vllm_config)
-        self.link = DaemonLink(settings.address, timeout_s=settings.worker_timeout_s,
-                               retry_s=settings.retry_s, token=settings.token,
-                               name=f"kvtier worker tp{self.tp_rank}/pp{self.pp_rank}")
+        self.link = _WorkerLink(settings.address, timeout_s=settings.worker_timeout_s,
+                                retry_s=settings.retry_s, token=settings.token,
+                                name=f"kvtier worker tp{self.tp_rank}/pp{self.pp_rank}",
+                                unpin=self._unpin_arena)
         self.copier: BlockCopier | None = None
         self.fp: Fingerprint | None = None
         self._digest = b""
@@ -140,7 +244,9 @@ class WorkerHalf:
         self._finishing: set[str] = set()
         self._store_futures: list[Future] = []
         self._sync_failed: StepMeta | None = None  # the step whose synchronous load failed
+        # counters, added to by the engine, load and store threads: through _count only
         self.stats = defaultdict(int)
+        self._stats_lock = threading.Lock()
         self._quiet = _Quiet()
 
     # ---- setup --------------------------------------------------------------------------
@@ -151,8 +257,15 @@ class WorkerHalf:
         except ValueError as e:  # a layout this connector cannot copy: run without kvtier
             log.error("kvtier worker: cannot copy this KV layout (%s); the connector stays off", e)
             return
+        encoding = kv_encoding(self.vllm_config, self.copier.kv_dtype(), list(kv_caches))
+        if " kv_scales=calculated" in encoding:
+            log.error("kvtier worker: calculate_kv_scales takes the KV scales from this engine's "
+                      "first batch, so no other engine's quantized KV has the same bytes (nor this "
+                      "one's after a restart); the connector stays off")
+            self.copier = None
+            return
         self.fp = fingerprint(self.vllm_config, self.settings, self.chunk_size,
-                              layout_tag(self.copier.layout()), self.copier.kv_dtype(),
+                              layout_tag(self.copier.layout()), encoding,
                               self.tp_rank, self.pp_rank)
         self._digest = self.fp.digest()
         try:
@@ -172,6 +285,15 @@ class WorkerHalf:
             return
         client = client or self.link._client
         self.copier.register_host(client.arena_view() if client is not None else None)
+
+    def _unpin_arena(self) -> None:
+        """The link is about to drop its client and unmap the arena: unregister it first."""
+        if self.copier is not None:
+            self.copier.unregister_host()
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[name] += n
 
     def handshake(self) -> RankLayout | None:
         if self.fp is None:
@@ -232,7 +354,7 @@ class WorkerHalf:
                 failed |= self.link.call(lambda c: self._load_jobs(c, part))
         except Exception as e:
             failed |= {b for s in specs for b in s.block_ids}
-            self.stats["load_failures"] += 1
+            self._count("load_failures")
             self._quiet.warn("load", "kvtier: load of %d request(s) failed (%s); vLLM recomputes them",
                              len(specs), e)
         self._finish_loads(specs, failed, is_async)
@@ -258,7 +380,7 @@ class WorkerHalf:
                     failed.update(blocks)
                     continue
                 self.copier.load(memoryview(data), self.cb, start, blocks)
-                self.stats["loaded_chunks"] += 1
+                self._count("loaded_chunks")
             return failed
         self._pin_arena(client)
         step = max(1, client.info.max_batch or 1024)
@@ -287,7 +409,7 @@ class WorkerHalf:
                 loaded = 0
                 for ((key, _, blocks), _, digest), fut in zip(found, sums):
                     if fut is not None and fut.result() != digest:
-                        self.stats["checksum_failures"] += 1
+                        self._count("checksum_failures")
                         log.warning("kvtier: chunk %s failed its checksum; recomputing it", key.hex()[:16])
                         failed.update(blocks)
                         bad.append(key)
@@ -300,7 +422,7 @@ class WorkerHalf:
                     # expired during the copy: the slots may hold other blocks by now
                     loaded = 0
                     failed.update(b for _, _, blocks in part for b in blocks)
-            self.stats["loaded_chunks"] += loaded
+            self._count("loaded_chunks", loaded)
         if bad:  # drop what cannot be read back, so the recomputed chunk is stored again
             try:
                 client.delete(ns, bad)
@@ -326,7 +448,7 @@ class WorkerHalf:
             # checksum: store nothing this step. The requests still count as sent, and the
             # scheduler half plans these chunks again after vLLM recomputed them.
             n = sum(len(s.chunk_hashes) for s in specs)
-            self.stats["stores_dropped"] += n
+            self._count("stores_dropped", n)
             self._quiet.warn("dropped", "kvtier: a synchronous load failed; not storing the %d "
                              "chunk(s) computed in that step", n)
             self._stores_done(specs)
@@ -351,7 +473,7 @@ class WorkerHalf:
                 try:
                     self.link.call(lambda c: self._store_jobs(c, jobs, after))
                 except Exception as e:
-                    self.stats["store_failures"] += 1
+                    self._count("store_failures")
                     self._quiet.warn("store", "kvtier: store of %d chunk(s) failed (%s); they stay misses",
                                      len(jobs), e)
                     continue
@@ -359,7 +481,7 @@ class WorkerHalf:
                     try:
                         self.link.call(lambda c: c.pin(ns, [k for k, _ in jobs], pin_s))
                     except Exception as e:  # stored all the same: hits, evictable as any block
-                        self.stats["pin_failures"] += 1
+                        self._count("pin_failures")
                         self._quiet.warn("pin", "kvtier: pin of %d stored chunk(s) failed (%s); they stay "
                                          "stored, unpinned", len(jobs), e)
         finally:
@@ -383,7 +505,7 @@ class WorkerHalf:
                 self.copier.save(blocks, memoryview(buf), after)
                 items.append((key, buf))
             client.put_many(ns, items)
-            self.stats["stored_chunks"] += len(items)
+            self._count("stored_chunks", len(items))
             return
         self._pin_arena(client)
         per = max(1, min(client.info.max_batch or 1024, (client.info.arena_size // 4) // max(1, size)))
@@ -400,7 +522,7 @@ class WorkerHalf:
                         sums[k] = self._hash_pool.submit(xxhash.xxh3_128_digest, todo[k][1])
                 self.copier.save_many(todo, after, landed if sums else None)
                 digests = [f.result() for f in sums]
-                self.stats["stored_chunks"] += len(todo)
+                self._count("stored_chunks", len(todo))
             except BaseException:
                 try:
                     client.abort(res)
