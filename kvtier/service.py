@@ -242,7 +242,7 @@ class KVTierService(pb_grpc.KVTierServicer):
             max_batch=self.max_batch, key_sizes=list(KEY_SIZES),
             max_message_bytes=self.cfg.server.max_message_bytes, version=__version__,
             default_lease_ms=self.hot.lease_ms, default_reservation_ms=self.hot.reservation_ms,
-            data_channel_version=datachannel.VERSION if data_address else 0)
+            data_channel_version=datachannel.VERSION if data_address else 0, max_ttl_ms=self.d.hot.max_ttl_ms)
 
     @_handler
     async def Lookup(self, request, context):

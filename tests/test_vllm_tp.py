@@ -37,8 +37,10 @@ def engine(tmp_path, model: str, address: str, tp: int, prompts, rounds: int = 1
     spec = tmp_path / f"spec-{os.urandom(4).hex()}.json"
     spec.write_text(json.dumps({"model": model, "address": address, "tp": tp, "prompts": prompts,
                                 "rounds": rounds, "chunk_size": CHUNK}))
+    # vLLM's own engine process, as a server runs it (test_vllm_e2e turns it off for this process)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     p = subprocess.run([sys.executable, os.path.join(HERE, "vllm_engine_proc.py"), str(spec)],
-                       capture_output=True, text=True, timeout=300, start_new_session=True)
+                       capture_output=True, text=True, timeout=300, start_new_session=True, env=env)
     assert p.returncode == 0, f"engine tp={tp} exited {p.returncode}:\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}"
     return json.loads(p.stdout.strip().splitlines()[-1])["rounds"]
 

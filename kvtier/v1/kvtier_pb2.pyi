@@ -32,7 +32,7 @@ class AttachRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AttachResponse(_message.Message):
-    __slots__ = ("arena_path", "arena_size", "generation", "data_offset", "data_address", "max_block_bytes", "max_batch", "key_sizes", "max_message_bytes", "version", "default_lease_ms", "default_reservation_ms", "data_channel_version")
+    __slots__ = ("arena_path", "arena_size", "generation", "data_offset", "data_address", "max_block_bytes", "max_batch", "key_sizes", "max_message_bytes", "version", "default_lease_ms", "default_reservation_ms", "data_channel_version", "max_ttl_ms")
     ARENA_PATH_FIELD_NUMBER: _ClassVar[int]
     ARENA_SIZE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class AttachResponse(_message.Message):
     DEFAULT_LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_RESERVATION_MS_FIELD_NUMBER: _ClassVar[int]
     DATA_CHANNEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_TTL_MS_FIELD_NUMBER: _ClassVar[int]
     arena_path: str
     arena_size: int
     generation: int
@@ -59,7 +60,8 @@ class AttachResponse(_message.Message):
     default_lease_ms: int
     default_reservation_ms: int
     data_channel_version: int
-    def __init__(self, arena_path: _Optional[str] = ..., arena_size: _Optional[int] = ..., generation: _Optional[int] = ..., data_offset: _Optional[int] = ..., data_address: _Optional[str] = ..., max_block_bytes: _Optional[int] = ..., max_batch: _Optional[int] = ..., key_sizes: _Optional[_Iterable[int]] = ..., max_message_bytes: _Optional[int] = ..., version: _Optional[str] = ..., default_lease_ms: _Optional[int] = ..., default_reservation_ms: _Optional[int] = ..., data_channel_version: _Optional[int] = ...) -> None: ...
+    max_ttl_ms: int
+    def __init__(self, arena_path: _Optional[str] = ..., arena_size: _Optional[int] = ..., generation: _Optional[int] = ..., data_offset: _Optional[int] = ..., data_address: _Optional[str] = ..., max_block_bytes: _Optional[int] = ..., max_batch: _Optional[int] = ..., key_sizes: _Optional[_Iterable[int]] = ..., max_message_bytes: _Optional[int] = ..., version: _Optional[str] = ..., default_lease_ms: _Optional[int] = ..., default_reservation_ms: _Optional[int] = ..., data_channel_version: _Optional[int] = ..., max_ttl_ms: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("namespace", "key_size", "keys")

@@ -14,12 +14,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import defaultdict
 from typing import Callable, TypeVar
 
 from .. import errors
 from ..client import Client
 
 log = logging.getLogger("kvtier.vllm")
+
+
+class Quiet:
+    """At most one warning per ``every_s`` per kind, with the count of those left out."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s, self._last, self._skipped = every_s, {}, defaultdict(int)
+
+    def warn(self, kind: str, msg: str, *args, level: int = logging.WARNING) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -1e18) < self.every_s:
+            self._skipped[kind] += 1
+            return
+        self._last[kind] = now
+        n, self._skipped[kind] = self._skipped[kind], 0
+        log.log(level, msg + (f" ({n} more like it since the last report)" if n else ""), *args)
 T = TypeVar("T")
 
 

@@ -22,7 +22,13 @@ store jobs for the workers. A request that had store jobs is freed only after ev
 reports them done (``request_finished`` returns True), so a store never reads a reused block.
 A step whose synchronous load fails stores nothing (the workers drop its stores: its forward
 ran on the failed blocks); when vLLM reports the failed blocks, the requests that had stores
-in that step plan those chunks again.
+in that step plan those chunks again. Only the ranks whose load failed know it, though, and
+at TP > 1 the forward's all-reduce carries the bad KV into every rank's later layers; and with
+async scheduling (or pipeline parallelism) vLLM builds the next steps before it reports the
+failure, so a chunked prefill may go on computing on the bad KV there. So when vLLM reports
+failed blocks of a synchronous load, the scheduler deletes from the daemon, on every rank,
+every chunk planned for storing in that step and in every step built after it, and plans
+those chunks again (``_taint``).
 
 Namespaces: a request's chunks live in the engine's namespace, or with ``tenant_namespace``
 in its tenant's own (``RequestOptions.namespace``); lookups, loads and stores all use it.
@@ -31,19 +37,23 @@ Failure: a daemon that is down or slow makes ``get_num_new_matched_tokens`` answ
 within ``timeout_s``, and the link then skips the daemon for ``retry_s`` before reconnecting.
 A request whose load failed is never offered kvtier's KV from its first failed block on
 again: the same load would likely fail again, and when it fails before any valid block vLLM
-asks again, which would offer the same hit for ever instead of recomputing.
+asks again, which would offer the same hit for ever instead of recomputing. Errors that are
+not about the connection (a refused lease, bad input) are logged as warnings, at most one
+per ``WARN_EVERY_S`` per kind. A daemon without an arena for this process (on another node)
+is asked with Lookup (no lease) instead of Acquire, and Acquire is tried again after
+``LOOKUP_RETRY_S`` or on a new connection.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import errors
 from .keys import chunk_key, check_hash_stability, scope_digest
-from .link import DaemonLink
+from .link import DaemonLink, Quiet
 from .meta import LoadSpec, RankLayout, StepMeta, StoreSpec
 from .settings import ConnectorSettings, RequestOptions, request_options
 from .worker import fingerprint
@@ -52,6 +62,31 @@ log = logging.getLogger("kvtier.vllm")
 
 # daemon tier number -> vLLM cache-hit source name (see get_external_cache_hit_sources)
 TIER_SOURCES = {1: "host", 2: "disk", 3: "external_unspecified"}
+# after an Acquire found no arena (daemon on another node), Lookup only for this long
+LOOKUP_RETRY_S = 60.0
+WARN_EVERY_S = 10.0
+
+
+@dataclass
+class _Load:
+    """A load into a request's blocks: block_ids[0] is the request's block b0; tokens
+    [start, end) come from kvtier."""
+    req_id: str
+    b0: int
+    block_ids: list[int]
+    start: int
+    end: int
+    cut: int = -1                   # first token not taken after all (a failure), -1 = end
+    freed: bool = False             # the request was preempted since: its blocks went back to vLLM
+
+
+@dataclass
+class _Step:
+    """A step built while synchronous loads may fail: its synchronous loads and its stores,
+    {req_id: (next_store before the step, chunks planned, specs)}."""
+    seq: int
+    loads: list[_Load]
+    planned: dict[str, tuple[int, int, list[StoreSpec]]]
 
 
 @dataclass
@@ -62,11 +97,13 @@ class _Req:
     local: int = 0                  # vLLM's own hit at the last lookup (tokens)
     ext: int = 0                    # tokens offered from kvtier at the last lookup
     chunk_tiers: list[int] = field(default_factory=list)  # from chunk local//chunk_size on
-    loaded: int = 0                 # tokens loaded from kvtier
+    loaded: int = 0                 # tokens loaded from kvtier (less those whose load failed)
     hit_tiers: dict[str, int] = field(default_factory=dict)
     block_ids: list[int] = field(default_factory=list)
     next_store: int = 0             # first chunk not yet stored or known present
-    load_at: tuple[int, list[int]] = (0, [])  # (vLLM block index of block_ids[0], block_ids) of a load
+    load: _Load | None = None       # an asynchronous load not yet reported received
+    redo: set[int] = field(default_factory=set)  # chunks whose stored copy may be bad: replace them
+    redo_at: int = 0                # ... in a step built from this one on (see _taint)
     stored_chunks: int = 0
     stores_issued: bool = False
     failed_at: int | None = None    # first token of a block whose load failed: no hit past it
@@ -78,6 +115,7 @@ class SchedulerHalf:
         self.vllm_config, self.kv_cache_config, self.settings = vllm_config, kv_cache_config, settings
         cc, pc = vllm_config.cache_config, vllm_config.parallel_config
         self.ns = settings.namespace
+        _refuse_dcp(pc, kv_cache_config)
         self.block_size = cc.block_size
         self.chunk_size = settings.resolve_chunk_size(self.block_size)
         self.cb = self.chunk_size // self.block_size
@@ -91,14 +129,22 @@ class SchedulerHalf:
         self.digests: list[bytes] | None = None  # per rank, once the workers sent their layout
         self.link = DaemonLink(settings.address, timeout_s=settings.timeout_s, retry_s=settings.retry_s,
                                token=settings.token, name="kvtier scheduler")
-        self._use_lookup = False   # daemon on another node: Lookup instead of Acquire
+        # daemon on another node: Lookup instead of Acquire, on this connection until then
+        self._lookup_client: Any = None
+        self._lookup_until = 0.0
         self._reqs: dict[str, _Req] = {}
         self._leases: dict[str, list[Any]] = {}
         self._loads: list[LoadSpec] = []
-        # recent steps with synchronous loads: (blocks loaded, {req_id: (next_store before the
-        # step, chunks the step planned)}): if one of those loads fails, the workers drop that
-        # step's stores. A few steps, as vLLM may build the next step before it reports one.
-        self._sync_steps: deque[tuple[set[int], dict[str, tuple[int, int]]]] = deque(maxlen=4)
+        self._load_recs: list[_Load] = []  # the synchronous loads among _loads
+        self._recving: set[str] = set()    # requests with an asynchronous load in flight
+        # Steps built while a synchronous load's outcome may be unknown: vLLM reports a step's
+        # outcome after it has built up to max_concurrent_batches - 1 more steps (async
+        # scheduling, pipeline parallelism); one more for margin. Steps built before those
+        # have been reported: their loads are done (see update_connector_output).
+        self._seq = 0
+        self._window = max(1, int(getattr(vllm_config, "max_concurrent_batches", 1) or 1)) + 1
+        self._steps: deque[_Step] = deque()
+        self._quiet = Quiet(WARN_EVERY_S)
         self._warned_layout = False
 
     # ---- setup --------------------------------------------------------------------------
@@ -113,9 +159,37 @@ class SchedulerHalf:
                 return
             fp = fingerprint(self.vllm_config, self.settings, self.chunk_size, m.layout, m.kv_dtype, tp, pp)
             digests.append(fp.digest())
+        self._check_lease_ms()
         self.digests = digests
         log.info("kvtier: connector ready: namespace %s, chunks of %d tokens, %d rank(s), %s loads",
                  self.ns, self.chunk_size, len(self.ranks), "async" if self.settings.load_async else "sync")
+
+    def _check_lease_ms(self) -> None:
+        """The daemon refuses a lease longer than its ram.max_ttl_ms: with such a lease_ms no
+        lookup would ever hit (nor any worker's load). ConfigError at start if the daemon
+        tells its limit at Attach; otherwise each refused lookup says so (_lookup_failed)."""
+        if not self.settings.lease_ms:
+            return
+        try:
+            info = self.link.call(lambda c: c.info)
+        except Exception as e:
+            log.info("kvtier: lease_ms not checked against the daemon at start (%s)", e)
+            return
+        limit = int(getattr(info, "max_ttl_ms", 0) or 0)  # 0: a daemon that does not tell it
+        if limit and self.settings.lease_ms > limit:
+            raise errors.ConfigError(
+                f"kv_connector_extra_config.lease_ms={self.settings.lease_ms} is above the daemon's "
+                f"ram.max_ttl_ms={limit}: it refuses every lease that long, so nothing would ever "
+                f"load from kvtier; set lease_ms to at most {limit}")
+
+    def _lookup_failed(self, req_id: str, e: Exception) -> None:
+        if isinstance(e, errors.InvalidArgument) and "lease_ms" in str(e):
+            self._quiet.warn("lease_ms", "kvtier: the daemon refuses leases of kv_connector_extra_config."
+                             "lease_ms=%d ms (%s): it is above the daemon's ram.max_ttl_ms, so nothing "
+                             "loads from kvtier; lower lease_ms", self.settings.lease_ms, e, level=logging.ERROR)
+        else:
+            self._quiet.warn(type(e).__name__, "kvtier: lookup for %s failed (%s: %s); a miss",
+                             req_id, type(e).__name__, e)
 
     def _ready(self) -> bool:
         if self.digests is None and self.enabled and not self._warned_layout:
@@ -169,17 +243,13 @@ class SchedulerHalf:
         R = len(self.ranks)
         hashes = [self._chunk_hash(request, c) for c in range(first, n)]
         keys = [chunk_key(scope, h) for h in hashes for scope in st.scopes]
-        leases: list[Any] = []
         try:
-            if not self._use_lookup:
-                try:
-                    tiers, leases = self.link.call(lambda c: self._acquire_prefix(c, st.opts.namespace, keys))
-                except errors.FailedPrecondition:  # no arena here: the daemon is remote
-                    self._use_lookup = True
-            if self._use_lookup:  # the client splits a Lookup by max_batch itself
-                tiers, _ = self.link.call(lambda c: c.lookup(st.opts.namespace, keys))
-        except Exception as e:
+            tiers, leases = self.link.call(lambda c: self._find(c, st.opts.namespace, keys))
+        except (errors.Unavailable, errors.DeadlineExceeded) as e:  # the link warns about these
             log.debug("kvtier: lookup for %s failed: %s", request.request_id, e)
+            return 0, False
+        except Exception as e:
+            self._lookup_failed(request.request_id, e)
             return 0, False
         present = next((i for i, t in enumerate(tiers) if not t), len(tiers)) // R
         if leases:
@@ -199,6 +269,21 @@ class SchedulerHalf:
         st.ext, st.asked_at = ext, time.monotonic()
         st.chunk_tiers = [max(tiers[c * R:(c + 1) * R]) for c in range(present)]
         return ext, self.settings.load_async
+
+    def _find(self, client, ns: str, keys: list[bytes]) -> tuple[list[int], list[Any]]:
+        """Tiers of ``keys`` and the leases that hold the present prefix: Acquire, or Lookup
+        (no lease) while this connection has no arena (the daemon is on another node). That
+        is asked again after LOOKUP_RETRY_S, and at once on a new connection."""
+        if client is not self._lookup_client or time.monotonic() >= self._lookup_until:
+            try:
+                return self._acquire_prefix(client, ns, keys)
+            except errors.FailedPrecondition as e:  # no arena here: the daemon is remote
+                if self._lookup_client is not client:
+                    log.info("kvtier: %s; looking up without leases (trying again every %.0fs)",
+                             e, LOOKUP_RETRY_S)
+                self._lookup_client, self._lookup_until = client, time.monotonic() + LOOKUP_RETRY_S
+        tiers, _ = client.lookup(ns, keys)  # the client splits a Lookup by max_batch itself
+        return tiers, []
 
     def _acquire_prefix(self, client, ns: str, keys: list[bytes]) -> tuple[list[int], list[Any]]:
         """Tiers of ``keys`` (0 past the longest present prefix, or fewer of them) and the leases
@@ -236,6 +321,7 @@ class SchedulerHalf:
         if st is None:
             return
         if num_external_tokens <= 0:
+            st.load = None
             if st.ext:  # offered but not taken (vLLM kept its own hit): nothing will load
                 st.ext = 0
                 self._release(request.request_id)
@@ -249,7 +335,13 @@ class SchedulerHalf:
                         [self._chunk_hash(request, c) for c in range(c0, c1)],
                         (st.local % cs) // bs, list(block_ids[b0:b0 + nb]), st.opts.namespace)
         self._loads.append(spec)
-        st.load_at = (b0, spec.block_ids)
+        load = _Load(request.request_id, b0, spec.block_ids, st.local, st.local + num_external_tokens)
+        if self.settings.load_async:  # its lease ends when every worker reported it received
+            st.load = load
+            self._recving.add(request.request_id)
+        else:  # its outcome is known with the step's (see _steps)
+            st.load = None
+            self._load_recs.append(load)
         st.loaded += num_external_tokens
         st.next_store = max(st.next_store, (st.local + num_external_tokens) // cs)
         st.hit_tiers = {}
@@ -276,27 +368,89 @@ class SchedulerHalf:
                 pass  # expired or daemon gone: the lease ends by itself
 
     def update_connector_output(self, output) -> None:
-        for req_id in getattr(output, "finished_recving", None) or ():
-            self._release(req_id)
         invalid = getattr(output, "invalid_block_ids", None)
         if invalid:  # vLLM recomputes these blocks: store their chunks again afterwards
-            for loaded, planned in list(self._sync_steps):
-                if not loaded & invalid:
-                    continue
-                self._sync_steps.remove((loaded, planned))
-                for req_id, (before, n) in planned.items():  # the workers dropped these stores
-                    st = self._reqs.get(req_id)
-                    if st is not None:
-                        st.next_store = min(st.next_store, before)
-                        st.stored_chunks -= n
-            for st in self._reqs.values():
-                b0, ids = st.load_at
-                bad = next((i for i, b in enumerate(ids) if b in invalid), None)
-                if bad is not None:
-                    st.next_store = min(st.next_store, (b0 + bad) // self.cb)
-                    st.load_at = (0, [])
-                    failed = (b0 + bad) * self.block_size
-                    st.failed_at = failed if st.failed_at is None else min(st.failed_at, failed)
+            for st in self._reqs.values():  # asynchronous loads (reported with or before their end)
+                if st.load is not None:
+                    self._failed(st, st.load, invalid)
+            self._sync_failed(invalid)
+        for req_id in getattr(output, "finished_recving", None) or ():
+            self._recving.discard(req_id)
+            st = self._reqs.get(req_id)
+            if st is not None:
+                st.load = None  # done: its blocks are the request's own from now on
+            self._release(req_id)
+
+    def _sync_failed(self, invalid: set[int]) -> None:
+        """Synchronous loads of the steps whose outcome may not have been reported yet (the
+        last ``_window`` steps built): the oldest step with a load into ``invalid`` and every
+        step built after it computed on the failed blocks (see _taint)."""
+        first = None
+        for step in self._steps:
+            if step.seq <= self._seq - self._window:
+                continue  # reported already: its blocks may belong to other requests by now
+            for load in step.loads:
+                if any(b in invalid for b in load.block_ids):
+                    first = step if first is None else first
+                    st = self._reqs.get(load.req_id)
+                    if st is not None and not load.freed:
+                        self._failed(st, load, invalid)
+            step.loads = [ld for ld in step.loads if not any(b in invalid for b in ld.block_ids)]
+        if first is not None:
+            self._taint([step for step in self._steps if step.seq >= first.seq])
+
+    def _failed(self, st: _Req, load: _Load, invalid: set[int]) -> bool:
+        """Apply a failure in ``load``'s blocks: vLLM recomputes from the first failed one."""
+        bad = next((i for i, b in enumerate(load.block_ids) if b in invalid), None)
+        if bad is None:
+            return False
+        block = load.b0 + bad
+        st.next_store = min(st.next_store, block // self.cb)
+        failed = block * self.block_size
+        st.failed_at = failed if st.failed_at is None else min(st.failed_at, failed)
+        # recomputed from there, not loaded (once: ranks may report their failures apart)
+        cut = load.end if load.cut < 0 else load.cut
+        load.cut = min(cut, max(load.start, failed))
+        st.loaded -= cut - load.cut
+        return True
+
+    def _taint(self, steps: list[_Step]) -> None:
+        """Steps whose forward ran on blocks whose synchronous load failed. The ranks whose
+        load failed dropped the first one's stores, but the others stored it (their KV is
+        bad too past the TP all-reduce), and later steps built before the failure was known
+        stored chunks computed on it on every rank. A stored chunk is never replaced by a
+        later store of the same key, so: delete every chunk those steps planned, on every
+        rank, and plan them again (the requests vLLM recomputes store them once recomputed).
+        A worker may still be storing one of them: the chunks are stored again only once
+        vLLM has reported every one of those steps (their stores were queued before the ones
+        planned again, on each rank's store thread), deleted once more just before, and
+        marked ``overwrite`` for workers that replace a stored chunk."""
+        keys: dict[str, list[bytes]] = defaultdict(list)
+        for step in steps:
+            planned, step.planned = step.planned, {}
+            for req_id, (before, n, specs) in planned.items():
+                st = self._reqs.get(req_id)
+                if st is not None:
+                    st.next_store = min(st.next_store, before)
+                    st.stored_chunks -= n
+                    st.redo.update(range(before, before + n))
+                    st.redo_at = self._seq + self._window - 1  # steps up to _seq reported by then
+                for spec in specs:
+                    keys[spec.namespace or self.ns] += self._spec_keys(spec)
+        self._delete(keys, "computed on a failed load")
+
+    def _spec_keys(self, spec: StoreSpec) -> list[bytes]:
+        scopes = [scope_digest(d, spec.tenant, spec.cache_salt) for d in (self.digests or [])]
+        return [chunk_key(scope, h) for h in spec.chunk_hashes for scope in scopes]
+
+    def _delete(self, keys: dict[str, list[bytes]], why: str) -> None:
+        for ns, ks in keys.items():
+            if not ks:
+                continue
+            try:
+                self.link.call(lambda c: c.delete(ns, ks))
+            except Exception as e:
+                self._quiet.warn("delete", "kvtier: could not delete %d key(s) %s (%s)", len(ks), why, e)
 
     # ---- stores -------------------------------------------------------------------------
 
@@ -304,7 +458,10 @@ class SchedulerHalf:
         meta = StepMeta(loads=self._loads, load_async=self.settings.load_async,
                         preempted=set(getattr(so, "preempted_req_ids", None) or ()),
                         idle=getattr(so, "total_num_scheduled_tokens", 1) == 0)
-        self._loads = []
+        self._loads, load_recs, self._load_recs = [], self._load_recs, []
+        self._seq += 1
+        while self._steps and self._steps[0].seq <= self._seq - self._window:
+            self._steps.popleft()  # reported: its loads are done
         if not self._ready():
             return meta
         for req_id in meta.preempted:
@@ -315,9 +472,14 @@ class SchedulerHalf:
             st = self._reqs.get(req_id)
             if st is not None:
                 st.stores_issued = False
-        planned: dict[str, tuple[int, int]] = {}
-        if meta.loads and not meta.load_async:
-            self._sync_steps.append(({b for s in meta.loads for b in s.block_ids}, planned))
+                st.load = None  # its blocks go back to vLLM: a failure in them is not its own
+            for step in self._steps:
+                for load in step.loads:
+                    if load.req_id == req_id:
+                        load.freed = True
+        planned: dict[str, tuple[int, int, list[StoreSpec]]] = {}
+        if not meta.load_async:
+            self._steps.append(_Step(self._seq, load_recs, planned))
         scheduled = so.num_scheduled_tokens
         for new in so.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
@@ -339,7 +501,7 @@ class SchedulerHalf:
         return meta
 
     def _plan_store(self, st: _Req, done_tokens: int, meta: StepMeta,
-                    planned: dict[str, tuple[int, int]]) -> None:
+                    planned: dict[str, tuple[int, int, list[StoreSpec]]]) -> None:
         if not st.opts.store:
             return
         req = st.request
@@ -348,22 +510,36 @@ class SchedulerHalf:
         if n <= st.next_store:
             return
         cs = range(st.next_store, n)
-        meta.stores.append(StoreSpec(
-            req.request_id, st.opts.tenant, getattr(req, "cache_salt", None) or "",
-            [self._chunk_hash(req, c) for c in cs],
-            [st.block_ids[c * self.cb:(c + 1) * self.cb] for c in cs],
-            pin=st.opts.pin, pin_s=st.opts.pin_s, namespace=st.opts.namespace))
-        planned[req.request_id] = (st.next_store, n - st.next_store)
+        redo = [c for c in cs if c in st.redo]
+        if redo and self._seq < st.redo_at:
+            return  # a worker may still be storing the bad copy (see _taint)
+        specs = []
+        for part, again in ((redo, True), ([c for c in cs if c not in st.redo], False)):
+            if not part:
+                continue
+            spec = StoreSpec(
+                req.request_id, st.opts.tenant, getattr(req, "cache_salt", None) or "",
+                [self._chunk_hash(req, c) for c in part],
+                [st.block_ids[c * self.cb:(c + 1) * self.cb] for c in part],
+                pin=st.opts.pin, pin_s=st.opts.pin_s, namespace=st.opts.namespace)
+            if again:  # a bad copy may have landed after _taint deleted it
+                # read by workers that replace a stored chunk (Reserve with overwrite); a field
+                # of StoreSpec once meta.py declares it, an attribute (pickled along) until then
+                spec.overwrite = True
+                self._delete({spec.namespace or self.ns: self._spec_keys(spec)}, "to store them again")
+            specs.append(spec)
+        meta.stores += specs
+        st.redo.difference_update(redo)
+        planned[req.request_id] = (st.next_store, n - st.next_store, specs)
         st.stored_chunks += n - st.next_store
         st.next_store = n
         st.stores_issued = True
 
     def request_finished(self, request) -> tuple[bool, dict[str, Any] | None]:
         st = self._reqs.pop(request.request_id, None)
-        if request.request_id not in {s.req_id for s in self._loads}:
-            # no load in flight (an async load's lease ends with its finished-recving)
-            if st is None or not st.loaded or not self.settings.load_async:
-                self._release(request.request_id)
+        if request.request_id not in self._recving:
+            # no asynchronous load in flight (whose lease ends with its finished-recving)
+            self._release(request.request_id)
         if st is None:
             return False, None
         params = {"kvtier": {
@@ -387,3 +563,17 @@ class SchedulerHalf:
         for req_id in list(self._leases):
             self._release(req_id)
         self.link.close()
+
+
+def _refuse_dcp(pc, kv_cache_config) -> None:
+    """Decode context parallelism: vLLM's scheduler blocks then hold block_size x DCP tokens
+    (each rank's block a share of them), while chunks, keys and the workers' copies count
+    blocks of block_size tokens: loads would go into blocks vLLM does not count as loaded."""
+    dcp = int(getattr(pc, "decode_context_parallel_size", 1) or 1)
+    groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+    spec = getattr(groups[0], "kv_cache_spec", None) if groups else None
+    if dcp > 1 and getattr(spec, "dcp_sharded", True):
+        raise errors.ConfigError(
+            f"kvtier: decode context parallelism (decode_context_parallel_size={dcp}, "
+            "--decode-context-parallel-size) is not supported by the kvtier connector: run with "
+            "decode_context_parallel_size=1, or without the connector")

@@ -11,7 +11,9 @@ Engine-wide, from ``--kv-transfer-config '{..., "kv_connector_extra_config": {..
     load_async     load between steps (True) or inside the step that needs the KV (False)
     load, store    read from / write to kvtier at all (True, True)
     store_decode   also store blocks filled by generated tokens (True)
-    lease_ms       how long looked-up chunks stay leased for the load (30000 ms)
+    lease_ms       how long looked-up chunks stay leased for the load (30000 ms; 0 = the
+                   daemon's ram.lease_ms). At most the daemon's ram.max_ttl_ms (600000 by
+                   default), which refuses longer leases: every lookup and load would miss
     timeout_s      deadline of one daemon call from the scheduler (1.0 s)
     worker_timeout_s  the same for the workers' calls, which move the data (5.0 s)
     retry_s        after a failed call, calls skip the daemon this long, then reconnect (1.0 s)
@@ -50,6 +52,7 @@ from ..keys import NAMESPACE_RE
 
 _NS_RULE = "1-64 characters of [a-z0-9_.-], starting with a letter or digit"
 MAX_PIN_S = 2**32 - 1  # the longest pin the daemon takes (Pin's ttl_s is a uint32)
+MAX_LEASE_MS = 2**32 - 1  # Acquire's lease_ms is a uint32 (the daemon's ram.max_ttl_ms is lower)
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,9 @@ class ConnectorSettings:
             check_namespace(s.namespace)
         except Exception as e:
             raise ConfigError(f"kv_connector_extra_config.namespace: {e}") from None
-        if s.lease_ms < 0:
-            raise ConfigError("kv_connector_extra_config.lease_ms must be >= 0")
+        if not 0 <= s.lease_ms <= MAX_LEASE_MS:
+            raise ConfigError(f"kv_connector_extra_config.lease_ms must be 0..{MAX_LEASE_MS} "
+                              "(and at most the daemon's ram.max_ttl_ms)")
         for name in ("timeout_s", "worker_timeout_s"):
             if getattr(s, name) <= 0:
                 raise ConfigError(f"kv_connector_extra_config.{name} must be > 0")

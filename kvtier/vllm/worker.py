@@ -38,7 +38,7 @@ from .. import errors
 from ..keys import ZERO_CHECKSUM
 from .blocks import BlockCopier
 from .keys import Fingerprint, chunk_key, layout_tag, scope_digest, weights_variant
-from .link import DaemonLink
+from .link import DaemonLink, Quiet
 from .meta import LoadSpec, RankLayout, StepMeta, StoreSpec
 from .settings import ConnectorSettings
 
@@ -67,22 +67,6 @@ class _Jobs(list):
     def __init__(self, namespace: str):
         super().__init__()
         self.namespace = namespace
-
-
-class _Quiet:
-    """At most one warning per ``every_s`` per kind, with the count of those left out."""
-
-    def __init__(self, every_s: float = 10.0):
-        self.every_s, self._last, self._skipped = every_s, {}, defaultdict(int)
-
-    def warn(self, kind: str, msg: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last.get(kind, -1e9) < self.every_s:
-            self._skipped[kind] += 1
-            return
-        self._last[kind] = now
-        n, self._skipped[kind] = self._skipped[kind], 0
-        log.warning(msg + (f" ({n} more like it since the last report)" if n else ""), *args)
 
 
 class _WorkerLink(DaemonLink):
@@ -247,7 +231,7 @@ class WorkerHalf:
         # counters, added to by the engine, load and store threads: through _count only
         self.stats = defaultdict(int)
         self._stats_lock = threading.Lock()
-        self._quiet = _Quiet()
+        self._quiet = Quiet()
 
     # ---- setup --------------------------------------------------------------------------
 
