@@ -251,6 +251,29 @@ def test_tp_sync_load_failure_seen_after_the_next_step_was_built(make_daemon, mo
         w.shutdown()
 
 
+@pytest.mark.parametrize("path", ["arena", "data"])
+def test_a_store_marked_overwrite_replaces_the_copy_already_stored(make_daemon, monkeypatch, path):
+    """A chunk planned again after a tainted step is stored with overwrite: a bad copy that
+    landed after the scheduler deleted it (a store of that step still running) is replaced,
+    where a plain store would keep it ("already stored")."""
+    d = make_daemon()
+    if path == "data":  # a worker that cannot map the arena: put_many over the data channel
+        import functools
+        from kvtier.vllm import link as link_mod
+        monkeypatch.setattr(link_mod, "Client", functools.partial(Client, attach=False))
+    ws = [_worker(d.address, 0, monkeypatch)]
+    h = [_req("o", 2).block_hashes[1]]
+    spec = dict(req_id="o", tenant="", cache_salt="", chunk_hashes=h, block_ids=[[2, 3]])
+    _forward(ws, [2, 3], float("nan"))
+    _save(ws, StepMeta(stores=[StoreSpec(**spec)]))
+    assert _held(d.address, ws, h) == [[NAN]]
+    _forward(ws, [2, 3], GOOD)
+    _save(ws, StepMeta(stores=[StoreSpec(**spec)]))
+    assert _held(d.address, ws, h) == [[NAN]]  # kept: already stored
+    _save(ws, StepMeta(stores=[StoreSpec(**spec, overwrite=True)]))
+    assert _held(d.address, ws, h) == [[GOOD]]
+
+
 def test_chunks_tainted_with_async_scheduling_are_stored_again_once_reported():
     """With two batches in flight, the steps built until the failure is seen are reported one
     step later: their chunks (deleted at once) are stored again only after that, deleted once

@@ -39,6 +39,7 @@ class StoreSpec:
     pin: bool = False
     pin_s: int = 0
     namespace: str = ""
+    overwrite: bool = False   # replace a copy already stored (it may be bad: a failed sync load)
 
 
 @dataclass

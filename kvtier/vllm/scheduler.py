@@ -523,9 +523,7 @@ class SchedulerHalf:
                 [st.block_ids[c * self.cb:(c + 1) * self.cb] for c in part],
                 pin=st.opts.pin, pin_s=st.opts.pin_s, namespace=st.opts.namespace)
             if again:  # a bad copy may have landed after _taint deleted it
-                # read by workers that replace a stored chunk (Reserve with overwrite); a field
-                # of StoreSpec once meta.py declares it, an attribute (pickled along) until then
-                spec.overwrite = True
+                spec.overwrite = True  # the workers replace whatever copy is stored
                 self._delete({spec.namespace or self.ns: self._spec_keys(spec)}, "to store them again")
             specs.append(spec)
         meta.stores += specs

@@ -452,10 +452,10 @@ class WorkerHalf:
                 keys = self._keys(s.tenant, s.cache_salt, s.chunk_hashes)
                 ns = s.namespace or self.ns
                 for key, blocks in zip(keys, s.block_ids):
-                    groups.setdefault((ns, s.pin, s.pin_s), _Jobs(ns)).append((key, blocks))
-            for (ns, pin, pin_s), jobs in groups.items():
+                    groups.setdefault((ns, s.pin, s.pin_s, s.overwrite), _Jobs(ns)).append((key, blocks))
+            for (ns, pin, pin_s, overwrite), jobs in groups.items():
                 try:
-                    self.link.call(lambda c: self._store_jobs(c, jobs, after))
+                    self.link.call(lambda c: self._store_jobs(c, jobs, after, overwrite))
                 except Exception as e:
                     self._count("store_failures")
                     self._quiet.warn("store", "kvtier: store of %d chunk(s) failed (%s); they stay misses",
@@ -477,7 +477,7 @@ class WorkerHalf:
                 self._store_pending[s.req_id] -= 1
             self._landed.notify_all()
 
-    def _store_jobs(self, client, jobs, after) -> None:
+    def _store_jobs(self, client, jobs, after, overwrite: bool = False) -> None:
         ns = getattr(jobs, "namespace", self.ns)
         size = self.copier.record_size(self.cb)
         if client.path == "":
@@ -488,14 +488,14 @@ class WorkerHalf:
                 buf = bytearray(size)
                 self.copier.save(blocks, memoryview(buf), after)
                 items.append((key, buf))
-            client.put_many(ns, items)
+            client.put_many(ns, items, overwrite)
             self._count("stored_chunks", len(items))
             return
         self._pin_arena(client)
         per = max(1, min(client.info.max_batch or 1024, (client.info.arena_size // 4) // max(1, size)))
         for i in range(0, len(jobs), per):
             part = jobs[i:i + per]
-            res = client.reserve(ns, [k for k, _ in part], [size] * len(part))
+            res = client.reserve(ns, [k for k, _ in part], [size] * len(part), overwrite=overwrite)
             try:
                 todo = [(blocks, view) for (_, blocks), view in zip(part, res.views)
                         if view is not None]  # None: already stored
