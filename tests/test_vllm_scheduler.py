@@ -382,9 +382,9 @@ def test_preemption_waits_for_pending_store(make_daemon, harnesses, monkeypatch)
     real_store = WorkerHalf._store_jobs
     real_pre = WorkerHalf.handle_preemptions
 
-    def slow_store(self, client, jobs, after):
+    def slow_store(self, client, jobs, after, *more):
         assert gate.wait(20)
-        real_store(self, client, jobs, after)
+        real_store(self, client, jobs, after, *more)
         order.append("stored")
 
     def pre(self, meta):
@@ -481,9 +481,9 @@ def test_an_idle_step_waits_for_a_finished_requests_stores(make_daemon, harnesse
     h = harnesses(d.address)
     real = worker_mod.WorkerHalf._store_jobs
 
-    def slow(self, client, jobs, after):
+    def slow(self, client, jobs, after, *more):
         time.sleep(0.2)
-        return real(self, client, jobs, after)
+        return real(self, client, jobs, after, *more)
     monkeypatch.setattr(worker_mod.WorkerHalf, "_store_jobs", slow)
     h.add("s", prompt(141, 256), max_tokens=1)
     steps, t0 = 0, time.monotonic()
