@@ -74,7 +74,11 @@ own least recently used blocks (``evictions``), never another tenant's. A
 block this daemon has reserved but not written yet (an earlier one of the same
 batch, or one another writer task holds) that a later reservation gives up is
 not written, or is unlinked once written (``evictions``, not ``put_failures``),
-so what a tenant holds in Redis stays what its accounting holds.
+so what a tenant holds in Redis stays what its accounting holds. Which of two
+reservations came later is told by the place each script returns in the
+tenant's order, not by the order their replies reach the writer tasks (over
+several connections they may arrive the other way round): a block given up by
+a reservation made before its own is the old value it replaces, and stays.
 
 Integrity: every read is verified: header check, names and lengths, then the
 xxh3-128 of the raw bytes after decompression. A corrupt record is a miss; it
@@ -151,6 +155,10 @@ BATCH_BYTES = 1 << 20
 # PENDING_RETRY_S while any waits, on the servers that answer again.
 PENDING_MAX = 1 << 15
 PENDING_RETRY_S = 0.05
+# Blocks whose writes ended remembered with their reservation's place in the order (_doom): a
+# reservation that gave up an older value of one, answered after that write ended, must not unlink
+# the value written since.
+RECENT_MAX = 4096
 
 
 @dataclass
@@ -182,6 +190,24 @@ def _stale_parts(base: bytes, old, kept: int) -> list[bytes]:
     """The part names a value written over ``old`` (its envelope, as GETRANGE read it) leaves
     unreachable when the new value has ``kept`` parts."""
     return [part_name(base, p) for p in range(kept, part_count(old))]
+
+
+class _Reserved:
+    """A block a writer task is reserving in its tenant's quota, or has reserved and not finished
+    writing (_put_batch). Replies from several connections may reach the writer tasks in another
+    order than the reservations ran in, so a reservation that gives the block up only records its
+    place in the order here (_doom): the block's writer compares it with its own and unlinks the
+    block if it was given up after its reservation."""
+    __slots__ = ("tenant", "seq", "doom")
+
+    def __init__(self, tenant: str):
+        self.tenant = tenant
+        self.seq = 0    # its reservation's place in the tenant's order; 0 until the script answered
+        self.doom = 0   # the latest reservation that gave up this block's name (0: none)
+
+    def given_up(self) -> bool:
+        """Given up by a reservation made after its own: the accounting does not hold it."""
+        return 0 < self.seq < self.doom
 
 
 def _call(on_done) -> None:
@@ -227,9 +253,10 @@ class ClusterTier:
         self._flusher: asyncio.Task | None = None   # makes them once their servers answer (_flush_loop)
         self._flush_stopped = False
         self._flush_seen: tuple | None = None      # the servers' state when a scan last left all of them waiting
-        # blocks reserved in their tenant's quota and not written yet -> given up by a later reservation
-        # meanwhile (then the write is dropped, or unlinked once made; _put_batch)
-        self._inflight: dict[bytes, bool] = {}
+        # blocks being reserved in their tenant's quota or written -> their reservation (_put_batch, _doom)
+        self._inflight: dict[bytes, _Reserved] = {}
+        # blocks whose writes ended lately -> (tenant, their reservation's place in the order) (_doom)
+        self._recent: dict[bytes, tuple[str, int]] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -294,19 +321,35 @@ class ClusterTier:
         n = 0
         for tenant in list(self.accounts.quotas):
             try:
-                victims = await self.accounts.trim(tenant)
-                self._doom(victims)
-                n += await self._evict(victims)
+                victims, seq = await self.accounts.trim(tenant)
+                n += await self._evict(self._doom(tenant, victims, seq))
             except Exception:
                 log.exception("cluster: enforcing the quota of tenant %s failed", tenant)
         return n
 
-    def _doom(self, names: list[bytes]) -> None:
-        """Blocks the accounting just gave up: any of them reserved here and not written yet is not
-        written, or is unlinked once written (_put_batch). Call it with no await since the script."""
+    def _doom(self, tenant: str, names: list[bytes], seq: int) -> list[bytes]:
+        """Blocks the accounting gave up in the reservation at place seq of the tenant's order: those
+        left for the caller to unlink. One a writer task is reserving or writing is left to it: it
+        is not written, or unlinked once written, if given up after its own reservation, and
+        written over otherwise (_put_batch). One whose write ended after a reservation made since
+        this one holds that write's value, not the one given up: it stays. Call it with no await
+        since the script answered."""
+        mine = []
         for n in names:
-            if n in self._inflight:
-                self._inflight[n] = True
+            r, ended = self._inflight.get(n), self._recent.get(n)
+            if r is not None and r.tenant == tenant:
+                r.doom = max(r.doom, seq)
+            elif ended is None or ended[0] != tenant or ended[1] < seq:
+                mine.append(n)
+        return mine
+
+    def _settled(self, name: bytes, r: _Reserved) -> None:
+        """A block's write ended: remember its reservation's place for a while (_doom)."""
+        if r.seq:
+            self._recent.pop(name, None)
+            self._recent[name] = (r.tenant, r.seq)
+            if len(self._recent) > RECENT_MAX:
+                del self._recent[next(iter(self._recent))]
 
     async def _evict(self, names: list[bytes]) -> int:
         """Unlink blocks the accounting gave up (with their parts); returns how many existed."""
@@ -435,18 +478,20 @@ class ClusterTier:
         Quotas: every block of the batch is reserved first, then the blocks the reservations gave
         up are unlinked, then the writes go out. A block given up by a reservation made after its
         own (a later one of this batch, another writer's, enforce_quotas) is not written, or is
-        unlinked once written: the accounting has forgotten it, so it must not stay in Redis.
-        Per block: True (stored), False (not stored) or None (evicted for its tenant's quota)."""
+        unlinked once written: the accounting has forgotten it, so it must not stay in Redis
+        (_Reserved, _doom). Per block: True (stored), False (not stored) or None (evicted for its
+        tenant's quota)."""
         ok: list = [False] * len(items)
         recs: list[tuple[int, bytes, list, int]] = []   # (item index, name, values, ttl)
+        held: list[tuple[int, bytes, _Reserved]] = []   # the blocks of a tenant, in self._inflight
 
-        def evicted(rs: list) -> list:
-            """rs less the blocks given up since their reservation (those are evictions)."""
+        def kept(rs: list) -> list:
+            """rs less the blocks given up since their reservation (not written: evicted)."""
             keep = []
             for r in rs:
-                if self._inflight.get(r[1]):
+                res = self._inflight.get(r[1])
+                if res is not None and res.given_up():
                     ok[r[0]] = None
-                    self.stats.evictions += 1
                 else:
                     keep.append(r)
             return keep
@@ -454,21 +499,26 @@ class ClusterTier:
         try:
             victims: list[bytes] = []
             for i, (ns, key, data, checksum, *_) in enumerate(items):
-                rec = await self._record(ns, key, data, checksum)
+                base = self._name(ns, key)
+                tenant = self.accounts.group_of(ns)
+                res = None
+                if tenant:  # before its reservation is sent: a reservation answered earlier may give it up
+                    res = self._inflight[base] = _Reserved(tenant)
+                    held.append((i, base, res))
+                rec = await self._record(ns, key, data, checksum, res)
                 if rec is None:
                     continue
-                base, values, ttl, evict = rec
-                self._doom(evict)                 # no await since the script: no write of them starts
-                self._inflight[base] = False
-                victims += evict
+                values, ttl, evict = rec
+                if evict:
+                    victims += self._doom(tenant, evict, res.seq)  # no await since the script
                 recs.append((i, base, values, ttl))
             if victims:
-                await self._evict(victims)        # room first (and any old value of a victim of this batch)
-            live = evicted(recs)
+                await self._evict(victims)        # room first
+            live = kept(recs)
             for r in live:
-                if len(r[2]) > 1 and evicted([r]):
+                if len(r[2]) > 1 and kept([r]):
                     ok[r[0]] = await self._write_one(*r[1:])
-            whole = evicted([r for r in live if len(r[2]) == 1])
+            whole = kept([r for r in live if len(r[2]) == 1])
 
             async def work(node: Node, idxs: list[int]) -> None:
                 done = await self._set_whole(await self.servers.conns(node),
@@ -478,15 +528,34 @@ class ClusterTier:
 
             if whole:
                 await self.servers.run(await self.servers.group([r[1] for r in whole]), work)
-            late = [r for r in live if ok[r[0]] and self._inflight.get(r[1])]
-            if late:  # given up while being written: the accounting does not hold it any more
-                await self._evict([r[1] for r in late])
-                for r in late:
-                    ok[r[0]] = None
-            return ok
-        finally:
-            for r in recs:
-                self._inflight.pop(r[1], None)
+        except BaseException:
+            gone, old = self._settle(held, ok)
+            for name in gone + old:
+                self._defer(name, 1)              # unlinked once possible (_flush_pending)
+            raise
+        gone, old = self._settle(held, ok)
+        if gone:   # given up: the accounting does not hold them (nor, if any, the value each replaces)
+            await self._unlink_names(gone)
+        if old:    # a value given up before this block's reservation, which this block did not replace
+            await self._evict(old)
+        return ok
+
+    def _settle(self, held: list[tuple[int, bytes, _Reserved]], ok: list) -> tuple[list[bytes], list[bytes]]:
+        """The writes of a batch ended: its blocks leave self._inflight, with no await since the
+        decision. Returns the names to unlink: those given up after their reservation (written or
+        not; ok None, counted as evictions), and those whose older value a reservation gave up
+        that no write of this batch replaced (their writer task is the one to unlink it, _doom)."""
+        gone, old = [], []
+        for i, base, res in held:
+            del self._inflight[base]
+            self._settled(base, res)
+            if res.given_up():
+                ok[i] = None
+                self.stats.evictions += 1
+                gone.append(base)
+            elif res.doom and not ok[i]:
+                old.append(base)
+        return gone, old
 
     async def _set_whole(self, conns: list[Connection], recs: list[tuple[bytes, tuple, int]]) -> list[bool]:
         """SET unsplit records (name, value, ttl) on one server in one pipeline, each after a
@@ -530,10 +599,12 @@ class ClusterTier:
             await self._there(redirect, (b"UNLINK",) + tuple(stale))
         return True
 
-    async def _record(self, ns: str, key: bytes, data, checksum: bytes) -> tuple[bytes, list, int, list] | None:
-        """The block's name, its record's values and TTL, and the blocks its tenant's quota gave
-        up to make room for it (to evict before it is written); None if the quota refused it. It
-        returns with no await since the quota's script answered (_put_batch relies on it)."""
+    async def _record(self, ns: str, key: bytes, data, checksum: bytes,
+                      res: _Reserved | None) -> tuple[list, int, list] | None:
+        """The block's record's values and TTL, and the blocks its tenant's quota gave up to make
+        room for it (to evict before it is written); None if the quota refused it. res: the
+        block's reservation when its namespace has a tenant (its place in the order is set here).
+        It returns with no await since the quota's script answered (_put_batch relies on it)."""
         mv = memoryview(data).cast("B")
         codec, payload = record.CODEC_RAW, mv
         if self.codec != record.CODEC_RAW:
@@ -548,14 +619,15 @@ class ClusterTier:
         header = record.encode_header(meta, aligned=False)
         base = self._name(ns, key)
         values = split(header, payload, self.part_bytes)
-        tenant = self.accounts.group_of(ns)
-        if not tenant:
-            return base, values, ttl, []
+        if res is None:
+            return values, ttl, []
         size = sum(memoryview(p).nbytes for v in values for p in v)  # room within the quota first, or no write
-        res = await self.accounts.reserve(tenant, base, size, meta.expires_ms + self.cfg.timeout_ms if ttl else 0)
-        if res is None or not res[0]:
+        got = await self.accounts.reserve(res.tenant, base, size,
+                                          meta.expires_ms + self.cfg.timeout_ms if ttl else 0)
+        if got is None:
             return None
-        return base, values, ttl, res[1]
+        res.seq = got[2]
+        return (values, ttl, got[1]) if got[0] else None
 
     async def _write_one(self, base: bytes, values: list, ttl: int) -> bool:
         """Write a split record (_write_record). If it fails once any of its parts may have landed

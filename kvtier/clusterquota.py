@@ -9,6 +9,7 @@ per tenant (one slot, so one master in Cluster mode)::
     <prefix>:tenant:{<tenant>}:size   hash        block name -> bytes stored (all its values)
     <prefix>:tenant:{<tenant>}:exp    sorted set  block name -> expiry, ms (blocks with a TTL)
     <prefix>:tenant:{<tenant>}:used   string      the sum of :size
+    <prefix>:tenant:{<tenant>}:seq    string      reservations made: each one's place in their order
 
 Writes: before a block is written, one Lua script on that master (atomic, so
 two daemons writing for one tenant see one quota) forgets blocks past their
@@ -19,7 +20,11 @@ masters hold them; an unlink its server refuses now is made once it answers),
 then writes. A victim the same daemon has reserved and not written yet (an
 earlier block of the same batch: all of a batch is reserved before any of it
 is written; or another writer task's) is not written, or unlinked once its
-write ends. A block larger than the whole quota is
+write ends. Each reservation returns its place in the tenant's order of reservations (:seq):
+replies from several connections may reach the writer tasks in another order than the script
+ran in, and only the order tells a reservation that gave up a block reserved before it (that
+block is not written, or unlinked) from one that gave up the value a later reservation of the
+same block replaces (that block is written, and stays). A block larger than the whole quota is
 refused (``quota_refused``); so is any write whose accounting call failed.
 Deletes and corrupt records leave the accounting through a second script;
 reads refresh their blocks' recency (``ZADD XX``) off the read path.
@@ -48,10 +53,12 @@ from .resp import ReplyError
 
 log = logging.getLogger("kvtier.cluster")
 
-# KEYS: lru, size, exp, used. ARGV: name ("" = only trim), size, now ms, expires ms (0 = none), quota (0 = none),
-# recency (now in microseconds: writes a millisecond apart must not tie in the LRU order).
-# Returns {1, used, victim names...} or {0, used} when the block alone is larger than the quota.
+# KEYS: lru, size, exp, used, seq. ARGV: name ("" = only trim), size, now ms, expires ms (0 = none), quota
+# (0 = none), recency (now in microseconds: writes a millisecond apart must not tie in the LRU order).
+# Returns {1, used, seq, victim names...} or {0, used, seq} when the block alone is larger than the quota;
+# seq orders the tenant's reservations (the order the script ran in, whatever order the replies arrive in).
 RESERVE = b"""
+local seq = redis.call('INCR', KEYS[5])
 local used = tonumber(redis.call('GET', KEYS[4]) or '0')
 local function forget(n)
   local s = redis.call('HGET', KEYS[2], n)
@@ -68,10 +75,10 @@ end
 local name, size, quota = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
 if name ~= '' and quota > 0 and size > quota then
   redis.call('SET', KEYS[4], used)
-  return {0, used}
+  return {0, used, seq}
 end
 if name ~= '' then forget(name) end
-local out = {1, 0}
+local out = {1, 0, seq}
 if quota > 0 then
   while used + size > quota do
     local lru = redis.call('ZRANGE', KEYS[1], 0, 0)
@@ -115,11 +122,21 @@ return used
 _SAFE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-def tenant_keys(prefix: bytes, tenant: str) -> tuple[bytes, bytes, bytes, bytes]:
-    """The accounting keys of a tenant; a name that could break the hash tag is hex-encoded."""
+def _tenant_base(prefix: bytes, tenant: str) -> bytes:
     tag = tenant if _SAFE.fullmatch(tenant) else "x" + tenant.encode().hex()
-    base = b"%s:tenant:{%s}:" % (prefix, tag.encode())
+    return b"%s:tenant:{%s}:" % (prefix, tag.encode())
+
+
+def tenant_keys(prefix: bytes, tenant: str) -> tuple[bytes, bytes, bytes, bytes]:
+    """The accounting keys of a tenant (lru, size, exp, used); a name that could break the hash tag
+    is hex-encoded."""
+    base = _tenant_base(prefix, tenant)
     return base + b"lru", base + b"size", base + b"exp", base + b"used"
+
+
+def seq_key(prefix: bytes, tenant: str) -> bytes:
+    """The counter that orders a tenant's reservations (same hash tag as its accounting)."""
+    return _tenant_base(prefix, tenant) + b"seq"
 
 
 class Accounts:
@@ -135,9 +152,10 @@ class Accounts:
     def set_tenants(self, group_of: Callable[[str], str], quotas: dict[str, int]) -> None:
         self.group_of, self.quotas = group_of, dict(quotas)
 
-    async def _eval(self, tenant: str, script: bytes, args: Sequence) -> object:
-        """Run a script on the tenant's master; None when it failed (counted, never raised)."""
-        keys = tenant_keys(self.prefix, tenant)
+    async def _eval(self, tenant: str, script: bytes, args: Sequence, keys: tuple = ()) -> object:
+        """Run a script on the tenant's master (KEYS: its accounting keys, then keys); None when it
+        failed (counted, never raised)."""
+        keys = tenant_keys(self.prefix, tenant) + tuple(keys)
         groups = await self.servers.group([keys[0]])
         if not groups:
             return None
@@ -147,7 +165,7 @@ class Accounts:
         async def work(node: Node) -> None:
             conns = await self.servers.conns(node)
             c = min(conns, key=lambda c: c.inflight)
-            r = (await c.request([(b"EVAL", script, 4, *keys, *args)]))[0]
+            r = (await c.request([(b"EVAL", script, len(keys), *keys, *args)]))[0]
             if isinstance(r, ReplyError):
                 self.servers.reply_error(r)
             else:
@@ -156,26 +174,29 @@ class Accounts:
         await self.servers.on(node, work)
         return out[0]
 
-    async def reserve(self, tenant: str, name: bytes, size: int, expires_ms: int) -> tuple[bool, list[bytes]] | None:
-        """Account a block about to be written: (allowed, blocks to evict first), or None when the
-        accounting could not be reached (the write must not happen)."""
+    async def reserve(self, tenant: str, name: bytes, size: int,
+                      expires_ms: int) -> tuple[bool, list[bytes], int] | None:
+        """Account a block about to be written: (allowed, blocks to evict first, the reservation's
+        place in the tenant's order of reservations), or None when the accounting could not be
+        reached (the write must not happen). It returns with no await since the script answered."""
         now_us = time.time_ns() // 1000
         r = await self._eval(tenant, RESERVE, (name, size, now_us // 1000, expires_ms, self.quotas.get(tenant, 0),
-                                               now_us))
-        if not isinstance(r, list) or len(r) < 2:
+                                               now_us), (seq_key(self.prefix, tenant),))
+        if not isinstance(r, list) or len(r) < 3:
             return None
         self.used[tenant] = int(r[1])
         if not r[0]:
             self.stats.quota_refused += 1
             self.servers.warn(f"quota-{tenant}", f"cluster: tenant {tenant}: a block of {size} bytes is larger than "
                                                  f"its redis quota of {self.quotas.get(tenant, 0)} bytes; not written")
-            return False, []
-        return True, list(r[2:])
+            return False, [], int(r[2])
+        return True, list(r[3:]), int(r[2])
 
-    async def trim(self, tenant: str) -> list[bytes]:
-        """Blocks to evict so the tenant fits its (possibly lowered) quota."""
+    async def trim(self, tenant: str) -> tuple[list[bytes], int]:
+        """Blocks to evict so the tenant fits its (possibly lowered) quota, and the trim's place in
+        the order of reservations (0: the accounting could not be reached)."""
         res = await self.reserve(tenant, b"", 0, 0)
-        return res[1] if res else []
+        return (res[1], res[2]) if res else ([], 0)
 
     async def release(self, tenant: str, names: Sequence[bytes]) -> None:
         """Blocks deleted (or found corrupt): out of the accounting."""

@@ -15,7 +15,7 @@ Contract:
 
 * ``await Connection.open(host, port, ...)`` connects, authenticates
   (``AUTH [user] password``) and selects the database, all within ``timeout``;
-  it raises ``OSError``/``TimeoutError`` for the network and ``ReplyError``
+  it raises ``OSError``/``TimeoutError`` (which says so) for the network and ``ReplyError``
   for a refused AUTH or SELECT.
 * ``request(cmds, sinks)`` writes a pipeline at once and returns a future of
   its replies, in order: ``bytes`` (bulk), ``None`` (nil), ``int``, ``str``
@@ -218,9 +218,12 @@ class Connection(asyncio.BufferedProtocol):
                         if isinstance(r, ReplyError):
                             raise r
             return conn
-        except BaseException:
+        except BaseException as e:
             if conn is not None:
                 conn.abort()
+            if type(e) is TimeoutError and not e.args:  # asyncio.timeout's own: say what timed out
+                raise TimeoutError(f"connecting to {host}:{port} took more than {round(timeout * 1000)} ms "
+                                   f"(connect_timeout_ms)") from None
             raise
 
     # ---- requests --------------------------------------------------------------------------

@@ -400,12 +400,20 @@ def test_blocks_waiting_for_a_stopped_server_leave_room_for_new_puts(make_daemon
     cl, cap = d.daemon.store.cluster, d.daemon.hot.alloc.capacity
     assert cl.queue_limit == cap // 4
     with Client(d.address, timeout=30) as c:
-        assert c.put_many(NS, [(os.urandom(16), os.urandom(1000))]) == [True]  # connected
+        assert c.put_many(NS, [(os.urandom(16), os.urandom(1000))]) == [True]
+        # A put is acknowledged once in RAM; the tier connects (and writes it) in the background.
+        # Stop the server only once the tier is connected: if its first connection failed (on a
+        # loaded machine the daemon's loop can stall past connect_timeout_ms while it connects),
+        # the server is marked down, puts fail at once instead of waiting, and no queue forms.
+        deadline = time.monotonic() + 10
+        while not cl.snapshot()["connected"]:
+            assert time.monotonic() < deadline, cl.snapshot()
+            time.sleep(0.02)
         v.pause()
         try:
             for i in range(40):  # 20 MiB through a 16 MiB arena: older blocks are evicted
                 assert c.put_many(NS, [(os.urandom(16), os.urandom(MiB // 2))]) == [True], i
             s = cl.snapshot()
-            assert s["queued_bytes"] <= cap // 4 and s["dropped"] > 0
+            assert s["queued_bytes"] <= cap // 4 and s["dropped"] > 0, s
         finally:
             v.resume()

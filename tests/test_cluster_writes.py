@@ -10,8 +10,10 @@ import os
 import time
 import uuid
 
+import pytest
+
 from kvtier import cluster as cluster_mod
-from kvtier.clusterquota import tenant_keys
+from kvtier.clusterquota import Accounts, tenant_keys
 from test_cluster import name as block_name, put_all, run, tier
 
 pytest_plugins = ["valkey_servers"]  # fixtures: valkey, make_valkey
@@ -173,6 +175,91 @@ def test_concurrent_writers_keep_within_the_quota_and_are_accounted_exactly(valk
                 assert stored <= quota and stored == used == hashed and n >= 1, (stored, used, hashed, n)
                 got = await t.get_many(NS, list(blocks))
                 assert sum(g is not None for g in got) == n
+
+    run(go())
+
+
+def test_a_block_given_up_by_a_reservation_answered_before_its_own_is_not_written(valkey, monkeypatch):
+    """Reservations sent on two connections answer in the order their scripts ran, but the
+    replies may reach their writer tasks in the other order. Here X's script runs first, then
+    Y's, which gives X up (the quota holds one block), and Y's writer acts on its reply first.
+    X must not be written: it was, unaccounted (4 blocks of 300 KiB in a 1 MiB quota)."""
+    prefix = "w" + uuid.uuid4().hex[:8]
+    r = valkey.client()
+    x, y = os.urandom(16), os.urandom(16)
+    nx, ny = name(x, prefix), name(y, prefix)
+    real = Accounts.reserve
+    ev: dict = {}
+
+    async def reserve(self, tenant, nm, size, expires_ms):
+        if nm == ny:
+            await ev["x ran"].wait()
+        res = await real(self, tenant, nm, size, expires_ms)
+        if nm == nx:
+            ev["x ran"].set()
+            await ev["y answered"].wait()  # X's reply reaches its writer after Y's, even after Y's write
+            await until(lambda: ev["t"].snapshot()["puts"] == 1, what="Y to be written")
+        elif nm == ny:
+            ev["y answered"].set()
+        return res
+
+    async def go():
+        ev.update({"x ran": asyncio.Event(), "y answered": asyncio.Event()})
+        async with tier(valkey.url, prefix=prefix) as t:
+            ev["t"] = t
+            t.set_tenants(lambda ns: "t1", {"t1": 400 * KiB})
+            monkeypatch.setattr(Accounts, "reserve", reserve)
+            await put(t, {x: os.urandom(300 * KiB), y: os.urandom(300 * KiB)})
+            stored, n = _stored(r, prefix)
+            used, hashed = _accounted(r, prefix, "t1")
+            assert stored == used == hashed and n == 1 and r.exists(ny), (stored, used, hashed, n)
+            s = t.snapshot()
+            assert (s["puts"], s["evictions"], s["put_failures"]) == (1, 1, 0), s
+            assert await t.get(NS, x) is None and await t.get(NS, y) is not None
+
+    run(go())
+
+
+@pytest.mark.parametrize("answered", ["while X is written", "after X was written"])
+def test_a_reservation_answered_late_does_not_unlink_the_block_written_since(valkey, monkeypatch, answered):
+    """The other order: Y's script runs first and gives up X's old value; then X's new value is
+    reserved, and X's writer acts on its reply first. When Y's reply reaches Y's writer, X
+    holds the new value, accounted: it must stay (it was unlinked: accounted, not stored)."""
+    prefix = "w" + uuid.uuid4().hex[:8]
+    r = valkey.client()
+    x, y, z = os.urandom(16), os.urandom(16), os.urandom(16)
+    nx, ny = name(x, prefix), name(y, prefix)
+    new = os.urandom(300 * KiB)
+    real = Accounts.reserve
+    ev: dict = {}
+
+    async def reserve(self, tenant, nm, size, expires_ms):
+        if nm == nx:
+            await ev["y ran"].wait()
+        res = await real(self, tenant, nm, size, expires_ms)
+        if nm == ny:
+            ev["y ran"].set()
+            if answered == "while X is written":
+                await ev["x answered"].wait()
+            else:
+                await until(lambda: ev["t"].snapshot()["puts"] == 3, what="X to be written")
+        elif nm == nx:
+            ev["x answered"].set()
+        return res
+
+    async def go():
+        ev.update({"y ran": asyncio.Event(), "x answered": asyncio.Event()})
+        async with tier(valkey.url, prefix=prefix) as t:
+            ev["t"] = t
+            t.set_tenants(lambda ns: "t1", {"t1": 700 * KiB})  # two blocks
+            await put(t, {x: os.urandom(300 * KiB)})
+            await put(t, {z: os.urandom(300 * KiB)})
+            monkeypatch.setattr(Accounts, "reserve", reserve)
+            await put(t, {x: new, y: os.urandom(300 * KiB)})  # Y gives up X's old value, X gives up Z
+            stored, n = _stored(r, prefix)
+            used, hashed = _accounted(r, prefix, "t1")
+            assert stored == used == hashed and n == 2 and r.exists(ny), (stored, used, hashed, n)
+            assert bytes((await t.get(NS, x))[0]) == new
 
     run(go())
 
