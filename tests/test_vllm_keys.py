@@ -224,6 +224,25 @@ def test_request_options():
     assert request_options({"other_connector": {}}, s).tenant == "base"
 
 
+def test_an_engine_honours_only_the_request_options_it_lists():
+    """An engine whose callers must not pick another customer's tenant or pin RAM lists what
+    they may set; the rest is logged and ignored, never a failed request."""
+    s = ConnectorSettings.from_extra({"tenant": "base", "request_options": ["skip", "load", "store"]})
+    warned = []
+    o = request_options({"kvtier": {"tenant": "other", "pin": True, "ttl": 60, "return_keys": True,
+                                    "store": False}}, s, warn=warned.append)
+    assert (o.tenant, o.pin, o.pin_s, o.return_keys, o.load, o.store) == ("base", False, 0, False, True, False)
+    assert len(warned) == 4 and all("request_options" in w for w in warned), warned
+    assert not request_options({"kvtier": {"skip": True}}, s).load
+    none = ConnectorSettings.from_extra({"request_options": []})
+    assert request_options({"kvtier": {"skip": True, "tenant": "x"}}, none).load
+    every = ConnectorSettings.from_extra({})
+    assert request_options({"kvtier": {"tenant": "x", "pin": 5}}, every).pin_s == 5
+    for bad in (["tenant", "namespace"], "tenant", [1]):
+        with pytest.raises(ConfigError, match="request_options"):
+            ConnectorSettings.from_extra({"request_options": bad})
+
+
 def test_supported_versions():
     assert "0.32.0" in SUPPORTED_VLLM
     assert any(v.startswith("0.33") for v in SUPPORTED_VLLM)

@@ -26,6 +26,12 @@ Engine-wide, from ``--kv-transfer-config '{..., "kv_connector_extra_config": {..
                    with a letter or digit) gets neither loads nor stores.
                    Default: one namespace for every tenant (the tenant is still in the keys)
     revision       model revision in the fingerprint (default: vLLM's model revision)
+    request_options  the per-request options below that this engine honours, a list of names
+                   (default: all of them). Whoever can send requests sets them: an engine that
+                   serves callers who must not choose their tenant (another customer's cache
+                   scope) or pin chunks in RAM lists only what they may, e.g. ["skip"], or []
+                   (kvtier prewarm needs tenant, pin, ttl and return_keys on its engine); an
+                   option not listed is logged and ignored
 
 Per request, ``kv_transfer_params={"kvtier": {...}}`` (a bad value is logged and ignored,
 never a failed request):
@@ -53,6 +59,7 @@ from ..keys import NAMESPACE_RE
 _NS_RULE = "1-64 characters of [a-z0-9_.-], starting with a letter or digit"
 MAX_PIN_S = 2**32 - 1  # the longest pin the daemon takes (Pin's ttl_s is a uint32)
 MAX_LEASE_MS = 2**32 - 1  # Acquire's lease_ms is a uint32 (the daemon's ram.max_ttl_ms is lower)
+REQUEST_OPTIONS = ("tenant", "pin", "ttl", "skip", "load", "store", "return_keys")
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class ConnectorSettings:
     tenant: str = ""
     tenant_namespace: str | None = None
     revision: str | None = None
+    request_options: str = ",".join(REQUEST_OPTIONS)  # given as a list; kept comma-joined (hashable)
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None) -> "ConnectorSettings":
@@ -84,6 +92,9 @@ class ConnectorSettings:
                               f"known: {', '.join(known)}")
         out = {}
         for name, val in extra.items():
+            if name == "request_options":
+                out[name] = _option_names(val)
+                continue
             out[name] = _coerce(f"kv_connector_extra_config.{name}", known[name].type, val)
         s = cls(**out)
         from ..keys import check_namespace
@@ -126,6 +137,16 @@ class ConnectorSettings:
             raise ConfigError(f"kv_connector_extra_config.chunk_size={self.chunk_size} is not a "
                               f"multiple of the block size {block_size}")
         return self.chunk_size
+
+
+def _option_names(val: Any) -> str:
+    where = "kv_connector_extra_config.request_options"
+    if not isinstance(val, (list, tuple)) or not all(isinstance(v, str) for v in val):
+        raise ConfigError(f"{where} must be a list of option names, got {val!r}")
+    bad = sorted(set(val) - set(REQUEST_OPTIONS))
+    if bad:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(bad)}; known: {', '.join(REQUEST_OPTIONS)}")
+    return ",".join(v for v in REQUEST_OPTIONS if v in val)
 
 
 def _check_template(template: str, namespace: str) -> None:
@@ -195,8 +216,14 @@ def request_options(params: Mapping[str, Any] | None, settings: ConnectorSetting
     out = dict(tenant=base.tenant, pin=False, pin_s=0, load=base.load, store=base.store,
                return_keys=False)
     ttl = None
+    honoured = set(settings.request_options.split(","))
     for name, val in raw.items():
         ok = True
+        if name in REQUEST_OPTIONS and name not in honoured:
+            if warn:
+                warn(f"kv_transfer_params.kvtier.{name} is not among this engine's "
+                     f"kv_connector_extra_config.request_options: ignored")
+            continue
         if name == "tenant" and isinstance(val, str) and "\n" not in val and len(val) <= 256:
             out["tenant"] = val
         elif name == "pin" and isinstance(val, bool):
