@@ -980,27 +980,38 @@ class ClusterTier:
         else they would land after the unlink and bring the block back for every node."""
         if not keys:
             return 0
-        cancelled, sending = [], set()
+        cancelled = []
         with self._qlock:
             for k in keys:
                 item = self._queued.pop((ns, k), None)
                 if item is not None:
                     self.queued_bytes -= item[5]
                     cancelled.append(item)
-                f = self._sending.get((ns, k))
-                if f is not None:
-                    sending.add(f)
         for item in cancelled:
             _call(item[4])
-        if sending:
-            await asyncio.wait(sending)
-        names = [self._name(ns, k) for k in keys]
-        n = await self._unlink_names(names)
-        self.stats.deletes += n
-        tenant = self.accounts.group_of(ns)
-        if tenant:
-            await self.accounts.release(tenant, names)
-        return n
+        # the keys are held (as if being written) while they are unlinked and their accounting
+        # released: a put of one made meanwhile waits and is written after, else its write could
+        # land before the unlink (lost) or be forgotten by the release (stored, unaccounted)
+        held = list(dict.fromkeys((ns, k) for k in keys))
+        while True:
+            with self._qlock:
+                busy = {f for k in held if (f := self._sending.get(k)) is not None}
+                if not busy:
+                    sent = self._loop.create_future()
+                    for k in held:
+                        self._sending[k] = sent
+                    break
+            await asyncio.wait(busy)
+        try:
+            names = [self._name(ns, k) for k in keys]
+            n = await self._unlink_names(names)
+            self.stats.deletes += n
+            tenant = self.accounts.group_of(ns)
+            if tenant:
+                await self.accounts.release(tenant, names)
+            return n
+        finally:
+            self._release(held, sent)
 
     async def _unlink_names(self, names: list[bytes], least: list[int] | None = None) -> int:
         """Unlink blocks by name, each with its parts (as part 0's envelope says, and at least
