@@ -168,8 +168,16 @@ def secure_dir(path: str, private: bool, what: str) -> None:
     except FileExistsError:
         if not (private and os.path.islink(path)):  # a dangling link: said below
             raise
+    problem = dir_problem(path, private, what)
+    if problem:
+        raise ConfigError(problem)
+
+
+def dir_problem(path: str, private: bool, what: str, euid: int | None = None) -> str | None:
+    """Why ``secure_dir`` would refuse the existing ``path`` for a daemon of ``euid`` (default: this
+    process's), or None; it creates nothing (``kvtier config check`` asks it too)."""
     st = os.lstat(path) if private else os.stat(path)
-    euid, mode = os.geteuid(), stat.S_IMODE(st.st_mode)
+    euid, mode = os.geteuid() if euid is None else euid, stat.S_IMODE(st.st_mode)
     remove = (f"remove it (rm -r {path}; another user's needs root) and start the daemon again: it "
               f"creates the directory itself; or set ram.arena_path and server.socket to a directory "
               f"of the daemon's own")
@@ -186,9 +194,9 @@ def secure_dir(path: str, private: bool, what: str) -> None:
         problem, fix = (f"is writable by every user without the sticky bit (mode {mode:04o})",
                         f"chmod o-w {path} (or chmod +t), or choose another directory")
     else:
-        return
-    raise ConfigError(f"{what} {path} {problem}: another user could read or replace the daemon's files "
-                      f"in it; {fix}")
+        return None
+    return (f"{what} {path} {problem}: another user could read or replace the daemon's files "
+            f"in it; {fix}")
 
 
 def open_own(path: str, flags: int, what: str, mode: int = 0o600) -> int:

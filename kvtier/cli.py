@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import stat
 import sys
 
 from . import __version__, errors
@@ -110,9 +111,41 @@ def start_problems(cfg) -> list[str]:
         if not os.path.isdir(probe):
             out.append(f"nvme.dirs: {d} is not a directory" if probe == os.path.abspath(d) else
                        f"nvme.dirs: {d} cannot be created: {probe} is not a directory")
+    out += dir_problems(cfg)
     room = arena_room_problem(cfg)
     if room:
         out.append(room)
+    return out
+
+
+def dir_problems(cfg) -> list[str]:
+    """What serve's own checks of the arena's and the socket's directories would refuse, for the
+    ones that exist now (a missing one serve creates): a per-user default must be a directory of
+    this user's that no one else may write, a configured one not writable by everyone without the
+    sticky bit; a symbolic link or something other than a file at the arena's path is refused too
+    (who should own a configured directory's files depends on the user that runs serve: not checked)."""
+    from .arena import dir_problem
+    out = []
+    for name, path, private, what in (
+            ("ram.arena_path", os.path.dirname(cfg.arena_path), not cfg.ram.arena_path, "arena directory"),
+            ("server.socket", os.path.dirname(os.path.abspath(cfg.socket_path)), not cfg.server.socket,
+             "socket directory")):
+        if os.path.lexists(path):
+            try:
+                problem = dir_problem(path, private, what)
+            except OSError as e:  # a dangling link to a configured directory
+                problem = f"{what} {path} cannot be used: {e.strerror}"
+            if problem:
+                out.append(f"{name}: {problem}")
+    try:
+        st = os.lstat(cfg.arena_path)
+    except OSError:
+        return out
+    if stat.S_ISLNK(st.st_mode):
+        out.append(f"ram.arena_path: {cfg.arena_path} is a symbolic link, which the daemon does not follow; "
+                   f"remove it (rm {cfg.arena_path}) or set ram.arena_path to the file itself")
+    elif not stat.S_ISREG(st.st_mode):
+        out.append(f"ram.arena_path: {cfg.arena_path} is not a regular file; remove it or choose another path")
     return out
 
 

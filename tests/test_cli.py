@@ -359,6 +359,33 @@ def test_config_check_warns_of_nvme_directories_that_do_not_exist(tmp_path):
     assert f"nvme.dirs: {tmp_path}/nvme1 does not exist" in err and f"{tmp_path}/nvme0 " not in err, err
 
 
+def test_config_check_refuses_the_directories_and_arena_path_serve_would(tmp_path):
+    """serve refuses an arena or socket directory that everyone may write without the sticky bit,
+    and a symbolic link at the arena's path (tests/test_local_security.py): config check says so
+    first, naming the setting's line, and passes once they are fixed."""
+    shm, run_dir = tmp_path / "shm", tmp_path / "run"
+    shm.mkdir()
+    run_dir.mkdir()
+    f = tmp_path / "k.toml"
+    f.write_text(f'[server]\nsocket = "{run_dir}/kvtier.sock"\n[ram]\narena_path = "{shm}/arena"\n'
+                 f'capacity = "64MiB"\n')
+    os.chmod(shm, 0o777)
+    os.chmod(run_dir, 0o777)
+    (shm / "elsewhere").write_bytes(b"x")
+    os.symlink(shm / "elsewhere", shm / "arena")
+    p = run("config", "check", f)
+    err = p.stderr.decode()
+    assert p.returncode == 2, text(p)
+    assert f"{f}:4: ram.arena_path: arena directory {shm} is writable by every user without the sticky bit" in err, err
+    assert f"{f}:2: server.socket: socket directory {run_dir} is writable by every user" in err, err
+    assert f"ram.arena_path: {shm}/arena is a symbolic link" in err, err
+    os.chmod(shm, 0o1777)  # as /dev/shm: allowed
+    os.chmod(run_dir, 0o750)
+    (shm / "arena").unlink()
+    p = run("config", "check", f)
+    assert p.returncode == 0 and b"ok" in p.stdout, text(p)
+
+
 def test_config_check_accepts_the_shipped_config(tmp_path):
     shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "kvtier.toml")
     if not os.path.exists(shipped):
