@@ -175,6 +175,103 @@ def test_a_new_arena_mapping_at_the_old_address_is_registered_again(monkeypatch)
     assert len(log) == 4
 
 
+def test_a_replaced_mapping_stays_mapped_until_it_is_unregistered(monkeypatch):
+    """The copier's hold on a mapping is its last reference once the client re-attached (a
+    restarted daemon): dropping it before cudaHostUnregister would unmap pinned pages."""
+    import mmap
+    import tempfile
+    import weakref
+
+    class Mapping(mmap.mmap):  # weakref-able, as the client's arena mapping
+        pass
+
+    def mapping():
+        with tempfile.TemporaryFile() as f:
+            f.truncate(1 << 16)
+            return Mapping(f.fileno(), 1 << 16)
+    seen = []
+
+    class Cudart(_Cudart):
+        def cudaHostUnregister(self, ptr):
+            old = ref()
+            seen.append(old is not None and not old.closed)
+            return 0
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart([]))
+    cp = BlockCopier({"l0": torch.zeros(NB, 4, 8)}, NB)
+    cp.cuda = True
+    old = mapping()
+    ref = weakref.ref(old)
+    cp.register_host(memoryview(old))
+    del old  # the client re-attached and dropped its mapping: the copier holds the last view
+    cp.register_host(memoryview(mapping()))
+    assert seen == [True]
+    assert ref() is None  # and let go right after
+
+
+def test_no_copy_starts_while_the_arena_is_being_unpinned(monkeypatch):
+    """Between the wait for copies under way and cudaHostUnregister, a copy about to start
+    waits: no DMA begins on pages being unpinned."""
+    log = []
+    entered = threading.Event()
+    release = threading.Event()
+
+    class SlowCudart(_Cudart):
+        def cudaHostUnregister(self, ptr):
+            entered.set()
+            release.wait(5)
+            return super().cudaHostUnregister(ptr)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: SlowCudart(log))
+    cp = BlockCopier({"l0": torch.zeros(NB, 4, 8)}, NB)
+    cp.cuda = True
+    cp.register_host(memoryview(bytearray(1 << 16)))
+    t = threading.Thread(target=cp.unregister_host)
+    t.start()
+    assert entered.wait(5)
+    started = threading.Event()
+
+    def copy():
+        with cp._dma:
+            log.append("copy")
+            started.set()
+    c = threading.Thread(target=copy)
+    c.start()
+    assert not started.wait(0.2)  # held off while the pages are unpinned
+    release.set()
+    t.join(5)
+    c.join(5)
+    assert log[-2:] == [("unregister", log[0][1]), "copy"]
+
+
+@pytest.mark.parametrize("direction", ["save", "load"])
+def test_a_batch_failing_partway_waits_for_the_copies_it_queued(monkeypatch, direction):
+    """A CUDA batch that raises after queuing some copies (out of GPU memory for a staging
+    buffer) waits for them before the caller gives the slots or the lease back."""
+    waited = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def synchronize(self):
+            waited.append(self.name)
+    cp = BlockCopier({"l0": torch.zeros(NB, 4, 8)}, NB)
+    cp.cuda = True
+    cp._streams = {d: (Stream(d + " bus"), Stream(d + " work")) for d in ("save", "load")}
+
+    def fails(*a):
+        assert cp._dma.n == 1
+        raise RuntimeError("CUDA out of memory")
+    monkeypatch.setattr(cp, f"_{direction}_many_cuda", fails)
+    rec = bytearray(cp.record_size(2))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        if direction == "save":
+            cp.save_many([([0, 1], memoryview(rec))])
+        else:
+            cp.load_many([(memoryview(rec), 2, 0, [0, 1])])
+    assert waited == [direction + " bus", direction + " work"]
+    assert cp._dma.n == 0
+
+
 class _Client:
     """What the link drops: its close unmaps the arena (as kvtier.client.Client's does)."""
 

@@ -28,6 +28,7 @@ buffer, since one transfer per layer and block runs at half the bus's speed.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -74,14 +75,17 @@ def _bytes_view(t: torch.Tensor) -> torch.Tensor:
 
 class _InFlight:
     """Copies under way on CUDA (to or from host memory, the arena perhaps): the arena is
-    unpinned only once none is, so no DMA runs on pages that are being unpinned."""
+    unpinned only once none is, so no DMA runs on pages that are being unpinned. While an
+    unpinning runs (``quiet``), a copy about to start waits for it to end."""
 
     def __init__(self):
         self.cv = threading.Condition(threading.Lock())
         self.n = 0
+        self.closing = False
 
     def __enter__(self):
         with self.cv:
+            self.cv.wait_for(lambda: not self.closing)
             self.n += 1
 
     def __exit__(self, *exc):
@@ -90,9 +94,19 @@ class _InFlight:
             if not self.n:
                 self.cv.notify_all()
 
-    def wait_idle(self, timeout: float) -> bool:
+    @contextlib.contextmanager
+    def quiet(self, timeout: float):
+        """Hold new copies off, and wait up to ``timeout`` for those under way; yields whether
+        they all ended."""
         with self.cv:
-            return self.cv.wait_for(lambda: not self.n, timeout)
+            self.closing = True
+            idle = self.cv.wait_for(lambda: not self.n, timeout)
+        try:
+            yield idle
+        finally:
+            with self.cv:
+                self.closing = False
+                self.cv.notify_all()
 
 
 class BlockCopier:
@@ -181,15 +195,29 @@ class BlockCopier:
             self._unregister()
 
     def _unregister(self) -> None:  # _reg_lock held
-        reg, self._registered, self._reg_view = self._registered, None, None
+        # the view is held here until the pages are unpinned: it may be the mapping's last
+        # reference (its client re-attached), and an unmapped range must not stay pinned
+        reg, view = self._registered, self._reg_view
+        self._registered = self._reg_view = None
         if reg is None:
             return
-        if not self._dma.wait_idle(UNPIN_WAIT_S):
-            log.warning("unpinning the kvtier arena while copies still run after %.0fs", UNPIN_WAIT_S)
-        try:
-            torch.cuda.cudart().cudaHostUnregister(reg[0])
-        except Exception as e:
-            log.warning("cudaHostUnregister of the kvtier arena failed (%s)", e)
+        with self._dma.quiet(UNPIN_WAIT_S) as idle:
+            if not idle:
+                log.warning("unpinning the kvtier arena while copies still run after %.0fs", UNPIN_WAIT_S)
+            try:
+                torch.cuda.cudart().cudaHostUnregister(reg[0])
+            except Exception as e:
+                log.warning("cudaHostUnregister of the kvtier arena failed (%s)", e)
+        del view
+
+    def _drain(self, direction: str) -> None:
+        """Wait for the copies queued on a direction's streams (after a failure partway through a
+        batch): the caller gives its slots or lease back, and the pages may be unpinned, next."""
+        for stream in self._streams[direction]:
+            try:
+                stream.synchronize()
+            except Exception as e:  # the device itself failed: nothing more to wait for
+                log.warning("waiting for the kvtier copies on the GPU failed (%s)", e)
 
     def compute_done_event(self):
         """An event after the work queued so far on the compute stream (None on CPU)."""
@@ -261,7 +289,11 @@ class BlockCopier:
                     landed(k, k + 1)
             return
         with self._dma:
-            self._save_many_cuda(items, recs, after, landed)
+            try:
+                self._save_many_cuda(items, recs, after, landed)
+            except BaseException:
+                self._drain("save")  # copies queued before the failure still write the arena
+                raise
 
     def _save_many_cuda(self, items, recs, after, landed) -> None:
         bus, work = self._streams["save"]
@@ -391,7 +423,11 @@ class BlockCopier:
                 self._load_cpu(item[0], buf, cb, first, item[3])
             return
         with self._dma:
-            self._load_many_cuda(items, recs)
+            try:
+                self._load_many_cuda(items, recs)
+            except BaseException:
+                self._drain("load")  # copies queued before the failure still read the arena
+                raise
 
     def _load_many_cuda(self, items, recs) -> None:
         bus, work = self._streams["load"]
