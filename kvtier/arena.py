@@ -173,6 +173,23 @@ def secure_dir(path: str, private: bool, what: str) -> None:
         raise ConfigError(problem)
 
 
+CAP_IPC_LOCK = 14
+
+
+def may_lock_past_limit(status: str = "/proc/self/status") -> bool:
+    """Whether this process may mlock past RLIMIT_MEMLOCK: it has CAP_IPC_LOCK in its effective
+    set (root normally; a service given AmbientCapabilities=CAP_IPC_LOCK too; root in a container
+    without it not). ``status``: the process's status file."""
+    try:
+        with open(status) as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
 def dir_problem(path: str, private: bool, what: str, euid: int | None = None) -> str | None:
     """Why ``secure_dir`` would refuse the existing ``path`` for a daemon of ``euid`` (default: this
     process's), or None; it creates nothing (``kvtier config check`` asks it too)."""
@@ -368,8 +385,9 @@ class Arena:
         addr = _address(self.mm)
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         # over the limit mlock fails before it faults a page in: asked for at once, it says so at once
-        # (root may lock past the limit)
-        step = LOCK_CHUNK if os.geteuid() == 0 or soft == resource.RLIM_INFINITY or soft >= self.size else self.size
+        # (a process with CAP_IPC_LOCK, root's or the unit's AmbientCapabilities, may lock past it)
+        step = (LOCK_CHUNK if soft == resource.RLIM_INFINITY or soft >= self.size or may_lock_past_limit()
+                else self.size)
         done = 0
         while done < self.size:
             if stop is not None and stop.is_set():

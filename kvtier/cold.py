@@ -329,14 +329,22 @@ class ColdTier:
 
     # ---- startup ----------------------------------------------------------------------
 
-    def scan(self) -> int:
+    def scan(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Rebuild the index from file names and sizes (blocking, no file opened); remove orphan
         temp files and files that cannot be a record (too short, not at their canonical path).
-        Every block indexed here is unverified until verify_pending() or a read checks it."""
+        Every block indexed here is unverified until verify_pending() or a read checks it.
+        ``progress(directories read, directories)`` is called before each subdirectory (a cold
+        scan of millions of files takes minutes); an exception it raises ends the scan, nothing
+        indexed."""
         found = []
         smallest: dict = {}  # (namespace, key length) -> header size: a record is longer
-        for di, d in enumerate(self.dirs):
-            for sub in sorted(os.listdir(d.path)):
+        subs = [(di, d, sorted(os.listdir(d.path))) for di, d in enumerate(self.dirs)]
+        total, done = sum(len(names) for _, _, names in subs), 0
+        for di, d, names in subs:
+            for sub in names:
+                if progress is not None:
+                    progress(done, total)
+                done += 1
                 sp = os.path.join(d.path, sub)
                 if len(sub) != 2 or not os.path.isdir(sp):
                     continue

@@ -69,6 +69,8 @@ FOREVER = float("inf")
 # seconds: one reservation lifetime, at most this. A writer still copying that long after its
 # reservation ended is broken; bounding it keeps abandoned reservations from filling the arena.
 QUARANTINE_S = 5.0
+# a restore reports its progress (and hears of a stop) every this many slot-table entries
+RESTORE_TICK = 4096
 
 
 class _RandomIds:
@@ -811,16 +813,21 @@ class HotTier:
                     n += 1
             return n
 
-    def restore(self, table, view: memoryview, verify: bool = True) -> tuple[int, int]:
+    def restore(self, table, view: memoryview, verify: bool = True,
+                progress: Callable[[int], None] | None = None) -> tuple[int, int]:
         """Rebuild the index from a slot table left by a previous run over the same arena.
         Entries out of bounds, overlapping another, duplicated or (with verify) whose bytes
-        no longer match their checksum are dropped. Returns (kept, dropped)."""
+        no longer match their checksum are dropped. Returns (kept, dropped).
+        ``progress(entries done)`` is called every RESTORE_TICK entries (hashing a large arena
+        takes minutes); an exception it raises ends the restore, the table left as it was."""
         from .keys import KEY_SIZES, NAMESPACE_RE
         kept: set[int] = set()
         dropped = 0
         with self.lock:
             now = self.clock()
-            for i, ns, key, off, length, digest, created, state in table.entries():
+            for n, (i, ns, key, off, length, digest, created, state) in enumerate(table.entries()):
+                if progress is not None and n % RESTORE_TICK == 0:
+                    progress(n)
                 if state == RESERVED_ENTRY:
                     # a client that outlived the old daemon may still be writing here: keep the
                     # slot out of use for one reservation lifetime, counted from the first restart

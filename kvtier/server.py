@@ -29,6 +29,7 @@ import signal
 import socket
 import threading
 import time
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -123,13 +124,31 @@ class Daemon:
 
     def _arena_progress(self, done: int, size: int) -> None:
         """Called from the thread locking the arena after each piece."""
-        now, (told, logged) = time.monotonic(), self._arena_told
-        if done < size and now < told + ARENA_STATUS_S:
-            return
         pct = f"{done * 100 // size}% of {config_mod.format_size(size)}"
-        self.notify.send(f"STATUS=locking the arena in RAM: {pct}", f"EXTEND_TIMEOUT_USEC={int(ARENA_EXTEND_S * 1e6)}")
-        if done < size and now >= logged + ARENA_LOG_S:
-            log.info("arena: %s locked", pct)
+        self._progress("locking the arena in RAM", pct, done >= size, "arena: %s locked")
+
+    def _step_progress(self, what: str, unit: str) -> Callable[..., None]:
+        """A progress callback for a long start step after the arena (the RAM tier's restore, the
+        NVMe scan), called from its thread: a stop meanwhile ends the start there (_Stopped), and
+        systemd hears of the step, as of the arena's locking."""
+        first = [True]
+
+        def progress(done: int, total: int = 0) -> None:
+            self._check_stop()
+            self._progress(what, f"{done} of {total} {unit}" if total else f"{done} {unit}", False,
+                           what + ": %s", first[0])
+            first[0] = False
+        return progress
+
+    def _progress(self, what: str, share: str, last: bool, log_fmt: str, first: bool = False) -> None:
+        """Tell systemd (STATUS, EXTEND_TIMEOUT_USEC: the start is making progress) at most every
+        ARENA_STATUS_S, and the log every ARENA_LOG_S; a step's ``first`` and ``last`` always."""
+        now, (told, logged) = time.monotonic(), self._arena_told
+        if not (last or first) and now < told + ARENA_STATUS_S:
+            return
+        self.notify.send(f"STATUS={what}: {share}", f"EXTEND_TIMEOUT_USEC={int(ARENA_EXTEND_S * 1e6)}")
+        if not last and now >= logged + ARENA_LOG_S:
+            log.info(log_fmt, share)
             logged = now
         self._arena_told = (now, logged)
 
@@ -175,6 +194,12 @@ class Daemon:
         in_use = ConfigError(f"another daemon is listening on {sock}; stop it or set server.socket")
         if os.path.exists(sock) and _socket_in_use(sock):  # said first: its directory is that daemon's
             raise in_use
+        system = config_mod.SYSTEM_SOCKET
+        if not cfg.server.socket and sock != system and os.path.exists(system) and _socket_in_use(system):
+            log.warning("the node's daemon (kvtier.service) serves on %s; this is another daemon, with an "
+                        "arena of its own (%s), and clients of this user given no address use it; to use the "
+                        "node's daemon instead, stop this one (clients: --address unix://%s)",
+                        system, cfg.arena_path, system)
         # the per-user default directory must be ours alone; a configured one (a RuntimeDirectory,
         # a directory shared with group kvtier) only not writable by everyone without the sticky bit
         secure_dir(os.path.dirname(os.path.abspath(sock)), not cfg.server.socket, "socket directory")
@@ -212,7 +237,13 @@ class Daemon:
             table = SlotTable(table_path(a.path, a.backing), fresh=not a.reattached)
             if a.reattached:
                 t0 = time.monotonic()
-                kept, dropped = await asyncio.to_thread(self.hot.restore, table, a.view, r.verify_on_restart)
+                try:
+                    kept, dropped = await asyncio.to_thread(
+                        self.hot.restore, table, a.view, r.verify_on_restart,
+                        self._step_progress("re-attaching the RAM tier", "blocks checked"))
+                except BaseException:
+                    table.close()  # left as it was, for the next start
+                    raise
                 log.info("arena re-attached: %d blocks kept, %d dropped, in %.2fs", kept, dropped,
                          time.monotonic() - t0)
             else:
@@ -224,7 +255,7 @@ class Daemon:
         self.store.attach_cluster(self.cluster, asyncio.get_running_loop())
         self._apply_tenants()
         t0 = time.monotonic()
-        n = await asyncio.to_thread(self.store.start)
+        n = await asyncio.to_thread(self.store.start, self._step_progress("indexing the NVMe tier", "directories"))
         if cfg.nvme.dirs:
             log.info("nvme: %d blocks indexed from %d directories in %.2fs", n, len(cfg.nvme.dirs),
                      time.monotonic() - t0)
@@ -284,6 +315,7 @@ class Daemon:
         log.info("serving on %s%s; data channel %s; policy %s", self.address,
                  f" and tcp port {self.tcp_port}" if self.tcp_port else "",
                  " and ".join(self.data.addresses) if self.data else "off", r.policy)
+        self._check_stop()  # a stop while the listeners were set up: never said ready (no await to serve())
         self.ready.set()
 
     async def main_loop(self) -> None:
@@ -397,7 +429,9 @@ class Daemon:
             task.cancel()
         if self.cluster is not None:
             await self.cluster.close(self.cfg.server.drain_timeout_s)
-        keep = self.cfg.ram.persist  # the arena and its slot table outlive us, for the next start
+        # the arena and its slot table outlive us, for the next start; a new arena of a start that
+        # never served holds nothing yet and goes
+        keep = self.cfg.ram.persist and (served or self.arena is not None and self.arena.reattached)
         if self.hot is not None:
             self.hot.slots.close(unlink=not keep)
         if self.arena is not None:

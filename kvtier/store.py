@@ -56,7 +56,7 @@ import mmap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import errors
 from .cluster import NullCluster
@@ -77,7 +77,7 @@ class NullTier:
     """A tier that holds nothing (NVMe not configured)."""
     name = "nvme"
 
-    def scan(self) -> int:
+    def scan(self, progress=None) -> int:
         return 0
 
     def verify_pending(self, threads: int = 1, stop=None) -> tuple[int, int]:
@@ -214,10 +214,10 @@ class Store:
     def __getattr__(self, name):
         return getattr(self.hot, name)
 
-    def start(self) -> int:
+    def start(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Rebuild the NVMe index from file names and sizes (blocking; run in a thread), then check
-        the headers in a background thread while the daemon serves."""
-        n = self.cold.scan()
+        the headers in a background thread while the daemon serves. ``progress``: the scan's."""
+        n = self.cold.scan(progress)
         if n:
             self._verifier = threading.Thread(target=self._verify, name="kvtier-nvme-verify", daemon=True)
             self._verifier.start()
