@@ -501,6 +501,36 @@ text = "{words(24, 7)}"
         fake.close()
 
 
+def test_chunks_the_daemon_left_unpinned_are_reported(tmp_path, make_daemon):
+    """Past ram.max_pinned the daemon leaves a Pin's blocks unpinned: the report says which
+    contexts lost their pin and how many chunks, in the table and the JSON, run after run."""
+    # 4 MiB, max_pinned 0.1: 6 blocks of 64 KiB may be pinned; acme's two contexts are 7 chunks
+    d = make_daemon(ram={"capacity": "4MiB", "policy": "lru", "max_pinned": 0.1})
+    fake = FakeVLLM(d.address)
+    try:
+        plan = P.load(write_plan(tmp_path, fake.url, d.address))
+        rep = run_plan(plan, progress_out=io.StringIO(), tty=False)
+        s = summary(rep)
+        assert s["acme"]["coverage"]["ram"] == 1.0 and s["globex"]["unpinned_chunks"] == 0  # pin = "none"
+        with Client(d.address) as c:
+            pinned = c.stats().tiers[0].pinned_blocks
+        assert pinned == 6 and s["acme"]["unpinned_chunks"] == 7 - pinned
+        out = io.StringIO()
+        rep.write_table(out)
+        left = [ln for ln in out.getvalue().splitlines() if "left unpinned" in ln]
+        assert len(left) == 1 and "ram.max_pinned" in left[0] and left[0].lstrip().startswith("acme/"), out.getvalue()
+        assert json.loads(json.dumps(rep.to_dict()))["tenants"][0]["unpinned_chunks"] == 1
+        with Client(d.address) as c:  # the next run (all resident) pins again, and says so again
+            c.unpin("vllm-acme", [bytes.fromhex(k) for e in ("acme/kb", "acme/chat")
+                                  for k in State.load(plan.state).get(e).keys])
+        rep = run_plan(plan, progress_out=io.StringIO(), tty=False)
+        assert summary(rep)["acme"]["resident"] == 2 and summary(rep)["acme"]["unpinned_chunks"] == 1
+        with Client(d.address) as c:
+            assert c.stats().tiers[0].pinned_blocks == 6
+    finally:
+        fake.close()
+
+
 def test_cli_json_table_exit_codes(tmp_path, daemon, fake_vllm, capsys):
     fake = fake_vllm()
     path = write_plan(tmp_path, fake.url, daemon.address)

@@ -20,6 +20,7 @@ from ..client import Client
 from ..errors import ConfigError
 from .plan import Plan
 from .report import ContextResult
+from .run import pin
 from .state import State
 
 log = logging.getLogger("kvtier.prewarm")
@@ -59,8 +60,9 @@ def promote_plan(plan: Plan, kv: Client, state: State, results: dict[str, Contex
                 used += sum(got)
                 size = max([size, *got])
                 results[c.id].promoted_chunks += promoted // max(1, e.ranks)
-                if t.pin == "ram":
-                    kv.pin(e.namespace, batch, t.ttl_s)
+                if t.pin == "ram":  # this phase's count replaces the first pin's, batch by batch
+                    left = pin(kv, e.namespace, batch, t.ttl_s, e.ranks)
+                    results[c.id].unpinned_chunks = left + (results[c.id].unpinned_chunks if i else 0)
                 if not all(got):
                     break  # a gap: the rest of this context is no use to a prefix lookup
                 i += n

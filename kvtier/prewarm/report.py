@@ -32,6 +32,7 @@ class ContextResult:
     loaded_tokens: int = 0        # tokens vLLM loaded from kvtier while computing it
     coverage: dict[str, int] = field(default_factory=lambda: {"ram": 0, "nvme": 0, "redis": 0})
     promoted_chunks: int = 0
+    unpinned_chunks: int = 0      # chunks in RAM the daemon did not pin (its ram.max_pinned share full)
     seconds: float = 0.0
     attempts: int = 0
     error: str = ""
@@ -105,6 +106,7 @@ class TenantReport:
             "tokens": self.tokens, "cacheable_tokens": self.cacheable,
             "stored_chunks": sum(c.stored_chunks for c in self.contexts),
             "promoted_chunks": sum(c.promoted_chunks for c in self.contexts),
+            "unpinned_chunks": sum(c.unpinned_chunks for c in self.contexts),
             "coverage": {"ram": self.fraction("ram"), "nvme": self.fraction("nvme"),
                          "redis": self.fraction("redis"), "total": self.fraction()},
             "seconds": round(self.seconds, 3),
@@ -181,6 +183,9 @@ class Report:
                     notes.append(f"  {c.id}: failed after {c.attempts} attempt(s): {c.error}")
                 elif c.status == "not run":
                     notes.append(f"  {c.id}: not run ({c.error or 'deadline'})")
+                if c.unpinned_chunks:
+                    notes.append(f"  {c.id}: {c.unpinned_chunks} chunk(s) in RAM left unpinned: the daemon's "
+                                 f"pinned share (ram.max_pinned) is full; they may be evicted before the morning")
         if any(t.incomplete for t in self.tenants):
             notes.insert(0, "* of the contexts that ran; those below are missing from it")
         if notes:

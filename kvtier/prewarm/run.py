@@ -35,6 +35,7 @@ from typing import IO, Any
 
 from .. import errors
 from ..client import Client
+from ..hot import TIER_RAM
 from .plan import Context, Plan, Tenant, load_context
 from .report import ContextResult, Progress, Report, TenantReport, coverage
 from .state import Entry, State
@@ -42,6 +43,18 @@ from .state import Entry, State
 log = logging.getLogger("kvtier.prewarm")
 TRANSIENT_HTTP = (408, 429, 500, 502, 503, 504)
 
+
+
+def pin(kv: Client, ns: str, keys: list[bytes], ttl_s: int, ranks: int) -> int:
+    """Pin keys in RAM for ttl_s; the chunks (of ``ranks`` keys each) the daemon left unpinned
+    although in RAM: its pinned share (ram.max_pinned) was full. (A key not pinned and not in RAM
+    is on a lower tier: not a refusal.)"""
+    pinned = kv.pin(ns, keys, ttl_s)
+    if all(pinned):
+        return 0
+    tiers, _ = kv.lookup(ns, keys)
+    refused = {i // max(1, ranks) for i, (p, t) in enumerate(zip(pinned, tiers)) if not p and t == TIER_RAM}
+    return len(refused)
 
 class Transient(Exception):
     """Worth retrying: the server may answer next time."""
@@ -231,7 +244,7 @@ class Run:
             keys = entry.key_bytes()
             tiers, _ = self.kv.lookup(entry.namespace, keys) if keys else ([], 0)
             if all(tiers):
-                self._pin(tenant, entry.namespace, keys)
+                self._pin(tenant, entry.namespace, keys, r, entry.ranks)
                 r.status, r.tokens, r.chunk_size, r.namespace = "resident", entry.tokens, entry.chunk_size, \
                     entry.namespace
                 return
@@ -256,7 +269,7 @@ class Run:
         keys = [bytes.fromhex(k) for k in params["keys"]]
         ns, cs, ranks = params["namespace"], int(params["chunk_size"]), int(params.get("ranks") or 1)
         self._wait_stored(ns, keys)
-        self._pin(tenant, ns, keys)
+        self._pin(tenant, ns, keys, r, ranks)
         r.status, r.tokens, r.chunk_size, r.namespace = "stored", tokens, cs, ns
         r.stored_chunks = int(params.get("stored_chunks") or 0)
         r.loaded_tokens = int(params.get("loaded_tokens") or 0)
@@ -315,9 +328,9 @@ class Run:
             time.sleep(delay)
             delay = min(0.5, delay * 2)
 
-    def _pin(self, tenant: Tenant, ns: str, keys: list[bytes]) -> None:
+    def _pin(self, tenant: Tenant, ns: str, keys: list[bytes], r: ContextResult, ranks: int) -> None:
         if tenant.pin == "ram" and keys:
-            self.kv.pin(ns, keys, tenant.ttl_s)
+            r.unpinned_chunks = pin(self.kv, ns, keys, tenant.ttl_s, ranks)
 
     # ---- the whole plan -----------------------------------------------------------------
 
