@@ -182,12 +182,12 @@ def _held(address: str, ws, hashes) -> list[list[float]]:
     return out
 
 
-def _tp_setup(make_daemon, monkeypatch):
+def _tp_setup(make_daemon, monkeypatch, batches: int = 1):
     """A daemon, two ranks and a scheduler (sync loads); chunk 0 of the request is stored on
     both ranks and rank 0's copy is damaged, so rank 0's load of it fails and rank 1's works."""
     d = make_daemon()
     ws = [_worker(d.address, r, monkeypatch) for r in (0, 1)]
-    s = _sched(d.address, tp=2, load_async=False)
+    s = _sched(d.address, tp=2, batches=batches, load_async=False)
     s.set_layouts({(0, r): w.handshake() for r, (w, _) in enumerate(ws)})
     req = _req("r", 6)                       # chunks 0, 1, 2 (blocks 0-5) and a 10-token tail
     ids = list(range(2, 9))
@@ -276,8 +276,8 @@ def test_a_store_marked_overwrite_replaces_the_copy_already_stored(make_daemon, 
 
 def test_chunks_tainted_with_async_scheduling_are_stored_again_once_reported():
     """With two batches in flight, the steps built until the failure is seen are reported one
-    step later: their chunks (deleted at once) are stored again only after that, deleted once
-    more just before, and marked overwrite (for workers that replace a stored chunk)."""
+    step later: their chunks (deleted at once, and by the workers with the next step) are
+    stored again only after that, marked overwrite."""
     s = _sched(load_async=False, batches=2)
     c = _fake(s, _FakeClient(present=1))
     req, ids = _req("r", 6), list(range(2, 9))
@@ -288,11 +288,13 @@ def test_chunks_tainted_with_async_scheduling_are_stored_again_once_reported():
     s.build_connector_meta(_so(cached=[("r", 2 * CS, 2 * BS + 10, None, False)]))  # N+1: chunk 2
     s.update_connector_output(_out(invalid={ids[0]}))                          # N's outcome
     assert c.deleted == keys[1] + keys[2]
-    assert s.build_connector_meta(_so(cached=[("r", 0, 6 * BS + 10, None, False)])).stores == []
+    meta = s.build_connector_meta(_so(cached=[("r", 0, 6 * BS + 10, None, False)]))
+    assert meta.stores == []
+    assert [sp.chunk_hashes for sp in meta.deletes] == [[req.block_hashes[3]], [req.block_hashes[5]]]
     meta = s.build_connector_meta(_so(cached=[("r", 6 * BS + 10, 1, None, False)]))
-    assert [(sp.chunk_hashes, getattr(sp, "overwrite", False)) for sp in meta.stores] == [
+    assert [(sp.chunk_hashes, sp.overwrite) for sp in meta.stores] == [
         ([req.block_hashes[3], req.block_hashes[5]], True), ([req.block_hashes[1]], False)]
-    assert c.deleted == (keys[1] + keys[2]) * 2
+    assert meta.deletes == [] and c.deleted == keys[1] + keys[2]
     _, params = s.request_finished(req)
     assert params["kvtier"]["stored_chunks"] == 3 and params["kvtier"]["loaded_tokens"] == 0
 

@@ -43,10 +43,22 @@ class StoreSpec:
 
 
 @dataclass
+class DeleteSpec:
+    """Delete chunks ``chunk_hashes`` from the daemon (each rank its own keys), after the
+    stores this rank queued in earlier steps and before this step's."""
+    tenant: str
+    cache_salt: str
+    chunk_hashes: list[bytes]
+    namespace: str = ""
+
+
+@dataclass
 class StepMeta(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     load_async: bool = True
     stores: list[StoreSpec] = field(default_factory=list)
+    # chunks computed on a failed synchronous load (see SchedulerHalf._taint)
+    deletes: list[DeleteSpec] = field(default_factory=list)
     # requests preempted this step: their pending stores finish before blocks are reused
     preempted: set[str] = field(default_factory=set)
     # the step computes nothing (every request waits, e.g. for its loads): get_finished may

@@ -28,7 +28,8 @@ async scheduling (or pipeline parallelism) vLLM builds the next steps before it 
 failure, so a chunked prefill may go on computing on the bad KV there. So when vLLM reports
 failed blocks of a synchronous load, the scheduler deletes from the daemon, on every rank,
 every chunk planned for storing in that step and in every step built after it, and plans
-those chunks again (``_taint``).
+those chunks again (``_taint``). A worker may still be storing them then: the next step
+also tells every worker to delete them, after the stores it queued before (``deletes``).
 
 Namespaces: a request's chunks live in the engine's namespace, or with ``tenant_namespace``
 in its tenant's own (``RequestOptions.namespace``); lookups, loads and stores all use it.
@@ -54,7 +55,7 @@ from typing import Any
 from .. import errors
 from .keys import chunk_key, check_hash_stability, scope_digest
 from .link import DaemonLink, Quiet
-from .meta import LoadSpec, RankLayout, StepMeta, StoreSpec
+from .meta import DeleteSpec, LoadSpec, RankLayout, StepMeta, StoreSpec
 from .settings import ConnectorSettings, RequestOptions, request_options
 from .worker import fingerprint
 
@@ -144,6 +145,7 @@ class SchedulerHalf:
         self._seq = 0
         self._window = max(1, int(getattr(vllm_config, "max_concurrent_batches", 1) or 1)) + 1
         self._steps: deque[_Step] = deque()
+        self._deletes: list[DeleteSpec] = []  # for the workers, with the next step (see _taint)
         self._quiet = Quiet(WARN_EVERY_S)
         self._warned_layout = False
 
@@ -421,10 +423,14 @@ class SchedulerHalf:
         stored chunks computed on it on every rank. A stored chunk is never replaced by a
         later store of the same key, so: delete every chunk those steps planned, on every
         rank, and plan them again (the requests vLLM recomputes store them once recomputed).
-        A worker may still be storing one of them: the chunks are stored again only once
-        vLLM has reported every one of those steps (their stores were queued before the ones
-        planned again, on each rank's store thread), deleted once more just before, and
-        marked ``overwrite`` for workers that replace a stored chunk."""
+        The delete here takes the copies stored by now. A rank may still be storing one (its
+        store thread runs behind the steps; with async scheduling a step built before the
+        failure was reported may not even have run), so the next step built carries the
+        chunks to every worker as ``deletes``: each rank deletes its own keys on its store
+        thread, after every store it queued in earlier steps and before any store of that
+        step or a later one, whether the request still runs or not. The chunks planned again
+        are stored once vLLM has reported every one of those steps, with ``overwrite``: they
+        replace a copy that a failed delete left."""
         keys: dict[str, list[bytes]] = defaultdict(list)
         for step in steps:
             planned, step.planned = step.planned, {}
@@ -437,6 +443,8 @@ class SchedulerHalf:
                     st.redo_at = self._seq + self._window - 1  # steps up to _seq reported by then
                 for spec in specs:
                     keys[spec.namespace or self.ns] += self._spec_keys(spec)
+                    self._deletes.append(DeleteSpec(spec.tenant, spec.cache_salt, spec.chunk_hashes,
+                                                    spec.namespace))
         self._delete(keys, "computed on a failed load")
 
     def _spec_keys(self, spec: StoreSpec) -> list[bytes]:
@@ -455,10 +463,12 @@ class SchedulerHalf:
     # ---- stores -------------------------------------------------------------------------
 
     def build_connector_meta(self, so) -> StepMeta:
-        meta = StepMeta(loads=self._loads, load_async=self.settings.load_async,
+        # vLLM builds a step's metadata at every schedule, with or without requests of ours:
+        # the deletes go out with the first step built after _taint, before its stores
+        meta = StepMeta(loads=self._loads, load_async=self.settings.load_async, deletes=self._deletes,
                         preempted=set(getattr(so, "preempted_req_ids", None) or ()),
                         idle=getattr(so, "total_num_scheduled_tokens", 1) == 0)
-        self._loads, load_recs, self._load_recs = [], self._load_recs, []
+        self._loads, load_recs, self._load_recs, self._deletes = [], self._load_recs, [], []
         self._seq += 1
         while self._steps and self._steps[0].seq <= self._seq - self._window:
             self._steps.popleft()  # reported: its loads are done
@@ -512,7 +522,7 @@ class SchedulerHalf:
         cs = range(st.next_store, n)
         redo = [c for c in cs if c in st.redo]
         if redo and self._seq < st.redo_at:
-            return  # a worker may still be storing the bad copy (see _taint)
+            return  # once the tainted steps are reported (see _taint)
         specs = []
         for part, again in ((redo, True), ([c for c in cs if c not in st.redo], False)):
             if not part:
@@ -522,9 +532,7 @@ class SchedulerHalf:
                 [self._chunk_hash(req, c) for c in part],
                 [st.block_ids[c * self.cb:(c + 1) * self.cb] for c in part],
                 pin=st.opts.pin, pin_s=st.opts.pin_s, namespace=st.opts.namespace)
-            if again:  # a bad copy may have landed after _taint deleted it
-                spec.overwrite = True  # the workers replace whatever copy is stored
-                self._delete({spec.namespace or self.ns: self._spec_keys(spec)}, "to store them again")
+            spec.overwrite = again  # replace a bad copy the workers' delete missed (see _taint)
             specs.append(spec)
         meta.stores += specs
         st.redo.difference_update(redo)

@@ -17,7 +17,10 @@ with ``kv_load_failure_policy="recompute"``) and the request is still reported a
 a failed store is a future miss. Nothing waits longer than one daemon call's deadline.
 A synchronous load that fails has already put whatever it copied into the blocks, and the
 step's forward runs on them: that step stores nothing (its chunks may be computed on the bad
-KV; the scheduler half plans them again once vLLM has recomputed them).
+KV; the scheduler half plans them again once vLLM has recomputed them). The chunks the
+scheduler half then names in a step's ``deletes`` (stored on the other ranks, or in later
+steps) are deleted on the store thread, after the stores queued before them; a delete that
+fails is logged and counted, and leaves the copy until a store with ``overwrite`` replaces it.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from ..keys import ZERO_CHECKSUM
 from .blocks import BlockCopier
 from .keys import Fingerprint, chunk_key, layout_tag, scope_digest, weights_variant
 from .link import DaemonLink, Quiet
-from .meta import LoadSpec, RankLayout, StepMeta, StoreSpec
+from .meta import DeleteSpec, LoadSpec, RankLayout, StepMeta, StoreSpec
 from .settings import ConnectorSettings
 
 log = logging.getLogger("kvtier.vllm")
@@ -418,6 +421,10 @@ class WorkerHalf:
 
     def wait_for_save(self, meta: StepMeta) -> None:
         bad_step, self._sync_failed = self._sync_failed is meta, None
+        if meta.deletes and self.copier is not None:
+            # after the stores queued in earlier steps (they may be storing these chunks), before
+            # this step's: the store thread runs its jobs in order
+            self._submit_store(self._run_deletes, list(meta.deletes))
         if not meta.stores:
             return
         specs = list(meta.stores)
@@ -440,8 +447,10 @@ class WorkerHalf:
         if self.copier is None:
             self._stores_done(specs)
             return
-        after = self.copier.compute_done_event()
-        fut = self._store_pool.submit(self._run_stores, specs, after)
+        self._submit_store(self._run_stores, specs, self.copier.compute_done_event())
+
+    def _submit_store(self, fn, *args) -> None:
+        fut = self._store_pool.submit(fn, *args)
         with self._lock:
             self._store_futures = [f for f in self._store_futures if not f.done()] + [fut]
 
@@ -470,6 +479,18 @@ class WorkerHalf:
                                          "stored, unpinned", len(jobs), e)
         finally:
             self._stores_done(specs)
+
+    def _run_deletes(self, specs: list[DeleteSpec]) -> None:
+        keys: dict[str, list[bytes]] = defaultdict(list)
+        for s in specs:
+            keys[s.namespace or self.ns] += self._keys(s.tenant, s.cache_salt, s.chunk_hashes)
+        for ns, ks in keys.items():
+            try:
+                self.link.call(lambda c: c.delete(ns, ks))
+            except Exception as e:  # never into the engine
+                self._count("delete_failures")
+                self._quiet.warn("delete", "kvtier: could not delete %d chunk(s) computed on a failed "
+                                 "load (%s); they stay until stored again with overwrite", len(ks), e)
 
     def _stores_done(self, specs) -> None:
         with self._lock:
