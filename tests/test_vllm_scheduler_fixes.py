@@ -355,6 +355,28 @@ def test_abort_while_async_load_in_flight_keeps_lease_until_received():
     assert "a" not in s._leases and c.released == 1
 
 
+@pytest.mark.parametrize("batches", [1, 2])
+def test_a_sync_loads_lease_ends_when_its_step_is_reported_not_with_the_request(batches):
+    """A synchronous load is done once its step is reported (the workers leased the chunks
+    themselves to copy them): the lookup's lease ends then, not when the request ends, which
+    for a long generation held the chunks from eviction until the daemon's TTL."""
+    s = _sched(load_async=False, batches=batches)
+    c = _fake(s, _FakeClient())
+    req = _req("a", 4)
+    ext, is_async = s.get_num_new_matched_tokens(req, 0)
+    assert not is_async and ext == 4 * BS
+    s.update_state_after_alloc(req, _blocks(range(10, 15)), ext)
+    s.build_connector_meta(_so(new=[(req, range(10, 15), 0, ext + 10)]))   # the step that loads
+    assert c.released == 0
+    for k in range(batches + 1):                                            # until it is reported
+        assert c.released == 0
+        s.update_connector_output(_out())
+        s.build_connector_meta(_so(cached=[("a", ext + 10 + k, 1, None, False)]))
+    assert c.released == 1 and "a" not in s._leases
+    s.request_finished(req)
+    assert c.released == 1                                                  # not twice
+
+
 # ---- metrics -----------------------------------------------------------------------------------
 
 def test_loaded_tokens_leaves_out_a_failed_load(make_daemon, harnesses):

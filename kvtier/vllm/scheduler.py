@@ -79,6 +79,7 @@ class _Load:
     end: int
     cut: int = -1                   # first token not taken after all (a failure), -1 = end
     freed: bool = False             # the request was preempted since: its blocks went back to vLLM
+    leases: list = field(default_factory=list)  # the lookup's, until the step is reported
 
 
 @dataclass
@@ -341,8 +342,9 @@ class SchedulerHalf:
         if self.settings.load_async:  # its lease ends when every worker reported it received
             st.load = load
             self._recving.add(request.request_id)
-        else:  # its outcome is known with the step's (see _steps)
-            st.load = None
+        else:  # its outcome is known with the step's (see _steps), and its lease ends then: the
+            st.load = None  # workers have taken leases of their own to copy by then
+            load.leases = self._leases.pop(request.request_id, [])
             self._load_recs.append(load)
         st.loaded += num_external_tokens
         st.next_store = max(st.next_store, (st.local + num_external_tokens) // cs)
@@ -352,7 +354,7 @@ class SchedulerHalf:
             hi = min((c0 + i + 1) * cs, st.local + num_external_tokens)
             src = TIER_SOURCES.get(tier, "external_unspecified")
             st.hit_tiers[src] = st.hit_tiers.get(src, 0) + max(0, hi - lo)
-        st.ext = 0  # a sync load's lease ends with the request; the worker holds its own meanwhile
+        st.ext = 0
 
     def hit_sources(self, request, num_external_tokens: int) -> dict[str, int]:
         st = self._reqs.get(request.request_id)
@@ -363,7 +365,23 @@ class SchedulerHalf:
         return {k: v for k, v in st.hit_tiers.items() if v}
 
     def _release(self, req_id: str) -> None:
-        for lease in self._leases.pop(req_id, ()):
+        """End the request's leases: its lookup's, and those of its synchronous loads in steps
+        not reported yet (an engine that goes idle builds no step that would end them)."""
+        leases = list(self._leases.pop(req_id, ()))
+        for step in self._steps:
+            for load in step.loads:
+                if load.req_id == req_id:
+                    leases += load.leases
+                    load.leases = []
+        self._release_leases(leases)
+
+    def _end_leases(self, step: _Step) -> None:
+        for load in step.loads:
+            leases, load.leases = load.leases, []
+            self._release_leases(leases)
+
+    def _release_leases(self, leases) -> None:
+        for lease in leases:
             try:
                 self.link.call(lambda c: c.release(lease))
             except Exception:
@@ -397,7 +415,11 @@ class SchedulerHalf:
                     st = self._reqs.get(load.req_id)
                     if st is not None and not load.freed:
                         self._failed(st, load, invalid)
-            step.loads = [ld for ld in step.loads if not any(b in invalid for b in ld.block_ids)]
+            kept, failed = [], []
+            for ld in step.loads:
+                (failed if any(b in invalid for b in ld.block_ids) else kept).append(ld)
+            step.loads = kept
+            self._end_leases(_Step(step.seq, failed, {}))  # reported, and over: their leases end
         if first is not None:
             self._taint([step for step in self._steps if step.seq >= first.seq])
 
@@ -471,7 +493,7 @@ class SchedulerHalf:
         self._loads, load_recs, self._load_recs, self._deletes = [], self._load_recs, [], []
         self._seq += 1
         while self._steps and self._steps[0].seq <= self._seq - self._window:
-            self._steps.popleft()  # reported: its loads are done
+            self._end_leases(self._steps.popleft())  # reported: its loads are done
         if not self._ready():
             return meta
         for req_id in meta.preempted:
@@ -568,6 +590,8 @@ class SchedulerHalf:
     def shutdown(self) -> None:
         for req_id in list(self._leases):
             self._release(req_id)
+        for step in self._steps:
+            self._end_leases(step)
         self.link.close()
 
 
