@@ -331,6 +331,8 @@ class _Ops:
         self.arena: ArenaMapping | None = None
         self.path = ""
         self.checksum_failures = 0
+        self._count_lock = threading.Lock()  # checksum_failures is counted from many threads
+        self.closed = False
         self.timeout: float | None = 30.0  # the client's: bounds each wait for the daemon (None: none)
         self.ram_hits = False  # the last get_many over the arena promoted nothing (GET_CHUNK_MIN_RAM)
         self._pool: list[DataConnection] = []
@@ -347,6 +349,8 @@ class _Ops:
         old one in one assignment, and a mapping is never closed here (it is unmapped once no
         call holds a view of it); an Attach answered by the daemon already attached to changes
         nothing."""
+        if self.closed:
+            raise errors.Unavailable("the client is closed")
         if self.info is not None and not force:
             if self._retry_at and time.monotonic() >= self._retry_at:
                 yield from self._retry_data()
@@ -411,6 +415,9 @@ class _Ops:
                 return
             self._retry_at = 0.0
             with self._pool_lock:
+                if self.closed:  # closed meanwhile: nothing may stay open
+                    conn.close()
+                    return
                 self._pool.append(conn)
             self.path = "arena" if self.arena is not None else "data"
             self.control = "data" if self.want_control else "grpc"
@@ -454,6 +461,8 @@ class _Ops:
         return self.arena.generation if self.arena is not None else 0
 
     def _data_conn(self) -> DataConnection:
+        if self.closed:
+            raise errors.Unavailable("the client is closed")
         conn = self._pooled()
         if conn is not None:
             return conn
@@ -482,11 +491,11 @@ class _Ops:
         return _DataCall(self, fn)
 
     def _give_back(self, conn: DataConnection) -> None:
-        if conn.broken:
-            conn.close()
-            return
         with self._pool_lock:
-            self._pool.append(conn)
+            if not (conn.broken or self.closed):
+                self._pool.append(conn)
+                return
+        conn.close()
 
     def _pooled(self) -> DataConnection | None:
         """A pooled connection fit to send on: the answer it owes to a posted call read, and not
@@ -635,8 +644,12 @@ class _Ops:
             return True
         if xxhash.xxh3_128_digest(data) == digest:
             return True
-        self.checksum_failures += 1
+        self._failed_check()
         return False
+
+    def _failed_check(self) -> None:
+        with self._count_lock:
+            self.checksum_failures += 1  # the one place it is counted
 
     # ---- operations -----------------------------------------------------------------------
 
@@ -658,21 +671,44 @@ class _Ops:
                    overwrite: bool = False):
         return (yield from self._stale_retry(self._reserve, ns, keys, sizes, ttl_ms, overwrite))
 
-    def _reserve(self, ns, keys, sizes, ttl_ms, overwrite):
-        yield from self._attach()
-        if self.arena is None:
+    def _mapped(self) -> ArenaMapping:
+        """The arena as mapped now. An operation takes it once and cuts every view of its answers
+        from that mapping: another thread may re-attach (a restarted daemon's arena) or close
+        the client meanwhile (_views)."""
+        arena = self.arena
+        if arena is None:
             raise errors.FailedPrecondition("the arena is not mapped (not on the daemon's node)")
-        r = yield ("unary", "Reserve", self._reserve_request(ns, keys, sizes, ttl_ms, overwrite))
-        return self._reservation(sizes, r)
+        return arena
 
-    def _reserve_request(self, ns, keys, sizes, ttl_ms=0, overwrite=False):
+    def _views(self, arena: ArenaMapping, spans) -> list:
+        """Views of ``arena`` at (offset, length) spans (None for None), for an answer to a call
+        made with it. Raises StaleArena when the client attached to another arena since (the
+        answer's offsets are the old daemon's; the operation is retried on the new one) and
+        Unavailable when it was closed (the daemon ends the reservation or lease at its TTL)."""
+        if arena is not self.arena:
+            if self.closed:
+                raise errors.Unavailable("the client was closed during the call")
+            raise errors.StaleArena(f"arena generation {arena.generation} was replaced during the call (the "
+                                    f"daemon restarted); attached again")
+        try:
+            view = arena.view
+            return [None if sp is None else view[sp[0]:sp[0] + sp[1]] for sp in spans]
+        except ValueError:  # released by a close() on another thread just now
+            raise errors.Unavailable("the client was closed during the call") from None
+
+    def _reserve(self, ns, keys, sizes, ttl_ms, overwrite, arena: ArenaMapping | None = None):
+        yield from self._attach()
+        arena = arena or self._mapped()
+        r = yield ("unary", "Reserve", self._reserve_request(arena, ns, keys, sizes, ttl_ms, overwrite))
+        return self._reservation(arena, sizes, r)
+
+    def _reserve_request(self, arena, ns, keys, sizes, ttl_ms=0, overwrite=False):
         packed, ks = pack_keys(keys)
         return pb.ReserveRequest(namespace=ns, key_size=ks, keys=packed, sizes=list(sizes), ttl_ms=_u32("ttl_ms", ttl_ms),
-                                 overwrite=overwrite, generation=self._gen())
+                                 overwrite=overwrite, generation=arena.generation)
 
-    def _reservation(self, sizes, r: pb.ReserveResponse) -> Reservation:
-        view = self.arena.view
-        views = [view[o:o + n] if s == 0 else None for s, o, n in zip(r.status, r.offsets, sizes)]
+    def _reservation(self, arena, sizes, r: pb.ReserveResponse) -> Reservation:
+        views = self._views(arena, [(o, n) if s == 0 else None for s, o, n in zip(r.status, r.offsets, sizes)])
         return Reservation(r.reservation_id, r.status, list(r.offsets), list(sizes), views)
 
     def op_commit(self, res: Reservation, checksums: Sequence[bytes] | None = None):
@@ -704,23 +740,21 @@ class _Ops:
 
     def _acquire(self, ns, keys, lease_ms, prefix_only, tokens_per_key=0, background=False):
         yield from self._attach()
-        if self.arena is None:
-            raise errors.FailedPrecondition("the arena is not mapped (not on the daemon's node)")
-        req = self._acquire_request(ns, keys, lease_ms, prefix_only, tokens_per_key, background)
-        return self._lease(len(keys), (yield ("unary", "Acquire", req)))
+        arena = self._mapped()
+        req = self._acquire_request(arena, ns, keys, lease_ms, prefix_only, tokens_per_key, background)
+        return self._lease(arena, len(keys), (yield ("unary", "Acquire", req)))
 
-    def _acquire_request(self, ns, keys, lease_ms=0, prefix_only=False, tokens_per_key=0, background=False):
+    def _acquire_request(self, arena, ns, keys, lease_ms=0, prefix_only=False, tokens_per_key=0, background=False):
         packed, ks = pack_keys(keys)
         return pb.AcquireRequest(namespace=ns, key_size=ks, keys=packed, lease_ms=_u32("lease_ms", lease_ms),
-                                 prefix_only=prefix_only, generation=self._gen(),
+                                 prefix_only=prefix_only, generation=arena.generation,
                                  tokens_per_key=_u32("tokens_per_key", tokens_per_key), background=background)
 
-    def _lease(self, n: int, r: pb.AcquireResponse) -> Lease:
-        view = self.arena.view
+    def _lease(self, arena, n: int, r: pb.AcquireResponse) -> Lease:
         c = r.checksums
         sums = [c[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] for i in range(n)]
         # a background Acquire reports blocks still landing with their tier and no slot (length 0)
-        views = [view[o:o + m] if t and m else None for t, o, m in zip(r.tiers, r.offsets, r.lengths)]
+        views = self._views(arena, [(o, m) if t and m else None for t, o, m in zip(r.tiers, r.offsets, r.lengths)])
         return Lease(r.lease_id, r.tiers, list(r.offsets), list(r.lengths), sums, views)
 
     def op_release(self, lease: Lease):
@@ -744,7 +778,8 @@ class _Ops:
         Reserve and the last Commit are waited for, instead of each waiting for the copies."""
         sizes = [len(d) for d in datas]
         parts = _put_parts(sizes)
-        res = yield from self._reserve(ns, keys[:parts[0][1]], sizes[:parts[0][1]], 0, overwrite)
+        arena = self._mapped()
+        res = yield from self._reserve(ns, keys[:parts[0][1]], sizes[:parts[0][1]], 0, overwrite, arena)
         if len(parts) == 1:
             sums = yield from self._copy_in(res, datas)
             yield from self.op_commit(res, sums)
@@ -755,7 +790,7 @@ class _Ops:
             for k, (i, j) in enumerate(parts):
                 if k + 1 < len(parts):  # the daemon reserves the next part while this one is copied
                     a, b = parts[k + 1]
-                    req = self._reserve_request(ns, keys[a:b], sizes[a:b], 0, overwrite)
+                    req = self._reserve_request(arena, ns, keys[a:b], sizes[a:b], 0, overwrite)
                     owed.append(("Reserve", req, (yield ("start", "Reserve", req)), sizes[a:b]))
                 sums = yield from self._copy_in(res, datas[i:j])
                 out += [s == 0 for s in res.status]
@@ -767,7 +802,7 @@ class _Ops:
                     yield from self._commit_answer(("finish", h, "Commit", req))
                 if owed:
                     _, req, h, part_sizes = owed.pop(0)
-                    res = self._reservation(part_sizes, (yield ("finish", h, "Reserve", req)))
+                    res = self._reservation(arena, part_sizes, (yield ("finish", h, "Reserve", req)))
             for _, req, h, _ in owed:
                 yield from self._commit_answer(("finish", h, "Commit", req))
         except GeneratorExit:
@@ -783,7 +818,8 @@ class _Ops:
                     if rpc == "Commit":
                         yield from self._commit_answer(("finish", h, "Commit", req))
                     elif h is not None:
-                        yield from self.op_abort(self._reservation(part_sizes, (yield ("finish", h, rpc, req))))
+                        r = yield ("finish", h, rpc, req)  # no views: the mapping may be gone
+                        yield from self.op_abort(Reservation(r.reservation_id, r.status, [], [], []))
             raise
         return out
 
@@ -820,8 +856,7 @@ class _Ops:
         chunk's Acquire already sent while this one is copied: the daemon reads blocks from NVMe
         while the client copies, instead of each waiting for the other."""
         yield from self._attach()
-        if self.arena is None:
-            raise errors.FailedPrecondition("the arena is not mapped (not on the daemon's node)")
+        arena = self._mapped()
         bounds = _get_chunks(len(keys), self.info.max_batch or 1024,
                              GET_CHUNK_MIN_RAM if self.ram_hits else GET_CHUNK_MIN)
         ram = True
@@ -832,7 +867,7 @@ class _Ops:
             while k < len(bounds) or sent:
                 while k < len(bounds) and len(sent) < GET_IN_FLIGHT:
                     i, j = bounds[k]
-                    req = self._acquire_request(ns, keys[i:j])
+                    req = self._acquire_request(arena, ns, keys[i:j])
                     sent.append((i, j, req, (yield ("start", "Acquire", req))))
                     k += 1
                 # copy out the part the daemon answers first: its reads may finish before an
@@ -840,7 +875,7 @@ class _Ops:
                 handles = [s[3] for s in sent]
                 first = (yield ("ready", handles)) if len(sent) > 1 and None not in handles else 0
                 i, j, req, started = sent.pop(first)
-                lease = self._lease(j - i, (yield ("finish", started, "Acquire", req)))
+                lease = self._lease(arena, j - i, (yield ("finish", started, "Acquire", req)))
                 ram = ram and pb.TIER_NVME not in lease.tiers and pb.TIER_CLUSTER not in lease.tiers
                 try:
                     out[i:j] = self._copy_out(lease, into[i:j] if into is not None else None)
@@ -856,7 +891,8 @@ class _Ops:
                 if started is None:
                     continue  # not sent: nothing to let go
                 with contextlib.suppress(errors.KvtierError):
-                    yield from self._release_posted(self._lease(0, (yield ("finish", started, "Acquire", req))))
+                    r = yield ("finish", started, "Acquire", req)  # no views: the mapping may be gone
+                    yield from self._release_posted(Lease(r.lease_id, r.tiers, [], [], [], []))
             raise
         self.ram_hits = ram
         return out
@@ -892,7 +928,7 @@ class _Ops:
             if not hashed or digest == lease.checksums[i]:
                 out[i] = dst
             else:
-                self.checksum_failures += 1
+                self._failed_check()
         return out
 
     def op_get_many(self, ns: str, keys: Sequence[bytes], into: Sequence[Any] | None = None):
@@ -933,7 +969,7 @@ class _Ops:
             data = bufs[i]
             if len(data) != h.length or not self._check(memoryview(data), h.checksum):
                 if len(data) != h.length:
-                    self.checksum_failures += 1
+                    self._failed_check()
                 continue
             if into is not None:
                 dst = memoryview(into[i]).cast("B")
@@ -968,13 +1004,17 @@ class _Ops:
         return (yield ("unary", "Stats", pb.StatsRequest(namespace=ns)))
 
     def close(self) -> None:
+        """Close the pooled connections and unmap the arena. Calls on other threads meanwhile end
+        with Unavailable (their connections are closed as they are given back); any later call
+        too."""
         with self._pool_lock:
+            self.closed = True
             pool, self._pool = self._pool, []
         for c in pool:
             c.close()
-        if self.arena is not None:
-            self.arena.close()
-            self.arena = None
+        arena, self.arena = self.arena, None
+        if arena is not None:
+            arena.close()
 
 
 def _put_chunks(ns, keys, datas, overwrite, chunk=PUT_CHUNK):
@@ -1035,6 +1075,8 @@ class Client:
             raise errors.from_rpc_error(e) from None
 
     def _drive(self, gen: Generator):
+        if self._ops.closed:
+            raise errors.Unavailable("the client is closed")
         try:
             req = next(gen)
             while True:
@@ -1189,6 +1231,8 @@ class AsyncClient:
             raise errors.from_rpc_error(e) from None
 
     async def _drive(self, gen: Generator):
+        if self._ops.closed:
+            raise errors.Unavailable("the client is closed")
         try:
             req = next(gen)
             while True:

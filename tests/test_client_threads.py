@@ -6,6 +6,8 @@ import hashlib
 import threading
 import time
 
+import xxhash
+
 from kvtier.client import Client
 
 
@@ -64,3 +66,83 @@ def test_attach_while_other_threads_get(daemon):
             t.join()
         assert not failures, sorted(set(failures))
         assert c._ops.arena is arena  # the same daemon: its mapping is kept
+
+
+# ---- an answer that arrives after another thread re-attached or closed the client -------------
+
+def test_a_reservation_answered_by_the_old_daemon_is_made_again_on_the_new_one():
+    """A Reserve answered by a daemon that then restarted (ram.persist = false: a new arena
+    file), its answer read after another thread re-attached: the views were cut from the new
+    mapping at the old daemon's offsets, so the caller wrote over a block another client had
+    stored in the new daemon. The reservation is now made again on the new arena."""
+    import shutil
+    from conftest import _dirs, make_config
+    from kvtier.server import DaemonThread
+    sock_dir, arena_dir = _dirs()
+    cfg = make_config(sock_dir, arena_dir, ram={"persist": False, "capacity": "64MiB"})
+    d1 = DaemonThread(cfg).start()
+    d2 = None
+    try:
+        c = Client(d1.address)
+        c.put("ns", key("a"), b"A" * 4096)
+        gen1 = c._ops.arena.generation
+        op = c._ops.op_reserve("ns", [key("b")], [4096])  # the operation, driven step by step
+        req = next(op)
+        answer = c._call(req)                               # answered by the first daemon
+        d1.stop()
+        d2 = DaemonThread(cfg).start()
+        with Client(d2.address) as other:
+            theirs = [(key(("v", i)), bytes([97 + i]) * 4096) for i in range(4)]
+            other.put_many("ns", theirs)
+            c.attach()                                      # another thread of c re-attaches
+            assert c._ops.arena.generation != gen1
+            req = op.send(answer)                           # made again, on the new arena
+            assert req[:2] == ("unary", "Reserve") and req[2].generation == c._ops.arena.generation
+            try:
+                op.send(c._call(req))
+            except StopIteration as done:
+                res = done.value
+            res.views[0][:] = b"X" * 4096
+            assert other.get_many("ns", [k for k, _ in theirs]) == [v for _, v in theirs]
+            c.commit(res, [xxhash.xxh3_128_digest(b"X" * 4096)])
+            assert other.get("ns", key("b")) == b"X" * 4096
+        c.close()
+    finally:
+        (d2 or d1).stop()
+        shutil.rmtree(sock_dir, True)
+        shutil.rmtree(arena_dir, True)
+
+
+def test_a_client_closed_during_a_call_says_so(daemon):
+    """close() from another thread (a vLLM worker's link drops a failed client its copy threads
+    use) while a call waits for its answer: the call ends with Unavailable, a kvtier error its
+    caller handles, not an AttributeError; later calls too, on every path, opening nothing."""
+    import os
+    from kvtier import errors
+    with Client(daemon.address) as watcher:
+        watcher.put("ns", key("k"), b"x" * 4096)
+    for start in (lambda c: c._ops.op_reserve("ns", [key("n")], [4096]),
+                  lambda c: c._ops.op_acquire("ns", [key("k")])):
+        c = Client(daemon.address)
+        c.attach()
+        op = start(c)
+        answer = c._call(next(op))
+        c.close()
+        try:
+            op.send(answer)
+            raise AssertionError("no error")
+        except errors.Unavailable as e:
+            assert "closed" in str(e)
+    for kw in ({}, {"attach": False}, {"attach": False, "data_channel": False}):
+        c = Client(daemon.address, **kw)
+        assert c.get("ns", key("k")) == b"x" * 4096
+        c.close()
+        fds = len(os.listdir("/proc/self/fd"))
+        for call in (lambda: c.get("ns", key("k")), lambda: c.put("ns", key("z"), b"z"),
+                     lambda: c.lookup("ns", [key("k")])):
+            try:
+                call()
+                raise AssertionError(f"{kw}: a call after close() worked")
+            except errors.Unavailable as e:
+                assert "closed" in str(e)
+        assert len(os.listdir("/proc/self/fd")) <= fds  # none opened (others may close meanwhile)
