@@ -47,6 +47,7 @@ the GIL); it never runs on the gRPC event loop.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import select
@@ -83,6 +84,12 @@ FRAME_BYTES = 16 << 20  # ... and payload bytes
 MAX_TOKEN = 4096
 F_OVERWRITE, F_CHECKSUM = 1, 2
 SOCK_BUF = 4 << 20
+# A pipelined batch keeps at most this many batched frames (or, to a version 1 daemon, single
+# requests) unanswered: the daemon answers each before it reads the next, so a client that sent a
+# whole large batch before reading would block in send once the socket buffers (212 KiB with
+# Linux's defaults) held the answers, while the daemon blocked sending more of them.
+IN_FLIGHT_FRAMES = 2
+IN_FLIGHT_REQUESTS = 64
 PAYLOAD_TIMEOUT_S = 60.0
 # a payload holding reserved slots must arrive whole within PAYLOAD_TIMEOUT_S plus its size at this
 # rate, however it trickles (each read has PAYLOAD_TIMEOUT_S on its own)
@@ -1000,39 +1007,40 @@ class DataConnection:
         A daemon of data_channel_version 2 takes them in PUT_MANY frames."""
         if self.version >= 2:
             return self._put_batched(ns, list(items), overwrite, checksums)
-        ids = []
+        ids: collections.deque = collections.deque()
+        out: list = []
+
+        def answer() -> None:
+            try:
+                info, _, digest = self._response(ids.popleft())
+                out.append(PutResult(info, digest))
+            except errors.KvtierError as e:
+                out.append(e)
         for i, (key, data) in enumerate(items):
+            if len(ids) >= IN_FLIGHT_REQUESTS:
+                answer()
             mv = memoryview(data).cast("B")
             head, rid = self._request(OP_PUT, ns, key, len(mv), F_OVERWRITE if overwrite else 0,
                                       checksums[i] if checksums else b"")
             self.sock.sendall(head)
             self.sock.sendall(mv)
             ids.append(rid)
-        out: list = []
-        for rid in ids:
-            try:
-                info, _, digest = self._response(rid)
-                out.append(PutResult(info, digest))
-            except errors.KvtierError as e:
-                out.append(e)
+        while ids:
+            answer()
         return out
 
     def _put_batched(self, ns: str, items: list, overwrite: bool, checksums) -> list[PutResult | errors.KvtierError]:
         views = [memoryview(data).cast("B") for _, data in items]
         flags = (F_OVERWRITE if overwrite else 0) | (F_CHECKSUM if checksums else 0)
-        sent = []
-        for i, j in self._frames([len(v) for v in views]):
-            entries = [_key_field(items[k][0]) + SIZE.pack(len(views[k])) + (checksums[k] if checksums else b"")
-                       for k in range(i, j)]
-            head, rid = self._many_request(OP_PUT_MANY, ns, entries, flags)
-            send_all(self.sock, [head, *views[i:j]])
-            sent.append((rid, j - i))
+        sent: collections.deque = collections.deque()
         out: list = []
-        for rid, count in sent:
+
+        def answer() -> None:
+            rid, count = sent.popleft()
             table, err = self._read_table(rid)
             if err is not None:
-                out += [err] * count
-                continue
+                out.extend([err] * count)
+                return
             p = 0
             for _ in range(count):
                 code, info, mlen, digest = PUT_ENTRY.unpack_from(table, p)
@@ -1042,6 +1050,16 @@ class DataConnection:
                 else:
                     out.append(PutResult(info, bytes(digest)))
                 p += mlen
+        for i, j in self._frames([len(v) for v in views]):
+            if len(sent) >= IN_FLIGHT_FRAMES:
+                answer()
+            entries = [_key_field(items[k][0]) + SIZE.pack(len(views[k])) + (checksums[k] if checksums else b"")
+                       for k in range(i, j)]
+            head, rid = self._many_request(OP_PUT_MANY, ns, entries, flags)
+            send_all(self.sock, [head, *views[i:j]])
+            sent.append((rid, j - i))
+        while sent:
+            answer()
         return out
 
     def _block(self, i: int, length: int, digest: bytes, into, check) -> tuple[memoryview, bytes] | None:
@@ -1058,33 +1076,39 @@ class DataConnection:
         return (dst, digest) if check is None or check(dst, digest) else None
 
     def _get_batched(self, ns: str, keys: list, into, check) -> list[tuple[memoryview | bytes, bytes] | None]:
-        sent = []
-        for i in range(0, len(keys), MANY_PER_FRAME):
-            part = keys[i:i + MANY_PER_FRAME]
-            head, rid = self._many_request(OP_GET_MANY, ns, [_key_field(k) for k in part])
-            self.sock.sendall(head)
-            sent.append((rid, len(part)))
+        sent: collections.deque = collections.deque()
         out: list = []
-        err = None
-        for rid, count in sent:
+        errs: list = []
+
+        def answer() -> None:
+            rid, count = sent.popleft()
             table, e = self._read_table(rid)
             if e is not None:
-                err = err or e
-                out += [None] * count
-                continue
+                errs.append(e)
+                out.extend([None] * count)
+                return
             p = 0
             for _ in range(count):
                 code, tier, mlen, length, digest = GET_ENTRY.unpack_from(table, p)
                 p += GET_ENTRY.size
                 if code:
-                    err = err or errors.from_status(code, bytes(table[p:p + mlen]).decode("utf-8", "replace"))
+                    errs.append(errors.from_status(code, bytes(table[p:p + mlen]).decode("utf-8", "replace")))
                 p += mlen
                 if code or not tier:
                     out.append(None)
                     continue
                 out.append(self._block(len(out), length, bytes(digest), into, check))
-        if err is not None:
-            raise err
+        for i in range(0, len(keys), MANY_PER_FRAME):
+            if len(sent) >= IN_FLIGHT_FRAMES:
+                answer()
+            part = keys[i:i + MANY_PER_FRAME]
+            head, rid = self._many_request(OP_GET_MANY, ns, [_key_field(k) for k in part])
+            self.sock.sendall(head)
+            sent.append((rid, len(part)))
+        while sent:
+            answer()
+        if errs:
+            raise errs[0]
         return out
 
     def get_many(self, ns: str, keys, into: list | None = None,
@@ -1096,26 +1120,28 @@ class DataConnection:
         data_channel_version 2 answers them in GET_MANY frames."""
         if self.version >= 2:
             return self._get_batched(ns, list(keys), into, check)
-        ids = []
+        ids: collections.deque = collections.deque()
+        out: list = []
+        errs: list = []
+
+        def answer() -> None:
+            try:
+                info, length, digest = self._response(ids.popleft())
+            except errors.KvtierError as e:
+                errs.append(e)
+                out.append(None)
+                return
+            out.append(self._block(len(out), length, digest, into, check) if info else None)
         for key in keys:
+            if len(ids) >= IN_FLIGHT_REQUESTS:
+                answer()
             head, rid = self._request(OP_GET, ns, key)
             self.sock.sendall(head)
             ids.append(rid)
-        out: list = []
-        err = None
-        for i, rid in enumerate(ids):
-            try:
-                info, length, digest = self._response(rid)
-            except errors.KvtierError as e:
-                err = err or e
-                out.append(None)
-                continue
-            if not info:
-                out.append(None)
-                continue
-            out.append(self._block(i, length, digest, into, check))
-        if err is not None:
-            raise err
+        while ids:
+            answer()
+        if errs:
+            raise errs[0]
         return out
 
     def ping(self) -> None:

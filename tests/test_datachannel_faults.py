@@ -464,3 +464,31 @@ def test_a_probe_cut_short_or_made_stale_leaves_the_client_able_to_come_back(mak
         time.sleep(0.3)
         c.put(NS, b"r" * 16, b"z" * 100)
         assert (c.path, c.control) == ("data", "data")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("op", ["get", "put"])
+def test_a_batch_larger_than_the_socket_buffers_does_not_deadlock(make_daemon, monkeypatch, op, version):
+    """A client that sent a whole large batch before reading any answer blocked in send once the
+    socket buffers held the answers the daemon had sent meanwhile (which then blocked sending
+    more, and stopped reading): with Linux's default buffer limit (212 KiB, which caps the 4 MiB
+    asked for) a get_many of 15,000 keys of a remote client failed at its deadline."""
+    monkeypatch.setattr(datachannel, "SOCK_BUF", 212992)
+    d = make_daemon()
+    n = 20000 if version == 2 else 6000
+    keys = [hashlib.sha256(b"%d" % i).digest()[:16] for i in range(n)]
+    with Client(d.address, attach=False, timeout=10) as c:
+        c.attach()
+        assert c.path == "data"
+        conn = c._ops._data_conn()
+        conn.version = version  # as to a daemon of data_channel_version 1 (single frames)
+        try:
+            t0 = time.monotonic()
+            if op == "put":
+                out = conn.put_many("ns", [(k, b"x" * 512) for k in keys])
+                assert all(isinstance(r, datachannel.PutResult) for r in out)
+            else:
+                assert conn.get_many("ns", keys) == [None] * n  # all missing: small answers, many
+            assert time.monotonic() - t0 < 8
+        finally:
+            conn.close()
