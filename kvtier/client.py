@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import select
 import ssl
@@ -616,6 +617,24 @@ class _Ops:
         except OSError:
             return 0
         return min((fds[fd] for fd, _ in events), default=0)
+
+    def let_go(self, rpc: str, answer) -> None:
+        """What the answer to a call nobody waits for any more holds (a cancelled AsyncClient
+        call): a lease is released and a reservation aborted, so neither waits for its TTL; a
+        started call's answer is read first. Best effort, on the caller's thread."""
+        try:
+            if isinstance(answer, tuple):  # control_start's handle
+                answer = self.control_finish(answer, self.timeout)
+            if rpc == "Acquire" and answer is not None and answer.lease_id:
+                end, request = "Release", pb.ReleaseRequest(lease_id=answer.lease_id)
+            elif rpc == "Reserve" and answer is not None and answer.reservation_id:
+                end, request = "Abort", pb.AbortRequest(reservation_id=answer.reservation_id)
+            else:
+                return
+            if not self.closed:
+                self.control_call(end, request, self.timeout)
+        except Exception:  # gone or expired: the daemon ends it at its TTL
+            pass
 
     def control_abandon(self, started: tuple) -> None:
         """Give up waiting for a started call: its connection reads the answer before its next use."""
@@ -1205,21 +1224,23 @@ class AsyncClient:
         ops, thread = self._ops, _in_thread
         if kind == "post":
             return ops.control == "data" and await thread(ops.control_post, req[1], req[2])
+        control = _control_in_thread
         try:
             if kind == "call":
                 return await thread(req[1], stop=req[1].stop)
             if kind == "start":
-                return await thread(ops.control_start, req[1], req[2]) if ops.control == "data" else None
+                return await control(ops, req[1], ops.control_start, req[1], req[2]) if ops.control == "data" \
+                    else None
             if kind == "ready":
-                return await thread(ops.control_ready, req[1], self.timeout)
+                return await control(ops, "", ops.control_ready, req[1], self.timeout)
             if kind == "finish":
                 if req[1] is not None:
-                    out = await thread(ops.control_finish, req[1], self.timeout)
+                    out = await control(ops, req[2], ops.control_finish, req[1], self.timeout)
                     if out is not None:
                         return out
                 kind, req = "unary", req[1:]
             if kind == "unary" and ops.control == "data" and req[1] != "Attach":
-                out = await thread(ops.control_call, req[1], req[2], self.timeout)
+                out = await control(ops, req[1], ops.control_call, req[1], req[2], self.timeout)
                 if out is not None:
                     return out
             rpc = getattr(self._stub, req[1])
@@ -1285,6 +1306,29 @@ async def _in_thread(fn, *args, stop=None):
         if not fut.cancelled():
             fut.exception()  # retrieved: the caller hears of the cancel, not of what it caused
         raise
+
+
+async def _control_in_thread(ops: "_Ops", rpc: str, fn, *args):
+    """fn(*args), a unary call on the data channel (or its start, finish or wait), in a worker
+    thread. Cancelled, the caller hears it at once (the thread touches no caller's buffer, only
+    the answer): the thread ends on its own, within the client's timeout, and what its answer
+    holds is let go then (_Ops.let_go)."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        fut.add_done_callback(functools.partial(_let_go_when_done, ops, rpc))
+        raise
+
+
+def _let_go_when_done(ops: "_Ops", rpc: str, fut: asyncio.Future) -> None:
+    if fut.cancelled() or fut.exception() is not None:
+        return
+    answer = fut.result()
+    if rpc in ("Acquire", "Reserve") and answer is not None:
+        threading.Thread(target=ops.let_go, args=(rpc, answer), daemon=True, name="kvtier-let-go").start()
+    elif isinstance(answer, tuple):  # another call started: its answer is read before the next use
+        ops.control_abandon(answer)
 
 
 def _async_method(name: str):

@@ -120,3 +120,68 @@ def test_a_cancelled_get_many_over_the_arena_releases_its_leases(daemon, monkeyp
             assert (await c.stats()).tiers[0].leased_blocks == 0
             assert await c.get_many("ns", [k for k, _ in items]) == [v for _, v in items]
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("op", ["get_many", "acquire", "put_many"])
+def test_a_call_cancelled_while_the_daemon_answers_lets_go_of_the_answer(daemon, monkeypatch, op):
+    """An AsyncClient call cancelled while its Acquire or Reserve is answered (the daemon reading
+    from NVMe, say): the answer came after the caller stopped waiting and was dropped, so its
+    lease or reservation held blocks or arena bytes until the daemon's TTL (30 s)."""
+    from kvtier import service
+    items = [(key(("c", i)), os.urandom(MiB)) for i in range(4)]
+    rpc = "Reserve" if op == "put_many" else "Acquire"
+    real = getattr(service.KVTierService, rpc)
+
+    def slow(self, request, context):  # the answer comes 0.4 s after the call
+        async def run():
+            time.sleep(0.4)
+            return await real(self, request, context)
+        return run()
+
+    async def main():
+        async with AsyncClient(daemon.address) as c:
+            await c.put_many("ns", items if op != "put_many" else items[:1])
+            assert c.path == "arena" and c.control == "data"
+            monkeypatch.setattr(service.KVTierService, rpc, slow)
+            call = {"get_many": lambda: c.get_many("ns", [k for k, _ in items]),
+                    "acquire": lambda: c.acquire("ns", [k for k, _ in items]),
+                    "put_many": lambda: c.put_many("ns", items[1:])}[op]
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(call(), 0.1)
+            monkeypatch.undo()
+            for _ in range(60):
+                t = (await c.stats()).tiers[0]
+                if t.leased_blocks == t.reserved_bytes == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert (t.leased_blocks, t.reserved_bytes) == (0, 0)
+    asyncio.run(main())
+
+
+def test_cancelling_a_call_to_a_stalled_daemon_is_prompt(daemon_process):
+    """A unary call on the data channel to a daemon that answers nothing (stopped, swapping),
+    cancelled by asyncio.wait_for: the caller waited for the worker thread, up to the client's
+    whole timeout (for ever with timeout=None)."""
+    import signal
+    d = daemon_process()
+
+    def state(pid) -> str:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+
+    async def main():
+        async with AsyncClient(d.address, timeout=8.0) as c:
+            await c.lookup("ns", [b"k" * 16])
+            assert c.control == "data"
+            os.kill(d.proc.pid, signal.SIGSTOP)
+            try:
+                wait_until(lambda: state(d.proc.pid) == "T", what="the daemon stopped")
+                t0 = time.monotonic()
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(c.lookup("ns", [b"k" * 16]), 0.5)
+                took = time.monotonic() - t0
+            finally:
+                os.kill(d.proc.pid, signal.SIGCONT)
+            assert took < 2.0
+            assert (await c.lookup("ns", [b"k" * 16]))[1] == 0  # and the client goes on
+    asyncio.run(main())
