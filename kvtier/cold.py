@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import copying, record
+from .keys import KEY_SIZES, NAMESPACE_RE
 from .arena import _address
 from .errors import ConfigError
 from .record import PAGE, CorruptRecord, Meta
@@ -124,13 +125,18 @@ def file_name(ns: str, key: bytes) -> tuple[str, str]:
 
 
 def parse_name(name: str) -> tuple[str, bytes] | None:
+    """(namespace, key) of a block file's name; None for any other name (a namespace or key the
+    daemon would refuse, bytes that are not UTF-8)."""
     if not name.endswith(SUFFIX) or name.startswith("."):
         return None
     h, _, ns = name[:-len(SUFFIX)].partition(".")
     try:
-        return ns, bytes.fromhex(h)
+        key = bytes.fromhex(h)
     except ValueError:
         return None
+    if len(key) not in KEY_SIZES or not NAMESPACE_RE.fullmatch(ns):
+        return None
+    return ns, key
 
 
 def probe_direct(path: str) -> bool:
@@ -348,29 +354,22 @@ class ColdTier:
                 sp = os.path.join(d.path, sub)
                 if len(sub) != 2 or not os.path.isdir(sp):
                     continue
-                with os.scandir(sp) as it:
-                    for e in it:
-                        name = e.name
-                        if name.endswith(".tmp"):
-                            self._unlink(e.path)
-                            self.stats.orphans_removed += 1
-                            continue
-                        k = parse_name(name)
-                        if k is None:
-                            continue
-                        try:
-                            st = e.stat()
-                        except FileNotFoundError:
-                            continue
-                        hs = smallest.get((k[0], len(k[1])))
-                        if hs is None:
-                            hs = smallest[(k[0], len(k[1]))] = record.header_size(k[0], k[1], aligned=True)
-                        if st.st_size <= hs or file_name(*k) != (sub, name):
-                            self._unlink(e.path)
-                            self.stats.corrupt_removed += 1
-                            continue
-                        found.append((st.st_mtime, di, k, st.st_size, e.inode()))
+                try:
+                    found += self._scan_sub(di, sub, sp, smallest)
+                except OSError as e:  # a subdirectory that cannot be listed: its files stay unindexed
+                    self.stats.io_errors += 1
+                    log.error("nvme scan: cannot read %s (%s); its blocks are not served", sp, e)
         found.sort()
+        # the same block in two directories (nvme.dirs changed between runs, a rewrite after an
+        # unlink that failed): the newest copy is the block, the older ones go
+        newest = {f[2]: f for f in found}
+        stale = [f for f in found if newest[f[2]] is not f]
+        if stale:
+            found = [f for f in found if newest[f[2]] is f]
+            for _, di, k, _, _ in stale:
+                self._try_unlink(self._path(di, *k))
+            log.warning("nvme scan: %d blocks were in more than one directory; removed the older copies",
+                        len(stale))
         groups: dict = {}
         with self.lock:
             index, unverified, used = self._index, self._unverified, self.group_used
@@ -441,6 +440,41 @@ class ColdTier:
             log.warning("nvme: removed %d corrupt or expired files found after start", removed)
         return read, removed
 
+    def _scan_sub(self, di: int, sub: str, sp: str, smallest: dict) -> list[tuple]:
+        """(mtime, directory, key, size, inode) of the block files in subdirectory ``sp``; temp
+        files (orphans of a crash) and files that cannot be records are removed, where they can be
+        (a read-only filesystem keeps them: logged, and the start goes on)."""
+        found = []
+        with os.scandir(sp) as it:
+            for e in it:
+                name = e.name
+                if name.endswith(".tmp"):
+                    self._try_unlink(e.path)
+                    self.stats.orphans_removed += 1
+                    continue
+                k = parse_name(name)
+                if k is None:
+                    continue
+                try:
+                    if not e.is_file(follow_symlinks=False):
+                        continue  # a directory or link named like a record: not one of ours
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError as err:
+                    self.stats.io_errors += 1
+                    log.error("nvme scan: %s: %s", e.path, err)
+                    continue
+                hs = smallest.get((k[0], len(k[1])))
+                if hs is None:
+                    hs = smallest[(k[0], len(k[1]))] = record.header_size(k[0], k[1], aligned=True)
+                if st.st_size <= hs or file_name(*k) != (sub, name):
+                    self._try_unlink(e.path)
+                    self.stats.corrupt_removed += 1
+                    continue
+                found.append((st.st_mtime, di, k, st.st_size, e.inode()))
+        return found
+
     def _verify_one(self, k) -> bool | None:
         """Check one unverified block's header; True if it was dropped, None if there was nothing to do."""
         with self.lock:
@@ -457,8 +491,11 @@ class ColdTier:
         except FileNotFoundError:
             self._drop_entry(k, di, size, unlink=False)  # gone behind our back: a plain miss
             return False
-        except (CorruptRecord, OSError, ValueError):
+        except (CorruptRecord, ValueError):
             pass
+        except OSError:  # EIO, EMFILE, EACCES: the file may be sound; left unverified, as a read
+            self.stats.io_errors += 1  # counts such errors and keeps the file
+            return False
         if not bad:
             with self.lock:
                 self._unverified.discard(k)
@@ -687,11 +724,15 @@ class ColdTier:
             self._unlink(tmp)
             raise
         if self.durability == "full":
-            dfd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+                dfd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except BaseException:  # the write fails: its file must not stay, unindexed and uncounted
+                self._try_unlink(path)
+                raise
 
     # ---- read -------------------------------------------------------------------------
 

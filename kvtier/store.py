@@ -317,9 +317,18 @@ class Store:
             with self._qlock:
                 for b in blocks:
                     if self._admit((b.ns, b.key), b.length):
+                        # as a demotion's: a promotion of the key (deleted from RAM meanwhile)
+                        # waits until the write has ended, and a delete that overlapped it with it
+                        self._landing[(b.ns, b.key)] = threading.Event()
                         held.append(b)
-            for b in held:
-                self.io.submit(self._write_held, b)
+            for i, b in enumerate(held):
+                try:
+                    self.io.submit(self._write_held, b)
+                except RuntimeError:  # the writers are shut down (the daemon stops): not written
+                    for b2 in held[i:]:
+                        self._written((b2.ns, b2.key), b2.length)
+                    del held[i:]
+                    break
         if self.cluster.write_policy == "commit":
             up = [b for b in blocks if not b.promoted]
             if up:
@@ -347,9 +356,20 @@ class Store:
         except Exception:
             log.exception("write-behind of a block failed")
         finally:
-            if self._finish(k, b.length):  # deleted or replaced while we wrote: do not resurrect it
-                self.cold.delete(b.ns, b.key)
+            self._written(k, b.length)
             self.hot.unhold(b)
+
+    def _written(self, k: tuple[str, bytes], length: int) -> None:
+        """A write-at-commit has ended: its copy goes if the key was deleted or replaced while it
+        was written (do not resurrect it), and promotions waiting for it go on."""
+        try:
+            if self._finish(k, length):
+                self.cold.delete(*k)
+        finally:
+            with self._qlock:
+                landed = self._landing.pop(k, None)
+            if landed is not None:
+                landed.set()
 
     def _on_evict(self, b: Block) -> None:  # hot lock held: copy out before the slot is reused
         if self.cluster.write_policy == "evict" and not b.promoted:
@@ -478,7 +498,9 @@ class Store:
         def dest(n: int) -> memoryview:
             if "r" in holder:  # asked again (a compressed record): the first slot had the wrong size
                 self.hot.discard(holder.pop("r"))
-            r = self.hot.reserve(ns, [key], [n])
+            # no expiry: a read stalled past reservation_ms (a disk's I/O timeout is 30 s) must not
+            # land in a slot given to another block meanwhile; every path here ends it
+            r = self.hot.reserve(ns, [key], [n], expires=False)
             if not r.reservation_id:
                 raise _Present()
             holder["r"] = r.reservation_id
@@ -717,7 +739,7 @@ class Store:
             if gens[i] is None:
                 return None  # being deleted: a miss
             try:
-                r = hot.reserve(ns, [keys[i]], [n])
+                r = hot.reserve(ns, [keys[i]], [n], expires=False)  # ended below, as _promote's
             except errors.KvtierError:
                 return None  # no room: a miss
             if not r.reservation_id:

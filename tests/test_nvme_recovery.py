@@ -1,0 +1,178 @@
+"""The NVMe tier under errors and races: a passing I/O error never costs a sound file, a start
+is not stopped by an odd directory entry, the same block in two directories is one block, a
+failed write leaves no file, and neither a delete that overlaps a write nor a read that outlives
+its reservation brings back or misplaces bytes."""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+
+import pytest
+
+from kvtier import cold as C
+from kvtier import record as R
+from kvtier.client import Client
+from kvtier.cold import ColdTier
+from test_cold import NS, key, read, write
+
+from conftest import wait_until
+
+
+def files(d) -> list[str]:
+    out = []
+    for root, _, fs in os.walk(str(d)):
+        out += [os.path.join(root, f) for f in fs]
+    return sorted(out)
+
+
+@pytest.mark.parametrize("err", [errno.EIO, errno.EMFILE, errno.EACCES])
+def test_the_check_after_a_restart_keeps_files_it_could_not_read(tmp_path, monkeypatch, err):
+    """A passing error (EIO, out of descriptors, EACCES) while the headers are checked after a
+    restart removed every file it hit: sound blocks, a whole directory. A read keeps the file on
+    the same errors; so does the check now (counted as an I/O error, checked again when read)."""
+    d = tmp_path / "d"
+    t = ColdTier([(str(d), 1 << 30)], direct_io="off")
+    for i in range(4):
+        assert write(t, key(i), bytes([i]) * 8192)
+    again = ColdTier([(str(d), 1 << 30)], direct_io="off")
+    assert again.scan() == 4
+    real = os.open
+
+    def flaky(p, *a, **kw):
+        if str(p).endswith(C.SUFFIX):
+            raise OSError(err, os.strerror(err), p)
+        return real(p, *a, **kw)
+    monkeypatch.setattr(os, "open", flaky)
+    again.verify_pending(threads=1)
+    monkeypatch.undo()
+    assert len(files(d)) == 4 and again.stats.io_errors == 4 and again.stats.corrupt_removed == 0
+    assert read(again, key(0)) == bytes([0]) * 8192
+
+
+def test_a_start_goes_on_past_entries_it_cannot_use(tmp_path, monkeypatch):
+    """A file name that is not UTF-8, a directory named like a record, and a crash's temp file on
+    a drive remounted read-only each stopped the scan, and with it the daemon's start."""
+    d = tmp_path / "d"
+    t = ColdTier([(str(d), 1 << 30)], direct_io="off")
+    k = key(1)
+    assert write(t, k, b"x" * 8192)
+    sub = os.path.join(str(d), k.hex()[:2])
+    with open(os.path.join(sub, k.hex()).encode() + b".\xff.kvb", "wb") as f:
+        f.write(b"\0" * 10000)
+    os.mkdir(os.path.join(sub, f"{key(2).hex()}.{NS}.kvb"))
+    open(os.path.join(sub, f".{k.hex()}.{NS}.kvb.abcd1234.tmp"), "wb").close()
+
+    def read_only(p, *a, **kw):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), p)
+    monkeypatch.setattr(os, "unlink", read_only)
+    again = ColdTier([(str(d), 1 << 30)], direct_io="off")
+    assert again.scan() == 1 and again.stats.io_errors >= 1
+    monkeypatch.undo()
+    assert read(again, k) == b"x" * 8192
+    assert C.parse_name(f"{k.hex()}.Bad Name.kvb") is None and C.parse_name(f"{'ab' * 5}.{NS}.kvb") is None
+
+
+def test_a_block_in_two_directories_is_its_newest_copy(tmp_path):
+    """nvme.dirs changed between runs (or a rewrite after an unlink that failed): the same key in
+    two directories was counted twice, a delete left one copy (served again after a restart), and
+    evicting it twice left its key blocking every later write of it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    k = key(3, dir_of=0)
+    assert write(ColdTier([(str(a), 1 << 30)], direct_io="off"), k, b"o" * 8192)  # an earlier run
+    time.sleep(0.01)
+    assert write(ColdTier([(str(b), 1 << 30)], direct_io="off"), k, b"n" * 8192)  # a later one
+    size = R.header_size(NS, k, True) + 8192
+    both = ColdTier([(str(a), 2 * size), (str(b), 1 << 30)], direct_io="off")
+    assert both.scan() == 1
+    assert files(a) == [] and len(files(b)) == 1  # the older copy is gone
+    assert both.snapshot()["used_bytes"] == os.path.getsize(files(b)[0])
+    assert read(both, k) == b"n" * 8192
+    for i in range(3):  # directory a fills and evicts
+        assert write(both, key(100 + i, dir_of=0), bytes([i]) * 8192)
+    done = threading.Event()
+    threading.Thread(target=lambda: (write(both, k, b"z" * 8192), done.set()), daemon=True).start()
+    assert done.wait(5)
+    assert both.delete(NS, k) and not any(k.hex() in f for f in files(a) + files(b))
+
+
+def test_a_write_whose_directory_sync_fails_leaves_no_file(tmp_path, monkeypatch):
+    """durability = "full": the rename is made, then the directory's fsync fails. The write
+    fails, so its file must not stay (unindexed, uncounted, served again after a restart)."""
+    d = tmp_path / "d"
+    t = ColdTier([(str(d), 1 << 30)], direct_io="off", durability="full")
+
+    def fsync(fd):
+        raise OSError(errno.EIO, "EIO")
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert not write(t, key(5), b"q" * 8192)
+    monkeypatch.undo()
+    assert not t.contains(NS, key(5)) and t.snapshot()["used_bytes"] == 0 and files(d) == []
+
+
+def test_a_delete_during_a_write_at_commit_stays_deleted(make_daemon, tmp_path):
+    """nvme.write_policy = "commit": a Delete answered while the block's file was written. The
+    write then indexed the file, and until it saw the delete a get promoted the deleted bytes
+    back into RAM, where they stayed. Such a get now waits for the write to end."""
+    d = make_daemon(ram={"capacity": "8MiB"},
+                    nvme={"dirs": [str(tmp_path / "nv")], "capacity": "64MiB", "io_threads": 2,
+                          "write_policy": "commit"})
+    st = d.daemon.store
+    k, data = os.urandom(16), os.urandom(100_000)
+    in_write, go = threading.Event(), threading.Event()
+    real_write, real_finish = st.cold.write, st._finish
+
+    def slow_write(ns, kk, *a, **kw):
+        if kk == k:
+            in_write.set()
+            go.wait(10)
+        return real_write(ns, kk, *a, **kw)
+
+    def late_finish(kk, n):  # the writing thread descheduled right after the file was indexed
+        if kk == ("ns", k):
+            time.sleep(1.0)
+        return real_finish(kk, n)
+    st.cold.write, st._finish = slow_write, late_finish
+    with Client(d.address) as c:
+        assert c.put("ns", k, data)
+        assert in_write.wait(10)
+        assert c.delete("ns", [k]) == 1
+        go.set()
+        wait_until(lambda: st.cold.contains("ns", k), what="the write to index its file")
+        got = c.get("ns", k)  # begun after the Delete answered
+        wait_until(lambda: st.queued_bytes == 0, what="the write to end")
+        assert (got, c.get("ns", k)) == (None, None)
+
+
+def test_a_promotion_read_that_outlives_the_reservation_ttl_lands_in_its_own_slot(make_daemon, tmp_path):
+    """A promotion's slot was reserved with the clients' reservation TTL: a read from a failing
+    drive that took longer (the kernel's I/O timeout is 30 s, as the default TTL) had its slot
+    given to another block, then wrote over it."""
+    d = make_daemon(ram={"capacity": "8MiB", "reservation_ms": 200},
+                    nvme={"dirs": [str(tmp_path / "nv")], "capacity": "64MiB", "io_threads": 2,
+                          "write_policy": "commit", "bounce_reads": "off", "direct_io": "off"})
+    st = d.daemon.store
+    a, b = os.urandom(16), os.urandom(16)
+    da, db = os.urandom(256 << 10), os.urandom(256 << 10)
+    real_read = st.cold.read
+
+    def slow_read(ns, kk, dest):
+        def slow_dest(n):
+            v = dest(n)
+            if kk == a:
+                time.sleep(1.5)  # the drive takes its time; a 200 ms reservation would run out
+            return v
+        return real_read(ns, kk, slow_dest)
+    got: list = []
+    with Client(d.address) as c:
+        assert c.put("ns", a, da)
+        wait_until(lambda: st.cold.contains("ns", a) and st.queued_bytes == 0, what="write-behind")
+        st.hot.delete("ns", [a])  # as an eviction would
+        st.cold.read = slow_read
+        t = threading.Thread(target=lambda: got.append(Client(d.address).get("ns", a)), daemon=True)
+        t.start()
+        time.sleep(0.8)
+        assert c.put("ns", b, db)
+        t.join(10)
+        assert got == [da] and c.get_many("ns", [a, b]) == [da, db]
