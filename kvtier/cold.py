@@ -653,6 +653,14 @@ class ColdTier:
                                   self.retry_s)
                     d.degraded_until = time.monotonic() + self.retry_s
                     d.degraded_reason = os.strerror(e.errno)
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT) and d.used - size < d.capacity:
+                        # the filesystem holds less than the capacity said (another directory of
+                        # the tier or another program shares it): the tier's own files are all the
+                        # room it has, and later writes evict the oldest of them to make room
+                        log.warning("nvme dir %s: the filesystem is full; capacity lowered from %d to %d "
+                                    "bytes (what the tier's files take); a restart sizes it again",
+                                    d.path, d.capacity, d.used - size)
+                        d.capacity = d.used - size
             else:
                 log.exception("nvme write to %s failed", d.path)
         finally:
