@@ -84,6 +84,7 @@ SUFFIX = ".kvb"
 LOCK_PATIENCE_S = 0.5  # a lock held this briefly is a `kvtier check` looking, not another daemon
 AUTO_SHARE = 0.9  # an automatic capacity: this share of the filesystem's free space plus the tier's own files
 # ENOENT: the directory is gone; ENODEV: it is on another filesystem than at start (a drive unmounted)
+FULL_LOG_S = 60.0  # how often a filesystem full below the capacity is logged
 _DEGRADING = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.ENOENT, errno.ENODEV}
 
 
@@ -295,6 +296,7 @@ class ColdTier:
         # of such a key waits until the old file is gone, else the unlink could take its new file.
         self._removing: set[tuple[str, bytes]] = set()
         self._removed = threading.Condition(self.lock)
+        self._full_logged = -FULL_LOG_S
         # Tenants: group_of maps a namespace to its tenant; a tenant with an NVMe quota evicts its
         # own least recently used files, never another tenant's. A file stays filed under (and
         # charged to) the group it was written for: a reload that moves a namespace to another
@@ -581,6 +583,26 @@ class ColdTier:
                 self._removing.difference_update(k for k, _ in doomed)
                 self._removed.notify_all()
 
+    def _free_after_full(self, d: Dir, size: int) -> int:
+        """A write of ``size`` bytes found d's filesystem full though the capacity had room (it is
+        shared: another directory of the tier with an automatic capacity, another program):
+        evict d's oldest files until that much is free, so the next write fits; the bytes freed
+        (0 with no file of the tier's there: the directory is skipped for retry_s instead)."""
+        doomed, freed = [], 0
+        with self.lock:
+            while freed < size and d.lru:
+                k = next(iter(d.lru))
+                freed += d.lru[k]
+                doomed.append(self._doom(k))
+        if doomed:
+            self._remove(doomed)
+            now = time.monotonic()
+            if now >= self._full_logged + FULL_LOG_S:
+                self._full_logged = now
+                log.warning("nvme dir %s: the filesystem is full below the tier's capacity (shared with "
+                            "another directory or program): its oldest files make room", d.path)
+        return freed
+
     def _make_room(self, d: Dir, need: int) -> list:
         """Evict LRU entries of d until need bytes fit; returns them for _remove() (lock held)."""
         doomed = []
@@ -646,21 +668,14 @@ class ColdTier:
             ok = True
         except OSError as e:
             self.stats.io_errors += 1
-            if e.errno in _DEGRADING:
+            freed = self._free_after_full(d, size) if e.errno in (errno.ENOSPC, errno.EDQUOT) else 0
+            if e.errno in _DEGRADING and not freed:
                 with self.lock:
                     if d.degraded_until <= time.monotonic():
                         log.error("nvme dir %s: %s; skipping it for %.0fs", d.path, os.strerror(e.errno),
                                   self.retry_s)
                     d.degraded_until = time.monotonic() + self.retry_s
                     d.degraded_reason = os.strerror(e.errno)
-                    if e.errno in (errno.ENOSPC, errno.EDQUOT) and d.used - size < d.capacity:
-                        # the filesystem holds less than the capacity said (another directory of
-                        # the tier or another program shares it): the tier's own files are all the
-                        # room it has, and later writes evict the oldest of them to make room
-                        log.warning("nvme dir %s: the filesystem is full; capacity lowered from %d to %d "
-                                    "bytes (what the tier's files take); a restart sizes it again",
-                                    d.path, d.capacity, d.used - size)
-                        d.capacity = d.used - size
             else:
                 log.exception("nvme write to %s failed", d.path)
         finally:
