@@ -491,7 +491,7 @@ class ColdTier:
                 meta.header_size != record.header_size(*k, aligned=True) or \
                 bool(meta.expires_ms and meta.expires_ms < time.time() * 1000)
         except FileNotFoundError:
-            self._drop_entry(k, di, size, unlink=False)  # gone behind our back: a plain miss
+            self._drop_entry(k, di, size, unlink=False, unverified=True)  # gone behind our back: a miss
             return False
         except (CorruptRecord, ValueError):
             pass
@@ -502,7 +502,7 @@ class ColdTier:
             with self.lock:
                 self._unverified.discard(k)
             return False
-        if not self._drop_entry(k, di, size):
+        if not self._drop_entry(k, di, size, unverified=True):
             return None
         self.stats.corrupt_removed += 1
         return True
@@ -813,7 +813,7 @@ class ColdTier:
             if got < size:
                 raise CorruptRecord(f"truncated: {got - hs} of {meta.stored_len} bytes")
             if meta.expires_ms and meta.expires_ms < time.time() * 1000:
-                self._drop_entry(k, di, size)
+                self._drop_entry(k, di, size, fd=fd)
                 self.stats.misses += 1
                 return None
             if meta.codec == record.CODEC_RAW:
@@ -832,7 +832,7 @@ class ColdTier:
             if isinstance(e, _DestinationGone) or (isinstance(e, ValueError) and _released(out)):
                 self.stats.misses += 1  # the buffer to read into went away (shutdown): the file is fine
                 return None
-            if self._drop_entry(k, di, size):  # else replaced while we read: what we saw was a mix
+            if self._drop_entry(k, di, size, fd=fd):  # else replaced while we read: what we saw was a mix
                 log.warning("nvme %s: %s; removed", path, e)
                 self.stats.checksum_failures += 1
                 self.stats.corrupt_removed += 1
@@ -860,13 +860,27 @@ class ColdTier:
 
     # ---- removal ----------------------------------------------------------------------
 
-    def _drop_entry(self, k, di: int, size: int, unlink: bool = True) -> bool:
-        """Forget k and remove its file, if the index still holds the entry that was read (same
-        directory and size); False when k was deleted or replaced meanwhile (a plain miss). The
-        file goes under the lock, so a new write of k cannot start before it is gone."""
+    def _drop_entry(self, k, di: int, size: int, unlink: bool = True, fd: int | None = None,
+                    unverified: bool = False) -> bool:
+        """Forget k and remove its file, if the index still holds the entry that was read; False
+        when k was deleted or replaced meanwhile (a plain miss). The entry is the one read when
+        its directory and size match and: the file at its path is the one read (``fd``), or
+        (``unlink=False``: the file was not found) there is none; with ``unverified``, k is still
+        unchecked (a rewrite since is not). The file goes under the lock, so a new write of k
+        cannot start before it is gone."""
         with self.lock:
             if self._index.get(k) != di or self.dirs[di].lru.get(k) != size:
                 return False
+            if unverified and k not in self._unverified:
+                return False
+            at = self._path(di, *k)
+            if fd is not None or not unlink:
+                try:
+                    now = os.stat(at).st_ino
+                except OSError:
+                    now = None
+                if now is not None and (not unlink or now != os.fstat(fd).st_ino):
+                    return False  # a newer write of k renamed its file into place since
             path = self._evict_key(k)
             self.stats.evictions -= 1  # a removal, not an eviction
             if unlink:

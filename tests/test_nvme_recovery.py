@@ -199,3 +199,30 @@ def test_a_full_filesystem_makes_the_tier_evict_its_own_files(tmp_path, monkeypa
     assert not t.snapshot()["dirs"][0]["degraded"]  # not skipped: room was made
     assert write(t, key(3), b"3" * 8192) and read(t, key(3)) == b"3" * 8192
     assert t.snapshot()["used_bytes"] == used
+
+
+def test_a_read_that_lost_its_file_leaves_a_newer_one_alone(tmp_path, monkeypatch):
+    """A read found the key, then a Delete unlinked the file and a new write of the key (same
+    size) renamed its file into place before the read's open failed: the read's clean-up took the
+    new file's index entry, leaving that file unindexed and uncounted (served again after a
+    restart, over a later delete)."""
+    d = tmp_path / "d"
+    t = ColdTier([(str(d), 1 << 30)], direct_io="off")
+    k = key(6)
+    assert write(t, k, b"1" * 8192)
+    path = t._path(0, NS, k)
+    real = os.open
+    fired = []
+
+    def racing_open(p, *a, **kw):
+        if p == path and not fired:
+            fired.append(1)
+            t.delete(NS, k)
+            assert write(t, k, b"2" * 8192)
+            raise FileNotFoundError(errno.ENOENT, "No such file", p)
+        return real(p, *a, **kw)
+    monkeypatch.setattr(os, "open", racing_open)
+    assert read(t, k) is None
+    monkeypatch.undo()
+    assert t.contains(NS, k) and read(t, k) == b"2" * 8192
+    assert t.snapshot()["used_bytes"] == os.path.getsize(path)
