@@ -276,6 +276,7 @@ class ColdTier:
         (ConfigError) a directory another process holds; close() lets them go. A failure here
         leaves none of them held."""
         self.dirs: list[Dir] = []
+        self.missing: list[str] = []  # configured directories absent at start that could not be made
         self._owners: list[int] = []  # fds holding the directories' locks
         try:
             self._open_dirs(dirs, direct_io, exclusive)
@@ -313,7 +314,17 @@ class ColdTier:
     def _open_dirs(self, dirs: list[tuple[str, int]], direct_io: str, exclusive: bool) -> None:
         seen: dict[tuple[int, int], str] = {}
         for path, cap in dirs:
-            os.makedirs(path, exist_ok=True)
+            try:
+                os.makedirs(path, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise  # a file in the way: the configuration's error
+            except OSError as e:
+                # a drive that did not mount (under kvtier.service its mount point is read-only):
+                # the tier runs on the other directories, or RAM alone, instead of not at all
+                log.error("nvme.dirs: %s does not exist and cannot be created (%s): running without it "
+                          "until a restart finds it (is its drive mounted?)", path, e.strerror)
+                self.missing.append(os.path.abspath(path))
+                continue
             st = os.stat(path)
             if exclusive:
                 other = seen.setdefault((st.st_dev, st.st_ino), path)
@@ -926,7 +937,10 @@ class ColdTier:
                 "dirs": [{"path": d.path, "capacity_bytes": d.capacity, "used_bytes": d.used,
                           "blocks": len(d.lru), "direct_io": d.direct,
                           "degraded": d.degraded_until > now, "degraded_reason": d.degraded_reason}
-                         for d in self.dirs],
+                         for d in self.dirs] +
+                        [{"path": p, "capacity_bytes": 0, "used_bytes": 0, "blocks": 0, "direct_io": False,
+                          "degraded": True, "degraded_reason": "missing at start", "missing": True}
+                         for p in self.missing],
                 **{f: getattr(self.stats, f) for f in self.stats.__dataclass_fields__},
             }
 

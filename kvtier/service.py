@@ -451,7 +451,8 @@ class KVTierService(pb_grpc.KVTierServicer):
                 dropped_writes=c["dropped_writes"] + c["queue_dropped"], queued_bytes=c["queued_bytes"],
                 promotions=c["promotions"], demotions=c["demotions"],
                 degraded=[d["path"] for d in c["dirs"] if d["degraded"]],
-                direct_io=all(d["direct_io"] for d in c["dirs"]), bounce_reads=c["bounce_reads"]))
+                direct_io=all(d["direct_io"] for d in c["dirs"] if not d.get("missing")),
+                bounce_reads=c["bounce_reads"]))
         nss = []
         saved = s["prefill_tokens_saved_by_namespace"]
         for name, n in sorted(s["namespaces"].items()):

@@ -226,3 +226,24 @@ def test_a_read_that_lost_its_file_leaves_a_newer_one_alone(tmp_path, monkeypatc
     monkeypatch.undo()
     assert t.contains(NS, k) and read(t, k) == b"2" * 8192
     assert t.snapshot()["used_bytes"] == os.path.getsize(path)
+
+
+@pytest.mark.parametrize("with_good", [True, False])
+def test_a_directory_missing_at_start_is_skipped_not_fatal(make_daemon, tmp_path, caplog, with_good):
+    """A drive that did not mount after a reboot: its directory is absent and cannot be made
+    (kvtier.service's mount point is read-only). The start failed, and systemd restarted the
+    daemon into the same failure: the node had no kvtier at all. It now serves with the other
+    directories (or RAM alone) and names the missing one, in the log and in stats."""
+    gone = "/proc/kvtier-no-such-drive/nvme"  # cannot be made, by root either
+    good = str(tmp_path / "nvme0")
+    caplog.set_level("ERROR", logger="kvtier")
+    d = make_daemon(nvme={"dirs": [good, gone] if with_good else [gone], "capacity": "64MiB",
+                          "write_policy": "commit"})
+    assert f"nvme.dirs: {gone} does not exist and cannot be created" in caplog.text
+    with Client(d.address) as c:
+        assert c.put("ns", b"k" * 16, b"v" * 4096)
+        assert c.get("ns", b"k" * 16) == b"v" * 4096
+        t = next(t for t in c.stats().tiers if t.name == "nvme")
+        assert list(t.degraded) == [gone]
+        if with_good:
+            wait_until(lambda: any(k.endswith(".kvb") for k in files(good)), what="the block on NVMe")
