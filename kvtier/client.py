@@ -81,6 +81,9 @@ PUT_SPLIT_KEYS = 64
 # side by side, as far as the memory bus allows; smaller batches are not worth the hand-off.
 COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
 COPY_PARALLEL_MIN = 4 << 20
+# An AsyncClient copies a batch of at least this many bytes in a worker thread, so its event loop
+# serves other tasks meanwhile; a smaller one is quicker than the hand-off
+ASYNC_COPY_MIN = 1 << 20
 COPY_BLOCK_MIN = 256 << 10
 _MAX_MSG = 256 << 20
 _RESPONSES = {m.name: getattr(pb, m.output_type.name) for m in pb.DESCRIPTOR.services_by_name["KVTier"].methods}
@@ -786,7 +789,8 @@ class _Ops:
     def _copy_in(self, res: Reservation, datas):
         """Copy the blocks into their slots; their checksums. On failure the reservation is aborted."""
         try:
-            return _copy_all([(v, d, True) for v, d in zip(res.views, datas) if v is not None])
+            jobs = [(v, d, True) for v, d in zip(res.views, datas) if v is not None]
+            return (yield ("copy", _copy_all, sum(len(d) for _, d, _ in jobs), jobs))
         except BaseException:
             yield from self.op_abort(res)
             raise
@@ -897,7 +901,7 @@ class _Ops:
                 lease = self._lease(arena, j - i, (yield ("finish", started, "Acquire", req)))
                 ram = ram and pb.TIER_NVME not in lease.tiers and pb.TIER_CLUSTER not in lease.tiers
                 try:
-                    out[i:j] = self._copy_out(lease, into[i:j] if into is not None else None)
+                    out[i:j] = yield from self._copy_out(lease, into[i:j] if into is not None else None)
                 finally:
                     yield from self._release_posted(lease)
         except GeneratorExit:
@@ -923,7 +927,12 @@ class _Ops:
             with contextlib.suppress(errors.UnknownLease):
                 yield from self.op_release(lease)
 
-    def _copy_out(self, lease: Lease, into) -> list:
+    def _copy_out(self, lease: Lease, into):
+        """The leased blocks, copied out (into ``into``'s buffers if given) and checked."""
+        n = sum(len(v) for v in lease.views if v is not None)
+        return (yield ("copy", self._copy_out_now, n, lease, into))
+
+    def _copy_out_now(self, lease: Lease, into) -> list:
         if into is None:
             out: list = []
             for i, v in enumerate(lease.views):
@@ -1066,6 +1075,8 @@ class Client:
 
     def _call(self, req):
         kind = req[0]
+        if kind == "copy":  # arena copies: fn(*args), here
+            return req[1](*req[3:])
         if kind == "post":  # a unary call whose answer nobody waits for; False: make it as "unary"
             return self._ops.control == "data" and self._ops.control_post(req[1], req[2])
         try:
@@ -1222,6 +1233,8 @@ class AsyncClient:
     async def _call(self, req):
         kind = req[0]
         ops, thread = self._ops, _in_thread
+        if kind == "copy":  # arena copies of req[2] bytes: a large one off the loop (other tasks run on)
+            return await thread(req[1], *req[3:]) if req[2] >= ASYNC_COPY_MIN else req[1](*req[3:])
         if kind == "post":
             return ops.control == "data" and await thread(ops.control_post, req[1], req[2])
         control = _control_in_thread

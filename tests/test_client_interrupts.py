@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 import time
 
 import pytest
@@ -184,4 +185,31 @@ def test_cancelling_a_call_to_a_stalled_daemon_is_prompt(daemon_process):
                 os.kill(d.proc.pid, signal.SIGCONT)
             assert took < 2.0
             assert (await c.lookup("ns", [b"k" * 16]))[1] == 0  # and the client goes on
+    asyncio.run(main())
+
+
+def test_an_async_clients_large_arena_copies_leave_its_event_loop_free(daemon, monkeypatch):
+    """An AsyncClient copied blocks into and out of the arena on its event loop's thread: a large
+    put_many or get_many stalled every other task of the loop for the whole copy. A batch of at
+    least ASYNC_COPY_MIN bytes is copied in a worker thread now; a small one stays on the loop."""
+    items = [(key(("loop", i)), os.urandom(MiB)) for i in range(4)]
+    small = [(key(("small", i)), b"s" * 4096) for i in range(4)]
+    seen: list = []
+    real = C._copy_all
+
+    def spy(jobs):
+        seen.append(threading.current_thread() is threading.main_thread())
+        return real(jobs)
+    monkeypatch.setattr(C, "_copy_all", spy)
+
+    async def main():
+        async with AsyncClient(daemon.address) as c:
+            await c.put_many("ns", items)
+            assert await c.get_many("ns", [k for k, _ in items], into=[bytearray(MiB) for _ in items]) \
+                == [v for _, v in items]
+            assert seen == [False, False]  # neither on the loop's thread
+            seen.clear()
+            await c.put_many("ns", small)
+            assert await c.get_many("ns", [k for k, _ in small]) == [v for _, v in small]
+            assert seen == [True]  # the small put's copy on the loop; a get without into copies itself
     asyncio.run(main())
