@@ -381,6 +381,7 @@ def test_a_client_without_a_data_connection_goes_over_grpc_and_comes_back(make_d
             for s in held:
                 s.close()
     # full at attach: over gRPC from the start, then back
+    wait_until(lambda: dc.open_connections == 0, what="the last client's connections gone")
     held = [hold(), hold()]
     with Client(d.address, attach=False, timeout=5) as c:
         works(c, b"d" * 16)
