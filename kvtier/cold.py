@@ -63,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -135,9 +136,15 @@ def parse_name(name: str) -> tuple[str, bytes] | None:
         key = bytes.fromhex(h)
     except ValueError:
         return None
-    if len(key) not in KEY_SIZES or not NAMESPACE_RE.fullmatch(ns):
+    if len(key) not in KEY_SIZES or not _valid_namespace(ns):
         return None
     return ns, key
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_namespace(ns: str) -> bool:
+    """NAMESPACE_RE, once per namespace: a restart's scan asks it for every file (millions)."""
+    return NAMESPACE_RE.fullmatch(ns) is not None
 
 
 def probe_direct(path: str) -> bool:
