@@ -410,7 +410,7 @@ class ColdTier:
                     d.capacity = _auto_capacity(d.path, d.used)
                 doomed += self._make_room(d, 0)  # a capacity lowered since: the oldest files go
         if doomed:
-            self._remove(doomed)
+            self.remove(doomed)
             log.warning("nvme scan: removed %d files over the capacity", len(doomed))
             found = [f for f in found if f[2] in self._index]
         self._verify_order = [k for _, k in sorted([(f[4], f[2]) for f in found])]  # inode order: about disk order
@@ -585,12 +585,12 @@ class ColdTier:
         return self._path(di, *k)
 
     def _doom(self, k) -> tuple[tuple[str, bytes], str]:
-        """Forget a written block whose file the caller unlinks after the lock, with _remove()
+        """Forget a written block whose file the caller unlinks after the lock, with remove()
         (lock held)."""
         self._removing.add(k)
         return k, self._evict_key(k)
 
-    def _remove(self, doomed: list) -> None:
+    def remove(self, doomed: list) -> None:
         """Unlink the files of doomed blocks (lock not held), then let new writes of their keys
         start. A file that cannot be unlinked is logged and counted, not raised."""
         try:
@@ -613,7 +613,7 @@ class ColdTier:
                 freed += d.lru[k]
                 doomed.append(self._doom(k))
         if doomed:
-            self._remove(doomed)
+            self.remove(doomed)
             now = time.monotonic()
             if now >= self._full_logged + FULL_LOG_S:
                 self._full_logged = now
@@ -622,7 +622,7 @@ class ColdTier:
         return freed
 
     def _make_room(self, d: Dir, need: int) -> list:
-        """Evict LRU entries of d until need bytes fit; returns them for _remove() (lock held)."""
+        """Evict LRU entries of d until need bytes fit; returns them for remove() (lock held)."""
         doomed = []
         while d.used + need > d.capacity and d.lru:
             doomed.append(self._doom(next(iter(d.lru))))
@@ -630,7 +630,7 @@ class ColdTier:
 
     def _make_group_room(self, g: str, need: int) -> tuple[list, bool]:
         """Evict the group's LRU files until need more bytes fit its quota (lock held); returns
-        them for _remove(), and False when the quota cannot hold them even so (the rest is being
+        them for remove(), and False when the quota cannot hold them even so (the rest is being
         written): what was evicted is gone from the index all the same and must be unlinked."""
         q = self.quotas.get(g, 0)
         if not q:
@@ -677,7 +677,7 @@ class ColdTier:
             else:
                 self.stats.dropped_writes += 1
         if doomed:
-            self._remove(doomed)
+            self.remove(doomed)
         if not fits:
             return False
         ok = False
@@ -905,14 +905,22 @@ class ColdTier:
                 self._try_unlink(path)
         return True
 
-    def delete(self, ns: str, key: bytes) -> bool:
+    def forget(self, ns: str, key: bytes) -> list | None:
+        """Drop key from the index at once (no I/O); the file goes with remove() of what this
+        returns, and new writes of the key wait for that. None when the tier does not hold it."""
         k = (ns, key)
         with self.lock:
             if k not in self._index:
-                return False
+                return None
             doomed = [self._doom(k)]
             self.stats.evictions -= 1  # a removal, not an eviction
-        self._remove(doomed)
+        return doomed
+
+    def delete(self, ns: str, key: bytes) -> bool:
+        doomed = self.forget(ns, key)
+        if doomed is None:
+            return False
+        self.remove(doomed)
         return True
 
     @staticmethod

@@ -291,6 +291,22 @@ class Store:
                 self._queued[(ns, key)] = True
         return self.cold.delete(ns, key)
 
+    def _forget_lower_soon(self, ns: str, key: bytes) -> None:
+        """_forget_lower() for a caller holding the hot lock on the loop (an overwrite's commit):
+        the copy leaves the index now, its file is unlinked on an NVMe thread, so a stalled
+        filesystem stalls that unlink, not every RAM operation. A new write of the key (queued
+        after it) waits for the unlink."""
+        with self._qlock:
+            if (ns, key) in self._queued:
+                self._queued[(ns, key)] = True
+        doomed = self.cold.forget(ns, key)
+        if doomed is None:
+            return
+        try:
+            self.io.submit(self.cold.remove, doomed)
+        except RuntimeError:  # the writers are shut down (the daemon stops)
+            self.cold.remove(doomed)
+
     def attach_cluster(self, cluster, loop: asyncio.AbstractEventLoop) -> None:
         self.cluster, self.loop = cluster, loop
         # blocks waiting for a cluster write hold their RAM slots: a slow or stopped server must
@@ -309,7 +325,8 @@ class Store:
                 return [blocks[0]]
         for b in blocks:
             if b.overwrite:  # the NVMe copy, if any, is the old content now
-                self._forget_lower(b.ns, b.key)
+                if self.io is not None:
+                    self._forget_lower_soon(b.ns, b.key)
                 if not isinstance(self.cluster, NullCluster) and self.cluster.write_policy != "commit":
                     self.loop.call_soon_threadsafe(self._cluster_delete_soon, b.ns, b.key)  # else replaced by the write
         held = []

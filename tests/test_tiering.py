@@ -942,6 +942,41 @@ def test_overwrite_of_a_block_only_on_nvme_replaces_it(make_daemon, tmp_path):
         assert c.get(NS, target) == blob(BLOCK, "v2")
 
 
+def test_overwrite_does_not_wait_for_the_old_files_unlink(make_daemon, tmp_path, monkeypatch):
+    """An overwrite drops the NVMe copy of the old content: a stalled filesystem (a failing
+    drive) must stall only that unlink, not the commit and every other put behind it."""
+    d = make_daemon(**settings(tmp_path, write_policy="commit"))
+    target = key(0)
+    with Client(d.address) as c:
+        assert c.put(NS, target, blob(64 * KiB, "v1"))
+        wait_for(lambda: nvme(c).blocks == 1, what="write-behind")
+        old_file = file_of(tmp_path / "nvme0", target)
+        gate, entered = threading.Event(), threading.Event()
+        real = os.unlink
+
+        def stalled(path, *a, **kw):
+            if str(path) == old_file:
+                entered.set()
+                gate.wait(20)
+            return real(path, *a, **kw)
+
+        monkeypatch.setattr(C.os, "unlink", stalled)
+        try:
+            t0 = time.monotonic()
+            assert c.put(NS, target, blob(64 * KiB, "v2"), overwrite=True)
+            assert c.put(NS, key(1), blob(64 * KiB, 1))  # another put, on the same loop
+            took = time.monotonic() - t0
+            assert entered.wait(5), "the old file was not unlinked"
+            assert took < 5, f"puts waited {took:.1f} s for an unlink"
+            assert c.get(NS, target) == blob(64 * KiB, "v2")
+        finally:
+            gate.set()
+        # the new content reaches NVMe once the old file is gone, and is what a reader finds there
+        wait_for(lambda: nvme(c).queued_bytes == 0 and nvme(c).blocks == 2, what="the new copy written")
+        with open(old_file, "rb") as f:
+            assert blob(64 * KiB, "v2") in f.read()
+
+
 # ---- full disk and queue bound --------------------------------------------------------------------
 
 def test_enospc_through_the_daemon_keeps_the_tier_within_the_room_it_has(make_daemon, tmp_path, small_tmpfs):
