@@ -26,13 +26,17 @@ from kvtier.server import DaemonThread
 
 # vLLM opens its engine's ZeroMQ sockets under VLLM_RPC_BASE_PATH (the system's temp directory
 # unless set) and leaves them there; the tests' engines, in process or not, use one directory of
-# the run's own, removed at its end
-_VLLM_RPC_DIR = tempfile.mkdtemp(prefix="kvt-vllm-rpc-")
-os.environ.setdefault("VLLM_RPC_BASE_PATH", _VLLM_RPC_DIR)
+# the run's own, removed at its end. Made once per run: a second import of this module (as
+# tests.conftest) or a child process that imports it finds the variable set and makes none.
+_VLLM_RPC_DIR = None
+if "VLLM_RPC_BASE_PATH" not in os.environ:
+    _VLLM_RPC_DIR = tempfile.mkdtemp(prefix="kvt-vllm-rpc-")
+    os.environ["VLLM_RPC_BASE_PATH"] = _VLLM_RPC_DIR
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(_VLLM_RPC_DIR, ignore_errors=True)
+    if _VLLM_RPC_DIR is not None:
+        shutil.rmtree(_VLLM_RPC_DIR, ignore_errors=True)
 
 
 def _dirs():

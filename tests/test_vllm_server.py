@@ -17,7 +17,7 @@ import pytest
 
 from kvtier.client import Client
 from kvtier.server import DaemonThread
-from tests.conftest import _dirs, make_config, wait_until
+from conftest import _dirs, make_config, wait_until
 from tests.test_prewarm_e2e import Server, tiny_model, words  # noqa: F401  (fixture used by name)
 
 pytestmark = pytest.mark.timeout(300)
