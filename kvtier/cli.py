@@ -153,7 +153,8 @@ def start_warnings(cfg) -> list[str]:
     """What ``serve`` would start with but not as the docs describe: an arena outside tmpfs and
     hugetlbfs (e.g. a hugetlbfs not mounted where ram.arena_path expects it) is an ordinary file
     on whatever filesystem holds the path; an NVMe directory that does not exist yet is created
-    by the daemon only where it may write (not under kvtier.service's ProtectSystem=strict)."""
+    by the daemon only where it may write (not under kvtier.service's ProtectSystem=strict); one
+    under a mount point of /etc/fstab that is not mounted is skipped by the daemon."""
 
     from .arena import _mount_of
     out = []
@@ -161,8 +162,13 @@ def start_warnings(cfg) -> list[str]:
     if fstype not in ("tmpfs", "hugetlbfs"):
         out.append(f"ram.arena_path: {cfg.arena_path} is on {fstype or 'an unknown filesystem'}, not tmpfs or "
                    f"hugetlbfs: the arena would be an ordinary file there (is the filesystem meant for it mounted?)")
+    from .cold import unmounted_mount_point
     for d in cfg.nvme.dirs:
-        if not os.path.isdir(d):
+        unmounted = unmounted_mount_point(d)
+        if unmounted:
+            out.append(f"nvme.dirs: {d} is on {unmounted}, which /etc/fstab mounts but is not mounted now: "
+                       f"the daemon would run without it (mount it first)")
+        elif not os.path.isdir(d):
             out.append(f"nvme.dirs: {d} does not exist; under kvtier.service create it owned by kvtier "
                        f"(install -d -o kvtier -g kvtier {d}) and list it in ReadWritePaths")
     return out

@@ -17,7 +17,10 @@ returns ENOSPC or an I/O error, was removed, or is no longer on the filesystem
 it was on at start (a drive unmounted under it; the tier creates subdirectories,
 never the directory itself) is skipped for ``retry_s`` (logged, counted)
 and retried after, so the tier degrades to the other directories, or to
-RAM-only, and recovers when space returns.
+RAM-only, and recovers when space returns. A directory that is missing at start
+and cannot be created, or lies under a mount point of /etc/fstab that is not
+mounted (a drive that did not mount at boot: its blocks would fill the root
+filesystem), is skipped until a restart.
 
 Restart: ``scan()`` rebuilds the index from the file names and sizes alone
 (one ``stat`` per file, no file opened), so the daemon serves within about a
@@ -67,6 +70,7 @@ import functools
 import logging
 import mmap
 import os
+import re
 import secrets
 import threading
 import time
@@ -167,6 +171,38 @@ def probe_direct(path: str) -> bool:
             os.unlink(p)
         except FileNotFoundError:
             pass
+
+
+FSTAB = "/etc/fstab"
+MOUNTS = "/proc/mounts"
+
+
+def _mount_points(table: str) -> list[str]:
+    """The mount points (second field, octal escapes decoded) of an fstab-format file."""
+    out = []
+    with open(table, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 2 or parts[0].startswith("#") or not parts[1].startswith("/"):
+                continue
+            out.append(os.path.normpath(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])))
+    return out
+
+
+def unmounted_mount_point(path: str, fstab: str | None = None, mounts: str | None = None) -> str | None:
+    """The mount point of /etc/fstab that holds path but is not mounted now (its drive did not
+    mount, or was unmounted: path would be on the filesystem beneath it, usually the root
+    filesystem), else None. Unknown (no fstab, no /proc) is None."""
+    p = os.path.realpath(path)
+    try:
+        wanted = [m for m in _mount_points(fstab or FSTAB) if m != "/" and (p == m or p.startswith(m + "/"))]
+        if not wanted:
+            return None
+        mounted = set(_mount_points(mounts or MOUNTS))
+    except OSError:
+        return None
+    nearest = max(wanted, key=len)
+    return None if nearest in mounted else nearest
 
 
 def _open_dir(path: str) -> int:
@@ -321,6 +357,12 @@ class ColdTier:
     def _open_dirs(self, dirs: list[tuple[str, int]], direct_io: str, exclusive: bool) -> None:
         seen: dict[tuple[int, int], str] = {}
         for path, cap in dirs:
+            unmounted = unmounted_mount_point(path)
+            if unmounted:  # the files would fill the filesystem beneath, and vanish under the mount
+                log.error("nvme.dirs: %s is on %s, which /etc/fstab mounts but is not mounted: running "
+                          "without it until a restart finds it mounted", path, unmounted)
+                self.missing.append(os.path.abspath(path))
+                continue
             try:
                 os.makedirs(path, exist_ok=True)
             except (FileExistsError, NotADirectoryError):

@@ -359,6 +359,21 @@ def test_config_check_warns_of_nvme_directories_that_do_not_exist(tmp_path):
     assert f"nvme.dirs: {tmp_path}/nvme1 does not exist" in err and f"{tmp_path}/nvme0 " not in err, err
 
 
+def test_config_check_warns_of_nvme_directories_on_a_drive_not_mounted(tmp_path, monkeypatch, capsys):
+    from kvtier import cli, cold
+    (tmp_path / "mnt" / "nvme0" / "kvtier").mkdir(parents=True)  # made earlier, on the filesystem beneath
+    (tmp_path / "fstab").write_text(f"/dev/nvme0n1 {tmp_path}/mnt/nvme0 xfs defaults 0 2\n")
+    (tmp_path / "mounts").write_text("/dev/vda1 / ext4 rw 0 0\n")
+    monkeypatch.setattr(cold, "FSTAB", str(tmp_path / "fstab"))
+    monkeypatch.setattr(cold, "MOUNTS", str(tmp_path / "mounts"))
+    f = tmp_path / "k.toml"
+    f.write_text(f'[ram]\ncapacity = "64MiB"\n[nvme]\ndirs = ["{tmp_path}/mnt/nvme0/kvtier"]\n')
+    assert cli.main(["config", "check", str(f)]) == 0
+    err = capsys.readouterr().err
+    assert (f"nvme.dirs: {tmp_path}/mnt/nvme0/kvtier is on {tmp_path}/mnt/nvme0, which /etc/fstab mounts "
+            f"but is not mounted now") in err, err
+
+
 def test_config_check_refuses_the_directories_and_arena_path_serve_would(tmp_path):
     """serve refuses an arena or socket directory that everyone may write without the sticky bit,
     and a symbolic link at the arena's path (tests/test_local_security.py): config check says so

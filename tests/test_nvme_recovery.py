@@ -247,3 +247,59 @@ def test_a_directory_missing_at_start_is_skipped_not_fatal(make_daemon, tmp_path
         assert list(t.degraded) == [gone]
         if with_good:
             wait_until(lambda: any(k.endswith(".kvb") for k in files(good)), what="the block on NVMe")
+
+
+def _tables(tmp_path, fstab: list[str], mounted: list[str]):
+    """An fstab and a mount table (the format of /proc/mounts) naming these mount points."""
+    (tmp_path / "fstab").write_text("# a comment\n/dev/vda1 / ext4 defaults 0 1\n" +
+                                    "".join(f"UUID=x {m.replace(' ', chr(92) + '040')} xfs noatime 0 2\n" for m in fstab) +
+                                    "/swapfile none swap sw 0 0\n")
+    (tmp_path / "mounts").write_text("/dev/vda1 / ext4 rw 0 0\n" +
+                                     "".join(f"/dev/nvme0n1 {m.replace(' ', chr(92) + '040')} xfs rw 0 0\n" for m in mounted))
+    return str(tmp_path / "fstab"), str(tmp_path / "mounts")
+
+
+def test_unmounted_mount_point_names_the_fstab_entry_that_is_not_mounted(tmp_path):
+    drive, other = str(tmp_path / "mnt" / "nvme 0"), str(tmp_path / "mnt" / "nvme1")
+    fstab, mounts = _tables(tmp_path, [drive, other], [other])
+    assert C.unmounted_mount_point(os.path.join(drive, "kvtier"), fstab, mounts) == drive
+    assert C.unmounted_mount_point(drive, fstab, mounts) == drive
+    assert C.unmounted_mount_point(os.path.join(other, "kvtier"), fstab, mounts) is None
+    assert C.unmounted_mount_point(str(tmp_path / "mnt" / "nvme 01"), fstab, mounts) is None  # not under it
+    assert C.unmounted_mount_point(str(tmp_path / "elsewhere"), fstab, mounts) is None
+    # a mounted drive nearer to the path decides, whatever is above it
+    inner = os.path.join(drive, "inner")
+    fstab, mounts = _tables(tmp_path, [drive, inner], [inner])
+    assert C.unmounted_mount_point(os.path.join(inner, "kvtier"), fstab, mounts) is None
+    assert C.unmounted_mount_point(str(tmp_path / "x"), str(tmp_path / "no-fstab"), mounts) is None
+
+
+def test_a_directory_on_a_drive_that_did_not_mount_is_skipped(make_daemon, tmp_path, monkeypatch, caplog):
+    """A drive listed in /etc/fstab that did not mount at boot: its mount point is an empty
+    directory on the root filesystem. The daemon created its NVMe directory there and filled the
+    root filesystem (up to 90% of its free space) with blocks that vanished under the drive once
+    it mounted. It now runs without that directory, and says why; with the drive mounted, as usual."""
+    drive, good = tmp_path / "mnt" / "nvme0", tmp_path / "nvme1"
+    drive.mkdir(parents=True)
+    there = drive / "kvtier"
+    fstab, mounts = _tables(tmp_path, [str(drive)], [])
+    monkeypatch.setattr(C, "FSTAB", fstab)
+    monkeypatch.setattr(C, "MOUNTS", mounts)
+    caplog.set_level("ERROR", logger="kvtier")
+    d = make_daemon(nvme={"dirs": [str(there), str(good)], "capacity": "64MiB", "write_policy": "commit"})
+    assert f"nvme.dirs: {there} is on {drive}, which /etc/fstab mounts but is not mounted" in caplog.text
+    with Client(d.address) as c:
+        for i in range(8):
+            assert c.put("ns", bytes([i]) * 16, b"v" * 4096)
+        t = next(t for t in c.stats().tiers if t.name == "nvme")
+        assert list(t.degraded) == [str(there)]
+        wait_until(lambda: sum(f.endswith(".kvb") for f in files(good)) == 8, what="the blocks on the other drive")
+    assert not there.exists()
+    d.stop()
+    # mounted: used as any directory
+    _tables(tmp_path, [str(drive)], [str(drive)])  # the same two files, rewritten
+    d = make_daemon(nvme={"dirs": [str(there)], "capacity": "64MiB", "write_policy": "commit"})
+    with Client(d.address) as c:
+        assert c.put("ns", b"k" * 16, b"v" * 4096)
+        wait_until(lambda: any(f.endswith(".kvb") for f in files(there)), what="the block on the drive")
+        assert not next(t for t in c.stats().tiers if t.name == "nvme").degraded
