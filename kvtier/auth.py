@@ -24,7 +24,8 @@ Tenants file (TOML)::
     token_sha256 = ["..."]
     namespaces = ["*"]
 
-Quotas bound what a tenant's namespaces hold per tier; a tenant over one
+Quotas bound what a tenant's namespaces hold per tier (a namespace two tenants
+may use counts against the one naming it most closely: "acme-*" before "*"); a tenant over one
 evicts its own least recently used blocks, never another tenant's: RAM in
 ``kvtier.hot``, NVMe in ``kvtier.cold``, Redis in ``kvtier.clusterquota``
 (accounted in Redis itself, so every daemon sharing it enforces one quota).
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 from .config import parse_size, read_toml
@@ -54,6 +56,17 @@ class Tenant:
 
     def allows(self, ns: str) -> bool:
         return any(fnmatch.fnmatchcase(ns, p) for p in self.patterns)
+
+    def claim(self, ns: str) -> tuple[bool, int] | None:
+        """How closely this tenant's patterns name ns (the closest one's), None if none matches:
+        an exact name before any pattern, then the longer literal start ("acme-*" before "*")."""
+        best = None
+        for p in self.patterns:
+            if fnmatch.fnmatchcase(ns, p):
+                wild = next((i for i, ch in enumerate(p) if ch in "*?["), None)
+                c = (wild is None, len(p) if wild is None else wild)
+                best = c if best is None or c > best else best
+        return best
 
 
 class AllowAll:
@@ -94,7 +107,10 @@ class Tenants:
             raise ConfigError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}; use [tenants.NAME]")
         out: dict[str, Tenant] = {}
         seen: dict[str, str] = {}
-        for name, t in (data.get("tenants") or {}).items():
+        tenants = data.get("tenants") or {}
+        if not isinstance(tenants, dict):
+            raise ConfigError(f"{where}: tenants must be tables, one per tenant: [tenants.NAME]")
+        for name, t in tenants.items():
             at = f"{where}: tenants.{name}"
             if not isinstance(t, dict):
                 raise ConfigError(f"{at} must be a table")
@@ -104,15 +120,18 @@ class Tenants:
             hashes = t.get("token_sha256", [])
             if isinstance(hashes, str):
                 hashes = [hashes]
-            if not hashes or not all(isinstance(h, str) and len(h) == 64 and _is_hex(h) for h in hashes):
+            if not isinstance(hashes, list) or not hashes or not all(isinstance(h, str) and _HEX64.fullmatch(h)
+                                                                     for h in hashes):
                 raise ConfigError(f"{at}.token_sha256: a list of 64-hex-digit SHA-256 digests is required")
             for h in hashes:
                 if h.lower() in seen:
                     raise ConfigError(f"{at}.token_sha256: the same token also belongs to {seen[h.lower()]}")
                 seen[h.lower()] = name
             pats = t.get("namespaces", [])
-            if not pats or not all(isinstance(p, str) and p for p in pats):
-                raise ConfigError(f"{at}.namespaces: a non-empty list of namespace patterns is required")
+            # a string is refused, not read as a list of its characters (one of them "*": every namespace)
+            if not isinstance(pats, list) or not pats or not all(isinstance(p, str) and p for p in pats):
+                raise ConfigError(f"{at}.namespaces: a non-empty list of namespace patterns is required, "
+                                  f"e.g. [\"acme\", \"acme-*\"]; got {pats!r}")
             out[name] = Tenant(name, tuple(h.lower() for h in hashes), tuple(pats),
                                *(parse_size(t.get(q, 0), f"{at}.{q}") for q in ("ram_quota", "nvme_quota",
                                                                                  "redis_quota")))
@@ -136,21 +155,22 @@ class Tenants:
         return tenant is not None and tenant.allows(ns)
 
     def group_of(self, ns: str) -> str:
-        """The tenant owning a namespace (the first whose patterns match), for quotas."""
+        """The tenant owning a namespace, for quotas: the one whose patterns name it most closely
+        (Tenant.claim: "acme" or "acme-*" before an operator's "*", wherever each is in the file),
+        the first in the file among equals."""
         g = self._group_cache.get(ns)
         if g is None:
-            g = next((t.name for t in self.tenants.values() if t.allows(ns)), "")
+            g, best = "", None
+            for t in self.tenants.values():
+                c = t.claim(ns)
+                if c is not None and (best is None or c > best):
+                    g, best = t.name, c
             if len(self._group_cache) < 100_000:
                 self._group_cache[ns] = g
         return g
 
 
-def _is_hex(s: str) -> bool:
-    try:
-        bytes.fromhex(s)
-        return True
-    except ValueError:
-        return False
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def token_from_metadata(metadata) -> str | None:

@@ -185,6 +185,41 @@ def test_tenants_file_errors(tmp_path):
                                        "y": {"token_sha256": [_sha("t")], "namespaces": ["y"]}}})
     with pytest.raises(errors.ConfigError, match="ram_quota"):
         Tenants.from_dict({"tenants": {"x": {"token_sha256": [_sha("t")], "namespaces": ["x"], "ram_quota": "lots"}}})
+    # a string of patterns was read as a list of its characters, "*" among them: every namespace
+    with pytest.raises(errors.ConfigError, match=r"tenants.x.namespaces: a non-empty list .* got 'x-\*'"):
+        Tenants.from_dict({"tenants": {"x": {"token_sha256": [_sha("t")], "namespaces": "x-*"}}})
+    # [tenants] as a list or a string: a clear error, not an AttributeError
+    for not_tables in (["acme"], "acme"):
+        with pytest.raises(errors.ConfigError, match=r"\[tenants.NAME\]"):
+            Tenants.from_dict({"tenants": not_tables})
+    # a digest with spaces in it (bytes.fromhex takes them) never matches any token: refused
+    spaced = _sha("t")[:32] + " " + _sha("t")[33:]
+    assert len(spaced) == 64
+    with pytest.raises(errors.ConfigError, match="token_sha256"):
+        Tenants.from_dict({"tenants": {"x": {"token_sha256": [spaced], "namespaces": ["x"]}}})
+
+
+def test_quotas_go_to_the_tenant_that_names_a_namespace_most_closely():
+    """An operator's ["*"] listed first took every namespace for itself: the other tenants'
+    quotas were never applied. The order in the file no longer matters."""
+    from kvtier.auth import Tenants
+
+    def tenants(*entries):
+        return Tenants.from_dict({"tenants": {name: {"token_sha256": [_sha(name)], "namespaces": pats}
+                                              for name, pats in entries}})
+    for order in (1, -1):
+        t = tenants(*[("ops", ["*"]), ("acme", ["acme", "acme-*"]), ("eu", ["acme-eu-*"]),
+                      ("one", ["acme-eu-7"]), ("q", ["acme-?"])][::order])
+        assert t.group_of("acme") == "acme"
+        assert t.group_of("acme-us") == "acme"
+        assert t.group_of("acme-eu-1") == "eu"
+        assert t.group_of("acme-eu-7") == "one"  # an exact name before any pattern
+        assert t.group_of("globex") == "ops"
+        # "acme-*" and "acme-?" start alike: the first in the file
+        assert t.group_of("acme-x") == ("acme" if order == 1 else "q")
+    # equals: the first in the file
+    assert tenants(("a", ["x-*"]), ("b", ["x-*"])).group_of("x-1") == "a"
+    assert tenants(("b", ["x-*"]), ("a", ["x-*"])).group_of("x-1") == "b"
 
 
 def test_tcp_requires_tls_or_explicit_insecure():
@@ -305,9 +340,12 @@ def test_example_tenants_file_loads():
     assert t.identify("test").name == "acme"  # sha256("test") is acme's example digest
 
 
-def test_ram_quota_evicts_within_the_tenant_only(make_daemon, tmp_path):
+@pytest.mark.parametrize("ops_first", [False, True])
+def test_ram_quota_evicts_within_the_tenant_only(make_daemon, tmp_path, ops_first):
     p = tmp_path / "tenants.toml"
-    p.write_text(f'[tenants.a]\ntoken_sha256 = ["{_sha(TOKEN_A)}"]\nnamespaces = ["a-*"]\nram_quota = "2MiB"\n'
+    ops = f'[tenants.ops]\ntoken_sha256 = ["{_sha("ops-token")}"]\nnamespaces = ["*"]\n'  # sees all, owns none of these
+    p.write_text((ops if ops_first else "") +
+                 f'[tenants.a]\ntoken_sha256 = ["{_sha(TOKEN_A)}"]\nnamespaces = ["a-*"]\nram_quota = "2MiB"\n'
                  f'[tenants.b]\ntoken_sha256 = ["{_sha(TOKEN_B)}"]\nnamespaces = ["b-*"]\n')
     d = make_daemon(auth={"tenants_file": str(p)}, ram={"capacity": "16MiB"})
     mib = 1 << 20
