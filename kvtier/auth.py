@@ -8,7 +8,9 @@ maps to a tenant; a tenant sees only namespaces matching its patterns:
 Lookup, Reserve, Acquire, Get, Put, Delete, Pin, Unpin on another
 namespace are PERMISSION_DENIED, and Stats lists only its own namespaces.
 Reservation and lease ids are random 63-bit numbers, so one tenant cannot
-guess another's.
+guess another's. The arena is one file for all tenants: a process that may
+open it (same node, the service's group) reads and writes every block, so
+tenants separate what reaches the daemon only through its calls.
 
 Tenants file (TOML)::
 

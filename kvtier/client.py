@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import os
 import select
 import ssl
@@ -132,6 +133,35 @@ def grpc_target(address: str) -> str:
     if address.startswith("tcp://"):
         return address[len("tcp://"):]
     return address
+
+
+def reachable_data_address(control: str, data: str) -> str:
+    """The daemon's data channel as a client that reached its gRPC at ``control`` can reach it,
+    or "" (its calls then go over gRPC). A client on the Unix socket takes the address as given;
+    one over TCP never a unix:// path (on another node it is that node's own daemon), a wildcard
+    host (data_listen = "0.0.0.0:7071") becomes the host it dialled, and a loopback one is
+    refused unless it dialled loopback too (else it would reach its own node)."""
+    if not data or control.startswith("unix:"):
+        return data
+    if not data.startswith("tcp://"):
+        return ""
+    dialled = grpc_target(control).rsplit("/", 1)[-1].rpartition(":")[0].strip("[]")
+    host, _, port = data[len("tcp://"):].rpartition(":")
+    host = host.strip("[]")
+    if host in ("0.0.0.0", "::", ""):
+        host = dialled
+    elif _loopback(host) and not _loopback(dialled):
+        return ""
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -360,6 +390,7 @@ class _Ops:
                 yield from self._retry_data()
             return self.info
         info = yield ("unary", "Attach", pb.AttachRequest())
+        info.data_address = reachable_data_address(self.address, info.data_address)
         with self._attach_lock:  # never held across a yield: an AsyncClient's calls share a thread
             arena = self.arena
             mapped = arena.generation == info.generation if arena is not None else not self.want_arena

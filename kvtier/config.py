@@ -395,6 +395,12 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+def split_host_port(value: str) -> tuple[str, int]:
+    """A validated 'host:port' as (host, port); an empty host (':7070') is every IPv4 address."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 def _host_port(name: str, value: str, empty_host: bool) -> None:
     """'host:port' (or '[v6]:port'), port 0..65535; an empty host (':7070', every address) only
     where empty_host."""
@@ -405,6 +411,17 @@ def _host_port(name: str, value: str, empty_host: bool) -> None:
 
 def _section_name(section) -> str:
     return next(k for k, cls in _SECTIONS.items() if isinstance(section, cls))
+
+
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, less its NUL)
+
+
+def check_socket_path(name: str, path: str) -> None:
+    """The socket and the data channel's beside it ("<socket>.data") must fit a Unix address."""
+    n = len(os.fsencode(os.path.abspath(path) + ".data"))
+    if n > UNIX_PATH_MAX:
+        raise ConfigError(f"{name}: {path} is too long for a Unix socket: with the data channel's "
+                          f"\".data\" it is {n} bytes, at most {UNIX_PATH_MAX}; choose a shorter path")
 
 
 def _validate(cfg: Config) -> None:
@@ -429,6 +446,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"nvme.retry_s: must be >= 0, got {n.retry_s}")
     if len(set(n.dirs)) != len(n.dirs):
         raise ConfigError("nvme.dirs: a directory is listed twice")
+    if s.socket:  # the default is checked where it is made (it depends on the environment)
+        check_socket_path("server.socket", s.socket)
     try:
         mode = int(s.socket_mode, 8)
     except ValueError:

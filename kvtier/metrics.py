@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import __version__
+from .config import split_host_port
 from .hugepages import huge_bytes
 
 log = logging.getLogger("kvtier.metrics")
@@ -251,9 +252,8 @@ class Metrics:
         self.rpc = Histogram("kvtier_rpc_duration_seconds", "RPC handling time.", ["method", "code"],
                              buckets=BUCKETS, registry=self.registry)
         self.registry.register(_StoreCollector(daemon))
-        host, _, port = listen.rpartition(":")
-        self._server, self._thread = start_http_server(int(port), host.strip("[]") or "127.0.0.1",
-                                                       registry=self.registry)
+        host, port = split_host_port(listen)
+        self._server, self._thread = start_http_server(port, host, registry=self.registry)
         h, p = self._server.server_address[:2]
         self.address = f"{h}:{p}"
         log.info("metrics on http://%s/metrics", self.address)

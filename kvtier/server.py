@@ -79,11 +79,6 @@ def _socket_in_use(path: str) -> bool:
         s.close()
 
 
-def _split_hostport(v: str) -> tuple[str, int]:
-    host, _, port = v.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 class Daemon:
     def __init__(self, cfg: Config, config_path: str | None = None):
         self.cfg = cfg
@@ -103,7 +98,6 @@ class Daemon:
         self.address = ""       # gRPC address clients dial ("unix:///..." or "host:port")
         self._bound_socket = False  # ours to remove at shutdown; a refused start leaves another's alone
         self.tcp_port = 0
-        self.data_address = ""  # advertised in Attach
         self.started = time.monotonic()
         self._stop = asyncio.Event()
         self._stopping = threading.Event()  # as _stop, for the threads that make the arena
@@ -154,11 +148,13 @@ class Daemon:
 
     def data_address_for(self, peer: str) -> str:
         """The data channel on the transport the client came in on: its Unix socket for a client
-        on the Unix socket (same node), TCP for the others."""
+        on the Unix socket (same node), TCP for the others, and none ("": gRPC) for a TCP client
+        when the data channel has no TCP listener (the socket's path, on another node, would be
+        that node's own daemon)."""
         if self.data is None:
             return ""
         want = "unix://" if peer.startswith("unix:") else "tcp://"
-        return next((a for a in self.data.addresses if a.startswith(want)), self.data_address)
+        return next((a for a in self.data.addresses if a.startswith(want)), "")
 
     def _read(self, path: str) -> bytes:
         try:
@@ -191,6 +187,7 @@ class Daemon:
     async def startup(self) -> None:
         cfg = self.cfg
         sock = cfg.socket_path
+        config_mod.check_socket_path("server.socket", sock)  # the default too ($XDG_RUNTIME_DIR), before the arena
         in_use = ConfigError(f"another daemon is listening on {sock}; stop it or set server.socket")
         if os.path.exists(sock) and _socket_in_use(sock):  # said first: its directory is that daemon's
             raise in_use
@@ -277,7 +274,7 @@ class Daemon:
         self.address = f"unix://{sock}"
         creds = self._tls_credentials()
         if cfg.server.listen:
-            host, port = _split_hostport(cfg.server.listen)
+            host, port = config_mod.split_host_port(cfg.server.listen)
             try:
                 self.tcp_port = (self.server.add_secure_port(f"{host}:{port}", creds) if creds
                                  else self.server.add_insecure_port(f"{host}:{port}"))
@@ -290,7 +287,7 @@ class Daemon:
         mode = int(cfg.server.socket_mode, 8)
         os.chmod(sock, mode)
         if cfg.server.data_channel:
-            tcp = _split_hostport(cfg.server.data_listen) if cfg.server.data_listen else None
+            tcp = config_mod.split_host_port(cfg.server.data_listen) if cfg.server.data_listen else None
             try:
                 self.data = DataServer(self.store, a.view, cfg.ram.verify_on_commit, unix_path=sock + ".data",
                                        tcp=tcp, socket_mode=mode, access=self.access, tls=self._tls_context(),
@@ -300,9 +297,6 @@ class Daemon:
                 setting, where = (("server.data_listen", cfg.server.data_listen) if e.tcp
                                   else ("server.socket", e.address))
                 raise ConfigError(f"{setting}: cannot bind {where}: {e.strerror}") from None
-            # same-node clients prefer the Unix socket; remote ones use the TCP address via Attach
-            tcp_addrs = [x for x in self.data.addresses if x.startswith("tcp://")]
-            self.data_address = (tcp_addrs or self.data.addresses)[0] if cfg.server.listen else self.data.addresses[0]
         if cfg.metrics.listen:
             try:
                 self.metrics = Metrics(self, cfg.metrics.listen)

@@ -359,6 +359,20 @@ def test_config_check_warns_of_nvme_directories_that_do_not_exist(tmp_path):
     assert f"nvme.dirs: {tmp_path}/nvme1 does not exist" in err and f"{tmp_path}/nvme0 " not in err, err
 
 
+def test_a_socket_path_too_long_for_a_unix_address_is_a_config_error(tmp_path):
+    """It passed config check; serve made the arena, then died in gRPC with a traceback."""
+    long_sock = "/run/" + "k" * 90 + "/kvtier.sock"  # 107 bytes + ".data"
+    f = tmp_path / "k.toml"
+    f.write_text(f'[server]\nsocket = "{long_sock}"\n[ram]\ncapacity = "64MiB"\n')
+    p = run("config", "check", f)
+    assert p.returncode == 2 and b"Traceback" not in p.stderr, text(p)
+    assert f"server.socket: {long_sock} is too long for a Unix socket".encode() in p.stderr, text(p)
+    p = run("serve", "--config", f)
+    assert p.returncode == 2 and b"Traceback" not in p.stderr and b"too long for a Unix socket" in p.stderr, text(p)
+    from kvtier import config
+    config.from_dict({"server": {"socket": "/run/" + "k" * 80 + "/kvtier.sock"}})  # 102 bytes: fits
+
+
 def test_config_check_warns_of_nvme_directories_on_a_drive_not_mounted(tmp_path, monkeypatch, capsys):
     from kvtier import cli, cold
     (tmp_path / "mnt" / "nvme0" / "kvtier").mkdir(parents=True)  # made earlier, on the filesystem beneath

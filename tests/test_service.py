@@ -722,6 +722,41 @@ def test_attach_names_the_data_channel_of_the_callers_transport(make_daemon):
         assert remote.path == "data" and local.get("t", b"k" * 16) == b"via tcp"
 
 
+def test_a_tcp_client_is_never_sent_to_the_daemons_unix_socket(make_daemon):
+    """With server.listen but no data_listen, a TCP client was told the data channel's Unix path
+    and used it: on another node that path is the same, and is that node's own daemon."""
+    d = make_daemon(server={"listen": "127.0.0.1:0", "insecure_tcp": True})
+    with Client(d.address) as local, Client(d.tcp_address, attach=False) as remote:
+        assert local.info.data_address.startswith("unix://")
+        assert remote.info.data_address == "" and remote.info.data_channel_version == 0
+        assert remote.put("t", b"k" * 16, b"via grpc")
+        assert remote.path == "grpc" and local.get("t", b"k" * 16) == b"via grpc"
+
+
+@pytest.mark.parametrize("control,data,reached", [
+    ("unix:///run/kvtier/kvtier.sock", "unix:///run/kvtier/kvtier.sock.data", "unix:///run/kvtier/kvtier.sock.data"),
+    ("node-a:7070", "unix:///run/kvtier/kvtier.sock.data", ""),  # another node's path: its own daemon
+    ("tcp://node-a:7070", "tcp://0.0.0.0:7071", "tcp://node-a:7071"),  # a wildcard: the host dialled
+    ("10.0.0.5:7070", "tcp://[::]:7071", "tcp://10.0.0.5:7071"),
+    ("[fd00::5]:7070", "tcp://0.0.0.0:7071", "tcp://[fd00::5]:7071"),
+    ("node-a:7070", "tcp://10.0.0.5:7071", "tcp://10.0.0.5:7071"),  # a named address: as given
+    ("node-a:7070", "tcp://127.0.0.1:7071", ""),  # loopback from afar would be this node
+    ("127.0.0.1:7070", "tcp://127.0.0.1:7071", "tcp://127.0.0.1:7071"),
+    ("localhost:7070", "tcp://[::1]:7071", "tcp://[::1]:7071"),
+    ("node-a:7070", "", ""),
+])
+def test_the_data_address_a_client_dials(control, data, reached):
+    from kvtier.client import reachable_data_address
+    assert reachable_data_address(control, data) == reached
+
+
+def test_an_empty_host_is_every_address():
+    from kvtier.config import split_host_port
+    assert split_host_port(":7070") == ("0.0.0.0", 7070)  # it bound loopback, though called "every address"
+    assert split_host_port("[::1]:7070") == ("::1", 7070)
+    assert split_host_port("10.0.0.5:7071") == ("10.0.0.5", 7071)
+
+
 def test_arena_view_is_the_mapping_clients_write(daemon):
     with Client(daemon.address) as c, Client(daemon.address, attach=False) as remote:
         assert remote.arena_view() is None or remote.path != "arena"
