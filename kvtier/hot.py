@@ -100,6 +100,10 @@ def _new_policy(name: str):
     return POLICIES[name](ghost_key=_content, reads=_reads)
 
 
+class Superseded(FailedPrecondition):
+    """A promotion's reservation whose key an overwrite took while it read (see reserve)."""
+
+
 def checksum(buf) -> bytes:
     """xxh3-128 digest, 16 bytes, canonical (big-endian) form."""
     return xxhash.xxh3_128_digest(buf)
@@ -134,6 +138,8 @@ class Reservation:
     overwrite: bool
     ttl: float = 0.0  # seconds; also how long its slots stay quarantined if it expires
     state: int = RESERVED
+    promotion: bool = False  # the daemon's own, bringing a block up from a lower tier
+    superseded: bool = False  # a promotion whose key an overwrite took meanwhile: never commits
 
 
 @dataclass(slots=True, eq=False)
@@ -429,7 +435,7 @@ class HotTier:
         self._remember(r.id, how)
         r.state = DOOMED
         for b in r.blocks:
-            self._pending.pop((b.ns, b.key), None)
+            self._unpend(r, b)
             if now is None:
                 self._free_reserved(b)
             else:
@@ -478,8 +484,11 @@ class HotTier:
             self._hold(b)
 
     def unhold(self, b: Block) -> None:
+        """End a hold that was not a read (a write to a lower tier, a promotion's until it is
+        leased): the eviction policy is not told of an access (S3-FIFO would take every block
+        written through to NVMe for one read once, and lose its resistance to scans)."""
         with self.lock:
-            self._unhold(b)
+            self._unhold(b, touched=False)
 
     def hold_committed(self, blocks: Sequence[Block]) -> list[Block]:
         """Hold those of blocks that are still the committed block under their key (for a
@@ -533,10 +542,13 @@ class HotTier:
 
     def reserve(self, ns: str, keys: Sequence[bytes], sizes: Sequence[int], ttl_ms: int = 0,
                 overwrite: bool = False, present: Callable[[str, bytes], bool] | None = None,
-                expires: bool = True) -> Reserved:
+                expires: bool = True, promotion: bool = False) -> Reserved:
         """Slots for the keys that need writing. ``present(ns, key)``: also report keys held by a
         lower tier as RESERVE_PRESENT (unless overwrite). ``expires=False``: the daemon itself
-        writes the slots (inline puts) and always ends the reservation; it never times out."""
+        writes the slots (inline puts) and always ends the reservation; it never times out.
+        ``promotion``: the daemon's read of a block's copy from a lower tier (with expires=False);
+        an overwrite of the key meanwhile takes the key over (the promotion's slot stays its own
+        until it ends, and it cannot commit: begin_commit raises Superseded)."""
         if len(sizes) != len(keys):
             raise InvalidArgument(f"{len(keys)} keys but {len(sizes)} sizes")
         for n in sizes:
@@ -551,7 +563,8 @@ class HotTier:
             offsets = [0] * len(keys)
             idx = self._blocks(ns)
             need = sum(self.alloc.round(n) for k, n in zip(keys, sizes)
-                       if (ns, k) not in self._pending and (overwrite or k not in idx))
+                       if (overwrite and self._replaces_promotion((ns, k))) or
+                       (ns, k) not in self._pending and (overwrite or k not in idx))
             if need > self.alloc.free_bytes + self.evictable_bytes:
                 self._expire(now)
                 if need > self.alloc.free_bytes + self.evictable_bytes:  # evict nothing for a batch that cannot fit
@@ -562,11 +575,16 @@ class HotTier:
             if q and need > q - self.group_used.get(g, 0) + self.group_evictable.get(g, 0):
                 raise ArenaFull(f"tenant {g}: RAM quota of {q} bytes cannot hold {need} more bytes "
                                 f"({self.group_used.get(g, 0)} used, {self.group_evictable.get(g, 0)} evictable)")
-            r = Reservation(next(self._ids), ns, [], now + ttl / 1000 if expires else FOREVER, overwrite, ttl / 1000)
+            r = Reservation(next(self._ids), ns, [], now + ttl / 1000 if expires else FOREVER, overwrite, ttl / 1000,
+                            promotion=promotion)
             try:
                 for i, (k, n) in enumerate(zip(keys, sizes)):
                     kk = (ns, k)
-                    if kk in self._pending:
+                    if overwrite and self._replaces_promotion(kk):
+                        # the old content is being read up: the new one wins, the read's slot
+                        # stays its own until it ends
+                        self._pending.pop(kk).superseded = True
+                    elif kk in self._pending:
                         status[i] = RESERVE_PENDING
                         continue
                     if not overwrite and (k in idx or (present is not None and present(ns, k))):
@@ -587,9 +605,19 @@ class HotTier:
                     heapq.heappush(self._deadlines, (r.expires, 0, r.id))
             return Reserved(r.id if r.blocks else 0, bytes(status), offsets, list(sizes), ttl)
 
+    def _replaces_promotion(self, kk: tuple[str, bytes]) -> bool:
+        p = self._pending.get(kk)
+        return p is not None and p.promotion and p.state == RESERVED
+
+    def _unpend(self, r: Reservation, b: Block) -> None:
+        """Forget b's key as reserved by r (not if an overwrite took it over since)."""
+        kk = (b.ns, b.key)
+        if self._pending.get(kk) is r:
+            del self._pending[kk]
+
     def _end_reservation_unregistered(self, r: Reservation) -> None:
         for b in r.blocks:
-            self._pending.pop((b.ns, b.key), None)
+            self._unpend(r, b)
             self._free_reserved(b)
 
     def _free_reserved(self, b: Block) -> None:
@@ -624,6 +652,8 @@ class HotTier:
         """Freeze a reservation for commit; returns its slots (offset, length) to hash."""
         with self.lock:
             r = self._get_reservation(rid, self.clock())
+            if r.superseded:
+                raise Superseded(f"reservation {rid}: an overwrite of its key came first")
             r.state = COMMITTING
             return [(b.offset, b.length) for b in r.blocks]
 

@@ -63,13 +63,14 @@ from .cluster import NullCluster
 from .cold import HUGE, huge_buffer, ColdTier
 from .commitcheck import CommitChecker
 from .config import Config
-from .hot import COMMITTED, TIER_MISSING, TIER_RAM, Acquired, Block, HotTier
+from .hot import COMMITTED, TIER_MISSING, TIER_RAM, Acquired, Block, HotTier, Superseded
 from .keys import CHECKSUM_SIZE
 
 log = logging.getLogger("kvtier.store")
 TIER_NVME, TIER_CLUSTER = 2, 3
 VERIFY_THREADS = 8  # header reads in flight while the NVMe index is checked after a restart
 BACKGROUND_THREADS = 4  # background Acquires landing NVMe blocks at once (more wait their turn)
+_REMOVING = "removing"  # _queued: a cancelled write's copy is being removed now (truthy, not True)
 LANDING_WAIT_S = 5.0  # at most this long a read waits for a demotion being written (then: a miss)
 
 
@@ -278,18 +279,15 @@ class Store:
         self.queued_bytes += n
         return True
 
-    def _finish(self, k, n: int) -> bool:
-        """A queued write is done; True if the key was deleted or overwritten meanwhile."""
-        with self._qlock:
-            self.queued_bytes -= n
-            return self._queued.pop(k, False)
 
     def _forget_lower(self, ns: str, key: bytes) -> bool:
-        """Drop the NVMe copy and cancel a queued write of it (delete, overwrite)."""
+        """Drop the NVMe copy and cancel a queued write of it (delete, overwrite); whether there
+        was either."""
         with self._qlock:
-            if (ns, key) in self._queued:
+            queued = (ns, key) in self._queued
+            if queued:
                 self._queued[(ns, key)] = True
-        return self.cold.delete(ns, key)
+        return self.cold.delete(ns, key) or queued
 
     def _forget_lower_soon(self, ns: str, key: bytes) -> None:
         """_forget_lower() for a caller holding the hot lock on the loop (an overwrite's commit):
@@ -377,13 +375,21 @@ class Store:
             self.hot.unhold(b)
 
     def _written(self, k: tuple[str, bytes], length: int) -> None:
-        """A write-at-commit has ended: its copy goes if the key was deleted or replaced while it
-        was written (do not resurrect it), and promotions waiting for it go on."""
+        """A queued write (at commit, or a demotion) has ended, written or not: its copy goes if
+        the key was deleted or replaced meanwhile (do not resurrect it), and promotions waiting
+        for it go on. The key counts as cancelled (_queued: True, then _REMOVING) until that copy
+        is gone: never as on NVMe, so a put of it in between is not answered "present"."""
         try:
-            if self._finish(k, length):
+            while True:
+                with self._qlock:
+                    if self._queued.get(k) is not True:
+                        break
+                    self._queued[k] = _REMOVING  # a cancel from now on sets True again: once more
                 self.cold.delete(*k)
         finally:
             with self._qlock:
+                self.queued_bytes -= length
+                self._queued.pop(k, None)
                 landed = self._landing.pop(k, None)
             if landed is not None:
                 landed.set()
@@ -409,11 +415,7 @@ class Store:
             # else the key would count as on its way to NVMe for good and its gets wait for it
             if data is not None:
                 self._return_buffer(data)
-            self._finish(k, b.length)
-            with self._qlock:
-                landed = self._landing.pop(k, None)
-            if landed is not None:
-                landed.set()
+            self._written(k, b.length)
             raise
         self.demotions += 1
 
@@ -425,16 +427,19 @@ class Store:
             log.exception("demotion of a block failed")
         finally:
             self._return_buffer(data)
-            if self._finish((ns, key), length):
-                self.cold.delete(ns, key)
-            with self._qlock:
-                landed = self._landing.pop((ns, key), None)
-            if landed is not None:
-                landed.set()
+            self._written((ns, key), length)
 
     def _on_nvme(self, ns: str, key: bytes) -> bool:
-        """On NVMe, or on its way there (a demotion being written: a read waits for it)."""
-        return self.cold.contains(ns, key) or (ns, key) in self._landing
+        """On NVMe, or on its way there (a demotion being written: a read waits for it); not when
+        that write was cancelled (by a Delete or an overwrite: its file goes once it lands), else a
+        put of the key after the Delete was answered "present" and the key was then lost."""
+        k = (ns, key)
+        with self._qlock:
+            if self._queued.get(k, False):
+                return False
+            if k in self._landing:
+                return True
+        return self.cold.contains(ns, key)
 
     def _buffer(self, size: int) -> mmap.mmap | memoryview:
         """A page-aligned buffer for a demotion copy, reused when one of that size is free: a
@@ -517,7 +522,7 @@ class Store:
                 self.hot.discard(holder.pop("r"))
             # no expiry: a read stalled past reservation_ms (a disk's I/O timeout is 30 s) must not
             # land in a slot given to another block meanwhile; every path here ends it
-            r = self.hot.reserve(ns, [key], [n], expires=False)
+            r = self.hot.reserve(ns, [key], [n], expires=False, promotion=True)
             if not r.reservation_id:
                 raise _Present()
             holder["r"] = r.reservation_id
@@ -569,11 +574,16 @@ class Store:
             else:
                 if hold:
                     self._holding[k] = None  # _on_commit holds it and puts the block here
+                replaced = False
                 try:
                     self.hot.begin_commit(rid)
                     self.hot.finish_commit(rid, [meta.checksum], promoted=True)  # verified by cold.read
+                except Superseded:  # overwritten while we read: the old bytes must not come back
+                    replaced = True
                 finally:
                     b = self._holding.pop(k, None) if hold else None
+                if replaced:
+                    b = False
         if b is False:
             self.hot.discard(rid)
             return False
@@ -756,7 +766,7 @@ class Store:
             if gens[i] is None:
                 return None  # being deleted: a miss
             try:
-                r = hot.reserve(ns, [keys[i]], [n], expires=False)  # ended below, as _promote's
+                r = hot.reserve(ns, [keys[i]], [n], expires=False, promotion=True)  # ended below, as _promote's
             except errors.KvtierError:
                 return None  # no room: a miss
             if not r.reservation_id:
@@ -782,8 +792,11 @@ class Store:
             with self._plock:
                 ok = self._moving[(ns, keys[i])].deletes == gens[i]  # else deleted while we read
                 if ok:
-                    hot.begin_commit(rid)
-                    hot.finish_commit(rid, [g[1]], promoted=True)  # verified by the cluster tier
+                    try:
+                        hot.begin_commit(rid)
+                        hot.finish_commit(rid, [g[1]], promoted=True)  # verified by the cluster tier
+                    except Superseded:  # overwritten while we read
+                        ok = False
             if not ok:
                 hot.discard(rid)
             out.append(ok)
@@ -1034,7 +1047,7 @@ class Store:
         """For inline gets of a block that is only on NVMe, under ``promote = "second"``: serve the
         first read from a transient buffer. Returns (tier, data, checksum) or None when the caller
         should promote (or the block is absent)."""
-        if self.promote_first or self.hot.contains(ns, key) or not self.cold.contains(ns, key):
+        if self.promote_first or self.hot.contains(ns, key) or not self._on_nvme(ns, key):
             return None
         k = (ns, key)
         with self._qlock:

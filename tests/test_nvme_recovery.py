@@ -121,7 +121,7 @@ def test_a_delete_during_a_write_at_commit_stays_deleted(make_daemon, tmp_path):
     st = d.daemon.store
     k, data = os.urandom(16), os.urandom(100_000)
     in_write, go = threading.Event(), threading.Event()
-    real_write, real_finish = st.cold.write, st._finish
+    real_write, real_written = st.cold.write, st._written
 
     def slow_write(ns, kk, *a, **kw):
         if kk == k:
@@ -129,11 +129,11 @@ def test_a_delete_during_a_write_at_commit_stays_deleted(make_daemon, tmp_path):
             go.wait(10)
         return real_write(ns, kk, *a, **kw)
 
-    def late_finish(kk, n):  # the writing thread descheduled right after the file was indexed
+    def late_written(kk, n):  # the writing thread descheduled right after the file was indexed
         if kk == ("ns", k):
             time.sleep(1.0)
-        return real_finish(kk, n)
-    st.cold.write, st._finish = slow_write, late_finish
+        return real_written(kk, n)
+    st.cold.write, st._written = slow_write, late_written
     with Client(d.address) as c:
         assert c.put("ns", k, data)
         assert in_write.wait(10)

@@ -898,27 +898,38 @@ def test_delete_counts_a_block_in_both_tiers_once(make_daemon, tmp_path):
         assert c.delete(NS, [key(0)]) == 1
 
 
-def test_delete_during_an_inflight_demotion_does_not_resurrect(make_daemon, tmp_path, monkeypatch):
-    d = make_daemon(**settings(tmp_path, write_policy="evict"))
+def hold_nvme_writes(monkeypatch, target: bytes):
+    """Hold every NVMe write of target until the returned gate is set; entered: one has begun."""
     gate, entered = threading.Event(), threading.Event()
-    real = C.ColdTier._write_file
-    target = key(0)
+    real = C.ColdTier.write
 
-    def slow(self, d, path, *a, **kw):
-        if os.path.basename(path).startswith(target.hex()):
+    def held(self, ns, k, *a, **kw):
+        if k == target:
             entered.set()
             gate.wait(10)
-        return real(self, d, path, *a, **kw)
+        return real(self, ns, k, *a, **kw)
 
-    monkeypatch.setattr(C.ColdTier, "_write_file", slow)
+    monkeypatch.setattr(C.ColdTier, "write", held)
+    return gate, entered
+
+
+def put_until_written(c: Client, target: bytes, entered: threading.Event) -> None:
+    """Put target, then (write_policy "evict") fillers until its write to NVMe has begun."""
+    assert c.put(NS, target, blob(BLOCK, "v1"))
+    for i in range(40):
+        if entered.is_set():
+            break
+        c.put(NS, key(1000 + i), blob(BLOCK, 1000 + i))
+    assert entered.wait(5), "the target's write did not begin"
+
+
+def test_delete_during_an_inflight_demotion_does_not_resurrect(make_daemon, tmp_path, monkeypatch):
+    d = make_daemon(**settings(tmp_path, write_policy="evict"))
+    target = key(0)
+    gate, entered = hold_nvme_writes(monkeypatch, target)
     try:
         with Client(d.address) as c:
-            assert c.put(NS, target, blob(BLOCK, "v1"))
-            for i in range(40):
-                c.put(NS, key(1000 + i), blob(BLOCK, 1000 + i))
-                if entered.is_set():
-                    break
-            assert entered.wait(5), "the target was not demoted"
+            put_until_written(c, target, entered)
             c.delete(NS, [target])
             gate.set()
             wait_for(lambda: nvme(c).queued_bytes == 0, what="queue drained")
@@ -975,6 +986,81 @@ def test_overwrite_does_not_wait_for_the_old_files_unlink(make_daemon, tmp_path,
         wait_for(lambda: nvme(c).queued_bytes == 0 and nvme(c).blocks == 2, what="the new copy written")
         with open(old_file, "rb") as f:
             assert blob(64 * KiB, "v2") in f.read()
+
+
+@pytest.mark.parametrize("write_policy", ["commit", "evict"])
+def test_a_put_after_a_delete_during_the_keys_nvme_write_is_stored(make_daemon, tmp_path, monkeypatch, write_policy):
+    """Delete K while its NVMe write is in flight, then put K again: the put was answered
+    "already present" (the cancelled write counted as on NVMe) and, once that write's file was
+    removed, K was in no tier at all."""
+    d = make_daemon(**settings(tmp_path, write_policy=write_policy))
+    target = key(0)
+    gate, entered = hold_nvme_writes(monkeypatch, target)
+    try:
+        with Client(d.address) as c:
+            put_until_written(c, target, entered)
+            assert c.delete(NS, [target]) == 1  # its write was in flight: it was there
+            assert c.lookup(NS, [target])[0] == [0]
+            assert c.put(NS, target, blob(BLOCK, "v2")), "the put of a deleted key was not stored"
+            gate.set()
+            wait_for(lambda: nvme(c).queued_bytes == 0, what="the write ended")
+            assert c.get(NS, target) == blob(BLOCK, "v2")
+    finally:
+        gate.set()
+
+
+def test_an_overwrite_during_a_promotion_of_the_old_content_wins(make_daemon, tmp_path, monkeypatch):
+    """The old content only on NVMe, being read up for a get: an overwrite was answered "pending"
+    (put() False, dropped) and the promotion then committed the old bytes, served from then on."""
+    d = make_daemon(**settings(tmp_path, write_policy="evict"))
+    target = key(0)
+    with Client(d.address) as c:
+        assert c.put(NS, target, blob(BLOCK, "v1"))
+        fill_until_evicted(c, target, start=1000)
+        wait_for(lambda: nvme(c).queued_bytes == 0, what="demotion written")
+        gate, entered = threading.Event(), threading.Event()
+        real = C._preadv_full
+
+        def slow(*a, **kw):
+            entered.set()
+            gate.wait(10)
+            return real(*a, **kw)
+
+        monkeypatch.setattr(C, "_preadv_full", slow)
+        got = {}
+        reader = threading.Thread(target=lambda: got.setdefault("v", c.get(NS, target)))
+        reader.start()
+        try:
+            assert entered.wait(5), "no promotion began"
+            assert c.put(NS, target, blob(BLOCK, "v2"), overwrite=True), "the overwrite was not stored"
+        finally:
+            gate.set()
+            reader.join(10)
+        monkeypatch.undo()
+        assert got["v"] in (None, blob(BLOCK, "v1"), blob(BLOCK, "v2"))  # the get ran beside it: any
+        assert c.get(NS, target) == blob(BLOCK, "v2")
+        wait_for(lambda: ram(c).leased_blocks == 0 and ram(c).reserved_bytes == 0, what="the promotion's slot freed",
+                 show=lambda: ram(c))
+
+
+def test_writing_a_block_to_nvme_is_not_a_read_of_it(make_daemon, tmp_path):
+    """S3-FIFO keeps blocks read once over a scan of blocks never read. The end of each block's
+    write at commit was counted as a read, so every block looked read once and a scan of new
+    blocks pushed out the ones read (with write_policy "evict", not "commit", they stayed)."""
+    st = settings(tmp_path, write_policy="commit")
+    st["ram"]["policy"] = "s3fifo"
+    d = make_daemon(**st)
+    size = 256 * KiB
+    with Client(d.address) as c:
+        read_once = [key(i) for i in range(6)]
+        for i, k in enumerate(read_once):
+            assert c.put(NS, k, blob(size, i))
+            wait_for(lambda: nvme(c).queued_bytes == 0, what="the write")
+        assert c.get_many(NS, read_once) == [blob(size, i) for i in range(6)]
+        for j in range(100):  # a scan: 25 MiB through an 8 MiB arena, never read
+            assert c.put(NS, key(1000 + j), blob(size, 1000 + j))
+            wait_for(lambda: nvme(c).queued_bytes == 0, what="the write")
+        assert c.lookup(NS, read_once)[0] == [1] * 6
 
 
 # ---- full disk and queue bound --------------------------------------------------------------------
