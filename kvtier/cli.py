@@ -352,6 +352,7 @@ def cmd_prewarm(a) -> int:
 
     from .prewarm import load as load_plan, run_plan
     from .prewarm.run import Permanent, Transient
+    from .prewarm.state import Busy, State
     plan = load_plan(a.plan)
     if a.address:
         plan = dataclasses.replace(plan, address=a.address)
@@ -366,6 +367,10 @@ def cmd_prewarm(a) -> int:
             print(f"{a.plan}: promote.ram_budget is not set: a run with --promote (as kvtier-prewarm.service "
                   f"starts it) will refuse to start", file=sys.stderr)
         bad = 0
+        problem = State(plan.state).check_writable()
+        if problem:
+            print(f"{a.plan}: run.state: {problem}", file=sys.stderr)
+            bad += 1
         for t in plan.tenants:
             for c in t.contexts:
                 try:
@@ -375,7 +380,9 @@ def cmd_prewarm(a) -> int:
                     bad += 1
         n = sum(len(t.contexts) for t in plan.tenants)
         if bad:
-            print(f"{a.plan}: {bad} of {n} contexts cannot be read", file=sys.stderr)
+            unread = bad - bool(problem)
+            if unread:
+                print(f"{a.plan}: {unread} of {n} contexts cannot be read", file=sys.stderr)
             return EXIT_USAGE
         print(f"{a.plan}: ok ({len(plan.tenants)} customers, {n} contexts, vLLM {plan.url}, state {plan.state})")
         return EXIT_OK
@@ -394,6 +401,9 @@ def cmd_prewarm(a) -> int:
     except errors.Unavailable as e:  # --address is optional here: name the address the run used
         print(f"daemon unreachable at {plan.address or default_address()}: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except Busy as e:
+        print(f"{a.plan}: {e}", file=sys.stderr)
+        return EXIT_ERROR
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, old)

@@ -597,3 +597,93 @@ def test_max_tokens_per_s_holds_with_requests_in_parallel(tmp_path, daemon, fake
     rep = run_plan(plan, progress_out=io.StringIO(), tty=False)
     assert all(c.status == "stored" for t in rep.tenants for c in t.contexts)
     assert time.monotonic() - t0 >= 0.3
+
+
+def test_pins_follow_the_plan_night_after_night(tmp_path, daemon, fake_vllm):
+    """Prewarm never unpinned: a context whose sources changed kept its old chunks pinned, one
+    that left the plan too, and a customer moved to pin = "none" kept them all; with the
+    default ttl (until unpinned) they filled ram.max_pinned night after night."""
+    fake = fake_vllm()
+
+    def night(tenants: str):
+        return run_plan(P.load(write_plan(tmp_path, fake.url, daemon.address, tenants=tenants)),
+                        progress_out=io.StringIO(), tty=False)
+
+    def pinned() -> int:
+        with Client(daemon.address) as c:
+            return c.stats().tiers[0].pinned_blocks
+
+    kb, old, shared = words(16, 1), words(16, 2), words(8, 5)  # 4 chunks each; shared: a 2-chunk prefix
+    night(f'[[tenant]]\nname = "acme"\n[[tenant.context]]\nname = "kb"\ntext = "{kb}"\n'
+          f'[[tenant.context]]\nname = "old"\ntext = "{old}"\n'
+          f'[[tenant.context]]\nname = "p1"\ntext = "{shared} {words(8, 6)}"\n')
+    assert pinned() == 12
+    # the next night: kb changed, old left the plan, p1 changed but keeps its first two chunks,
+    # which p2 (new) shares
+    rep = night(f'[[tenant]]\nname = "acme"\n[[tenant.context]]\nname = "kb"\ntext = "{words(16, 3)}"\n'
+                f'[[tenant.context]]\nname = "p1"\ntext = "{shared} {words(8, 7)}"\n'
+                f'[[tenant.context]]\nname = "p2"\ntext = "{shared} {words(8, 8)}"\n')
+    assert {c.name: c.status for c in rep.tenants[0].contexts} == {"kb": "stored", "p1": "stored", "p2": "stored"}
+    assert pinned() == 4 + 2 + 2 + 2  # kb, the shared prefix, p1's and p2's own
+    assert set(State.load(str(tmp_path / "state.json")).entries) == {"acme/kb", "acme/p1", "acme/p2"}
+    # the customer stops pinning: its contexts stay stored (resident), nothing pinned
+    rep = night(f'[[tenant]]\nname = "acme"\npin = "none"\n[[tenant.context]]\nname = "kb"\ntext = "{words(16, 3)}"\n')
+    assert [c.status for c in rep.tenants[0].contexts] == ["resident"]
+    assert pinned() == 0
+
+
+def test_a_shorter_pin_ttl_takes_effect(tmp_path, daemon, fake_vllm):
+    """The daemon only ever lengthens a pin: a customer moved from ttl 0 (until unpinned) to
+    a ttl kept its pins for ever. The pins are made anew when the ttl changes."""
+    fake = fake_vllm()
+    text = words(16, 1)
+
+    def night(ttl: str):
+        run_plan(P.load(write_plan(tmp_path, fake.url, daemon.address, tenants=(
+            f'[[tenant]]\nname = "acme"\nttl = "{ttl}"\n[[tenant.context]]\nname = "kb"\ntext = "{text}"\n'))),
+            progress_out=io.StringIO(), tty=False)
+        return State.load(str(tmp_path / "state.json")).entries["acme/kb"]
+
+    assert night("0s").pinned_ttl_s == 0
+    hot = daemon.daemon.hot
+    e = night("2s")
+    assert e.pinned_ttl_s == 2
+    keys = e.key_bytes()
+    with hot.lock:
+        until = [hot._blocks("vllm-acme")[k].pin_until for k in keys]
+    assert all(0 < u < time.time() + 60 for u in until), until  # not pinned for ever any more
+
+
+def test_a_stop_while_waiting_for_the_pace_starts_nothing(tmp_path, daemon, fake_vllm):
+    """SIGTERM: a worker waiting its turn under max_tokens_per_s sent a new request when its
+    wait ended, and the stop took that wait plus the request."""
+    from kvtier.prewarm.report import Progress
+    from kvtier.prewarm.run import OpenAIServer, Run
+    fake = fake_vllm()
+    plan = P.load(write_plan(tmp_path, fake.url, daemon.address, "concurrency = 2\nmax_tokens_per_s = 4"))
+    with Client(daemon.address) as kv:
+        run = Run(plan, kv, OpenAIServer(plan.url), State(plan.state), Progress(0, io.StringIO(), False))
+        threading.Timer(1.0, run.cancel).start()  # the first request goes, the others wait seconds
+        t0 = time.monotonic()
+        out = run.prewarm()
+        took = time.monotonic() - t0
+    assert len(fake.requests) <= 2 and took < 4, (len(fake.requests), took)
+    assert sum(r.error == "interrupted" for r in out.values()) >= 2
+
+
+@pytest.mark.parametrize("model", ["tiny", "other"])
+def test_vllm_unreachable_or_without_the_model_exits_3_with_the_model_set(tmp_path, daemon, fake_vllm, capsys, model):
+    """With vllm.model set, the only reachability check (the model list) was skipped: every
+    context failed and the run exited 0, so the unit succeeded and nobody was told."""
+    fake = fake_vllm()
+    path = write_plan(tmp_path, fake.url, daemon.address)
+    text = pathlib.Path(path).read_text().replace("[vllm]\n", f'[vllm]\nmodel = "{model}"\n', 1)
+    pathlib.Path(path).write_text(text)
+    if model == "tiny":
+        fake.close()  # down
+    assert cli.main(["prewarm", path, "--quiet"]) == cli.EXIT_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert f"vLLM at {fake.url}" in err
+    if model == "other":
+        assert "vllm.model 'other' is not served there (it serves tiny)" in err
+    assert fake.requests == []

@@ -2,6 +2,7 @@
 server or a daemon."""
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -26,10 +27,23 @@ def test_check_refuses_promote_enabled_without_a_budget(tmp_path):
     assert _load(tmp_path, '[promote]\nenabled = true\nram_budget = "1GiB"\n').promote
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:abc", "http://127.0.0.1:99999", "http://127.0.0.1:8000 x"])
+@pytest.mark.parametrize("url", ["http://127.0.0.1:abc", "http://127.0.0.1:99999", "http://127.0.0.1:8000 x",
+                                 "http://[::1:8000",  # was a ValueError traceback
+                                 "http://127.0.0.1:8000/v1", "http://vllm:8000/v1/"])  # an OpenAI client's base URL
 def test_check_refuses_a_url_that_cannot_be_connected_to(tmp_path, url):
     with pytest.raises(ConfigError, match="vllm.url"):
         _load(tmp_path, f'[vllm]\nurl = "{url}"\n')
+
+
+@pytest.mark.parametrize("setting", ["[vllm]\ntimeout_s = inf", "[vllm]\ntimeout_s = 1e9",
+                                     "[run]\nmax_tokens_per_s = nan", "[daemon]\nstore_wait_s = nan",
+                                     "[run]\nretry_backoff_s = inf", "[run]\nlate_tokens_per_s = inf",
+                                     "[report]\nmin_coverage = nan"])
+def test_check_refuses_numbers_that_are_not_finite(tmp_path, setting):
+    """TOML has inf and nan: timeout_s = inf crashed the run (OverflowError), a nan pace failed
+    every context, a nan store_wait_s never timed out."""
+    with pytest.raises(ConfigError, match=setting.split("\n")[1].split(" =")[0]):
+        _load(tmp_path, setting + "\n")
 
 
 def test_check_refuses_credentials_in_the_url_without_echoing_them(tmp_path):
@@ -57,8 +71,8 @@ class _Answers:
     def __init__(self, answers: dict[str, dict]):
         self.answers = answers
 
-    def first_model(self) -> str:
-        return "tiny"
+    def model(self, wanted: str) -> str:
+        return wanted or "tiny"
 
     def post(self, endpoint: str, body: dict) -> dict:
         return self.answers[body["prompt"]]
@@ -214,3 +228,68 @@ def test_check_says_when_a_promoting_run_would_refuse_to_start(tmp_path, capsys)
     f.write_text('[promote]\nram_budget = "1GiB"\n' + TENANT)
     assert cli.main(["prewarm", "--check", "--promote", str(f)]) == cli.EXIT_OK
     assert capsys.readouterr().err == ""
+
+
+def test_a_request_that_trickles_in_ends_at_timeout_s():
+    """vllm.timeout_s bounds a whole request: urllib's timeout is per read, and a server (or a
+    proxy) sending a byte now and then held a request, and the run, for ever."""
+    import socket
+    import threading
+
+    from kvtier.prewarm.run import OpenAIServer, Transient
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    stop = threading.Event()
+
+    def trickle():
+        c, _ = srv.accept()
+        c.recv(65536)
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n")
+        while not stop.is_set():
+            try:
+                c.sendall(b" ")
+            except OSError:
+                break
+            time.sleep(0.2)
+        c.close()
+    threading.Thread(target=trickle, daemon=True).start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(Transient, match="no whole answer within vllm.timeout_s"):
+            OpenAIServer(f"http://127.0.0.1:{srv.getsockname()[1]}", None, timeout_s=1.0).post("/v1/completions", {})
+        assert time.monotonic() - t0 < 5
+    finally:
+        stop.set()
+        srv.close()
+
+
+def test_a_state_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    """A state under a path that cannot be written (a relative state next to a plan in a
+    read-only /etc/kvtier) passed --check; the run sent every context, reported the first one
+    failed, printed no report and exited 2, every night."""
+    from kvtier import cli
+    from kvtier.prewarm.run import run_plan
+    (tmp_path / "file").write_text("")
+    f = tmp_path / "plan.toml"
+    f.write_text('[run]\nstate = "file/state.json"\n' + TENANT)
+    assert cli.main(["prewarm", str(f), "--check"]) == cli.EXIT_USAGE
+    assert "run.state: cannot write the state file" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="run.state: cannot write"):
+        run_plan(P.load(str(f)))
+
+
+def test_a_second_run_of_one_state_is_refused_while_the_first_runs(tmp_path, capsys):
+    """The timer's run and an operator's run at once sent every context twice, and the later
+    writer of the state dropped what the other recorded."""
+    from kvtier import cli
+    f = tmp_path / "plan.toml"
+    f.write_text(f'[run]\nstate = "{tmp_path}/state.json"\n' + TENANT)
+    held = State(str(tmp_path / "state.json")).lock()
+    try:
+        assert cli.main(["prewarm", str(f), "--quiet"]) == cli.EXIT_ERROR
+        assert "another prewarm run of this state" in capsys.readouterr().err
+    finally:
+        os.close(held)
+    fd = State(str(tmp_path / "state.json")).lock()  # free again once the first has ended
+    os.close(fd)

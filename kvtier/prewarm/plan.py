@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import glob
 import json
+import math
 import os
 import re
 import urllib.parse
@@ -141,6 +142,8 @@ def _value(name: str, kind: str, v: Any, base: str) -> Any:
         return parse_duration(v, name)
     if kind == "float" and isinstance(v, int) and not isinstance(v, bool):
         v = float(v)
+    if kind == "float" and isinstance(v, float) and not math.isfinite(v):  # TOML has inf and nan
+        raise ConfigError(f"{name}: expected a finite number, got {v!r}")
     want = {"str": str, "path": str, "int": int, "float": float, "bool": bool}[kind]
     if not isinstance(v, want) or (want is int and isinstance(v, bool)):
         raise ConfigError(f"{name}: expected {want.__name__}, got {v!r}")
@@ -253,20 +256,22 @@ def _context(tenant: str, j: int, c: Any, base: str) -> Context:
 
 
 def _validate(p: Plan) -> None:
-    u = urllib.parse.urlsplit(p.url)
+    try:
+        u = urllib.parse.urlsplit(p.url)
+        u.port  # a port that is not a number, or out of range, would only fail when the run connects
+    except ValueError as e:  # "http://[::1:8000" (an unclosed bracket), a bad port
+        raise ConfigError(f"vllm.url: {e}, got {p.url!r}") from None
     if "@" in u.netloc:  # never sent (the key goes in a header), and not to be echoed in logs
         raise ConfigError("vllm.url: credentials in the URL are not used: put the API key in the environment "
                           "variable named by vllm.api_key_env")
     if not re.match(r"https?://[^/\s]+", p.url):
         raise ConfigError(f"vllm.url: expected http://host:port, got {p.url!r}")
-    try:  # a port that is not a number, or out of range, would only fail when the run connects
-        u.port
-    except ValueError as e:
-        raise ConfigError(f"vllm.url: {e}, got {p.url!r}") from None
     if any(c.isspace() for c in p.url) or not u.hostname:
         raise ConfigError(f"vllm.url: expected http://host:port, got {p.url!r}")
-    if p.timeout_s <= 0:
-        raise ConfigError(f"vllm.timeout_s: must be > 0, got {p.timeout_s}")
+    if u.path.rstrip("/").endswith("/v1"):  # an OpenAI client's base URL: every path would be /v1/v1/...
+        raise ConfigError(f"vllm.url: the server's own URL, without /v1 (prewarm adds it), got {p.url!r}")
+    if not 0 < p.timeout_s <= 86400:
+        raise ConfigError(f"vllm.timeout_s: must be more than 0 and at most 86400 (a day), got {p.timeout_s}")
     if p.store_wait_s < 0:
         raise ConfigError(f"daemon.store_wait_s: must be >= 0, got {p.store_wait_s}")
     if not 1 <= p.concurrency <= 256:

@@ -7,6 +7,11 @@ vLLM's OpenAI API (``max_tokens: 1``, ``kv_transfer_params.kvtier``: tenant, pin
 ``return_keys``), wait up to ``store_wait_s`` for the returned keys to appear in the daemon
 (stores finish after the response), pin them, and record them in the state file.
 
+Pins follow the plan: once the contexts have run, the keys of a context's previous request
+(its sources changed), of a context gone from the plan, and of a customer now ``pin = "none"``
+are unpinned, except those the plan's pinned contexts hold now (a shared prefix); a customer
+whose ``ttl`` changed gets its pins made again (the daemon only ever lengthens a pin).
+
 Pace: at most ``concurrency`` requests in flight and, with ``max_tokens_per_s``, prompt
 tokens paced to that rate: each request books an estimate of its tokens before it is sent
 (last run's count, else about 4 characters a token), corrected by the count in its answer, so
@@ -15,16 +20,20 @@ Deadline: no request starts after it; with ``after_deadline = "slow"`` the run g
 request at a time at ``late_tokens_per_s`` instead, so a run that is late (or started late)
 leaves daytime traffic its GPUs. Transient errors (connection refused or reset, timeouts,
 HTTP 408/429/5xx) are retried ``retries`` times with exponential backoff; others fail the
-context at once. A failed context never stops the others.
+context at once. A failed context never stops the others. ``timeout_s`` bounds a whole request,
+an answer that trickles in included. A stop (SIGTERM) ends waits for the pace or a retry at
+once; requests in flight finish.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import http.client
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -72,7 +81,38 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_opener = urllib.request.build_opener(_NoRedirect)
+class _Watch(threading.local):
+    """The request this thread is making: its socket, for the watchdog that ends it at timeout_s."""
+    box: dict | None = None
+
+
+_watch = _Watch()
+
+
+def _watched(base):
+    class Connection(base):
+        def connect(self):
+            super().connect()
+            box = _watch.box
+            if box is not None:
+                with box["lock"]:
+                    box["sock"] = self.sock
+                    if box["expired"]:  # the deadline came while it connected
+                        self.sock.shutdown(socket.SHUT_RDWR)
+    return Connection
+
+
+class _HTTP(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_watched(http.client.HTTPConnection), req)
+
+
+class _HTTPS(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_watched(http.client.HTTPSConnection), req, context=self._context)
+
+
+_opener = urllib.request.build_opener(_NoRedirect, _HTTP, _HTTPS)
 
 
 class OpenAIServer:
@@ -87,9 +127,27 @@ class OpenAIServer:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        # the socket timeout bounds each read; a server that sends a byte now and then would hold
+        # the request for ever: a watchdog ends it at timeout_s
+        box: dict = {"lock": threading.Lock(), "sock": None, "expired": False}
+
+        def expire():
+            with box["lock"]:
+                box["expired"] = True
+                if box["sock"] is not None:
+                    try:
+                        box["sock"].shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+        watchdog = threading.Timer(self.timeout_s, expire)
+        watchdog.daemon = True
+        _watch.box = box
+        watchdog.start()
         try:
             with _opener.open(req, timeout=self.timeout_s) as r:
                 raw = r.read()
+            if box["expired"]:
+                raise TimeoutError
         except urllib.error.HTTPError as e:
             if 300 <= e.code < 400:
                 where = urllib.parse.urlsplit(e.headers.get("Location") or "")
@@ -100,7 +158,13 @@ class OpenAIServer:
             err = Transient if e.code in TRANSIENT_HTTP else Permanent
             raise err(f"HTTP {e.code} from {path}: {detail}") from None
         except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
+            if box["expired"]:
+                raise Transient(f"{self.url}{path}: no whole answer within vllm.timeout_s "
+                                f"({self.timeout_s:g} s)") from None
             raise Transient(f"{self.url}: {getattr(e, 'reason', e) or type(e).__name__}") from None
+        finally:
+            watchdog.cancel()
+            _watch.box = None
         try:
             out = json.loads(raw)
         except ValueError:
@@ -110,15 +174,23 @@ class OpenAIServer:
         return out
 
     def first_model(self) -> str:
+        return self.model("")
+
+    def model(self, wanted: str) -> str:
+        """The model to ask for: ``wanted`` if the server serves it (else Permanent), or the first
+        it lists. Asked at the start of every run: an unreachable server is Transient here, once,
+        not a failure of every context (which would end the run as if all were well)."""
         data = self._call("GET", "/v1/models").get("data") or []
         if not data:
             raise Permanent("the server lists no model")
-        first = data[0] if isinstance(data, list) else None
-        if not isinstance(first, dict) or not isinstance(first.get("id"), str):
+        ids = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+        if not ids or not all(isinstance(i, str) for i in ids):
             # not an OpenAI server's answer (a proxy, another service on the port)
             raise Permanent(f"/v1/models: no model id in the answer: {json.dumps(data)[:200]}; "
                             "set vllm.model, or check vllm.url")
-        return first["id"]
+        if wanted and wanted not in ids:
+            raise Permanent(f"vllm.model {wanted!r} is not served there (it serves {', '.join(ids[:10])})")
+        return wanted or ids[0]
 
     def post(self, path: str, body: dict) -> dict:
         return self._call("POST", path, body)
@@ -200,8 +272,15 @@ class Run:
         self.slow_lock = threading.Lock()
         self.stopped = False
         self.cancelled = False  # interrupted: nothing new starts
+        self._cancel = threading.Event()  # ends waits for the pace or a retry
         self.model = ""
         self.digests: dict[str, str] = {}
+        self._replaced: list[tuple[str, list[str]]] = []  # (namespace, keys) of requests replaced this run
+        self._replaced_lock = threading.Lock()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._cancel.set()
 
     def past_deadline(self) -> bool:
         return self.late or (self.deadline is not None and self.clock() >= self.deadline)
@@ -210,13 +289,13 @@ class Run:
         return self.cancelled or (self.plan.after_deadline == "stop" and self.past_deadline())
 
     def _sleep(self, seconds: float) -> bool:
-        """Sleep, but not past the deadline when the run stops there; False if it came."""
+        """Sleep, but not past the deadline when the run stops there, nor past a stop; False if
+        either came."""
         if self.plan.after_deadline == "stop" and self.deadline is not None:
             if self.clock() + seconds >= self.deadline:
-                time.sleep(max(0.0, self.deadline - self.clock()))
+                self._cancel.wait(max(0.0, self.deadline - self.clock()))
                 return False
-        time.sleep(seconds)
-        return True
+        return not self._cancel.wait(seconds)
 
     # ---- one context --------------------------------------------------------------------
 
@@ -244,7 +323,9 @@ class Run:
             keys = entry.key_bytes()
             tiers, _ = self.kv.lookup(entry.namespace, keys) if keys else ([], 0)
             if all(tiers):
-                self._pin(tenant, entry.namespace, keys, r, entry.ranks)
+                pinned = self._pin(tenant, entry.namespace, keys, r, entry.ranks, entry.pinned_ttl_s)
+                if pinned is not None and pinned != entry.pinned_ttl_s:  # not pinning: release_stale's
+                    self.state.put(ctx.id, dataclasses.replace(entry, pinned_ttl_s=pinned))
                 r.status, r.tokens, r.chunk_size, r.namespace = "resident", entry.tokens, entry.chunk_size, \
                     entry.namespace
                 return
@@ -269,12 +350,18 @@ class Run:
         keys = [bytes.fromhex(k) for k in params["keys"]]
         ns, cs, ranks = params["namespace"], int(params["chunk_size"]), int(params.get("ranks") or 1)
         self._wait_stored(ns, keys)
-        self._pin(tenant, ns, keys, r, ranks)
+        # the connector pinned the keys it stored with the tenant's TTL; others it found stored
+        # keep the pins they had: as for a resident context, a different TTL is pinned anew
+        pinned = self._pin(tenant, ns, keys, r, ranks, entry.pinned_ttl_s if entry is not None else tenant.ttl_s)
         r.status, r.tokens, r.chunk_size, r.namespace = "stored", tokens, cs, ns
         r.stored_chunks = int(params.get("stored_chunks") or 0)
         r.loaded_tokens = int(params.get("loaded_tokens") or 0)
+        if entry is not None and ((entry.namespace, entry.keys) != (ns, list(params["keys"])) or
+                                  pinned is None and entry.pinned_ttl_s is not None):
+            with self._replaced_lock:  # unpinned once the run is over, but for keys still in use
+                self._replaced.append((entry.namespace, entry.keys))
         self.state.put(ctx.id, Entry(digest, ns, cs, ranks, tokens, list(params["keys"]), time.time(),
-                                     self.model))
+                                     self.model, pinned))
 
     def _send(self, endpoint: str, body: dict, r: ContextResult, estimate: int = 0) -> dict | None:
         p = self.plan
@@ -289,9 +376,12 @@ class Run:
             if lock:
                 lock.acquire()
             try:
-                if not self._sleep(pacer.book(estimate)):
+                # checked again after waiting for the lock and the pace: a stop or the deadline
+                # may have come meanwhile
+                if self.must_stop() or not self._sleep(pacer.book(estimate)) or self.must_stop():
+                    pacer.correct(-estimate)
                     self.stopped = True
-                    r.error = "deadline"
+                    r.error = "interrupted" if self.cancelled else "deadline"
                     return None
                 r.attempts += 1
                 try:
@@ -328,14 +418,58 @@ class Run:
             time.sleep(delay)
             delay = min(0.5, delay * 2)
 
-    def _pin(self, tenant: Tenant, ns: str, keys: list[bytes], r: ContextResult, ranks: int) -> None:
-        if tenant.pin == "ram" and keys:
-            r.unpinned_chunks = pin(self.kv, ns, keys, tenant.ttl_s, ranks)
+    def _pin(self, tenant: Tenant, ns: str, keys: list[bytes], r: ContextResult, ranks: int,
+             was: int | None) -> int | None:
+        """Pin keys as the tenant asks; ``was``: the TTL they were pinned with (None: not pinned by
+        prewarm, or unknown). Returns the TTL they have now (None: not pinned). A pin of another
+        TTL is made anew (the daemon only lengthens one); keys of a tenant that no longer pins
+        are unpinned by release_stale()."""
+        if tenant.pin != "ram" or not keys:
+            return None
+        if was != tenant.ttl_s:
+            self.kv.unpin(ns, keys)
+        r.unpinned_chunks = pin(self.kv, ns, keys, tenant.ttl_s, ranks)
+        return tenant.ttl_s
+
+    def release_stale(self) -> int:
+        """Unpin what the plan no longer pins: keys of requests replaced this run, of contexts
+        gone from the plan (their entries are dropped), of tenants now ``pin = "none"``; never
+        keys a pinned context of the plan holds now (contexts sharing a prefix share keys).
+        Returns the keys unpinned."""
+        plan_ids = {c.id: t for t in self.plan.tenants for c in t.contexts}
+        wanted: set[tuple[str, str]] = set()
+        stale: list[tuple[str, list[str]]] = []
+        with self._replaced_lock:
+            stale += self._replaced
+            self._replaced = []
+        gone = []
+        for cid, e in list(self.state.entries.items()):
+            t = plan_ids.get(cid)
+            if t is None:
+                gone.append(cid)
+                stale.append((e.namespace, e.keys))
+            elif t.pin == "ram":
+                wanted.update((e.namespace, k) for k in e.keys)
+            elif e.pinned_ttl_s is not None:
+                stale.append((e.namespace, e.keys))
+                self.state.put(cid, dataclasses.replace(e, pinned_ttl_s=None))
+        by_ns: dict[str, set[str]] = {}
+        for ns, keys in stale:
+            by_ns.setdefault(ns, set()).update(k for k in keys if (ns, k) not in wanted)
+        n = 0
+        for ns, keys in sorted(by_ns.items()):
+            if keys:
+                self.kv.unpin(ns, [bytes.fromhex(k) for k in sorted(keys)])
+                n += len(keys)
+        self.state.drop(gone)
+        if n:
+            log.info("prewarm: unpinned %d keys of contexts changed, removed or no longer pinned", n)
+        return n
 
     # ---- the whole plan -----------------------------------------------------------------
 
     def prewarm(self) -> dict[str, ContextResult]:
-        self.model = self.plan.model or self.server.first_model()
+        self.model = self.server.model(self.plan.model)
         jobs = [(t, c) for t in self.plan.tenants for c in t.contexts]
         out: dict[str, ContextResult] = {}
         pool = ThreadPoolExecutor(self.plan.concurrency, thread_name_prefix="kvtier-prewarm")
@@ -346,12 +480,20 @@ class Run:
                 out[r.id] = r
                 self.progress.update(r)
         except BaseException:  # interrupted: requests in flight finish, nothing new starts
-            self.cancelled = True
+            self.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         finally:
             pool.shutdown(wait=True)
-            self.state.save()
+            try:
+                self.release_stale()
+            except errors.KvtierError as e:  # the next run finds the gone and the unpinned again
+                log.warning("prewarm: could not unpin what the plan no longer pins: %s", e)
+            try:
+                self.state.save()
+            except OSError as e:  # the report still counts: the work is in the daemon
+                log.error("prewarm state %s: cannot write it (%s): the next run sends every context "
+                          "again", self.state.path, e)
             self.progress.close()
         return out
 
@@ -372,11 +514,25 @@ def run_plan(plan: Plan, *, promote: bool | None = None, promote_only: bool = Fa
              min_coverage: float | None = None, min_ram_coverage: float | None = None) -> Report:
     """Run a plan (prewarm, then promote if asked) and report. Raises kvtier errors when the
     daemon is unreachable, Transient/Permanent when the vLLM server is."""
-    from .promote import check_budget, promote_plan
+    from .promote import check_budget
     promoting = promote_only or (plan.promote if promote is None else promote)
     if promoting:
         check_budget(plan)  # before any work
-    state = State.load(plan.state)
+    problem = State(plan.state).check_writable()
+    if problem:  # every night would send every context again, and pins would never be released
+        raise errors.ConfigError(f"run.state: {problem}")
+    lock = State(plan.state).lock()  # before reading it: another run may be writing it
+    try:
+        return _run_plan(plan, State.load(plan.state), promoting, promote_only, force, progress_out, tty, min_coverage,
+                         min_ram_coverage)
+    finally:
+        os.close(lock)
+
+
+def _run_plan(plan: Plan, state: State, promoting: bool, promote_only: bool, force: bool,
+              progress_out: IO[str] | None, tty: bool | None, min_coverage: float | None,
+              min_ram_coverage: float | None) -> Report:
+    from .promote import promote_plan
     server = OpenAIServer(plan.url, os.environ.get(plan.api_key_env) or None, plan.timeout_s)
     rep = Report([], deadline=plan.deadline,
                  min_coverage=plan.min_coverage if min_coverage is None else min_coverage,

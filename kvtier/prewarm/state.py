@@ -9,14 +9,19 @@ crash leaves the previous version or the new one, never a torn file:
         "chunk_size": int, "ranks": int, "tokens": int,   # prompt tokens
         "keys": [hex, ...],   # chunk by chunk, every rank's key (the connector's order)
         "stored_at": float,   # unix time
-        "model": str}}}       # the model that computed it
+        "model": str,         # the model that computed it
+        "pinned_ttl_s": int | null}}}   # the pin TTL its keys last got from prewarm (null: none/unknown)
 
 A context whose digest is unchanged and whose keys are all present in some tier is not sent
 again. A missing or unreadable file is an empty state (everything is sent again), never an
-error: the state only saves work.
+error: the state only saves work. A state that cannot be written is logged, never fatal to
+the run (``check_writable`` finds it before a run starts). ``lock`` keeps a second run of the
+same state from running beside the first.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -39,6 +44,7 @@ class Entry:
     keys: list[str]
     stored_at: float = 0.0
     model: str = ""
+    pinned_ttl_s: int | None = None
 
     def key_bytes(self) -> list[bytes]:
         return [bytes.fromhex(k) for k in self.keys]
@@ -79,9 +85,20 @@ class State:
         with self._lock:
             self.entries[cid] = entry
             self._dirty = True
+        self._soon()
+
+    def drop(self, cids) -> None:
+        """Forget contexts (no longer in the plan)."""
+        with self._lock:
+            for cid in cids:
+                if self.entries.pop(cid, None) is not None:
+                    self._dirty = True
+        self._soon()
+
+    def _soon(self) -> None:
         wait = 2.0 - (time.monotonic() - self._last_save)
         if wait <= 0:
-            self.save()
+            self._try_save()
             return
         # within 2 s of the last write: write when they are up, not only when the next context
         # finishes (hours later, for a long one) or at the end, so a killed run keeps it
@@ -94,10 +111,41 @@ class State:
     def _flush(self) -> None:
         with self._lock:
             self._timer = None
+        self._try_save()
+
+    def _try_save(self) -> None:
         try:
             self.save()
         except OSError as e:  # the next put or the end of the run tries again
             log.warning("prewarm state %s: cannot write it (%s)", self.path, e)
+
+    def check_writable(self) -> str | None:
+        """Why the state file cannot be written (its directory made, a file created there), or
+        None: a run that cannot save its state sends every context again every night."""
+        d = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(d, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".prewarm-check-", dir=d)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            return f"cannot write the state file {self.path} in {d}: {e.strerror or e}"
+        return None
+
+    def lock(self) -> int:
+        """Hold the state's lock (``<state>.lock``, flock) for this process; raises Busy when
+        another run holds it. Returns the descriptor to close when done."""
+        path = self.path + ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise Busy(f"another prewarm run of this state ({self.path}) is running; "
+                           f"it holds {path}") from None
+            raise
+        return fd
 
     def save(self) -> None:
         """Write the file if anything changed (crash-safe)."""
@@ -128,3 +176,7 @@ class State:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+
+
+class Busy(Exception):
+    """Another run holds the state."""
