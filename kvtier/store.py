@@ -433,13 +433,10 @@ class Store:
         """On NVMe, or on its way there (a demotion being written: a read waits for it); not when
         that write was cancelled (by a Delete or an overwrite: its file goes once it lands), else a
         put of the key after the Delete was answered "present" and the key was then lost."""
-        k = (ns, key)
-        with self._qlock:
-            if self._queued.get(k, False):
-                return False
-            if k in self._landing:
-                return True
-        return self.cold.contains(ns, key)
+        k = (ns, key)  # no lock: a Lookup asks this of every key RAM lacks; each read is atomic
+        if self._queued.get(k, False):
+            return False
+        return k in self._landing or self.cold.contains(ns, key)
 
     def _buffer(self, size: int) -> mmap.mmap | memoryview:
         """A page-aligned buffer for a demotion copy, reused when one of that size is free: a

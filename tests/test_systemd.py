@@ -57,6 +57,8 @@ def test_prewarm_units():
     assert timer["WantedBy"] == ["timers.target"]
     svc = _unit("kvtier-prewarm.service")
     assert svc["Type"] == ["oneshot"] and "kvtier.service" in svc["After"][0]
+    # never starts a daemon the operator stopped (Wants= would)
+    assert svc["Requisite"] == ["kvtier.service"] and "kvtier.service" not in " ".join(svc.get("Wants", []))
     argv = svc["ExecStart"][0].split()
     assert argv[:2] == ["/opt/kvtier/bin/kvtier", "prewarm"] and argv[-1].endswith(".toml")
     from kvtier.cli import build_parser
