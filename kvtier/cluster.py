@@ -332,10 +332,14 @@ class ClusterTier:
         left for the caller to unlink. One a writer task is reserving or writing is left to it: it
         is not written, or unlinked once written, if given up after its own reservation, and
         written over otherwise (_put_batch). One whose write ended after a reservation made since
-        this one holds that write's value, not the one given up: it stays. Call it with no await
-        since the script answered."""
+        this one holds that write's value, not the one given up: it stays. One whose namespace
+        another tenant owns now (a reload moved it) is that tenant's: it leaves this tenant's
+        accounting and stays. Call it with no await since the script answered."""
         mine = []
         for n in names:
+            k = self._key_of(n)
+            if k is not None and self.accounts.group_of(k[0]) != tenant:
+                continue
             r, ended = self._inflight.get(n), self._recent.get(n)
             if r is not None and r.tenant == tenant:
                 r.doom = max(r.doom, seq)
@@ -579,8 +583,15 @@ class ClusterTier:
             elif isinstance(r, ReplyError):
                 self.servers.reply_error(r)
         if stale:
-            await c.request([(b"UNLINK",) + tuple(stale)])
+            await self._unlink_stale(c, stale)
         return ok
+
+    async def _unlink_stale(self, c: Connection, parts: list[bytes]) -> None:
+        """Unlink parts no envelope reaches any more (left by a longer value); one refused (a slot
+        migrating) is counted and stays, unreachable, until its TTL or an operator."""
+        r = (await c.request([(b"UNLINK",) + tuple(parts)]))[0]
+        if isinstance(r, ReplyError):
+            self.servers.reply_error(r)
 
     async def _set_there(self, redirect: ReplyError, cmds: list) -> bool:
         """An unsplit record's GETRANGE and SET on the server a MOVED or ASK reply names, then the
@@ -677,7 +688,7 @@ class ClusterTier:
                 return False
         stale = _stale_parts(base, old, len(values))
         if stale:  # the previous write had more parts: unreachable now, remove them
-            await conns[0].request([(b"UNLINK",) + tuple(stale)])
+            await self._unlink_stale(conns[0], stale)
         return True
 
     # ---- reads ---------------------------------------------------------------------------------
@@ -928,9 +939,11 @@ class ClusterTier:
         replies = await conns[0].request(cmds)
         n = 0
         for base, r in zip(bases, replies):
-            if isinstance(r, ReplyError) and r.redirect is not None:
+            if isinstance(r, ReplyError):
                 self.servers.reply_error(r)
-                r = await self._unlink_there(r, base)
+                # a redirect is followed; any other error (TRYAGAIN: a slot migrating with the
+                # block's names on both sides; CLUSTERDOWN) leaves the block: unlinked later
+                r = await self._unlink_there(r, base) if r.redirect is not None else None
                 if r is None and failed is not None:
                     failed.append(base)
             n += isinstance(r, int) and r > 0

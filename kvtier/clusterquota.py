@@ -36,6 +36,10 @@ write that fails after its script stays accounted the same way. Both count too
 much, never too little. The one undercount: a block one daemon evicts while
 another daemon rewrites it can survive unaccounted until its TTL or its next
 write or delete. Sizes are value bytes; Redis's own per-key overhead is not counted.
+A counter reset (FLUSHALL, a restart from an older snapshot) cannot make a daemon keep a block
+the quota gave up: places in the order never go below the writer's clock (microseconds). A
+namespace a reload moved to another tenant leaves the old tenant's accounting when its turn to
+be evicted comes, and stays (``ClusterTier._doom``).
 
 Every tenant is accounted, with a quota or not, so a quota added by a reload
 starts from true usage; namespaces no tenant owns (no tenants file) are not.
@@ -56,9 +60,16 @@ log = logging.getLogger("kvtier.cluster")
 # KEYS: lru, size, exp, used, seq. ARGV: name ("" = only trim), size, now ms, expires ms (0 = none), quota
 # (0 = none), recency (now in microseconds: writes a millisecond apart must not tie in the LRU order).
 # Returns {1, used, seq, victim names...} or {0, used, seq} when the block alone is larger than the quota;
-# seq orders the tenant's reservations (the order the script ran in, whatever order the replies arrive in).
+# seq orders the tenant's reservations (the order the script ran in, whatever order the replies arrive in);
+# it is at least the recency, so it stays above every place given out before a reset of the counter
+# (FLUSHALL, a restart without persistence or from an older snapshot, a failover to a replica that
+# lagged): daemons remember places given out (_doom), and a smaller one would keep a block it gave up.
 RESERVE = b"""
 local seq = redis.call('INCR', KEYS[5])
+if seq < tonumber(ARGV[6]) then
+  seq = tonumber(ARGV[6])
+  redis.call('SET', KEYS[5], ARGV[6])
+end
 local used = tonumber(redis.call('GET', KEYS[4]) or '0')
 local function forget(n)
   local s = redis.call('HGET', KEYS[2], n)

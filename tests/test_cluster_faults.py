@@ -314,17 +314,12 @@ def test_reads_writes_and_deletes_during_a_slot_migration_follow_ask_to_the_new_
     async def go():
         async with tier(cl.url, cluster=True, timeout_ms=5000) as t:
             await put_all(t, NS, blocks)
-            port = next(int(e[2][1]) for e in cl.slot_map() if e[0] <= slot <= e[1])
-            src = cl.by_port(port)
-            dst = next(m for m in cl.masters() if m is not src)
-            sid, did = (m.client().execute_command("CLUSTER", "MYID") for m in (src, dst))
+            src, dst = cl.begin_migration(slot)
 
             def on_dst(k: bytes) -> bytes | None:  # the importing master answers a key only after ASKING
                 c = dst.client(single_connection_client=True)
                 c.execute_command("ASKING")
                 return c.get(name(k))
-            dst.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", sid)
-            src.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", did)
             for k in (gone, overwritten):
                 src.client().execute_command("MIGRATE", "127.0.0.1", dst.port, name(k), 0, 5000)
             refreshes = t.snapshot()["topology_refreshes"]
@@ -345,9 +340,7 @@ def test_reads_writes_and_deletes_during_a_slot_migration_follow_ask_to_the_new_
             await put_all(t, NS, {new_key: fresh})  # not on the old master: written on the new one
             assert record.decode(on_dst(overwritten))[1] == new and record.decode(on_dst(new_key))[1] == fresh
             assert bytes((await t.get(NS, new_key))[0]) == fresh
-            src.client().execute_command("MIGRATE", "127.0.0.1", dst.port, name(stays), 0, 5000)
-            for m in cl.masters():
-                m.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", did)
+            cl.end_migration(slot, src, dst)  # moves stays
             assert await t.get(NS, gone) is None
             assert bytes((await t.get(NS, overwritten))[0]) == new  # never the old content
             assert bytes((await t.get(NS, stays))[0]) == blocks[stays]  # MOVED: followed, and the map reloads
@@ -371,12 +364,7 @@ def test_a_redirect_to_a_stopped_master_marks_that_master_down_not_the_one_that_
     async def go():
         async with tier(cl.url, cluster=True, timeout_ms=500, reconnect_max_s=0.5) as t:
             await put_all(t, NS, blocks)
-            port = next(int(e[2][1]) for e in cl.slot_map() if e[0] <= slot <= e[1])
-            src = cl.by_port(port)
-            dst = next(m for m in cl.masters() if m is not src)
-            sid, did = (m.client().execute_command("CLUSTER", "MYID") for m in (src, dst))
-            dst.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", sid)
-            src.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", did)
+            src, dst = cl.begin_migration(slot)
             src.client().execute_command("MIGRATE", "127.0.0.1", dst.port, name(gone), 0, 5000)
             dst.pause()
             try:

@@ -209,6 +209,25 @@ class Cluster:
         ports = sorted({int(e[2][1]) for e in self.slot_map()})
         return [self.by_port(p) for p in ports]
 
+    def begin_migration(self, slot: int) -> tuple[Server, Server]:
+        """Mark slot migrating from its master to another one, as a reshard does before it moves
+        keys (MIGRATE each, then end_migration): (source, destination)."""
+        port = next(int(e[2][1]) for e in self.slot_map() if e[0] <= slot <= e[1])
+        src = self.by_port(port)
+        dst = next(m for m in self.masters() if m is not src)
+        sid, did = (m.client().execute_command("CLUSTER", "MYID") for m in (src, dst))
+        dst.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", sid)
+        src.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", did)
+        return src, dst
+
+    def end_migration(self, slot: int, src: Server, dst: Server) -> None:
+        """Move the slot's remaining keys and give it to dst on every master."""
+        for n in src.client().execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
+            src.client().execute_command("MIGRATE", "127.0.0.1", dst.port, n, 0, 5000)
+        did = dst.client().execute_command("CLUSTER", "MYID")
+        for m in self.masters():
+            m.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", did)
+
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Until every live node says cluster_state:ok, the slot map covers all 16384 slots with
         live masters, and every live replica is in sync with its master (able to take over)."""
