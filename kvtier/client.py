@@ -787,21 +787,23 @@ class _Ops:
                 raise errors.UnknownReservation(str(e)) from None
 
     def op_acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False,
-                   tokens_per_key: int = 0, background: bool = False):
+                   tokens_per_key: int = 0, background: bool = False, counted: bool = True):
         return (yield from self._stale_retry(self._acquire, ns, keys, lease_ms, prefix_only, tokens_per_key,
-                                             background))
+                                             background, counted))
 
-    def _acquire(self, ns, keys, lease_ms, prefix_only, tokens_per_key=0, background=False):
+    def _acquire(self, ns, keys, lease_ms, prefix_only, tokens_per_key=0, background=False, counted=True):
         yield from self._attach()
         arena = self._mapped()
-        req = self._acquire_request(arena, ns, keys, lease_ms, prefix_only, tokens_per_key, background)
+        req = self._acquire_request(arena, ns, keys, lease_ms, prefix_only, tokens_per_key, background, counted)
         return self._lease(arena, len(keys), (yield ("unary", "Acquire", req)))
 
-    def _acquire_request(self, arena, ns, keys, lease_ms=0, prefix_only=False, tokens_per_key=0, background=False):
+    def _acquire_request(self, arena, ns, keys, lease_ms=0, prefix_only=False, tokens_per_key=0, background=False,
+                         counted=True):
         packed, ks = pack_keys(keys)
         return pb.AcquireRequest(namespace=ns, key_size=ks, keys=packed, lease_ms=_u32("lease_ms", lease_ms),
                                  prefix_only=prefix_only, generation=arena.generation,
-                                 tokens_per_key=_u32("tokens_per_key", tokens_per_key), background=background)
+                                 tokens_per_key=_u32("tokens_per_key", tokens_per_key), background=background,
+                                 uncounted=not counted)
 
     def _lease(self, arena, n: int, r: pb.AcquireResponse) -> Lease:
         c = r.checksums
@@ -1204,12 +1206,15 @@ class Client:
         return self._drive(self._ops.op_abort(res))
 
     def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False,
-                tokens_per_key: int = 0, background: bool = False) -> Lease:
+                tokens_per_key: int = 0, background: bool = False, counted: bool = True) -> Lease:
         """Lease blocks in the arena. tokens_per_key: tokens of prefill one found key saves (0:
         unknown); the daemon counts found keys x tokens_per_key per namespace. background: do not
         wait for blocks on NVMe or in the cluster tier; they are reported with their tier and no
-        view, and join this lease as they land in RAM (acquire them again to read them)."""
-        return self._drive(self._ops.op_acquire(ns, keys, lease_ms, prefix_only, tokens_per_key, background))
+        view, and join this lease as they land in RAM (acquire them again to read them).
+        counted=False: the daemon counts no hit, miss, byte or token of this read (an earlier
+        Acquire of the same keys counted them)."""
+        return self._drive(self._ops.op_acquire(ns, keys, lease_ms, prefix_only, tokens_per_key, background,
+                                                counted))
 
     def release(self, lease: Lease) -> None:
         return self._drive(self._ops.op_release(lease))

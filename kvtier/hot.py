@@ -158,6 +158,7 @@ class NsStats:
     puts: int = 0
     put_bytes: int = 0
     get_bytes: int = 0
+    lower_hits: int = 0  # of hits, blocks read up from a lower tier for the read (hits - lower_hits: RAM's)
     evictions: int = 0
     lookups: int = 0
 
@@ -727,9 +728,13 @@ class HotTier:
                 self._end_reservation(r, "aborted")
 
     def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False,
-                lease_id: int = 0, count_misses: bool = True) -> Acquired:
+                lease_id: int = 0, count_misses: bool = True, counted: bool = True,
+                lower: bool = False) -> Acquired:
         """Lease the keys present. With ``lease_id`` of a live lease, add the blocks to it.
-        ``count_misses=False``: the caller looks further down and counts the misses itself."""
+        ``count_misses=False``: the caller looks further down and counts the misses itself (with
+        prefix_only, every key from the first absent one on is a miss). ``counted=False``: count
+        no hit, miss or byte (an earlier Acquire counted this read). ``lower``: the blocks were
+        read up from a lower tier for this read (their hits are that tier's, not RAM's)."""
         ttl = self._ttl(lease_ms, self.lease_ms, "lease_ms")
         with self.lock:
             now = self.clock()
@@ -738,18 +743,22 @@ class HotTier:
             offsets, lengths, sums = [0] * n, [0] * n, [ZERO_CHECKSUM] * n
             blocks: list[Block] = []
             s = self._ns(ns)
+            count_misses = count_misses and counted
             for i, b in enumerate(_probe(self._blocks(ns), keys, prefix_only)):
                 if b is None:
-                    s.misses += count_misses
                     if prefix_only:
+                        s.misses += (n - i) * count_misses
                         break
+                    s.misses += count_misses
                     continue
                 self._hold(b)  # kept from eviction while leased; counted as a read when it returns
                 blocks.append(b)
                 tiers[i] = TIER_RAM
                 offsets[i], lengths[i], sums[i] = b.offset, b.length, b.checksum
-                s.hits += 1
-                s.get_bytes += b.length
+                if counted:
+                    s.hits += 1
+                    s.lower_hits += lower
+                    s.get_bytes += b.length
             existing = self._leases.get(lease_id) if lease_id else None
             if lease_id and (existing is None or existing.expires <= now):
                 for b in blocks:  # the lease to join is gone: take nothing

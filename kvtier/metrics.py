@@ -154,7 +154,8 @@ class _StoreCollector:
             "blocks": gauge("namespace_blocks", "Blocks in RAM per namespace.", ["namespace"]),
             "bytes": gauge("namespace_bytes", "Payload bytes in RAM per namespace.", ["namespace"]),
             "hits": counter("hits", "Blocks found by reads, per namespace and tier.", ["namespace", "tier"]),
-            "misses": counter("misses", "Blocks not found by reads, per namespace.", ["namespace"]),
+            "misses": counter("misses", "Blocks not found by reads, per namespace (a prefix read: every key "
+                              "from its first gap on).", ["namespace"]),
             "ratio": gauge("hit_ratio", "hits / (hits + misses) per namespace.", ["namespace"]),
             "lookups": counter("lookups", "Keys asked by Lookup, per namespace.", ["namespace"]),
             "puts": counter("put_blocks", "Blocks committed, per namespace.", ["namespace"]),
@@ -169,7 +170,7 @@ class _StoreCollector:
             nh, ch = nvme_hits.get(ns, 0), cluster_hits.get(ns, 0)
             fam["blocks"].add_metric([ns], st.blocks)
             fam["bytes"].add_metric([ns], st.bytes)
-            fam["hits"].add_metric([ns, "ram"], max(0, st.hits - nh - ch))
+            fam["hits"].add_metric([ns, "ram"], st.hits - st.lower_hits)  # both counted at once: never down
             fam["hits"].add_metric([ns, "nvme"], nh)
             fam["hits"].add_metric([ns, "cluster"], ch)
             fam["misses"].add_metric([ns], st.misses)

@@ -215,11 +215,14 @@ class KVTierService(pb_grpc.KVTierServicer):
             return blocking(*args)
         return self._loop_run(on_loop(*args))
 
-    async def _acquire(self, ns, keys, lease_ms=0, prefix_only=False, background=False):
+    async def _acquire(self, ns, keys, lease_ms=0, prefix_only=False, background=False, counted=True):
         if background:  # without a cluster tier, on this thread: its NVMe reads go to a pool
-            return await self._tiered(functools.partial(self.hot.acquire_async, background=True),
-                                      self.hot.acquire_background, ns, keys, lease_ms, prefix_only)
-        return await self._tiered(self.hot.acquire_async, self.hot.acquire, ns, keys, lease_ms, prefix_only)
+            return await self._tiered(functools.partial(self.hot.acquire_async, background=True, counted=counted),
+                                      functools.partial(self.hot.acquire_background, counted=counted),
+                                      ns, keys, lease_ms, prefix_only)
+        return await self._tiered(functools.partial(self.hot.acquire_async, counted=counted),
+                                  functools.partial(self.hot.acquire, counted=counted), ns, keys, lease_ms,
+                                  prefix_only)
 
     async def _lookup(self, ns, keys):
         if _on_loop() or isinstance(self.hot.cluster, NullCluster):  # without a cluster it never waits
@@ -278,8 +281,9 @@ class KVTierService(pb_grpc.KVTierServicer):
     async def Acquire(self, request, context):
         self._check_generation(request.generation)
         ns, keys = self._keys(request, context)
-        a = await self._acquire(ns, keys, request.lease_ms, request.prefix_only, request.background)
-        if request.tokens_per_key:
+        a = await self._acquire(ns, keys, request.lease_ms, request.prefix_only, request.background,
+                                not request.uncounted)
+        if request.tokens_per_key and not request.uncounted:
             with self._count_lock:
                 self.hot.count_tokens_saved(ns, (len(a.tiers) - a.tiers.count(0)) * request.tokens_per_key)
         return pb.AcquireResponse(lease_id=a.lease_id, tiers=a.tiers, offsets=a.offsets, lengths=a.lengths,
@@ -422,10 +426,9 @@ class KVTierService(pb_grpc.KVTierServicer):
         # RAM's hits are the reads no lower tier served (as the metrics count them); its misses,
         # the reads it could not serve, whether a lower tier then did or not
         below = sum(s.get("nvme_hits_by_namespace", {}).values()) + sum(s.get("cluster_hits_by_namespace", {}).values())
-        hits = sum(n.hits for n in s["namespaces"].values())
         ram = pb.TierStats(
             name="ram", capacity_bytes=s["capacity_bytes"], used_bytes=s["used_bytes"], blocks=s["blocks"],
-            hits=max(0, hits - below), misses=sum(n.misses for n in s["namespaces"].values()) + below,
+            hits=sum(n.hits - n.lower_hits for n in s["namespaces"].values()), misses=sum(n.misses for n in s["namespaces"].values()) + below,
             checksum_failures=cc["failures"] if cc is not None else 0,
             evictions=s["evictions"], policy=s["policy"], largest_free_bytes=s["largest_free_bytes"],
             reserved_bytes=s["reserved_bytes"], pinned_blocks=s["pinned_blocks"],

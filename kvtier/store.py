@@ -626,16 +626,16 @@ class Store:
                     del self._moving[k]
 
     def _acquire_ram(self, ns: str, keys: Sequence[bytes], lease_ms: int,
-                     prefix_only: bool) -> tuple[Acquired, list[int]]:
+                     prefix_only: bool, counted: bool = True) -> tuple[Acquired, list[int]]:
         """Lease what RAM holds (no I/O: fit for the event loop); returns the lease and the
         positions to promote from NVMe. Only the keys RAM lacks are looked up on NVMe."""
-        a = self.hot.acquire(ns, keys, lease_ms, prefix_only, count_misses=False)
+        a = self.hot.acquire(ns, keys, lease_ms, prefix_only, count_misses=False, counted=counted)
         i = a.tiers.find(TIER_MISSING)
         if i < 0:
             return a, []
         if prefix_only and i + 1 < len(keys) and self._on_nvme(ns, keys[i]):
             # the gap is on NVMe: what RAM holds past it belongs to the answer too
-            if not self._lease_into(ns, keys, a, range(i + 1, len(keys)), lease_ms):
+            if not self._lease_into(ns, keys, a, range(i + 1, len(keys)), lease_ms, counted):
                 return a, []  # the lease ran out already: stop at the gap
         todo = []
         tiers = a.tiers
@@ -647,7 +647,8 @@ class Store:
             i = tiers.find(TIER_MISSING, i + 1)
         return a, todo
 
-    def _promote_join(self, ns: str, key: bytes, join: _Join) -> tuple[int, int, bytes, bool] | None:
+    def _promote_join(self, ns: str, key: bytes, join: _Join,
+                      counted: bool = True) -> tuple[int, int, bytes, bool] | None:
         """Promote one block and add it to the lease at once; its (offset, length, checksum, read
         here: False when another promotion read it), or None for a miss."""
         held = None
@@ -656,7 +657,8 @@ class Store:
             if not held:
                 return None
             with join.lock:
-                b = self.hot.acquire(ns, [key], join.lease_ms, lease_id=join.lease_id, count_misses=False)
+                b = self.hot.acquire(ns, [key], join.lease_ms, lease_id=join.lease_id, count_misses=False,
+                                     counted=counted, lower=isinstance(held, Block))
                 if not b.tiers[0]:
                     return None
                 join.lease_id = join.lease_id or b.lease_id
@@ -671,7 +673,7 @@ class Store:
                 self.hot.unhold(held)  # leased now (or a miss): the hold from its commit ends
 
     def _promote_all(self, ns: str, keys: Sequence[bytes], a: Acquired, todo: list[int], lease_ms: int,
-                     prefix_only: bool) -> Acquired:
+                     prefix_only: bool, counted: bool = True) -> Acquired:
         """Promote the blocks at positions todo (blocking): this thread reads the first, the NVMe
         read threads the others, all at once. Each joins the lease as soon as it is in RAM, so a
         batch larger than free RAM cannot evict its own earlier blocks before they are read;
@@ -681,10 +683,10 @@ class Store:
         futs = {}
         for i in todo[1:]:
             try:
-                futs[i] = self.reads.submit(self._promote_join, ns, keys[i], join)
+                futs[i] = self.reads.submit(self._promote_join, ns, keys[i], join, counted)
             except RuntimeError:  # shutting down: this thread reads the rest
                 break
-        got = {todo[0]: self._promote_join(ns, keys[todo[0]], join)}
+        got = {todo[0]: self._promote_join(ns, keys[todo[0]], join, counted)}
         tiers, sums = bytearray(a.tiers), bytearray(a.checksums)
         gap = -1
         found = 0
@@ -693,7 +695,7 @@ class Store:
             if i in got:
                 r = got[i]
             elif f is None:
-                r = None if gap >= 0 else self._promote_join(ns, keys[i], join)
+                r = None if gap >= 0 else self._promote_join(ns, keys[i], join, counted)
             else:
                 r = None if f.cancelled() else f.result()
             if r is None:
@@ -708,22 +710,23 @@ class Store:
             a.offsets[i], a.lengths[i] = r[0], r[1]
             sums[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] = r[2]
             found += r[3]  # one NVMe hit per read: not again for an Acquire that waited for another's
-        if found:
+        if found and counted:
             self.nvme_hits[ns] = self.nvme_hits.get(ns, 0) + found
         a.lease_id = join.lease_id
         a.tiers, a.checksums = bytes(tiers), bytes(sums)
         return a
 
     def acquire(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, prefix_only: bool = False,
-                count_misses: bool = True) -> Acquired:
+                count_misses: bool = True, counted: bool = True) -> Acquired:
         """Lease blocks in the arena, promoting those found on NVMe first (blocking when it
-        promotes). With prefix_only, nothing past the first key found in no tier is reported."""
-        a, todo = self._acquire_ram(ns, keys, lease_ms, prefix_only)
+        promotes). With prefix_only, nothing past the first key found in no tier is reported.
+        counted=False: no hit, miss or byte is counted (an earlier Acquire counted this read)."""
+        a, todo = self._acquire_ram(ns, keys, lease_ms, prefix_only, counted)
         if todo:
-            a = self._promote_all(ns, keys, a, todo, lease_ms, prefix_only)
+            a = self._promote_all(ns, keys, a, todo, lease_ms, prefix_only, counted)
         if prefix_only:
             _cut(a)
-        if count_misses and TIER_MISSING in a.tiers:
+        if count_misses and counted and TIER_MISSING in a.tiers:
             self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
         return a
 
@@ -800,25 +803,26 @@ class Store:
         return out
 
     async def acquire_async(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0,
-                            prefix_only: bool = False, background: bool = False) -> Acquired:
+                            prefix_only: bool = False, background: bool = False, counted: bool = True) -> Acquired:
         """acquire() (in a worker thread when it touches NVMe), then the cluster tier for keys
         still missing: found blocks are promoted and join the same lease. With prefix_only,
         nothing past the first key found in no tier is leased or reported. With background,
         see _acquire_background: the answer does not wait for NVMe or cluster reads."""
         if self._arriving and not background:
             await self._await_arriving(ns, keys)
-        a, todo = self._acquire_ram(ns, keys, lease_ms, prefix_only)
+        a, todo = self._acquire_ram(ns, keys, lease_ms, prefix_only, counted)
         if background:
-            return await self._acquire_background(ns, keys, a, todo, lease_ms, prefix_only)
+            return await self._acquire_background(ns, keys, a, todo, lease_ms, prefix_only, counted)
         if todo:
-            a = await asyncio.to_thread(self._promote_all, ns, keys, a, todo, lease_ms, prefix_only)
+            a = await asyncio.to_thread(self._promote_all, ns, keys, a, todo, lease_ms, prefix_only, counted)
         if prefix_only:
             _cut(a)
         gap = a.tiers.find(TIER_MISSING)
         if gap < 0:
             return a
         if isinstance(self.cluster, NullCluster):
-            self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
+            if counted:
+                self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
             return a
         # misses are counted once, after the cluster tier had its say
         todo = list(range(gap, len(keys))) if prefix_only else \
@@ -831,7 +835,8 @@ class Store:
             b = None
             if ok.get(i, True) and self.hot.contains(ns, keys[i]):
                 try:
-                    b = self.hot.acquire(ns, [keys[i]], lease_ms, lease_id=a.lease_id, count_misses=False)
+                    b = self.hot.acquire(ns, [keys[i]], lease_ms, lease_id=a.lease_id, count_misses=False,
+                                         counted=counted, lower=i in ok)
                 except errors.UnknownLease:
                     b = None
             if b is None or not b.tiers[0]:
@@ -843,21 +848,23 @@ class Store:
             a.offsets[i], a.lengths[i] = b.offsets[0], b.lengths[0]
             sums[i * 16:(i + 1) * 16] = b.checksums
             found += i in ok
-        if found:
+        if found and counted:
             self.cluster_hits[ns] = self.cluster_hits.get(ns, 0) + found
         a.tiers, a.checksums = bytes(tiers), bytes(sums)
-        self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
+        if counted:
+            self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
         return a
 
     def acquire_background(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0,
-                           prefix_only: bool = False) -> Acquired:
+                           prefix_only: bool = False, counted: bool = True) -> Acquired:
         """acquire_async(background=True) for a daemon without a cluster tier, on the calling
         thread (no I/O here: NVMe reads go to the background pool)."""
-        a, todo = self._acquire_ram(ns, keys, lease_ms, prefix_only)
-        return self._background_finish(ns, keys, a, self._with_nvme(a, todo), todo, [], lease_ms, prefix_only)
+        a, todo = self._acquire_ram(ns, keys, lease_ms, prefix_only, counted)
+        return self._background_finish(ns, keys, a, self._with_nvme(a, todo), todo, [], lease_ms, prefix_only,
+                                       counted)
 
     async def _acquire_background(self, ns: str, keys: Sequence[bytes], a: Acquired, todo: list[int],
-                                  lease_ms: int, prefix_only: bool) -> Acquired:
+                                  lease_ms: int, prefix_only: bool, counted: bool = True) -> Acquired:
         """The answer of an Acquire that leaves promotions for later: RAM's blocks leased now;
         blocks on NVMe or (after one existence check, within cluster.lookup_timeout_ms) in the
         cluster tier reported with their tier but no slot (offset and length 0), read into RAM
@@ -872,24 +879,24 @@ class Store:
             if prefix_only:
                 # RAM stopped at the gap: the blocks it holds past it count if the cluster fills it
                 if self._lease_into(ns, keys, a, [i for i in range(gap + 1, len(keys))
-                                                  if tiers[i] == TIER_MISSING], lease_ms):
+                                                  if tiers[i] == TIER_MISSING], lease_ms, counted):
                     tiers = self._with_nvme(a, todo)
             ask = [i for i in range(gap if prefix_only else 0, len(keys)) if tiers[i] == TIER_MISSING]
             found = await self._exists_within(ns, [keys[i] for i in ask]) if ask else []
             cl = [i for i, f in zip(ask, found) if f]
             for i in cl:
                 tiers[i] = TIER_CLUSTER
-        return self._background_finish(ns, keys, a, tiers, todo, cl, lease_ms, prefix_only)
+        return self._background_finish(ns, keys, a, tiers, todo, cl, lease_ms, prefix_only, counted)
 
     def _lease_into(self, ns: str, keys: Sequence[bytes], a: Acquired, positions: Sequence[int],
-                    lease_ms: int) -> bool:
+                    lease_ms: int, counted: bool = True) -> bool:
         """Lease the blocks RAM holds at these positions of keys into a's lease (a new one when a
         has none), filling in their tier, slot and checksum; False when a's lease ran out."""
         if not positions:
             return True
         try:
             r = self.hot.acquire(ns, [keys[i] for i in positions], lease_ms, lease_id=a.lease_id,
-                                 count_misses=False)
+                                 count_misses=False, counted=counted)
         except errors.UnknownLease:
             return False
         tiers, sums = bytearray(a.tiers), bytearray(a.checksums)
@@ -910,7 +917,7 @@ class Store:
         return tiers
 
     def _background_finish(self, ns: str, keys: Sequence[bytes], a: Acquired, tiers: bytearray, nvme: list[int],
-                           cl: list[int], lease_ms: int, prefix_only: bool) -> Acquired:
+                           cl: list[int], lease_ms: int, prefix_only: bool, counted: bool = True) -> Acquired:
         """The answer of a background Acquire, and the reads that land its blocks: NVMe reads on
         the background pool, cluster reads in a task on the loop."""
         a.tiers = bytes(tiers)
@@ -919,7 +926,8 @@ class Store:
             gap = a.tiers.find(TIER_MISSING)
             if gap >= 0:
                 nvme, cl = [i for i in nvme if i < gap], [i for i in cl if i < gap]
-        self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
+        if counted:
+            self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
         if (not nvme and not cl) or self._background_closed:
             return a  # nothing to land (or shutting down: a worker's own Acquire reads or misses)
         if not a.lease_id:
@@ -928,7 +936,7 @@ class Store:
             n = len(keys)
             stub = Acquired(a.lease_id, bytes(n), [0] * n, [0] * n, bytes(n * CHECKSUM_SIZE), lease_ms)
             try:
-                self._bg_pool.submit(self._promote_all, ns, keys, stub, nvme, lease_ms, False)
+                self._bg_pool.submit(self._promote_all, ns, keys, stub, nvme, lease_ms, False, counted)
             except RuntimeError:  # the pool shut down meanwhile
                 pass
         if cl:
@@ -940,19 +948,20 @@ class Store:
                 else:
                     self._arriving[k] = self.loop.create_future()
                     owned.append(i)
-            task = asyncio.ensure_future(self._land(ns, keys, owned, others, a.lease_id, lease_ms))
+            task = asyncio.ensure_future(self._land(ns, keys, owned, others, a.lease_id, lease_ms, counted))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         return a
 
     async def _land(self, ns: str, keys: Sequence[bytes], owned: list[int], others: list[int],
-                    lease_id: int, lease_ms: int) -> None:
+                    lease_id: int, lease_ms: int, counted: bool = True) -> None:
         """Read a background Acquire's cluster-tier blocks into its lease: those it owns (each
         key's waiters are told as soon as its read ended) and those another Acquire is reading
         (joined when they have landed)."""
-        def join(key: bytes) -> bool:
+        def join(key: bytes, lower: bool) -> bool:
             try:
-                return bool(self.hot.acquire(ns, [key], lease_ms, lease_id=lease_id, count_misses=False).tiers[0])
+                return bool(self.hot.acquire(ns, [key], lease_ms, lease_id=lease_id, count_misses=False,
+                                             counted=counted, lower=lower).tiers[0])
             except errors.UnknownLease:
                 return False  # released or expired meanwhile: the block stays in RAM, unleased
 
@@ -962,14 +971,14 @@ class Store:
                 ok = await self.promote_from_cluster(ns, ks)
             finally:
                 self._arrived(ns, ks)
-            found = sum(1 for k, good in zip(ks, ok) if good and join(k))
-            if found:
+            found = sum(1 for k, good in zip(ks, ok) if good and join(k, True))
+            if found and counted:
                 self.cluster_hits[ns] = self.cluster_hits.get(ns, 0) + found
 
         async def theirs() -> None:
             await self._await_arriving(ns, [keys[i] for i in others])
             for i in others:
-                join(keys[i])
+                join(keys[i], False)
         try:
             jobs = ([mine()] if owned else []) + ([theirs()] if others else [])
             for r in await asyncio.gather(*jobs, return_exceptions=True):
@@ -1105,9 +1114,11 @@ class Store:
 
 
 def _misses(tiers: bytes, prefix_only: bool) -> int:
-    """Keys a read counts as missed: every absent one, or with prefix_only the first gap only."""
+    """Keys a read counts as missed: every absent one; with prefix_only, every key from the first
+    gap on (none past it is served)."""
     if prefix_only:
-        return 1 if TIER_MISSING in tiers else 0
+        g = tiers.find(TIER_MISSING)
+        return 0 if g < 0 else len(tiers) - g
     return tiers.count(TIER_MISSING)
 
 

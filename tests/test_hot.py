@@ -1220,12 +1220,15 @@ def test_acquire_all_and_prefix_only():
     assert p.tiers == bytes([1, 0, 0]) and p.lengths == [SLOT, 0, 0]
     assert len(p.checksums) == 3 * CHECKSUM_SIZE and p.checksums[CHECKSUM_SIZE:] == ZERO_CHECKSUM * 2
     assert t.leased_blocks == 1 and tracked(t, key(2)) is True  # the block after the gap is not leased
-    assert (s.hits, s.misses) == (3, 2)
+    assert (s.hits, s.misses) == (3, 3)  # every key from the gap on is a miss: none of them is served
     t.release(p.lease_id)
 
     m = t.acquire(NS, [key(1), key(0)], prefix_only=True)
     assert m.lease_id == 0 and m.tiers == b"\x00\x00" and t.leased_blocks == 0
-    assert (s.hits, s.misses) == (3, 3)
+    assert (s.hits, s.misses) == (3, 5)
+    u = t.acquire(NS, ks, counted=False)  # a read an earlier Acquire counted: nothing counted
+    assert (s.hits, s.misses, s.get_bytes) == (3, 5, 3 * SLOT) and u.tiers == bytes([1, 0, 1])
+    t.release(u.lease_id)
     check_consistent(t)
 
 

@@ -138,7 +138,7 @@ class AbortResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class AcquireRequest(_message.Message):
-    __slots__ = ("namespace", "key_size", "keys", "lease_ms", "prefix_only", "generation", "tokens_per_key", "background")
+    __slots__ = ("namespace", "key_size", "keys", "lease_ms", "prefix_only", "generation", "tokens_per_key", "background", "uncounted")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEY_SIZE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class AcquireRequest(_message.Message):
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_KEY_FIELD_NUMBER: _ClassVar[int]
     BACKGROUND_FIELD_NUMBER: _ClassVar[int]
+    UNCOUNTED_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     key_size: int
     keys: bytes
@@ -155,7 +156,8 @@ class AcquireRequest(_message.Message):
     generation: int
     tokens_per_key: int
     background: bool
-    def __init__(self, namespace: _Optional[str] = ..., key_size: _Optional[int] = ..., keys: _Optional[bytes] = ..., lease_ms: _Optional[int] = ..., prefix_only: _Optional[bool] = ..., generation: _Optional[int] = ..., tokens_per_key: _Optional[int] = ..., background: _Optional[bool] = ...) -> None: ...
+    uncounted: bool
+    def __init__(self, namespace: _Optional[str] = ..., key_size: _Optional[int] = ..., keys: _Optional[bytes] = ..., lease_ms: _Optional[int] = ..., prefix_only: _Optional[bool] = ..., generation: _Optional[int] = ..., tokens_per_key: _Optional[int] = ..., background: _Optional[bool] = ..., uncounted: _Optional[bool] = ...) -> None: ...
 
 class AcquireResponse(_message.Message):
     __slots__ = ("lease_id", "tiers", "offsets", "lengths", "checksums", "lease_ms")

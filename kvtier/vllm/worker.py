@@ -374,7 +374,8 @@ class WorkerHalf:
         bad: list[bytes] = []
         for i in range(0, len(jobs), step):
             part = jobs[i:i + step]
-            lease = client.acquire(ns, [k for k, _, _ in part], self.settings.lease_ms)
+            # the scheduler's Acquire counted these hits (and the misses): this read counts nothing
+            lease = client.acquire(ns, [k for k, _, _ in part], self.settings.lease_ms, counted=False)
             try:
                 found = []
                 for job, view, digest in zip(part, lease.views, lease.checksums):
