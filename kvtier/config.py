@@ -183,7 +183,8 @@ class ServerConfig:
     max_message_bytes: int = 64 * MiB
     # Most keys in one batch call.
     max_batch: int = 4096
-    # Seconds SIGTERM waits for in-flight calls before exiting.
+    # Seconds SIGTERM waits for in-flight calls before exiting; as long again for the NVMe and
+    # the cluster write queues (up to 3x in all).
     drain_timeout_s: float = 10.0
     # Every this many seconds, move what is alive out of the cyclic GC's reach (gc.freeze), so a
     # full collection does not walk every block of a large index (kvtier.gcfreeze); 0 = never.
