@@ -735,3 +735,29 @@ def test_request_waiting_for_room_is_looked_up_once(make_daemon, harnesses):
     with Client(d.address) as c:
         assert c.stats().tiers[0].hits - before == 2        # 2 chunks, counted by the lookup (the load counts none)
     assert _leases(d.address) == 0
+
+
+# ---- k. a request asking for pins that loads its prefix -------------------------------------------
+
+@pytest.mark.parametrize("ask", [{"pin": True}, {"ttl": 3600}])
+def test_a_request_asking_for_pins_pins_the_chunks_it_loads(make_daemon, harnesses, ask):
+    """pin and ttl pinned only the chunks a request stored: its prefix loaded from kvtier (an
+    agent's system prompt, stored by an earlier request) stayed unpinned, unless vLLM's own
+    prefix cache happened to hold it (then it was stored again, and pinned)."""
+    d = make_daemon()
+    system = prompt(80, 256)  # 4 chunks
+    h = harnesses(d.address)
+    _store(h, "plain", system + prompt(81, 44))
+    with Client(d.address) as c:
+        assert c.stats().tiers[0].pinned_blocks == 0
+    probe = h.add("probe", system + prompt(82, 44), kvtier={"skip": True})
+    keys = _chunk_keys_of(h, probe)[:4]
+    h.run()
+    h.add("pinned", system + prompt(82, 44), kvtier=ask)
+    h.run()
+    h.flush()
+    _finished_ok(h, "pinned")
+    assert h.finished["pinned"].kv_transfer_params["kvtier"]["loaded_tokens"] == 256
+    with Client(d.address) as c:
+        assert c.unpin("vllm", keys) == 4  # all four were pinned
+    assert _leases(d.address) == 0

@@ -26,6 +26,8 @@ class LoadSpec:
     first: int
     block_ids: list[int]
     namespace: str = ""
+    pin: bool = False   # the request asks its chunks pinned (pin/ttl): loaded ones too, once loaded
+    pin_s: int = 0
 
 
 @dataclass

@@ -336,7 +336,8 @@ class SchedulerHalf:
         c1 = -(-(st.local + num_external_tokens) // cs)
         spec = LoadSpec(request.request_id, st.opts.tenant, getattr(request, "cache_salt", None) or "",
                         [self._chunk_hash(request, c) for c in range(c0, c1)],
-                        (st.local % cs) // bs, list(block_ids[b0:b0 + nb]), st.opts.namespace)
+                        (st.local % cs) // bs, list(block_ids[b0:b0 + nb]), st.opts.namespace,
+                        pin=st.opts.pin, pin_s=st.opts.pin_s)
         self._loads.append(spec)
         load = _Load(request.request_id, b0, spec.block_ids, st.local, st.local + num_external_tokens)
         if self.settings.load_async:  # its lease ends when every worker reported it received

@@ -37,7 +37,7 @@ Per request, ``kv_transfer_params={"kvtier": {...}}`` (a bad value is logged and
 never a failed request):
 
     tenant         tenant mixed into this request's keys
-    pin            pin this request's stored chunks: True until unpinned, or a number of
+    pin            pin this request's chunks (stored or loaded): True until unpinned, or a number of
                    seconds from 1 to 2**32-1 to pin them for (0 is not a duration, and the
                    daemon takes no longer one: ignored, with a warning)
     ttl            seconds (1 to 2**32-1) to keep the stored chunks in RAM: a pin for that long

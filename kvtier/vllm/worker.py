@@ -344,8 +344,35 @@ class WorkerHalf:
             self._count("load_failures")
             self._quiet.warn("load", "kvtier: load of %d request(s) failed (%s); vLLM recomputes them",
                              len(specs), e)
+        else:
+            self._pin_loaded(specs, failed)
         self._finish_loads(specs, failed, is_async)
         return failed
+
+    def _pin_loaded(self, specs: list[LoadSpec], failed: set[int]) -> None:
+        """Pin the chunks a request asking for pins (pin, ttl) loaded: no store names them (they
+        are stored already), so the request's pin would otherwise depend on where its hit came
+        from. A chunk whose blocks failed to load is not pinned (it is recomputed and stored)."""
+        groups: dict[tuple[str, int], list[bytes]] = defaultdict(list)
+        for s in specs:
+            if not s.pin:
+                continue
+            keys = self._keys(s.tenant, s.cache_salt, s.chunk_hashes)
+            pos = 0
+            for j, key in enumerate(keys):
+                n = min(self.cb - (s.first if j == 0 else 0), len(s.block_ids) - pos)
+                if n <= 0:
+                    break
+                if not failed.intersection(s.block_ids[pos:pos + n]):
+                    groups[(s.namespace or self.ns, s.pin_s)].append(key)
+                pos += n
+        for (ns, pin_s), keys in groups.items():
+            try:
+                self.link.call(lambda c: c.pin(ns, keys, pin_s))
+            except Exception as e:  # loaded all the same
+                self._count("pin_failures")
+                self._quiet.warn("pin", "kvtier: pin of %d loaded chunk(s) failed (%s); they stay unpinned",
+                                 len(keys), e)
 
     def _finish_loads(self, specs, failed: set[int], is_async: bool) -> None:
         with self._lock:
