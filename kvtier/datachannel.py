@@ -72,6 +72,7 @@ RESP = struct.Struct("<4sBBHQQ16s")
 REQ_MAGIC, RESP_MAGIC = b"KVD1", b"KVR1"
 OP_PUT, OP_GET, OP_PING, OP_HELLO, OP_CALL, OP_PUT_MANY, OP_GET_MANY = 1, 2, 3, 4, 5, 6, 7
 _OPS = (OP_PUT, OP_GET, OP_PING, OP_HELLO, OP_CALL, OP_PUT_MANY, OP_GET_MANY)
+_TIMED = {OP_PUT: "data.PUT", OP_GET: "data.GET", OP_PUT_MANY: "data.PUT_MANY", OP_GET_MANY: "data.GET_MANY"}
 VERSION = 2            # what Attach advertises as data_channel_version
 MANY_MAX = 1024        # blocks in one PUT_MANY or GET_MANY frame
 PUT_ENTRY = struct.Struct("<BBH16s")     # status, info, msg_len, checksum
@@ -201,12 +202,16 @@ class DataServer:
 
     def __init__(self, hot, view: memoryview, verify: str, unix_path: str | None = None,
                  tcp: tuple[str, int] | None = None, socket_mode: int = 0o660, access=None, tls=None,
-                 calls=None, max_call_bytes: int = 4 << 20, max_connections: int = 1024):
+                 calls=None, max_call_bytes: int = 4 << 20, max_connections: int = 1024, observe=None):
         from .auth import AllowAll
         self.hot, self.view, self.verify = hot, view, verify  # ram.verify_on_commit: "sync", "background", "off"
         self.access = access or AllowAll()
         self.tls = tls  # ssl.SSLContext for TCP connections, or None
         self.calls = calls  # (method, payload, token, peer) -> (status, details, response), or None
+        # (method, code, seconds) of each PUT, GET, PUT_MANY and GET_MANY, answered (the RPC
+        # metrics, as "data.PUT" ...); CALL frames are timed by the handler they run
+        self.observe = observe
+        self._timing = threading.local()
         self.max_call_bytes = max_call_bytes
         # connections served at once (each holds a thread); one more is closed at accept
         self.max_connections = max_connections
@@ -435,6 +440,7 @@ class DataServer:
                 except ConnectionError:
                     return
                 magic, op, flags, ns_len, key_len, length, req_id = REQ.unpack_from(hdr)
+                self._timing.code = "OK"
                 if magic != REQ_MAGIC or op not in _OPS:
                     self._reply(conn, req_id, grpc.StatusCode.INVALID_ARGUMENT, "bad frame: unknown magic or op")
                     return
@@ -481,6 +487,7 @@ class DataServer:
                     self._reply(conn, req_id, grpc.StatusCode.UNAUTHENTICATED,
                                 "send HELLO with a bearer token first")
                     return
+                t0 = time.perf_counter()
                 if op in (OP_PUT_MANY, OP_GET_MANY):
                     recv_exact(conn, hview[REQ.size:REQ.size + ns_len])
                     ns = bytes(hview[REQ.size:REQ.size + ns_len]).decode("utf-8", "replace")
@@ -491,6 +498,7 @@ class DataServer:
                         self._put_many(conn, req_id, ns, entries, flags, scratch, tenant)
                     else:
                         self._get_many(conn, req_id, ns, entries, tenant)
+                    self._timed(op, t0)
                     continue
                 extra = ns_len + key_len + (CHECKSUM_SIZE if flags & F_CHECKSUM else 0)
                 recv_exact(conn, hview[REQ.size:REQ.size + extra])
@@ -507,8 +515,10 @@ class DataServer:
                                     f"({self.hot.max_block_bytes} bytes)")
                         return
                     self._put(conn, req_id, ns, key, length, bool(flags & F_OVERWRITE), given, scratch, tenant)
+                    self._timed(op, t0)
                 else:
                     self._get(conn, req_id, ns, key, tenant)
+                    self._timed(op, t0)
         except (ConnectionError, OSError):
             return
         except Exception:  # a bug must not kill the daemon; the connection is lost
@@ -519,12 +529,20 @@ class DataServer:
                 self._unauthenticated.pop(conn, None)
             conn.close()
 
+    def _timed(self, op: int, t0: float) -> None:
+        """A PUT, GET or batch answered: into the RPC metrics (its status: the first error it
+        answered, else OK; a batch's per-block errors are in its table)."""
+        if self.observe is not None:
+            self.observe(_TIMED[op], self._timing.code, time.perf_counter() - t0)
+
     def _reply(self, conn, req_id, code, msg, info=0, length=0, digest=_ZERO, payload=None) -> None:
         m = msg.encode()[:65535]
         head = RESP.pack(RESP_MAGIC, code.value[0], info, len(m), length, req_id, digest) + m
         conn.sendall(head)
         if payload is not None:
             conn.sendall(payload)
+        if code != grpc.StatusCode.OK:
+            self._timing.code = code.name  # the frame's status, for the RPC metrics
 
     def _refuse(self, conn, req_id) -> None:
         """Answer as a handler does a caller without a token (UNAUTHENTICATED)."""

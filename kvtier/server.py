@@ -292,7 +292,8 @@ class Daemon:
                 self.data = DataServer(self.store, a.view, cfg.ram.verify_on_commit, unix_path=sock + ".data",
                                        tcp=tcp, socket_mode=mode, access=self.access, tls=self._tls_context(),
                                        calls=service.call, max_call_bytes=mm,
-                                       max_connections=cfg.server.data_max_connections)
+                                       max_connections=cfg.server.data_max_connections,
+                                       observe=lambda *a: self.metrics.observe(*a))
             except BindError as e:
                 setting, where = (("server.data_listen", cfg.server.data_listen) if e.tcp
                                   else ("server.socket", e.address))

@@ -52,6 +52,29 @@ def test_metrics_move_with_traffic(metered):
     assert "kvtier_arena_locked" in text and "kvtier_hit_ratio" in text and "kvtier_nvme_queue_bytes" in text
 
 
+def test_data_channel_reads_and_writes_are_timed_as_rpcs(metered):
+    """Clients on the data channel (every remote client, and local ones without the arena) made
+    no entry in kvtier_rpc_duration_seconds: the RPC panels showed nothing of their traffic."""
+    with Client(metered.address, attach=False) as c:
+        assert c.path in ("", "data")
+        c.put_many("dc", [(bytes([i]) * 16, b"x" * 4096) for i in range(3)])
+        assert c.path == "data"
+        c.get_many("dc", [bytes([i]) * 16 for i in range(3)])
+        from kvtier.datachannel import DataConnection
+        one = DataConnection(c.info.data_address)
+        one.version = 1  # a client of the first version: a frame per block
+        try:
+            one.put_many("dc", [(b"k" * 16, b"y" * 100)])
+            assert bytes(one.get_many("dc", [b"k" * 16])[0][0]) == b"y" * 100
+        finally:
+            one.close()
+    text = _scrape(metered)
+    assert _value(text, 'kvtier_rpc_duration_seconds_count{code="OK",method="data.PUT_MANY"}') >= 1
+    assert _value(text, 'kvtier_rpc_duration_seconds_count{code="OK",method="data.GET_MANY"}') >= 1
+    assert _value(text, 'kvtier_rpc_duration_seconds_count{code="OK",method="data.PUT"}') == 1
+    assert _value(text, 'kvtier_rpc_duration_seconds_count{code="OK",method="data.GET"}') == 1
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
 def test_promtool_accepts_the_exposition(metered):
     with Client(metered.address) as c:
