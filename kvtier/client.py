@@ -1211,8 +1211,8 @@ class Client:
         unknown); the daemon counts found keys x tokens_per_key per namespace. background: do not
         wait for blocks on NVMe or in the cluster tier; they are reported with their tier and no
         view, and join this lease as they land in RAM (acquire them again to read them).
-        counted=False: the daemon counts no hit, miss, byte or token of this read (an earlier
-        Acquire of the same keys counted them)."""
+        counted=False: the daemon counts no hit, miss or byte of this read (an earlier Acquire
+        of the same keys counted them); tokens_per_key still counts."""
         return self._drive(self._ops.op_acquire(ns, keys, lease_ms, prefix_only, tokens_per_key, background,
                                                 counted))
 

@@ -283,7 +283,7 @@ class KVTierService(pb_grpc.KVTierServicer):
         ns, keys = self._keys(request, context)
         a = await self._acquire(ns, keys, request.lease_ms, request.prefix_only, request.background,
                                 not request.uncounted)
-        if request.tokens_per_key and not request.uncounted:
+        if request.tokens_per_key:
             with self._count_lock:
                 self.hot.count_tokens_saved(ns, (len(a.tiers) - a.tiers.count(0)) * request.tokens_per_key)
         return pb.AcquireResponse(lease_id=a.lease_id, tiers=a.tiers, offsets=a.offsets, lengths=a.lengths,

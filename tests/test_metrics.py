@@ -106,13 +106,17 @@ def test_prefill_tokens_saved_per_namespace(metered):
         lease = c.acquire("team-a", keys, tokens_per_key=64)   # 3 of 4 found
         c.release(lease)
         c.release(c.acquire("team-a", keys[:2]))               # the client did not say: counts nothing
+        hits = {n.name: n for n in c.stats().namespaces}["team-a"].hits
+        # a read an earlier Acquire counted (an engine's worker): its tokens count, its hits do not
+        c.release(c.acquire("team-a", keys[:2], tokens_per_key=10, counted=False))
+        assert {n.name: n for n in c.stats().namespaces}["team-a"].hits == hits
         lease = c.acquire("team-b", keys, tokens_per_key=64)   # nothing found: nothing saved
         c.release(lease)
         stats = {n.name: n for n in c.stats().namespaces}
     text = _scrape(metered)
-    assert _value(text, 'kvtier_prefill_tokens_saved_total{namespace="team-a"}') == 3 * 64
+    assert _value(text, 'kvtier_prefill_tokens_saved_total{namespace="team-a"}') == 3 * 64 + 2 * 10
     assert _value(text, 'kvtier_prefill_tokens_saved_total{namespace="team-b"}') == 0
-    assert stats["team-a"].prefill_tokens_saved == 3 * 64 and stats["team-b"].prefill_tokens_saved == 0
+    assert stats["team-a"].prefill_tokens_saved == 3 * 64 + 2 * 10 and stats["team-b"].prefill_tokens_saved == 0
     from kvtier import cli
     import contextlib
     import io
@@ -120,7 +124,7 @@ def test_prefill_tokens_saved_per_namespace(metered):
     with contextlib.redirect_stdout(out):
         assert cli.main(["stats", "--address", metered.address]) == 0
     row = next(line.split() for line in out.getvalue().splitlines() if line.startswith("team-a "))
-    assert row[-1] == str(3 * 64)
+    assert row[-1] == str(3 * 64 + 2 * 10)
 
 
 # ---- the Grafana dashboard ------------------------------------------------------------------------

@@ -299,12 +299,11 @@ class SchedulerHalf:
         leases: list[Any] = []
         try:
             for i in range(0, len(keys), per):
-                # a chunk found on every rank saves chunk_size tokens of prefill: the daemon
-                # counts it per namespace (kvtier_prefill_tokens_saved_total)
                 # background: chunks on NVMe or in the cluster tier are read into RAM after the
-                # answer (joining the lease), not while every running request waits for this step
+                # answer (joining the lease), not while every running request waits for this step.
+                # The prefill saved is counted by the workers' reads (what is loaded, not offered)
                 lease = client.acquire(ns, keys[i:i + per], self.settings.lease_ms, prefix_only=True,
-                                       tokens_per_key=self.chunk_size // R, background=True)
+                                       background=True)
                 if lease.id:
                     leases.append(lease)
                 tiers += lease.tiers

@@ -205,6 +205,8 @@ class WorkerHalf:
         self.cb = self.chunk_size // self.block_size
         self.num_blocks = kv_cache_config.num_blocks
         self.tp_rank, self.pp_rank = rank_of(vllm_config)
+        pc = vllm_config.parallel_config  # each rank reads its share of a chunk: the tokens it saves
+        self._tokens_per_key = self.chunk_size // max(1, pc.tensor_parallel_size * pc.pipeline_parallel_size)
         self.link = _WorkerLink(settings.address, timeout_s=settings.worker_timeout_s,
                                 retry_s=settings.retry_s, token=settings.token,
                                 name=f"kvtier worker tp{self.tp_rank}/pp{self.pp_rank}",
@@ -401,8 +403,10 @@ class WorkerHalf:
         bad: list[bytes] = []
         for i in range(0, len(jobs), step):
             part = jobs[i:i + step]
-            # the scheduler's Acquire counted these hits (and the misses): this read counts nothing
-            lease = client.acquire(ns, [k for k, _, _ in part], self.settings.lease_ms, counted=False)
+            # the scheduler's Acquire counted these hits (and the misses): this read counts only the
+            # prefill it saves, its share of each chunk's tokens (kvtier_prefill_tokens_saved_total)
+            lease = client.acquire(ns, [k for k, _, _ in part], self.settings.lease_ms, counted=False,
+                                   tokens_per_key=self._tokens_per_key)
             try:
                 found = []
                 for job, view, digest in zip(part, lease.views, lease.checksums):
