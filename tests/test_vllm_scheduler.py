@@ -761,3 +761,21 @@ def test_a_request_asking_for_pins_pins_the_chunks_it_loads(make_daemon, harness
     with Client(d.address) as c:
         assert c.unpin("vllm", keys) == 4  # all four were pinned
     assert _leases(d.address) == 0
+
+
+def test_a_preempted_request_counts_its_reload_once(make_daemon, harnesses):
+    """loaded_tokens counted every load: a request preempted and resumed loads its prefix again,
+    and reported more tokens taken from kvtier than its prompt had."""
+    d = make_daemon()
+    pa, pb = prompt(141, 160), prompt(142, 160)
+    _store(harnesses(d.address), "sa", pa)
+    _store(harnesses(d.address), "sb", pb)
+    h = harnesses(d.address, num_blocks=12, max_num_seqs=2)  # two requests decoding past 11 blocks
+    h.add("a", pa, max_tokens=70)
+    h.add("b", pb, max_tokens=70)
+    h.run(timeout=60)
+    assert h.preempted, "nothing was preempted: the test does not test preemption"
+    for r in ("a", "b"):
+        _finished_ok(h, r)
+        assert h.finished[r].kv_transfer_params["kvtier"]["loaded_tokens"] <= 160 + 70
+    assert _leases(d.address) == 0

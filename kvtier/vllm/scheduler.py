@@ -68,6 +68,19 @@ LOOKUP_RETRY_S = 60.0
 WARN_EVERY_S = 10.0
 
 
+def _taken(loads: list) -> int:
+    """Tokens taken from kvtier by a request's loads, each once: a request preempted and resumed
+    loads its prefix again; a load that failed counts up to its first failed block."""
+    spans = sorted((ld.start, ld.end if ld.cut < 0 else ld.cut) for ld in loads)
+    n, reach = 0, 0
+    for lo, hi in spans:
+        lo = max(lo, reach)
+        if hi > lo:
+            n += hi - lo
+            reach = hi
+    return n
+
+
 @dataclass
 class _Load:
     """A load into a request's blocks: block_ids[0] is the request's block b0; tokens
@@ -99,7 +112,7 @@ class _Req:
     local: int = 0                  # vLLM's own hit at the last lookup (tokens)
     ext: int = 0                    # tokens offered from kvtier at the last lookup
     chunk_tiers: list[int] = field(default_factory=list)  # from chunk local//chunk_size on
-    loaded: int = 0                 # tokens loaded from kvtier (less those whose load failed)
+    loads: list = field(default_factory=list)  # its _Loads: the tokens taken from kvtier (loaded_tokens)
     hit_tiers: dict[str, int] = field(default_factory=dict)
     block_ids: list[int] = field(default_factory=list)
     next_store: int = 0             # first chunk not yet stored or known present
@@ -110,6 +123,12 @@ class _Req:
     stores_issued: bool = False
     failed_at: int | None = None    # first token of a block whose load failed: no hit past it
     asked_at: float = 0.0           # time.monotonic() of the lookup that offered ``ext``
+
+    @property
+    def loaded(self) -> int:
+        """Tokens loaded from kvtier (less those whose load failed), a reload after a
+        preemption not again."""
+        return _taken(self.loads)
 
 
 class SchedulerHalf:
@@ -346,7 +365,7 @@ class SchedulerHalf:
             st.load = None  # workers have taken leases of their own to copy by then
             load.leases = self._leases.pop(request.request_id, [])
             self._load_recs.append(load)
-        st.loaded += num_external_tokens
+        st.loads.append(load)
         st.next_store = max(st.next_store, (st.local + num_external_tokens) // cs)
         st.hit_tiers = {}
         for i, tier in enumerate(st.chunk_tiers[:c1 - c0]):
@@ -435,7 +454,6 @@ class SchedulerHalf:
         # recomputed from there, not loaded (once: ranks may report their failures apart)
         cut = load.end if load.cut < 0 else load.cut
         load.cut = min(cut, max(load.start, failed))
-        st.loaded -= cut - load.cut
         return True
 
     def _taint(self, steps: list[_Step]) -> None:
