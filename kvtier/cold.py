@@ -958,9 +958,16 @@ class ColdTier:
             self.stats.evictions -= 1  # a removal, not an eviction
         return doomed
 
-    def delete(self, ns: str, key: bytes) -> bool:
+    def delete(self, ns: str, key: bytes, wait: bool = False) -> bool:
+        """Remove key's file. With wait, when its removal is already under way (an overwrite's),
+        wait for it: a Delete answered before the file is gone would be undone by a crash. (Not
+        from the threads that run removals.)"""
         doomed = self.forget(ns, key)
         if doomed is None:
+            if wait:
+                with self.lock:
+                    while (ns, key) in self._removing:
+                        self._removed.wait(1.0)
             return False
         self.remove(doomed)
         return True

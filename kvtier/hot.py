@@ -649,6 +649,12 @@ class HotTier:
         r.state = RESERVED
         heapq.heappush(self._deadlines, (r.expires, 0, r.id))
 
+    def overwritten(self, rid: int) -> list[tuple[str, bytes]]:
+        """The (namespace, key) a reservation replaces, if it is an overwrite (else none)."""
+        with self.lock:
+            r = self._reservations.get(rid)
+            return [(b.ns, b.key) for b in r.blocks] if r is not None and r.overwrite else []
+
     def begin_commit(self, rid: int) -> list[tuple[int, int]]:
         """Freeze a reservation for commit; returns its slots (offset, length) to hash."""
         with self.lock:

@@ -194,9 +194,19 @@ class KVTierService(pb_grpc.KVTierServicer):
             return await asyncio.to_thread(copying.spread, _hash_pool(), hash_share, slots, parts)
         return copying.spread(_hash_pool(), hash_share, slots, parts)  # a data-channel thread hashes a share
 
+    async def _drop_replaced(self, rid: int) -> None:
+        """An overwrite's old NVMe copy is unlinked before its commit answers (Store.drop_replaced),
+        off the loop."""
+        if self.hot.replaces_on_nvme(rid):
+            if _on_loop():
+                await asyncio.to_thread(self.hot.drop_replaced, rid)
+            else:
+                self.hot.drop_replaced(rid)
+
     async def _commit(self, rid: int, given: bytes) -> bytes:
         slots = self.hot.begin_commit(rid)
         try:
+            await self._drop_replaced(rid)
             # trusted (None): with "background" the hot tier queues the blocks for kvtier.commitcheck
             computed = await self._hash(slots) if hash_at_commit(self.cfg.ram.verify_on_commit, given) else None
         except BaseException:
@@ -352,6 +362,11 @@ class KVTierService(pb_grpc.KVTierServicer):
                         raise errors.DataLoss(f"checksum mismatch for block {len(sums)}; not stored")
                     if rid:
                         self.hot.begin_commit(rid)
+                        try:
+                            await self._drop_replaced(rid)
+                        except BaseException:
+                            self.hot.discard(rid)
+                            raise
                         # the digest was computed over exactly the bytes written to the slot
                         self.hot.finish_commit(rid, [digest], given)
                         stored += 1

@@ -96,7 +96,7 @@ class NullTier:
     def write(self, *a, **k) -> bool:
         return False
 
-    def delete(self, ns, key) -> bool:
+    def delete(self, ns, key, wait: bool = False) -> bool:
         return False
 
     def snapshot(self) -> None:
@@ -282,18 +282,33 @@ class Store:
 
     def _forget_lower(self, ns: str, key: bytes) -> bool:
         """Drop the NVMe copy and cancel a queued write of it (delete, overwrite); whether there
-        was either."""
+        was either. Returns once no file of it is left to unlink (a removal under way included);
+        not from the NVMe threads."""
         with self._qlock:
             queued = (ns, key) in self._queued
             if queued:
                 self._queued[(ns, key)] = True
-        return self.cold.delete(ns, key) or queued
+        return self.cold.delete(ns, key, wait=True) or queued
+
+    def replaces_on_nvme(self, rid: int) -> bool:
+        """Whether a commit must call drop_replaced() before it answers: an overwrite, with an
+        NVMe tier."""
+        return self.io is not None and bool(self.hot.overwritten(rid))
+
+    def drop_replaced(self, rid: int) -> None:
+        """Between begin_commit and finish_commit of an overwrite: the old content's NVMe file is
+        unlinked (not only queued for unlinking) before the commit answers, so a crash after the
+        answer cannot bring the old bytes back at the restart's scan. Blocking: on a thread, not
+        the loop (a stalled filesystem stalls this commit only)."""
+        for ns, key in self.hot.overwritten(rid):
+            self._forget_lower(ns, key)
 
     def _forget_lower_soon(self, ns: str, key: bytes) -> None:
-        """_forget_lower() for a caller holding the hot lock on the loop (an overwrite's commit):
-        the copy leaves the index now, its file is unlinked on an NVMe thread, so a stalled
-        filesystem stalls that unlink, not every RAM operation. A new write of the key (queued
-        after it) waits for the unlink."""
+        """_forget_lower() for a caller holding the hot lock on the loop (an overwrite's commit,
+        after drop_replaced() unlinked what was there: this catches a copy of the old content
+        written since): the copy leaves the index now, its file is unlinked on an NVMe thread, so
+        a stalled filesystem stalls that unlink, not every RAM operation. A new write of the key
+        (queued after it) waits for the unlink."""
         with self._qlock:
             if (ns, key) in self._queued:
                 self._queued[(ns, key)] = True

@@ -9,7 +9,7 @@ from kvtier.client import Client
 from kvtier.server import DaemonThread
 from kvtier.slots import BASE, ENTRY
 
-from conftest import _dirs, make_config
+from conftest import _dirs, make_config, wait_until
 from test_hugepages import hugetlbfs  # noqa: F401 (a fixture)
 
 NS = "persist"
@@ -176,6 +176,27 @@ def test_sigterm_drains_nvme_writes(daemon_process, tmp_path):
     from kvtier.cold import check_dir
     rep = check_dir(str(nvme))
     assert rep.ok == 60 and not rep.corrupt and not rep.orphans  # every committed block reached NVMe
+
+
+def test_an_overwrite_and_a_delete_answered_stay_done_after_kill_9(daemon_process, tmp_path):
+    """put v1 (written to NVMe), overwrite with v2, delete: both answered, then kill -9 while the
+    NVMe writer is busy. The overwrite only queued the old file's unlink behind the writes, the
+    delete found nothing left to wait for, and the restart's scan served v1 again: a deleted key
+    came back with its old bytes."""
+    nvme = tmp_path / "nvme"
+    d = daemon_process(f'[nvme]\ndirs = ["{nvme}"]\ncapacity = "256MiB"\nwrite_policy = "commit"\n'
+                       f'io_threads = 1\n', capacity="32MiB")
+    k, v1, v2 = b"K" * 16, os.urandom(256 << 10), os.urandom(256 << 10)
+    with Client(d.address, timeout=10) as c:
+        assert c.put(NS, k, v1)
+        wait_until(lambda: next(t for t in c.stats().tiers if t.name == "nvme").blocks >= 1, what="v1 on NVMe")
+        c.put_many(NS, blocks(12, size=1 << 20))  # a backlog for the NVMe writer
+        assert c.put(NS, k, v2, overwrite=True)
+        assert c.delete(NS, [k]) == 1
+    d.kill()
+    d.start()
+    with Client(d.address, timeout=10) as c:
+        assert c.get(NS, k) is None
 
 
 def test_restored_blocks_count_against_their_tenants_ram_quota(cfg_pair, tmp_path):
