@@ -10,6 +10,8 @@ Layout (all integers little-endian):
                   16  u64  generation: random per arena creation, never 0
                   24  u64  total size in bytes
                   32  u64  data_offset: first byte of the slot region
+                  40  u64  arena id: random when the file is made, kept by every re-attach
+                           (0: an arena of an older version); the slot table names it
     data_offset  slots, allocated by kvtier.alloc in 4 KiB multiples
 
 The daemon creates the file (mode 0660), or re-attaches the one a previous
@@ -66,6 +68,7 @@ from typing import Callable
 from .errors import ConfigError
 
 HEADER = struct.Struct("<8sIIQQQ")
+ARENA_ID = struct.Struct("<Q")  # at HEADER.size
 MAGIC = b"KVTARENA"
 VERSION = 1
 DATA_OFFSET = 4096
@@ -345,6 +348,11 @@ class Arena:
             if fd >= 0:
                 os.close(fd)
         try:
+            if self.reattached:
+                self.arena_id = ARENA_ID.unpack_from(self.mm, HEADER.size)[0]
+            else:  # written before the header's magic: a header that reads valid has its id
+                self.arena_id = secrets.randbits(63) | 1
+                ARENA_ID.pack_into(self.mm, HEADER.size, self.arena_id)
             self.mm[:HEADER.size] = HEADER.pack(MAGIC, VERSION, 0, self.generation, self.size, self.data_offset)
             self.view = memoryview(self.mm)
             if self.backing == "tmpfs":  # honoured by a tmpfs mounted huge=advise; ignored elsewhere

@@ -231,7 +231,10 @@ class Daemon:
                            max_pinned=r.max_pinned)
         self._apply_ram_tenants()  # before restore: each restored block is filed under its tenant's group
         if cfg.ram.persist:
-            table = SlotTable(table_path(a.path, a.backing), fresh=not a.reattached)
+            table = SlotTable(table_path(a.path, a.backing), fresh=not a.reattached, arena_id=a.arena_id)
+            if table.foreign:
+                log.warning("slot table %s describes another arena (a start stopped before it was rewritten): "
+                            "the RAM tier starts empty", table.path)
             if a.reattached:
                 t0 = time.monotonic()
                 try:

@@ -6,7 +6,8 @@ holds one fixed-size entry per committed block, so a daemon
 that restarts (crash, upgrade, ``systemctl restart``) can re-attach the arena
 and rebuild its index instead of starting cold.
 
-    header (64 bytes): magic b"KVTSLOTS", version u32, entry size u32, capacity u64 (entries)
+    header (64 bytes): magic b"KVTSLOTS", version u32, entry size u32, capacity u64 (entries),
+                       arena id u64 (kvtier.arena; 0: not recorded, a table of an older version)
     entry i at 64 + i * 160:
          0  u32  magic 0x53545645 ("EVTS") when in use, 0 when free
          4  u8   namespace length N      5  u8  key length K     6  u16 state: 1 committed, 2 reserved
@@ -39,6 +40,7 @@ import xxhash
 from .arena import open_own
 
 HEADER = struct.Struct("<8sII Q")
+ARENA = struct.Struct("<Q")  # at HEADER.size: the id of the arena the entries describe
 MAGIC = b"KVTSLOTS"
 VERSION = 1
 ENTRY = 160
@@ -60,18 +62,24 @@ def table_path(arena_path: str, backing: str, shm_dir: str = "/dev/shm") -> str:
 
 
 class SlotTable:
-    def __init__(self, path: str, fresh: bool):
+    def __init__(self, path: str, fresh: bool, arena_id: int = 0):
         self.path = path
         # in /dev/shm (hugetlbfs arenas) anyone may have made the name first: only a regular file
         # of the daemon's own is used, and it is emptied (fresh) only once that is known
         self.fd = open_own(path, os.O_RDWR | os.O_CREAT, "slot table")
         os.fchmod(self.fd, 0o600)
         size = os.fstat(self.fd).st_size
-        if fresh or size < BASE + ENTRY or not self._header_ok():
+        # a table of another arena: a start that made a new arena (its size changed) was stopped
+        # before it formatted the table, and the next one re-attached that new arena
+        self.foreign = not fresh and size >= BASE + ENTRY and self._header_ok() and arena_id != 0 \
+            and self._arena_id() not in (0, arena_id)
+        if fresh or size < BASE + ENTRY or not self._header_ok() or self.foreign:
             self._format(1024)
         else:
             self.mm = mmap.mmap(self.fd, size)
             self.capacity = (size - BASE) // ENTRY
+        if arena_id:
+            ARENA.pack_into(self.mm, HEADER.size, arena_id)
         self._free: list[int] = []
         self._top = 0  # entries below are in use or in _free
 
@@ -81,6 +89,9 @@ class SlotTable:
             return False
         magic, version, esize, _ = HEADER.unpack(head)
         return magic == MAGIC and version == VERSION and esize == ENTRY
+
+    def _arena_id(self) -> int:
+        return ARENA.unpack(os.pread(self.fd, ARENA.size, HEADER.size))[0]
 
     def _format(self, capacity: int) -> None:
         os.ftruncate(self.fd, 0)

@@ -70,6 +70,42 @@ def test_an_arena_that_cannot_be_re_attached_is_said_so(cfg_pair, caplog):
     assert not [r for r in caplog.records if "not re-attached" in r.getMessage()]
 
 
+def test_a_slot_table_of_another_arena_is_not_restored(cfg_pair, caplog):
+    """ram.capacity changed, and the start stopped (kill -9) after it made and locked the new
+    arena but before it rewrote the slot table: the next start re-attached the new, zeroed
+    arena and restored the old table's entries into it (with verify_on_restart = false, every
+    block was served as zeros). The table names the arena it describes; another's is dropped."""
+    from kvtier.slots import SlotTable, table_path
+    cfg = cfg_pair(ram={"capacity": "16MiB", "verify_on_restart": False})
+    with DaemonThread(cfg) as d:
+        with Client(d.address) as c:
+            c.put_many(NS, blocks(4))
+    table = table_path(cfg.arena_path, "tmpfs")
+    old = open(table, "rb").read()
+    cfg2 = cfg_pair(ram={"capacity": "24MiB", "verify_on_restart": False})
+    with DaemonThread(cfg2):
+        pass  # a new arena (another size) and a new table
+    with open(table, "wb") as f:  # as if the start had stopped before its table was written
+        f.write(old)
+    caplog.set_level("WARNING", logger="kvtier")
+    with DaemonThread(cfg2) as d:
+        with Client(d.address) as c:
+            assert c.lookup(NS, [k for k, _ in blocks(4)])[0] == [0, 0, 0, 0]
+            assert c.stats().tiers[0].blocks == 0
+    assert "describes another arena" in caplog.text
+    # a table of an older version (no arena id) is still restored
+    with DaemonThread(cfg2) as d:
+        with Client(d.address) as c:
+            c.put_many(NS, blocks(2))
+    raw = bytearray(open(table, "rb").read())
+    raw[24:32] = bytes(8)
+    open(table, "wb").write(raw)
+    with DaemonThread(cfg2) as d:
+        with Client(d.address) as c:
+            assert c.lookup(NS, [k for k, _ in blocks(2)])[0] == [1, 1]
+    assert SlotTable(table, fresh=False)._arena_id() != 0  # the id is written again
+
+
 def test_slots_reserved_at_a_crash_are_not_reused_at_once(cfg_pair):
     cfg = cfg_pair(ram={"reservation_ms": 1000, "capacity": "8MiB"})
     with DaemonThread(cfg) as d:
