@@ -514,6 +514,7 @@ class HotTier:
 
     def _unpin(self, b: Block) -> None:
         b.pin_until = 0.0
+        self.slots.set_pin(b.entry, 0.0)
         self.pinned_blocks -= 1
         self.pinned_bytes -= self.alloc.round(b.length)
         if self._evictable(b):
@@ -844,6 +845,9 @@ class HotTier:
                     b.pin_until = max(b.pin_until, until) if b.pin_until != FOREVER else FOREVER
                 if b.pin_until != FOREVER:
                     heapq.heappush(self._pins, (b.pin_until, next(self._seq), b))
+                # kept across a restart, in wall-clock time (ram.persist)
+                self.slots.set_pin(b.entry, FOREVER if b.pin_until == FOREVER
+                                   else time.time() + (b.pin_until - self.clock()))
                 out[i] = 1
             return bytes(out)
 
@@ -902,7 +906,8 @@ class HotTier:
                 b = Block(ns, key, off, length, COMMITTED, digest, created, entry=i, group=self.group_of(ns))
                 self._filing(ns)[key] = b
                 self._use(b.group, self.alloc.round(length))
-                self._policy_add(b)
+                if not self._restore_pin(b, table, table.pin_of(i)):
+                    self._policy_add(b)
                 st = self._ns(ns)
                 st.blocks += 1
                 st.bytes += length
@@ -910,6 +915,21 @@ class HotTier:
             table.adopt(kept)
             self.slots = table
         return len(kept) - len(self._quarantine), dropped
+
+    def _restore_pin(self, b: Block, table, until_wall: float) -> bool:
+        """Pin a restored block as its entry says (lock held), within max_pinned; whether it is."""
+        left = until_wall - time.time()
+        size = self.alloc.round(b.length)
+        if until_wall <= 0 or left <= 0 or self.pinned_bytes + size > self.max_pinned_bytes:
+            if until_wall:  # run out, or past the pinned share now: recorded as not pinned
+                table.set_pin(b.entry, 0.0)
+            return False
+        b.pin_until = FOREVER if until_wall == FOREVER else self.clock() + left
+        self.pinned_blocks += 1
+        self.pinned_bytes += size
+        if b.pin_until != FOREVER:
+            heapq.heappush(self._pins, (b.pin_until, next(self._seq), b))
+        return True
 
     def snapshot(self) -> dict:
         """Counters for Stats, copied under the lock."""

@@ -14,7 +14,9 @@ and rebuild its index instead of starting cold.
          8  u64  arena offset           16  u64 block length
         24  16s  xxh3-128 of the block  40  f64 created (unix seconds)
         48  64s  namespace (N bytes)   112  32s key (K bytes)
-       144  u32  xxh32 of bytes 0..143 (entry check)   148  12 bytes reserved
+       144  u32  xxh32 of bytes 0..143 (entry check)
+       148  f64  pinned until (unix seconds; inf: until unpinned; 0: not pinned)
+       156  4 bytes reserved
 
 Write order makes every crash safe: a reserved slot gets a "reserved" entry
 before its offset is handed to a client; the entry turns "committed" only
@@ -49,6 +51,8 @@ ENTRY_MAGIC = 0x53545645
 COMMITTED, RESERVED = 1, 2
 BASE = 64
 _CHECK = struct.Struct("<I")
+PIN = struct.Struct("<d")  # at entry offset 148: outside the entry check, read as 0 when not sane
+PIN_AT = 148
 
 
 def table_path(arena_path: str, backing: str, shm_dir: str = "/dev/shm") -> str:
@@ -155,7 +159,18 @@ class SlotTable:
         p = BASE + i * ENTRY
         self.mm[p:p + ENTRY_FIXED.size] = raw
         self.mm[p + ENTRY_FIXED.size:p + ENTRY_FIXED.size + 4] = _CHECK.pack(xxhash.xxh32_intdigest(raw))
+        PIN.pack_into(self.mm, p + PIN_AT, 0.0)  # a new entry is not pinned (another block's pin may be there)
         return i
+
+    def set_pin(self, i: int, until: float) -> None:
+        """Record entry i's pin: until (unix seconds, inf: until unpinned), 0 for none."""
+        if i >= 0:
+            PIN.pack_into(self.mm, BASE + i * ENTRY + PIN_AT, until)
+
+    def pin_of(self, i: int) -> float:
+        """Entry i's recorded pin (0: none, or not a sane value)."""
+        (v,) = PIN.unpack_from(self.mm, BASE + i * ENTRY + PIN_AT)
+        return v if v == v and v > 0 else 0.0
 
     def clear(self, i: int) -> None:
         p = BASE + i * ENTRY
@@ -184,6 +199,9 @@ class NullSlots:
 
     def put(self, *a) -> int:
         return -1
+
+    def set_pin(self, i: int, until: float) -> None:
+        pass
 
     def release(self, i: int) -> None:
         pass

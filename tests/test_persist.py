@@ -106,6 +106,39 @@ def test_a_slot_table_of_another_arena_is_not_restored(cfg_pair, caplog):
     assert SlotTable(table, fresh=False)._arena_id() != 0  # the id is written again
 
 
+def test_pins_are_kept_across_a_restart(cfg_pair):
+    """Pins were lost on every restart (a SIGTERM too): prewarm's pinned contexts became
+    evictable until the next nightly run. A pin is recorded in its block's slot entry (its end
+    in wall-clock time) and made again at the restore, within ram.max_pinned."""
+    import time
+    cfg = cfg_pair(ram={"capacity": "16MiB"})
+    data = blocks(8)
+    keys = [k for k, _ in data]
+    with DaemonThread(cfg) as d:
+        with Client(d.address) as c:
+            c.put_many(NS, data)
+            assert c.pin(NS, keys[:3]) == [True] * 3           # until unpinned
+            assert c.pin(NS, keys[3:5], 3600) == [True] * 2    # for an hour
+            assert c.pin(NS, keys[5:6], 1) == [True]           # runs out before the restart
+            assert c.pin(NS, keys[6:7]) == [True] and c.unpin(NS, keys[6:7]) == 1
+    time.sleep(1.2)
+    with DaemonThread(cfg) as d:
+        hot = d.daemon.hot
+        with Client(d.address) as c:
+            assert c.stats().tiers[0].pinned_blocks == 5
+            assert c.unpin(NS, keys[:5]) == 5 and c.unpin(NS, keys[5:]) == 0
+            assert c.pin(NS, keys[:1], 1800) == [True]
+        with hot.lock:
+            b = hot._blocks(NS)[keys[0]]
+            assert 1700 < b.pin_until - hot.clock() <= 1800
+    with DaemonThread(cfg) as d:
+        with Client(d.address) as c:
+            assert c.stats().tiers[0].pinned_blocks == 1
+            for i in range(60):  # 3 MiB through a 16 MiB arena over and over: the pinned block stays
+                c.put(NS, bytes([100 + i % 50]) * 16, os.urandom(1 << 20))
+            assert c.lookup(NS, keys[:1])[0] == [1]
+
+
 def test_slots_reserved_at_a_crash_are_not_reused_at_once(cfg_pair):
     cfg = cfg_pair(ram={"reservation_ms": 1000, "capacity": "8MiB"})
     with DaemonThread(cfg) as d:
