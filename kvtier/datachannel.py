@@ -682,8 +682,7 @@ class DataServer:
         if written:
             try:
                 self.hot.begin_commit(r.reservation_id)
-                if self.hot.replaces_on_nvme(r.reservation_id):
-                    self.hot.drop_replaced(r.reservation_id)
+                self.hot.drop_replaced(r.reservation_id)
                 got = self.hot.finish_commit(r.reservation_id, computed, given)
                 for k, i in enumerate(written):
                     digests[i] = got[k * CHECKSUM_SIZE:(k + 1) * CHECKSUM_SIZE]
@@ -773,8 +772,7 @@ class DataServer:
             raise
         try:
             self.hot.begin_commit(r.reservation_id)
-            if self.hot.replaces_on_nvme(r.reservation_id):
-                self.hot.drop_replaced(r.reservation_id)
+            self.hot.drop_replaced(r.reservation_id)
             computed = [checksum(self.view[off:off + length])] if hash_at_commit(self.verify, given) else None
             digest = self.hot.finish_commit(r.reservation_id, computed, given)
         except errors.KvtierError as e:

@@ -651,10 +651,11 @@ class HotTier:
         heapq.heappush(self._deadlines, (r.expires, 0, r.id))
 
     def overwritten(self, rid: int) -> list[tuple[str, bytes]]:
-        """The (namespace, key) a reservation replaces, if it is an overwrite (else none)."""
-        with self.lock:
-            r = self._reservations.get(rid)
-            return [(b.ns, b.key) for b in r.blocks] if r is not None and r.overwrite else []
+        """The (namespace, key) a reservation being committed replaces, if it is an overwrite
+        (else none). No lock (asked at every commit): the reservation is its committer's, and
+        neither its blocks nor its overwrite flag change."""
+        r = self._reservations.get(rid)
+        return [(b.ns, b.key) for b in r.blocks] if r is not None and r.overwrite else []
 
     def begin_commit(self, rid: int) -> list[tuple[int, int]]:
         """Freeze a reservation for commit; returns its slots (offset, length) to hash."""

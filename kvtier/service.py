@@ -443,7 +443,8 @@ class KVTierService(pb_grpc.KVTierServicer):
         below = sum(s.get("nvme_hits_by_namespace", {}).values()) + sum(s.get("cluster_hits_by_namespace", {}).values())
         ram = pb.TierStats(
             name="ram", capacity_bytes=s["capacity_bytes"], used_bytes=s["used_bytes"], blocks=s["blocks"],
-            hits=sum(n.hits - n.lower_hits for n in s["namespaces"].values()), misses=sum(n.misses for n in s["namespaces"].values()) + below,
+            hits=sum(n.hits - n.lower_hits for n in s["namespaces"].values()),
+            misses=sum(n.misses for n in s["namespaces"].values()) + below,
             checksum_failures=cc["failures"] if cc is not None else 0,
             evictions=s["evictions"], policy=s["policy"], largest_free_bytes=s["largest_free_bytes"],
             reserved_bytes=s["reserved_bytes"], pinned_blocks=s["pinned_blocks"],

@@ -280,14 +280,19 @@ class Store:
         return True
 
 
-    def _forget_lower(self, ns: str, key: bytes) -> bool:
-        """Drop the NVMe copy and cancel a queued write of it (delete, overwrite); whether there
-        was either. Returns once no file of it is left to unlink (a removal under way included);
-        not from the NVMe threads."""
+    def _cancel_queued(self, ns: str, key: bytes) -> bool:
+        """Mark a queued write of the key cancelled (its copy goes once written); whether one was."""
         with self._qlock:
             queued = (ns, key) in self._queued
             if queued:
                 self._queued[(ns, key)] = True
+        return queued
+
+    def _forget_lower(self, ns: str, key: bytes) -> bool:
+        """Drop the NVMe copy and cancel a queued write of it (delete, overwrite); whether there
+        was either. Returns once no file of it is left to unlink (a removal under way included);
+        not from the NVMe threads."""
+        queued = self._cancel_queued(ns, key)
         return self.cold.delete(ns, key, wait=True) or queued
 
     def replaces_on_nvme(self, rid: int) -> bool:
@@ -299,7 +304,9 @@ class Store:
         """Between begin_commit and finish_commit of an overwrite: the old content's NVMe file is
         unlinked (not only queued for unlinking) before the commit answers, so a crash after the
         answer cannot bring the old bytes back at the restart's scan. Blocking: on a thread, not
-        the loop (a stalled filesystem stalls this commit only)."""
+        the loop (a stalled filesystem stalls this commit only). Nothing for other commits."""
+        if self.io is None:
+            return
         for ns, key in self.hot.overwritten(rid):
             self._forget_lower(ns, key)
 
@@ -309,9 +316,7 @@ class Store:
         written since): the copy leaves the index now, its file is unlinked on an NVMe thread, so
         a stalled filesystem stalls that unlink, not every RAM operation. A new write of the key
         (queued after it) waits for the unlink."""
-        with self._qlock:
-            if (ns, key) in self._queued:
-                self._queued[(ns, key)] = True
+        self._cancel_queued(ns, key)
         doomed = self.cold.forget(ns, key)
         if doomed is None:
             return

@@ -939,13 +939,18 @@ def test_delete_during_an_inflight_demotion_does_not_resurrect(make_daemon, tmp_
         gate.set()
 
 
+def put_only_on_nvme(c: Client, target: bytes) -> None:
+    """Put target (v1), then fillers until it is evicted to NVMe and its demotion is written."""
+    assert c.put(NS, target, blob(BLOCK, "v1"))
+    fill_until_evicted(c, target, start=1000)
+    wait_for(lambda: nvme(c).queued_bytes == 0, what="demotion written")
+
+
 def test_overwrite_of_a_block_only_on_nvme_replaces_it(make_daemon, tmp_path):
     d = make_daemon(**settings(tmp_path, write_policy="evict"))
     target = key(0)
     with Client(d.address) as c:
-        assert c.put(NS, target, blob(BLOCK, "v1"))
-        fill_until_evicted(c, target, start=1000)
-        wait_for(lambda: nvme(c).queued_bytes == 0, what="demotion written")
+        put_only_on_nvme(c, target)
         c.put(NS, target, blob(BLOCK, "v2"), overwrite=True)
         assert c.get(NS, target) == blob(BLOCK, "v2")
         fill_until_evicted(c, target, start=2000)
@@ -1024,9 +1029,7 @@ def test_an_overwrite_during_a_promotion_of_the_old_content_wins(make_daemon, tm
     d = make_daemon(**settings(tmp_path, write_policy="evict"))
     target = key(0)
     with Client(d.address) as c:
-        assert c.put(NS, target, blob(BLOCK, "v1"))
-        fill_until_evicted(c, target, start=1000)
-        wait_for(lambda: nvme(c).queued_bytes == 0, what="demotion written")
+        put_only_on_nvme(c, target)
         gate, entered = threading.Event(), threading.Event()
         real = C._preadv_full
 
