@@ -60,6 +60,12 @@ Thread-safe: the index is under one lock; file I/O happens outside it, in
 the caller's thread (the store runs it in worker threads, never on the event
 loop). A key whose old file is being unlinked is written again only once that
 file is gone, so a removal never takes a newer file at the same path.
+
+Cancelled writes: a write may be given ``cancelled``, asked under the lock before it starts and
+again just before its rename: a write whose key was deleted or overwritten meanwhile puts no
+file in place. A ``delete(wait=True)`` waits out a write past that last check (its rename under
+way) and removes the file it renamed, so no file of a key answered deleted can land after the
+answer.
 """
 from __future__ import annotations
 
@@ -91,6 +97,10 @@ AUTO_SHARE = 0.9  # an automatic capacity: this share of the filesystem's free s
 # ENOENT: the directory is gone; ENODEV: it is on another filesystem than at start (a drive unmounted)
 FULL_LOG_S = 60.0  # how often a filesystem full below the capacity is logged
 _DEGRADING = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.ENOENT, errno.ENODEV}
+
+
+class _Cancelled(Exception):
+    """A write's key was deleted or overwritten before its file was renamed into place."""
 
 
 class _DestinationGone(Exception):
@@ -339,7 +349,10 @@ class ColdTier:
         # Keys taken out of the index whose file is being unlinked outside the lock: a new write
         # of such a key waits until the old file is gone, else the unlink could take its new file.
         self._removing: set[tuple[str, bytes]] = set()
-        self._removed = threading.Condition(self.lock)
+        # Keys whose write passed its last cancel check and is renaming its file into place: a
+        # delete(wait=True) waits for it, then removes the file.
+        self._renaming: set[tuple[str, bytes]] = set()
+        self._removed = threading.Condition(self.lock)  # notified as keys leave both sets
         self._full_logged = -FULL_LOG_S
         # Tenants: group_of maps a namespace to its tenant; a tenant with an NVMe quota evicts its
         # own least recently used files, never another tenant's. A file stays filed under (and
@@ -684,10 +697,12 @@ class ColdTier:
         return doomed, self.group_used.get(g, 0) + need <= q
 
     def write(self, ns: str, key: bytes, src: memoryview, raw_len: int, digest: bytes,
-              expires_ms: int = 0, pin_class: int = 0) -> bool:
+              expires_ms: int = 0, pin_class: int = 0, cancelled: Callable[[], bool] | None = None) -> bool:
         """Store a block whose bytes are src[:raw_len]. ``src`` may extend to a page multiple
         (an arena slot) so O_DIRECT can write it in place. False when not written (already
-        present, no directory with room, I/O error); never raises for I/O problems."""
+        present, no directory with room, I/O error, ``cancelled()`` true before it began or
+        before its rename); never raises for I/O problems. ``cancelled`` is asked under the
+        lock: its caller cancels before it deletes the key here."""
         k = (ns, key)
         codec, payload = record.choose_payload(self.codec, src[:raw_len])
         stored = len(payload)
@@ -698,7 +713,7 @@ class ColdTier:
         with self.lock:
             while k in self._removing:  # the old file of k is being unlinked: not over the new one
                 self._removed.wait()
-            if k in self._index or k in self._writing:
+            if k in self._index or k in self._writing or (cancelled is not None and cancelled()):
                 return False
             di = self._pick_dir(key, size, now)
             if di is None:
@@ -724,8 +739,11 @@ class ColdTier:
             return False
         ok = False
         try:
-            self._write_file(d, self._path(di, ns, key), meta, payload, codec == record.CODEC_RAW and src)
+            self._write_file(d, self._path(di, ns, key), meta, payload, codec == record.CODEC_RAW and src,
+                             functools.partial(self._claim, k, cancelled))
             ok = True
+        except _Cancelled:
+            pass
         except OSError as e:
             self.stats.io_errors += 1
             freed = self._free_after_full(d, size) if e.errno in (errno.ENOSPC, errno.EDQUOT) else 0
@@ -741,6 +759,9 @@ class ColdTier:
         finally:
             with self.lock:
                 self._writing.discard(k)
+                if k in self._renaming:
+                    self._renaming.discard(k)
+                    self._removed.notify_all()
                 d.inflight -= size
                 if ok:
                     self._index[k] = di
@@ -753,6 +774,14 @@ class ColdTier:
                     self.group_used[g] -= size
         return ok
 
+    def _claim(self, k, cancelled: Callable[[], bool] | None) -> None:
+        """Just before a write's rename: _Cancelled when its key was deleted or overwritten
+        meanwhile, else the key counts as renaming (delete(wait=True) waits for the file)."""
+        with self.lock:
+            if cancelled is not None and cancelled():
+                raise _Cancelled()
+            self._renaming.add(k)
+
     @staticmethod
     def _make_sub(d: Dir, sub: str) -> None:
         """Create a subdirectory of d, never d itself: a directory removed or unmounted while the
@@ -762,7 +791,8 @@ class ColdTier:
         with contextlib.suppress(FileExistsError):
             os.mkdir(sub)
 
-    def _write_file(self, d: Dir, path: str, meta: Meta, payload, src) -> None:
+    def _write_file(self, d: Dir, path: str, meta: Meta, payload, src, claim: Callable[[], None]) -> None:
+        """Write the record to a temp file, then ``claim()`` (raises to leave no file) and rename."""
         sub = os.path.dirname(path)
         tmp = os.path.join(sub, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
         head = record.encode_header(meta, aligned=True)
@@ -802,6 +832,7 @@ class ColdTier:
             raise
         os.close(fd)
         try:
+            claim()
             os.rename(tmp, path)
         except BaseException:
             self._unlink(tmp)
@@ -959,16 +990,18 @@ class ColdTier:
         return doomed
 
     def delete(self, ns: str, key: bytes, wait: bool = False) -> bool:
-        """Remove key's file. With wait, when its removal is already under way (an overwrite's),
-        wait for it: a Delete answered before the file is gone would be undone by a crash. (Not
-        from the threads that run removals.)"""
-        doomed = self.forget(ns, key)
-        if doomed is None:
-            if wait:
-                with self.lock:
-                    while (ns, key) in self._removing:
-                        self._removed.wait(1.0)
-            return False
+        """Remove key's file; whether there was one. With wait, first wait for a write of the key
+        renaming its file into place (the file is removed then) and for a removal of it under
+        way (an overwrite's): a Delete answered before the file is gone would be undone by a
+        crash. (Not from the threads that run writes and removals.)"""
+        k = (ns, key)
+        with self.lock:
+            while wait and (k in self._removing or k in self._renaming):
+                self._removed.wait(1.0)
+            if k not in self._index:
+                return False
+            doomed = [self._doom(k)]
+            self.stats.evictions -= 1  # a removal, not an eviction
         self.remove(doomed)
         return True
 

@@ -32,8 +32,9 @@ while its key is being deleted is a miss.
 
 Writes that cannot be queued (``queue_bytes`` reached) are dropped and counted:
 a put never waits for the disk. Loss is allowed, corruption never: every NVMe
-read is verified, and a block deleted or replaced while its write was in
-flight is removed from NVMe again.
+read is verified, and a block deleted or replaced while its write was queued or
+in flight puts no file in place (a write renaming its file already is waited
+for, and the file removed, before the Delete or overwrite answers).
 
 Cluster tier (``kvtier.cluster``, on the daemon's event loop): with
 ``cluster.write_policy = "commit"`` each committed block is written through
@@ -51,6 +52,7 @@ configured.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import mmap
 import threading
@@ -290,10 +292,15 @@ class Store:
 
     def _forget_lower(self, ns: str, key: bytes) -> bool:
         """Drop the NVMe copy and cancel a queued write of it (delete, overwrite); whether there
-        was either. Returns once no file of it is left to unlink (a removal under way included);
-        not from the NVMe threads."""
+        was either. Returns once no file of it is left to unlink (a removal or a write's rename
+        under way included); not from the NVMe threads."""
         queued = self._cancel_queued(ns, key)
         return self.cold.delete(ns, key, wait=True) or queued
+
+    def _cancelled(self, k: tuple[str, bytes]) -> bool:
+        """Whether the queued write of k was cancelled; asked by that write under the NVMe tier's
+        lock (no queue lock: a cancel is made before the canceller asks the NVMe tier for k)."""
+        return self._queued.get(k) is not False
 
     def replaces_on_nvme(self, rid: int) -> bool:
         """Whether a commit must call drop_replaced() before it answers: an overwrite, with an
@@ -387,7 +394,8 @@ class Store:
         k = (b.ns, b.key)
         try:
             slot = self.view[b.offset:b.offset + self.hot.alloc.round(b.length)]
-            self.cold.write(b.ns, b.key, slot, b.length, b.checksum)
+            self.cold.write(b.ns, b.key, slot, b.length, b.checksum,
+                            cancelled=functools.partial(self._cancelled, k))
         except Exception:
             log.exception("write-behind of a block failed")
         finally:
@@ -398,7 +406,9 @@ class Store:
         """A queued write (at commit, or a demotion) has ended, written or not: its copy goes if
         the key was deleted or replaced meanwhile (do not resurrect it), and promotions waiting
         for it go on. The key counts as cancelled (_queued: True, then _REMOVING) until that copy
-        is gone: never as on NVMe, so a put of it in between is not answered "present"."""
+        is gone: never as on NVMe, so a put of it in between is not answered "present". (A write
+        cancelled before its rename left no copy; one cancelled during it by an overwrite's
+        commit, which cannot wait on the loop, left one.)"""
         try:
             while True:
                 with self._qlock:
@@ -442,7 +452,7 @@ class Store:
     def _write_copy(self, ns: str, key: bytes, data: mmap.mmap | memoryview, length: int, digest: bytes) -> None:
         try:
             with memoryview(data) as mv:
-                self.cold.write(ns, key, mv, length, digest)
+                self.cold.write(ns, key, mv, length, digest, cancelled=functools.partial(self._cancelled, (ns, key)))
         except Exception:
             log.exception("demotion of a block failed")
         finally:

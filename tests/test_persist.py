@@ -268,6 +268,75 @@ def test_an_overwrite_and_a_delete_answered_stay_done_after_kill_9(daemon_proces
         assert c.get(NS, k) is None
 
 
+# Run first in a daemon started with it on PYTHONPATH: the write of KEY to NVMe waits before it
+# begins until GATE/go exists (GATE/held says it is waiting), and the daemon is killed (-9) as
+# the write ends, before anything after it runs (the unlink of a cancelled write's file).
+_CRASH_AT_WRITE_END = """
+import os, signal, time
+from kvtier import cold, store
+
+KEY, GATE = bytes.fromhex({key!r}), {gate!r}
+_write_file, _written = cold.ColdTier._write_file, store.Store._written
+
+
+def held(self, d, path, *a, **kw):
+    if KEY.hex() in path:
+        open(os.path.join(GATE, "held"), "w").close()
+        while not os.path.exists(os.path.join(GATE, "go")):
+            time.sleep(0.01)
+    return _write_file(self, d, path, *a, **kw)
+
+
+def crash(self, k, length):
+    if k[1] == KEY:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _written(self, k, length)
+
+
+cold.ColdTier._write_file, store.Store._written = held, crash
+"""
+
+
+@pytest.mark.parametrize("then", ["delete", "overwrite"])
+def test_a_write_cancelled_in_flight_stays_cancelled_after_kill_9(daemon_process, tmp_path, monkeypatch, then):
+    """A Delete or an overwrite answered while the key's NVMe write was in flight: the write
+    renamed its file into place anyway and unlinked it only as it ended. A kill -9 in between
+    left the file, which the restart indexed: the deleted key was served again, and the
+    overwritten key served its old bytes once RAM evicted the new ones."""
+    import kvtier
+    k, v1, v2 = b"C" * 16, os.urandom(256 << 10), os.urandom(256 << 10)
+    nvme, gate, hook = tmp_path / "nvme", tmp_path / "gate", tmp_path / "hook"
+    gate.mkdir()
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_CRASH_AT_WRITE_END.format(key=k.hex(), gate=str(gate)))
+    here = os.path.dirname(os.path.dirname(kvtier.__file__))  # the daemon runs the kvtier under test
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), here]))
+    # the first line goes to [ram] (the fixture's [metrics] comes after it): LRU, so the puts
+    # after the restart surely evict v2
+    d = daemon_process(f'policy = "lru"\n[metrics]\nlisten = ""\n[nvme]\ndirs = ["{nvme}"]\n'
+                       f'capacity = "256MiB"\nwrite_policy = "commit"\n', capacity="32MiB")
+    with Client(d.address, timeout=10) as c:
+        assert c.put(NS, k, v1)
+        wait_until((gate / "held").exists, what="the write of v1 to begin")
+        if then == "delete":
+            assert c.delete(NS, [k]) == 1
+        else:
+            assert c.put(NS, k, v2, overwrite=True)
+        (gate / "go").touch()
+        assert d.proc.wait(10) == -signal.SIGKILL  # as the write ended
+    monkeypatch.setenv("PYTHONPATH", here)
+    d.start()
+    with Client(d.address, timeout=10) as c:
+        if then == "delete":
+            assert c.get(NS, k) is None
+            return
+        assert c.get(NS, k) == v2  # restored with the RAM tier
+        for i in range(48):  # 48 MiB through a 32 MiB arena: v2 leaves RAM
+            c.put(NS, bytes([i]) * 16, os.urandom(1 << 20))
+        assert c.lookup(NS, [k])[0] != [1]
+        assert c.get(NS, k) in (v2, None)  # on NVMe, or lost; never the old bytes
+
+
 def test_restored_blocks_count_against_their_tenants_ram_quota(cfg_pair, tmp_path):
     import hashlib
     token = "token-of-acme-" + "a" * 20
