@@ -65,7 +65,8 @@ Cancelled writes: a write may be given ``cancelled``, asked under the lock befor
 again just before its rename: a write whose key was deleted or overwritten meanwhile puts no
 file in place. A ``delete(wait=True)`` waits out a write past that last check (its rename under
 way) and removes the file it renamed, so no file of a key answered deleted can land after the
-answer.
+answer. A delete whose unlink fails (a read-only or failing filesystem) raises and leaves the key
+indexed: the next start would find the file, so the delete did not happen.
 """
 from __future__ import annotations
 
@@ -652,9 +653,13 @@ class ColdTier:
             for _, path in doomed:
                 self._try_unlink(path)
         finally:
-            with self.lock:
-                self._removing.difference_update(k for k, _ in doomed)
-                self._removed.notify_all()
+            self._removals_ended(doomed)
+
+    def _removals_ended(self, doomed: list) -> None:
+        """Let new writes of the doomed blocks' keys start, and delete(wait=True) go on."""
+        with self.lock:
+            self._removing.difference_update(k for k, _ in doomed)
+            self._removed.notify_all()
 
     def _free_after_full(self, d: Dir, size: int) -> int:
         """A write of ``size`` bytes found d's filesystem full though the capacity had room (it is
@@ -993,17 +998,41 @@ class ColdTier:
         """Remove key's file; whether there was one. With wait, first wait for a write of the key
         renaming its file into place (the file is removed then) and for a removal of it under
         way (an overwrite's): a Delete answered before the file is gone would be undone by a
-        crash. (Not from the threads that run writes and removals.)"""
+        crash. (Not from the threads that run writes and removals.) An unlink that fails (a
+        read-only or failing filesystem) raises OSError and leaves the key indexed: the next
+        start would find its file, so the delete did not happen."""
         k = (ns, key)
         with self.lock:
             while wait and (k in self._removing or k in self._renaming):
                 self._removed.wait(1.0)
-            if k not in self._index:
+            di = self._index.get(k)
+            if di is None:
                 return False
+            size, group = self.dirs[di].lru[k], self._group_holding(k)
             doomed = [self._doom(k)]
             self.stats.evictions -= 1  # a removal, not an eviction
-        self.remove(doomed)
+        try:
+            self._unlink(doomed[0][1])
+        except OSError as e:
+            self.stats.io_errors += 1
+            log.error("nvme unlink %s: %s; the block stays", doomed[0][1], e)
+            with self.lock:
+                self._index_again(k, di, size, group)
+            raise
+        finally:
+            self._removals_ended(doomed)
         return True
+
+    def _index_again(self, k, di: int, size: int, group: str | None) -> None:
+        """Put back the entry of a block whose file could not be removed (lock held; its key is
+        still being removed, so no write of it came meanwhile)."""
+        self._index[k] = di
+        d = self.dirs[di]
+        d.lru[k] = size
+        d.used += size
+        if group is not None:
+            self._groups.setdefault(group, OrderedDict())[k] = size
+            self.group_used[group] = self.group_used.get(group, 0) + size
 
     @staticmethod
     def _unlink(path: str) -> None:

@@ -34,7 +34,9 @@ Writes that cannot be queued (``queue_bytes`` reached) are dropped and counted:
 a put never waits for the disk. Loss is allowed, corruption never: every NVMe
 read is verified, and a block deleted or replaced while its write was queued or
 in flight puts no file in place (a write renaming its file already is waited
-for, and the file removed, before the Delete or overwrite answers).
+for, and the file removed, before the Delete or overwrite answers). A Delete or
+overwrite whose old NVMe file cannot be unlinked fails (FailedPrecondition) and
+leaves that file indexed: answered, it would be undone by the next start's scan.
 
 Cluster tier (``kvtier.cluster``, on the daemon's event loop): with
 ``cluster.write_policy = "commit"`` each committed block is written through
@@ -293,7 +295,8 @@ class Store:
     def _forget_lower(self, ns: str, key: bytes) -> bool:
         """Drop the NVMe copy and cancel a queued write of it (delete, overwrite); whether there
         was either. Returns once no file of it is left to unlink (a removal or a write's rename
-        under way included); not from the NVMe threads."""
+        under way included); not from the NVMe threads. OSError when the file cannot be
+        unlinked: it stays indexed."""
         queued = self._cancel_queued(ns, key)
         return self.cold.delete(ns, key, wait=True) or queued
 
@@ -311,11 +314,18 @@ class Store:
         """Between begin_commit and finish_commit of an overwrite: the old content's NVMe file is
         unlinked (not only queued for unlinking) before the commit answers, so a crash after the
         answer cannot bring the old bytes back at the restart's scan. Blocking: on a thread, not
-        the loop (a stalled filesystem stalls this commit only). Nothing for other commits."""
+        the loop (a stalled filesystem stalls this commit only). Nothing for other commits.
+        FailedPrecondition when the old file cannot be unlinked: the caller discards the
+        reservation, and the key keeps its old content."""
         if self.io is None:
             return
         for ns, key in self.hot.overwritten(rid):
-            self._forget_lower(ns, key)
+            try:
+                self._forget_lower(ns, key)
+            except OSError as e:
+                raise errors.FailedPrecondition(
+                    f"nvme: the old content's file could not be removed ({e.strerror}); nothing "
+                    f"overwritten") from e
 
     def _forget_lower_soon(self, ns: str, key: bytes) -> None:
         """_forget_lower() for a caller holding the hot lock on the loop (an overwrite's commit,
@@ -408,14 +418,17 @@ class Store:
         for it go on. The key counts as cancelled (_queued: True, then _REMOVING) until that copy
         is gone: never as on NVMe, so a put of it in between is not answered "present". (A write
         cancelled before its rename left no copy; one cancelled during it by an overwrite's
-        commit, which cannot wait on the loop, left one.)"""
+        commit, which cannot wait on the loop, left one.) A copy that cannot be unlinked is
+        logged and left out of the index: its content is no longer the key's."""
         try:
             while True:
                 with self._qlock:
                     if self._queued.get(k) is not True:
                         break
                     self._queued[k] = _REMOVING  # a cancel from now on sets True again: once more
-                self.cold.delete(*k)
+                doomed = self.cold.forget(*k)
+                if doomed is not None:
+                    self.cold.remove(doomed)
         finally:
             with self._qlock:
                 self.queued_bytes -= length
@@ -1073,10 +1086,11 @@ class Store:
         count when no local tier had any."""
         self._deletes_begin(ns, keys)  # until the cluster's copies are gone too: a promotion may read them
         try:
-            n = await asyncio.to_thread(self.delete, ns, keys)
+            n, stuck = await asyncio.to_thread(self._delete_local, ns, keys)
             c = await self.cluster.delete_many(ns, list(keys))
         finally:
             self._moving_end(ns, keys, "deleting")
+        _refuse_stuck(stuck, len(keys))
         return n or c
 
     def read_inline(self, ns: str, key: bytes) -> tuple[int, bytes, bytes] | None:
@@ -1113,17 +1127,29 @@ class Store:
 
     def delete(self, ns: str, keys: Sequence[bytes]) -> int:
         """Remove keys from every local tier; returns how many keys were present in any. Promotions
-        of them in flight do not commit."""
-        n = 0
+        of them in flight do not commit. FailedPrecondition when the NVMe file of some could not
+        be unlinked (the others are deleted all the same)."""
         self._deletes_begin(ns, keys)
         try:
-            for k in keys:
-                in_ram = self.hot.delete(ns, [k])
-                on_disk = self._forget_lower(ns, k)
-                n += bool(in_ram or on_disk)
+            n, stuck = self._delete_local(ns, keys)
         finally:
             self._moving_end(ns, keys, "deleting")
+        _refuse_stuck(stuck, len(keys))
         return n
+
+    def _delete_local(self, ns: str, keys: Sequence[bytes]) -> tuple[int, list[OSError]]:
+        """delete() within a Delete begun by the caller: the count, and the errors of the keys
+        whose NVMe file stays (still indexed and served: the next start would find it)."""
+        n, stuck = 0, []
+        for k in keys:
+            in_ram = self.hot.delete(ns, [k])
+            try:
+                on_disk = self._forget_lower(ns, k)
+            except OSError as e:
+                stuck.append(e)
+                on_disk = True
+            n += bool(in_ram or on_disk)
+        return n, stuck
 
     def snapshot(self) -> dict:
         s = self.hot.snapshot()
@@ -1141,6 +1167,15 @@ class Store:
         s["prefill_tokens_saved_by_namespace"] = dict(self.tokens_saved)
         s["commit_checks"] = self.checker.snapshot() if self.checker is not None else None
         return s
+
+
+def _refuse_stuck(stuck: list[OSError], total: int) -> None:
+    """A Delete some of whose NVMe files could not be unlinked fails: answered, the next start
+    would serve those keys again."""
+    if stuck:
+        raise errors.FailedPrecondition(
+            f"nvme: the files of {len(stuck)} of {total} keys could not be removed ({stuck[0].strerror}); "
+            f"they stay on NVMe and are served until a Delete of them succeeds")
 
 
 def _misses(tiers: bytes, prefix_only: bool) -> int:

@@ -328,3 +328,61 @@ def test_a_delete_waits_for_a_write_renaming_its_file(tmp_path, monkeypatch):
     w.join(10)
     assert deleted == [True] and files(d) == [] and not t.contains(NS, k)
 
+
+def test_a_delete_whose_unlink_fails_keeps_the_key(tmp_path, monkeypatch):
+    """EROFS on the unlink of a deleted key's file: the delete succeeded, the file stayed
+    (unindexed, uncounted) and the next start indexed and served the key again. The delete now
+    fails and the key stays as the next start would find it: indexed, counted, served; a delete
+    once the unlink works removes it."""
+    d = tmp_path / "d"
+    t = ColdTier([(str(d), 1 << 30)], direct_io="off")
+    k = key(8)
+    assert write(t, k, b"e" * 8192)
+    used = t.snapshot()["used_bytes"]
+
+    def read_only(p, *a, **kw):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), p)
+    monkeypatch.setattr(os, "unlink", read_only)
+    with pytest.raises(OSError) as e:
+        t.delete(NS, k, wait=True)
+    monkeypatch.undo()
+    assert e.value.errno == errno.EROFS and t.stats.io_errors == 1
+    assert t.contains(NS, k) and read(t, k) == b"e" * 8192 and t.snapshot()["used_bytes"] == used
+    assert write(t, key(9), b"n" * 8192)  # the key's removal ended: writes go on
+    assert t.delete(NS, k) and not t.contains(NS, k) and len(files(d)) == 1
+
+
+@pytest.mark.parametrize("then", ["delete", "overwrite"])
+def test_a_delete_or_overwrite_whose_nvme_unlink_fails_is_refused(make_daemon, tmp_path, monkeypatch, then):
+    """The old file of a Delete or an overwrite could not be unlinked (EROFS, EIO): the call was
+    answered as done, and the next start served the old bytes again. It now fails
+    (FAILED_PRECONDITION) and the key stays as it was on NVMe: what a restart would find."""
+    from kvtier import errors
+    d = make_daemon(nvme={"dirs": [str(tmp_path / "nv")], "capacity": "64MiB", "write_policy": "commit"})
+    st = d.daemon.store
+    k, v1, v2 = os.urandom(16), os.urandom(100_000), os.urandom(100_000)
+    real = os.unlink
+
+    def failing(p, *a, **kw):
+        if k.hex() in str(p):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), p)
+        return real(p, *a, **kw)
+    with Client(d.address) as c:
+        assert c.put("ns", k, v1)
+        wait_until(lambda: st.cold.contains("ns", k) and st.queued_bytes == 0, what="v1 on NVMe")
+        monkeypatch.setattr(os, "unlink", failing)
+        with pytest.raises(errors.FailedPrecondition, match="could not be removed"):
+            if then == "delete":
+                c.delete("ns", [k])
+            else:
+                c.put("ns", k, v2, overwrite=True)
+        monkeypatch.undo()
+        assert st.cold.contains("ns", k) and c.get("ns", k) == v1
+        if then == "delete":
+            assert c.delete("ns", [k]) == 1 and c.get("ns", k) is None
+            assert not st.cold.contains("ns", k) and not [f for f in files(tmp_path / "nv") if k.hex() in f]
+        else:
+            assert c.put("ns", k, v2, overwrite=True)
+            wait_until(lambda: st.queued_bytes == 0, what="v2 written")
+            st.hot.delete("ns", [k])  # as an eviction would: what NVMe holds is v2
+            assert c.get("ns", k) == v2
