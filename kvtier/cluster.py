@@ -102,7 +102,9 @@ an unsplit value and an unlink (a delete, a quota eviction, or the unlink
 that replaces a failed overwrite) that meet MOVED or ASK follow it once (ASK
 after ASKING): while a slot migrates, keys already moved are read and
 written on the slot's new master, and a block removed meanwhile does not
-stay there. A split value written into a moving slot fails (``put_failures``).
+stay there. So do the quota's accounting scripts, sent again for a bounded
+time while TRYAGAIN says their keys are on both sides (``kvtier.clusterquota``).
+A split value written into a moving slot fails (``put_failures``).
 Loss is allowed (it is a cache); wrong bytes never.
 
 Threads: ``enqueue_put`` may be called from any thread; on_done runs on the

@@ -50,6 +50,10 @@ SOCK_BUF = 4 << 20      # SO_SNDBUF/SO_RCVBUF of each connection (the kernel cap
 NET_ERRORS = (OSError, TimeoutError, ReplyError, EOFError)
 LOOKUP_CUTS = 3         # lookups in a row cut with nothing received that mark a server down
 CUT_SLACK = 0.005       # a lookup cancelled this close to its deadline (by its caller's) counts as cut
+# A command on several keys of a slot that migrates is refused (TRYAGAIN) while its keys are on
+# both sides; a reshard moves a slot's keys a few at a time (MIGRATE ... KEYS), milliseconds
+# apart. It is sent again after each of these waits (seconds), then fails.
+TRYAGAIN_WAITS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
 
 
 # the servers redirects (MOVED/ASK) are being followed to inside an on(), a list per on(): when
@@ -319,6 +323,37 @@ class Servers:
         if waiting is not None:
             waiting.remove(node)
         return out[0]
+
+    async def command(self, key: bytes, cmd: tuple):
+        """One command on the server holding key's slot (all the keys it names are in that slot):
+        MOVED and ASK are followed (redirected()), and TRYAGAIN, which leaves the command undone,
+        is sent again after each of TRYAGAIN_WAITS. Its reply; None if it failed (counted, as any
+        call). It returns with no await since the reply came."""
+        for wait in TRYAGAIN_WAITS + (None,):
+            groups = await self.group([key])
+            if not groups:
+                return None
+            (node, _), = groups.items()
+            out: list = [None]
+
+            async def work(node: Node) -> None:
+                conns = await self.conns(node)
+                r = (await min(conns, key=lambda c: c.inflight).request([cmd]))[0]
+                if isinstance(r, ReplyError) and r.redirect is not None:
+                    self.reply_error(r)
+                    r = await self.redirected(r, [cmd])
+                    r = None if r is None else r[0]
+                out[0] = r
+
+            if not await self.on(node, work):
+                return None
+            r = out[0]
+            if not isinstance(r, ReplyError):
+                return r
+            if r.code != "TRYAGAIN" or wait is None:
+                self.reply_error(r)
+                return None
+            await asyncio.sleep(wait)
 
     def warn(self, what: str, msg: str) -> None:
         """Log at most once per 10 s for each kind of trouble."""

@@ -43,6 +43,16 @@ be evicted comes, and stays (``ClusterTier._doom``).
 
 Every tenant is accounted, with a quota or not, so a quota added by a reload
 starts from true usage; namespaces no tenant owns (no tenants file) are not.
+
+Slots that move: the scripts (and the recency refresh) follow MOVED and ASK to
+the master the reply names, as reads and writes do, and a script refused with
+TRYAGAIN (the slot migrating, some of its keys moved and some not) is sent
+again a few times, milliseconds apart (``clusterconn.TRYAGAIN_WAITS``), since
+a reshard moves a slot's keys a few at a time. Redis counts a key that does not
+exist as not on the migrating side, so :lru, :size and :exp always hold an
+entry named "" (inf, 0 bytes, inf: never evicted, never expired) that keeps
+them in existence: else a tenant with no block with a TTL (no :exp) could not
+write for as long as the migration lasts.
 """
 from __future__ import annotations
 
@@ -52,10 +62,18 @@ import re
 import time
 from typing import Callable, Sequence
 
-from .clusterconn import Node, Servers
-from .resp import ReplyError
+from .clusterconn import Servers
 
 log = logging.getLogger("kvtier.cluster")
+
+# The entries named '' that keep lru, size and exp in existence (see "Slots that move" above).
+KEPT = b"""
+local function kept()
+  redis.call('ZADD', KEYS[1], 'inf', '')
+  redis.call('HSET', KEYS[2], '', 0)
+  redis.call('ZADD', KEYS[3], 'inf', '')
+end
+"""
 
 # KEYS: lru, size, exp, used, seq. ARGV: name ("" = only trim), size, now ms, expires ms (0 = none), quota
 # (0 = none), recency (now in microseconds: writes a millisecond apart must not tie in the LRU order).
@@ -64,7 +82,7 @@ log = logging.getLogger("kvtier.cluster")
 # it is at least the recency, so it stays above every place given out before a reset of the counter
 # (FLUSHALL, a restart without persistence or from an older snapshot, a failover to a replica that
 # lagged): daemons remember places given out (_doom), and a smaller one would keep a block it gave up.
-RESERVE = b"""
+RESERVE = KEPT + b"""
 local seq = redis.call('INCR', KEYS[5])
 if seq < tonumber(ARGV[6]) then
   seq = tonumber(ARGV[6])
@@ -86,6 +104,7 @@ end
 local name, size, quota = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
 if name ~= '' and quota > 0 and size > quota then
   redis.call('SET', KEYS[4], used)
+  kept()
   return {0, used, seq}
 end
 if name ~= '' then forget(name) end
@@ -93,7 +112,7 @@ local out = {1, 0, seq}
 if quota > 0 then
   while used + size > quota do
     local lru = redis.call('ZRANGE', KEYS[1], 0, 0)
-    if #lru == 0 then
+    if #lru == 0 or lru[1] == '' then
       used = 0
       break
     end
@@ -109,12 +128,13 @@ if name ~= '' then
 end
 if used < 0 then used = 0 end
 redis.call('SET', KEYS[4], used)
+kept()
 out[2] = used
 return out
 """
 
 # KEYS: lru, size, exp, used. ARGV: block names. Returns used.
-RELEASE = b"""
+RELEASE = KEPT + b"""
 local used = tonumber(redis.call('GET', KEYS[4]) or '0')
 for i = 1, #ARGV do
   local s = redis.call('HGET', KEYS[2], ARGV[i])
@@ -127,6 +147,7 @@ for i = 1, #ARGV do
 end
 if used < 0 then used = 0 end
 redis.call('SET', KEYS[4], used)
+kept()
 return used
 """
 
@@ -164,26 +185,10 @@ class Accounts:
         self.group_of, self.quotas = group_of, dict(quotas)
 
     async def _eval(self, tenant: str, script: bytes, args: Sequence, keys: tuple = ()) -> object:
-        """Run a script on the tenant's master (KEYS: its accounting keys, then keys); None when it
-        failed (counted, never raised)."""
+        """Run a script on the tenant's master (KEYS: its accounting keys, then keys), following
+        its slot while it migrates (Servers.command); None when it failed (counted, never raised)."""
         keys = tenant_keys(self.prefix, tenant) + tuple(keys)
-        groups = await self.servers.group([keys[0]])
-        if not groups:
-            return None
-        (node, _), = groups.items()
-        out: list = [None]
-
-        async def work(node: Node) -> None:
-            conns = await self.servers.conns(node)
-            c = min(conns, key=lambda c: c.inflight)
-            r = (await c.request([(b"EVAL", script, len(keys), *keys, *args)]))[0]
-            if isinstance(r, ReplyError):
-                self.servers.reply_error(r)
-            else:
-                out[0] = r
-
-        await self.servers.on(node, work)
-        return out[0]
+        return await self.servers.command(keys[0], (b"EVAL", script, len(keys), *keys, *args))
 
     async def reserve(self, tenant: str, name: bytes, size: int,
                       expires_ms: int) -> tuple[bool, list[bytes], int] | None:
@@ -225,20 +230,8 @@ class Accounts:
 
     async def _touch(self, tenant: str, names: list[bytes]) -> None:
         lru = tenant_keys(self.prefix, tenant)[0]
-        groups = await self.servers.group([lru])
-        if not groups:
-            return
-        (node, _), = groups.items()
         now = time.time_ns() // 1000  # recency in microseconds, as RESERVE writes it
-        cmd = (b"ZADD", lru, b"XX") + tuple(x for n in names for x in (now, n))
-
-        async def work(node: Node) -> None:
-            conns = await self.servers.conns(node)
-            r = (await min(conns, key=lambda c: c.inflight).request([cmd]))[0]
-            if isinstance(r, ReplyError):
-                self.servers.reply_error(r)
-
-        await self.servers.on(node, work)
+        await self.servers.command(lru, (b"ZADD", lru, b"XX") + tuple(x for n in names for x in (now, n)))
 
     def snapshot(self) -> dict:
         return {"used": dict(self.used), "quotas": dict(self.quotas)}

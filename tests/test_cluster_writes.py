@@ -472,3 +472,125 @@ def test_a_delete_refused_while_its_slot_migrates_is_made_later(make_cluster):
             assert await t.get(NS, k) is None
             assert dst.client().exists(base, *(part_name(base, i) for i in range(1, 4))) == 0
     run(go(), timeout=120)
+
+
+def _cluster_held(cl, prefix: str) -> int:
+    """Bytes of a namespace's blocks (parts included) over every master."""
+    return sum(m.client().strlen(n) for m in cl.masters() for n in m.client().scan_iter(match=f"{prefix}:{NS}:*"))
+
+
+def test_the_quota_accounting_follows_its_slot_while_it_migrates(make_cluster, monkeypatch):
+    """A tenant's accounting slot migrates to another master while its daemon writes over its
+    quota. The reservation script was sent to the slot's old master only: refused with TRYAGAIN
+    from the start (its :exp, a set of blocks with a TTL, does not exist without one: the script's
+    keys counted as split), then ASK once the keys had moved and MOVED once the slot had: every
+    write failed until the slot map was reloaded, and deletes stayed accounted (over-counted).
+    The script follows MOVED and ASK like the data paths, and is sent again while TRYAGAIN says
+    its keys are on both sides, for a bounded time."""
+    from redis.crc import key_slot
+
+    from kvtier import resp
+    from kvtier.clusterquota import seq_key
+    cl = make_cluster(masters=3, replicas=0)
+    prefix, block = "mq", 10_000
+    quota = 3 * (block + 200)
+    acct = tenant_keys(prefix.encode(), "acme") + (seq_key(prefix.encode(), "acme"),)
+    slot = key_slot(acct[0])
+    real = resp.Connection.request
+    tryagain = asyncio.Event()   # a script refused with TRYAGAIN
+
+    def seen(f: asyncio.Future) -> None:
+        if not f.cancelled() and f.exception() is None and any(
+                isinstance(r, resp.ReplyError) and r.code == "TRYAGAIN" for r in f.result()):
+            tryagain.set()
+
+    def request(self, cmds, sinks=None, weight=0):
+        f = real(self, cmds, sinks, weight)
+        if any(c[0] == b"EVAL" for c in cmds):
+            f.add_done_callback(seen)
+        return f
+
+    async def go():
+        async with tier(cl.url, prefix=prefix, cluster=True, timeout_ms=5000) as t:
+            t.set_tenants(lambda ns: "acme", {"acme": quota})
+            held: list[bytes] = []
+
+            async def write(what: str) -> None:
+                k = os.urandom(16)
+                await put(t, {k: os.urandom(block)})
+                held.append(k)
+                s = t.snapshot()
+                assert s["put_failures"] == 0 and s["puts"] == len(held), (what, s)
+
+            for _ in range(4):   # the fourth write evicts: from here on every write is over the quota
+                await write("before")
+            monkeypatch.setattr(resp.Connection, "request", request)
+            src, dst = cl.begin_migration(slot)
+            await write("migrating, no key moved yet")
+            src.client().execute_command("MIGRATE", "127.0.0.1", dst.port, acct[0], 0, 5000)
+            w = asyncio.ensure_future(write("migrating, the keys on both sides"))
+            await asyncio.wait_for(tryagain.wait(), 10)
+            for k in acct[1:]:   # the rest moves while the script waits to be sent again
+                src.client().execute_command("MIGRATE", "127.0.0.1", dst.port, k, 0, 5000)
+            await w
+            await write("migrating, every key moved")
+            c = dst.client(single_connection_client=True)
+
+            def on_dst(*cmd):  # the importing master answers for the slot after ASKING (one command)
+                c.execute_command("ASKING")
+                return c.execute_command(*cmd)
+            read = name(held[-2], prefix)
+            before = on_dst("ZSCORE", acct[0], read)
+            assert (await t.get(NS, held[-2])) is not None
+            await asyncio.gather(*t.accounts._tasks)  # a read refreshes the block's recency there
+            assert on_dst("ZSCORE", acct[0], read) > before
+            assert await t.delete_many(NS, [held[-1]]) == 1
+            assert int(on_dst("GET", acct[3])) == _cluster_held(cl, prefix)  # the delete left the accounting
+            cl.end_migration(slot, src, dst)
+            await write("moved")
+            used, hashed = int(dst.client().get(acct[3])), sum(int(v) for v in dst.client().hgetall(acct[1]).values())
+            stored = _cluster_held(cl, prefix)
+            assert stored <= quota and stored == used == hashed, (stored, used, hashed)
+            assert t.snapshot()["evictions"] >= 4
+
+    run(go(), timeout=120)
+
+
+def test_a_quota_script_refused_while_its_keys_stay_split_fails_in_bounded_time(make_cluster, monkeypatch):
+    """A migration stuck with the tenant's accounting keys on both sides: the script is sent again
+    after each of TRYAGAIN_WAITS, then the write fails (counted once); nothing was accounted."""
+    from redis.crc import key_slot
+
+    from kvtier import clusterconn, resp
+    cl = make_cluster(masters=3, replicas=0)
+    prefix = "mb"
+    acct = tenant_keys(prefix.encode(), "acme")
+    slot = key_slot(acct[0])
+    real = resp.Connection.request
+    evals = [0]
+
+    def request(self, cmds, sinks=None, weight=0):
+        evals[0] += sum(c[0] == b"EVAL" for c in cmds)
+        return real(self, cmds, sinks, weight)
+
+    async def go():
+        async with tier(cl.url, prefix=prefix, cluster=True, timeout_ms=5000) as t:
+            t.set_tenants(lambda ns: "acme", {"acme": 1 * MiB})
+            await put(t, {os.urandom(16): os.urandom(1000)})
+            src, dst = cl.begin_migration(slot)
+            src.client().execute_command("MIGRATE", "127.0.0.1", dst.port, acct[0], 0, 5000)
+            monkeypatch.setattr(resp.Connection, "request", request)
+            errors = t.snapshot()["errors"]
+            t0 = time.monotonic()
+            await put(t, {os.urandom(16): os.urandom(1000)})
+            took = time.monotonic() - t0
+            s = t.snapshot()
+            assert (s["puts"], s["put_failures"], s["errors"] - errors) == (1, 1, 1), s
+            assert evals[0] == len(clusterconn.TRYAGAIN_WAITS) + 1
+            assert sum(clusterconn.TRYAGAIN_WAITS) <= took < sum(clusterconn.TRYAGAIN_WAITS) + 2, took
+            cl.end_migration(slot, src, dst)
+            await put(t, {os.urandom(16): os.urandom(1000)})
+            assert t.snapshot()["puts"] == 2
+            assert len(dst.client().zrange(acct[0], 0, -1)) == 3   # the two blocks written, and ''
+
+    run(go(), timeout=120)
