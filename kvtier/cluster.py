@@ -98,8 +98,9 @@ down: calls routed to it miss at once while a background task reconnects with
 backoff (0.1 s doubling to ``reconnect_max_s``). In Cluster mode a failed
 master, MOVED or CLUSTERDOWN reloads the slot map, so failovers and
 reshards are followed without manual action. A read, a lookup, a write of
-an unsplit value and an unlink (a delete, a quota eviction, or the unlink
-that replaces a failed overwrite) that meet MOVED or ASK follow it once (ASK
+an unsplit value and an unlink (a delete, a quota eviction, the unlink that
+replaces a failed overwrite, or of the parts an overwrite leaves
+unreachable) that meet MOVED or ASK follow it once (ASK
 after ASKING): while a slot migrates, keys already moved are read and
 written on the slot's new master, and a block removed meanwhile does not
 stay there. So do the quota's accounting scripts, sent again for a bounded
@@ -589,9 +590,14 @@ class ClusterTier:
         return ok
 
     async def _unlink_stale(self, c: Connection, parts: list[bytes]) -> None:
-        """Unlink parts no envelope reaches any more (left by a longer value); one refused (a slot
-        migrating) is counted and stays, unreachable, until its TTL or an operator."""
-        r = (await c.request([(b"UNLINK",) + tuple(parts)]))[0]
+        """Unlink parts no envelope reaches any more (left by a longer value), where a MOVED or ASK
+        reply points if need be (a migration moved them already). Refused otherwise (TRYAGAIN: some
+        moved, some not), they are counted and stay, unreachable, until their TTL or an operator."""
+        cmd = (b"UNLINK",) + tuple(parts)
+        r = (await c.request([cmd]))[0]
+        if isinstance(r, ReplyError) and r.redirect is not None:
+            self.servers.reply_error(r)
+            r = await self._there(r, cmd)
         if isinstance(r, ReplyError):
             self.servers.reply_error(r)
 

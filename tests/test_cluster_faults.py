@@ -351,6 +351,37 @@ def test_reads_writes_and_deletes_during_a_slot_migration_follow_ask_to_the_new_
     run(go())
 
 
+def test_parts_an_overwrite_leaves_behind_are_unlinked_where_the_migration_moved_them(make_cluster):
+    """A split block's slot migrating with its parts already moved and its part 0 not: an overwrite
+    with an unsplit value is written on the old master, and the UNLINK of the parts it leaves
+    unreachable is answered ASK there. It was counted and not followed: the parts stayed on the
+    new master for good (no TTL), unreachable."""
+    from redis.crc import key_slot
+
+    from kvtier.clustervalue import part_name
+    cl = make_cluster(masters=3, replicas=0)
+    k = os.urandom(16)
+    base = name(k)
+    slot = key_slot(base)
+
+    async def go():
+        async with tier(cl.url, cluster=True, part_bytes=64 * 1024, timeout_ms=5000) as t:
+            await put_all(t, NS, {k: os.urandom(300_000)})    # 5 parts
+            parts = [part_name(base, i) for i in range(1, 5)]
+            src, dst = cl.begin_migration(slot)
+            for p in parts:
+                src.client().execute_command("MIGRATE", "127.0.0.1", dst.port, p, 0, 5000)
+            new = os.urandom(50_000)
+            await put_all(t, NS, {k: new}, replaces=True)       # unsplit, on the old master
+            cl.end_migration(slot, src, dst)
+            assert bytes((await t.get(NS, k))[0]) == new
+            assert dst.client().exists(*parts) == 0
+            s = t.snapshot()
+            assert s["put_failures"] == 0 and s["errors"] == 0, s
+
+    run(go())
+
+
 def test_a_redirect_to_a_stopped_master_marks_that_master_down_not_the_one_that_redirected(make_cluster):
     """A key whose slot is migrating is followed (ASK) to the importing master. If that master
     answers nothing, the time runs out while following: it is the one marked down. The master
