@@ -59,8 +59,9 @@ queued: other nodes then miss rather than read the old content. An unlink
 that cannot be made (its server down or unreachable: a delete, a quota
 eviction, that unlink, the removal of a failed split write) waits in a
 bounded set (``unlinks_pending``; ``PENDING_MAX`` names, past it lost: logged,
-``unlinks_lost``) and is made once the server answers; meanwhile a get of
-such a key is a miss, and the key's next write makes the unlink first. Reads group keys by
+``unlinks_lost``) and is made once the server answers (one that answers and
+refuses it, a slot left migrating, is asked less and less often, down to once
+per ``reconnect_max_s``); meanwhile a get of such a key is a miss, and the key's next write makes the unlink first. Reads group keys by
 master (all masters at once; per master one block in flight, widening to about
 ``READ_WINDOW_BYTES`` of small blocks) and receive payloads straight into their
 final buffer (``kvtier.resp``): a fresh one, or the caller's when it passes ``into``
@@ -155,7 +156,8 @@ BATCH_MAX = 64
 BATCH_BYTES = 1 << 20
 # Unlinks that could not be made (their server down or unreachable) wait, at most PENDING_MAX block
 # names (past it they are lost: logged, counted in unlinks_lost), and are retried every
-# PENDING_RETRY_S while any waits, on the servers that answer again.
+# PENDING_RETRY_S while any waits, on the servers that answer again; while those refuse them all
+# (a slot left migrating: TRYAGAIN), every time twice as long, up to reconnect_max_s.
 PENDING_MAX = 1 << 15
 PENDING_RETRY_S = 0.05
 # Blocks whose writes ended remembered with their reservation's place in the order (_doom): a
@@ -1098,12 +1100,15 @@ class ClusterTier:
             self._flusher = asyncio.ensure_future(self._flush_loop())
 
     async def _flush_loop(self) -> None:
+        wait = PENDING_RETRY_S
         while self._pending and not self._flush_stopped:
-            await asyncio.sleep(PENDING_RETRY_S)
+            await asyncio.sleep(wait)
+            refused = False
             try:
-                await self._flush_pending()
+                refused = await self._flush_pending()
             except Exception:
                 log.exception("cluster: pending unlinks failed")
+            wait = min(2 * wait, max(PENDING_RETRY_S, self.cfg.reconnect_max_s)) if refused else PENDING_RETRY_S
 
     def _node_of(self, name: bytes) -> Node | None:
         s = self.servers
@@ -1122,19 +1127,20 @@ class ClusterTier:
         except ValueError:
             return None
 
-    async def _flush_pending(self) -> None:
+    async def _flush_pending(self) -> bool:
         """Make the pending unlinks whose servers answer again (not marked down). A key being
         written is left to that write, which makes its unlink first (_unlink_pending); the others
         are held as if being written meanwhile, so no put of them lands before the unlink. The
-        names are scanned again only once a server or the slot map changed, or unlinks were added."""
+        names are scanned again only once a server or the slot map changed, or unlinks were added.
+        True when unlinks were sent and every one is still pending (refused)."""
         s = self.servers
         seen = (id(s.slots), tuple((n.addr, not n.reason) for n in s.nodes.values()))
         if seen == self._flush_seen:
-            return
+            return False
         ready = [nm for nm in self._pending if (node := self._node_of(nm)) is not None and not node.reason]
         if not ready:
             self._flush_seen = seen
-            return
+            return False
         sent = self._loop.create_future()
         names, keys = [], []
         with self._qlock:
@@ -1151,6 +1157,7 @@ class ClusterTier:
                 await self._unlink_names(names)
         finally:
             self._release(keys, sent)
+        return bool(names) and all(nm in self._pending for nm in names)
 
     async def _stop_flushing(self, timeout: float) -> None:
         """At close: one last try at the pending unlinks, then log what is left."""

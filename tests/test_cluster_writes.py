@@ -594,3 +594,45 @@ def test_a_quota_script_refused_while_its_keys_stay_split_fails_in_bounded_time(
             assert len(dst.client().zrange(acct[0], 0, -1)) == 3   # the two blocks written, and ''
 
     run(go(), timeout=120)
+
+
+def test_unlinks_refused_by_a_slot_left_migrating_are_retried_less_and_less_often(make_cluster, monkeypatch):
+    """A reshard left a slot migrating with a split block's parts on both sides (an interrupted
+    valkey-cli --cluster reshard leaves it so until --cluster fix): the block's pending unlink is
+    refused with TRYAGAIN at every try. It was tried again every 50 ms for as long as the slot
+    stayed open, each try with a reload of the slot map; the tries back off to reconnect_max_s,
+    and the unlink is made once the slot has moved."""
+    from redis.crc import key_slot
+
+    from kvtier import resp
+    from kvtier.clustervalue import block_name as value_name, part_name
+    cl = make_cluster(masters=3, replicas=0)
+    prefix, k = "stuck", os.urandom(16)
+    real = resp.Connection.request
+    unlinks = [0]
+
+    def request(self, cmds, sinks=None, weight=0):
+        unlinks[0] += sum(c[0] == b"UNLINK" for c in cmds)
+        return real(self, cmds, sinks, weight)
+
+    async def go():
+        async with tier(cl.url, prefix=prefix, cluster=True, part_bytes=64 * KiB, timeout_ms=5000,
+                        reconnect_max_s=1.0) as t:
+            await put(t, {k: os.urandom(200_000)})
+            base = value_name(prefix.encode(), NS, k)
+            slot = key_slot(base)
+            src, dst = cl.begin_migration(slot)
+            src.client().execute_command("MIGRATE", "127.0.0.1", dst.port, part_name(base, 1), 0, 5000)
+            monkeypatch.setattr(resp.Connection, "request", request)
+            await t.delete_many(NS, [k])
+            refreshes = t.snapshot()["topology_refreshes"]
+            await asyncio.sleep(3)   # the window the retries are counted over
+            s = t.snapshot()
+            assert s["unlinks_pending"] == 1
+            # 0.05, 0.1, 0.2, 0.4, 0.8 s, then every second: 7 tries in 3 s (60 every 50 ms)
+            assert unlinks[0] <= 10 and s["topology_refreshes"] - refreshes <= 10, (unlinks[0], s)
+            cl.end_migration(slot, src, dst)
+            await until(lambda: not t._pending, timeout=10, what="the unlink made once the slot moved")
+            assert dst.client().exists(base, part_name(base, 1)) == 0
+
+    run(go(), timeout=120)
