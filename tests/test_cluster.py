@@ -195,7 +195,11 @@ def test_a_lent_buffer_is_not_written_after_a_timed_out_get(make_valkey):
 
     async def go():
         async with tier(srv.url, timeout_ms=300) as t:
-            await put_all(t, NS, {k: data})
+            for _ in range(5):  # a busy machine can take the put past 300 ms
+                await put_all(t, NS, {k: data})
+                if srv.client().exists(name(NS, k)):
+                    break
+            before = t.snapshot()["timeouts"]
             srv.pause()                       # the GET is sent, its reply comes only after the call gave up
             try:
                 assert await t.get(NS, k, into=lambda n: memoryview(arena)[:n]) is None
@@ -203,7 +207,7 @@ def test_a_lent_buffer_is_not_written_after_a_timed_out_get(make_valkey):
                 srv.resume()
             await asyncio.sleep(0.5)          # the server answers now, to a connection that was cut
             assert arena == b"\xaa" * MiB
-            assert t.snapshot()["timeouts"] == 1
+            assert t.snapshot()["timeouts"] == before + 1
 
     run(go())
 
