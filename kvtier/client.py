@@ -21,7 +21,11 @@ verified against its checksum (``verify=True``); a mismatch is counted in ``clie
 and returned as a miss, never as data. Batches longer than the daemon's
 ``max_batch`` are split. Errors are ``kvtier.errors`` types; ``Unavailable``
 means the daemon is unreachable and the next call tries again (gRPC
-reconnects by itself; data-channel connections are reopened).
+reconnects by itself; data-channel connections are reopened). ``close()``
+refuses new calls and gives calls in flight on other threads or tasks up to
+CLOSE_WAIT_S to end before it closes their connections: a reservation or lease
+answered after close() is aborted or released by its call, which then raises
+Unavailable, so the daemon never holds it until its TTL.
 
 Both clients run the same operation code: each operation is a generator
 that yields the calls it needs (``("unary", rpc, request)``, ...) and gets
@@ -91,6 +95,9 @@ _RESPONSES = {m.name: getattr(pb, m.output_type.name) for m in pb.DESCRIPTOR.ser
 # a client whose data connection the daemon turned away (all of server.data_max_connections
 # taken) or that could not be opened goes over gRPC, and tries the data channel again this much later
 DATA_RETRY_S = 5.0
+# close() waits this long at most for calls in flight on other threads or tasks to end: each ends at
+# its next answer, letting go of what that answer holds, over connections close() has not cut yet
+CLOSE_WAIT_S = 2.0
 CONTROLS = ("auto", "grpc")  # where unary calls go: the data channel when there is one, or always gRPC
 
 
@@ -189,6 +196,16 @@ def _same_daemon(a: pb.AttachResponse, b: pb.AttachResponse) -> bool:
     """Whether two Attach answers come from one daemon run (same arena, same data channel)."""
     return (a.generation, a.arena_path, a.arena_size, a.data_address) == \
         (b.generation, b.arena_path, b.arena_size, b.data_address)
+
+
+def _ending(rpc: str, answer) -> tuple[str, Any] | None:
+    """The call that ends what an answer to Reserve or Acquire holds (Abort or Release, and its
+    request), or None when it holds nothing."""
+    if rpc == "Reserve" and answer.reservation_id:
+        return "Abort", pb.AbortRequest(reservation_id=answer.reservation_id)
+    if rpc == "Acquire" and answer.lease_id:
+        return "Release", pb.ReleaseRequest(lease_id=answer.lease_id)
+    return None
 
 
 def _lost(conn: DataConnection, rpc: str, e: BaseException) -> BaseException:
@@ -367,6 +384,8 @@ class _Ops:
         self.checksum_failures = 0
         self._count_lock = threading.Lock()  # checksum_failures is counted from many threads
         self.closed = False
+        self._calls = 0  # operations in flight (close() gives them CLOSE_WAIT_S to end)
+        self._idle = threading.Condition()
         self.timeout: float | None = 30.0  # the client's: bounds each wait for the daemon (None: none)
         self.ram_hits = False  # the last get_many over the arena promoted nothing (GET_CHUNK_MIN_RAM)
         self._pool: list[DataConnection] = []
@@ -374,6 +393,20 @@ class _Ops:
         self._attach_lock = threading.Lock()
         self._retry_at = 0.0  # when to try the data channel again after it was not to be had (0: no need)
         self._attaches = 0  # attaches that mapped or probed anew: a probe of an earlier one is stale
+
+    @contextlib.contextmanager
+    def running(self):
+        """One operation in flight (a driver's call): refused once the client is closed."""
+        with self._idle:
+            if self.closed:
+                raise errors.Unavailable("the client is closed")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._calls -= 1
+                self._idle.notify_all()
 
     # ---- attach and batching ------------------------------------------------------------
 
@@ -659,14 +692,9 @@ class _Ops:
         try:
             if isinstance(answer, tuple):  # control_start's handle
                 answer = self.control_finish(answer, self.timeout)
-            if rpc == "Acquire" and answer is not None and answer.lease_id:
-                end, request = "Release", pb.ReleaseRequest(lease_id=answer.lease_id)
-            elif rpc == "Reserve" and answer is not None and answer.reservation_id:
-                end, request = "Abort", pb.AbortRequest(reservation_id=answer.reservation_id)
-            else:
-                return
-            if not self.closed:
-                self.control_call(end, request, self.timeout)
+            end = _ending(rpc, answer) if answer is not None else None
+            if end is not None:  # also once the client is closed: on a connection opened for it
+                self.control_call(*end, self.timeout)
         except Exception:  # gone or expired: the daemon ends it at its TTL
             pass
 
@@ -733,35 +761,42 @@ class _Ops:
             raise errors.FailedPrecondition("the arena is not mapped (not on the daemon's node)")
         return arena
 
-    def _views(self, arena: ArenaMapping, spans) -> list:
-        """Views of ``arena`` at (offset, length) spans (None for None), for an answer to a call
-        made with it. Raises StaleArena when the client attached to another arena since (the
-        answer's offsets are the old daemon's; the operation is retried on the new one) and
-        Unavailable when it was closed (the daemon ends the reservation or lease at its TTL)."""
-        if arena is not self.arena:
-            if self.closed:
-                raise errors.Unavailable("the client was closed during the call")
-            raise errors.StaleArena(f"arena generation {arena.generation} was replaced during the call (the "
-                                    f"daemon restarted); attached again")
-        try:
-            view = arena.view
-            return [None if sp is None else view[sp[0]:sp[0] + sp[1]] for sp in spans]
-        except ValueError:  # released by a close() on another thread just now
-            raise errors.Unavailable("the client was closed during the call") from None
+    def _views(self, arena: ArenaMapping, spans, rpc: str, answer):
+        """Views of ``arena`` at (offset, length) spans (None for None), for the answer to a Reserve
+        or Acquire made with it. Raises StaleArena when the client attached to another arena since
+        (the answer's offsets are the old daemon's; the operation is retried on the new one) and
+        Unavailable when it was closed meanwhile: nobody could use or end what the answer holds
+        then, so its reservation is aborted or its lease released first (best effort), not left
+        to the daemon's TTL."""
+        if not self.closed:
+            if arena is not self.arena:
+                raise errors.StaleArena(f"arena generation {arena.generation} was replaced during the call "
+                                        f"(the daemon restarted); attached again")
+            try:
+                view = arena.view
+                return [None if sp is None else view[sp[0]:sp[0] + sp[1]] for sp in spans]
+            except ValueError:  # released by a close() on another thread just now
+                pass
+        end = _ending(rpc, answer)
+        if end is not None:
+            with contextlib.suppress(Exception):  # gone or cut off: the daemon ends it at its TTL
+                yield ("unary", *end)
+        raise errors.Unavailable("the client was closed during the call")
 
     def _reserve(self, ns, keys, sizes, ttl_ms, overwrite, arena: ArenaMapping | None = None):
         yield from self._attach()
         arena = arena or self._mapped()
         r = yield ("unary", "Reserve", self._reserve_request(arena, ns, keys, sizes, ttl_ms, overwrite))
-        return self._reservation(arena, sizes, r)
+        return (yield from self._reservation(arena, sizes, r))
 
     def _reserve_request(self, arena, ns, keys, sizes, ttl_ms=0, overwrite=False):
         packed, ks = pack_keys(keys)
         return pb.ReserveRequest(namespace=ns, key_size=ks, keys=packed, sizes=list(sizes), ttl_ms=_u32("ttl_ms", ttl_ms),
                                  overwrite=overwrite, generation=arena.generation)
 
-    def _reservation(self, arena, sizes, r: pb.ReserveResponse) -> Reservation:
-        views = self._views(arena, [(o, n) if s == 0 else None for s, o, n in zip(r.status, r.offsets, sizes)])
+    def _reservation(self, arena, sizes, r: pb.ReserveResponse):
+        spans = [(o, n) if s == 0 else None for s, o, n in zip(r.status, r.offsets, sizes)]
+        views = yield from self._views(arena, spans, "Reserve", r)
         return Reservation(r.reservation_id, r.status, list(r.offsets), list(sizes), views)
 
     def op_commit(self, res: Reservation, checksums: Sequence[bytes] | None = None):
@@ -795,7 +830,7 @@ class _Ops:
         yield from self._attach()
         arena = self._mapped()
         req = self._acquire_request(arena, ns, keys, lease_ms, prefix_only, tokens_per_key, background, counted)
-        return self._lease(arena, len(keys), (yield ("unary", "Acquire", req)))
+        return (yield from self._lease(arena, len(keys), (yield ("unary", "Acquire", req))))
 
     def _acquire_request(self, arena, ns, keys, lease_ms=0, prefix_only=False, tokens_per_key=0, background=False,
                          counted=True):
@@ -805,11 +840,12 @@ class _Ops:
                                  tokens_per_key=_u32("tokens_per_key", tokens_per_key), background=background,
                                  uncounted=not counted)
 
-    def _lease(self, arena, n: int, r: pb.AcquireResponse) -> Lease:
+    def _lease(self, arena, n: int, r: pb.AcquireResponse):
         c = r.checksums
         sums = [c[i * CHECKSUM_SIZE:(i + 1) * CHECKSUM_SIZE] for i in range(n)]
         # a background Acquire reports blocks still landing with their tier and no slot (length 0)
-        views = self._views(arena, [(o, m) if t and m else None for t, o, m in zip(r.tiers, r.offsets, r.lengths)])
+        views = yield from self._views(arena, [(o, m) if t and m else None
+                                               for t, o, m in zip(r.tiers, r.offsets, r.lengths)], "Acquire", r)
         return Lease(r.lease_id, r.tiers, list(r.offsets), list(r.lengths), sums, views)
 
     def op_release(self, lease: Lease):
@@ -858,7 +894,7 @@ class _Ops:
                     yield from self._commit_answer(("finish", h, "Commit", req))
                 if owed:
                     _, req, h, part_sizes = owed.pop(0)
-                    res = self._reservation(arena, part_sizes, (yield ("finish", h, "Reserve", req)))
+                    res = yield from self._reservation(arena, part_sizes, (yield ("finish", h, "Reserve", req)))
             for _, req, h, _ in owed:
                 yield from self._commit_answer(("finish", h, "Commit", req))
         except GeneratorExit:
@@ -931,7 +967,7 @@ class _Ops:
                 handles = [s[3] for s in sent]
                 first = (yield ("ready", handles)) if len(sent) > 1 and None not in handles else 0
                 i, j, req, started = sent.pop(first)
-                lease = self._lease(arena, j - i, (yield ("finish", started, "Acquire", req)))
+                lease = yield from self._lease(arena, j - i, (yield ("finish", started, "Acquire", req)))
                 ram = ram and pb.TIER_NVME not in lease.tiers and pb.TIER_CLUSTER not in lease.tiers
                 try:
                     out[i:j] = yield from self._copy_out(lease, into[i:j] if into is not None else None)
@@ -1065,11 +1101,14 @@ class _Ops:
         return (yield ("unary", "Stats", pb.StatsRequest(namespace=ns)))
 
     def close(self) -> None:
-        """Close the pooled connections and unmap the arena. Calls on other threads meanwhile end
-        with Unavailable (their connections are closed as they are given back); any later call
-        too."""
-        with self._pool_lock:
+        """Refuse new calls, give those in flight on other threads or tasks up to CLOSE_WAIT_S to
+        end, then close the pooled connections and unmap the arena. A call in flight ends with
+        Unavailable at its next answer (a reservation or lease in it aborted or released first)
+        or ends as it would have; its connection is closed as it is given back."""
+        with self._idle:
             self.closed = True
+            self._idle.wait_for(lambda: not self._calls, CLOSE_WAIT_S)
+        with self._pool_lock:
             pool, self._pool = self._pool, []
         for c in pool:
             c.close()
@@ -1138,19 +1177,18 @@ class Client:
             raise errors.from_rpc_error(e) from None
 
     def _drive(self, gen: Generator):
-        if self._ops.closed:
-            raise errors.Unavailable("the client is closed")
-        try:
-            req = next(gen)
-            while True:
-                try:
-                    resp = self._call(req)
-                except BaseException as e:  # Ctrl-C too: the operation lets go of what it holds, re-raises
-                    req = gen.throw(e)
-                else:
-                    req = gen.send(resp)
-        except StopIteration as stop:
-            return stop.value
+        with self._ops.running():
+            try:
+                req = next(gen)
+                while True:
+                    try:
+                        resp = self._call(req)
+                    except BaseException as e:  # Ctrl-C too: the operation lets go of what it holds, re-raises
+                        req = gen.throw(e)
+                    else:
+                        req = gen.send(resp)
+            except StopIteration as stop:
+                return stop.value
 
     @property
     def timeout(self) -> float | None:
@@ -1301,19 +1339,18 @@ class AsyncClient:
             raise errors.from_rpc_error(e) from None
 
     async def _drive(self, gen: Generator):
-        if self._ops.closed:
-            raise errors.Unavailable("the client is closed")
-        try:
-            req = next(gen)
-            while True:
-                try:
-                    resp = await self._call(req)
-                except BaseException as e:  # cancelled too: the operation lets go of what it holds, re-raises
-                    req = gen.throw(e)
-                else:
-                    req = gen.send(resp)
-        except StopIteration as stop:
-            return stop.value
+        with self._ops.running():
+            try:
+                req = next(gen)
+                while True:
+                    try:
+                        resp = await self._call(req)
+                    except BaseException as e:  # cancelled too: the operation lets go of what it holds, re-raises
+                        req = gen.throw(e)
+                    else:
+                        req = gen.send(resp)
+            except StopIteration as stop:
+                return stop.value
 
     timeout = Client.timeout
     path = Client.path
@@ -1328,7 +1365,7 @@ class AsyncClient:
         return self._ops.info
 
     async def close(self) -> None:
-        self._ops.close()
+        await asyncio.to_thread(self._ops.close)  # its wait for calls in flight leaves the loop to them
         await self._channel.close()
 
     async def __aenter__(self) -> "AsyncClient":
