@@ -99,6 +99,7 @@ DATA_RETRY_S = 5.0
 # its next answer, letting go of what that answer holds, over connections close() has not cut yet
 CLOSE_WAIT_S = 2.0
 CONTROLS = ("auto", "grpc")  # where unary calls go: the data channel when there is one, or always gRPC
+_LOST = (errors.Unavailable, errors.DeadlineExceeded)  # a call's answer lost: what it did is unknown
 
 
 @dataclass(frozen=True)
@@ -865,19 +866,44 @@ class _Ops:
             raise
 
     def _arena_put(self, ns, keys, datas, overwrite):
+        """One batch of a put_many over the arena (_arena_put_parts); a KvtierError it raises
+        carries ``stored`` for the batch's blocks (Client.put_many)."""
+        stored: list = [False] * len(keys)
+        try:
+            return (yield from self._arena_put_parts(ns, keys, datas, overwrite, stored))
+        except errors.KvtierError as e:
+            e.stored = stored
+            raise
+
+    def _commit_part(self, req, stored: list, i: int, j: int):
+        """A part's Commit (made or finished, as ``req`` says); its blocks [i, j) marked in
+        ``stored``: True once answered, None when the answer was lost (committed or not)."""
+        try:
+            yield from self._commit_answer(req)
+        except _LOST:
+            stored[i:j] = [None] * (j - i)
+            raise
+        stored[i:j] = [True] * (j - i)
+
+    def _arena_put_parts(self, ns, keys, datas, overwrite, stored: list):
         """Reserve, copy in, Commit, a part of the blocks at a time (_put_parts), with the next
         part's Reserve and this part's Commit answered while the client copies: only the first
-        Reserve and the last Commit are waited for, instead of each waiting for the copies."""
+        Reserve and the last Commit are waited for, instead of each waiting for the copies. The
+        blocks of each part committed (or already present) are marked True in ``stored``."""
         sizes = [len(d) for d in datas]
         parts = _put_parts(sizes)
         arena = self._mapped()
         res = yield from self._reserve(ns, keys[:parts[0][1]], sizes[:parts[0][1]], 0, overwrite, arena)
         if len(parts) == 1:
             sums = yield from self._copy_in(res, datas)
-            yield from self.op_commit(res, sums)
+            if res.id:
+                req = pb.CommitRequest(reservation_id=res.id, checksums=b"".join(sums))
+                yield from self._commit_part(("unary", "Commit", req), stored, 0, len(keys))
+            else:  # every block already present
+                stored[:] = [True] * len(keys)
             return [s == 0 for s in res.status]
         out: list[bool] = []
-        owed: list = []  # (rpc, request, handle, sizes) of calls sent and not finished, oldest first
+        owed: list = []  # (rpc, request, handle, sizes or a Commit's [i, j)) of calls sent, not finished, oldest first
         try:
             for k, (i, j) in enumerate(parts):
                 if k + 1 < len(parts):  # the daemon reserves the next part while this one is copied
@@ -888,15 +914,17 @@ class _Ops:
                 out += [s == 0 for s in res.status]
                 if res.id:
                     req = pb.CommitRequest(reservation_id=res.id, checksums=b"".join(sums))
-                    owed.append(("Commit", req, (yield ("start", "Commit", req)), None))
+                    owed.append(("Commit", req, (yield ("start", "Commit", req)), (i, j)))
+                else:  # every block already present
+                    stored[i:j] = [True] * (j - i)
                 while owed and owed[0][0] == "Commit":  # earlier parts' Commits: answered by now
-                    _, req, h, _ = owed.pop(0)
-                    yield from self._commit_answer(("finish", h, "Commit", req))
+                    _, req, h, span = owed.pop(0)
+                    yield from self._commit_part(("finish", h, "Commit", req), stored, *span)
                 if owed:
                     _, req, h, part_sizes = owed.pop(0)
                     res = yield from self._reservation(arena, part_sizes, (yield ("finish", h, "Reserve", req)))
-            for _, req, h, _ in owed:
-                yield from self._commit_answer(("finish", h, "Commit", req))
+            for _, req, h, span in owed:
+                yield from self._commit_part(("finish", h, "Commit", req), stored, *span)
         except GeneratorExit:
             for _, _, h, _ in owed:  # closed unfinished: nobody waits; unfinished reservations expire
                 if h is not None:
@@ -905,10 +933,10 @@ class _Ops:
         except BaseException:
             # a part copied in is committed (without a data channel its Commit is made only now);
             # a Reserve sent is aborted once answered
-            for rpc, req, h, part_sizes in owed:
+            for rpc, req, h, extra in owed:
                 with contextlib.suppress(errors.KvtierError):
                     if rpc == "Commit":
-                        yield from self._commit_answer(("finish", h, "Commit", req))
+                        yield from self._commit_part(("finish", h, "Commit", req), stored, *extra)
                     elif h is not None:
                         r = yield ("finish", h, rpc, req)  # no views: the mapping may be gone
                         yield from self.op_abort(Reservation(r.reservation_id, r.status, [], [], []))
@@ -920,28 +948,59 @@ class _Ops:
         check_namespace(ns)
         keys = [k for k, _ in items]
         datas = [memoryview(d).cast("B") for _, d in items]
-        if self.path == "arena":
+        if self.path == "arena":  # batch after batch: the first that fails ends the call
             out: list[bool] = []
-            for i, j in self._put_batches(datas):
-                out += yield from self._stale_retry(self._arena_put, ns, keys[i:j], datas[i:j], overwrite)
+            try:
+                for i, j in self._put_batches(datas):
+                    out += yield from self._stale_retry(self._arena_put, ns, keys[i:j], datas[i:j], overwrite)
+            except errors.KvtierError as e:
+                part = getattr(e, "stored", [])  # the failing batch's (_arena_put)
+                e.stored = [True] * len(out) + part + [False] * (len(keys) - len(out) - len(part))
+                raise
             return out
-        if self.path == "data":
+        if self.path == "data":  # every block the daemon can take is stored
             limit = self.info.max_block_bytes
             for d in datas:  # the server would refuse and close the connection mid-send
                 if limit and len(d) > limit:
-                    raise errors.TooLarge(f"block of {len(d)} bytes exceeds the largest accepted ({limit} bytes)")
+                    e = errors.TooLarge(f"block of {len(d)} bytes exceeds the largest accepted ({limit} bytes)")
+                    e.stored = [False] * len(keys)
+                    raise e
             try:
                 res = yield ("call", self._data(lambda c: c.put_many(ns, list(zip(keys, datas)), overwrite)))
             except _NoDataConnection:
                 res = None  # made over gRPC below
+            except errors.KvtierError as e:  # lost, timed out or cut short: what was stored is unknown
+                e.stored = [None] * len(keys)
+                raise
             if res is not None:
-                for r in res:
-                    if isinstance(r, errors.KvtierError):
-                        raise r
+                failed = [r for r in res if isinstance(r, errors.KvtierError)]
+                if failed:
+                    failed[0].stored = [not isinstance(r, errors.KvtierError) for r in res]
+                    raise failed[0]
                 return [r.status == 0 for r in res]
         chunk = max(4096, min(PUT_CHUNK, (self.info.max_message_bytes or PUT_CHUNK) - 4096))
-        r = yield ("client_stream", "Put", _put_chunks(ns, keys, datas, overwrite, chunk))
+        try:  # block after block: the daemon stops at the first it refuses
+            r = yield ("client_stream", "Put", _put_chunks(ns, keys, datas, overwrite, chunk))
+        except errors.KvtierError as e:
+            e.stored = yield from self._stored_by_stream(ns, keys, overwrite, e)
+            raise
         return [s == 0 for s in r.status]
+
+    def _stored_by_stream(self, ns: str, keys: list[bytes], overwrite: bool, e: errors.KvtierError):
+        """``stored`` (Client.put_many) after a Put stream failed with ``e``. The daemon kept the
+        blocks before the one it refused, and the error does not say which one that was: unless
+        it was the only one, the blocks are looked up (found: stored; with overwrite a block
+        found may hold the bytes from before, None). None throughout when the answer was lost or
+        the lookup fails."""
+        if isinstance(e, _LOST):
+            return [None] * len(keys)
+        if len(keys) == 1:
+            return [False]
+        try:
+            tiers, _ = yield from self.op_lookup(ns, keys)
+        except errors.KvtierError:
+            return [None] * len(keys)
+        return [(None if overwrite else True) if t else False for t in tiers]
 
     def _arena_get(self, ns, keys, into):
         """Acquire, copy out, Release, a chunk of keys at a time (GET_CHUNKS), with the next
@@ -1258,7 +1317,17 @@ class Client:
         return self._drive(self._ops.op_release(lease))
 
     def put_many(self, ns: str, items: Sequence[tuple[bytes, Any]], overwrite: bool = False) -> list[bool]:
-        """Store blocks; True per block newly stored, False if it was already present."""
+        """Store blocks; True per block newly stored, False if it was already present.
+
+        When a block cannot be stored, the KvtierError raised (the first failing block's) has
+        ``stored``, per block in order: True when it is stored (this call wrote it or found it
+        present), False when this call did not store it, None when the call cannot tell (the
+        daemon's answer was lost: Unavailable, DeadlineExceeded). How far a failed call gets
+        depends on the path: over the data channel every block the daemon can take is stored;
+        over the arena batch after batch (server.max_batch blocks) and over gRPC block after
+        block, up to the first that fails. A failed gRPC Put stream of several blocks does not
+        say which failed: the client looks the blocks up (a block found counts as stored; with
+        overwrite, where it may hold the bytes from before, as None)."""
         return self._drive(self._ops.op_put_many(ns, items, overwrite))
 
     def put(self, ns: str, key: bytes, data: Any, overwrite: bool = False) -> bool:
