@@ -329,12 +329,12 @@ def test_delete_without_a_cluster_tier_runs_on_the_data_channel_thread(make_daem
         assert 2 in tiers[:6] and 1 in tiers[6:]
         threads = []
         store = type(d.daemon.store)
-        real = store.delete
+        real = store._delete_local  # what a Delete runs, on whichever thread it is made
 
         def spy(self, ns, ks):
             threads.append(threading.current_thread().name)
             return real(self, ns, ks)
-        monkeypatch.setattr(store, "delete", spy)
+        monkeypatch.setattr(store, "_delete_local", spy)
         assert c.delete(NS, keys[:6]) == 6
         assert threads == ["kvtier-data-conn"]  # no hop to the event loop and on to a worker
         assert g.delete(NS, keys[6:]) == 6

@@ -604,14 +604,14 @@ def test_large_block_through_the_arena_is_verified_piece_by_piece(daemon):
     k = key("large")
     data = blob(9 * MiB + 3, "large")
     with Client(daemon.address) as corrupter, client(daemon, "arena") as c:
-        sent, commit = [], c._ops.op_commit
+        sent, commit = [], c._ops._commit_answer
 
-        def spy(res, sums=None):
-            sent.append(sums)
-            return (yield from commit(res, sums))
-        c._ops.op_commit = spy
+        def spy(req):
+            sent.append(req[-1].checksums)  # the CommitRequest, made or finished
+            return (yield from commit(req))
+        c._ops._commit_answer = spy
         assert c.put_many(NS, [(k, data)]) == [True]
-        assert sent == [[xxhash.xxh3_128_digest(data)]]  # the put sent the checksum it computed
+        assert sent == [xxhash.xxh3_128_digest(data)]  # the put sent the checksum it computed
         buf = bytearray(len(data))
         assert bytes(c.get_many(NS, [k], into=[buf])[0]) == data and bytes(buf) == data
         lease = corrupter.acquire(NS, [k])
