@@ -687,3 +687,80 @@ def test_vllm_unreachable_or_without_the_model_exits_3_with_the_model_set(tmp_pa
     if model == "other":
         assert "vllm.model 'other' is not served there (it serves tiny)" in err
     assert fake.requests == []
+
+
+def _evicted_to_nvme(tmp_path, make_daemon, tenants: str, extra: str = ""):
+    """A daemon with a small RAM tier over NVMe, a plan run once, then daytime traffic that
+    moves every block of it to NVMe: (daemon, fake server, plan file)."""
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    d = make_daemon(ram={"capacity": "4MiB", "policy": "lru"}, nvme={"dirs": [str(nvme)]})
+    fake = FakeVLLM(d.address, ranks=2)
+    path = write_plan(tmp_path, fake.url, d.address, extra, tenants=tenants)
+    run_plan(P.load(path), progress_out=io.StringIO(), tty=False)
+    with Client(d.address) as c:
+        for i in range(6):
+            c.put_many("other", [(hashlib.sha256(f"{i}-{j}".encode()).digest(), bytes(256 << 10))
+                                 for j in range(4)])
+        for e in State.load(str(tmp_path / "state.json")).entries.values():
+            assert set(c.lookup(e.namespace, e.key_bytes())[0]) == {2}, "not all on NVMe only"
+    return d, fake, path
+
+
+def test_promote_never_goes_over_the_ram_budget(tmp_path, make_daemon):
+    """A chunk (two ranks of 64 KiB) larger than the whole budget was promoted anyway: the
+    first chunk of the phase came up before its size was known."""
+    tenants = f'[[tenant]]\nname = "globex"\npin = "none"\n[[tenant.context]]\nname = "kb"\ntext = "{words(8, 7)}"\n'
+    d, fake, path = _evicted_to_nvme(tmp_path, make_daemon, tenants, '[promote]\nram_budget = "64KiB"')
+    try:
+        rep = run_plan(P.load(path), progress_out=io.StringIO(), tty=False, promote_only=True)
+        kb = rep.tenants[0].contexts[0]
+        assert kb.promoted_chunks == 0 and rep.ram_budget_used == 0
+        assert "RAM budget" in kb.not_promoted
+        keys = State.load(str(tmp_path / "state.json")).get("globex/kb").key_bytes()
+        with Client(d.address) as c:
+            assert c.lookup("vllm-globex", keys)[0] == [2] * 4
+        out = io.StringIO()
+        rep.write_table(out)
+        assert "globex/kb: not promoted" in out.getvalue() and "RAM budget" in out.getvalue(), out.getvalue()
+        assert rep.to_dict()["tenants"][0]["context_results"][0]["not_promoted"] == kb.not_promoted
+    finally:
+        fake.close()
+
+
+def test_promote_reads_no_chunk_of_an_unknown_size(tmp_path, make_daemon):
+    """The budget can only hold if a chunk's size is known before it is read: it is recorded
+    from a chunk seen in RAM, or taken from another context of the same engine. A context
+    recorded without it (an older state), with nothing in RAM, is left on NVMe and named."""
+    tenants = (f'[[tenant]]\nname = "globex"\npin = "none"\n[[tenant.context]]\nname = "kb"\n'
+               f'text = "{words(8, 7)}"\n[[tenant.context]]\nname = "faq"\ntext = "{words(8, 8)}"\n')
+    d, fake, path = _evicted_to_nvme(tmp_path, make_daemon, tenants, '[promote]\nram_budget = "1GiB"')
+    state = str(tmp_path / "state.json")
+
+    def forget(*cids):
+        data = json.loads(pathlib.Path(state).read_text())
+        assert all(data["contexts"][c]["chunk_bytes"] == 2 * BLOCK_BYTES for c in data["contexts"])
+        for c in cids:
+            del data["contexts"][c]["chunk_bytes"]
+        pathlib.Path(state).write_text(json.dumps(data))
+
+    def promote():
+        rep = run_plan(P.load(path), progress_out=io.StringIO(), tty=False, promote_only=True)
+        return {c.name: c for c in rep.tenants[0].contexts}
+
+    try:
+        forget("globex/kb")                                        # faq's size stands for kb's
+        got = promote()
+        assert (got["kb"].promoted_chunks, got["faq"].promoted_chunks) == (2, 2)
+        assert got["kb"].not_promoted == "" and State.load(state).get("globex/kb").chunk_bytes == 2 * BLOCK_BYTES
+        with Client(d.address) as c:                               # back to NVMe
+            for i in range(6):
+                c.put_many("other", [(hashlib.sha256(f"again-{i}-{j}".encode()).digest(), bytes(256 << 10))
+                                     for j in range(4)])
+        forget("globex/kb", "globex/faq")
+        got = promote()
+        assert (got["kb"].promoted_chunks, got["faq"].promoted_chunks) == (0, 0)
+        assert "not known yet" in got["kb"].not_promoted and "not known yet" in got["faq"].not_promoted
+        assert got["kb"].coverage["nvme"] == 8
+    finally:
+        fake.close()

@@ -8,20 +8,26 @@ class is ``ram`` are pinned again (for their ttl), so the chunks stay until the 
 Order: customers with pin class ``ram`` first, then the others, each in plan order, each
 context from its first chunk on (a prefix is what requests can use). The RAM budget counts
 the bytes of every chunk of the plan that is in RAM after this phase, those already there
-included; the phase stops before a batch would go over it. A daemon that runs out of room
-(pinned or leased blocks everywhere) stops the phase too; what was promoted stays.
+included, and is never exceeded: a context is promoted up to its first chunk that does not
+fit, the rest of it is reported as not promoted, and the phase goes on with the next context.
+A chunk's size must be known before it is read: it is recorded (in the state) from a chunk
+seen in RAM, or taken from another context of the same engine; a context whose size is not
+known yet is not promoted. A daemon that runs out of room (pinned or leased blocks
+everywhere) stops the phase; what was promoted stays.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from .. import errors
 from ..client import Client
+from ..config import format_size
 from ..errors import ConfigError
-from .plan import Plan
+from .plan import Plan, Tenant
 from .report import ContextResult
-from .run import pin
-from .state import State
+from .run import acquire, chunk_bytes, pin
+from .state import Entry, State
 
 log = logging.getLogger("kvtier.prewarm")
 BATCH = 64  # chunks per Acquire
@@ -31,63 +37,67 @@ def promote_plan(plan: Plan, kv: Client, state: State, results: dict[str, Contex
                  digests: dict[str, str]) -> int:
     """Promote within plan.ram_budget; returns the bytes of the plan's chunks in RAM."""
     check_budget(plan)
-    tenants = sorted(plan.tenants, key=lambda t: t.pin != "ram")
-    used, size = 0, 0
-    for t in tenants:
+    used = 0
+    for t in sorted(plan.tenants, key=lambda t: t.pin != "ram"):
         for c in t.contexts:
             e = state.get(c.id)
             if e is None or not e.keys or digests.get(c.id) != e.digest:
                 continue
-            keys = e.key_bytes()
-            step = max(e.ranks, BATCH // e.ranks * e.ranks)
-            i = 0
-            while i < len(keys):
-                n = min(step, len(keys) - i)
-                if size:
-                    fit = (plan.ram_budget - used) // size
-                    n = min(n, fit // e.ranks * e.ranks)
-                else:
-                    n = min(n, e.ranks)  # learn the chunk size from the first one
-                if n <= 0:
-                    log.info("prewarm: RAM budget reached (%d of %d bytes)", used, plan.ram_budget)
-                    return used
-                batch = keys[i:i + n]
-                try:
-                    got, promoted = _acquire(kv, e.namespace, batch)
-                except errors.ResourceExhausted as ex:
-                    log.warning("prewarm: the daemon has no room to promote more (%s)", ex)
-                    return used
-                used += sum(got)
-                size = max([size, *got])
-                results[c.id].promoted_chunks += promoted // max(1, e.ranks)
-                if t.pin == "ram":  # this phase's count replaces the first pin's, batch by batch
-                    left = pin(kv, e.namespace, batch, t.ttl_s, e.ranks)
-                    results[c.id].unpinned_chunks = left + (results[c.id].unpinned_chunks if i else 0)
-                if not all(got):
-                    break  # a gap: the rest of this context is no use to a prefix lookup
-                i += n
+            n, full = _promote(plan, kv, state, c.id, e, t, results[c.id], plan.ram_budget - used)
+            used += n
+            if full:
+                return used
     return used
+
+
+def _promote(plan: Plan, kv: Client, state: State, cid: str, e: Entry, t: Tenant, r: ContextResult,
+             left: int) -> tuple[int, bool]:
+    """Promote one context's present prefix, as far as ``left`` bytes allow: its bytes in RAM,
+    and whether the daemon ran out of room."""
+    keys, ranks = e.key_bytes(), max(1, e.ranks)
+    tiers, _ = kv.lookup(e.namespace, keys)
+    chunks = next((c for c in range(len(keys) // ranks) if not all(tiers[c * ranks:(c + 1) * ranks])),
+                  len(keys) // ranks)  # a lookup stops at the first gap
+    lower = [c for c in range(chunks) if any(x > 1 for x in tiers[c * ranks:(c + 1) * ranks])]
+    size = e.chunk_bytes or chunk_bytes(kv, e.namespace, keys, tiers, ranks) or _same_engine(state, e)
+    if size != e.chunk_bytes:
+        state.put(cid, dataclasses.replace(e, chunk_bytes=size))
+    if not size:
+        if lower:
+            r.not_promoted = "the size of its chunks is not known yet (none was seen in RAM)"
+        return 0, False
+    fit = min(chunks, max(0, left) // size)
+    if lower and lower[-1] >= fit:
+        r.not_promoted = (f"chunks {max(fit, lower[0]) + 1} to {chunks} of {len(keys) // ranks} would go over "
+                          f"the RAM budget ({format_size(size)} a chunk, {format_size(max(0, left) - fit * size)} "
+                          f"of {format_size(plan.ram_budget)} left)")
+    used = 0
+    for i in range(0, fit * ranks, BATCH * ranks):
+        batch = keys[i:min(i + BATCH * ranks, fit * ranks)]
+        try:
+            got, promoted = acquire(kv, e.namespace, batch)
+        except errors.ResourceExhausted as ex:
+            log.warning("prewarm: the daemon has no room to promote more (%s)", ex)
+            r.not_promoted = f"the daemon has no room left in RAM ({ex})"
+            return used, True
+        used += sum(got)
+        r.promoted_chunks += promoted // ranks
+        if t.pin == "ram":  # this phase's count replaces the first pin's, batch by batch
+            r.unpinned_chunks = pin(kv, e.namespace, batch, t.ttl_s, ranks) + (r.unpinned_chunks if i else 0)
+        if not all(got):
+            break  # a gap: the rest of this context is no use to a prefix lookup
+    return used, False
+
+
+def _same_engine(state: State, e: Entry) -> int:
+    """The chunk size recorded for another context stored by the same engine (namespace,
+    model, chunk size, ranks), whose chunks are the same size; 0 if none."""
+    same = (e.namespace, e.model, e.chunk_size, e.ranks)
+    return next((x.chunk_bytes for x in list(state.entries.values())
+                 if x.chunk_bytes and (x.namespace, x.model, x.chunk_size, x.ranks) == same), 0)
 
 
 def check_budget(plan: Plan) -> None:
     if plan.ram_budget <= 0:
         raise ConfigError(f"{plan.path or 'plan'}: promote.ram_budget must be set (e.g. \"200GiB\") "
                           "to promote")
-
-
-def _acquire(kv: Client, ns: str, keys: list[bytes]) -> tuple[list[int], int]:
-    """Bytes of each key now in RAM (0 = absent), and how many came up from a lower tier."""
-    try:
-        lease = kv.acquire(ns, keys, lease_ms=30_000, counted=False)  # not traffic: no hits, no misses
-    except errors.FailedPrecondition:  # the arena is not mapped here: inline reads promote too
-        before, _ = kv.lookup(ns, keys)
-        datas = kv.get_many(ns, keys)
-        return [len(d) if d is not None else 0 for d in datas], \
-            sum(1 for t, d in zip(before, datas) if d is not None and t > 1)
-    try:
-        return [n if t else 0 for t, n in zip(lease.tiers, lease.lengths)], sum(t > 1 for t in lease.tiers)
-    finally:
-        try:
-            kv.release(lease)
-        except errors.UnknownLease:
-            pass

@@ -33,6 +33,7 @@ class ContextResult:
     coverage: dict[str, int] = field(default_factory=lambda: {"ram": 0, "nvme": 0, "redis": 0})
     promoted_chunks: int = 0
     unpinned_chunks: int = 0      # chunks in RAM the daemon did not pin (its ram.max_pinned share full)
+    not_promoted: str = ""        # why the promote phase left chunks of it out of RAM
     seconds: float = 0.0
     attempts: int = 0
     error: str = ""
@@ -183,6 +184,8 @@ class Report:
                     notes.append(f"  {c.id}: failed after {c.attempts} attempt(s): {c.error}")
                 elif c.status == "not run":
                     notes.append(f"  {c.id}: not run ({c.error or 'deadline'})")
+                if c.not_promoted:
+                    notes.append(f"  {c.id}: not promoted: {c.not_promoted}")
                 if c.unpinned_chunks:
                     notes.append(f"  {c.id}: {c.unpinned_chunks} chunk(s) in RAM left unpinned: the daemon's "
                                  f"pinned share (ram.max_pinned) is full; they may be evicted before the morning")

@@ -65,6 +65,38 @@ def pin(kv: Client, ns: str, keys: list[bytes], ttl_s: int, ranks: int) -> int:
     refused = {i // max(1, ranks) for i, (p, t) in enumerate(zip(pinned, tiers)) if not p and t == TIER_RAM}
     return len(refused)
 
+
+def acquire(kv: Client, ns: str, keys: list[bytes]) -> tuple[list[int], int]:
+    """Bring keys into RAM: the bytes of each now there (0 = absent), and how many came up
+    from a lower tier. The lease is released at once."""
+    try:
+        lease = kv.acquire(ns, keys, lease_ms=30_000, counted=False)  # not traffic: no hits, no misses
+    except errors.FailedPrecondition:  # the arena is not mapped here: inline reads promote too
+        before, _ = kv.lookup(ns, keys)
+        datas = kv.get_many(ns, keys)
+        return [len(d) if d is not None else 0 for d in datas], \
+            sum(1 for t, d in zip(before, datas) if d is not None and t > 1)
+    try:
+        return [n if t else 0 for t, n in zip(lease.tiers, lease.lengths)], sum(t > 1 for t in lease.tiers)
+    finally:
+        try:
+            kv.release(lease)
+        except errors.UnknownLease:
+            pass
+
+
+def chunk_bytes(kv: Client, ns: str, keys: list[bytes], tiers: list[int], ranks: int) -> int:
+    """Bytes of one chunk (every rank's block), read from the first chunk wholly in RAM, which
+    an Acquire leaves where it is; 0 when none is. Reading one from a lower tier would bring it
+    into RAM, and the promote phase must know the size before that: its budget is a limit."""
+    ranks = max(1, ranks)
+    for c in range(len(keys) // ranks):
+        if all(t == TIER_RAM for t in tiers[c * ranks:(c + 1) * ranks]):
+            got, _ = acquire(kv, ns, keys[c * ranks:(c + 1) * ranks])
+            return sum(got) if all(got) else 0
+    return 0
+
+
 class Transient(Exception):
     """Worth retrying: the server may answer next time."""
 
@@ -489,24 +521,33 @@ class Run:
                 self.release_stale()
             except errors.KvtierError as e:  # the next run finds the gone and the unpinned again
                 log.warning("prewarm: could not unpin what the plan no longer pins: %s", e)
-            try:
-                self.state.save()
-            except OSError as e:  # the report still counts: the work is in the daemon
-                log.error("prewarm state %s: cannot write it (%s): the next run sends every context "
-                          "again", self.state.path, e)
+            self.save_state()
             self.progress.close()
         return out
 
+    def save_state(self) -> None:
+        try:
+            self.state.save()
+        except OSError as e:  # the report still counts: the work is in the daemon
+            log.error("prewarm state %s: cannot write it (%s): the next run sends every context "
+                      "again", self.state.path, e)
+
     def measure(self, results: dict[str, ContextResult]) -> None:
-        """Coverage of every context whose recorded request is the one the plan makes now."""
+        """Coverage of every context whose recorded request is the one the plan makes now; the
+        size of its chunks recorded once one is seen in RAM."""
         for r in results.values():
             entry = self.state.get(r.id)
             digest = self.digests.get(r.id)
             if entry is None or digest is None or entry.digest != digest:
                 continue
-            tiers, _ = self.kv.lookup(entry.namespace, entry.key_bytes()) if entry.keys else ([], 0)
+            keys = entry.key_bytes()
+            tiers, _ = self.kv.lookup(entry.namespace, keys) if keys else ([], 0)
             r.tokens, r.chunk_size, r.namespace = entry.tokens, entry.chunk_size, entry.namespace
             r.coverage = coverage(tiers, entry.ranks, entry.chunk_size, entry.tokens)
+            if not entry.chunk_bytes:
+                size = chunk_bytes(self.kv, entry.namespace, keys, tiers, entry.ranks)
+                if size:
+                    self.state.put(r.id, dataclasses.replace(entry, chunk_bytes=size))
 
 
 def run_plan(plan: Plan, *, promote: bool | None = None, promote_only: bool = False, force: bool = False,
@@ -563,6 +604,7 @@ def _run_plan(plan: Plan, state: State, promoting: bool, promote_only: bool, for
             rep.ram_budget = plan.ram_budget
             rep.ram_budget_used = promote_plan(plan, kv, state, results, run.digests)
         run.measure(results)
+        run.save_state()
     rep.tenants = [TenantReport(t.name, [results[c.id] for c in t.contexts]) for t in plan.tenants]
     rep.finished_at = time.time()
     return rep

@@ -10,7 +10,8 @@ crash leaves the previous version or the new one, never a torn file:
         "keys": [hex, ...],   # chunk by chunk, every rank's key (the connector's order)
         "stored_at": float,   # unix time
         "model": str,         # the model that computed it
-        "pinned_ttl_s": int | null}}}   # the pin TTL its keys last got from prewarm (null: none/unknown)
+        "pinned_ttl_s": int | null,     # the pin TTL its keys last got from prewarm (null: none/unknown)
+        "chunk_bytes": int}}}           # one chunk's blocks, every rank's (0: not known yet)
 
 A context whose digest is unchanged and whose keys are all present in some tier is not sent
 again. A missing or unreadable file is an empty state (everything is sent again), never an
@@ -45,6 +46,7 @@ class Entry:
     stored_at: float = 0.0
     model: str = ""
     pinned_ttl_s: int | None = None
+    chunk_bytes: int = 0          # read from a chunk found in RAM; promote needs it before reading one
 
     def key_bytes(self) -> list[bytes]:
         return [bytes.fromhex(k) for k in self.keys]
