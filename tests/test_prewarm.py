@@ -728,6 +728,24 @@ def test_promote_never_goes_over_the_ram_budget(tmp_path, make_daemon):
         fake.close()
 
 
+def test_promote_only_labels_what_the_daemon_holds(tmp_path, daemon, fake_vllm):
+    """--promote-only called every recorded context resident without asking the daemon: one
+    that lost a chunk since was resident too."""
+    fake = fake_vllm()
+    path = write_plan(tmp_path, fake.url, daemon.address, '[promote]\nram_budget = "1GiB"')
+    run_plan(P.load(path), progress_out=io.StringIO(), tty=False)
+    e = State.load(str(tmp_path / "state.json")).get("globex/ids")
+    with Client(daemon.address) as c:
+        assert c.delete(e.namespace, [bytes.fromhex(e.keys[-1])]) == 1
+    rep = run_plan(P.load(path), progress_out=io.StringIO(), tty=False, promote_only=True)
+    status = {c.id: c.status for t in rep.tenants for c in t.contexts}
+    assert status == {"acme/kb": "resident", "acme/chat": "resident", "globex/ids": "not run",
+                      "globex/prompt": "resident"}
+    ids = rep.tenants[1].contexts[0]
+    assert "1 of 3 chunks" in ids.error and ids.coverage["ram"] == 8, ids
+    assert len(fake.requests) == 4
+
+
 def test_promote_reads_no_chunk_of_an_unknown_size(tmp_path, make_daemon):
     """The budget can only hold if a chunk's size is known before it is read: it is recorded
     from a chunk seen in RAM, or taken from another context of the same engine. A context

@@ -532,6 +532,32 @@ class Run:
             log.error("prewarm state %s: cannot write it (%s): the next run sends every context "
                       "again", self.state.path, e)
 
+    def look(self) -> dict[str, ContextResult]:
+        """What the daemon holds of each context's recorded request, sending nothing (the
+        promote-only run): resident as in a full run, when every key is in some tier."""
+        out = {}
+        for t in self.plan.tenants:
+            for c in t.contexts:
+                r = out[c.id] = ContextResult(t.name, c.name)
+                e = self.state.get(c.id)
+                try:
+                    p = load_context(c)
+                except (OSError, ValueError) as ex:
+                    r.status, r.error = "failed", str(ex)
+                    continue
+                self.digests[c.id] = request_digest(self.plan.model or (e.model if e else ""), p.endpoint, p.body)
+                if e is None or e.digest != self.digests[c.id]:
+                    r.error = "not prewarmed yet"
+                    continue
+                ranks = max(1, e.ranks)
+                tiers, _ = self.kv.lookup(e.namespace, e.key_bytes()) if e.keys else ([], 0)
+                missing = len({i // ranks for i, t in enumerate(tiers) if not t})
+                if missing:
+                    r.error = f"{missing} of {len(tiers) // ranks} chunks no longer stored: the next run sends it again"
+                else:
+                    r.status = "resident"
+        return out
+
     def measure(self, results: dict[str, ContextResult]) -> None:
         """Coverage of every context whose recorded request is the one the plan makes now; the
         size of its chunks recorded once one is seen in RAM."""
@@ -585,17 +611,7 @@ def _run_plan(plan: Plan, state: State, promoting: bool, promote_only: bool, for
                   force=force)
         rep.late = run.late
         if promote_only:  # no vLLM needed: the model is the plan's or the one recorded
-            results = {c.id: ContextResult(t.name, c.name, status="resident") for t, c in jobs}
-            for t, c in jobs:
-                e = state.get(c.id)
-                try:
-                    p = load_context(c)
-                    run.digests[c.id] = request_digest(plan.model or (e.model if e else ""), p.endpoint, p.body)
-                except (OSError, ValueError) as ex:
-                    results[c.id].status, results[c.id].error = "failed", str(ex)
-                    continue
-                if e is None or e.digest != run.digests[c.id]:
-                    results[c.id].status, results[c.id].error = "not run", "not prewarmed yet"
+            results = run.look()
         else:
             results = run.prewarm()
             rep.stopped_at_deadline = run.stopped and not run.late
