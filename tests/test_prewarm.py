@@ -782,3 +782,22 @@ def test_promote_reads_no_chunk_of_an_unknown_size(tmp_path, make_daemon):
         assert got["kb"].coverage["nvme"] == 8
     finally:
         fake.close()
+
+
+def test_promote_counts_a_shared_prefix_once(tmp_path, make_daemon):
+    """Contexts that share a prefix share its chunks: each counted them against the budget, so
+    the plan's chunks seemed to take more RAM than they do and the second context's own chunks
+    were left on NVMe although they fit."""
+    shared = words(8, 5)  # two chunks
+    tenants = (f'[[tenant]]\nname = "globex"\npin = "none"\n[[tenant.context]]\nname = "p1"\n'
+               f'text = "{shared} {words(8, 6)}"\n[[tenant.context]]\nname = "p2"\ntext = "{shared} {words(8, 7)}"\n')
+    # 6 distinct chunks of 128 KiB (2 ranks of 64 KiB): 768 KiB
+    d, fake, path = _evicted_to_nvme(tmp_path, make_daemon, tenants, '[promote]\nram_budget = "768KiB"')
+    try:
+        rep = run_plan(P.load(path), progress_out=io.StringIO(), tty=False, promote_only=True)
+        p1, p2 = rep.tenants[0].contexts
+        assert (p1.promoted_chunks, p2.promoted_chunks) == (4, 2) and p2.not_promoted == ""
+        assert rep.ram_budget_used == 6 * 2 * BLOCK_BYTES
+        assert rep.tenants[0].fraction("ram") == 1.0
+    finally:
+        fake.close()
