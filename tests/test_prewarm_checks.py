@@ -293,3 +293,30 @@ def test_a_second_run_of_one_state_is_refused_while_the_first_runs(tmp_path, cap
         os.close(held)
     fd = State(str(tmp_path / "state.json")).lock()  # free again once the first has ended
     os.close(fd)
+
+
+def test_a_clock_deadline_is_wall_clock_time_on_a_dst_night(tmp_path, monkeypatch):
+    """The night clocks go forward, 01:00 to 06:30 is 4.5 hours, not 5.5: the run went on an
+    hour into the morning's traffic (and stopped an hour early the night they go back)."""
+    import datetime as dt
+    import io
+
+    from kvtier.prewarm.report import Progress
+    from kvtier.prewarm.run import Run
+    plan = P.from_dict({"run": {"deadline": "06:30"}, "tenant": [{"name": "a", "context": [
+        {"name": "c", "text": "x"}]}]}, str(tmp_path))
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        def deadline_after(start: dt.datetime, p: P.Plan = plan) -> float:
+            return Run(p, None, None, State(str(tmp_path / "s.json")), Progress(0, io.StringIO(), False),
+                       clock=lambda: 0.0, now=start).deadline
+        assert deadline_after(dt.datetime(2026, 3, 29, 1, 0)) == 4.5 * 3600   # CET -> CEST
+        assert deadline_after(dt.datetime(2026, 10, 25, 1, 0)) == 6.5 * 3600  # CEST -> CET
+        assert deadline_after(dt.datetime(2026, 1, 5, 23, 0)) == 7.5 * 3600
+        five_hours = P.from_dict({"run": {"deadline": "5h"}, "tenant": [{"name": "a", "context": [
+            {"name": "c", "text": "x"}]}]}, str(tmp_path))
+        assert deadline_after(dt.datetime(2026, 3, 29, 1, 0), five_hours) == 5 * 3600  # a duration stays one
+    finally:
+        monkeypatch.undo()
+        time.tzset()
