@@ -2,6 +2,7 @@
 server or a daemon."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -139,13 +140,28 @@ def test_the_api_key_does_not_follow_a_redirect():
 
 @pytest.mark.parametrize("text", ["[]", "null", '{"version": 1, "contexts": []}',
                                   '{"version": 1, "contexts": {"a/x": {"digest": "d", "namespace": "ns", '
-                                  '"chunk_size": 4, "ranks": 1, "tokens": 8, "keys": ["not hex"]}}}'])
+                                  '"chunk_size": 4, "ranks": 1, "tokens": 8, "keys": ["not hex"]}}}',
+                                  '{"version": 1, "contexts": {"a/x": {"digest": "d", "namespace": "ns", '
+                                  '"chunk_size": 4, "ranks": 1, "tokens": 8}}}'])
 def test_a_state_file_of_another_shape_is_an_empty_state(tmp_path, text):
     # the state only saves work: a file that is not what this version writes must not stop
     # the run (or fail a context every night until someone deletes it)
     path = tmp_path / "state.json"
     path.write_text(text)
     assert State.load(str(path)).entries == {}
+
+
+def test_a_field_this_version_does_not_know_keeps_the_state(tmp_path):
+    """A field a later version adds to an entry (as chunk_bytes was added) made the file
+    unreadable to an earlier one, which then sent every context again: the known fields are
+    kept, the others ignored."""
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 1, "contexts": {"a/x": {
+        "digest": "d", "namespace": "ns", "chunk_size": 4, "ranks": 1, "tokens": 8, "keys": ["00" * 32],
+        "chunk_bytes": 131072, "written_by": "a later kvtier"}}}))
+    st = State.load(str(path))
+    assert set(st.entries) == {"a/x"}
+    assert st.get("a/x") == Entry("d", "ns", 4, 1, 8, ["00" * 32], chunk_bytes=131072)
 
 
 @pytest.mark.parametrize("answer", ['{"data": [{"name": "tiny"}]}', '{"data": "tiny"}', '{"data": [null]}'])

@@ -15,9 +15,11 @@ crash leaves the previous version or the new one, never a torn file:
 
 A context whose digest is unchanged and whose keys are all present in some tier is not sent
 again. A missing or unreadable file is an empty state (everything is sent again), never an
-error: the state only saves work. A state that cannot be written is logged, never fatal to
-the run (``check_writable`` finds it before a run starts). ``lock`` keeps a second run of the
-same state from running beside the first.
+error: the state only saves work. A field this version does not know (one a later version
+added) is ignored, so that running an older version once does not throw the state away. A
+state that cannot be written is logged, never fatal to the run (``check_writable`` finds it
+before a run starts). ``lock`` keeps a second run of the same state from running beside the
+first.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 log = logging.getLogger("kvtier.prewarm")
 VERSION = 1
@@ -51,6 +53,11 @@ class Entry:
     def key_bytes(self) -> list[bytes]:
         return [bytes.fromhex(k) for k in self.keys]
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Entry":
+        """An entry from its JSON object, without the fields this version does not know."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
 
 class State:
     def __init__(self, path: str):
@@ -70,7 +77,7 @@ class State:
             if not isinstance(data, dict) or data.get("version") != VERSION:
                 raise ValueError(f"version {data.get('version') if isinstance(data, dict) else None!r}")
             for cid, e in data["contexts"].items():
-                st.entries[cid] = Entry(**e)
+                st.entries[cid] = Entry.from_dict(e)
                 st.entries[cid].key_bytes()  # keys that are not hex would fail the context every run
         except FileNotFoundError:
             pass
