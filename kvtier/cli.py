@@ -30,6 +30,7 @@ from .config import FILE_SETTINGS, arena_room_problem, default_address, format_s
 
 EXIT_OK, EXIT_MISSING, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_ERROR = 0, 1, 2, 3, 4
 EXIT_COVERAGE = 5  # prewarm: a customer's coverage is under the threshold
+EXIT_NOTHING = 6  # prewarm: the plan has contexts and none is stored or resident
 EXIT_PIPE = 141  # stdout closed early, as a shell reports a process ended by SIGPIPE
 
 
@@ -411,6 +412,8 @@ def cmd_prewarm(a) -> int:
         rep.write_json(sys.stdout)
     else:
         rep.write_table(sys.stdout)
+    if rep.nothing_prewarmed:  # whatever the thresholds: the timer's unit must not succeed
+        return EXIT_NOTHING
     return EXIT_COVERAGE if rep.under_threshold() else EXIT_OK
 
 
@@ -490,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Send each context of PLAN through vLLM (with the kvtier connector) so its KV "
                                    "is stored, skip contexts still resident, optionally promote them into RAM, "
                                    "and report coverage per customer (docs/prewarm.md). Exit 5 when a "
-                                   "customer's coverage is under the threshold.")
+                                   "customer's coverage is under the threshold, 6 when no context "
+                                   "was prewarmed.")
     s.add_argument("plan", help="plan file (TOML; configs/prewarm.example.toml documents it)")
     s.add_argument("--promote", action="store_true", help="then bring the plan's chunks into RAM (promote.ram_budget)")
     s.add_argument("--promote-only", action="store_true", help="only the promote phase (sends nothing to vLLM)")

@@ -801,3 +801,19 @@ def test_promote_counts_a_shared_prefix_once(tmp_path, make_daemon):
         assert rep.tenants[0].fraction("ram") == 1.0
     finally:
         fake.close()
+
+
+def test_a_night_where_nothing_was_prewarmed_fails_without_a_threshold(tmp_path, daemon, fake_vllm, capsys):
+    """Every context failed and no min_coverage was set: the run exited 0 and the timer's unit
+    succeeded on a night that prewarmed nothing."""
+    fake = fake_vllm()
+    path = write_plan(tmp_path, fake.url, daemon.address)
+    fake.fail = [400] * 4
+    assert cli.main(["prewarm", path, "--quiet"]) == cli.EXIT_NOTHING
+    out = capsys.readouterr().out
+    assert "nothing was prewarmed" in out, out
+    fake.fail = [400] * 3                                   # one context stored: a partial night
+    assert cli.main(["prewarm", path, "--quiet", "--json"]) == cli.EXIT_OK
+    assert json.loads(capsys.readouterr().out)["nothing_prewarmed"] is False
+    fake.fail = [400] * 3                                   # the stored one is resident now
+    assert cli.main(["prewarm", path, "--quiet"]) == cli.EXIT_OK

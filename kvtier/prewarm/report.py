@@ -138,6 +138,13 @@ class Report:
                 out.append(t.name)
         return out
 
+    @property
+    def nothing_prewarmed(self) -> bool:
+        """The plan has contexts and none is stored or resident: every one failed or did not
+        run. A night that leaves the morning nothing, whatever the thresholds."""
+        done = [c.status in ("stored", "resident") for t in self.tenants for c in t.contexts]
+        return bool(done) and not any(done)
+
     def to_dict(self) -> dict:
         def ctx(c: ContextResult) -> dict:
             d = asdict(c)
@@ -151,7 +158,7 @@ class Report:
             "late": self.late, "stopped_at_deadline": self.stopped_at_deadline, "promoted": self.promoted,
             "ram_budget": self.ram_budget, "ram_budget_used": self.ram_budget_used,
             "min_coverage": self.min_coverage, "min_ram_coverage": self.min_ram_coverage,
-            "under_threshold": self.under_threshold(),
+            "under_threshold": self.under_threshold(), "nothing_prewarmed": self.nothing_prewarmed,
             "tenants": [{**t.summary(), "context_results": [ctx(c) for c in t.contexts]} for t in self.tenants],
         }
 
@@ -204,6 +211,8 @@ class Report:
         under = self.under_threshold()
         if under:
             out.write(f"\ncoverage under the threshold for: {', '.join(under)}\n")
+        if self.nothing_prewarmed:
+            out.write("\nnothing was prewarmed: every context failed or did not run\n")
 
 
 def _pct(x: float) -> str:
