@@ -336,3 +336,28 @@ def test_a_clock_deadline_is_wall_clock_time_on_a_dst_night(tmp_path, monkeypatc
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_a_stop_during_a_retry_backoff_is_an_interruption(tmp_path):
+    """SIGTERM while a context waited to retry ended the wait, as it should, but the context
+    was reported failed "(no retry: deadline)": a run with no deadline, stopped by hand."""
+    import io
+    import threading
+
+    from kvtier.prewarm.report import Progress
+    from kvtier.prewarm.run import Run, Transient
+    refused = threading.Event()
+
+    class Refusing(_Answers):
+        def post(self, endpoint: str, body: dict) -> dict:
+            refused.set()
+            raise Transient("connection refused")
+
+    plan = P.from_dict({"run": {"retries": 3, "retry_backoff_s": 60}, "tenant": [{"name": "a", "context": [
+        {"name": "c", "text": "x"}]}]}, str(tmp_path))
+    run = Run(plan, None, Refusing({}), State(str(tmp_path / "state.json")), Progress(1, io.StringIO(), False))
+    threading.Thread(target=lambda: refused.wait(10) and run.cancel(), daemon=True).start()
+    t0 = time.monotonic()
+    r = run.prewarm()["a/c"]
+    assert time.monotonic() - t0 < 30
+    assert (r.status, r.error, r.attempts) == ("not run", "interrupted", 1)

@@ -22,7 +22,7 @@ leaves daytime traffic its GPUs. Transient errors (connection refused or reset, 
 HTTP 408/429/5xx) are retried ``retries`` times with exponential backoff; others fail the
 context at once. A failed context never stops the others. ``timeout_s`` bounds a whole request,
 an answer that trickles in included. A stop (SIGTERM) ends waits for the pace or a retry at
-once; requests in flight finish.
+once, leaving their contexts not run ("interrupted"), not failed; requests in flight finish.
 """
 from __future__ import annotations
 
@@ -364,9 +364,7 @@ class Run:
                     entry.namespace
                 return
         if self.must_stop():  # after the deadline only resident contexts are looked at
-            self.stopped = True
-            r.error = "interrupted" if self.cancelled else \
-                "started after the deadline" if self.late else "deadline"
+            self._stopped(r)
             return
         body = {"model": self.model, **prompt.body, "max_tokens": 1, "temperature": 0,
                 "kv_transfer_params": {"kvtier": kvtier_params(tenant)}}
@@ -401,8 +399,7 @@ class Run:
         p = self.plan
         for attempt in range(p.retries + 1):
             if self.must_stop():
-                self.stopped = True
-                r.error = "interrupted" if self.cancelled else "deadline"
+                self._stopped(r)
                 return None
             slow = self.past_deadline()
             pacer = self.slow_pacer if slow else self.pacer
@@ -414,8 +411,7 @@ class Run:
                 # may have come meanwhile
                 if self.must_stop() or not self._sleep(pacer.book(estimate)) or self.must_stop():
                     pacer.correct(-estimate)
-                    self.stopped = True
-                    r.error = "interrupted" if self.cancelled else "deadline"
+                    self._stopped(r)
                     return None
                 r.attempts += 1
                 try:
@@ -436,8 +432,16 @@ class Run:
                 if lock:
                     lock.release()
             if not self._sleep(min(60.0, p.retry_backoff_s * 2 ** attempt)):
+                if self.cancelled:  # a stop, not a failure of the context: the next run sends it
+                    self._stopped(r)
+                    return None
                 raise Transient(f"{err} (no retry: deadline)")
         return None  # pragma: no cover - the loop returns or raises
+
+    def _stopped(self, r: ContextResult) -> None:
+        """Leave ``r`` not run, saying why: a stop, or the deadline."""
+        self.stopped = True
+        r.error = "interrupted" if self.cancelled else "started after the deadline" if self.late else "deadline"
 
     def _wait_stored(self, ns: str, keys: list[bytes]) -> None:
         """Stores complete after vLLM answers: wait a little for every key to show up."""
