@@ -90,12 +90,12 @@ def test_bad_plans_name_file_line_and_setting(tmp_path, text, message, line):
 def test_deadline_clock_late_and_duration():
     p = P.Plan(deadline="06:30", max_run_s=12 * 3600)
     night = dt.datetime(2026, 1, 5, 23, 0)
-    assert p.deadline_at(night) == (dt.datetime(2026, 1, 6, 6, 30), False)
-    assert p.deadline_at(dt.datetime(2026, 1, 6, 2, 0)) == (dt.datetime(2026, 1, 6, 6, 30), False)
+    assert p.deadline_in(night) == (7.5 * 3600, False)
+    assert p.deadline_in(dt.datetime(2026, 1, 6, 2, 0)) == (4.5 * 3600, False)
     # a catch-up run after a reboot at 09:00 is late, not 21.5 hours early
-    assert p.deadline_at(dt.datetime(2026, 1, 6, 9, 0)) == (dt.datetime(2026, 1, 6, 6, 30), True)
-    assert P.Plan(deadline="90m").deadline_at(night) == (night + dt.timedelta(minutes=90), False)
-    assert P.Plan().deadline_at(night) == (None, False)
+    assert p.deadline_in(dt.datetime(2026, 1, 6, 9, 0)) == (-2.5 * 3600, True)
+    assert P.Plan(deadline="90m").deadline_in(night) == (90 * 60, False)
+    assert P.Plan().deadline_in(night) == (None, False)
 
 
 def test_contexts_are_read_into_requests(tmp_path):

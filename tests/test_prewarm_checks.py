@@ -311,31 +311,52 @@ def test_a_second_run_of_one_state_is_refused_while_the_first_runs(tmp_path, cap
     os.close(fd)
 
 
-def test_a_clock_deadline_is_wall_clock_time_on_a_dst_night(tmp_path, monkeypatch):
-    """The night clocks go forward, 01:00 to 06:30 is 4.5 hours, not 5.5: the run went on an
-    hour into the morning's traffic (and stopped an hour early the night they go back)."""
-    import datetime as dt
+@pytest.fixture
+def berlin(monkeypatch):
+    """Local time is Europe/Berlin's: clocks go forward on 2026-03-29, back on 2026-10-25."""
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def _run_at(tmp_path, start, run: dict):
+    """A Run of a one-context plan with these [run] settings, started at ``start`` (local
+    time), its monotonic clock at 0."""
     import io
 
     from kvtier.prewarm.report import Progress
     from kvtier.prewarm.run import Run
-    plan = P.from_dict({"run": {"deadline": "06:30"}, "tenant": [{"name": "a", "context": [
-        {"name": "c", "text": "x"}]}]}, str(tmp_path))
-    monkeypatch.setenv("TZ", "Europe/Berlin")
-    time.tzset()
-    try:
-        def deadline_after(start: dt.datetime, p: P.Plan = plan) -> float:
-            return Run(p, None, None, State(str(tmp_path / "s.json")), Progress(0, io.StringIO(), False),
-                       clock=lambda: 0.0, now=start).deadline
-        assert deadline_after(dt.datetime(2026, 3, 29, 1, 0)) == 4.5 * 3600   # CET -> CEST
-        assert deadline_after(dt.datetime(2026, 10, 25, 1, 0)) == 6.5 * 3600  # CEST -> CET
-        assert deadline_after(dt.datetime(2026, 1, 5, 23, 0)) == 7.5 * 3600
-        five_hours = P.from_dict({"run": {"deadline": "5h"}, "tenant": [{"name": "a", "context": [
-            {"name": "c", "text": "x"}]}]}, str(tmp_path))
-        assert deadline_after(dt.datetime(2026, 3, 29, 1, 0), five_hours) == 5 * 3600  # a duration stays one
-    finally:
-        monkeypatch.undo()
-        time.tzset()
+    plan = P.from_dict({"run": run, "tenant": [{"name": "a", "context": [{"name": "c", "text": "x"}]}]},
+                       str(tmp_path))
+    return Run(plan, None, None, State(str(tmp_path / "s.json")), Progress(0, io.StringIO(), False),
+               clock=lambda: 0.0, now=start)
+
+
+def test_a_clock_deadline_is_wall_clock_time_on_a_dst_night(tmp_path, berlin):
+    """The night clocks go forward, 01:00 to 06:30 is 4.5 hours, not 5.5: the run went on an
+    hour into the morning's traffic (and stopped an hour early the night they go back)."""
+    import datetime as dt
+
+    def deadline_after(start: dt.datetime, deadline: str = "06:30") -> float:
+        return _run_at(tmp_path, start, {"deadline": deadline}).deadline
+    assert deadline_after(dt.datetime(2026, 3, 29, 1, 0)) == 4.5 * 3600   # CET -> CEST
+    assert deadline_after(dt.datetime(2026, 10, 25, 1, 0)) == 6.5 * 3600  # CEST -> CET
+    assert deadline_after(dt.datetime(2026, 1, 5, 23, 0)) == 7.5 * 3600
+    assert deadline_after(dt.datetime(2026, 3, 29, 1, 0), "5h") == 5 * 3600  # a duration stays one
+
+
+def test_started_after_the_deadline_is_decided_in_wall_clock_time(tmp_path, berlin):
+    """With max_run 5h, 01:00 the night clocks go forward is 4.5 hours before 06:30, but the
+    clocks' difference (5.5 h) made the run late from the start: it sent nothing all night.
+    The night they go back, a run 6 hours before the deadline, over a 5.5 h max_run, was not
+    late and ran through it."""
+    import datetime as dt
+    spring = _run_at(tmp_path, dt.datetime(2026, 3, 29, 1, 0), {"deadline": "06:30", "max_run": "5h"})
+    assert not spring.late and spring.deadline == 4.5 * 3600
+    autumn = _run_at(tmp_path, dt.datetime(2026, 10, 25, 1, 30), {"deadline": "06:30", "max_run": "5.5h"})
+    assert autumn.late and autumn.deadline == -19 * 3600   # the 06:30 of the day before
 
 
 def test_a_stop_during_a_retry_backoff_is_an_interruption(tmp_path):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,20 +85,28 @@ class Plan:
     min_ram_coverage: float = 0.0
     tenants: tuple[Tenant, ...] = ()
 
-    def deadline_at(self, start: dt.datetime) -> tuple[dt.datetime | None, bool]:
-        """(deadline, late): the deadline of a run started at ``start`` (local time), and
-        whether the run started after it (a clock deadline more than max_run_s away)."""
+    def deadline_in(self, start: dt.datetime) -> tuple[float | None, bool]:
+        """(seconds, late): how long after ``start`` (local time) a run's deadline comes (< 0
+        when it has passed; None: no deadline), and whether the run started after it (a clock
+        deadline more than max_run_s away). A time of day is wall-clock time: the night clocks
+        change, it is an hour nearer or further than the clocks' difference."""
         if not self.deadline:
             return None, False
         if ":" not in self.deadline:
-            return start + dt.timedelta(seconds=parse_duration(self.deadline, "run.deadline")), False
+            return float(parse_duration(self.deadline, "run.deadline")), False
         h, m = (int(x) for x in self.deadline.split(":"))
         at = start.replace(hour=h, minute=m, second=0, microsecond=0)
         if at <= start:
             at += dt.timedelta(days=1)
-        if (at - start).total_seconds() > self.max_run_s:
-            return at - dt.timedelta(days=1), True
-        return at, False
+        left = _wall_seconds(start, at)
+        if left > self.max_run_s:
+            return _wall_seconds(start, at - dt.timedelta(days=1)), True
+        return left, False
+
+
+def _wall_seconds(start: dt.datetime, end: dt.datetime) -> float:
+    """Seconds from one local time to another, through the local time zone."""
+    return time.mktime(end.timetuple()) - time.mktime(start.timetuple())
 
 
 def parse_duration(value: Any, name: str) -> int:

@@ -295,11 +295,7 @@ class Run:
         self.plan, self.kv, self.server, self.state, self.progress = plan, kv, server, state, progress
         self.force = force  # send every context, resident or not
         self.clock = clock
-        start = now or dt.datetime.now()
-        self.deadline_dt, self.late = plan.deadline_at(start)
-        left = None if self.deadline_dt is None else (self.deadline_dt - start).total_seconds()
-        if left is not None and ":" in plan.deadline:  # a time of day: a night with a DST change
-            left = time.mktime(self.deadline_dt.timetuple()) - time.mktime(start.timetuple())  # is 1 h off
+        left, self.late = plan.deadline_in(now or dt.datetime.now())
         self.deadline = None if left is None else clock() + left   # on the monotonic clock
         self.pacer = Pacer(plan.max_tokens_per_s)
         self.slow_pacer = Pacer(plan.late_tokens_per_s)
