@@ -77,6 +77,8 @@ def _plan(tmp_path, text: str) -> str:
     ('[report]\nmin_coverage = 95\n[[tenant]]\nname = "a"\n[[tenant.context]]\nname = "c"\ntext = "x"\n',
      "a fraction from 0 to 1", 2),
     ('[vllm]\nurl = "localhost"\n', "no [[tenant]]", None),
+    ('[run]\ndeadline = "14h"\nafter_deadline = "slow"\n[[tenant]]\nname = "a"\n[[tenant.context]]\nname = "c"\n'
+     'text = "x"\n', "run.deadline: 14h is not before run.max_run (12h)", 2),
 ])
 def test_bad_plans_name_file_line_and_setting(tmp_path, text, message, line):
     path = _plan(tmp_path, text)
@@ -446,6 +448,31 @@ def test_late_run_goes_slow_one_at_a_time(tmp_path, daemon, fake_vllm):
     assert fake.max_in_flight == 1
     # 52 prompt tokens at 100 per second: the last request waits for the first three (~0.4 s)
     assert took >= 0.35
+
+
+def test_a_slow_run_ends_max_run_after_its_start_with_a_report(tmp_path, daemon, fake_vllm):
+    """With after_deadline = "slow" a late run had no end of its own: it went on until every
+    context was sent, however long, and only the unit's TimeoutStartSec stopped it (exit 130,
+    no report). It now stops max_run after its start."""
+    fake = fake_vllm()
+    passed = (dt.datetime.now() - dt.timedelta(hours=2)).strftime("%H:%M")
+    plan = P.load(write_plan(tmp_path, fake.url, daemon.address,
+                             f'deadline = "{passed}"\nmax_run = "1s"\nafter_deadline = "slow"\n'
+                             'late_tokens_per_s = 10'))
+    t0 = time.monotonic()
+    rep = run_plan(plan, progress_out=io.StringIO(), tty=False)
+    took = time.monotonic() - t0
+    # 52 prompt tokens at 10 a second: about 4 s to send them all; the first request or none
+    # goes before the end
+    ctxs = [c for t in rep.tenants for c in t.contexts]
+    assert [c.status for c in ctxs].count("stored") <= 1 and len(fake.requests) <= 1
+    not_run = [c for c in ctxs if c.status == "not run"]
+    assert len(not_run) >= 3 and all(c.error == "run.max_run reached" for c in not_run), not_run
+    assert rep.late and rep.stopped_at_max_run and not rep.stopped_at_deadline
+    assert took < 3
+    out = io.StringIO()
+    rep.write_table(out)
+    assert "stopped at run.max_run" in out.getvalue(), out.getvalue()
 
 
 def test_max_tokens_per_s_paces_the_night_too(tmp_path, daemon, fake_vllm):

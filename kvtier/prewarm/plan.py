@@ -306,6 +306,10 @@ def _validate(p: Plan) -> None:
         raise ConfigError("promote.ram_budget: must be set (e.g. \"200GiB\") when promote.enabled is true")
     if p.max_run_s <= 0 or p.max_run_s > 86400:
         raise ConfigError(f"run.max_run: must be more than 0 and at most 24h, got {p.max_run_s}s")
+    if p.after_deadline == "slow" and p.deadline and ":" not in p.deadline and \
+            parse_duration(p.deadline, "run.deadline") >= p.max_run_s:  # a slow run ends at max_run
+        raise ConfigError(f"run.deadline: {p.deadline} is not before run.max_run ({p.max_run_s / 3600:g}h), where "
+                          "a run with after_deadline = \"slow\" ends: shorten it or raise run.max_run")
     for name, v in (("report.min_coverage", p.min_coverage), ("report.min_ram_coverage", p.min_ram_coverage)):
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"{name}: a fraction from 0 to 1, got {v}")

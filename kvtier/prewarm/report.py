@@ -123,6 +123,7 @@ class Report:
     deadline: str = ""
     late: bool = False            # the run started after its deadline
     stopped_at_deadline: bool = False
+    stopped_at_max_run: bool = False   # after_deadline = "slow": the run's end came
     promoted: bool = False
     ram_budget: int = 0
     ram_budget_used: int = 0
@@ -155,7 +156,8 @@ class Report:
             return d
         return {
             "started_at": self.started_at, "finished_at": self.finished_at, "deadline": self.deadline,
-            "late": self.late, "stopped_at_deadline": self.stopped_at_deadline, "promoted": self.promoted,
+            "late": self.late, "stopped_at_deadline": self.stopped_at_deadline,
+            "stopped_at_max_run": self.stopped_at_max_run, "promoted": self.promoted,
             "ram_budget": self.ram_budget, "ram_budget_used": self.ram_budget_used,
             "min_coverage": self.min_coverage, "min_ram_coverage": self.min_ram_coverage,
             "under_threshold": self.under_threshold(), "nothing_prewarmed": self.nothing_prewarmed,
@@ -204,6 +206,8 @@ class Report:
             out.write(f"\nstarted after the deadline ({self.deadline})\n")
         elif self.stopped_at_deadline:
             out.write(f"\nstopped at the deadline ({self.deadline})\n")
+        if self.stopped_at_max_run:
+            out.write("\nstopped at run.max_run after the start (after_deadline = \"slow\")\n")
         if self.promoted:
             out.write(f"\npromoted into RAM: {sum(c.promoted_chunks for t in self.tenants for c in t.contexts)}"
                       f" chunk(s); the plan's blocks take {format_size(self.ram_budget_used)} of a "

@@ -18,11 +18,13 @@ tokens paced to that rate: each request books an estimate of its tokens before i
 the rate holds on average with requests in parallel too.
 Deadline: no request starts after it; with ``after_deadline = "slow"`` the run goes on one
 request at a time at ``late_tokens_per_s`` instead, so a run that is late (or started late)
-leaves daytime traffic its GPUs. Transient errors (connection refused or reset, timeouts,
-HTTP 408/429/5xx) are retried ``retries`` times with exponential backoff; others fail the
-context at once. A failed context never stops the others. ``timeout_s`` bounds a whole request,
-an answer that trickles in included. A stop (SIGTERM) ends waits for the pace or a retry at
-once, leaving their contexts not run ("interrupted"), not failed; requests in flight finish.
+leaves daytime traffic its GPUs, until ``max_run`` after its start: no request starts after
+that, and the run ends with its report, well before the timer's unit would kill it.
+Transient errors (connection refused or reset, timeouts, HTTP 408/429/5xx) are retried
+``retries`` times with exponential backoff; others fail the context at once. A failed context
+never stops the others. ``timeout_s`` bounds a whole request, an answer that trickles in
+included. A stop (SIGTERM) ends waits for the pace or a retry at once, leaving their contexts
+not run ("interrupted"), not failed; requests in flight finish.
 """
 from __future__ import annotations
 
@@ -296,11 +298,16 @@ class Run:
         self.force = force  # send every context, resident or not
         self.clock = clock
         left, self.late = plan.deadline_in(now or dt.datetime.now())
-        self.deadline = None if left is None else clock() + left   # on the monotonic clock
+        t0 = clock()
+        self.deadline = None if left is None else t0 + left   # on the monotonic clock
+        # no request starts after this: the deadline, or max_run after the start for a run that
+        # goes on slowly after its deadline
+        self.stop_at = self.deadline if plan.after_deadline == "stop" or self.deadline is None \
+            else t0 + plan.max_run_s
         self.pacer = Pacer(plan.max_tokens_per_s)
         self.slow_pacer = Pacer(plan.late_tokens_per_s)
         self.slow_lock = threading.Lock()
-        self.stopped = False
+        self.stopped = ""  # why contexts were left not run: _why_stopped()
         self.cancelled = False  # interrupted: nothing new starts
         self._cancel = threading.Event()  # ends waits for the pace or a retry
         self.model = ""
@@ -316,15 +323,13 @@ class Run:
         return self.late or (self.deadline is not None and self.clock() >= self.deadline)
 
     def must_stop(self) -> bool:
-        return self.cancelled or (self.plan.after_deadline == "stop" and self.past_deadline())
+        return self.cancelled or (self.stop_at is not None and self.clock() >= self.stop_at)
 
     def _sleep(self, seconds: float) -> bool:
-        """Sleep, but not past the deadline when the run stops there, nor past a stop; False if
-        either came."""
-        if self.plan.after_deadline == "stop" and self.deadline is not None:
-            if self.clock() + seconds >= self.deadline:
-                self._cancel.wait(max(0.0, self.deadline - self.clock()))
-                return False
+        """Sleep, but not past where the run stops, nor past a stop; False if either came."""
+        if self.stop_at is not None and self.clock() + seconds >= self.stop_at:
+            self._cancel.wait(max(0.0, self.stop_at - self.clock()))
+            return False
         return not self._cancel.wait(seconds)
 
     # ---- one context --------------------------------------------------------------------
@@ -431,13 +436,20 @@ class Run:
                 if self.cancelled:  # a stop, not a failure of the context: the next run sends it
                     self._stopped(r)
                     return None
-                raise Transient(f"{err} (no retry: deadline)")
+                raise Transient(f"{err} (no retry: {self._why_stopped()})")
         return None  # pragma: no cover - the loop returns or raises
 
     def _stopped(self, r: ContextResult) -> None:
-        """Leave ``r`` not run, saying why: a stop, or the deadline."""
-        self.stopped = True
-        r.error = "interrupted" if self.cancelled else "started after the deadline" if self.late else "deadline"
+        """Leave ``r`` not run, saying why."""
+        self.stopped = r.error = self._why_stopped()
+
+    def _why_stopped(self) -> str:
+        """Why no request starts now: a stop, the deadline, or the end of a slow run."""
+        if self.cancelled:
+            return "interrupted"
+        if self.plan.after_deadline == "slow":
+            return "run.max_run reached"
+        return "started after the deadline" if self.late else "deadline"
 
     def _wait_stored(self, ns: str, keys: list[bytes]) -> None:
         """Stores complete after vLLM answers: wait a little for every key to show up."""
@@ -616,7 +628,8 @@ def _run_plan(plan: Plan, state: State, promoting: bool, promote_only: bool, for
             results = run.look()
         else:
             results = run.prewarm()
-            rep.stopped_at_deadline = run.stopped and not run.late
+            rep.stopped_at_deadline = run.stopped == "deadline"
+            rep.stopped_at_max_run = run.stopped == "run.max_run reached"
         if promoting:
             rep.promoted = True
             rep.ram_budget = plan.ram_budget
