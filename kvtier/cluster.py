@@ -304,6 +304,7 @@ class ClusterTier:
         if self._unlinks:
             await asyncio.wait(list(self._unlinks), timeout=timeout)
         await self._stop_flushing(timeout)
+        await self.accounts.close()
         await self.servers.close()
         if left:
             log.warning("cluster: %d queued writes dropped at close", len(left))

@@ -179,7 +179,8 @@ class Accounts:
         self.group_of: Callable[[str], str] = lambda ns: ""
         self.quotas: dict[str, int] = {}
         self.used: dict[str, int] = {}    # bytes per tenant, as the last script run here saw them
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # recency refreshes under way (touch_soon)
+        self._closed = False
 
     def set_tenants(self, group_of: Callable[[str], str], quotas: dict[str, int]) -> None:
         self.group_of, self.quotas = group_of, dict(quotas)
@@ -222,11 +223,21 @@ class Accounts:
                 self.used[tenant] = r
 
     def touch_soon(self, tenant: str, names: Sequence[bytes]) -> None:
-        """Blocks just read are recently used: refresh their rank in the background."""
-        if names:
+        """Blocks just read are recently used: refresh their rank in the background (not once
+        closing: close() ends the refreshes under way)."""
+        if names and not self._closed:
             t = asyncio.ensure_future(self._touch(tenant, list(names)))
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Before the connections close: cancel the recency refreshes under way (a refresh is a
+        hint, losing one costs a block's place in the LRU order only), so none runs on closed
+        connections, logs a server down after the tier closed, or outlives the tier."""
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _touch(self, tenant: str, names: list[bytes]) -> None:
         lru = tenant_keys(self.prefix, tenant)[0]

@@ -831,3 +831,31 @@ def test_small_puts_queued_together_go_out_as_one_pipeline_per_server(valkey, va
         host, port = valkey_cluster.url.rsplit("/", 1)[-1].split(":")
         r = redis.RedisCluster(host=host, port=int(port))
     assert not any(r.exists(name(NS, split_key) + b":%d" % i) for i in range(1, 6))
+
+
+def test_close_ends_the_recency_refreshes_under_way(make_valkey, caplog):
+    srv = make_valkey()
+
+    async def go():
+        t = ClusterTier(cfg(srv.url, timeout_ms=2000))
+        await t.start()
+        t.accounts.set_tenants(lambda ns: "a", {})
+        srv.pause()  # the refresh is sent and waits for its answer
+        try:
+            t.accounts.touch_soon("a", [b"x" * 16])
+            await asyncio.sleep(0.05)
+            tasks = list(t.accounts._tasks)
+            assert tasks and not any(x.done() for x in tasks)
+            started = time.monotonic()
+            await t.close(1)
+            assert time.monotonic() - started < 1.0  # a hint: not waited for
+            assert all(x.done() for x in tasks) and not t.accounts._tasks
+            t.accounts.touch_soon("a", [b"y" * 16])  # a read answered while closing starts none
+            assert not t.accounts._tasks
+        finally:
+            srv.resume()
+        await asyncio.sleep(0.3)
+
+    with caplog.at_level("WARNING", logger="kvtier.cluster"):
+        run(go())
+    assert not [r for r in caplog.records if "unavailable" in r.getMessage()]
