@@ -1002,7 +1002,7 @@ class _Ops:
             return [None] * len(keys)
         return [(None if overwrite else True) if t else False for t in tiers]
 
-    def _arena_get(self, ns, keys, into):
+    def _arena_get(self, ns, keys, into, counted=True, tokens_per_key=0):
         """Acquire, copy out, Release, a chunk of keys at a time (GET_CHUNKS), with the next
         chunk's Acquire already sent while this one is copied: the daemon reads blocks from NVMe
         while the client copies, instead of each waiting for the other."""
@@ -1018,7 +1018,7 @@ class _Ops:
             while k < len(bounds) or sent:
                 while k < len(bounds) and len(sent) < GET_IN_FLIGHT:
                     i, j = bounds[k]
-                    req = self._acquire_request(arena, ns, keys[i:j])
+                    req = self._acquire_request(arena, ns, keys[i:j], tokens_per_key=tokens_per_key, counted=counted)
                     sent.append((i, j, req, (yield ("start", "Acquire", req))))
                     k += 1
                 # copy out the part the daemon answers first: its reads may finish before an
@@ -1087,15 +1087,19 @@ class _Ops:
                 self._failed_check()
         return out
 
-    def op_get_many(self, ns: str, keys: Sequence[bytes], into: Sequence[Any] | None = None):
-        """Blocks as bytes (or, with ``into``, views of the given buffers), None when missing."""
+    def op_get_many(self, ns: str, keys: Sequence[bytes], into: Sequence[Any] | None = None, counted: bool = True,
+                    tokens_per_key: int = 0):
+        """Blocks as bytes (or, with ``into``, views of the given buffers), None when missing.
+        ``counted`` and ``tokens_per_key`` as for acquire()."""
         yield from self._attach()
         check_namespace(ns)
+        tokens_per_key = _u32("tokens_per_key", tokens_per_key)
         if self.path == "arena":
-            return (yield from self._stale_retry(self._arena_get, ns, list(keys), into))
+            return (yield from self._stale_retry(self._arena_get, ns, list(keys), into, counted, tokens_per_key))
         if self.path == "data":
             try:
-                res = yield ("call", self._data(lambda c: c.get_many(ns, list(keys), into, check=self._check)))
+                res = yield ("call", self._data(lambda c: c.get_many(ns, list(keys), into, check=self._check,
+                                                                     counted=counted, tokens_per_key=tokens_per_key)))
             except _NoDataConnection:
                 res = None  # made over gRPC below
             if res is not None:
@@ -1103,7 +1107,9 @@ class _Ops:
         out = []
         for i, batch in self._batches(keys):
             packed, ks = pack_keys(batch)
-            chunks = yield ("server_stream", "Get", pb.GetRequest(namespace=ns, key_size=ks, keys=packed))
+            req = pb.GetRequest(namespace=ns, key_size=ks, keys=packed, tokens_per_key=tokens_per_key,
+                                uncounted=not counted)
+            chunks = yield ("server_stream", "Get", req)
             out += self._assemble(chunks, len(batch), into[i:i + len(batch)] if into is not None else None)
         return out
 
@@ -1333,8 +1339,11 @@ class Client:
     def put(self, ns: str, key: bytes, data: Any, overwrite: bool = False) -> bool:
         return self.put_many(ns, [(key, data)], overwrite)[0]
 
-    def get_many(self, ns: str, keys: Sequence[bytes], into: Sequence[Any] | None = None) -> list:
-        return self._drive(self._ops.op_get_many(ns, keys, into))
+    def get_many(self, ns: str, keys: Sequence[bytes], into: Sequence[Any] | None = None, counted: bool = True,
+                 tokens_per_key: int = 0) -> list:
+        """Blocks as bytes (with ``into``: views of those buffers, each at least the block's
+        length), None for each missing. ``counted`` and ``tokens_per_key`` as for acquire()."""
+        return self._drive(self._ops.op_get_many(ns, keys, into, counted, tokens_per_key))
 
     def get(self, ns: str, key: bytes) -> bytes | None:
         return self.get_many(ns, [key])[0]

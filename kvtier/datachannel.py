@@ -17,7 +17,9 @@ op: 1 PUT, 2 GET, 3 PING, 4 HELLO (payload: bearer token; required first when
 the daemon has tenants), 5 CALL (a unary RPC: the namespace field holds the
 method name, the payload its serialized kvtier.v1 request; the answer's
 payload is the serialized response), 6 PUT_MANY and 7 GET_MANY (version 2,
-below). flags: bit0 overwrite, bit1 checksum follows. status: the gRPC status
+below). flags: bit0 overwrite, bit1 checksum follows; GET_MANY (version 3):
+bit2 uncounted and bit3 tokens per key, as AcquireRequest's fields of those
+names (with bit3, a ``<I tokens_per_key>`` ends the manifest). status: the gRPC status
 code number (0 OK). info: PUT: 0 stored, 1 already present, 2 pending
 elsewhere; GET: the tier (0 missing, 1 RAM).
 
@@ -73,7 +75,7 @@ REQ_MAGIC, RESP_MAGIC = b"KVD1", b"KVR1"
 OP_PUT, OP_GET, OP_PING, OP_HELLO, OP_CALL, OP_PUT_MANY, OP_GET_MANY = 1, 2, 3, 4, 5, 6, 7
 _OPS = (OP_PUT, OP_GET, OP_PING, OP_HELLO, OP_CALL, OP_PUT_MANY, OP_GET_MANY)
 _TIMED = {OP_PUT: "data.PUT", OP_GET: "data.GET", OP_PUT_MANY: "data.PUT_MANY", OP_GET_MANY: "data.GET_MANY"}
-VERSION = 2            # what Attach advertises as data_channel_version
+VERSION = 3            # what Attach advertises as data_channel_version
 MANY_MAX = 1024        # blocks in one PUT_MANY or GET_MANY frame
 PUT_ENTRY = struct.Struct("<BBH16s")     # status, info, msg_len, checksum
 GET_ENTRY = struct.Struct("<BBHQ16s")    # status, tier, msg_len, length, checksum
@@ -83,7 +85,7 @@ IOV_MAX = 1024
 MANY_PER_FRAME = 256   # what a client puts in one batched frame: blocks ...
 FRAME_BYTES = 16 << 20  # ... and payload bytes
 MAX_TOKEN = 4096
-F_OVERWRITE, F_CHECKSUM = 1, 2
+F_OVERWRITE, F_CHECKSUM, F_UNCOUNTED, F_TOKENS = 1, 2, 4, 8
 SOCK_BUF = 4 << 20
 # A pipelined batch keeps at most this many batched frames (or, to a version 1 daemon, single
 # requests) unanswered: the daemon answers each before it reads the next, so a client that sent a
@@ -491,13 +493,14 @@ class DataServer:
                 if op in (OP_PUT_MANY, OP_GET_MANY):
                     recv_exact(conn, hview[REQ.size:REQ.size + ns_len])
                     ns = bytes(hview[REQ.size:REQ.size + ns_len]).decode("utf-8", "replace")
-                    entries = self._manifest(conn, req_id, op, flags, key_len, length)
-                    if entries is None:
+                    got = self._manifest(conn, req_id, op, flags, key_len, length)
+                    if got is None:
                         return  # framing lost: answered, and the connection closes
+                    entries, tokens = got
                     if op == OP_PUT_MANY:
                         self._put_many(conn, req_id, ns, entries, flags, scratch, tenant)
                     else:
-                        self._get_many(conn, req_id, ns, entries, tenant)
+                        self._get_many(conn, req_id, ns, entries, tenant, not flags & F_UNCOUNTED, tokens)
                     self._timed(op, t0)
                     continue
                 extra = ns_len + key_len + (CHECKSUM_SIZE if flags & F_CHECKSUM else 0)
@@ -576,17 +579,21 @@ class DataServer:
             recv_exact(conn, scratch[:k], deadline)
             n -= k
 
-    def _manifest(self, conn, req_id, op, flags, key_len, length) -> list[tuple[bytes, int, bytes]] | None:
-        """A PUT_MANY / GET_MANY manifest as (key, size, checksum) per block; None (answered) when
-        it breaks framing: the payloads that follow could not be told apart."""
+    def _manifest(self, conn, req_id, op, flags, key_len, length) -> tuple[list[tuple[bytes, int, bytes]], int] | None:
+        """A PUT_MANY / GET_MANY manifest as (key, size, checksum) per block, and the tokens per
+        key a GET_MANY gave (F_TOKENS; else 0); None (answered) when it breaks framing: the
+        payloads that follow could not be told apart."""
         per = 1 + 255 + (SIZE.size + CHECKSUM_SIZE if op == OP_PUT_MANY else 0)
-        if key_len or length < COUNT.size or length > COUNT.size + MANY_MAX * per:
+        trailer = COUNT.size if op == OP_GET_MANY and flags & F_TOKENS else 0
+        if key_len or length < COUNT.size + trailer or length > COUNT.size + MANY_MAX * per + trailer:
             self._reply(conn, req_id, grpc.StatusCode.INVALID_ARGUMENT,
                         f"bad frame: manifest of {length} bytes (at most {MANY_MAX} blocks)")
             return None
         man = bytearray(length)
         recv_exact(conn, memoryview(man))
         (n,), p, out = COUNT.unpack_from(man), COUNT.size, []
+        tokens = COUNT.unpack_from(man, len(man) - trailer)[0] if trailer else 0
+        end = len(man) - trailer
         given_n = CHECKSUM_SIZE if op == OP_PUT_MANY and flags & F_CHECKSUM else 0
         try:
             if n > MANY_MAX:
@@ -606,15 +613,15 @@ class DataServer:
                         return None
                 given = bytes(man[p:p + given_n])
                 p += given_n
-                if len(key) != k or len(given) != given_n:
+                if len(key) != k or len(given) != given_n or p > end:
                     raise ValueError("truncated")
                 out.append((key, size, given))
-            if p != len(man):
-                raise ValueError(f"{len(man) - p} bytes left over")
+            if p != end:
+                raise ValueError(f"{end - p} bytes left over")
         except (ValueError, IndexError, struct.error) as e:
             self._reply(conn, req_id, grpc.StatusCode.INVALID_ARGUMENT, f"bad frame: manifest: {e}")
             return None
-        return out
+        return out, tokens
 
     def _table(self, conn, req_id, entries: list[bytes], payloads=(), within: float | None = None) -> None:
         table = b"".join(entries)
@@ -697,7 +704,7 @@ class DataServer:
             out.append(PUT_ENTRY.pack(e.code.value[0] if e is not None else 0, infos[i], len(m), digests[i]) + m)
         self._table(conn, req_id, out)
 
-    def _get_many(self, conn, req_id, ns, entries, tenant) -> None:
+    def _get_many(self, conn, req_id, ns, entries, tenant, counted: bool = True, tokens_per_key: int = 0) -> None:
         try:
             check_namespace(ns)
             self.access.authorize(tenant, ns)
@@ -718,7 +725,7 @@ class DataServer:
         a = None
         if rest:
             try:
-                a = self.hot.acquire_blocking(ns, [entries[i][0] for i in rest])
+                a = self.hot.acquire_blocking(ns, [entries[i][0] for i in rest], counted=counted)
                 for pos, i in enumerate(rest):
                     if a.tiers[pos]:
                         off, ln = a.offsets[pos], a.lengths[pos]
@@ -727,6 +734,7 @@ class DataServer:
             except errors.KvtierError as e:
                 for i in rest:
                     found[i] = e
+        self.hot.count_tokens_saved(ns, tokens_per_key * sum(isinstance(f, tuple) for f in found))
         try:
             table, payloads = [], []
             for f in found:
@@ -1007,8 +1015,9 @@ class DataConnection:
             i = j
         return out
 
-    def _many_request(self, op: int, ns: str, entries: list[bytes], flags: int = 0) -> tuple[bytes, int]:
-        manifest = COUNT.pack(len(entries)) + b"".join(entries)
+    def _many_request(self, op: int, ns: str, entries: list[bytes], flags: int = 0,
+                      trailer: bytes = b"") -> tuple[bytes, int]:
+        manifest = COUNT.pack(len(entries)) + b"".join(entries) + trailer
         head, rid = self._request(op, ns, b"", len(manifest), flags)
         return head + manifest, rid
 
@@ -1095,7 +1104,13 @@ class DataConnection:
         recv_exact(self.sock, dst)
         return (dst, digest) if check is None or check(dst, digest) else None
 
-    def _get_batched(self, ns: str, keys: list, into, check) -> list[tuple[memoryview | bytes, bytes] | None]:
+    def _get_batched(self, ns: str, keys: list, into, check, counted: bool = True,
+                     tokens_per_key: int = 0) -> list[tuple[memoryview | bytes, bytes] | None]:
+        flags, trailer = 0, b""
+        if self.version >= 3:  # an older daemon counts every read, and no tokens
+            flags |= 0 if counted else F_UNCOUNTED
+            if tokens_per_key:
+                flags, trailer = flags | F_TOKENS, COUNT.pack(tokens_per_key)
         sent: collections.deque = collections.deque()
         out: list = []
         errs: list = []
@@ -1122,7 +1137,7 @@ class DataConnection:
             if len(sent) >= IN_FLIGHT_FRAMES:
                 answer()
             part = keys[i:i + MANY_PER_FRAME]
-            head, rid = self._many_request(OP_GET_MANY, ns, [_key_field(k) for k in part])
+            head, rid = self._many_request(OP_GET_MANY, ns, [_key_field(k) for k in part], flags, trailer)
             self.sock.sendall(head)
             sent.append((rid, len(part)))
         while sent:
@@ -1131,15 +1146,16 @@ class DataConnection:
             raise errs[0]
         return out
 
-    def get_many(self, ns: str, keys, into: list | None = None,
-                 check=None) -> list[tuple[memoryview | bytes, bytes] | None]:
+    def get_many(self, ns: str, keys, into: list | None = None, check=None, counted: bool = True,
+                 tokens_per_key: int = 0) -> list[tuple[memoryview | bytes, bytes] | None]:
         """Pipelined gets. Returns per key (data, checksum) or None; with ``into``, data lands in
         the given writable buffers (each at least as long as the block) and a view of them is returned.
         ``check(data, checksum)``, if given, runs on each block as it arrives (while the daemon
         sends the next, and the bytes are in cache); a block it refuses is None. A daemon of
-        data_channel_version 2 answers them in GET_MANY frames."""
+        data_channel_version 2 answers them in GET_MANY frames; ``counted`` and
+        ``tokens_per_key`` (as Acquire's) reach a daemon of version 3."""
         if self.version >= 2:
-            return self._get_batched(ns, list(keys), into, check)
+            return self._get_batched(ns, list(keys), into, check, counted, tokens_per_key)
         ids: collections.deque = collections.deque()
         out: list = []
         errs: list = []

@@ -136,7 +136,6 @@ class KVTierService(pb_grpc.KVTierServicer):
         self.cfg = daemon.cfg
         self.max_batch = daemon.cfg.server.max_batch
         self.loop = asyncio.get_running_loop()
-        self._count_lock = threading.Lock()  # handlers run on the loop and on data-channel threads
         self._pin_warned = 0.0  # when a Pin last logged blocks left unpinned (ram.max_pinned)
 
     def call(self, method: str, payload, token: str | None, peer: str) -> tuple[grpc.StatusCode, str, bytes]:
@@ -293,9 +292,7 @@ class KVTierService(pb_grpc.KVTierServicer):
         ns, keys = self._keys(request, context)
         a = await self._acquire(ns, keys, request.lease_ms, request.prefix_only, request.background,
                                 not request.uncounted)
-        if request.tokens_per_key:
-            with self._count_lock:
-                self.hot.count_tokens_saved(ns, (len(a.tiers) - a.tiers.count(0)) * request.tokens_per_key)
+        self.hot.count_tokens_saved(ns, (len(a.tiers) - a.tiers.count(0)) * request.tokens_per_key)
         return pb.AcquireResponse(lease_id=a.lease_id, tiers=a.tiers, offsets=a.offsets, lengths=a.lengths,
                                   checksums=a.checksums, lease_ms=a.lease_ms)
 
@@ -384,7 +381,8 @@ class KVTierService(pb_grpc.KVTierServicer):
         ns, keys = self._keys(request, context)
         chunk = request.chunk_bytes or GET_CHUNK
         chunk = min(chunk, max(1 << 16, self.cfg.server.max_message_bytes - 1024))
-        a = await self._acquire(ns, keys)
+        a = await self._acquire(ns, keys, counted=not request.uncounted)
+        self.hot.count_tokens_saved(ns, (len(a.tiers) - a.tiers.count(0)) * request.tokens_per_key)
         try:
             for i in range(len(keys)):
                 tier, off, n = a.tiers[i], a.offsets[i], a.lengths[i]

@@ -1074,11 +1074,11 @@ class Store:
         self._arriving.clear()
         await asyncio.to_thread(self._bg_pool.shutdown, True, cancel_futures=True)
 
-    def acquire_blocking(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0) -> Acquired:
+    def acquire_blocking(self, ns: str, keys: Sequence[bytes], lease_ms: int = 0, counted: bool = True) -> Acquired:
         """acquire_async() from a thread that is not the loop's (the data channel)."""
         if isinstance(self.cluster, NullCluster) or self.loop is None:
-            return self.acquire(ns, keys, lease_ms)
-        fut = asyncio.run_coroutine_threadsafe(self.acquire_async(ns, keys, lease_ms), self.loop)
+            return self.acquire(ns, keys, lease_ms, counted=counted)
+        fut = asyncio.run_coroutine_threadsafe(self.acquire_async(ns, keys, lease_ms, counted=counted), self.loop)
         return fut.result(timeout=60)
 
     async def delete_async(self, ns: str, keys: Sequence[bytes]) -> int:
@@ -1121,9 +1121,11 @@ class Store:
     # ---- removal and stats -------------------------------------------------------------------
 
     def count_tokens_saved(self, ns: str, tokens: int) -> None:
-        """Prefill a read spared its client, as the client valued it (Acquire's tokens_per_key)."""
+        """Prefill a read spared its client, as the client valued it (the read's tokens_per_key).
+        From the loop and the data channel's threads."""
         if tokens:
-            self.tokens_saved[ns] = self.tokens_saved.get(ns, 0) + tokens
+            with self._qlock:
+                self.tokens_saved[ns] = self.tokens_saved.get(ns, 0) + tokens
 
     def delete(self, ns: str, keys: Sequence[bytes]) -> int:
         """Remove keys from every local tier; returns how many keys were present in any. Promotions

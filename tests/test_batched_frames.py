@@ -27,10 +27,10 @@ def digest(b: bytes) -> bytes:
 def conn_to(d) -> DataConnection:
     with Client(d.address, attach=False) as c:
         c.attach()
-        assert c.info.data_channel_version == datachannel.VERSION == 2
+        assert c.info.data_channel_version == datachannel.VERSION == 3
         address = c.info.data_address
     conn = DataConnection(address)
-    conn.version = 2
+    conn.version = 3
     return conn
 
 
@@ -189,3 +189,26 @@ def test_a_broken_manifest_is_answered_and_closes_the_connection(daemon, manifes
     with Client(daemon.address, attach=False) as c:                       # the daemon serves on
         c.put(NS, key("after"), b"fine")
         assert c.get(NS, key("after")) == b"fine"
+
+
+def test_a_version_2_daemon_gets_no_accounting_flags(daemon, monkeypatch):
+    """Flags and the tokens trailer of version 3 go only to a daemon that reads them: a version 2
+    daemon would find the manifest's trailer left over and close the connection."""
+    monkeypatch.setattr(datachannel, "VERSION", 2)
+    sent = []
+    real = DataConnection._many_request
+
+    def spy(self, op, ns, entries, flags=0, trailer=b""):
+        sent.append((op, flags, trailer))
+        return real(self, op, ns, entries, flags, trailer)
+    monkeypatch.setattr(DataConnection, "_many_request", spy)
+    data = [(key("v", i), os.urandom(512)) for i in range(3)]
+    with Client(daemon.address, attach=False) as c:
+        c.put_many(NS, data)
+        assert c.info.data_channel_version == 2
+        assert c.get_many(NS, [k for k, _ in data], counted=False, tokens_per_key=8) == [v for _, v in data]
+    monkeypatch.setattr(datachannel, "VERSION", 3)
+    with Client(daemon.address, attach=False) as c:
+        assert c.get_many(NS, [k for k, _ in data], counted=False, tokens_per_key=8) == [v for _, v in data]
+    gets = [(f, t) for op, f, t in sent if op == datachannel.OP_GET_MANY]
+    assert gets == [(0, b""), (datachannel.F_UNCOUNTED | datachannel.F_TOKENS, (8).to_bytes(4, "little"))]

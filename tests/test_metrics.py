@@ -99,6 +99,26 @@ def test_metrics_off_and_port_in_use(make_daemon):
         c.put("x", os.urandom(16), b"ok")
 
 
+@pytest.mark.parametrize("path", ["arena", "data", "grpc"])
+def test_a_get_many_counts_as_its_caller_says(metered, path):
+    """A worker that cannot map the arena reads what its scheduler looked up with get_many: the
+    read counts its tokens, and no hit, miss or byte a second time, on every path."""
+    keys = [os.urandom(16) for _ in range(4)]
+    with Client(metered.address, attach=path == "arena", data_channel=path != "grpc") as c:
+        c.put_many("team-g", [(k, os.urandom(4096)) for k in keys[:3]])
+        assert c._ops.path == path
+        before = {n.name: n for n in c.stats().namespaces}["team-g"]
+        got = c.get_many("team-g", keys, counted=False, tokens_per_key=16)   # 3 of 4 found
+        assert [g is not None for g in got] == [True, True, True, False]
+        after = {n.name: n for n in c.stats().namespaces}["team-g"]
+        assert (after.hits, after.misses, after.get_bytes) == (before.hits, before.misses, before.get_bytes)
+        assert after.prefill_tokens_saved == before.prefill_tokens_saved + 3 * 16
+        c.get_many("team-g", keys)                                           # counted as before
+        last = {n.name: n for n in c.stats().namespaces}["team-g"]
+        assert (last.hits, last.misses) == (after.hits + 3, after.misses + 1)
+        assert last.prefill_tokens_saved == after.prefill_tokens_saved
+
+
 def test_prefill_tokens_saved_per_namespace(metered):
     keys = [os.urandom(16) for _ in range(4)]
     with Client(metered.address) as c:

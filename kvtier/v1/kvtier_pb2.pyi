@@ -218,16 +218,20 @@ class PutResponse(_message.Message):
     def __init__(self, checksums: _Optional[bytes] = ..., stored: _Optional[int] = ..., status: _Optional[bytes] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("namespace", "key_size", "keys", "chunk_bytes")
+    __slots__ = ("namespace", "key_size", "keys", "chunk_bytes", "tokens_per_key", "uncounted")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEY_SIZE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_KEY_FIELD_NUMBER: _ClassVar[int]
+    UNCOUNTED_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     key_size: int
     keys: bytes
     chunk_bytes: int
-    def __init__(self, namespace: _Optional[str] = ..., key_size: _Optional[int] = ..., keys: _Optional[bytes] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    tokens_per_key: int
+    uncounted: bool
+    def __init__(self, namespace: _Optional[str] = ..., key_size: _Optional[int] = ..., keys: _Optional[bytes] = ..., chunk_bytes: _Optional[int] = ..., tokens_per_key: _Optional[int] = ..., uncounted: _Optional[bool] = ...) -> None: ...
 
 class GetHeader(_message.Message):
     __slots__ = ("index", "tier", "length", "checksum")
