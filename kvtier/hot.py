@@ -611,6 +611,12 @@ class HotTier:
         p = self._pending.get(kk)
         return p is not None and p.promotion and p.state == RESERVED
 
+    def being_replaced(self, b: Block) -> bool:
+        """Whether an overwrite of b's key is being committed (lock held; asked by on_evict): b's
+        content is replaced as that commit ends."""
+        p = self._pending.get((b.ns, b.key))
+        return p is not None and p.overwrite and p.state == COMMITTING
+
     def _unpend(self, r: Reservation, b: Block) -> None:
         """Forget b's key as reserved by r (not if an overwrite took it over since)."""
         kk = (b.ns, b.key)

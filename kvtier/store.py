@@ -37,6 +37,9 @@ in flight puts no file in place (a write renaming its file already is waited
 for, and the file removed, before the Delete or overwrite answers). A Delete or
 overwrite whose old NVMe file cannot be unlinked fails (FailedPrecondition) and
 leaves that file indexed: answered, it would be undone by the next start's scan.
+RAM evicting the old content while its overwrite commits demotes nothing: its
+old file is unlinked by then, and a copy renaming into place as the commit
+answered would be found by the restart after a crash.
 
 Cluster tier (``kvtier.cluster``, on the daemon's event loop): with
 ``cluster.write_policy = "commit"`` each committed block is written through
@@ -441,7 +444,10 @@ class Store:
         if self.cluster.write_policy == "evict" and not b.promoted:
             data = bytes(self.view[b.offset:b.offset + b.length])
             self.loop.call_soon_threadsafe(self.cluster.enqueue_put, b.ns, b.key, data, b.checksum)
-        if self.io is None:
+        if self.io is None or self.hot.being_replaced(b):
+            # an overwrite committing has unlinked (or is unlinking) the old content's NVMe file:
+            # a copy written now could still be renaming into place as the commit answers, and a
+            # crash then would leave the old bytes for the restart's scan
             return
         k = (b.ns, b.key)
         with self._qlock:

@@ -337,6 +337,77 @@ def test_a_write_cancelled_in_flight_stays_cancelled_after_kill_9(daemon_process
         assert c.get(NS, k) in (v2, None)  # on NVMe, or lost; never the old bytes
 
 
+
+# Run first in a daemon started with it on PYTHONPATH: as an overwrite of KEY commits (its old
+# NVMe file just unlinked), RAM evicts the old content, and a re-write of it that this queues
+# renames its file into place before the commit finishes, then never ends (the daemon is killed
+# as it would have ended: the cancel made at the commit cannot remove the file in time).
+_EVICTED_WHILE_OVERWRITING = """
+import os, time
+from kvtier import cold, store
+
+NS, KEY, GATE = {ns!r}, bytes.fromhex({key!r}), {gate!r}
+_drop_replaced, _write_file = store.Store.drop_replaced, cold.ColdTier._write_file
+
+
+def drop_replaced(self, rid):
+    _drop_replaced(self, rid)
+    if (NS, KEY) not in self.hot.overwritten(rid):
+        return
+    with self.hot.lock:
+        while KEY in self.hot._blocks(NS) and self.hot._evict_one():
+            pass
+    while (NS, KEY) in self._queued and not os.path.exists(os.path.join(GATE, "renamed")):
+        time.sleep(0.01)
+
+
+def write_file(self, d, path, *a, **kw):
+    _write_file(self, d, path, *a, **kw)
+    if KEY.hex() in path:
+        open(os.path.join(GATE, "renamed"), "w").close()
+        while True:
+            time.sleep(1)
+
+
+store.Store.drop_replaced, cold.ColdTier._write_file = drop_replaced, write_file
+"""
+
+
+@pytest.mark.parametrize("persist", [True, False])
+def test_old_content_evicted_while_its_overwrite_commits_stays_replaced_after_kill_9(
+        daemon_process, tmp_path, monkeypatch, persist):
+    """RAM evicted the old content while its overwrite committed (after the old NVMe file was
+    unlinked): the demotion wrote it to NVMe again, and the cancel made as the commit finished
+    removed that file only once its write ended. A kill -9 in between left the old bytes on
+    NVMe, which the restart indexed: served at once without the RAM tier's copy, and with it
+    once RAM evicted the new content (its demotion found the key "on NVMe" already)."""
+    import kvtier
+    k, v1, v2 = b"E" * 16, os.urandom(256 << 10), os.urandom(256 << 10)
+    nvme, gate, hook = tmp_path / "nvme", tmp_path / "gate", tmp_path / "hook"
+    gate.mkdir()
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_EVICTED_WHILE_OVERWRITING.format(ns=NS, key=k.hex(), gate=str(gate)))
+    here = os.path.dirname(os.path.dirname(kvtier.__file__))  # the daemon runs the kvtier under test
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), here]))
+    # the first lines go to [ram]; "evict": only a demotion writes the key to NVMe
+    d = daemon_process(f'policy = "lru"\npersist = {str(persist).lower()}\n[metrics]\nlisten = ""\n'
+                       f'[nvme]\ndirs = ["{nvme}"]\ncapacity = "256MiB"\nwrite_policy = "evict"\n',
+                       capacity="32MiB")
+    with Client(d.address, timeout=10) as c:
+        assert c.put(NS, k, v1)
+        assert c.put(NS, k, v2, overwrite=True)
+    d.kill()
+    monkeypatch.setenv("PYTHONPATH", here)
+    d.start()
+    with Client(d.address, timeout=10) as c:
+        if persist:
+            assert c.get(NS, k) == v2  # restored with the RAM tier
+            for i in range(48):  # 48 MiB through a 32 MiB arena: v2 leaves RAM
+                c.put(NS, bytes([i]) * 16, os.urandom(1 << 20))
+            assert c.lookup(NS, [k])[0] != [1]
+        assert c.get(NS, k) in (v2, None)  # on NVMe, or lost; never the old bytes
+
+
 def test_restored_blocks_count_against_their_tenants_ram_quota(cfg_pair, tmp_path):
     import hashlib
     token = "token-of-acme-" + "a" * 20
