@@ -44,7 +44,11 @@ Bounds: each directory has a hard capacity (bytes on disk); a write evicts
 that directory's least recently used files first. A capacity of 0 is
 automatic: 90% of the filesystem's free space plus the tier's own files found
 by ``scan()``, so a restart does not count the files of the last run as taken
-by someone else (and evict them).
+by someone else (and evict them). An evicted file that cannot be unlinked (a
+read-only or failing filesystem) stays the block's: indexed again, counted and
+served, as the next start would find it, and first to go at the next eviction;
+its directory is skipped for ``retry_s`` and the write that needed the room is
+dropped, so the files on disk never exceed the capacity unaccounted.
 
 Ownership: one daemon per directory. A daemon's tier (``exclusive``) holds an exclusive
 ``flock`` on the directory itself (an open descriptor of it) from before it probes, scans or
@@ -83,7 +87,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from . import copying, record
 from .keys import KEY_SIZES, NAMESPACE_RE
@@ -98,6 +102,18 @@ AUTO_SHARE = 0.9  # an automatic capacity: this share of the filesystem's free s
 # ENOENT: the directory is gone; ENODEV: it is on another filesystem than at start (a drive unmounted)
 FULL_LOG_S = 60.0  # how often a filesystem full below the capacity is logged
 _DEGRADING = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.ENOENT, errno.ENODEV}
+
+
+class _Doomed(NamedTuple):
+    """A block taken out of the index whose file is to be unlinked (remove()): where it was, to
+    index it again when its file stays. ``stale``: its content is no longer the key's (forget()),
+    so a file that stays is never indexed again."""
+    k: tuple[str, bytes]
+    path: str
+    di: int
+    size: int
+    group: str | None
+    stale: bool = False
 
 
 class _Cancelled(Exception):
@@ -625,9 +641,9 @@ class ColdTier:
             return g
         return next((g for g, lru in self._groups.items() if k in lru), None)
 
-    def _evict_key(self, k) -> str:
-        """Forget a written block (lock held); returns its path to unlink. Its bytes go back to
-        the group they were charged to."""
+    def _evict_key(self, k) -> _Doomed:
+        """Forget a written block (lock held); returns what its file's unlink needs. Its bytes go
+        back to the group they were charged to."""
         di = self._index.pop(k)
         self._unverified.discard(k)
         d = self.dirs[di]
@@ -638,27 +654,46 @@ class ColdTier:
             del self._groups[g][k]
             self.group_used[g] -= size
         self.stats.evictions += 1
-        return self._path(di, *k)
+        return _Doomed(k, self._path(di, *k), di, size, g)
 
-    def _doom(self, k) -> tuple[tuple[str, bytes], str]:
+    def _doom(self, k) -> _Doomed:
         """Forget a written block whose file the caller unlinks after the lock, with remove()
         (lock held)."""
         self._removing.add(k)
-        return k, self._evict_key(k)
+        return self._evict_key(k)
 
-    def remove(self, doomed: list) -> None:
+    def remove(self, doomed: list[_Doomed]) -> bool:
         """Unlink the files of doomed blocks (lock not held), then let new writes of their keys
-        start. A file that cannot be unlinked is logged and counted, not raised."""
+        start; whether every file went. A file that cannot be unlinked (a read-only or failing
+        drive) is logged and counted, not raised, and its directory is skipped for retry_s (else
+        every write there would try it again first). It stays the block's: indexed again, first
+        to go at the next eviction, counted against the capacity and served, as the next start
+        would find it (a Delete of it tries again, and fails while it cannot). A stale copy's
+        (forget()) stays out of the index."""
+        stuck = []
         try:
-            for _, path in doomed:
-                self._try_unlink(path)
+            for x in doomed:
+                try:
+                    self._unlink(x.path)
+                except OSError as e:
+                    self.stats.io_errors += 1
+                    log.error("nvme unlink %s: %s%s", x.path, e, "" if x.stale else "; the block stays")
+                    stuck.append((x, e.errno))
         finally:
-            self._removals_ended(doomed)
+            self._removals_ended(doomed, stuck)
+        return not stuck
 
-    def _removals_ended(self, doomed: list) -> None:
-        """Let new writes of the doomed blocks' keys start, and delete(wait=True) go on."""
+    def _removals_ended(self, doomed: list[_Doomed], stuck: list[tuple[_Doomed, int]] = ()) -> None:
+        """Index again the evicted blocks whose file stayed (with the unlink's errno) and skip
+        their directories for retry_s, then let new writes of the doomed blocks' keys start, and
+        delete(wait=True) go on."""
         with self.lock:
-            self._removing.difference_update(k for k, _ in doomed)
+            for x, err in stuck:
+                if not x.stale:
+                    self._index_again(x)
+                    self.stats.evictions -= 1  # not evicted after all
+                self._degrade(self.dirs[x.di], err)
+            self._removing.difference_update(x.k for x in doomed)
             self._removed.notify_all()
 
     def _free_after_full(self, d: Dir, size: int) -> int:
@@ -738,15 +773,17 @@ class ColdTier:
                 self._writing.add(k)
             else:
                 self.stats.dropped_writes += 1
-        if doomed:
-            self.remove(doomed)
+        made = not doomed or self.remove(doomed)
         if not fits:
             return False
         ok = False
         try:
-            self._write_file(d, self._path(di, ns, key), meta, payload, codec == record.CODEC_RAW and src,
-                             functools.partial(self._claim, k, cancelled))
-            ok = True
+            if made:
+                self._write_file(d, self._path(di, ns, key), meta, payload, codec == record.CODEC_RAW and src,
+                                 functools.partial(self._claim, k, cancelled))
+                ok = True
+            else:  # a file that was to make room stayed: the capacity holds, this block goes nowhere
+                self.stats.dropped_writes += 1
         except _Cancelled:
             pass
         except OSError as e:
@@ -754,11 +791,7 @@ class ColdTier:
             freed = self._free_after_full(d, size) if e.errno in (errno.ENOSPC, errno.EDQUOT) else 0
             if e.errno in _DEGRADING and not freed:
                 with self.lock:
-                    if d.degraded_until <= time.monotonic():
-                        log.error("nvme dir %s: %s; skipping it for %.0fs", d.path, os.strerror(e.errno),
-                                  self.retry_s)
-                    d.degraded_until = time.monotonic() + self.retry_s
-                    d.degraded_reason = os.strerror(e.errno)
+                    self._degrade(d, e.errno)
             else:
                 log.exception("nvme write to %s failed", d.path)
         finally:
@@ -778,6 +811,13 @@ class ColdTier:
                     d.used -= size
                     self.group_used[g] -= size
         return ok
+
+    def _degrade(self, d: Dir, err: int) -> None:
+        """Skip d for retry_s after err (lock held); logged once per spell."""
+        if d.degraded_until <= time.monotonic():
+            log.error("nvme dir %s: %s; skipping it for %.0fs", d.path, os.strerror(err), self.retry_s)
+        d.degraded_until = time.monotonic() + self.retry_s
+        d.degraded_reason = os.strerror(err)
 
     def _claim(self, k, cancelled: Callable[[], bool] | None) -> None:
         """Just before a write's rename: _Cancelled when its key was deleted or overwritten
@@ -977,20 +1017,22 @@ class ColdTier:
                     now = None
                 if now is not None and (not unlink or now != os.fstat(fd).st_ino):
                     return False  # a newer write of k renamed its file into place since
-            path = self._evict_key(k)
+            path = self._evict_key(k).path
             self.stats.evictions -= 1  # a removal, not an eviction
             if unlink:
                 self._try_unlink(path)
         return True
 
-    def forget(self, ns: str, key: bytes) -> list | None:
-        """Drop key from the index at once (no I/O); the file goes with remove() of what this
-        returns, and new writes of the key wait for that. None when the tier does not hold it."""
+    def forget(self, ns: str, key: bytes) -> list[_Doomed] | None:
+        """Drop key from the index at once (no I/O) for good: its content is no longer the key's
+        (a cancelled write's copy, an overwrite's old file). The file goes with remove() of what
+        this returns (one that cannot be unlinked is not indexed again), and new writes of the
+        key wait for that. None when the tier does not hold it."""
         k = (ns, key)
         with self.lock:
             if k not in self._index:
                 return None
-            doomed = [self._doom(k)]
+            doomed = [self._doom(k)._replace(stale=True)]
             self.stats.evictions -= 1  # a removal, not an eviction
         return doomed
 
@@ -1005,34 +1047,36 @@ class ColdTier:
         with self.lock:
             while wait and (k in self._removing or k in self._renaming):
                 self._removed.wait(1.0)
-            di = self._index.get(k)
-            if di is None:
+            if k not in self._index:
                 return False
-            size, group = self.dirs[di].lru[k], self._group_holding(k)
-            doomed = [self._doom(k)]
+            x = self._doom(k)
             self.stats.evictions -= 1  # a removal, not an eviction
         try:
-            self._unlink(doomed[0][1])
+            self._unlink(x.path)
         except OSError as e:
             self.stats.io_errors += 1
-            log.error("nvme unlink %s: %s; the block stays", doomed[0][1], e)
-            with self.lock:
-                self._index_again(k, di, size, group)
+            log.error("nvme unlink %s: %s; the block stays", x.path, e)
+            with self.lock:  # its caller is told: no retry by every write to space out
+                self._index_again(x)
             raise
         finally:
-            self._removals_ended(doomed)
+            self._removals_ended([x])
         return True
 
-    def _index_again(self, k, di: int, size: int, group: str | None) -> None:
-        """Put back the entry of a block whose file could not be removed (lock held; its key is
-        still being removed, so no write of it came meanwhile)."""
-        self._index[k] = di
-        d = self.dirs[di]
-        d.lru[k] = size
-        d.used += size
-        if group is not None:
-            self._groups.setdefault(group, OrderedDict())[k] = size
-            self.group_used[group] = self.group_used.get(group, 0) + size
+    def _index_again(self, x: _Doomed) -> None:
+        """Put back the entry of a block whose file could not be removed, first in line for the
+        next eviction (lock held; its key is still being removed, so no write of it came
+        meanwhile)."""
+        k, d = x.k, self.dirs[x.di]
+        self._index[k] = x.di
+        d.lru[k] = x.size
+        d.lru.move_to_end(k, last=False)
+        d.used += x.size
+        if x.group is not None:
+            lru = self._groups.setdefault(x.group, OrderedDict())
+            lru[k] = x.size
+            lru.move_to_end(k, last=False)
+            self.group_used[x.group] = self.group_used.get(x.group, 0) + x.size
 
     @staticmethod
     def _unlink(path: str) -> None:

@@ -352,6 +352,42 @@ def test_a_delete_whose_unlink_fails_keeps_the_key(tmp_path, monkeypatch):
     assert t.delete(NS, k) and not t.contains(NS, k) and len(files(d)) == 1
 
 
+def test_a_block_whose_eviction_cannot_unlink_its_file_stays(tmp_path, monkeypatch):
+    """EIO on the unlink of a file the capacity evicted: the file stayed, out of the index and
+    of the capacity (the directory held more than it may), a Delete of the key found nothing
+    and was answered, and the next start indexed and served the key again. The block now stays
+    as the next start would find it: indexed, counted, served, and a Delete that cannot unlink
+    it fails. The write that needed its room is dropped, the directory is skipped for retry_s,
+    and the next eviction there, once the unlink works, removes the file first."""
+    d = tmp_path / "d"
+    size = R.header_size(NS, key(0), True) + 8192
+    t = ColdTier([(str(d), 2 * size)], direct_io="off", retry_s=60)
+    assert write(t, key(0), b"a" * 8192) and write(t, key(1), b"b" * 8192)
+    real = os.unlink
+
+    def failing(p, *a, **kw):
+        if key(0).hex() in str(p):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), p)
+        return real(p, *a, **kw)
+    monkeypatch.setattr(os, "unlink", failing)
+    assert not write(t, key(2), b"c" * 8192)  # the directory is full: key 0, least recently used, goes
+    s = t.snapshot()
+    assert s["used_bytes"] == sum(os.path.getsize(f) for f in files(d)) <= 2 * size
+    assert t.contains(NS, key(0)) and read(t, key(0)) == b"a" * 8192 and not t.contains(NS, key(2))
+    assert s["dirs"][0]["degraded"] and s["dirs"][0]["degraded_reason"] == os.strerror(errno.EIO)
+    assert s["io_errors"] == 1 and s["evictions"] == 0 and s["dropped_writes"] == 1
+    with pytest.raises(OSError):
+        t.delete(NS, key(0), wait=True)
+    assert t.contains(NS, key(0))
+    monkeypatch.undo()
+    t.dirs[0].degraded_until = 0.0  # retry_s later
+    assert write(t, key(2), b"c" * 8192)
+    assert not t.contains(NS, key(0)) and not [f for f in files(d) if key(0).hex() in f]
+    assert t.snapshot()["used_bytes"] == sum(os.path.getsize(f) for f in files(d)) == 2 * size
+    again = ColdTier([(str(d), 2 * size)], direct_io="off")
+    assert again.scan() == 2 and not again.contains(NS, key(0))
+
+
 @pytest.mark.parametrize("then", ["delete", "overwrite"])
 def test_a_delete_or_overwrite_whose_nvme_unlink_fails_is_refused(make_daemon, tmp_path, monkeypatch, then):
     """The old file of a Delete or an overwrite could not be unlinked (EROFS, EIO): the call was
