@@ -441,13 +441,16 @@ class Store:
                 landed.set()
 
     def _on_evict(self, b: Block) -> None:  # hot lock held: copy out before the slot is reused
+        # content whose overwrite is committing goes to no lower tier: the commit has unlinked (or
+        # is unlinking) its NVMe file, and a copy written now could still be renaming into place as
+        # the commit answers (a crash then leaves the old bytes for the restart's scan); its
+        # cluster copy is deleted as the commit ends, and a put queued now could land after that
+        if self.hot.being_replaced(b):
+            return
         if self.cluster.write_policy == "evict" and not b.promoted:
             data = bytes(self.view[b.offset:b.offset + b.length])
             self.loop.call_soon_threadsafe(self.cluster.enqueue_put, b.ns, b.key, data, b.checksum)
-        if self.io is None or self.hot.being_replaced(b):
-            # an overwrite committing has unlinked (or is unlinking) the old content's NVMe file:
-            # a copy written now could still be renaming into place as the commit answers, and a
-            # crash then would leave the old bytes for the restart's scan
+        if self.io is None:
             return
         k = (b.ns, b.key)
         with self._qlock:

@@ -48,3 +48,40 @@ def test_a_block_being_demoted_is_read_not_missed(slow_nvme, control):
         assert time.monotonic() - t0 >= 0.2             # it waited for the write, it did not miss
         hits = {t.name: t.hits for t in c.stats().tiers}
     assert hits.get("nvme", 0) >= 2
+
+
+def test_content_evicted_while_its_overwrite_commits_goes_to_no_lower_tier(make_daemon, tmp_path):
+    """RAM evicting the old content of a key whose overwrite is committing: a copy to NVMe or to
+    the cluster tier would be of replaced bytes, and could land after the commit removed the old
+    copies there."""
+    import asyncio
+    d = make_daemon(ram={"capacity": "8MiB"},
+                    nvme={"dirs": [str(tmp_path / "nvme")], "capacity": "64MiB", "write_policy": "evict"})
+    store, hot = d.daemon.store, d.daemon.hot
+    k, other = os.urandom(16), os.urandom(16)
+    with Client(d.address) as c:
+        c.put_many("w", [(k, os.urandom(MiB)), (other, os.urandom(MiB))])
+    puts = []
+    real_cluster = store.cluster
+
+    class Evicting:  # a cluster tier with write_policy "evict" that records its puts
+        write_policy = "evict"
+
+        def enqueue_put(self, ns, key, *a):
+            puts.append(key)
+    store.cluster = Evicting()
+    try:
+        r = hot.reserve("w", [k], [MiB], overwrite=True)
+        hot.begin_commit(r.reservation_id)  # the overwrite is committing: the old block is replaced
+        with hot.lock:
+            old, kept = hot._blocks("w")[k], hot._blocks("w")[other]
+            demotions = store.demotions
+            store._on_evict(old)
+            assert store.demotions == demotions             # nothing queued for NVMe
+            store._on_evict(kept)                           # a block not being replaced: both tiers
+            assert store.demotions == demotions + 1
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.05), store.loop).result(5)  # the loop ran its callbacks
+        assert puts == [other]
+        hot.discard(r.reservation_id)
+    finally:
+        store.cluster = real_cluster
