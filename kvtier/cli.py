@@ -215,6 +215,10 @@ def cmd_check(a) -> int:
               f"{len(rep.orphans)} orphan temp files" + (f", {rep.removed} removed" if a.repair else ""))
         for p, why in rep.corrupt:
             print(f"  corrupt: {p}: {why}")
+        if rep.other_version:  # another kvtier's (a rollback): kept, even by --repair
+            print(f"  {len(rep.other_version)} file(s) of another kvtier version, left alone "
+                  f"({rep.other_version[0][1]}): a version that reads them serves them; remove them by hand "
+                  f"if none will run here again")
         bad += len(rep.corrupt) + len(rep.orphans)
     if bad and not a.repair:
         print("run with --repair to remove them (the daemon treats them as misses meanwhile)")

@@ -334,6 +334,7 @@ class ColdStats:
     dropped_writes: int = 0
     orphans_removed: int = 0
     corrupt_removed: int = 0
+    other_version: int = 0  # files of a record format version this daemon does not read: left in place
 
 
 class ColdTier:
@@ -582,6 +583,9 @@ class ColdTier:
                 bool(meta.expires_ms and meta.expires_ms < time.time() * 1000)
         except FileNotFoundError:
             self._drop_entry(k, di, size, unlink=False, unverified=True)  # gone behind our back: a miss
+            return False
+        except record.UnknownVersion as e:
+            self._set_aside(k, di, size, str(e), unverified=True)
             return False
         except (CorruptRecord, ValueError):
             pass
@@ -964,6 +968,10 @@ class ColdTier:
                 out = _destination(dest, meta.raw_len)
                 out[:meta.raw_len] = raw
                 record.verify(meta, out[:meta.raw_len])
+        except record.UnknownVersion as e:
+            self._set_aside(k, di, size, str(e))
+            self.stats.misses += 1
+            return None
         except (CorruptRecord, ValueError, _DestinationGone) as e:
             if isinstance(e, _DestinationGone) or (isinstance(e, ValueError) and _released(out)):
                 self.stats.misses += 1  # the buffer to read into went away (shutdown): the file is fine
@@ -1022,6 +1030,24 @@ class ColdTier:
             if unlink:
                 self._try_unlink(path)
         return True
+
+    def _set_aside(self, k, di: int, size: int, why: str, unverified: bool = False) -> None:
+        """Forget k and leave its file: a record of a format version this daemon does not read (a
+        newer kvtier's, before a rollback) is a miss here, kept for the version that reads it
+        (not counted against the capacity, never evicted; a write of k replaces it). No-op when k
+        was replaced meanwhile (as _drop_entry)."""
+        with self.lock:
+            if self._index.get(k) != di or self.dirs[di].lru.get(k) != size:
+                return
+            if unverified and k not in self._unverified:
+                return
+            self._evict_key(k)
+            self.stats.evictions -= 1  # not evicted: set aside
+            self.stats.other_version += 1
+            first = self.stats.other_version == 1
+        if first:
+            log.warning("nvme %s: %s; such files are misses here, left in place for the kvtier version "
+                        "that wrote them (counted in other_version)", self._path(di, *k), why)
 
     def forget(self, ns: str, key: bytes) -> list[_Doomed] | None:
         """Drop key from the index at once (no I/O) for good: its content is no longer the key's
@@ -1172,6 +1198,7 @@ class CheckReport:
     ok: int = 0
     bytes: int = 0
     corrupt: list = field(default_factory=list)   # (path, reason)
+    other_version: list = field(default_factory=list)  # (path, reason): another kvtier's, left alone
     orphans: list = field(default_factory=list)   # temp files left by a crash
     removed: int = 0
 
@@ -1193,7 +1220,8 @@ def verify_file(path: str) -> Meta:
 
 
 def check_dir(path: str, repair: bool = False) -> CheckReport:
-    """Verify every block file under one NVMe directory; with repair, remove what fails.
+    """Verify every block file under one NVMe directory; with repair, remove what fails (not the
+    files of another record format version: another kvtier's, sound, reported apart).
 
     Without repair it reads only and takes no lock, so it may run beside the daemon: a file the
     daemon evicts meanwhile is skipped, and while the daemon holds the directory its temp files
@@ -1220,6 +1248,8 @@ def check_dir(path: str, repair: bool = False) -> CheckReport:
                         meta = verify_file(p)
                     except FileNotFoundError:
                         continue  # evicted by the daemon since the listing
+                    except record.UnknownVersion as e:
+                        rep.other_version.append((p, str(e)))
                     except (CorruptRecord, OSError, ValueError) as e:
                         rep.corrupt.append((p, str(e)))
                     else:
