@@ -11,7 +11,8 @@ Layout (all integers little-endian):
                   24  u64  total size in bytes
                   32  u64  data_offset: first byte of the slot region
                   40  u64  arena id: random when the file is made, kept by every re-attach
-                           (0: an arena of an older version); the slot table names it
+                           (an arena an older version made gets one at its first re-attach);
+                           the slot table names it
     data_offset  slots, allocated by kvtier.alloc in 4 KiB multiples
 
 The daemon creates the file (mode 0660), or re-attaches the one a previous
@@ -348,9 +349,11 @@ class Arena:
             if fd >= 0:
                 os.close(fd)
         try:
-            if self.reattached:
-                self.arena_id = ARENA_ID.unpack_from(self.mm, HEADER.size)[0]
-            else:  # written before the header's magic: a header that reads valid has its id
+            # the generation of the run that used the arena last: the slot table's pins hold only
+            # if that run was one that keeps them (kvtier.slots, pins_generation)
+            self.previous_generation = HEADER.unpack_from(self.mm)[3] if self.reattached else 0
+            self.arena_id = ARENA_ID.unpack_from(self.mm, HEADER.size)[0] if self.reattached else 0
+            if not self.arena_id:  # written before the header's magic: a header that reads valid has its id
                 self.arena_id = secrets.randbits(63) | 1
                 ARENA_ID.pack_into(self.mm, HEADER.size, self.arena_id)
             self.mm[:HEADER.size] = HEADER.pack(MAGIC, VERSION, 0, self.generation, self.size, self.data_offset)

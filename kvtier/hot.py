@@ -259,6 +259,7 @@ class HotTier:
         # for a background check, kvtier.commitcheck); same rules as on_commit.
         self.on_trusted: Callable[[list[Block]], None] = lambda blocks: None
         self.slots = NullSlots()  # per-slot headers for restarts (kvtier.slots)
+        self.pins_dropped = 0  # recorded pins a restore did not trust (restore(pins=False))
 
     # ---- bookkeeping helpers (lock held) -------------------------------------------------
 
@@ -870,10 +871,11 @@ class HotTier:
             return n
 
     def restore(self, table, view: memoryview, verify: bool = True,
-                progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+                progress: Callable[[int], None] | None = None, pins: bool = True) -> tuple[int, int]:
         """Rebuild the index from a slot table left by a previous run over the same arena.
         Entries out of bounds, overlapping another, duplicated or (with verify) whose bytes
-        no longer match their checksum are dropped. Returns (kept, dropped).
+        no longer match their checksum are dropped. Returns (kept, dropped). pins=False: the
+        recorded pins are not to be trusted (kvtier.slots): cleared, counted in pins_dropped.
         ``progress(entries done)`` is called every RESTORE_TICK entries (hashing a large arena
         takes minutes); an exception it raises ends the restore, the table left as it was."""
         from .keys import KEY_SIZES, NAMESPACE_RE
@@ -913,7 +915,12 @@ class HotTier:
                 b = Block(ns, key, off, length, COMMITTED, digest, created, entry=i, group=self.group_of(ns))
                 self._filing(ns)[key] = b
                 self._use(b.group, self.alloc.round(length))
-                if not self._restore_pin(b, table, table.pin_of(i)):
+                until = table.pin_of(i)
+                if until and not pins:
+                    table.set_pin(i, 0.0)
+                    self.pins_dropped += 1
+                    until = 0.0
+                if not self._restore_pin(b, table, until):
                     self._policy_add(b)
                 st = self._ns(ns)
                 st.blocks += 1

@@ -237,17 +237,25 @@ class Daemon:
                             "the RAM tier starts empty", table.path)
             if a.reattached:
                 t0 = time.monotonic()
+                # pins recorded by the last run that used the arena, or left by a run before it
+                # that an older version (which keeps no pins) followed: then none is trusted
+                pins = table.pins_generation == a.previous_generation
                 try:
                     kept, dropped = await asyncio.to_thread(
                         self.hot.restore, table, a.view, r.verify_on_restart,
-                        self._step_progress("re-attaching the RAM tier", "blocks checked"))
+                        self._step_progress("re-attaching the RAM tier", "blocks checked"), pins)
                 except BaseException:
                     table.close()  # left as it was, for the next start
                     raise
                 log.info("arena re-attached: %d blocks kept, %d dropped, in %.2fs", kept, dropped,
                          time.monotonic() - t0)
+                if self.hot.pins_dropped:
+                    log.warning("arena: %d pins recorded before the last start are dropped: the last run was "
+                                "a kvtier version that does not keep pins (pin them again: kvtier prewarm "
+                                "does at its next run)", self.hot.pins_dropped)
             else:
                 self.hot.slots = table
+            table.pins_generation = a.generation  # the pins recorded from now on are this run's
         self._check_stop()
         self.store = Store(cfg, self.hot, a.view, a.huge_pages, cold=self._cold)
         self.cluster = cluster_from_config(cfg.cluster)

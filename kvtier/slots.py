@@ -7,7 +7,9 @@ that restarts (crash, upgrade, ``systemctl restart``) can re-attach the arena
 and rebuild its index instead of starting cold.
 
     header (64 bytes): magic b"KVTSLOTS", version u32, entry size u32, capacity u64 (entries),
-                       arena id u64 (kvtier.arena; 0: not recorded, a table of an older version)
+                       arena id u64 (kvtier.arena; 0: not recorded, a table of an older version),
+                       pins generation u64 (the arena generation of the run that recorded the
+                       entries' pins; 0: none)
     entry i at 64 + i * 160:
          0  u32  magic 0x53545645 ("EVTS") when in use, 0 when free
          4  u8   namespace length N      5  u8  key length K     6  u16 state: 1 committed, 2 reserved
@@ -17,6 +19,13 @@ and rebuild its index instead of starting cold.
        144  u32  xxh32 of bytes 0..143 (entry check)
        148  f64  pinned until (unix seconds; inf: until unpinned; 0: not pinned)
        156  4 bytes reserved
+
+Pins are trusted at a restart only when the run before was one that records them: a version
+that predates pins (a rollback) leaves their bytes as they were while it unpins, deletes and
+reuses entries, so a later start would pin again what was unpinned, or a block that took over
+an entry. Every run writes its arena generation here at start; the next start compares it
+with the generation it found in the arena's header (the last run's, whichever version it
+was) and, when they differ, drops every recorded pin.
 
 Write order makes every crash safe: a reserved slot gets a "reserved" entry
 before its offset is handed to a client; the entry turns "committed" only
@@ -43,6 +52,8 @@ from .arena import open_own
 
 HEADER = struct.Struct("<8sII Q")
 ARENA = struct.Struct("<Q")  # at HEADER.size: the id of the arena the entries describe
+PINS_GENERATION = struct.Struct("<Q")  # after it: the arena generation whose run recorded the pins
+PINS_GENERATION_AT = HEADER.size + ARENA.size
 MAGIC = b"KVTSLOTS"
 VERSION = 1
 ENTRY = 160
@@ -93,6 +104,14 @@ class SlotTable:
             return False
         magic, version, esize, _ = HEADER.unpack(head)
         return magic == MAGIC and version == VERSION and esize == ENTRY
+
+    @property
+    def pins_generation(self) -> int:
+        return PINS_GENERATION.unpack_from(self.mm, PINS_GENERATION_AT)[0]
+
+    @pins_generation.setter
+    def pins_generation(self, generation: int) -> None:
+        PINS_GENERATION.pack_into(self.mm, PINS_GENERATION_AT, generation)
 
     def _arena_id(self) -> int:
         return ARENA.unpack(os.pread(self.fd, ARENA.size, HEADER.size))[0]

@@ -139,6 +139,70 @@ def test_pins_are_kept_across_a_restart(cfg_pair):
             assert c.lookup(NS, keys[:1])[0] == [1]
 
 
+def _run_of_a_version_without_pins(arena_path):
+    """What a start of a version that keeps no pins leaves behind (a rollback): a new generation
+    in the arena's header, and the slot table as it was, pins included."""
+    import secrets
+    import struct
+    with open(arena_path, "r+b") as f:
+        f.seek(16)
+        f.write(struct.pack("<Q", secrets.randbits(63) | 1))
+
+
+def test_pins_left_by_a_run_before_a_rollback_are_not_restored(cfg_pair, caplog):
+    """A rollback to a version that keeps no pins, then forward again: the pins recorded before
+    the rollback came back, on blocks unpinned meanwhile, or on a block that took over a deleted
+    one's entry (pinned for ever, unasked). A start trusts the recorded pins only when the run
+    before it recorded them."""
+    cfg = cfg_pair(ram={"capacity": "16MiB"})
+    data = blocks(4)
+    keys = [k for k, _ in data]
+    with DaemonThread(cfg) as d:
+        arena_path = d.daemon.arena.path
+        with Client(d.address) as c:
+            c.put_many(NS, data)
+            assert c.pin(NS, keys[:2]) == [True, True]
+    _run_of_a_version_without_pins(arena_path)
+    caplog.set_level("WARNING", logger="kvtier")
+    with DaemonThread(cfg) as d:
+        with Client(d.address) as c:
+            assert c.lookup(NS, keys)[0] == [1, 1, 1, 1]      # the blocks are kept
+            assert c.stats().tiers[0].pinned_blocks == 0      # their pins are not
+            assert c.pin(NS, keys[2:3]) == [True]            # pins of this run ...
+    assert "2 pins recorded before the last start are dropped" in caplog.text
+    with DaemonThread(cfg) as d:                             # ... are kept by the next start
+        with Client(d.address) as c:
+            assert c.stats().tiers[0].pinned_blocks == 1
+            assert c.unpin(NS, keys[2:3]) == 1 and c.unpin(NS, keys[:2]) == 0
+
+
+def test_an_arena_an_older_version_made_gets_an_id(cfg_pair):
+    """An arena made before arenas had an id kept id 0 through every re-attach: the check that a
+    slot table describes this arena never applied on a node upgraded in place."""
+    from kvtier.slots import SlotTable, table_path
+    cfg = cfg_pair(ram={"capacity": "16MiB"})
+    with DaemonThread(cfg) as d:
+        arena_path = d.daemon.arena.path
+        with Client(d.address) as c:
+            c.put_many(NS, blocks(2))
+    with open(arena_path, "r+b") as f:
+        f.seek(40)
+        f.write(bytes(8))
+    table = table_path(cfg.arena_path, "tmpfs")
+    raw = bytearray(open(table, "rb").read())
+    raw[24:32] = bytes(8)
+    open(table, "wb").write(raw)
+    with DaemonThread(cfg) as d:
+        arena_id = d.daemon.arena.arena_id
+        with Client(d.address) as c:
+            assert c.lookup(NS, [k for k, _ in blocks(2)])[0] == [1, 1]
+    assert arena_id != 0
+    with open(arena_path, "rb") as f:
+        f.seek(40)
+        assert int.from_bytes(f.read(8), "little") == arena_id
+    assert SlotTable(table, fresh=False)._arena_id() == arena_id
+
+
 def test_slots_reserved_at_a_crash_are_not_reused_at_once(cfg_pair):
     cfg = cfg_pair(ram={"reservation_ms": 1000, "capacity": "8MiB"})
     with DaemonThread(cfg) as d:
