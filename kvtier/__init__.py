@@ -5,5 +5,5 @@ A daemon per GPU node (``kvtier serve``) keeps KV blocks, addressed by
 same-node clients through that arena and to others over the wire.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
