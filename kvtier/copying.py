@@ -27,6 +27,11 @@ def copy_into(dst: memoryview, src: memoryview) -> None:
     np.copyto(np.frombuffer(dst, np.uint8, len(src)), np.frombuffer(src, np.uint8))
 
 
+def zero(dst: memoryview) -> None:
+    """dst[:] = 0, without holding the GIL for large buffers."""
+    np.frombuffer(dst, np.uint8).fill(0)
+
+
 def copy_hashed(dst: memoryview, src: memoryview) -> bytes:
     """Copy src into dst and return the xxh3-128 of dst, hashed while the bytes are still in
     the CPU's cache (a block above HASH_CHUNK piece by piece): about half the cost of hashing

@@ -137,6 +137,7 @@ class KVTierService(pb_grpc.KVTierServicer):
         self.max_batch = daemon.cfg.server.max_batch
         self.loop = asyncio.get_running_loop()
         self._pin_warned = 0.0  # when a Pin last logged blocks left unpinned (ram.max_pinned)
+        self._socket_mode = int(daemon.cfg.server.socket_mode, 8)
 
     def call(self, method: str, payload, token: str | None, peer: str) -> tuple[grpc.StatusCode, str, bytes]:
         """Run a unary RPC for a caller on the data channel, on the calling thread. Returns (status,
@@ -169,6 +170,15 @@ class KVTierService(pb_grpc.KVTierServicer):
     def _tenant(self, ctx):
         """The caller's tenant (None when single-tenant); UNAUTHENTICATED without a valid token."""
         return self.d.access.identify(token_from_metadata(ctx.invocation_metadata()))
+
+    def _trusted_with_arena(self, ctx) -> bool:
+        """Whether the caller may see any bytes of the arena: without tenants, every caller (no
+        isolation is promised); with tenants, a caller on a Unix socket that only the arena's
+        group can open (it can map the arena file). Another caller's Reserve gets its slots
+        zeroed: a slot holds the bytes of whatever block was there before, another tenant's,
+        and a Commit without writing (a caller that cannot map the arena cannot write it) would
+        store them in the caller's namespace for it to read back."""
+        return not self.d.access.enabled or ctx.peer().startswith("unix:") and not self._socket_mode & 0o007
 
     def _ns(self, ns: str, ctx) -> str:
         check_namespace(ns)
@@ -271,6 +281,10 @@ class KVTierService(pb_grpc.KVTierServicer):
         self._check_generation(request.generation)
         ns, keys = self._keys(request, context)
         r = self.hot.reserve(ns, keys, list(request.sizes), request.ttl_ms, request.overwrite)
+        if not self._trusted_with_arena(context):  # whatever it commits unwritten reads as zeros
+            for st, off, size in zip(r.status, r.offsets, request.sizes):
+                if st == 0:
+                    copying.zero(self.view[off:off + size])
         return pb.ReserveResponse(reservation_id=r.reservation_id, status=r.status, offsets=r.offsets,
                                   ttl_ms=r.ttl_ms)
 

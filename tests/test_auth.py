@@ -406,3 +406,50 @@ def test_nvme_quota_evicts_within_the_tenant_only(make_daemon, tmp_path):
         assert cold.group_used["b"] >= 8 * blk  # ...and b's files were never touched
         assert sum(cold.contains("b-x", bytes([100 + i]) * 16) for i in range(8)) == 8
         assert sum(cold.contains("a-x", bytes([i]) * 16) for i in range(10)) <= 5
+
+
+@pytest.mark.parametrize("transport", ["grpc", "data"])
+def test_a_tenant_never_reads_the_bytes_another_left_in_a_slot(make_daemon, tenants_file, monkeypatch, transport):
+    """A tenant reaching the daemon over TCP reserved slots, committed them without writing (it
+    cannot map the arena to write them) and read back the bytes of whatever blocks had been
+    there: another tenant's deleted or evicted KV. Slots reserved by a caller that may not see
+    the arena are zeroed; a Unix-socket caller (the arena's group) pays no such write."""
+    from kvtier import copying
+    d = make_daemon(auth={"tenants_file": tenants_file}, ram={"capacity": "16MiB"},
+                    server={"listen": "127.0.0.1:0", "data_listen": "127.0.0.1:0", "insecure_tcp": True})
+    size, marker = 1 << 20, b"secret of b!" * 16
+    with Client(d.address, token=TOKEN_B) as b:  # on the Unix socket: the arena's way
+        keys = [bytes([i]) * 16 for i in range(8)]
+        b.put_many("b-kv", [(k, marker * (size // len(marker))) for k in keys])
+        assert b.delete("b-kv", keys) == 8              # their slots are free, their bytes still there
+        zeroed = []
+        real = getattr(copying, "zero", None)
+        monkeypatch.setattr(copying, "zero", lambda v: zeroed.append(len(v)) or real(v), raising=False)
+        r = b.reserve("b-kv", [b"u" * 16], [size])      # a caller that may see the arena: no zeroing
+        b.abort(r)
+        assert zeroed == []
+        data_address = next(a for a in [b.info.data_address] if a)
+    packed = dict(namespace="a-x", key_size=16, keys=b"".join(keys))
+    res = pb.ReserveRequest(sizes=[size] * 8, **packed)
+    with Client(d.tcp_address, token=TOKEN_A, attach=False) as a:
+        tcp_data = a.info.data_address
+        assert tcp_data.startswith("tcp://")
+    if transport == "grpc":
+        ch = grpc.insecure_channel(d.tcp_address.replace("tcp://", ""))
+        stub = pb_grpc.KVTierStub(ch)
+        r = stub.Reserve(res, metadata=_md(TOKEN_A))
+        stub.Commit(pb.CommitRequest(reservation_id=r.reservation_id), metadata=_md(TOKEN_A))
+        ch.close()
+    else:
+        conn = DataConnection(tcp_data, token=TOKEN_A)
+        try:
+            r = pb.ReserveResponse.FromString(conn.call("Reserve", res.SerializeToString()))
+            conn.call("Commit", pb.CommitRequest(reservation_id=r.reservation_id).SerializeToString())
+        finally:
+            conn.close()
+    assert list(r.status) == [0] * 8
+    with Client(d.tcp_address, token=TOKEN_A, attach=False) as a:
+        got = a.get_many("a-x", keys)
+    assert sum(marker in g for g in got) == 0            # never b's bytes
+    assert all(g == bytes(size) for g in got) and len(zeroed) == 8
+    assert data_address.startswith("unix://")
