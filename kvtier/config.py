@@ -179,8 +179,9 @@ class ServerConfig:
     # daemon); further ones are closed at once, told why, logged and counted
     # (kvtier_data_connections_refused_total).
     data_max_connections: int = 1024
-    # Largest gRPC message accepted or sent, bytes.
-    max_message_bytes: int = 64 * MiB
+    # Largest gRPC message accepted or sent, bytes (a request is read whole before its token is
+    # checked: what a caller without one makes the daemon hold per call).
+    max_message_bytes: int = 4 * MiB
     # Most keys in one batch call.
     max_batch: int = 4096
     # Seconds SIGTERM waits for in-flight calls before exiting; as long again for the NVMe and

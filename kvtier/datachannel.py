@@ -434,7 +434,7 @@ class DataServer:
         access = self.access  # the tenants tenant was identified by: a reload (SIGHUP) replaces them
         hdr = bytearray(REQ.size + 255 + 255 + CHECKSUM_SIZE)
         hview = memoryview(hdr)
-        scratch = memoryview(bytearray(1 << 20))
+        scratch = _Scratch()
         try:
             while True:
                 try:
@@ -573,10 +573,11 @@ class DataServer:
         # one send (header and the small message together): one wake-up of the reader
         conn.sendall(RESP.pack(RESP_MAGIC, 0, 0, 0, len(resp), req_id, _ZERO) + resp)
 
-    def _drain(self, conn, n: int, scratch: memoryview, deadline: float | None = None) -> None:
+    def _drain(self, conn, n: int, scratch: "_Scratch", deadline: float | None = None) -> None:
+        buf = scratch.view() if n else None
         while n:
-            k = min(n, len(scratch))
-            recv_exact(conn, scratch[:k], deadline)
+            k = min(n, len(buf))
+            recv_exact(conn, buf[:k], deadline)
             n -= k
 
     def _manifest(self, conn, req_id, op, flags, key_len, length) -> tuple[list[tuple[bytes, int, bytes]], int] | None:
@@ -834,6 +835,21 @@ def _send_limit(lease_ms: int) -> float:
     (and the thread and lease it held) well before a lease on the bytes could expire under the send,
     letting their slot be reused."""
     return min(PAYLOAD_TIMEOUT_S, lease_ms / 3000) if lease_ms else PAYLOAD_TIMEOUT_S
+
+
+class _Scratch:
+    """A connection's buffer for the payloads it reads past (refused PUTs), made at its first
+    use: made at accept, every connection held its MiB, an idle or unauthenticated one too."""
+    __slots__ = ("_view",)
+    SIZE = 1 << 20
+
+    def __init__(self):
+        self._view: memoryview | None = None
+
+    def view(self) -> memoryview:
+        if self._view is None:
+            self._view = memoryview(bytearray(self.SIZE))
+        return self._view
 
 
 def _peer(conn: socket.socket) -> str:

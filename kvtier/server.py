@@ -61,6 +61,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVTier"].full_name
 ARENA_STATUS_S = 1.0
 ARENA_EXTEND_S = 120.0
 ARENA_LOG_S = 10.0
+# calls at once on one gRPC connection: each may hold a request of up to server.max_message_bytes
+# before its token is checked; a client's calls past this wait for a free stream
+MAX_STREAMS = 256
 
 
 class _Stopped(Exception):
@@ -272,6 +275,7 @@ class Daemon:
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", mm),
             ("grpc.max_send_message_length", mm),
+            ("grpc.max_concurrent_streams", MAX_STREAMS),
             ("grpc.so_reuseport", 0),
         ])
         service = KVTierService(self)

@@ -453,3 +453,18 @@ def test_a_tenant_never_reads_the_bytes_another_left_in_a_slot(make_daemon, tena
     assert sum(marker in g for g in got) == 0            # never b's bytes
     assert all(g == bytes(size) for g in got) and len(zeroed) == 8
     assert data_address.startswith("unix://")
+
+
+def test_a_caller_without_a_token_cannot_make_the_daemon_hold_large_requests(secured):
+    """gRPC reads a request whole before the handler checks its token: with 64 MiB messages
+    allowed, a few callers without a token held hundreds of MiB of the daemon's memory. The
+    default is 4 MiB, well above what a batch of max_batch keys needs."""
+    ch = grpc.insecure_channel(secured.address, options=[("grpc.max_send_message_length", 64 << 20)])
+    stub = pb_grpc.KVTierStub(ch)
+    big = pb.LookupRequest(namespace="b-one", key_size=16, keys=bytes(5 << 20))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Lookup(big)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    most = pb.LookupRequest(namespace="b-one", key_size=32, keys=bytes(32 * secured.daemon.cfg.server.max_batch))
+    assert stub.Lookup(most, metadata=_md(TOKEN_B)).tiers == bytes(secured.daemon.cfg.server.max_batch)
+    ch.close()

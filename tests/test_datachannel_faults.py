@@ -140,6 +140,30 @@ def test_a_call_before_hello_costs_no_memory(secured, monkeypatch):
     _serves(secured)
 
 
+def test_a_connection_holds_no_drain_buffer_until_it_drains(secured, monkeypatch):
+    """Each connection made a 1 MiB buffer at accept, for payloads it reads past: 1,024 idle or
+    unauthenticated connections (the default limit) held 1 GiB. It is made at the first drain."""
+    made = []
+    real = datachannel._Scratch.view
+
+    def view(self):
+        if self._view is None:
+            made.append(1)
+        return real(self)
+    monkeypatch.setattr(datachannel._Scratch, "view", view)
+    s = _sock(secured)
+    _hello(s)
+    s.sendall(_request(OP_PING, b"", b"", req_id=2))
+    assert _answer(s)[0] == 0
+    s.sendall(_request(OP_GET, NS.encode(), b"k" * 16, req_id=3))
+    assert _answer(s)[0] == 0
+    assert made == []
+    s.sendall(_request(OP_PUT, b"not a namespace!", b"k" * 16, length=4096, req_id=4) + b"x" * 4096)
+    assert _answer(s)[0] != 0                         # refused: its payload is read past
+    assert made == [1]
+    s.close()
+
+
 def test_a_peer_without_a_token_is_cut_off(secured, monkeypatch):
     """On a daemon with tenants, a connection that sends no valid HELLO in time is closed, whether
     it sends nothing, trickles a header, or streams refused CALLs; an authenticated one may idle."""

@@ -82,7 +82,7 @@ def test_attach_fields_and_client_maps_the_arena(daemon):
         assert 0 < info.max_block_bytes <= info.arena_size - info.data_offset
         assert info.max_batch == 4096
         assert sorted(info.key_sizes) == [16, 32]
-        assert info.max_message_bytes == 64 * MiB
+        assert info.max_message_bytes == 4 * MiB
         assert info.version == kvtier.__version__
         assert info.default_lease_ms == 30_000 and info.default_reservation_ms == 30_000
         # the arena file's header names the same generation
