@@ -1408,13 +1408,26 @@ class AsyncClient:
                 out = await control(ops, req[1], ops.control_call, req[1], req[2], self.timeout)
                 if out is not None:
                     return out
-            rpc = getattr(self._stub, req[1])
-            md = self._ops.metadata
-            if kind == "server_stream":
-                return [c async for c in rpc(req[2], timeout=self.timeout, metadata=md)]
-            return await rpc(req[2], timeout=self.timeout, metadata=md)
+            call = getattr(self._stub, req[1])(req[2], timeout=self.timeout, metadata=self._ops.metadata)
+            try:
+                if kind == "server_stream":
+                    return [c async for c in call]
+                return await call
+            except asyncio.CancelledError:
+                # a stream cancelled while it waits for its next message stayed open on the
+                # daemon (its lease held until lease_ms): the call is cancelled for it too
+                call.cancel()
+                current = asyncio.current_task()
+                if self._ops.closed and (current is None or not current.cancelling()):
+                    # cut by close() (which closed the channel), not by a cancel of this task
+                    raise errors.Unavailable("the client was closed during the call") from None
+                raise
         except grpc.RpcError as e:
             raise errors.from_rpc_error(e) from None
+        except grpc.aio.UsageError:  # the channel closed by close() before the call began
+            if self._ops.closed:
+                raise errors.Unavailable("the client is closed") from None
+            raise
 
     async def _drive(self, gen: Generator):
         with self._ops.running():

@@ -213,3 +213,58 @@ def test_an_async_clients_large_arena_copies_leave_its_event_loop_free(daemon, m
             assert await c.get_many("ns", [k for k, _ in small]) == [v for _, v in small]
             assert seen == [True]  # the small put's copy on the loop; a get without into copies itself
     asyncio.run(main())
+
+
+def test_a_cancelled_grpc_get_ends_its_stream_on_the_daemon(make_daemon):
+    """An AsyncClient's get_many over gRPC cancelled mid-stream (asyncio.wait_for) left the
+    daemon's Get stream open, blocked on flow control, holding its lease until lease_ms and its
+    memory until the client closed: a long-lived engine client piled them up."""
+    d = make_daemon(ram={"lease_ms": 60_000})
+    keys = [key(("g", i)) for i in range(4)]
+
+    async def main():
+        async with AsyncClient(d.address) as w:
+            await w.put_many("ns", [(k, os.urandom(4 * MiB)) for k in keys])
+        c = AsyncClient(d.address, attach=False, data_channel=False)
+        try:
+            await c.lookup("ns", keys)
+            assert c.path == "grpc"
+            cancelled = 0
+            for i in range(40):
+                try:
+                    await asyncio.wait_for(c.get_many("ns", keys), 0.002 + 0.001 * (i % 20))
+                except asyncio.TimeoutError:
+                    cancelled += 1
+            assert cancelled
+            for _ in range(100):  # the daemon sees the cancels: no stream keeps its lease
+                if (await c.stats()).leases == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await c.stats()).leases == 0
+        finally:
+            await c.close()
+    asyncio.run(main())
+
+
+def test_closing_an_async_client_fails_its_grpc_calls_in_flight_as_unavailable(daemon_process):
+    """close() with gRPC calls in flight on other tasks: they raised asyncio.CancelledError (their
+    tasks were never cancelled: a TaskGroup or gather took it for a cancel of its own) or grpc's
+    UsageError. They fail with Unavailable, as on the other paths."""
+    import signal
+    from kvtier import errors
+    d = daemon_process()
+
+    async def main():
+        c = AsyncClient(d.address, attach=False, data_channel=False)
+        await c.lookup("ns", [b"k" * 16])
+        os.kill(d.proc.pid, signal.SIGSTOP)  # the calls stay in flight until close()
+        try:
+            calls = [asyncio.ensure_future(c.lookup("ns", [b"k" * 16])) for _ in range(3)]
+            calls.append(asyncio.ensure_future(c.get_many("ns", [b"k" * 16])))
+            await asyncio.sleep(0.2)
+            await c.close()
+            got = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        assert all(isinstance(g, errors.Unavailable) for g in got), got
+    asyncio.run(main())
