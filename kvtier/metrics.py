@@ -124,7 +124,7 @@ class _StoreCollector:
 
         for name, key, doc in (("leases", "leases", "Open leases."),
                                ("reservations", "reservations", "Open reservations."),
-                               ("reserved_bytes", "reserved_bytes", "Bytes in open reservations."),
+                               ("reserved_bytes", "reserved_bytes", "Bytes in open reservations, and in slots of expired ones kept out of use (up to 5 s)."),
                                ("pinned_blocks", "pinned_blocks", "Pinned blocks in RAM."),
                                ("pinned_bytes", "pinned_bytes", "Slot bytes of the pinned blocks (at most "
                                 "ram.max_pinned of the arena)."),
