@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import functools
 import ipaddress
+import logging
 import os
 import select
 import ssl
@@ -101,6 +102,8 @@ CLOSE_WAIT_S = 2.0
 CONTROLS = ("auto", "grpc")  # where unary calls go: the data channel when there is one, or always gRPC
 _LOST = (errors.Unavailable, errors.DeadlineExceeded)  # a call's answer lost: what it did is unknown
 
+log = logging.getLogger("kvtier.client")
+
 
 @dataclass(frozen=True)
 class TLS:
@@ -153,7 +156,7 @@ def reachable_data_address(control: str, data: str) -> str:
         return data
     if not data.startswith("tcp://"):
         return ""
-    dialled = grpc_target(control).rsplit("/", 1)[-1].rpartition(":")[0].strip("[]")
+    dialled = _host_of(control)
     host, _, port = data[len("tcp://"):].rpartition(":")
     host = host.strip("[]")
     if host in ("0.0.0.0", "::", ""):
@@ -161,6 +164,17 @@ def reachable_data_address(control: str, data: str) -> str:
     elif _loopback(host) and not _loopback(dialled):
         return ""
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def _host_of(address: str) -> str:
+    """The host a TCP address ('tcp://h:p', 'h:p', '[v6]:p') dials."""
+    return grpc_target(address).rsplit("/", 1)[-1].rpartition(":")[0].strip("[]")
+
+
+def _token_in_clear(address: str, token: str | None, tls: "TLS | None") -> bool:
+    """Whether a bearer token would leave this host unencrypted: sent without TLS over TCP to
+    a host that is not loopback (on a Unix socket or loopback it never crosses a network)."""
+    return bool(token) and tls is None and not address.startswith("unix:") and not _loopback(_host_of(address))
 
 
 def _loopback(host: str) -> bool:
@@ -379,6 +393,9 @@ class _Ops:
         self.token = token if token is not None else os.environ.get("KVTIER_TOKEN") or None
         self.tls = tls
         self.metadata = (("authorization", f"Bearer {self.token}"),) if self.token else None
+        if _token_in_clear(self.address, self.token, tls):  # once per client: its calls all go there
+            log.warning("kvtier client: the bearer token goes to %s without TLS, readable by anyone on the "
+                        "network path; give the client the daemon's CA (tls=TLS(ca=...), --tls-ca)", self.address)
         self.info: pb.AttachResponse | None = None
         self.arena: ArenaMapping | None = None
         self.path = ""

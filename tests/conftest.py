@@ -4,6 +4,8 @@
 ``make_daemon(**sections)``: the same with settings, e.g.
 ``make_daemon(ram={"capacity": "8MiB", "policy": "lru"})``.
 ``daemon_process``: ``kvtier serve`` as a real subprocess (for kill tests).
+``pki``: a CA with a server and a client certificate; ``tls_daemon(make_daemon, pki)``: a daemon
+with TLS on its loopback TCP listeners.
 Every daemon is stopped and its files removed at the end of the test.
 """
 from __future__ import annotations
@@ -158,3 +160,32 @@ def daemon_process():
         d.kill()
         shutil.rmtree(sock_dir, ignore_errors=True)
         shutil.rmtree(arena_dir, ignore_errors=True)
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A CA, and a server and a client certificate it signed (for localhost and 127.0.0.1)."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=kvtier-test-ca",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
+    (d / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "2", "-extfile", "san.cnf", "-out", f"{name}.pem", cwd=d)
+    return d
+
+
+def tls_daemon(make_daemon, pki, mutual: bool = False):
+    """A daemon whose TCP listeners (gRPC and data channel, on loopback) speak TLS with pki's
+    server certificate; ``mutual``: they also ask for a client certificate signed by its CA."""
+    server = {"listen": "127.0.0.1:0", "data_listen": "127.0.0.1:0",
+              "tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key")}
+    if mutual:
+        server["tls_client_ca"] = str(pki / "ca.pem")
+    return make_daemon(server=server)

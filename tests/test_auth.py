@@ -3,7 +3,6 @@ import hashlib
 import os
 import select
 import socket
-import subprocess
 import time
 
 import grpc
@@ -15,7 +14,7 @@ from kvtier.datachannel import DataConnection
 from kvtier.v1 import kvtier_pb2 as pb
 from kvtier.v1 import kvtier_pb2_grpc as pb_grpc
 
-from conftest import wait_until
+from conftest import tls_daemon, wait_until
 
 TOKEN_A, TOKEN_B = "token-of-a-" + "x" * 20, "token-of-b-" + "y" * 20
 
@@ -231,35 +230,9 @@ def test_tcp_requires_tls_or_explicit_insecure():
 
 # ---- TLS --------------------------------------------------------------------------------------
 
-def _openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=kvtier-test-ca",
-             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
-    (d / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-                 "-out", f"{name}.csr", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "2", "-extfile", "san.cnf", "-out", f"{name}.pem", cwd=d)
-    return d
-
-
-def _tls_daemon(make_daemon, pki, mutual):
-    server = {"listen": "127.0.0.1:0", "data_listen": "127.0.0.1:0",
-              "tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key")}
-    if mutual:
-        server["tls_client_ca"] = str(pki / "ca.pem")
-    return make_daemon(server=server)
-
-
 @pytest.mark.parametrize("data_channel", [True, False], ids=["data", "grpc"])
 def test_tls(make_daemon, pki, data_channel):
-    d = _tls_daemon(make_daemon, pki, mutual=False)
+    d = tls_daemon(make_daemon, pki, mutual=False)
     tls = TLS(ca=str(pki / "ca.pem"))
     with Client(d.tcp_address, tls=tls, attach=False, data_channel=data_channel, timeout=5) as c:
         c.put("t", KEY, b"over tls" * 1000)
@@ -271,7 +244,7 @@ def test_tls(make_daemon, pki, data_channel):
 
 
 def test_mutual_tls(make_daemon, pki):
-    d = _tls_daemon(make_daemon, pki, mutual=True)
+    d = tls_daemon(make_daemon, pki, mutual=True)
     good = TLS(ca=str(pki / "ca.pem"), cert=str(pki / "client.pem"), key=str(pki / "client.key"))
     with Client(d.tcp_address, tls=good, attach=False, timeout=5) as c:
         c.put("t", KEY, b"mutual")
@@ -285,7 +258,7 @@ def test_a_tls_handshake_that_trickles_is_cut_off(make_daemon, pki, monkeypatch)
     sending a byte now and then would otherwise keep a thread of the daemon for ever."""
     from kvtier import datachannel
     monkeypatch.setattr(datachannel, "HANDSHAKE_TIMEOUT_S", 1.0)
-    d = _tls_daemon(make_daemon, pki, mutual=False)
+    d = tls_daemon(make_daemon, pki, mutual=False)
     dc = d.daemon.data
     host, port = datachannel.parse_address(next(a for a in dc.addresses if a.startswith("tcp://")))[1]
     hello = b"\x16\x03\x01\x02\x00" + b"\x01" * 64      # a TLS record header, then slowly its body
@@ -314,7 +287,7 @@ def test_closing_ends_tls_connections_at_once_and_waits_for_their_threads(make_d
     would otherwise keep its thread for HANDSHAKE_TIMEOUT_S) with the socket's own shutdown, and
     returns once their threads have ended: a daemon stopping sends nothing more on them."""
     from kvtier import datachannel
-    d = _tls_daemon(make_daemon, pki, mutual=False)
+    d = tls_daemon(make_daemon, pki, mutual=False)
     dc = d.daemon.data
     host, port = datachannel.parse_address(next(a for a in dc.addresses if a.startswith("tcp://")))[1]
     silent = socket.create_connection((host, port), timeout=5)  # no ClientHello: waits in the handshake
