@@ -128,6 +128,32 @@ class TLS:
             ctx.load_cert_chain(self.cert, self.key)
         return ctx
 
+    def check(self, names: dict[str, str]) -> "TLS":
+        """This TLS once its files have been read and parsed, so that a client set up with a
+        missing or unreadable file, one that is not PEM, or a key that is not its certificate's
+        stops where it starts, with a ConfigError naming the setting (``names``: "ca", "cert"
+        and "key" to the settings' names), instead of failing every call as Unavailable."""
+        if bool(self.cert) != bool(self.key):
+            raise errors.ConfigError(f"{names['cert']} and {names['key']} go together (mutual TLS)")
+        for part in ("ca", "cert", "key"):
+            path = getattr(self, part)
+            try:
+                with open(path or os.devnull, "rb"):
+                    pass
+            except OSError as e:
+                raise errors.ConfigError(f"{names[part]}: cannot read {path}: {e.strerror}") from None
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca)
+        except ssl.SSLError:
+            raise errors.ConfigError(f"{names['ca']}: {self.ca} is not a PEM certificate (a CA bundle)") from None
+        try:
+            if self.cert:
+                ctx.load_cert_chain(self.cert, self.key)
+        except ssl.SSLError:
+            raise errors.ConfigError(f"{names['cert']}, {names['key']}: {self.cert} and {self.key} are not a "
+                                     "certificate with its key (PEM)") from None
+        return self
+
 
 def _channel(module, address: str, tls: TLS | None):
     target = grpc_target(address)

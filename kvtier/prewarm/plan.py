@@ -2,8 +2,10 @@
 
 ``configs/prewarm.example.toml`` documents every setting. Paths in the plan are relative to
 the plan file's directory. Contexts are described here and read only when they are sent
-(``load_context``), so a plan parses without touching the files it names. A bad value is a
-``ConfigError`` naming the plan file, the line where it can be found and the setting.
+(``load_context``), so a plan parses without touching their files (one that cannot be read
+fails its context only); the daemon's TLS files, without which no run reaches the daemon,
+are read as the plan loads. A bad value is a ``ConfigError`` naming the plan file, the line
+where it can be found and the setting.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..client import TLS
 from ..config import locate, parse_size, read_toml
 from ..errors import ConfigError
 
@@ -67,6 +70,10 @@ class Plan:
     # [daemon]
     address: str = ""             # "" = $KVTIER_ADDRESS or the default socket
     store_wait_s: float = 10.0    # how long stores may take to appear after a response
+    tls_ca: str = ""              # CA of the daemon's certificate: TLS to a tcp:// address; "" = none
+    tls_cert: str = ""            # client certificate and its key, for a daemon asking for one
+    tls_key: str = ""
+    tls_server_name: str = ""     # name to check in the daemon's certificate; "" = the address's host
     # [run]
     state: str = "/var/lib/kvtier/prewarm-state.json"
     concurrency: int = 2
@@ -84,6 +91,13 @@ class Plan:
     min_coverage: float = 0.0
     min_ram_coverage: float = 0.0
     tenants: tuple[Tenant, ...] = ()
+
+    @property
+    def daemon_tls(self) -> TLS | None:
+        """TLS to the daemon, when the plan names its CA."""
+        if not self.tls_ca:
+            return None
+        return TLS(self.tls_ca, self.tls_cert or None, self.tls_key or None, self.tls_server_name or None)
 
     def deadline_in(self, start: dt.datetime) -> tuple[float | None, bool]:
         """(seconds, late): how long after ``start`` (local time) a run's deadline comes (< 0
@@ -131,7 +145,9 @@ def parse_duration(value: Any, name: str) -> int:
 _SECTIONS: dict[str, dict[str, tuple[str, str]]] = {
     "vllm": {"url": ("url", "str"), "model": ("model", "str"), "api_key_env": ("api_key_env", "str"),
              "timeout_s": ("timeout_s", "float")},
-    "daemon": {"address": ("address", "str"), "store_wait_s": ("store_wait_s", "float")},
+    "daemon": {"address": ("address", "str"), "store_wait_s": ("store_wait_s", "float"),
+               "tls_ca": ("tls_ca", "path"), "tls_cert": ("tls_cert", "path"), "tls_key": ("tls_key", "path"),
+               "tls_server_name": ("tls_server_name", "str")},
     "run": {"state": ("state", "path"), "concurrency": ("concurrency", "int"),
             "max_tokens_per_s": ("max_tokens_per_s", "float"), "deadline": ("deadline", "str"),
             "max_run": ("max_run_s", "duration"), "after_deadline": ("after_deadline", "str"),
@@ -156,7 +172,7 @@ def _value(name: str, kind: str, v: Any, base: str) -> Any:
     want = {"str": str, "path": str, "int": int, "float": float, "bool": bool}[kind]
     if not isinstance(v, want) or (want is int and isinstance(v, bool)):
         raise ConfigError(f"{name}: expected {want.__name__}, got {v!r}")
-    return _path(base, v) if kind == "path" else v
+    return _path(base, v) if kind == "path" and v else v
 
 
 def _path(base: str, p: str) -> str:
@@ -283,6 +299,7 @@ def _validate(p: Plan) -> None:
         raise ConfigError(f"vllm.timeout_s: must be more than 0 and at most 86400 (a day), got {p.timeout_s}")
     if p.store_wait_s < 0:
         raise ConfigError(f"daemon.store_wait_s: must be >= 0, got {p.store_wait_s}")
+    _check_tls(p)
     if not 1 <= p.concurrency <= 256:
         raise ConfigError(f"run.concurrency: must be 1..256, got {p.concurrency}")
     for name, v in (("run.max_tokens_per_s", p.max_tokens_per_s), ("run.retry_backoff_s", p.retry_backoff_s)):
@@ -313,6 +330,16 @@ def _validate(p: Plan) -> None:
     for name, v in (("report.min_coverage", p.min_coverage), ("report.min_ram_coverage", p.min_ram_coverage)):
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"{name}: a fraction from 0 to 1, got {v}")
+
+
+def _check_tls(p: Plan) -> None:
+    """Read the daemon's TLS files: one that cannot work would fail every night's run."""
+    if p.daemon_tls is None:
+        if p.tls_cert or p.tls_key:
+            raise ConfigError(f"daemon.{'tls_cert' if p.tls_cert else 'tls_key'}: needs daemon.tls_ca "
+                              "(the CA of the daemon's certificate)")
+        return
+    p.daemon_tls.check({"ca": "daemon.tls_ca", "cert": "daemon.tls_cert", "key": "daemon.tls_key"})
 
 
 def load(path: str) -> Plan:

@@ -619,7 +619,7 @@ def _run_plan(plan: Plan, state: State, promoting: bool, promote_only: bool, for
                  min_coverage=plan.min_coverage if min_coverage is None else min_coverage,
                  min_ram_coverage=plan.min_ram_coverage if min_ram_coverage is None else min_ram_coverage)
     jobs = [(t, c) for t in plan.tenants for c in t.contexts]
-    with Client(plan.address or None, timeout=max(30.0, plan.store_wait_s)) as kv:
+    with Client(plan.address or None, timeout=max(30.0, plan.store_wait_s), tls=plan.daemon_tls) as kv:
         kv.stats()  # unreachable daemon: fail now, not once per context
         run = Run(plan, kv, server, state, Progress(0 if promote_only else len(jobs), progress_out, tty),
                   force=force)

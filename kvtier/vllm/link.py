@@ -18,7 +18,7 @@ from collections import defaultdict
 from typing import Callable, TypeVar
 
 from .. import errors
-from ..client import Client
+from ..client import TLS, Client
 
 log = logging.getLogger("kvtier.vllm")
 
@@ -46,8 +46,9 @@ class Down(errors.Unavailable):
 
 class DaemonLink:
     def __init__(self, address: str | None, *, timeout_s: float, retry_s: float,
-                 token: str | None = None, name: str = "kvtier"):
+                 token: str | None = None, tls: TLS | None = None, name: str = "kvtier"):
         self.address, self.timeout_s, self.retry_s, self.token = address, timeout_s, retry_s, token
+        self.tls = tls
         self.name = name
         self._lock = threading.Lock()
         self._client: Client | None = None
@@ -61,7 +62,7 @@ class DaemonLink:
             if now < self._down_until:
                 raise Down(f"{self.name}: daemon unavailable, retrying in {self._down_until - now:.1f}s")
             if self._client is None:
-                self._client = Client(self.address, timeout=self.timeout_s, token=self.token)
+                self._client = Client(self.address, timeout=self.timeout_s, token=self.token, tls=self.tls)
             return self._client
 
     def call(self, fn: Callable[[Client], T]) -> T:

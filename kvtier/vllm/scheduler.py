@@ -149,7 +149,7 @@ class SchedulerHalf:
                       "disabled", len(kv_cache_config.kv_cache_groups))
         self.digests: list[bytes] | None = None  # per rank, once the workers sent their layout
         self.link = DaemonLink(settings.address, timeout_s=settings.timeout_s, retry_s=settings.retry_s,
-                               token=settings.token, name="kvtier scheduler")
+                               token=settings.token, tls=settings.tls, name="kvtier scheduler")
         # daemon on another node: Lookup instead of Acquire, on this connection until then
         self._lookup_client: Any = None
         self._lookup_until = 0.0

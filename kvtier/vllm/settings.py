@@ -5,6 +5,14 @@ Engine-wide, from ``--kv-transfer-config '{..., "kv_connector_extra_config": {..
 
     address        kvtier daemon address; default $KVTIER_ADDRESS or the default socket
     token          bearer token; default $KVTIER_TOKEN
+    tls_ca         PEM file of the CA that signed the daemon's certificate: TLS to a tcp://
+                   address (a daemon on another node); default $KVTIER_TLS_CA, else no TLS
+    tls_cert, tls_key  PEM client certificate and its key, for a daemon that asks for one
+                   (server.tls_client_ca); default $KVTIER_TLS_CERT, $KVTIER_TLS_KEY
+    tls_server_name  name to check in the daemon's certificate (default: the address's host);
+                   default $KVTIER_TLS_SERVER_NAME
+                   The TLS files are read at engine start: a missing or unreadable one, or a
+                   key that is not the certificate's, is an error there. Unix sockets ignore them.
     namespace      kvtier namespace of the engine's chunks ("vllm")
     chunk_size     tokens per stored chunk, a multiple of the block size
                    (default: the largest multiple of the block size <= 256, at least one block)
@@ -49,10 +57,12 @@ never a failed request):
 """
 from __future__ import annotations
 
+import os
 import string
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from ..client import TLS
 from ..errors import ConfigError
 from ..keys import NAMESPACE_RE
 
@@ -60,12 +70,17 @@ _NS_RULE = "1-64 characters of [a-z0-9_.-], starting with a letter or digit"
 MAX_PIN_S = 2**32 - 1  # the longest pin the daemon takes (Pin's ttl_s is a uint32)
 MAX_LEASE_MS = 2**32 - 1  # Acquire's lease_ms is a uint32 (the daemon's ram.max_ttl_ms is lower)
 REQUEST_OPTIONS = ("tenant", "pin", "ttl", "skip", "load", "store", "return_keys")
+TLS_SETTINGS = ("tls_ca", "tls_cert", "tls_key", "tls_server_name")  # each defaults to $KVTIER_<NAME>
 
 
 @dataclass(frozen=True)
 class ConnectorSettings:
     address: str | None = None
     token: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
     namespace: str = "vllm"
     chunk_size: int | None = None
     load_async: bool = True
@@ -83,8 +98,11 @@ class ConnectorSettings:
     request_options: str = ",".join(REQUEST_OPTIONS)  # given as a list; kept comma-joined (hashable)
 
     @classmethod
-    def from_extra(cls, extra: Mapping[str, Any] | None) -> "ConnectorSettings":
+    def from_extra(cls, extra: Mapping[str, Any] | None,
+                   env: Mapping[str, str] | None = None) -> "ConnectorSettings":
+        """The engine's settings; ``env`` (default os.environ) gives the TLS settings not in extra."""
         extra = dict(extra or {})
+        env = os.environ if env is None else env
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(extra) - set(known))
         if unknown:
@@ -96,7 +114,10 @@ class ConnectorSettings:
                 out[name] = _option_names(val)
                 continue
             out[name] = _coerce(f"kv_connector_extra_config.{name}", known[name].type, val)
-        s = cls(**out)
+        from_env = {n: env["KVTIER_" + n.upper()] for n in TLS_SETTINGS
+                    if n not in out and env.get("KVTIER_" + n.upper())}
+        s = cls(**out, **from_env)
+        _check_tls(s, from_env)
         from ..keys import check_namespace
         try:
             check_namespace(s.namespace)
@@ -121,6 +142,13 @@ class ConnectorSettings:
                     raise ConfigError(f"kv_connector_extra_config.tenant: {e}") from None
         return s
 
+    @property
+    def tls(self) -> TLS | None:
+        """TLS to the daemon, when a CA is set (tls_ca)."""
+        if not self.tls_ca:
+            return None
+        return TLS(self.tls_ca, self.tls_cert or None, self.tls_key or None, self.tls_server_name or None)
+
     def namespace_for(self, tenant: str) -> str:
         """The daemon namespace of a request with this tenant; ValueError if it is not valid."""
         if not self.tenant_namespace or not tenant:
@@ -137,6 +165,17 @@ class ConnectorSettings:
             raise ConfigError(f"kv_connector_extra_config.chunk_size={self.chunk_size} is not a "
                               f"multiple of the block size {block_size}")
         return self.chunk_size
+
+
+def _check_tls(s: ConnectorSettings, from_env: Mapping[str, str]) -> None:
+    """Read the TLS files now: one that cannot work would otherwise turn every call into a miss."""
+    names = {n: "$KVTIER_" + n.upper() if n in from_env else f"kv_connector_extra_config.{n}" for n in TLS_SETTINGS}
+    if s.tls is None:
+        if s.tls_cert or s.tls_key:
+            given = names["tls_cert"] if s.tls_cert else names["tls_key"]
+            raise ConfigError(f"{given}: needs {names['tls_ca']} (the CA of the daemon's certificate)")
+        return
+    s.tls.check({"ca": names["tls_ca"], "cert": names["tls_cert"], "key": names["tls_key"]})
 
 
 def _option_names(val: Any) -> str:

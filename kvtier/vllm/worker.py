@@ -208,7 +208,7 @@ class WorkerHalf:
         pc = vllm_config.parallel_config  # each rank reads its share of a chunk: the tokens it saves
         self._tokens_per_key = self.chunk_size // max(1, pc.tensor_parallel_size * pc.pipeline_parallel_size)
         self.link = _WorkerLink(settings.address, timeout_s=settings.worker_timeout_s,
-                                retry_s=settings.retry_s, token=settings.token,
+                                retry_s=settings.retry_s, token=settings.token, tls=settings.tls,
                                 name=f"kvtier worker tp{self.tp_rank}/pp{self.pp_rank}",
                                 unpin=self._unpin_arena)
         self.copier: BlockCopier | None = None
