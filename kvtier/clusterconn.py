@@ -110,8 +110,24 @@ def target(cfg: ClusterConfig) -> dict:
     if "host" not in kw:
         raise ConfigError("cluster.url: a host is required")
     return {"host": kw["host"], "port": int(kw.get("port") or 6379), "tls": scheme == "rediss",
-            "username": cfg.username or kw.get("username") or "", "password": cfg.password or kw.get("password") or "",
-            "db": int(kw.get("db") or 0)}
+            "username": cfg.username or kw.get("username") or "",
+            "password": _password(cfg) or kw.get("password") or "", "db": int(kw.get("db") or 0)}
+
+
+def _password(cfg: ClusterConfig) -> str:
+    """cluster.password, or the first line of cluster.password_file (a file written by echo ends
+    in a newline that is not part of the password)."""
+    if not cfg.password_file:
+        return cfg.password
+    try:
+        with open(cfg.password_file, encoding="utf-8") as f:
+            password = f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cluster.password_file: cannot read {cfg.password_file}: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
+    if not password:
+        raise ConfigError(f"cluster.password_file: {cfg.password_file} holds no password (its first line is empty)")
+    return password
 
 
 def ssl_context(cfg: ClusterConfig) -> ssl.SSLContext:

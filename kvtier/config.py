@@ -315,8 +315,11 @@ class ClusterConfig:
     reconnect_max_s: float = 5.0
     # ACL user name; "" = the url's, or none.
     username: str = ""
-    # Password; "" = the url's, or none.
+    # Password; "" = the url's, or none. Anyone who can read this file can read it.
     password: str = ""
+    # File holding the password (its first line), read at start, instead of password: the config may then be
+    # readable by others (the arena's group), the password by the daemon's user only.
+    password_file: str = ""
     # CA bundle that signs the servers' certificates (rediss://, valkeys://); "" = the system's.
     tls_ca: str = ""
     # Client certificate (PEM) for mutual TLS; "" = none.
@@ -535,6 +538,8 @@ def _validate_cluster(c: ClusterConfig) -> None:
             raise ConfigError(f"{name}: must be > 0, got {val}")
     if c.tls_key and not c.tls_cert:
         raise ConfigError("cluster.tls_key: given without cluster.tls_cert")
+    if c.password and c.password_file:
+        raise ConfigError("cluster.password_file: given with cluster.password; set one, not both")
 
 
 def from_dict(data: dict[str, Any]) -> Config:
@@ -576,7 +581,8 @@ def read_toml(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
 # file's directory (as a prewarm plan's are to the plan's), not to wherever the daemon was started
 # (systemd starts it in /)
 FILE_SETTINGS = (("server", "tls_cert"), ("server", "tls_key"), ("server", "tls_client_ca"),
-                 ("cluster", "tls_ca"), ("cluster", "tls_cert"), ("cluster", "tls_key"), ("auth", "tenants_file"))
+                 ("cluster", "tls_ca"), ("cluster", "tls_cert"), ("cluster", "tls_key"),
+                 ("cluster", "password_file"), ("auth", "tenants_file"))
 PATH_SETTINGS = FILE_SETTINGS + (("server", "socket"), ("ram", "arena_path"), ("nvme", "dirs"))
 
 

@@ -772,6 +772,44 @@ def test_bad_cluster_settings_name_the_field(data, field):
         config.from_dict({"cluster": data})
 
 
+def test_password_file_gives_the_cluster_tier_its_password(make_valkey, tmp_path):
+    """The password can live in a file readable by the daemon's user alone, apart from the config
+    (which the arena's group may read); a relative path is relative to the config's directory."""
+    srv = make_valkey(password="s3cret")
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "valkey-password").write_text("s3cret\n")  # as echo writes it: the newline is not in it
+    f = tmp_path / "kvtier.toml"
+    f.write_text(f'[cluster]\nurl = "redis://127.0.0.1:{srv.port}"\npassword_file = "secrets/valkey-password"\n')
+    c = config.load(f).cluster
+    assert c.password_file == str(tmp_path / "secrets" / "valkey-password") and c.password == ""
+    k = os.urandom(16)
+
+    async def go():
+        t = from_config(c)
+        await t.start()
+        try:
+            await put_all(t, NS, {k: b"by password file"})
+            assert bytes((await t.get(NS, k))[0]) == b"by password file"
+        finally:
+            await t.close(2)
+    run(go())
+
+
+def test_a_password_file_that_cannot_be_used_is_an_error_at_start(tmp_path, capsys):
+    from kvtier import cli
+    with pytest.raises(ConfigError, match="cluster.password_file: .*not both"):
+        cfg("redis://127.0.0.1:6379", password="a", password_file=str(tmp_path / "p"))
+    with pytest.raises(ConfigError, match="cluster.password_file: cannot read .*/missing: No such file"):
+        ClusterTier(cfg("redis://127.0.0.1:6379", password_file=str(tmp_path / "missing")))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="cluster.password_file: .*/empty holds no password"):
+        ClusterTier(cfg("redis://127.0.0.1:6379", password_file=str(tmp_path / "empty")))
+    f = tmp_path / "kvtier.toml"  # kvtier config check reads it as serve would
+    f.write_text('[ram]\ncapacity = "64MiB"\n[cluster]\nurl = "redis://127.0.0.1:6379"\npassword_file = "gone"\n')
+    assert cli.main(["config", "check", str(f)]) == cli.EXIT_USAGE
+    assert f"{f}:5: cluster.password_file: cannot read {tmp_path}/gone" in capsys.readouterr().err
+
+
 def test_url_settings_and_overrides():
     t = ClusterTier(cfg("valkeys://bob:pw@example.invalid:7000/3", password="other", cluster=False))
     s = t.servers

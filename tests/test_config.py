@@ -2,6 +2,7 @@
 import dataclasses
 import pathlib
 import tomllib
+import urllib.parse
 
 import pytest
 
@@ -208,6 +209,15 @@ def test_example_node_config_is_valid():
     cfg = config.load(ROOT / "configs" / "h200-node.toml")
     assert cfg.ram.capacity == 1200 << 30 and len(cfg.nvme.dirs) == 4 and cfg.cluster.cluster
     assert cfg.server.tls_cert and cfg.auth.tenants_file
+
+
+def test_example_node_config_keeps_its_secrets_out_of_the_clients_reach():
+    """The config is readable by group kvtier, which every client on the node is in (socket and
+    arena): the Valkey password and the TLS private key live in files of the daemon's user alone."""
+    cfg = config.load(ROOT / "configs" / "h200-node.toml")
+    assert cfg.cluster.password == "" and urllib.parse.urlsplit(cfg.cluster.url).password is None
+    for secret in (cfg.cluster.password_file, cfg.server.tls_key):
+        assert secret.startswith("/etc/kvtier/secrets/"), secret
 
 
 def test_a_file_that_is_not_utf8_is_a_config_error_naming_the_line(tmp_path):
