@@ -243,6 +243,8 @@ class Daemon:
                 # pins recorded by the last run that used the arena, or left by a run before it
                 # that an older version (which keeps no pins) followed: then none is trusted
                 pins = table.pins_generation == a.previous_generation
+                if pins:  # this run owns them from now on: a start stopped during the restore keeps them
+                    table.pins_generation = a.generation
                 try:
                     kept, dropped = await asyncio.to_thread(
                         self.hot.restore, table, a.view, r.verify_on_restart,
@@ -253,9 +255,9 @@ class Daemon:
                 log.info("arena re-attached: %d blocks kept, %d dropped, in %.2fs", kept, dropped,
                          time.monotonic() - t0)
                 if self.hot.pins_dropped:
-                    log.warning("arena: %d pins recorded before the last start are dropped: the last run was "
-                                "a kvtier version that does not keep pins (pin them again: kvtier prewarm "
-                                "does at its next run)", self.hot.pins_dropped)
+                    log.warning("arena: %d recorded pins are not trusted and dropped: the arena was last used by "
+                                "a kvtier version that does not record them, or one before 0.2.0 (pin them "
+                                "again: kvtier prewarm does at its next run)", self.hot.pins_dropped)
             else:
                 self.hot.slots = table
             table.pins_generation = a.generation  # the pins recorded from now on are this run's

@@ -39,6 +39,7 @@ log = logging.getLogger("kvtier.service")
 GET_CHUNK = 1 << 20
 HASH_THREADS = max(1, os.cpu_count() or 1)
 LOOP_WAIT_S = 60.0  # longest a data-channel call waits for a step handed to the event loop
+ZERO_ON_LOOP = 1 << 20  # slots a Reserve zeroes on the event loop, bytes at most; more on a thread
 _SERVICE = pb.DESCRIPTOR.services_by_name["KVTier"]
 # unary RPC name -> its request class: what the data channel may call
 UNARY = {m.name: getattr(pb, m.input_type.name) for m in _SERVICE.methods
@@ -54,6 +55,11 @@ def _hash_pool() -> ThreadPoolExecutor:
         if _hashers is None:
             _hashers = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="kvtier-hash")
         return _hashers
+
+
+def _zero_all(slots: list[memoryview]) -> None:
+    for v in slots:
+        copying.zero(v)
 
 
 def _on_loop() -> bool:
@@ -282,9 +288,12 @@ class KVTierService(pb_grpc.KVTierServicer):
         ns, keys = self._keys(request, context)
         r = self.hot.reserve(ns, keys, list(request.sizes), request.ttl_ms, request.overwrite)
         if not self._trusted_with_arena(context):  # whatever it commits unwritten reads as zeros
-            for st, off, size in zip(r.status, r.offsets, request.sizes):
-                if st == 0:
-                    copying.zero(self.view[off:off + size])
+            slots = [self.view[off:off + size] for st, off, size in zip(r.status, r.offsets, request.sizes)
+                     if st == 0]
+            if _on_loop() and sum(map(len, slots)) > ZERO_ON_LOOP:  # a batch of large blocks: seconds
+                await asyncio.to_thread(_zero_all, slots)
+            else:
+                _zero_all(slots)
         return pb.ReserveResponse(reservation_id=r.reservation_id, status=r.status, offsets=r.offsets,
                                   ttl_ms=r.ttl_ms)
 

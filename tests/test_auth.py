@@ -441,3 +441,34 @@ def test_a_caller_without_a_token_cannot_make_the_daemon_hold_large_requests(sec
     most = pb.LookupRequest(namespace="b-one", key_size=32, keys=bytes(32 * secured.daemon.cfg.server.max_batch))
     assert stub.Lookup(most, metadata=_md(TOKEN_B)).tiers == bytes(secured.daemon.cfg.server.max_batch)
     ch.close()
+
+
+def test_zeroing_a_large_reservation_leaves_the_event_loop_free(make_daemon, tenants_file, monkeypatch):
+    """Slots a TCP caller reserves are zeroed (see above); a batch of large blocks took seconds on
+    the event loop, every other call waiting meanwhile."""
+    import threading
+    from kvtier import copying
+    d = make_daemon(auth={"tenants_file": tenants_file}, ram={"capacity": "16MiB"},
+                    server={"listen": "127.0.0.1:0", "insecure_tcp": True})
+    real = copying.zero
+
+    def slow(v):
+        time.sleep(0.3)
+        real(v)
+    monkeypatch.setattr(copying, "zero", slow)
+    ch = grpc.insecure_channel(d.tcp_address.replace("tcp://", ""))
+    stub = pb_grpc.KVTierStub(ch)
+    keys = [bytes([i]) * 16 for i in range(4)]
+    res = pb.ReserveRequest(namespace="a-x", key_size=16, keys=b"".join(keys), sizes=[1 << 20] * 4)
+    out = []
+    t = threading.Thread(target=lambda: out.append(stub.Reserve(res, metadata=_md(TOKEN_A))))
+    t.start()
+    time.sleep(0.2)  # the Reserve is zeroing (1.2 s)
+    with Client(d.address, token=TOKEN_B) as b:
+        t0 = time.monotonic()
+        b.lookup("b-one", [KEY])
+        took = time.monotonic() - t0
+    t.join(10)
+    ch.close()
+    assert list(out[0].status) == [0] * 4
+    assert took < 0.6, took
