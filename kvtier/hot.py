@@ -23,6 +23,10 @@ Lifecycle of a block:
 * A lease pins blocks against eviction and slot reuse until released or
   expired. An expired lease is unknown to ``release`` (NOT_FOUND): the client
   learns that the bytes it read may have been overwritten.
+* What one tenant makes this tier hold beyond its quota's bytes is bounded:
+  its live leases and the blocks they hold (TENANT_LEASES, TENANT_LEASED; a
+  key repeated in one Acquire is held once), its pins (max_pinned of its
+  quota), the namespaces it names without writing (IDLE_NAMESPACES).
 * Committed blocks that are not pinned are known to the eviction policy. A
   lease leaves its blocks there (taking a block out of the policy and putting
   it back cost more than the rest of an Acquire and its Release); eviction
@@ -51,8 +55,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import xxhash
 
 from .alloc import ExtentAllocator
-from .errors import (ArenaFull, DataLoss, FailedPrecondition, InvalidArgument, TooLarge,
-                     UnknownLease, UnknownReservation)
+from .errors import (ArenaFull, DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted,
+                     TooLarge, UnknownLease, UnknownReservation)
 from .keys import CHECKSUM_SIZE, ZERO_CHECKSUM
 from .policy import POLICIES
 from .slots import COMMITTED as COMMITTED_ENTRY
@@ -71,6 +75,20 @@ FOREVER = float("inf")
 QUARANTINE_S = 5.0
 # a restore reports its progress (and hears of a stop) every this many slot-table entries
 RESTORE_TICK = 4096
+# What one tenant's live leases may hold (the whole daemon's without a tenants file): each lease,
+# and each block it holds, costs daemon memory for up to ram.max_ttl_ms, whatever the quotas.
+# Far above what inference engines hold (the vLLM connector releases a lease once its copies are
+# done): past either, an Acquire that would open a lease is RESOURCE_EXHAUSTED, and blocks joining
+# a lease (read up from a lower tier for its Acquire) are misses.
+TENANT_LEASES = 65_536     # live leases
+TENANT_LEASED = 1 << 22    # block references in them (32 MiB of pointers)
+# Namespaces holding no block in RAM keep their counters while at most this many more of them are
+# known than namespaces holding blocks; past that they are folded (see _fold_idle). Naming a
+# namespace needs no write (a Lookup does): this bounds the memory and /metrics series it makes.
+IDLE_NAMESPACES = 1024
+# A deadline heap is rebuilt from the live entries once it holds this many more than twice those
+# (released leases, committed reservations and extended pins leave theirs behind until they come due).
+HEAP_SLACK = 4096
 
 
 class _RandomIds:
@@ -147,6 +165,7 @@ class Lease:
     id: int
     blocks: list[Block]
     expires: float
+    group: str = ""  # the tenant whose bounds it counts against (TENANT_LEASES, TENANT_LEASED)
 
 
 @dataclass(slots=True)
@@ -222,7 +241,7 @@ class HotTier:
         self.lock = threading.Lock()
         # namespace -> key -> committed block. One dict per namespace, keyed by the key bytes: a
         # probe follows one pointer fewer than with (namespace, key) tuples, and no tuple is built
-        # per key. A namespace's dict stays once made (like its NsStats); see _blocks().
+        # per key. A namespace's dict stays while its NsStats does (see _fold_idle, _blocks()).
         self._index: dict[str, dict[bytes, Block]] = {}
         self._pending: dict[tuple[str, bytes], Reservation] = {}
         self._reservations: dict[int, Reservation] = {}
@@ -236,6 +255,9 @@ class HotTier:
         self._seq = itertools.count()
         self._ids = _RandomIds()
         self.ns_stats: dict[str, NsStats] = {}
+        self.folded = NsStats()  # the counters of namespaces forgotten by _fold_idle, summed
+        self._ns_room = IDLE_NAMESPACES  # namespaces known before the next _fold_idle
+        self._lease_use: dict[str, list[int]] = {}  # group -> [live leases, blocks they hold]
         self.evictable_bytes = 0
         self.reserved_bytes = 0
         self.used_bytes = 0
@@ -245,7 +267,9 @@ class HotTier:
         self.expired_reservations = 0
         self.pinned_blocks = 0
         self.pinned_bytes = 0   # slot bytes of the pinned blocks, at most max_pinned_bytes
+        self.max_pinned = max_pinned
         self.max_pinned_bytes = int(self.alloc.capacity * max_pinned)
+        self.group_pinned: dict[str, int] = {}  # slot bytes pinned per group: at most max_pinned of its quota
         self.pins_refused = 0   # blocks a Pin left unpinned: pinning them would have passed max_pinned_bytes
         self.leased_blocks = 0
         # Hooks for the tiers below, called with the lock held (must be quick, must not call back in):
@@ -266,8 +290,25 @@ class HotTier:
     def _ns(self, ns: str) -> NsStats:
         s = self.ns_stats.get(ns)
         if s is None:
+            if len(self.ns_stats) >= self._ns_room:
+                self._fold_idle()
             s = self.ns_stats[ns] = NsStats()
         return s
+
+    def _fold_idle(self) -> None:
+        """Forget the namespaces holding no block in RAM, their counters added to ``folded`` (the
+        daemon's totals stay whole; a forgotten namespace's series leave /metrics and start again
+        from 0 if it is used again). Next time when as many namespaces are known again as hold
+        blocks now, plus IDLE_NAMESPACES: a fold costs O(1) per namespace made."""
+        f = self.folded
+        for ns, s in list(self.ns_stats.items()):
+            if not s.blocks:
+                del self.ns_stats[ns]
+                for name in NsStats.__slots__:
+                    setattr(f, name, getattr(f, name) + getattr(s, name))
+                if not self._index.get(ns, True):  # its empty dict of blocks too
+                    del self._index[ns]
+        self._ns_room = 2 * len(self.ns_stats) + IDLE_NAMESPACES
 
     def _blocks(self, ns: str) -> Mapping[bytes, Block]:
         """A namespace's committed blocks by key (read-only; empty for a namespace never used)."""
@@ -323,8 +364,7 @@ class HotTier:
             b.entry = -1
         self._policy_drop(b)
         if b.pin_until:
-            self.pinned_blocks -= 1
-            self.pinned_bytes -= self.alloc.round(b.length)
+            self._count_pin(b, -1)
             b.pin_until = 0.0
         s = self._ns(b.ns)
         s.blocks -= 1
@@ -450,6 +490,9 @@ class HotTier:
 
     def _end_lease(self, lease: Lease) -> None:
         del self._leases[lease.id]
+        use = self._lease_use[lease.group]
+        use[0] -= 1
+        use[1] -= len(lease.blocks)
         for b in lease.blocks:
             self._unhold(b)
 
@@ -516,10 +559,43 @@ class HotTier:
     def _unpin(self, b: Block) -> None:
         b.pin_until = 0.0
         self.slots.set_pin(b.entry, 0.0)
-        self.pinned_blocks -= 1
-        self.pinned_bytes -= self.alloc.round(b.length)
+        self._count_pin(b, -1)
         if self._evictable(b):
             self._policy_add(b)
+
+    def _count_pin(self, b: Block, n: int) -> None:
+        """b pinned (n = 1) or no longer (n = -1), in the totals and its group's."""
+        r = n * self.alloc.round(b.length)
+        self.pinned_blocks += n
+        self.pinned_bytes += r
+        self.group_pinned[b.group] = self.group_pinned.get(b.group, 0) + r
+
+    def _may_pin(self, b: Block, size: int) -> bool:
+        """Whether pinning b keeps the pinned blocks within max_pinned of the arena and its
+        group's within max_pinned of the group's RAM quota (a tenant pinning for ever must not
+        take the pinned share from the others; a group without a quota has the arena's only)."""
+        if self.pinned_bytes + size > self.max_pinned_bytes:
+            return False
+        q = self.quotas.get(b.group)
+        return not q or self.group_pinned.get(b.group, 0) + size <= q * self.max_pinned
+
+    def _push_pin(self, b: Block) -> None:
+        """Queue b's pin to expire; the entries of pins since extended or ended are dropped once
+        they outnumber the pinned blocks (they would stay until they came due)."""
+        heapq.heappush(self._pins, (b.pin_until, next(self._seq), b))
+        if len(self._pins) > 2 * self.pinned_blocks + HEAP_SLACK:
+            live = {e[2]: e for e in self._pins if e[2].pin_until == e[0] and e[2].state == COMMITTED}
+            self._pins = list(live.values())
+            heapq.heapify(self._pins)
+
+    def _push_deadline(self, expires: float, kind: int, id_: int) -> None:
+        """Queue a reservation's (kind 0) or lease's (1) expiry; rebuilt from the live ones once
+        it holds more than twice as many entries (see HEAP_SLACK)."""
+        heapq.heappush(self._deadlines, (expires, kind, id_))
+        if len(self._deadlines) > 2 * (len(self._leases) + len(self._reservations)) + HEAP_SLACK:
+            self._deadlines = [(r.expires, 0, r.id) for r in self._reservations.values() if r.expires != FOREVER]
+            self._deadlines += [(lease.expires, 1, lease.id) for lease in self._leases.values()]
+            heapq.heapify(self._deadlines)
 
     # ---- public API ---------------------------------------------------------------------
 
@@ -605,7 +681,7 @@ class HotTier:
             if r.blocks:
                 self._reservations[r.id] = r
                 if expires:
-                    heapq.heappush(self._deadlines, (r.expires, 0, r.id))
+                    self._push_deadline(r.expires, 0, r.id)
             return Reserved(r.id if r.blocks else 0, bytes(status), offsets, list(sizes), ttl)
 
     def _replaces_promotion(self, kk: tuple[str, bytes]) -> bool:
@@ -655,7 +731,7 @@ class HotTier:
     def _reopen(self, r: Reservation) -> None:
         """A refused commit leaves the reservation as it was, deadline included."""
         r.state = RESERVED
-        heapq.heappush(self._deadlines, (r.expires, 0, r.id))
+        self._push_deadline(r.expires, 0, r.id)
 
     def overwritten(self, rid: int) -> list[tuple[str, bytes]]:
         """The (namespace, key) a reservation being committed replaces, if it is an overwrite
@@ -749,7 +825,10 @@ class HotTier:
         ``count_misses=False``: the caller looks further down and counts the misses itself (with
         prefix_only, every key from the first absent one on is a miss). ``counted=False``: count
         no hit, miss or byte (an earlier Acquire counted this read). ``lower``: the blocks were
-        read up from a lower tier for this read (their hits are that tier's, not RAM's)."""
+        read up from a lower tier for this read (their hits are that tier's, not RAM's).
+        A block found at several positions is held once. Past its tenant's bounds on leases
+        (TENANT_LEASES, TENANT_LEASED), a new lease is ResourceExhausted and a join leases
+        nothing (its keys are answered missing)."""
         ttl = self._ttl(lease_ms, self.lease_ms, "lease_ms")
         with self.lock:
             now = self.clock()
@@ -758,46 +837,69 @@ class HotTier:
             offsets, lengths, sums = [0] * n, [0] * n, [ZERO_CHECKSUM] * n
             blocks: list[Block] = []
             s = self._ns(ns)
-            count_misses = count_misses and counted
+            misses = 0
             for i, b in enumerate(_probe(self._blocks(ns), keys, prefix_only)):
                 if b is None:
                     if prefix_only:
-                        s.misses += (n - i) * count_misses
+                        misses += n - i
                         break
-                    s.misses += count_misses
+                    misses += 1
                     continue
-                self._hold(b)  # kept from eviction while leased; counted as a read when it returns
                 blocks.append(b)
                 tiers[i] = TIER_RAM
                 offsets[i], lengths[i], sums[i] = b.offset, b.length, b.checksum
-                if counted:
-                    s.hits += 1
-                    s.lower_hits += lower
-                    s.get_bytes += b.length
             existing = self._leases.get(lease_id) if lease_id else None
             if lease_id and (existing is None or existing.expires <= now):
-                for b in blocks:  # the lease to join is gone: take nothing
-                    self._unhold(b)
                 raise UnknownLease(f"lease {lease_id} is unknown or expired")
+            if len(blocks) > 1:
+                blocks = list(dict.fromkeys(blocks))  # a key asked twice is held once
             lease_id = 0
             if existing is not None:
+                if blocks and not self._lease_room(existing.group, 0, len(blocks)):
+                    return Acquired(existing.id, bytes(n), [0] * n, [0] * n, ZERO_CHECKSUM * n, ttl)
                 existing.blocks.extend(blocks)
+                self._lease_use[existing.group][1] += len(blocks)
                 lease_id = existing.id
             elif blocks:
-                lease_id = self._new_lease(blocks, now + ttl / 1000)
+                lease_id = self._new_lease(blocks, now + ttl / 1000, self.group_of(ns))
+            for b in blocks:
+                self._hold(b)  # kept from eviction while leased; counted as a read when it returns
+            if counted:
+                found = n - tiers.count(TIER_MISSING)
+                s.misses += misses * count_misses
+                s.hits += found
+                s.lower_hits += found * lower
+                s.get_bytes += sum(lengths)
             return Acquired(lease_id, bytes(tiers), offsets, lengths, b"".join(sums), ttl)
 
-    def open_lease(self, lease_ms: int = 0) -> int:
-        """A lease holding nothing yet, for blocks that join it as they arrive (acquire with its
-        ``lease_id``); it ends as any other, at release or expiry."""
+    def open_lease(self, ns: str, lease_ms: int = 0) -> int:
+        """A lease of ns's tenant holding nothing yet, for blocks that join it as they arrive
+        (acquire with its ``lease_id``); it ends as any other, at release or expiry."""
         ttl = self._ttl(lease_ms, self.lease_ms, "lease_ms")
         with self.lock:
-            return self._new_lease([], self.clock() + ttl / 1000)
+            return self._new_lease([], self.clock() + ttl / 1000, self.group_of(ns))
 
-    def _new_lease(self, blocks: list[Block], expires: float) -> int:  # lock held
-        lease = Lease(next(self._ids), blocks, expires)
+    def _lease_room(self, g: str, leases: int, blocks: int) -> bool:
+        """Whether group g's live leases may grow by that many leases and blocks."""
+        use = self._lease_use.get(g)
+        return use is None or (use[0] + leases <= TENANT_LEASES and use[1] + blocks <= TENANT_LEASED)
+
+    def _new_lease(self, blocks: list[Block], expires: float, group: str) -> int:  # lock held
+        if not self._lease_room(group, 1, len(blocks)):
+            use = self._lease_use[group]
+            who = f"tenant {group}" if group else "this daemon"
+            if use[0] >= TENANT_LEASES:
+                raise ResourceExhausted(f"{who}: {use[0]} live leases, the most one tenant may hold; "
+                                        f"release leases before acquiring more")
+            raise ResourceExhausted(f"{who}: leases hold {use[1]} blocks, and {len(blocks)} more would pass "
+                                    f"the {TENANT_LEASED} one tenant may hold; release leases before "
+                                    f"acquiring more")
+        lease = Lease(next(self._ids), blocks, expires, group)
         self._leases[lease.id] = lease
-        heapq.heappush(self._deadlines, (lease.expires, 1, lease.id))
+        use = self._lease_use.setdefault(group, [0, 0])
+        use[0] += 1
+        use[1] += len(blocks)
+        self._push_deadline(lease.expires, 1, lease.id)
         return lease.id
 
     def count_misses(self, ns: str, n: int) -> None:
@@ -829,7 +931,8 @@ class HotTier:
     def pin(self, ns: str, keys: Sequence[bytes], ttl_s: int = 0) -> bytes:
         """Per key 1 if the block is pinned now (for ttl_s seconds, 0 = until unpinned; a pin already
         there is extended, never shortened), 0 if it is not in RAM or pinning it would take the
-        pinned blocks past max_pinned_bytes (counted in pins_refused)."""
+        pinned blocks past max_pinned_bytes, or its group's past max_pinned of its quota (counted
+        in pins_refused)."""
         if ttl_s < 0:
             raise InvalidArgument(f"ttl_s must be >= 0, got {ttl_s}")
         with self.lock:
@@ -840,19 +943,18 @@ class HotTier:
                 b = idx.get(k)
                 if b is None:
                     continue
-                if b.pin_until == 0.0:
-                    size = self.alloc.round(b.length)
-                    if self.pinned_bytes + size > self.max_pinned_bytes:
+                before = b.pin_until
+                if before == 0.0:
+                    if not self._may_pin(b, self.alloc.round(b.length)):
                         self.pins_refused += 1
                         continue
                     self._policy_drop(b)
-                    self.pinned_blocks += 1
-                    self.pinned_bytes += size
+                    self._count_pin(b, 1)
                     b.pin_until = until
                 else:
-                    b.pin_until = max(b.pin_until, until) if b.pin_until != FOREVER else FOREVER
-                if b.pin_until != FOREVER:
-                    heapq.heappush(self._pins, (b.pin_until, next(self._seq), b))
+                    b.pin_until = max(before, until)
+                if b.pin_until not in (before, FOREVER):
+                    self._push_pin(b)
                 # kept across a restart, in wall-clock time (ram.persist)
                 self.slots.set_pin(b.entry, FOREVER if b.pin_until == FOREVER
                                    else time.time() + (b.pin_until - self.clock()))
@@ -933,16 +1035,14 @@ class HotTier:
     def _restore_pin(self, b: Block, table, until_wall: float) -> bool:
         """Pin a restored block as its entry says (lock held), within max_pinned; whether it is."""
         left = until_wall - time.time()
-        size = self.alloc.round(b.length)
-        if until_wall <= 0 or left <= 0 or self.pinned_bytes + size > self.max_pinned_bytes:
+        if until_wall <= 0 or left <= 0 or not self._may_pin(b, self.alloc.round(b.length)):
             if until_wall:  # run out, or past the pinned share now: recorded as not pinned
                 table.set_pin(b.entry, 0.0)
             return False
         b.pin_until = FOREVER if until_wall == FOREVER else self.clock() + left
-        self.pinned_blocks += 1
-        self.pinned_bytes += size
+        self._count_pin(b, 1)
         if b.pin_until != FOREVER:
-            heapq.heappush(self._pins, (b.pin_until, next(self._seq), b))
+            self._push_pin(b)
         return True
 
     def snapshot(self) -> dict:
@@ -967,5 +1067,6 @@ class HotTier:
                 "expired_reservations": self.expired_reservations,
                 "namespaces": {ns: NsStats(**{f: getattr(s, f) for f in s.__slots__})
                                for ns, s in self.ns_stats.items()},
+                "folded": NsStats(**{f: getattr(self.folded, f) for f in NsStats.__slots__}),
             }
 

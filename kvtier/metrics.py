@@ -9,7 +9,9 @@ Exposed families (all prefixed ``kvtier_``): tier capacity/used/blocks and
 evictions per tier (ram, nvme, cluster: the cluster's are quota evictions);
 per namespace blocks, bytes, hits by tier, misses, hit ratio, lookups, puts
 and bytes moved, evictions, and prefill tokens saved (found keys x the
-client's ``tokens_per_key`` on Acquire); NVMe promotions, demotions, queue
+client's ``tokens_per_key`` on Acquire; a namespace holding nothing in RAM may
+lose its series, back when it is used again, RAM's from 0: ``kvtier.hot``,
+IDLE_NAMESPACES); NVMe promotions, demotions, queue
 depth, dropped writes, checksum failures, I/O errors, degraded directories;
 background checks of trusted commits (``kvtier_commit_checks_total``, failures, skipped);
 Redis bytes and quota per tenant; open leases and reservations; arena lock
@@ -133,7 +135,8 @@ class _StoreCollector:
             g.add_metric([], s[key])
             yield g
         yield from counters(s, (("pins_refused", "pins_refused",
-                                 "Blocks a Pin left unpinned: pinned blocks would have passed ram.max_pinned."),
+                                 "Blocks a Pin left unpinned: pinned blocks would have passed ram.max_pinned (of the "
+                                 "arena, or of their tenant's RAM quota)."),
                                 ("expired_leases", "expired_leases", "Leases that expired before release."),
                                 ("expired_reservations", "expired_reservations",
                                  "Reservations that expired before commit.")))

@@ -443,8 +443,9 @@ class KVTierService(pb_grpc.KVTierServicer):
         now = time.monotonic()
         if refused > 0 and now >= self._pin_warned + 10.0:  # at most every 10 s
             self._pin_warned = now
-            log.warning("%d blocks left unpinned: pinned blocks would pass ram.max_pinned (%d of at most %d "
-                        "bytes pinned); raise it, or pin less (prewarm: promote.ram_budget)",
+            log.warning("%d blocks left unpinned: pinned blocks would pass ram.max_pinned of the arena (%d of "
+                        "at most %d bytes pinned) or of their tenant's ram_quota; raise it, or pin less "
+                        "(prewarm: promote.ram_budget)",
                         refused, hot.pinned_bytes, hot.max_pinned_bytes)
         return pb.PinResponse(pinned=pinned)
 
@@ -464,10 +465,11 @@ class KVTierService(pb_grpc.KVTierServicer):
         # RAM's hits are the reads no lower tier served (as the metrics count them); its misses,
         # the reads it could not serve, whether a lower tier then did or not
         below = sum(s.get("nvme_hits_by_namespace", {}).values()) + sum(s.get("cluster_hits_by_namespace", {}).values())
+        counted = [*s["namespaces"].values(), s["folded"]]  # folded: namespaces since forgotten
         ram = pb.TierStats(
             name="ram", capacity_bytes=s["capacity_bytes"], used_bytes=s["used_bytes"], blocks=s["blocks"],
-            hits=sum(n.hits - n.lower_hits for n in s["namespaces"].values()),
-            misses=sum(n.misses for n in s["namespaces"].values()) + below,
+            hits=sum(n.hits - n.lower_hits for n in counted),
+            misses=sum(n.misses for n in counted) + below,
             checksum_failures=cc["failures"] if cc is not None else 0,
             evictions=s["evictions"], policy=s["policy"], largest_free_bytes=s["largest_free_bytes"],
             reserved_bytes=s["reserved_bytes"], pinned_blocks=s["pinned_blocks"],

@@ -983,7 +983,7 @@ class Store:
         if (not nvme and not cl) or self._background_closed:
             return a  # nothing to land (or shutting down: a worker's own Acquire reads or misses)
         if not a.lease_id:
-            a.lease_id = self.hot.open_lease(lease_ms)
+            a.lease_id = self.hot.open_lease(ns, lease_ms)
         if nvme:
             n = len(keys)
             stub = Acquired(a.lease_id, bytes(n), [0] * n, [0] * n, bytes(n * CHECKSUM_SIZE), lease_ms)

@@ -1388,14 +1388,127 @@ def test_a_namespace_moved_to_another_tenant_keeps_ram_accounting_straight():
 
 def test_an_empty_lease_takes_blocks_as_they_join_and_ends_as_any_other():
     t, clock = make()
-    lid = t.open_lease(500)
+    lid = t.open_lease(NS, 500)
     assert lid and t.snapshot()["leases"] == 1
     put(t, [key(1)])
     got = t.acquire(NS, [key(1)], 500, lease_id=lid)
     assert got.lease_id == lid and t.leased_blocks == 1
     t.release(lid)
     assert t.leased_blocks == 0 and t.snapshot()["leases"] == 0
-    gone = t.open_lease(500)
+    gone = t.open_lease(NS, 500)
     clock.advance(1.0)
     with pytest.raises(UnknownLease):
         t.acquire(NS, [key(1)], 500, lease_id=gone)
+
+
+# ---- bounds on what one client makes the hot tier hold ---------------------------------------
+
+def test_a_block_asked_twice_in_one_acquire_is_held_once():
+    t, _ = make()
+    put(t, [key(1), key(2)])
+    a = t.acquire(NS, [key(1), key(2), key(1), key(1)])
+    assert a.tiers == bytes([TIER_RAM] * 4) and a.offsets[0] == a.offsets[2] == a.offsets[3]
+    b1 = t._blocks(NS)[key(1)]
+    assert b1.leases == 1 and len(t._leases[a.lease_id].blocks) == 2
+    assert t.snapshot()["namespaces"][NS].hits == 4  # every position is a read
+    t.delete(NS, [key(1)])  # doomed while leased: freed once, at the release
+    t.release(a.lease_id)
+    assert b1.leases == 0 and t.leased_blocks == 0 and t.used_bytes == t.alloc.round(SLOT)
+
+
+def test_leases_per_group_are_bounded(monkeypatch):
+    monkeypatch.setattr(H, "TENANT_LEASES", 3)
+    monkeypatch.setattr(H, "TENANT_LEASED", 4)
+    t, _ = make()
+    t.group_of = lambda ns: "B" if ns == "b" else "A"
+    put(t, [key(1), key(2), key(3)])
+    put(t, [key(9)], ns="b")
+    ids = [t.acquire(NS, [key(1)]).lease_id for _ in range(3)]
+    with pytest.raises(ResourceExhausted, match="tenant A: 3 live leases"):
+        t.acquire(NS, [key(2)])
+    assert t.acquire("b", [key(9)]).lease_id  # another group's bound is its own
+    t.release(ids.pop())
+    with pytest.raises(ResourceExhausted, match="tenant A: leases hold 2 blocks"):
+        t.acquire(NS, [key(1), key(2), key(3)])  # 2 held + 3 > 4
+    assert t._blocks(NS)[key(2)].leases == 0  # a refused Acquire holds nothing
+    # a join past the bound leases nothing: its keys are misses
+    joined = t.acquire(NS, [key(2), key(3)], lease_id=ids[0])
+    assert joined.tiers == bytes([TIER_RAM] * 2)
+    assert t.acquire(NS, [key(3)], lease_id=ids[0]).tiers == bytes([TIER_MISSING])
+    for i in ids:
+        t.release(i)
+    assert t._lease_use["A"] == [0, 0]
+    assert t.acquire(NS, [key(1), key(2), key(3)]).lease_id
+
+
+def test_open_lease_counts_against_the_bound(monkeypatch):
+    monkeypatch.setattr(H, "TENANT_LEASES", 1)
+    t, _ = make()
+    t.open_lease(NS)
+    with pytest.raises(ResourceExhausted, match="live leases"):
+        t.open_lease(NS)
+
+
+def test_deadlines_of_ended_leases_and_reservations_do_not_pile_up():
+    t, _ = make()
+    put(t, [key(1)])
+    for _ in range(20_000):
+        t.release(t.acquire(NS, [key(1)], lease_ms=600_000).lease_id)
+    for i in range(2, 20_000):
+        r = t.reserve(NS, [key(i)], [100], ttl_ms=600_000)
+        t.abort(r.reservation_id)
+    assert len(t._deadlines) <= 2 * (len(t._leases) + len(t._reservations)) + H.HEAP_SLACK
+    live = t.acquire(NS, [key(1)], lease_ms=1000)
+    t.clock.advance(2)
+    t.expire()
+    assert live.lease_id not in t._leases  # the lease still expires
+
+
+def test_extended_pins_do_not_pile_up():
+    t, clock = make()
+    put(t, [key(1), key(2)])
+    for i in range(10_000):
+        clock.advance(0.001)
+        t.pin(NS, [key(1)] * 4, ttl_s=60)
+    assert len(t._pins) <= 2 * t.pinned_blocks + H.HEAP_SLACK
+    t.pin(NS, [key(2)], ttl_s=30)
+    clock.advance(31)
+    t.expire()
+    assert t._blocks(NS)[key(2)].pin_until == 0.0 and t._blocks(NS)[key(1)].pin_until
+    clock.advance(30)
+    t.expire()
+    assert t.pinned_blocks == 0
+
+
+def test_namespaces_holding_nothing_are_folded(monkeypatch):
+    monkeypatch.setattr(H, "IDLE_NAMESPACES", 16)
+    t, _ = make()
+    put(t, [key(1)], ns="kept")
+    put(t, [key(2)], ns="gone")
+    t.delete("gone", [key(2)])
+    for i in range(500):
+        t.lookup(f"n{i}", [key(1)])
+        t.acquire(f"m{i}", [key(1)])
+    s = t.snapshot()
+    assert "kept" in s["namespaces"] and len(s["namespaces"]) <= 2 * 1 + 16 + 1
+    assert s["namespaces"]["kept"].puts == 1
+    total = s["folded"]
+    for n in s["namespaces"].values():
+        total = H.NsStats(*(getattr(total, f) + getattr(n, f) for f in total.__slots__))
+    assert (total.misses, total.lookups, total.puts) == (500, 500, 2)  # nothing lost from the totals
+    assert "gone" not in t._index  # nor kept its empty index
+
+
+def test_a_group_pins_at_most_max_pinned_of_its_quota():
+    t, _ = make(slots=16, max_pinned=0.5)
+    t.group_of = lambda ns: ns
+    t.quotas = {"a": 8 * SLOT}
+    put(t, [key(i) for i in range(6)], ns="a")
+    put(t, [key(i) for i in range(3)], ns="free")
+    assert t.pin("a", [key(i) for i in range(6)]) == bytes([1, 1, 1, 1, 0, 0])
+    assert t.pin("free", [key(i) for i in range(3)]) == bytes([1, 1, 1])  # no quota: the arena's share only
+    assert t.pins_refused == 2
+    t.unpin("a", [key(0)])
+    assert t.pin("a", [key(4)]) == b"\x01"
+    t.delete("a", [key(1)])
+    assert t.group_pinned["a"] == 3 * SLOT
