@@ -884,16 +884,26 @@ class HotTier:
         use = self._lease_use.get(g)
         return use is None or (use[0] + leases <= TENANT_LEASES and use[1] + blocks <= TENANT_LEASED)
 
-    def _new_lease(self, blocks: list[Block], expires: float, group: str) -> int:  # lock held
-        if not self._lease_room(group, 1, len(blocks)):
+    def check_lease_room(self, ns: str, blocks: int) -> None:
+        """ResourceExhausted unless ns's tenant may open a lease of that many blocks now: asked
+        before reading blocks up from a lower tier for a new lease, so a call past the bounds
+        fails before its reads rather than after them."""
+        with self.lock:
+            self._room_or_raise(self.group_of(ns), blocks)
+
+    def _room_or_raise(self, group: str, blocks: int) -> None:  # lock held
+        if not self._lease_room(group, 1, blocks):
             use = self._lease_use[group]
             who = f"tenant {group}" if group else "this daemon"
             if use[0] >= TENANT_LEASES:
                 raise ResourceExhausted(f"{who}: {use[0]} live leases, the most one tenant may hold; "
                                         f"release leases before acquiring more")
-            raise ResourceExhausted(f"{who}: leases hold {use[1]} blocks, and {len(blocks)} more would pass "
+            raise ResourceExhausted(f"{who}: leases hold {use[1]} blocks, and {blocks} more would pass "
                                     f"the {TENANT_LEASED} one tenant may hold; release leases before "
                                     f"acquiring more")
+
+    def _new_lease(self, blocks: list[Block], expires: float, group: str) -> int:  # lock held
+        self._room_or_raise(group, len(blocks))
         lease = Lease(next(self._ids), blocks, expires, group)
         self._leases[lease.id] = lease
         use = self._lease_use.setdefault(group, [0, 0])

@@ -697,6 +697,8 @@ class Store:
             elif prefix_only:
                 break
             i = tiers.find(TIER_MISSING, i + 1)
+        if todo and not a.lease_id:  # past the tenant's lease bounds: refused before any read
+            self.hot.check_lease_room(ns, len(todo))
         return a, todo
 
     def _promote_join(self, ns: str, key: bytes, join: _Join,
@@ -715,8 +717,8 @@ class Store:
                     return None
                 join.lease_id = join.lease_id or b.lease_id
             return b.offsets[0], b.lengths[0], b.checksums, isinstance(held, Block)
-        except errors.UnknownLease:  # the lease ran out while we promoted: a miss
-            return None
+        except (errors.UnknownLease, errors.ResourceExhausted):  # the lease ran out while we promoted,
+            return None  # or its tenant's bounds were reached meanwhile: a miss
         except Exception:
             log.exception("promotion of a block from NVMe failed; counted as a miss")
             return None
@@ -880,6 +882,8 @@ class Store:
         todo = list(range(gap, len(keys))) if prefix_only else \
             [i for i, t in enumerate(a.tiers) if t == TIER_MISSING]
         absent = [i for i in todo if not self.hot.contains(ns, keys[i])]
+        if absent and not a.lease_id:  # past the tenant's lease bounds: refused before any read
+            self.hot.check_lease_room(ns, len(absent))
         ok = dict(zip(absent, await self.promote_from_cluster(ns, [keys[i] for i in absent])))
         tiers, sums = bytearray(a.tiers), bytearray(a.checksums)
         found = 0
@@ -889,7 +893,7 @@ class Store:
                 try:
                     b = self.hot.acquire(ns, [keys[i]], lease_ms, lease_id=a.lease_id, count_misses=False,
                                          counted=counted, lower=i in ok)
-                except errors.UnknownLease:
+                except (errors.UnknownLease, errors.ResourceExhausted):  # bounds reached meanwhile: a miss
                     b = None
             if b is None or not b.tiers[0]:
                 if prefix_only:
@@ -978,12 +982,12 @@ class Store:
             gap = a.tiers.find(TIER_MISSING)
             if gap >= 0:
                 nvme, cl = [i for i in nvme if i < gap], [i for i in cl if i < gap]
+        if (nvme or cl) and not self._background_closed and not a.lease_id:
+            a.lease_id = self.hot.open_lease(ns, lease_ms)  # first: past the bounds, the call fails whole
         if counted:
             self.hot.count_misses(ns, _misses(a.tiers, prefix_only))
         if (not nvme and not cl) or self._background_closed:
             return a  # nothing to land (or shutting down: a worker's own Acquire reads or misses)
-        if not a.lease_id:
-            a.lease_id = self.hot.open_lease(ns, lease_ms)
         if nvme:
             n = len(keys)
             stub = Acquired(a.lease_id, bytes(n), [0] * n, [0] * n, bytes(n * CHECKSUM_SIZE), lease_ms)

@@ -115,3 +115,33 @@ def test_a_tenant_pins_at_most_its_share_of_its_quota(make_daemon, tmp_path):
         bk = [os.urandom(16) for _ in range(8)]
         b.put_many("b-pin", [(k, b"b" * MiB) for k in bk])
         assert sum(b.pin("b-pin", bk)) == 6  # a took none of b's share
+
+
+def test_at_the_lease_bound_a_read_from_nvme_is_refused_before_it_reads(make_daemon, tmp_path, monkeypatch,
+                                                                        caplog):
+    """A tenant at its bound on live leases asked for blocks that were only on NVMe: they were read
+    up from disk, each lease then refused inside the promotion, logged as a failed promotion with
+    a traceback, and answered as misses. The Acquire is refused before any read, as one for blocks
+    in RAM is."""
+    monkeypatch.setattr(H, "TENANT_LEASES", 1, raising=False)
+    d = make_daemon(auth=_tenants(tmp_path), ram={"capacity": "8MiB"},
+                    nvme={"dirs": [str(tmp_path / "nvme")], "capacity": "64MiB", "write_policy": "commit"})
+    store = d.daemon.store
+    keep = os.urandom(16)
+    cold = [os.urandom(16) for _ in range(2)]
+    with Client(d.address, token=TOKEN_A) as a:
+        a.put_many("a", [(k, os.urandom(MiB)) for k in cold])
+        a.put("a", keep, b"x" * 4096)
+        for i in range(12):  # 12 MiB through 8 MiB of RAM: the cold ones leave it, kept on NVMe
+            a.put("a-fill", bytes([i]) * 16, os.urandom(MiB))
+        assert a.lookup("a", cold)[0] == [2, 2]
+        held = a.acquire("a", [keep], lease_ms=600_000)  # the one lease tenant a may hold
+        promotions = store.promotions
+        caplog.set_level("ERROR", logger="kvtier")
+        with pytest.raises(errors.ResourceExhausted, match="tenant a: 1 live leases"):
+            a.acquire("a", cold)
+        assert store.promotions == promotions and not caplog.records  # nothing read, nothing logged
+        a.release(held)
+        lease = a.acquire("a", cold)  # under the bound again: read up as before
+        assert list(lease.tiers) == [2, 2]
+        a.release(lease)
