@@ -15,8 +15,10 @@ main_loop wait for SIGTERM/SIGINT (or ``stop()``), expiring leases,
           turns tenants off), naming the settings that need a restart.
 shutdown  report NOT_SERVING and STOPPING=1, stop accepting, give in-flight
           calls up to ``server.drain_timeout_s``, close the data channel, wait
-          (same budget) for queued NVMe writes, unmap and remove the arena and
-          the sockets; exit 0.
+          (same budget each) for queued NVMe writes, then for the cluster
+          tier's queue, unmap the arena and its slot table (kept on tmpfs
+          for the next start with ``ram.persist``, else removed), remove the
+          sockets; exit 0.
 
 A second daemon on the same socket refuses to start instead of stealing it.
 """
