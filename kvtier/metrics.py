@@ -240,7 +240,10 @@ class _StoreCollector:
                                      ("nvme_io_errors", "io_errors", "NVMe I/O errors."),
                                      ("nvme_dropped_writes", "dropped_writes",
                                       "Writes not done: no directory with room."),
-                                     ("nvme_queue_dropped", "queue_dropped", "Writes dropped: write queue full.")))
+                                     ("nvme_queue_dropped", "queue_dropped", "Writes dropped: write queue full."),
+                                     ("nvme_other_version_files", "other_version",
+                                      "Block files of another record format version (a newer kvtier's) set aside: "
+                                      "misses here, left on disk uncounted.")))
             q = gauge("nvme_queue_bytes", "Bytes waiting to be written to NVMe.")
             q.add_metric([], n["queued_bytes"])
             yield q

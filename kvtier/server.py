@@ -66,6 +66,9 @@ ARENA_LOG_S = 10.0
 # calls at once on one gRPC connection: each may hold a request of up to server.max_message_bytes
 # before its token is checked; a client's calls past this wait for a free stream
 MAX_STREAMS = 256
+# the largest answer sent (server.max_message_bytes bounds requests, read before a token is checked):
+# a Stats of many namespaces takes about 70 bytes each
+MAX_ANSWER = 256 << 20
 
 
 class _Stopped(Exception):
@@ -278,7 +281,7 @@ class Daemon:
         mm = cfg.server.max_message_bytes
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", mm),
-            ("grpc.max_send_message_length", mm),
+            ("grpc.max_send_message_length", max(mm, MAX_ANSWER)),
             ("grpc.max_concurrent_streams", MAX_STREAMS),
             ("grpc.so_reuseport", 0),
         ])

@@ -655,6 +655,19 @@ def test_oversized_grpc_message(make_daemon):
         e.close()
 
 
+def test_answers_larger_than_the_request_limit_are_sent(make_daemon):
+    """max_message_bytes bounds what a caller sends (read before its token is checked), not what
+    the daemon answers: a Stats of many namespaces (20 to 70 bytes each) past it failed
+    RESOURCE_EXHAUSTED, with the 4 MiB default past some 60,000 namespaces."""
+    d = make_daemon(server={"max_message_bytes": "64KiB"})
+    with Client(d.address, attach=False) as c:
+        for i in range(4000):
+            c.put(f"ns-{i:05d}", key("s", i), b"x")
+        with Client(d.address, attach=False, data_channel=False) as g:
+            got = g.stats()
+        assert got.ByteSize() > 64 << 10 and len(got.namespaces) == 4000
+
+
 def test_grpc_put_respects_advertised_max_message_bytes(make_daemon):
     d = make_daemon(server={"max_message_bytes": "1MiB"})
     big = bytes(range(256)) * (3 * MiB // 256)

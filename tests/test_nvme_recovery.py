@@ -459,3 +459,22 @@ def test_files_of_another_format_version_are_misses_left_in_place(tmp_path, foun
     rep = C.check_dir(str(d), repair=True)
     assert len(rep.other_version) == 2 and not rep.corrupt and rep.removed == 0 and files(d) == paths
     assert write(again, key(0), b"n" * 8192) and read(again, key(0)) == b"n" * 8192  # a write replaces it
+
+
+def test_files_of_another_format_version_are_counted_in_the_metrics(make_daemon, tmp_path):
+    """Set aside, such files were counted only inside the NVMe tier: an operator saw one log line."""
+    import urllib.request
+    nv = tmp_path / "nvme"
+    t = ColdTier([(str(nv), 1 << 30)], direct_io="off")
+    for i in range(2):
+        assert write(t, key(i), bytes([i]) * 8192)
+    for p in files(nv):
+        _other_version(p)
+    d = make_daemon(nvme={"dirs": [str(nv)], "capacity": "64MiB"}, metrics={"listen": "127.0.0.1:0"})
+
+    def scraped() -> float:
+        with urllib.request.urlopen(f"http://{d.daemon.metrics.address}/metrics", timeout=5) as r:
+            line = next(x for x in r.read().decode().splitlines() if x.startswith("kvtier_nvme_other_version_files"))
+        return float(line.rsplit(" ", 1)[1])
+    wait_until(lambda: scraped() == 2, what="the header check")
+    assert len(files(nv)) == 2

@@ -86,7 +86,20 @@ def test_connector_tls_settings_that_cannot_work_are_refused_at_engine_start(pki
     from kvtier.vllm.settings import ConnectorSettings
     extra = {k: v.format(pki=pki) for k, v in extra.items()}
     with pytest.raises(errors.ConfigError, match=message):
-        ConnectorSettings.from_extra(extra, env=env)
+        ConnectorSettings.from_extra({"address": "tcp://192.0.2.7:7070", **extra}, env=env)
+    with pytest.raises(errors.ConfigError, match=message):  # the address from the environment
+        ConnectorSettings.from_extra(extra, env={"KVTIER_ADDRESS": "192.0.2.7:7070", **env})
+
+
+def test_a_connector_on_the_unix_socket_ignores_the_tls_settings(pki):
+    """TLS files are read only for a daemon over TCP: a stale $KVTIER_TLS_CA (the node's image
+    sets it for the engines that reach other nodes) stopped an engine on the daemon's own node."""
+    from kvtier.vllm.settings import ConnectorSettings
+    stale = {"KVTIER_TLS_CA": "/nowhere/ca.pem"}
+    ConnectorSettings.from_extra({}, env=stale)
+    ConnectorSettings.from_extra({"address": "unix:///run/kvtier/kvtier.sock"}, env=stale)
+    with pytest.raises(errors.ConfigError, match="cannot read /nowhere/ca.pem"):
+        ConnectorSettings.from_extra({"address": "tcp://192.0.2.7:7070"}, env=stale)
 
 
 def test_connector_link_reaches_a_mutual_tls_daemon(make_daemon, pki):

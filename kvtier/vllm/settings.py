@@ -117,7 +117,8 @@ class ConnectorSettings:
         from_env = {n: env["KVTIER_" + n.upper()] for n in TLS_SETTINGS
                     if n not in out and env.get("KVTIER_" + n.upper())}
         s = cls(**out, **from_env)
-        _check_tls(s, from_env)
+        if not (s.address or env.get("KVTIER_ADDRESS") or "unix:").startswith("unix:"):
+            _check_tls(s, from_env)  # a Unix socket ignores them: a stale $KVTIER_TLS_CA must not stop the engine
         from ..keys import check_namespace
         try:
             check_namespace(s.namespace)
