@@ -32,11 +32,12 @@ def tiny_llama(tmp_path_factory):
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama-tp"))
 
 
-def engine(tmp_path, model: str, address: str, tp: int, prompts, rounds: int = 1):
-    """Runs one engine in its own process; returns its rounds of [{"tokens", "cached"}]."""
+def engine(tmp_path, model: str, address: str, tp: int, prompts, rounds: int = 1, settle_blocks: int = 0):
+    """Runs one engine in its own process; returns its rounds of [{"tokens", "cached"}]. A round
+    after the first waits for the daemon to hold settle_blocks blocks (vllm_engine_proc)."""
     spec = tmp_path / f"spec-{os.urandom(4).hex()}.json"
     spec.write_text(json.dumps({"model": model, "address": address, "tp": tp, "prompts": prompts,
-                                "rounds": rounds, "chunk_size": CHUNK}))
+                                "rounds": rounds, "chunk_size": CHUNK, "settle_blocks": settle_blocks}))
     # vLLM's own engine process, as a server runs it (test_vllm_e2e turns it off for this process)
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     p = subprocess.run([sys.executable, os.path.join(HERE, "vllm_engine_proc.py"), str(spec)],
@@ -60,7 +61,7 @@ def test_tensor_parallel_ranks_store_and_load_their_own_heads(daemon_process, ti
     full = [len(p) // CHUNK * CHUNK for p in prompts]          # 256 and 192 tokens in whole chunks
     chunks = sum(n // CHUNK for n in full)
 
-    first, again = engine(tmp_path, tiny_llama, d.address, 2, prompts, rounds=2)
+    first, again = engine(tmp_path, tiny_llama, d.address, 2, prompts, rounds=2, settle_blocks=2 * chunks)
     assert [o["cached"] for o in first] == [0, 0]
     ref = [o["tokens"] for o in first]
     assert [o["tokens"] for o in again] == ref
