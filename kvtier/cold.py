@@ -1004,6 +1004,12 @@ class ColdTier:
 
     # ---- removal ----------------------------------------------------------------------
 
+    def _holds(self, k, di: int, size: int, unverified: bool) -> bool:
+        """Whether the index still holds the entry of k that was read (lock held): same directory
+        and size, and with ``unverified`` still unchecked (a rewrite since is not)."""
+        return self._index.get(k) == di and self.dirs[di].lru.get(k) == size and \
+            (not unverified or k in self._unverified)
+
     def _drop_entry(self, k, di: int, size: int, unlink: bool = True, fd: int | None = None,
                     unverified: bool = False) -> bool:
         """Forget k and remove its file, if the index still holds the entry that was read; False
@@ -1013,9 +1019,7 @@ class ColdTier:
         unchecked (a rewrite since is not). The file goes under the lock, so a new write of k
         cannot start before it is gone."""
         with self.lock:
-            if self._index.get(k) != di or self.dirs[di].lru.get(k) != size:
-                return False
-            if unverified and k not in self._unverified:
+            if not self._holds(k, di, size, unverified):
                 return False
             at = self._path(di, *k)
             if fd is not None or not unlink:
@@ -1037,9 +1041,7 @@ class ColdTier:
         (not counted against the capacity, never evicted; a write of k replaces it). No-op when k
         was replaced meanwhile (as _drop_entry)."""
         with self.lock:
-            if self._index.get(k) != di or self.dirs[di].lru.get(k) != size:
-                return
-            if unverified and k not in self._unverified:
+            if not self._holds(k, di, size, unverified):
                 return
             self._evict_key(k)
             self.stats.evictions -= 1  # not evicted: set aside

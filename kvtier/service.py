@@ -177,6 +177,10 @@ class KVTierService(pb_grpc.KVTierServicer):
         """The caller's tenant (None when single-tenant); UNAUTHENTICATED without a valid token."""
         return self.d.access.identify(token_from_metadata(ctx.invocation_metadata()))
 
+    def _count_saved(self, ns: str, a, tokens_per_key: int) -> None:
+        """The prefill a read spared its caller: the keys it found x the caller's tokens_per_key."""
+        self.hot.count_tokens_saved(ns, (len(a.tiers) - a.tiers.count(0)) * tokens_per_key)
+
     def _trusted_with_arena(self, ctx) -> bool:
         """Whether the caller may see any bytes of the arena: without tenants, every caller (no
         isolation is promised); with tenants, a caller on a Unix socket that only the arena's
@@ -315,7 +319,7 @@ class KVTierService(pb_grpc.KVTierServicer):
         ns, keys = self._keys(request, context)
         a = await self._acquire(ns, keys, request.lease_ms, request.prefix_only, request.background,
                                 not request.uncounted)
-        self.hot.count_tokens_saved(ns, (len(a.tiers) - a.tiers.count(0)) * request.tokens_per_key)
+        self._count_saved(ns, a, request.tokens_per_key)
         return pb.AcquireResponse(lease_id=a.lease_id, tiers=a.tiers, offsets=a.offsets, lengths=a.lengths,
                                   checksums=a.checksums, lease_ms=a.lease_ms)
 
@@ -405,7 +409,7 @@ class KVTierService(pb_grpc.KVTierServicer):
         chunk = request.chunk_bytes or GET_CHUNK
         chunk = min(chunk, max(1 << 16, self.cfg.server.max_message_bytes - 1024))
         a = await self._acquire(ns, keys, counted=not request.uncounted)
-        self.hot.count_tokens_saved(ns, (len(a.tiers) - a.tiers.count(0)) * request.tokens_per_key)
+        self._count_saved(ns, a, request.tokens_per_key)
         try:
             for i in range(len(keys)):
                 tier, off, n = a.tiers[i], a.offsets[i], a.lengths[i]

@@ -139,6 +139,17 @@ def test_pins_are_kept_across_a_restart(cfg_pair):
             assert c.lookup(NS, keys[:1])[0] == [1]
 
 
+def _four_blocks_two_pinned(cfg) -> tuple[list[bytes], str]:
+    """A run that stores 4 blocks and pins the first 2 until unpinned: their keys, the arena's path."""
+    data = blocks(4)
+    keys = [k for k, _ in data]
+    with DaemonThread(cfg) as d:
+        with Client(d.address) as c:
+            c.put_many(NS, data)
+            assert c.pin(NS, keys[:2]) == [True, True]
+        return keys, d.daemon.arena.path
+
+
 def _run_of_a_version_without_pins(arena_path):
     """What a start of a version that keeps no pins leaves behind (a rollback): a new generation
     in the arena's header, and the slot table as it was, pins included."""
@@ -155,13 +166,7 @@ def test_pins_left_by_a_run_before_a_rollback_are_not_restored(cfg_pair, caplog)
     one's entry (pinned for ever, unasked). A start trusts the recorded pins only when the run
     before it recorded them."""
     cfg = cfg_pair(ram={"capacity": "16MiB"})
-    data = blocks(4)
-    keys = [k for k, _ in data]
-    with DaemonThread(cfg) as d:
-        arena_path = d.daemon.arena.path
-        with Client(d.address) as c:
-            c.put_many(NS, data)
-            assert c.pin(NS, keys[:2]) == [True, True]
+    keys, arena_path = _four_blocks_two_pinned(cfg)
     _run_of_a_version_without_pins(arena_path)
     caplog.set_level("WARNING", logger="kvtier")
     with DaemonThread(cfg) as d:
@@ -182,12 +187,7 @@ def test_pins_survive_a_start_stopped_during_the_restore(cfg_pair, monkeypatch):
     start took the pins for a rollback's and dropped them all."""
     from kvtier import hot as H
     cfg = cfg_pair(ram={"capacity": "16MiB"})
-    data = blocks(4)
-    keys = [k for k, _ in data]
-    with DaemonThread(cfg) as d:
-        with Client(d.address) as c:
-            c.put_many(NS, data)
-            assert c.pin(NS, keys[:2]) == [True, True]
+    keys, _ = _four_blocks_two_pinned(cfg)
     real = H.HotTier.restore
 
     def stopped(self, *a, **k):
